@@ -1,1 +1,11 @@
 pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod loader;
+pub mod microvm;
+pub mod vstate;
+
+pub use builder::{build_microvm, BuildError};
+pub use config::{VmConfig, VmConfigInput};
+pub use microvm::{MicroVm, VmOutcome};

@@ -1,1 +1,86 @@
-fn main(){}
+//! `vmm`: boot a microVM from the command line or a JSON config file.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use vmm::{build_microvm, VmConfigInput};
+
+/// A KVM microVM monitor: boots a kernel with a serial console, an i8042
+/// reset line and a boot timer.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version)]
+struct Cli {
+    /// Kernel: ELF vmlinux (PVH entry when it has one) or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Guest memory in MiB [default: 128].
+    #[arg(long, value_name = "N")]
+    mem_mib: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u64>,
+    /// Serial console: stdout, file:PATH or off [default: stdout].
+    #[arg(long, value_name = "DEST")]
+    serial: Option<String>,
+    /// JSON file with the same fields (kernel, initrd, cmdline, mem_mib,
+    /// vcpus, serial); flags given on the command line take precedence.
+    #[arg(long, value_name = "FILE.json")]
+    config: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    log_level: tracing::Level,
+}
+
+fn run(cli: Cli, start: Instant) -> Result<i32, String> {
+    let file = match &cli.config {
+        Some(path) => VmConfigInput::from_json_file(path).map_err(|e| e.to_string())?,
+        None => VmConfigInput::default(),
+    };
+    let config = file
+        .overridden_by(VmConfigInput {
+            kernel: cli.kernel,
+            initrd: cli.initrd,
+            cmdline: cli.cmdline,
+            mem_mib: cli.mem_mib,
+            vcpus: cli.vcpus,
+            serial: cli.serial,
+        })
+        .validate()
+        .map_err(|e| e.to_string())?;
+    let microvm = build_microvm(&config, start).map_err(|e| e.to_string())?;
+    tracing::info!("running on {}", microvm.hypervisor());
+    let outcome = microvm.run().map_err(|e| e.to_string())?;
+    match outcome.exit_code() {
+        0 => tracing::info!("{outcome}"),
+        _ => tracing::error!("{outcome}"),
+    }
+    Ok(outcome.exit_code())
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(cli.log_level)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .init();
+    match run(cli, start) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

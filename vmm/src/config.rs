@@ -1,0 +1,333 @@
+//! Machine configuration, from the command line and/or a JSON file, and
+//! its validation. Every error names the field and the value at fault.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, MIN_MEM_BYTES};
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+
+pub const DEFAULT_MEM_MIB: u64 = 128;
+pub const DEFAULT_VCPUS: u64 = 1;
+/// Linux on a console, rebooting through the i8042 and on panic.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Where the guest's COM1 output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialConfig {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+impl FromStr for SerialConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(SerialConfig::Stdout),
+            "off" => Ok(SerialConfig::Off),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
+                _ => Err("expected stdout, off or file:PATH".to_string()),
+            },
+        }
+    }
+}
+
+/// The fields as given, before defaults and validation. Both the CLI and
+/// the JSON file produce one; the CLI's values win.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigInput {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub mem_mib: Option<u64>,
+    pub vcpus: Option<u64>,
+    pub serial: Option<String>,
+}
+
+impl VmConfigInput {
+    pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::ParseConfig {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Fields set in `over` replace those in `self`.
+    pub fn overridden_by(self, over: VmConfigInput) -> Self {
+        Self {
+            kernel: over.kernel.or(self.kernel),
+            initrd: over.initrd.or(self.initrd),
+            cmdline: over.cmdline.or(self.cmdline),
+            mem_mib: over.mem_mib.or(self.mem_mib),
+            vcpus: over.vcpus.or(self.vcpus),
+            serial: over.serial.or(self.serial),
+        }
+    }
+}
+
+/// A validated machine configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub serial: SerialConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("missing {0}: give --{1} or set \"{0}\" in the config file")]
+    Missing(&'static str, &'static str),
+    #[error("invalid {field} {value:?}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("cannot read config file {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    ParseConfig {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+fn invalid(field: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn check_readable_file(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| invalid(field, &shown, e))?;
+    if !meta.is_file() {
+        return Err(invalid(field, &shown, "not a regular file"));
+    }
+    std::fs::File::open(path).map_err(|e| invalid(field, &shown, e))?;
+    Ok(())
+}
+
+/// Physical memory of the host, the most a guest may be given.
+fn host_memory_mib() -> u64 {
+    // SAFETY: sysinfo only writes the struct it is given.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return u64::MAX;
+    }
+    (info.totalram as u64).saturating_mul(u64::from(info.mem_unit)) >> 20
+}
+
+impl VmConfigInput {
+    pub fn validate(self) -> Result<VmConfig, ConfigError> {
+        let kernel = self.kernel.ok_or(ConfigError::Missing("kernel", "kernel"))?;
+        check_readable_file("kernel", &kernel)?;
+        if let Some(initrd) = &self.initrd {
+            check_readable_file("initrd", initrd)?;
+        }
+
+        let mem_mib = self.mem_mib.unwrap_or(DEFAULT_MEM_MIB);
+        let min_mib = MIN_MEM_BYTES >> 20;
+        if mem_mib < min_mib {
+            return Err(invalid("mem_mib", mem_mib, format!("must be at least {min_mib}")));
+        }
+        let host_mib = host_memory_mib();
+        if mem_mib > host_mib {
+            return Err(invalid(
+                "mem_mib",
+                mem_mib,
+                format!("more than the host's {host_mib} MiB of memory"),
+            ));
+        }
+
+        let vcpus = self.vcpus.unwrap_or(DEFAULT_VCPUS);
+        if vcpus == 0 || vcpus > u64::from(MAX_VCPUS) {
+            return Err(invalid("vcpus", vcpus, format!("must be 1 to {MAX_VCPUS}")));
+        }
+
+        let cmdline = self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if cmdline.len() >= CMDLINE_MAX_SIZE {
+            return Err(invalid(
+                "cmdline",
+                format!("{}...", &cmdline[..cmdline.floor_char_boundary(32)]),
+                format!("{} bytes, at most {} allowed", cmdline.len(), CMDLINE_MAX_SIZE - 1),
+            ));
+        }
+        if !cmdline.is_ascii() || cmdline.contains('\0') {
+            return Err(invalid(
+                "cmdline",
+                &cmdline,
+                "must be printable ASCII without NUL",
+            ));
+        }
+
+        let serial = match self.serial {
+            None => SerialConfig::Stdout,
+            Some(s) => s.parse().map_err(|reason| invalid("serial", &s, reason))?,
+        };
+
+        Ok(VmConfig {
+            kernel,
+            initrd: self.initrd,
+            cmdline,
+            mem_mib,
+            vcpus: vcpus as u8,
+            serial,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_file() -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with_contents(b"\x7fELF")
+    }
+
+    /// A file removed on drop, without pulling in a crate for it.
+    mod tempfile_path {
+        use std::path::PathBuf;
+        pub struct TempPath(pub PathBuf);
+        impl TempPath {
+            pub fn with_contents(bytes: &[u8]) -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let path = std::env::temp_dir().join(format!(
+                    "vmm-config-test-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&path, bytes).unwrap();
+                TempPath(path)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    fn input(kernel: &Path) -> VmConfigInput {
+        VmConfigInput {
+            kernel: Some(kernel.to_path_buf()),
+            ..Default::default()
+        }
+    }
+
+    fn error_text(input: VmConfigInput) -> String {
+        input.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_fill_what_is_not_given() {
+        let k = kernel_file();
+        let config = input(&k.0).validate().unwrap();
+        assert_eq!(config.mem_mib, 128);
+        assert_eq!(config.vcpus, 1);
+        assert_eq!(config.serial, SerialConfig::Stdout);
+        assert_eq!(config.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_value() {
+        let k = kernel_file();
+        let e = error_text(VmConfigInput {
+            mem_mib: Some(4),
+            ..input(&k.0)
+        });
+        assert!(e.contains("mem_mib") && e.contains('4'), "{e}");
+        let e = error_text(VmConfigInput {
+            mem_mib: Some(1 << 40),
+            ..input(&k.0)
+        });
+        assert!(e.contains("mem_mib") && e.contains("host"), "{e}");
+        let e = error_text(VmConfigInput {
+            vcpus: Some(0),
+            ..input(&k.0)
+        });
+        assert!(e.contains("vcpus") && e.contains("\"0\""), "{e}");
+        let e = error_text(VmConfigInput {
+            vcpus: Some(1000),
+            ..input(&k.0)
+        });
+        assert!(e.contains("vcpus") && e.contains("1000"), "{e}");
+        let e = error_text(VmConfigInput {
+            serial: Some("tcp:1".into()),
+            ..input(&k.0)
+        });
+        assert!(e.contains("serial") && e.contains("tcp:1"), "{e}");
+        let e = error_text(input(Path::new("/nonexistent/vmlinux")));
+        assert!(e.contains("kernel") && e.contains("/nonexistent/vmlinux"), "{e}");
+        let e = error_text(input(Path::new("/")));
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = error_text(VmConfigInput {
+            cmdline: Some("x".repeat(5000)),
+            ..input(&k.0)
+        });
+        assert!(e.contains("cmdline") && e.contains("5000 bytes"), "{e}");
+        assert!(VmConfigInput::default()
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("missing kernel"));
+    }
+
+    #[test]
+    fn serial_destinations_parse() {
+        assert_eq!("off".parse(), Ok(SerialConfig::Off));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(SerialConfig::File(PathBuf::from("/tmp/x")))
+        );
+        assert!("file:".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn json_file_rejects_unknown_fields_and_cli_wins() {
+        let k = kernel_file();
+        let good = tempfile_path::TempPath::with_contents(
+            format!(
+                r#"{{"kernel": "{}", "mem_mib": 64, "vcpus": 2}}"#,
+                k.0.display()
+            )
+            .as_bytes(),
+        );
+        let from_file = VmConfigInput::from_json_file(&good.0).unwrap();
+        let merged = from_file.overridden_by(VmConfigInput {
+            vcpus: Some(3),
+            ..Default::default()
+        });
+        let config = merged.validate().unwrap();
+        assert_eq!((config.mem_mib, config.vcpus), (64, 3));
+
+        let bad = tempfile_path::TempPath::with_contents(br#"{"kernel": "x", "memory": 64}"#);
+        let e = VmConfigInput::from_json_file(&bad.0).unwrap_err().to_string();
+        assert!(e.contains("unknown field `memory`"), "{e}");
+        let e = VmConfigInput::from_json_file(Path::new("/nonexistent.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent.json"), "{e}");
+    }
+}

@@ -1,0 +1,9 @@
+//! The device model: a port I/O bus and an MMIO bus, and the devices on
+//! them.
+
+pub mod boot_timer;
+pub mod bus;
+pub mod ioapic;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,201 @@
+//! The KVM VM: capability checks, the interrupt controller choice, memory
+//! slots and interrupt routing.
+//!
+//! Interrupt design: split irqchip (`KVM_CAP_SPLIT_IRQCHIP`), LAPICs in the
+//! kernel, the IOAPIC in the VMM (see `devices::ioapic`), no PIC and no PIT.
+//! Measured on a PVM host, a VM with the full in-kernel irqchip and PIT
+//! takes about 5 ms longer to set up and 13-18 ms longer to tear down than
+//! a split irqchip; the split irqchip is also what lets an exiting VMM be
+//! gone in a couple of milliseconds. Linux needs neither PIC nor PIT when
+//! the CPU has a TSC-deadline LAPIC timer and kvmclock, both of which the
+//! in-kernel LAPIC and KVM's paravirtual CPUID provide; it finds no PIC
+//! (the probe of port 0x21 reads back 0xff) and routes everything through
+//! the IOAPIC described in the MP table.
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
+    KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::memory::region_mappings;
+use crate::arch::x86_64::layout::{IOAPIC_PINS, KVM_TSS_ADDRESS};
+use crate::devices::ioapic::{MsiRoute, MsiRouter};
+
+/// What provides `/dev/kvm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HypervisorKind {
+    /// KVM on hardware virtualization (VMX or SVM).
+    Hardware,
+    /// PVM: paravirtual KVM without hardware virtualization. Guests that are
+    /// not PVM-aware run in KVM's instruction emulator.
+    Pvm,
+}
+
+impl HypervisorKind {
+    /// PVM is a kernel module of its own (`kvm_pvm`); hardware KVM is
+    /// `kvm_intel` or `kvm_amd`.
+    pub fn detect() -> Self {
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+            HypervisorKind::Pvm
+        } else {
+            HypervisorKind::Hardware
+        }
+    }
+}
+
+impl std::fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HypervisorKind::Hardware => "hardware KVM",
+            HypervisorKind::Pvm => "PVM (paravirtual KVM)",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCapability(&'static str),
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("cannot enable the split irqchip: {0}")]
+    SplitIrqchip(kvm_ioctls::Error),
+    #[error("cannot set the TSS address: {0}")]
+    TssAddress(kvm_ioctls::Error),
+    #[error("cannot register guest memory with KVM: {0}")]
+    MemoryRegion(kvm_ioctls::Error),
+    #[error("cannot read the supported CPUID: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    #[error("cannot register an irqfd for GSI {gsi}: {source}")]
+    Irqfd { gsi: u32, source: kvm_ioctls::Error },
+}
+
+pub struct Vm {
+    kvm: Kvm,
+    fd: Arc<VmFd>,
+    hypervisor: HypervisorKind,
+    max_vcpus: usize,
+}
+
+impl Vm {
+    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, name) in [
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCapability(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let hypervisor = HypervisorKind::detect();
+
+        // VMX needs a TSS for real-mode emulation; other hosts ignore it.
+        if kvm.check_extension(Cap::SetTssAddr) {
+            fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+                .map_err(VmError::TssAddress)?;
+        }
+        let mut split = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            ..Default::default()
+        };
+        split.args[0] = u64::from(IOAPIC_PINS);
+        fd.enable_cap(&split).map_err(VmError::SplitIrqchip)?;
+
+        // Ask for the instruction bytes with emulation failures, so they can
+        // be reported even when RIP's page is unreadable. Optional.
+        if fd.check_extension_raw(u64::from(KVM_CAP_EXIT_ON_EMULATION_FAILURE)) > 0 {
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+                ..Default::default()
+            };
+            cap.args[0] = 1;
+            if let Err(e) = fd.enable_cap(&cap) {
+                tracing::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not enabled: {e}");
+            }
+        }
+
+        for (slot, (host, guest, size)) in region_mappings(mem).into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: guest,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: the region is a live mapping of guest memory, owned by
+            // `mem`, which outlives the VM in every caller.
+            unsafe { fd.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
+        }
+
+        let max_vcpus = kvm.get_max_vcpus();
+        Ok(Self {
+            kvm,
+            fd: Arc::new(fd),
+            hypervisor,
+            max_vcpus,
+        })
+    }
+
+    pub fn fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    pub fn hypervisor(&self) -> HypervisorKind {
+        self.hypervisor
+    }
+
+    pub fn max_vcpus(&self) -> usize {
+        self.max_vcpus
+    }
+
+    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmError::SupportedCpuid)
+    }
+
+    pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(fd, gsi)
+            .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+}
+
+/// Programs IOAPIC pin routes into KVM's GSI routing table.
+pub struct KvmMsiRouter(pub Arc<VmFd>);
+
+impl MsiRouter for KvmMsiRouter {
+    fn set_routes(&mut self, routes: &[MsiRoute]) -> std::io::Result<()> {
+        let entries: Vec<kvm_irq_routing_entry> = routes
+            .iter()
+            .map(|route| {
+                let mut entry = kvm_irq_routing_entry {
+                    gsi: route.gsi,
+                    type_: KVM_IRQ_ROUTING_MSI,
+                    ..Default::default()
+                };
+                entry.u.msi.address_lo = route.address as u32;
+                entry.u.msi.address_hi = (route.address >> 32) as u32;
+                entry.u.msi.data = route.data;
+                entry
+            })
+            .collect();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| std::io::Error::other(format!("routing table: {e:?}")))?;
+        self.0
+            .set_gsi_routing(&table)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
