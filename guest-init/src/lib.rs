@@ -1,0 +1,1 @@
+//! The guest side (PID 1 and the bare-metal guest). Not implemented yet: see the README status table.

@@ -140,7 +140,9 @@ fn host_memory_mib() -> u64 {
 
 impl VmConfigInput {
     pub fn validate(self) -> Result<VmConfig, ConfigError> {
-        let kernel = self.kernel.ok_or(ConfigError::Missing("kernel", "kernel"))?;
+        let kernel = self
+            .kernel
+            .ok_or(ConfigError::Missing("kernel", "kernel"))?;
         check_readable_file("kernel", &kernel)?;
         if let Some(initrd) = &self.initrd {
             check_readable_file("initrd", initrd)?;
@@ -149,7 +151,11 @@ impl VmConfigInput {
         let mem_mib = self.mem_mib.unwrap_or(DEFAULT_MEM_MIB);
         let min_mib = MIN_MEM_BYTES >> 20;
         if mem_mib < min_mib {
-            return Err(invalid("mem_mib", mem_mib, format!("must be at least {min_mib}")));
+            return Err(invalid(
+                "mem_mib",
+                mem_mib,
+                format!("must be at least {min_mib}"),
+            ));
         }
         let host_mib = host_memory_mib();
         if mem_mib > host_mib {
@@ -170,7 +176,11 @@ impl VmConfigInput {
             return Err(invalid(
                 "cmdline",
                 format!("{}...", &cmdline[..cmdline.floor_char_boundary(32)]),
-                format!("{} bytes, at most {} allowed", cmdline.len(), CMDLINE_MAX_SIZE - 1),
+                format!(
+                    "{} bytes, at most {} allowed",
+                    cmdline.len(),
+                    CMDLINE_MAX_SIZE - 1
+                ),
             ));
         }
         if !cmdline.is_ascii() || cmdline.contains('\0') {
@@ -279,7 +289,10 @@ mod tests {
         });
         assert!(e.contains("serial") && e.contains("tcp:1"), "{e}");
         let e = error_text(input(Path::new("/nonexistent/vmlinux")));
-        assert!(e.contains("kernel") && e.contains("/nonexistent/vmlinux"), "{e}");
+        assert!(
+            e.contains("kernel") && e.contains("/nonexistent/vmlinux"),
+            "{e}"
+        );
         let e = error_text(input(Path::new("/")));
         assert!(e.contains("not a regular file"), "{e}");
         let e = error_text(VmConfigInput {
@@ -323,7 +336,9 @@ mod tests {
         assert_eq!((config.mem_mib, config.vcpus), (64, 3));
 
         let bad = tempfile_path::TempPath::with_contents(br#"{"kernel": "x", "memory": 64}"#);
-        let e = VmConfigInput::from_json_file(&bad.0).unwrap_err().to_string();
+        let e = VmConfigInput::from_json_file(&bad.0)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field `memory`"), "{e}");
         let e = VmConfigInput::from_json_file(Path::new("/nonexistent.json"))
             .unwrap_err()

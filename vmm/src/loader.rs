@@ -18,6 +18,9 @@ use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use crate::arch::x86_64::regs::EntryMode;
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const ELFCLASS64: u8 = 2;
+const ET_EXEC: u16 = 2;
+const EM_X86_64: u16 = 62;
 const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
 const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
 /// The 64-bit entry of a bzImage, relative to where it is loaded.
@@ -70,6 +73,7 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, Loade
             path: path.to_path_buf(),
         })?;
     if &magic == ELF_MAGIC {
+        check_elf_header(file, path)?;
         return Ok(KernelFormat::Elf);
     }
     let is_bzimage = file
@@ -86,6 +90,31 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, Loade
     }
 }
 
+/// Refuses ELF files the VMM cannot boot, with the reason, before the
+/// loader fails on them with a less telling one.
+fn check_elf_header(file: &mut File, path: &Path) -> Result<(), LoaderError> {
+    let mut ident = [0u8; 20];
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.read_exact(&mut ident))
+        .map_err(read_err("kernel", path))?;
+    let class = ident[4];
+    let e_type = u16::from_le_bytes([ident[16], ident[17]]);
+    let machine = u16::from_le_bytes([ident[18], ident[19]]);
+    let reason = if class != ELFCLASS64 {
+        format!("ELF class {class}, expected 64-bit (2)")
+    } else if machine != EM_X86_64 {
+        format!("ELF machine {machine}, expected x86_64 ({EM_X86_64})")
+    } else if e_type != ET_EXEC {
+        format!("ELF type {e_type}, expected an executable ({ET_EXEC})")
+    } else {
+        return Ok(());
+    };
+    Err(LoaderError::BadKernel {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
     let mut file = File::open(path).map_err(read_err("kernel", path))?;
     let format = detect_format(&mut file, path)?;
@@ -95,7 +124,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     };
     match format {
         KernelFormat::Elf => {
-            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
+            let r =
+                Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
             let entry = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => EntryMode::Pvh { entry: addr.0 },
                 _ => EntryMode::Linux64 {
@@ -142,11 +172,16 @@ pub fn load_initrd(
 ) -> Result<InitrdRegion, LoaderError> {
     let mut file = File::open(path).map_err(read_err("initrd", path))?;
     let size = file.metadata().map_err(read_err("initrd", path))?.len();
-    let addr = initrd_address(mem_size, size, kernel.kernel_end, kernel.setup_header.as_ref())
-        .map_err(|e| LoaderError::BadInitrd {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    let addr = initrd_address(
+        mem_size,
+        size,
+        kernel.kernel_end,
+        kernel.setup_header.as_ref(),
+    )
+    .map_err(|e| LoaderError::BadInitrd {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| LoaderError::BadInitrd {
             path: path.to_path_buf(),

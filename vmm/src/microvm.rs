@@ -159,8 +159,8 @@ impl MicroVm {
         console: Option<Arc<Mutex<SerialDevice>>>,
         boot_time: BootTime,
     ) -> std::io::Result<Self> {
-        let mut event_manager =
-            EventManager::<Subscriber>::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let mut event_manager = EventManager::<Subscriber>::new()
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         let vcpu_stopped = EventFd::new(libc::EFD_NONBLOCK)?;
         let (stops, stops_rx) = channel();
         let exit_watcher = Arc::new(Mutex::new(ExitWatcher {

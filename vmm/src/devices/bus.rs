@@ -149,7 +149,10 @@ mod tests {
         bus.insert(dev(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(dev(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
         assert!(bus.insert(dev(), 0xf8, 0x9).is_err());
         assert!(bus.insert(dev(), 0xf8, 0x8).is_ok());

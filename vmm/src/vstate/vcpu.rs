@@ -26,7 +26,10 @@ const X86_MAX_INSTRUCTION_LEN: usize = 15;
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("cannot create vCPU {index}: {source}")]
-    Create { index: u8, source: kvm_ioctls::Error },
+    Create {
+        index: u8,
+        source: kvm_ioctls::Error,
+    },
     #[error("vCPU {index}: cannot set {what}: {source}")]
     Setup {
         index: u8,
@@ -123,7 +126,9 @@ impl Vcpu {
     ) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         cpuid::filter_cpuid(&mut cpuid, self.index, vcpu_count);
-        self.fd.set_cpuid2(&cpuid).map_err(self.setup_err("CPUID"))?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.setup_err("CPUID"))?;
 
         let msrs = msr::boot_msrs().map_err(|source| VcpuError::Msrs {
             index: self.index,
@@ -152,9 +157,7 @@ impl Vcpu {
                 .map_err(self.setup_err("registers"))?;
             let mut sregs = self.fd.get_sregs().map_err(self.setup_err("sregs"))?;
             regs::apply_boot_sregs(&mut sregs, mode, cr3);
-            self.fd
-                .set_sregs(&sregs)
-                .map_err(self.setup_err("sregs"))?;
+            self.fd.set_sregs(&sregs).map_err(self.setup_err("sregs"))?;
         }
         Ok(())
     }

@@ -48,7 +48,10 @@ pub fn guest_ram_ranges(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     let low = mem_size.min(MMIO_GAP_START);
     let mut ranges = vec![(GuestAddress(0), low as usize)];
     if mem_size > MMIO_GAP_START {
-        ranges.push((GuestAddress(MMIO_GAP_END), (mem_size - MMIO_GAP_START) as usize));
+        ranges.push((
+            GuestAddress(MMIO_GAP_END),
+            (mem_size - MMIO_GAP_START) as usize,
+        ));
     }
     ranges
 }
@@ -204,7 +207,14 @@ mod tests {
     fn small_guest_has_one_low_ram_range_and_no_high_memory() {
         let map = e820_map(128 << 20);
         assert_eq!(map.len(), 3);
-        assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM });
+        assert_eq!(
+            map[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(map[2].addr, 0x10_0000);
         assert_eq!(map[2].addr + map[2].size, 128 << 20);
         assert_eq!(guest_ram_ranges(128 << 20).len(), 1);
@@ -217,17 +227,27 @@ mod tests {
         assert_eq!(map.len(), 4);
         assert_eq!(map[2].addr + map[2].size, MMIO_GAP_START);
         assert_eq!(map[3].addr, 1 << 32);
-        let ram: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(ram, size - (HIMEM_START - EBDA_START));
         let ranges = guest_ram_ranges(size);
-        assert_eq!(ranges[1], (GuestAddress(1 << 32), (size - MMIO_GAP_START) as usize));
+        assert_eq!(
+            ranges[1],
+            (GuestAddress(1 << 32), (size - MMIO_GAP_START) as usize)
+        );
     }
 
     #[test]
     fn zero_page_follows_the_boot_protocol() {
         let m = mem(64 << 20);
         let map = e820_map(64 << 20);
-        let initrd = InitrdRegion { addr: 0x300_0000, size: 0x1234 };
+        let initrd = InitrdRegion {
+            addr: 0x300_0000,
+            size: 0x1234,
+        };
         write_linux_boot_params(&m, &map, 42, Some(initrd), None).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
@@ -235,7 +255,10 @@ mod tests {
         assert_eq!(p.hdr.type_of_loader, 0xff);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ p.hdr.cmdline_size }, 42);
-        assert_eq!(({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }), (0x300_0000, 0x1234));
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (0x300_0000, 0x1234)
+        );
         assert_eq!(p.e820_entries, 3);
         assert_eq!({ p.e820_table[2].addr }, HIMEM_START);
     }
@@ -260,7 +283,10 @@ mod tests {
     fn pvh_start_info_points_at_its_memory_map_and_module() {
         let m = mem(64 << 20);
         let map = e820_map(64 << 20);
-        let initrd = InitrdRegion { addr: 0x200_0000, size: 4096 };
+        let initrd = InitrdRegion {
+            addr: 0x200_0000,
+            size: 4096,
+        };
         write_pvh_start_info(&m, &map, Some(initrd)).unwrap();
         let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);

@@ -26,7 +26,13 @@ const LEAF_PMU: u32 = 0xa;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 
-const ECX_HIDDEN: u32 = (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8)
+const ECX_HIDDEN: u32 = (1 << 2)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 5)
+    | (1 << 6)
+    | (1 << 7)
+    | (1 << 8)
     | (1 << 14)
     | (1 << 15);
 const ECX_HYPERVISOR: u32 = 1 << 31;

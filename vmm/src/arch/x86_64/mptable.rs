@@ -35,11 +35,9 @@ const CPU_SIGNATURE: u32 = 0x600;
 const CPU_FEATURES: u32 = (1 << 0) | (1 << 9);
 
 /// Largest vCPU count whose MP table fits in the EBDA.
-pub const MAX_VCPUS: u8 = ((EBDA_SIZE
-    - MPF_SIZE
-    - MPC_HEADER_SIZE
-    - (3 + IOAPIC_PINS as usize) * MPC_SMALL_ENTRY_SIZE)
-    / MPC_CPU_SIZE) as u8;
+pub const MAX_VCPUS: u8 =
+    ((EBDA_SIZE - MPF_SIZE - MPC_HEADER_SIZE - (3 + IOAPIC_PINS as usize) * MPC_SMALL_ENTRY_SIZE)
+        / MPC_CPU_SIZE) as u8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MpTableError {
@@ -50,7 +48,10 @@ pub enum MpTableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |sum, b| sum.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The IOAPIC's APIC ID: the first one after the CPUs.

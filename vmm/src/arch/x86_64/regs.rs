@@ -99,7 +99,10 @@ mod tests {
     fn linux64_enters_long_mode_with_boot_params_in_rsi() {
         let mode = EntryMode::Linux64 { entry: 0x100_0000 };
         let regs = boot_regs(mode);
-        assert_eq!((regs.rip, regs.rsi, regs.rflags), (0x100_0000, ZERO_PAGE_START, 2));
+        assert_eq!(
+            (regs.rip, regs.rsi, regs.rflags),
+            (0x100_0000, ZERO_PAGE_START, 2)
+        );
         let mut sregs = kvm_sregs::default();
         apply_boot_sregs(&mut sregs, mode, 0x9000);
         assert_eq!(sregs.cs.selector, 0x10, "__BOOT_CS");
