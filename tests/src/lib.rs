@@ -14,14 +14,17 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("OUT_DIR")).join(name)
 }
 
-/// The workspace's target directory for the running profile.
+/// The workspace's target directory for the running profile: the test
+/// binaries live in `target/<profile>/deps`, the bench binaries in
+/// `target/<profile>`.
 fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary under target/<profile>/deps")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir.parent().expect("profile directory").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The `vmm` binary of this build profile, brought up to date once per
