@@ -54,6 +54,13 @@ fn main() {
         );
     }
 
+    // A userspace init, linked with ld's default script for executables.
+    let object = assemble(&fixtures, &out, "init");
+    run(Command::new("ld")
+        .args(["-static", "-z", "noexecstack", "-e", "_start", "-o"])
+        .arg(out.join("init"))
+        .arg(&object));
+
     let object = assemble(&fixtures, &out, "bzimage");
     let elf = out.join("bzimage.elf");
     link(&fixtures, "bzimage.ld", &object, &elf);

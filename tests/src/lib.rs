@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: where the fixture guests and the
 //! `vmm` binary are, and running the VMM with a deadline.
 
+pub mod cpio;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -116,3 +118,40 @@ pub fn skip_unless_hardware_kvm(test: &str) -> bool {
         false
     }
 }
+
+/// The guest kernel built by `kernel-config/build.sh`: from
+/// `MICROVM_GUEST_KERNEL` (set by the test script), or the build cache.
+pub fn guest_kernel() -> Result<PathBuf, String> {
+    if let Ok(path) = std::env::var("MICROVM_GUEST_KERNEL") {
+        return Ok(PathBuf::from(path));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernel-config/build.sh");
+    let out = Command::new(&script)
+        .arg("--path")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the guest kernel is not built: run {} (scripts/test.sh does)",
+            script.display()
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// An initramfs whose /init is the fixture that prints a marker and
+/// reboots. Written to a temporary file named after `tag`.
+pub fn marker_initramfs(tag: &str) -> PathBuf {
+    let init = std::fs::read(fixture("init")).expect("init fixture");
+    let archive = cpio::archive(&[cpio::Entry::File {
+        path: "init",
+        mode: 0o755,
+        data: &init,
+    }]);
+    let path = std::env::temp_dir().join(format!("microvm-initramfs-{tag}-{}", std::process::id()));
+    std::fs::write(&path, archive).expect("write initramfs");
+    path
+}
+
+/// The line the marker init prints.
+pub const INIT_MARKER: &str = "init: hello from the initramfs";

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's test command: installs what the tests need, builds the
+# guest kernel (cached), checks formatting and lints, and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+MICROVM_GUEST_KERNEL="$(kernel-config/build.sh)"
+export MICROVM_GUEST_KERNEL
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
