@@ -44,7 +44,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed=fixtures");
 
-    for name in ["linux64", "pvh", "int3", "idle"] {
+    for name in ["linux64", "pvh", "int3", "idle", "native"] {
         let object = assemble(&fixtures, &out, name);
         link(
             &fixtures,

@@ -245,3 +245,57 @@ fn an_elf_that_does_not_fit_in_memory_is_refused() {
     assert!(run.stderr.contains("invalid initrd"), "{}", run.stderr);
     assert!(run.stderr.contains("does not fit"), "{}", run.stderr);
 }
+
+/// The cycle count the `native` fixture prints for its 100M iterations.
+fn loop_cycles(stdout: &str) -> u64 {
+    let hex = stdout
+        .split("cycles: 0x")
+        .nth(1)
+        .and_then(|rest| rest.get(..16))
+        .unwrap_or_else(|| panic!("no cycle count in {stdout:?}"));
+    u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("{hex:?}: {e}"))
+}
+
+#[test]
+fn a_guest_that_declares_pvm_user_mode_runs_natively_on_pvm() {
+    let run = boot("native.elf", &[]);
+    assert_clean_reset(&run);
+    match hypervisor() {
+        HypervisorKind::Pvm => {
+            assert!(
+                run.stdout.starts_with("mode: pvm user mode (cpl 3)\n"),
+                "{}",
+                run.stdout
+            );
+            assert!(
+                run.stderr
+                    .contains("the guest runs in PVM user mode, natively"),
+                "{}",
+                run.stderr
+            );
+            // 100M iterations finished at all, inside the deadline: KVM's
+            // instruction emulator needs about 75 s for them.
+            assert!(loop_cycles(&run.stdout) > 100_000_000);
+        }
+        HypervisorKind::Hardware => {
+            assert!(
+                run.stdout.starts_with("mode: pvh entry (cpl 0)\n"),
+                "{}",
+                run.stdout
+            );
+            assert!(
+                run.stdout.contains("100M iterations done\n"),
+                "{}",
+                run.stdout
+            );
+        }
+    }
+    assert!(run.stderr.contains("guest boot time: "), "{}", run.stderr);
+}
+
+#[test]
+fn a_guest_without_the_note_keeps_its_privileged_entry() {
+    // linux64.elf has no MicroVM note: it enters at CPL 0 everywhere.
+    let run = boot("linux64.elf", &[]);
+    assert!(!run.stderr.contains("PVM user mode"), "{}", run.stderr);
+}

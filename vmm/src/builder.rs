@@ -15,6 +15,7 @@ use crate::arch::x86_64::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_TIMER_MMIO_START, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT,
     I8042_PORT, IOAPIC_SIZE, IOAPIC_START,
 };
+use crate::arch::x86_64::paging::Privilege;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{mptable, paging};
 use crate::config::{SerialConfig, VmConfig};
@@ -28,7 +29,7 @@ use crate::loader::{self, LoaderError};
 use crate::microvm::MicroVm;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
-use crate::vstate::vm::{KvmMsiRouter, Vm, VmError};
+use crate::vstate::vm::{HypervisorKind, KvmMsiRouter, Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -85,10 +86,18 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {
 }
 
 /// Loads the kernel, initrd and command line, and writes every structure
-/// the chosen entry protocol needs.
-fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(EntryMode, u64), BuildError> {
+/// the chosen entry protocol needs. A guest that offers a PVM user-mode
+/// entry is entered there on a PVM host, where it then runs natively.
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    hypervisor: HypervisorKind,
+) -> Result<(EntryMode, u64), BuildError> {
     let mem_size = config.mem_mib << 20;
-    let kernel = loader::load_kernel(mem, &config.kernel)?;
+    let mut kernel = loader::load_kernel(mem, &config.kernel)?;
+    if let (Some(entry), HypervisorKind::Pvm) = (kernel.pvm_user_entry, hypervisor) {
+        kernel.entry = EntryMode::PvmUser { entry };
+    }
     let initrd = config
         .initrd
         .as_deref()
@@ -97,7 +106,7 @@ fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(EntryMode, u6
     let cmdline_size = loader::load_cmdline(mem, &config.cmdline, &kernel)?;
     let e820 = boot_params::e820_map(mem_size);
     match kernel.entry {
-        EntryMode::Linux64 { .. } => {
+        EntryMode::Linux64 { .. } | EntryMode::PvmUser { .. } => {
             write_linux_boot_params(mem, &e820, cmdline_size, initrd, kernel.setup_header)?
         }
         EntryMode::Pvh { .. } => write_pvh_start_info(mem, &e820, initrd)?,
@@ -105,7 +114,11 @@ fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<(EntryMode, u6
     mem.write_obj(BOOT_GDT, GuestAddress(BOOT_GDT_START))
         .and_then(|_| mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)))
         .map_err(BuildError::Gdt)?;
-    let cr3 = paging::write_identity_page_tables(mem)?;
+    let privilege = match kernel.entry {
+        EntryMode::PvmUser { .. } => Privilege::User,
+        _ => Privilege::Supervisor,
+    };
+    let cr3 = paging::write_identity_page_tables(mem, privilege)?;
     mptable::write_mptable(mem, config.vcpus)?;
     tracing::debug!(
         "loaded {:?} kernel, entry {:?}, ends at {:#x}",
@@ -125,7 +138,10 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<MicroVm, B
             max: vm.max_vcpus(),
         });
     }
-    let (entry, cr3) = load_guest(config, &mem)?;
+    let (entry, cr3) = load_guest(config, &mem, vm.hypervisor())?;
+    if let EntryMode::PvmUser { .. } = entry {
+        tracing::info!("the guest runs in PVM user mode, natively");
+    }
 
     let mut io_bus = Bus::new();
     let mut mmio_bus = Bus::new();

@@ -58,7 +58,20 @@ pub struct LoadedKernel {
     pub entry: EntryMode,
     pub kernel_end: u64,
     pub setup_header: Option<setup_header>,
+    /// The 64-bit entry the guest offers for PVM user mode, from its
+    /// [`MICROVM_NOTE_NAME`] note: a guest that has one needs no privileged
+    /// instruction and can run natively on a PVM host.
+    pub pvm_user_entry: Option<u64>,
 }
+
+/// Name of this project's ELF notes.
+pub const MICROVM_NOTE_NAME: &[u8] = b"MicroVM\0";
+/// Note type whose descriptor is the guest's 64-bit entry for PVM user mode
+/// (8 bytes, little-endian).
+pub const MICROVM_NOTE_PVM_USER_ENTRY: u32 = 1;
+/// Notes larger than this are not read: no legitimate kernel has them.
+const MAX_NOTE_SEGMENT: u64 = 64 << 10;
+const PT_NOTE: u32 = 4;
 
 fn read_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoaderError {
     let path = path.to_path_buf();
@@ -115,6 +128,79 @@ fn check_elf_header(file: &mut File, path: &Path) -> Result<(), LoaderError> {
     })
 }
 
+/// Reads every ELF note of the file as (name, type, descriptor), bounded so
+/// that a hostile file cannot make the VMM read or allocate much.
+fn elf_notes(file: &mut File) -> std::io::Result<Vec<(Vec<u8>, u32, Vec<u8>)>> {
+    fn u16_at(b: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes([b[at], b[at + 1]])
+    }
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
+    }
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
+    }
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut ehdr)?;
+    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    if phentsize < 56 {
+        return Ok(Vec::new());
+    }
+    let mut notes = Vec::new();
+    for i in 0..u64::from(phnum.min(64)) {
+        let mut phdr = [0u8; 56];
+        file.seek(SeekFrom::Start(phoff + i * u64::from(phentsize)))?;
+        file.read_exact(&mut phdr)?;
+        let (p_type, offset, size) = (u32_at(&phdr, 0), u64_at(&phdr, 8), u64_at(&phdr, 32));
+        if p_type != PT_NOTE || size > MAX_NOTE_SEGMENT {
+            continue;
+        }
+        let mut segment = vec![0u8; size as usize];
+        file.seek(SeekFrom::Start(offset))?;
+        file.read_exact(&mut segment)?;
+        let mut at = 0usize;
+        while at + 12 <= segment.len() {
+            let namesz = u32_at(&segment, at) as usize;
+            let descsz = u32_at(&segment, at + 4) as usize;
+            let kind = u32_at(&segment, at + 8);
+            let name_at = at + 12;
+            let desc_at = name_at + namesz.div_ceil(4) * 4;
+            let end = desc_at + descsz.div_ceil(4) * 4;
+            if namesz > segment.len() || descsz > segment.len() || desc_at + descsz > segment.len()
+            {
+                break;
+            }
+            notes.push((
+                segment[name_at..name_at + namesz].to_vec(),
+                kind,
+                segment[desc_at..desc_at + descsz].to_vec(),
+            ));
+            at = end;
+        }
+    }
+    Ok(notes)
+}
+
+/// The PVM user-mode entry the guest declares, if it declares one.
+fn pvm_user_entry(file: &mut File, path: &Path) -> Result<Option<u64>, LoaderError> {
+    let notes = elf_notes(file).map_err(read_err("kernel", path))?;
+    let entry = notes.iter().find_map(|(name, kind, desc)| {
+        (name.as_slice() == MICROVM_NOTE_NAME && *kind == MICROVM_NOTE_PVM_USER_ENTRY).then(|| {
+            desc.get(..8)
+                .map(|d| u64::from_le_bytes(d.try_into().unwrap_or([0; 8])))
+        })
+    });
+    match entry {
+        None => Ok(None),
+        Some(Some(addr)) => Ok(Some(addr)),
+        Some(None) => Err(LoaderError::BadKernel {
+            path: path.to_path_buf(),
+            reason: "MicroVM PVM user-mode entry note is shorter than 8 bytes".into(),
+        }),
+    }
+}
+
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
     let mut file = File::open(path).map_err(read_err("kernel", path))?;
     let format = detect_format(&mut file, path)?;
@@ -124,6 +210,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     };
     match format {
         KernelFormat::Elf => {
+            let pvm_user_entry = pvm_user_entry(&mut file, path)?;
             let r =
                 Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
             let entry = match r.pvh_boot_cap {
@@ -137,6 +224,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
                 entry,
                 kernel_end: r.kernel_end,
                 setup_header: None,
+                pvm_user_entry,
             })
         }
         KernelFormat::BzImage => {
@@ -159,6 +247,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
                 },
                 kernel_end: r.kernel_end,
                 setup_header: Some(header),
+                pvm_user_entry: None,
             })
         }
     }

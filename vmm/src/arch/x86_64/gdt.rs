@@ -1,28 +1,40 @@
 //! The boot GDT and the segment registers built from it.
 //!
-//! One table serves both entry paths. The Linux 64-bit boot protocol asks for
-//! flat `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18) descriptors; PVH asks for a
-//! flat 32-bit code segment with any selector.
+//! The table has Linux's own layout, so every selector means what a Linux
+//! guest, and a PVM host, expect: the 64-bit boot protocol asks for flat
+//! `__BOOT_CS` (0x10) and `__BOOT_DS` (0x18); PVH for any flat 32-bit code
+//! segment (`__KERNEL32_CS`, 0x08); and a PVM guest in user mode runs on the
+//! host's `__USER_CS` (0x33) and `__USER_DS` (0x2b), which must be DPL 3
+//! descriptors at those indices.
 
 use kvm_bindings::{kvm_dtable, kvm_segment};
 
-/// Selector of the 64-bit code segment (`__BOOT_CS`).
+/// `__KERNEL32_CS`: the 32-bit code segment of the PVH entry.
+pub const CODE32_SELECTOR: u16 = 0x08;
+/// `__BOOT_CS` / `__KERNEL_CS`.
 pub const CODE64_SELECTOR: u16 = 0x10;
-/// Selector of the data segment (`__BOOT_DS`).
+/// `__BOOT_DS` / `__KERNEL_DS`.
 pub const DATA_SELECTOR: u16 = 0x18;
-/// Selector of the TSS, which KVM requires to be valid in long mode.
-pub const TSS_SELECTOR: u16 = 0x20;
-/// Selector of the 32-bit code segment used by the PVH entry.
-pub const CODE32_SELECTOR: u16 = 0x28;
+/// `__USER_DS`, with RPL 3.
+pub const USER_DATA_SELECTOR: u16 = 0x2b;
+/// `__USER_CS`, with RPL 3.
+pub const USER_CODE64_SELECTOR: u16 = 0x33;
+/// The TSS, which KVM requires to be valid in long mode. A 64-bit TSS
+/// descriptor takes two slots (8 and 9).
+pub const TSS_SELECTOR: u16 = 0x40;
 
 /// The table, as written to guest memory.
-pub const BOOT_GDT: [u64; 6] = [
+pub const BOOT_GDT: [u64; 10] = [
     0,
+    gdt_entry(0xc09b, 0, 0xfffff), // __KERNEL32_CS: code, 32-bit, DPL 0
+    gdt_entry(0xa09b, 0, 0xfffff), // __KERNEL_CS: code, 64-bit, DPL 0
+    gdt_entry(0xc093, 0, 0xfffff), // __KERNEL_DS: data, writable, DPL 0
+    gdt_entry(0xc0fb, 0, 0xfffff), // __USER32_CS: code, 32-bit, DPL 3
+    gdt_entry(0xc0f3, 0, 0xfffff), // __USER_DS: data, writable, DPL 3
+    gdt_entry(0xa0fb, 0, 0xfffff), // __USER_CS: code, 64-bit, DPL 3
     0,
-    gdt_entry(0xa09b, 0, 0xfffff), // code, 64-bit, present, DPL 0
-    gdt_entry(0xc093, 0, 0xfffff), // data, 32-bit operands, present, writable
-    gdt_entry(0x808b, 0, 0xfffff), // busy 64-bit TSS
-    gdt_entry(0xc09b, 0, 0xfffff), // code, 32-bit, present
+    gdt_entry(0x808b, 0, 0xfffff), // busy 64-bit TSS, low half
+    0,                             // TSS, high half: base bits 63:32
 ];
 
 /// Packs a descriptor from its flags (the type/S/DPL/P byte in bits 0-7 and
@@ -61,10 +73,13 @@ pub fn kvm_segment_from_gdt(entry: u64, table_index: u8) -> kvm_segment {
     }
 }
 
-/// The segment for a selector of [`BOOT_GDT`].
+/// The segment for a selector of [`BOOT_GDT`], keeping the selector's RPL.
 pub fn boot_segment(selector: u16) -> kvm_segment {
     let index = usize::from(selector / 8);
-    kvm_segment_from_gdt(BOOT_GDT[index], index as u8)
+    kvm_segment {
+        selector,
+        ..kvm_segment_from_gdt(BOOT_GDT[index], index as u8)
+    }
 }
 
 pub fn gdt_table_register() -> kvm_dtable {
@@ -111,6 +126,23 @@ mod tests {
         let cs = boot_segment(CODE32_SELECTOR);
         assert_eq!((cs.l, cs.db, cs.g), (0, 1, 1));
         assert_eq!(cs.limit, 0xffff_ffff);
+    }
+
+    #[test]
+    fn gdt_ends_before_the_idt() {
+        let end = super::super::layout::BOOT_GDT_START + std::mem::size_of_val(&BOOT_GDT) as u64;
+        assert!(end <= super::super::layout::BOOT_IDT_START);
+    }
+
+    #[test]
+    fn user_segments_are_dpl3_at_the_linux_indices() {
+        let cs = boot_segment(USER_CODE64_SELECTOR);
+        assert_eq!(
+            (cs.selector & !3, cs.dpl, cs.l, cs.type_),
+            (0x30, 3, 1, 0xb)
+        );
+        let ds = boot_segment(USER_DATA_SELECTOR);
+        assert_eq!((ds.selector & !3, ds.dpl, ds.type_), (0x28, 3, 0x3));
     }
 
     #[test]

@@ -7,8 +7,9 @@
 
 /// GDT written by the VMM for guests that reload their segments.
 pub const BOOT_GDT_START: u64 = 0x500;
-/// An empty IDT: nothing may be delivered before the guest installs its own.
-pub const BOOT_IDT_START: u64 = 0x520;
+/// An empty IDT, after the GDT: nothing may be delivered before the guest
+/// installs its own.
+pub const BOOT_IDT_START: u64 = 0x580;
 /// PVH `hvm_start_info`.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// PVH module list (one entry: the initrd).
@@ -21,7 +22,8 @@ pub const PVH_MEMMAP_MAX_ENTRIES: usize = (0x6800 - 0x6100) / 24;
 pub const ZERO_PAGE_START: u64 = 0x7000;
 /// Initial stack pointer for the 64-bit entry.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
-/// Identity-mapping page tables: PML4, PDPT, PD.
+/// Identity-mapping page tables: PML4, PDPT, and four page directories
+/// (0xb000-0xefff), one per GiB.
 pub const PML4_START: u64 = 0x9000;
 pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;

@@ -1,12 +1,21 @@
-//! Identity page tables for the 64-bit entry: the first 1 GiB mapped with
-//! 2 MiB pages, which is what the Linux 64-bit boot protocol requires.
+//! Identity page tables for the 64-bit entries: the first 4 GiB, RAM below
+//! the device hole and the hole itself, mapped with 2 MiB pages. The Linux
+//! 64-bit boot protocol needs only the first 1 GiB; mapping the hole too
+//! lets a guest without page tables of its own reach its devices.
+//!
+//! For a guest entered in PVM user mode every page is also user-accessible:
+//! there the guest runs at CPL 3 and owns no page tables.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{PDE_START, PDPTE_START, PML4_START};
 
-const PRESENT_WRITABLE: u64 = 0x3;
-const PAGE_SIZE_2M: u64 = 0x80;
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const PAGE_SIZE_2M: u64 = 1 << 7;
+/// Page directories, one per GiB.
+pub const MAPPED_GIB: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PagingError {
@@ -14,16 +23,36 @@ pub enum PagingError {
     Write(vm_memory::GuestMemoryError),
 }
 
+/// Who may use the mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privilege {
+    Supervisor,
+    User,
+}
+
 /// Writes the tables and returns the value for CR3.
-pub fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<u64, PagingError> {
-    mem.write_obj(PDPTE_START | PRESENT_WRITABLE, GuestAddress(PML4_START))
-        .map_err(PagingError::Write)?;
-    mem.write_obj(PDE_START | PRESENT_WRITABLE, GuestAddress(PDPTE_START))
-        .map_err(PagingError::Write)?;
-    let pd: Vec<u8> = (0..512u64)
-        .flat_map(|i| ((i << 21) | PAGE_SIZE_2M | PRESENT_WRITABLE).to_le_bytes())
+pub fn write_identity_page_tables(
+    mem: &GuestMemoryMmap,
+    privilege: Privilege,
+) -> Result<u64, PagingError> {
+    let flags = PRESENT
+        | WRITABLE
+        | match privilege {
+            Privilege::Supervisor => 0,
+            Privilege::User => USER,
+        };
+    let write = |value: u64, at: u64| {
+        mem.write_obj(value, GuestAddress(at))
+            .map_err(PagingError::Write)
+    };
+    write(PDPTE_START | flags, PML4_START)?;
+    for gib in 0..MAPPED_GIB {
+        write((PDE_START + gib * 0x1000) | flags, PDPTE_START + gib * 8)?;
+    }
+    let pds: Vec<u8> = (0..512 * MAPPED_GIB)
+        .flat_map(|i| ((i << 21) | PAGE_SIZE_2M | flags).to_le_bytes())
         .collect();
-    mem.write_slice(&pd, GuestAddress(PDE_START))
+    mem.write_slice(&pds, GuestAddress(PDE_START))
         .map_err(PagingError::Write)?;
     Ok(PML4_START)
 }
@@ -32,21 +61,52 @@ pub fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<u64, PagingEr
 mod tests {
     use super::*;
 
+    /// Walks the tables by hand: (physical address, flags of the leaf).
+    fn walk(mem: &GuestMemoryMmap, addr: u64) -> Option<(u64, u64)> {
+        let entry = |table: u64, index: u64| -> u64 {
+            mem.read_obj(GuestAddress((table & 0x000f_ffff_ffff_f000) + index * 8))
+                .unwrap()
+        };
+        let pml4e = entry(PML4_START, (addr >> 39) & 511);
+        if pml4e & PRESENT == 0 {
+            return None;
+        }
+        let pdpte = entry(pml4e, (addr >> 30) & 511);
+        if pdpte & PRESENT == 0 {
+            return None;
+        }
+        let pde = entry(pdpte, (addr >> 21) & 511);
+        if pde & PRESENT == 0 || pde & PAGE_SIZE_2M == 0 {
+            return None;
+        }
+        let phys = (pde & 0x000f_ffff_ffe0_0000) | (addr & 0x1f_ffff);
+        Some((phys, pde & pml4e & pdpte & (WRITABLE | USER)))
+    }
+
     #[test]
-    fn maps_the_first_gigabyte_one_to_one() {
+    fn maps_the_first_4_gib_one_to_one_for_the_supervisor() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        assert_eq!(write_identity_page_tables(&mem).unwrap(), PML4_START);
-        let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
-        assert_eq!(pml4, PDPTE_START | 3);
-        let pdpte: u64 = mem.read_obj(GuestAddress(PDPTE_START)).unwrap();
-        assert_eq!(pdpte, PDE_START | 3);
-        // Walk a few addresses through the tables by hand.
-        for addr in [0u64, 0x20_0000, 0x1234_5678, (1 << 30) - 1] {
-            let pde: u64 = mem
-                .read_obj(GuestAddress(PDE_START + ((addr >> 21) & 511) * 8))
-                .unwrap();
-            assert_eq!(pde & 0x83, 0x83, "present, writable, 2 MiB page");
-            assert_eq!((pde & !0x1f_ffff) | (addr & 0x1f_ffff), addr);
+        let cr3 = write_identity_page_tables(&mem, Privilege::Supervisor).unwrap();
+        assert_eq!(cr3, PML4_START);
+        for addr in [
+            0u64,
+            0x20_0000,
+            0x1234_5678,
+            (1 << 30) - 1,
+            0xd000_0000,
+            0xfee0_0000,
+        ] {
+            assert_eq!(walk(&mem, addr), Some((addr, WRITABLE)), "{addr:#x}");
+        }
+        assert_eq!(walk(&mem, 4 << 30), None);
+    }
+
+    #[test]
+    fn user_tables_are_user_accessible_at_every_level() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        write_identity_page_tables(&mem, Privilege::User).unwrap();
+        for addr in [0x10_0000u64, 0xd000_0000] {
+            assert_eq!(walk(&mem, addr), Some((addr, WRITABLE | USER)), "{addr:#x}");
         }
     }
 }

@@ -2,7 +2,10 @@
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 
-use super::gdt::{self, CODE32_SELECTOR, CODE64_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
+use super::gdt::{
+    self, CODE32_SELECTOR, CODE64_SELECTOR, DATA_SELECTOR, TSS_SELECTOR, USER_CODE64_SELECTOR,
+    USER_DATA_SELECTOR,
+};
 use super::layout::{BOOT_STACK_POINTER, PVH_INFO_START, ZERO_PAGE_START};
 
 const X86_CR0_PE: u64 = 1 << 0;
@@ -13,6 +16,7 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 /// RFLAGS bit 1 is reserved and always set.
 const RFLAGS_FIXED: u64 = 0x2;
+const RFLAGS_IF: u64 = 1 << 9;
 
 /// How the guest is entered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,12 +27,19 @@ pub enum EntryMode {
     /// PVH: 32-bit protected mode without paging, EBX points to
     /// `hvm_start_info`.
     Pvh { entry: u64 },
+    /// PVM user mode: long mode at CPL 3 with interrupts enabled, on
+    /// user-accessible identity page tables, RSI pointing to `boot_params`.
+    /// A PVM host runs this natively instead of in its instruction emulator;
+    /// only guests that declare they need no privileged instructions get it.
+    PvmUser { entry: u64 },
 }
 
 impl EntryMode {
     pub fn entry_point(&self) -> u64 {
         match *self {
-            EntryMode::Linux64 { entry } | EntryMode::Pvh { entry } => entry,
+            EntryMode::Linux64 { entry }
+            | EntryMode::Pvh { entry }
+            | EntryMode::PvmUser { entry } => entry,
         }
     }
 }
@@ -50,13 +61,23 @@ pub fn boot_regs(mode: EntryMode) -> kvm_regs {
             rbx: PVH_INFO_START,
             ..Default::default()
         },
+        EntryMode::PvmUser { entry } => kvm_regs {
+            rflags: RFLAGS_FIXED | RFLAGS_IF,
+            rip: entry,
+            rsp: BOOT_STACK_POINTER,
+            rsi: ZERO_PAGE_START,
+            ..Default::default()
+        },
     }
 }
 
 /// Applies the segment, descriptor-table and control registers of `mode`
 /// on top of the vCPU's reset state.
 pub fn apply_boot_sregs(sregs: &mut kvm_sregs, mode: EntryMode, cr3: u64) {
-    let data = gdt::boot_segment(DATA_SELECTOR);
+    let data = gdt::boot_segment(match mode {
+        EntryMode::PvmUser { .. } => USER_DATA_SELECTOR,
+        _ => DATA_SELECTOR,
+    });
     sregs.gdt = gdt::gdt_table_register();
     sregs.idt = gdt::idt_table_register();
     sregs.ds = data;
@@ -66,8 +87,11 @@ pub fn apply_boot_sregs(sregs: &mut kvm_sregs, mode: EntryMode, cr3: u64) {
     sregs.ss = data;
     sregs.tr = gdt::boot_segment(TSS_SELECTOR);
     match mode {
-        EntryMode::Linux64 { .. } => {
-            sregs.cs = gdt::boot_segment(CODE64_SELECTOR);
+        EntryMode::Linux64 { .. } | EntryMode::PvmUser { .. } => {
+            sregs.cs = gdt::boot_segment(match mode {
+                EntryMode::PvmUser { .. } => USER_CODE64_SELECTOR,
+                _ => CODE64_SELECTOR,
+            });
             sregs.cr3 = cr3;
             sregs.cr4 |= X86_CR4_PAE;
             sregs.cr0 |= X86_CR0_PE | X86_CR0_PG | X86_CR0_ET;
@@ -111,6 +135,21 @@ mod tests {
         assert_eq!(sregs.cr3, 0x9000);
         assert_ne!(sregs.cr0 & X86_CR0_PG, 0);
         assert_ne!(sregs.cr4 & X86_CR4_PAE, 0);
+        assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
+    }
+
+    #[test]
+    fn pvm_user_mode_enters_long_mode_at_cpl3_with_interrupts_on() {
+        let mode = EntryMode::PvmUser { entry: 0x100_0000 };
+        let regs = boot_regs(mode);
+        assert_eq!(regs.rflags, 0x202);
+        assert_eq!(regs.rsi, ZERO_PAGE_START);
+        let mut sregs = kvm_sregs::default();
+        apply_boot_sregs(&mut sregs, mode, 0x9000);
+        assert_eq!((sregs.cs.selector, sregs.cs.dpl, sregs.cs.l), (0x33, 3, 1));
+        assert_eq!((sregs.ss.selector, sregs.ss.dpl), (0x2b, 3));
+        assert_eq!(sregs.ds.dpl, 3);
+        assert_ne!(sregs.cr0 & X86_CR0_PG, 0);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
     }
 
