@@ -128,9 +128,16 @@ fn check_elf_header(file: &mut File, path: &Path) -> Result<(), LoaderError> {
     })
 }
 
-/// Reads every ELF note of the file as (name, type, descriptor), bounded so
-/// that a hostile file cannot make the VMM read or allocate much.
-fn elf_notes(file: &mut File) -> std::io::Result<Vec<(Vec<u8>, u32, Vec<u8>)>> {
+/// One ELF note.
+struct ElfNote {
+    name: Vec<u8>,
+    kind: u32,
+    desc: Vec<u8>,
+}
+
+/// Reads every ELF note of the file, bounded so that a hostile file cannot
+/// make the VMM read or allocate much.
+fn elf_notes(file: &mut File) -> std::io::Result<Vec<ElfNote>> {
     fn u16_at(b: &[u8], at: usize) -> u16 {
         u16::from_le_bytes([b[at], b[at + 1]])
     }
@@ -171,11 +178,11 @@ fn elf_notes(file: &mut File) -> std::io::Result<Vec<(Vec<u8>, u32, Vec<u8>)>> {
             {
                 break;
             }
-            notes.push((
-                segment[name_at..name_at + namesz].to_vec(),
+            notes.push(ElfNote {
+                name: segment[name_at..name_at + namesz].to_vec(),
                 kind,
-                segment[desc_at..desc_at + descsz].to_vec(),
-            ));
+                desc: segment[desc_at..desc_at + descsz].to_vec(),
+            });
             at = end;
         }
     }
