@@ -192,12 +192,14 @@ fn elf_notes(file: &mut File) -> std::io::Result<Vec<ElfNote>> {
 /// The PVM user-mode entry the guest declares, if it declares one.
 fn pvm_user_entry(file: &mut File, path: &Path) -> Result<Option<u64>, LoaderError> {
     let notes = elf_notes(file).map_err(read_err("kernel", path))?;
-    let entry = notes.iter().find_map(|(name, kind, desc)| {
-        (name.as_slice() == MICROVM_NOTE_NAME && *kind == MICROVM_NOTE_PVM_USER_ENTRY).then(|| {
-            desc.get(..8)
+    let entry = notes
+        .iter()
+        .find(|n| n.name.as_slice() == MICROVM_NOTE_NAME && n.kind == MICROVM_NOTE_PVM_USER_ENTRY)
+        .map(|n| {
+            n.desc
+                .get(..8)
                 .map(|d| u64::from_le_bytes(d.try_into().unwrap_or([0; 8])))
-        })
-    });
+        });
     match entry {
         None => Ok(None),
         Some(Some(addr)) => Ok(Some(addr)),
