@@ -15,7 +15,7 @@ pub enum Entry<'a> {
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -83,7 +83,7 @@ mod tests {
             },
         ]);
         assert!(a.starts_with(b"070701"));
-        assert_eq!(a.len() % 4, 0);
+        assert!(a.len().is_multiple_of(4));
         let init = a.windows(5).position(|w| w == b"init\0").unwrap();
         // Header (110 bytes) + "init\0" ends at a 4-byte boundary + pad.
         let data_at = (init + 5).div_ceil(4) * 4;
