@@ -6,7 +6,7 @@ pub mod cpio;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use vmm::vstate::vm::HypervisorKind;
@@ -29,25 +29,35 @@ fn target_dir() -> PathBuf {
     }
 }
 
-/// The `vmm` binary of this build profile, brought up to date once per
-/// test process: cargo does not rebuild another package's binaries for
-/// this crate's tests.
+/// A binary of this workspace in this build profile, brought up to date
+/// once per test process: cargo does not rebuild another package's
+/// binaries for this crate's tests.
+fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let target = target_dir();
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == bin) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
+        if target.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building {package}/{bin} failed");
+        built.push(bin.to_string());
+    }
+    target.join(bin)
+}
+
+/// The VMM.
 pub fn vmm_binary() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let target = target_dir();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", "vmm", "--bin", "vmm"]);
-            if target.ends_with("release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().expect("run cargo build for the vmm binary");
-            assert!(status.success(), "building the vmm binary failed");
-            target.join("vmm")
-        })
-        .clone()
+    workspace_binary("vmm", "vmm")
+}
+
+/// The bare-metal guest from guest-init.
+pub fn baremetal_guest() -> PathBuf {
+    workspace_binary("guest-init", "baremetal")
 }
 
 /// What a VMM run left behind.

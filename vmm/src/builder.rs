@@ -88,10 +88,15 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {
 /// Loads the kernel, initrd and command line, and writes every structure
 /// the chosen entry protocol needs. A guest that offers a PVM user-mode
 /// entry is entered there on a PVM host, where it then runs natively.
+///
+/// Such a guest may run at CPL 3, where it can read neither a virtualized
+/// CPUID nor kvmclock, so it gets the TSC rate as `tsc_early_khz=`, the
+/// parameter Linux takes for the same purpose.
 fn load_guest(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     hypervisor: HypervisorKind,
+    tsc_khz: Option<u32>,
 ) -> Result<(EntryMode, u64), BuildError> {
     let mem_size = config.mem_mib << 20;
     let mut kernel = loader::load_kernel(mem, &config.kernel)?;
@@ -103,7 +108,13 @@ fn load_guest(
         .as_deref()
         .map(|path| loader::load_initrd(mem, mem_size, path, &kernel))
         .transpose()?;
-    let cmdline_size = loader::load_cmdline(mem, &config.cmdline, &kernel)?;
+    let cmdline = match (kernel.pvm_user_entry, tsc_khz) {
+        (Some(_), Some(khz)) if !config.cmdline.contains("tsc_early_khz=") => {
+            format!("{} tsc_early_khz={khz}", config.cmdline)
+        }
+        _ => config.cmdline.clone(),
+    };
+    let cmdline_size = loader::load_cmdline(mem, &cmdline, &kernel)?;
     let e820 = boot_params::e820_map(mem_size);
     match kernel.entry {
         EntryMode::Linux64 { .. } | EntryMode::PvmUser { .. } => {
@@ -138,11 +149,6 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<MicroVm, B
             max: vm.max_vcpus(),
         });
     }
-    let (entry, cr3) = load_guest(config, &mem, vm.hypervisor())?;
-    if let EntryMode::PvmUser { .. } = entry {
-        tracing::info!("the guest runs in PVM user mode, natively");
-    }
-
     let mut io_bus = Bus::new();
     let mut mmio_bus = Bus::new();
 
@@ -174,19 +180,27 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<MicroVm, B
 
     let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio_bus);
+    let vcpus = (0..config.vcpus)
+        .map(|index| {
+            Vcpu::new(
+                vm.fd(),
+                index,
+                io_bus.clone(),
+                mmio_bus.clone(),
+                mem.clone(),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tsc_khz = vcpus[0].tsc_khz();
+
+    let (entry, cr3) = load_guest(config, &mem, vm.hypervisor(), tsc_khz)?;
+    if let EntryMode::PvmUser { .. } = entry {
+        tracing::info!("the guest runs in PVM user mode, natively");
+    }
     let supported_cpuid = vm.supported_cpuid()?;
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(
-            vm.fd(),
-            index,
-            io_bus.clone(),
-            mmio_bus.clone(),
-            mem.clone(),
-        )?;
-        let boot = (index == 0).then_some((entry, cr3));
+    for vcpu in &vcpus {
+        let boot = (vcpu.index() == 0).then_some((entry, cr3));
         vcpu.configure(&supported_cpuid, config.vcpus, boot)?;
-        vcpus.push(vcpu);
     }
 
     let console_input = matches!(config.serial, SerialConfig::Stdout).then_some(serial);

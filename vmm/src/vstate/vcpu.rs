@@ -106,6 +106,15 @@ impl Vcpu {
         })
     }
 
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// The guest TSC rate KVM runs this vCPU at.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok().filter(|&khz| khz > 0)
+    }
+
     fn setup_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
         let index = self.index;
         move |source| VcpuError::Setup {

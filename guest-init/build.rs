@@ -1,0 +1,15 @@
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
+    println!("cargo:rerun-if-changed=baremetal.ld");
+    for arg in [
+        "-nostartfiles",
+        "-nostdlib",
+        "-static",
+        "-no-pie",
+        "-Wl,--no-dynamic-linker",
+        "-Wl,-z,noexecstack",
+    ] {
+        println!("cargo:rustc-link-arg-bin=baremetal={arg}");
+    }
+    println!("cargo:rustc-link-arg-bin=baremetal=-Wl,-T,{dir}/baremetal.ld");
+}

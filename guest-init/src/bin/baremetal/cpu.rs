@@ -1,0 +1,100 @@
+//! What the guest can learn about, and ask of, its virtual CPU.
+
+use core::fmt;
+
+/// Which entry the VMM used; the value is passed from the entry stubs.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Linux64 = 0,
+    Pvh = 1,
+    PvmUser = 2,
+}
+
+impl EntryKind {
+    pub fn from_raw(raw: u32) -> Self {
+        match raw {
+            1 => EntryKind::Pvh,
+            2 => EntryKind::PvmUser,
+            _ => EntryKind::Linux64,
+        }
+    }
+}
+
+impl fmt::Display for EntryKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EntryKind::Linux64 => "the Linux 64-bit entry",
+            EntryKind::Pvh => "the PVH entry",
+            EntryKind::PvmUser => "the PVM user-mode entry",
+        })
+    }
+}
+
+/// How the guest's instructions are executed, from the privilege level it
+/// finds itself at. Only a PVM host runs a kernel at CPL 3; there it runs
+/// natively. At CPL 0 it is either hardware virtualization or, on a PVM
+/// host, KVM's instruction emulator; the guest cannot tell which cheaply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutionMode {
+    PvmNative,
+    Privileged,
+}
+
+impl ExecutionMode {
+    pub fn detect() -> Self {
+        let cs: u16;
+        // SAFETY: reading CS has no side effects.
+        unsafe { core::arch::asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack)) };
+        if cs & 3 == 3 {
+            ExecutionMode::PvmNative
+        } else {
+            ExecutionMode::Privileged
+        }
+    }
+}
+
+impl fmt::Display for ExecutionMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ExecutionMode::PvmNative => "pvm-native (PVM user mode, CPL 3)",
+            ExecutionMode::Privileged => "cpl0 (hardware virtualization or KVM emulation)",
+        })
+    }
+}
+
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDTSC is unprivileged unless CR4.TSD is set, which no VMM does.
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O goes to the VMM's device model; in PVM user mode the
+    // host forwards it the same way.
+    unsafe {
+        core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack))
+    };
+}
+
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as for `outb`.
+    unsafe {
+        core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack))
+    };
+    value
+}
+
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Ends the VM: the i8042 CPU reset line, which the VMM treats as exit.
+pub fn reset() -> ! {
+    outb(0x64, 0xfe);
+    loop {
+        pause();
+    }
+}
