@@ -21,7 +21,7 @@ version_of() { dpkg-query -W -f='${Version}' "$package" 2>/dev/null || true; }
 
 if [[ "${1:-}" == "--path" ]]; then
     [[ ${#missing[@]} -eq 0 ]] || exit 1
-    key=$(printf '%s\n%s\n' "$(version_of)" "$(sha256sum "$here/microvm.config")" | sha256sum | cut -c1-16)
+    key=$(printf '%s\n%s\n' "$(version_of)" "$(sha256sum < "$here/microvm.config")" | sha256sum | cut -c1-16)
     [[ -f "$cache_root/$key/vmlinux" ]] || exit 1
     echo "$cache_root/$key/vmlinux"
     exit 0
@@ -34,7 +34,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 
 version=$(version_of)
-key=$(printf '%s\n%s\n' "$version" "$(sha256sum "$here/microvm.config")" | sha256sum | cut -c1-16)
+key=$(printf '%s\n%s\n' "$version" "$(sha256sum < "$here/microvm.config")" | sha256sum | cut -c1-16)
 out="$cache_root/$key"
 if [[ -f "$out/vmlinux" ]]; then
     echo "kernel-config: cached build for $package $version ($key)" >&2

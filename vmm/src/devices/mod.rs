@@ -5,5 +5,6 @@ pub mod boot_timer;
 pub mod bus;
 pub mod ioapic;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

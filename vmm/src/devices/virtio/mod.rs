@@ -1,0 +1,91 @@
+//! virtio devices on the virtio-mmio transport (version 2), built on
+//! rust-vmm's virtio-queue. The transport (`mmio.rs`) owns the register
+//! interface and the driver handshake; each device owns its queues and
+//! their processing, which runs on the event loop.
+
+pub mod block;
+pub mod mmio;
+
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Offered by every device: the modern (non-legacy) interface.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Interrupt status bits.
+pub const INTERRUPT_USED_RING: u32 = 1 << 0;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 1 << 1;
+
+/// How a device tells the driver it has used buffers: the interrupt status
+/// register the transport exposes, and the irqfd behind the device's GSI.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irqfd: Arc<EventFd>,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: Arc::new(AtomicU32::new(0)),
+            irqfd: Arc::new(irqfd),
+        }
+    }
+
+    pub fn signal(&self, reason: u32) {
+        self.status.fetch_or(reason, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::warn!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What the transport needs from a device.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Features offered, `VIRTIO_F_VERSION_1` included.
+    fn features(&self) -> u64;
+    /// Records what the driver accepted, a subset of [`Self::features`].
+    fn ack_features(&mut self, features: u64);
+    fn queues(&self) -> &[Queue];
+    fn queues_mut(&mut self) -> &mut [Queue];
+    /// One eventfd per queue, registered as the queue's ioeventfd.
+    fn queue_events(&self) -> &[EventFd];
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Called when the driver sets DRIVER_OK with valid queues.
+    fn activate(&mut self, mem: GuestMemoryMmap, interrupt: Interrupt);
+    fn is_activated(&self) -> bool;
+    /// Back to the state before the driver found the device.
+    fn reset(&mut self);
+}
+
+/// Reads a little-endian config space from a byte image, bounds-checked:
+/// bytes past the end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(offset..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
