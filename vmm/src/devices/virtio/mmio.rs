@@ -91,10 +91,7 @@ impl MmioTransport {
 
     fn queue_register(&self, f: impl FnOnce(&Queue) -> u32) -> u32 {
         let device = lock(&self.device);
-        device
-            .queues()
-            .get(self.queue_select as usize)
-            .map_or(0, |q| f(q))
+        device.queues().get(self.queue_select as usize).map_or(0, f)
     }
 
     /// Applies a queue configuration write, allowed only before the queue
@@ -206,7 +203,10 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            tracing::warn!("virtio-mmio: {}-byte write at {offset:#x} ignored", data.len());
+            tracing::warn!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            );
             return;
         };
         let value = u32::from_le_bytes(bytes);
@@ -231,7 +231,9 @@ impl BusDevice for MmioTransport {
             REG_QUEUE_SEL => self.queue_select = value,
             REG_QUEUE_NUM => self.update_queue(|q| q.set_size(value as u16)),
             REG_QUEUE_READY => self.update_queue(|q| q.set_ready(value == 1)),
-            REG_QUEUE_DESC_LOW => self.update_queue(|q| q.set_desc_table_address(Some(value), None)),
+            REG_QUEUE_DESC_LOW => {
+                self.update_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
             REG_QUEUE_DESC_HIGH => {
                 self.update_queue(|q| q.set_desc_table_address(None, Some(value)))
             }

@@ -5,9 +5,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 /// Storage behind a virtio-blk device. Offsets are checked against
-/// [`Self::len`] before any call.
+/// [`Self::size`] before any call.
 pub trait BlockBackend: Send {
-    fn len(&self) -> u64;
+    /// Size of the image in bytes.
+    fn size(&self) -> u64;
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn flush(&mut self) -> io::Result<()>;
@@ -27,7 +28,7 @@ impl RawFile {
 }
 
 impl BlockBackend for RawFile {
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.len
     }
 

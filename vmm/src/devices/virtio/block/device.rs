@@ -11,12 +11,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::BlockBackend;
 use super::request::{
-    checked_range, RequestHeader, RequestType, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    checked_range, RequestHeader, RequestType, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use crate::devices::virtio::{
-    read_config_bytes, Interrupt, VirtioDevice, INTERRUPT_USED_RING, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1,
+    read_config_bytes, Interrupt, VirtioDevice, INTERRUPT_USED_RING, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 const QUEUE_SIZE: u16 = 256;
@@ -40,7 +39,7 @@ pub struct Block {
 
 impl Block {
     pub fn new(backend: Box<dyn BlockBackend>, read_only: bool, id: &str) -> std::io::Result<Self> {
-        let capacity_sectors = backend.len() / SECTOR_SIZE;
+        let capacity_sectors = backend.size() / SECTOR_SIZE;
         Ok(Self {
             backend,
             read_only,
@@ -119,7 +118,7 @@ impl Block {
         reader: &mut Reader,
         writer: &mut Writer,
     ) -> (u8, u32) {
-        let capacity = self.backend.len();
+        let capacity = self.backend.size();
         match RequestType::from(header.request_type) {
             RequestType::In => {
                 let len = writer.available_bytes() as u64;
@@ -201,9 +200,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-            | VIRTIO_BLK_F_FLUSH
-            | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -278,7 +275,7 @@ mod tests {
     struct MemImage(Arc<Mutex<Vec<u8>>>);
 
     impl BlockBackend for MemImage {
-        fn len(&self) -> u64 {
+        fn size(&self) -> u64 {
             self.0.lock().unwrap().len() as u64
         }
         fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
@@ -389,10 +386,22 @@ mod tests {
     #[test]
     fn out_of_bounds_and_unaligned_requests_fail() {
         let mut h = harness(false);
-        assert_eq!(submit(&mut h, header(0, 16), &request(512, F_WRITE)).1, VIRTIO_BLK_S_IOERR);
-        assert_eq!(submit(&mut h, header(0, 15), &request(1024, F_WRITE)).1, VIRTIO_BLK_S_IOERR);
-        assert_eq!(submit(&mut h, header(0, u64::MAX), &request(512, F_WRITE)).1, VIRTIO_BLK_S_IOERR);
-        assert_eq!(submit(&mut h, header(0, 0), &request(100, F_WRITE)).1, VIRTIO_BLK_S_IOERR);
+        assert_eq!(
+            submit(&mut h, header(0, 16), &request(512, F_WRITE)).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            submit(&mut h, header(0, 15), &request(1024, F_WRITE)).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            submit(&mut h, header(0, u64::MAX), &request(512, F_WRITE)).1,
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(
+            submit(&mut h, header(0, 0), &request(100, F_WRITE)).1,
+            VIRTIO_BLK_S_IOERR
+        );
     }
 
     #[test]
@@ -403,7 +412,10 @@ mod tests {
         let mut id = [0u8; 9];
         h.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
         assert_eq!(&id, b"test-disk");
-        assert_eq!(submit(&mut h, header(77, 0), &request(512, F_WRITE)).1, VIRTIO_BLK_S_UNSUPP);
+        assert_eq!(
+            submit(&mut h, header(77, 0), &request(512, F_WRITE)).1,
+            VIRTIO_BLK_S_UNSUPP
+        );
     }
 
     #[test]
@@ -431,7 +443,10 @@ mod tests {
         ];
         assert_eq!(submit(&mut h, header(0, 0), &wrapping).0, 0);
         // A chain that loops back on itself ends at the queue size.
-        let looping = [desc(HEADER, 16, F_NEXT, 1), desc(DATA, 512, F_NEXT | F_WRITE, 0)];
+        let looping = [
+            desc(HEADER, 16, F_NEXT, 1),
+            desc(DATA, 512, F_NEXT | F_WRITE, 0),
+        ];
         let _ = submit(&mut h, header(0, 0), &looping);
     }
 }

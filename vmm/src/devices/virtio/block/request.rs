@@ -55,22 +55,22 @@ pub enum RangeError {
     #[error("length {0} is not a multiple of the sector size")]
     Unaligned(u64),
     #[error("sector {sector} + {len} bytes is beyond the {capacity}-byte image")]
-    OutOfBounds { sector: u64, len: u64, capacity: u64 },
+    OutOfBounds {
+        sector: u64,
+        len: u64,
+        capacity: u64,
+    },
 }
 
 /// The byte offset of a `len`-byte transfer at `sector`, if it lies within
 /// a `capacity`-byte image. No arithmetic here can overflow.
 pub fn checked_range(sector: u64, len: u64, capacity: u64) -> Result<u64, RangeError> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(RangeError::Unaligned(len));
     }
     sector
         .checked_mul(SECTOR_SIZE)
-        .filter(|offset| {
-            offset
-                .checked_add(len)
-                .is_some_and(|end| end <= capacity)
-        })
+        .filter(|offset| offset.checked_add(len).is_some_and(|end| end <= capacity))
         .ok_or(RangeError::OutOfBounds {
             sector,
             len,

@@ -1,0 +1,598 @@
+//! The vsock device: its three queues and the multiplexer between guest
+//! packets and host Unix sockets.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::connection::{Connection, State};
+use super::packet::{
+    self, Header, MAX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
+    OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
+use super::HOST_CID;
+use crate::devices::virtio::{
+    read_config_bytes, Interrupt, VirtioDevice, INTERRUPT_USED_RING, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
+
+const QUEUE_SIZE: u16 = 256;
+const RX: usize = 0;
+const TX: usize = 1;
+const EVT: usize = 2;
+/// Host ports handed to host-initiated connections start here.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// A `CONNECT <port>\n` line is never longer.
+const MAX_CONNECT_LINE: usize = 32;
+/// Control packets waiting for RX buffers; past this the guest is not
+/// reading its queue and new ones are dropped with a log line.
+const MAX_PENDING_CONTROL: usize = 4096;
+
+/// A connection is named by (host port, guest port).
+type Key = (u32, u32);
+
+/// A host program that connected but has not finished its CONNECT line.
+struct PendingConnect {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("invalid vsock uds_path {path:?}: {source}")]
+    Listen { path: PathBuf, source: io::Error },
+    #[error("cannot create a vsock queue: {0}")]
+    Queue(String),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    acked_features: u64,
+    active: Option<(GuestMemoryMmap, Interrupt)>,
+    connections: HashMap<Key, Connection>,
+    by_fd: HashMap<RawFd, Key>,
+    /// Event interest registered for each connection's socket.
+    interest: HashMap<RawFd, EventSet>,
+    pending: HashMap<RawFd, PendingConnect>,
+    /// Control packets (op, flags) for a connection, waiting for RX buffers.
+    control: VecDeque<(Key, u16, u32)>,
+    next_local_port: u32,
+    /// The last RX queue check found no buffer.
+    rx_starved: bool,
+    bounce: Vec<u8>,
+}
+
+impl Vsock {
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        // A stale socket from an earlier run is replaced.
+        let _ = std::fs::remove_file(uds_path);
+        let listener = UnixListener::bind(uds_path)
+            .and_then(|l| l.set_nonblocking(true).map(|_| l))
+            .map_err(|source| VsockError::Listen {
+                path: uds_path.to_path_buf(),
+                source,
+            })?;
+        let queues = (0..3)
+            .map(|_| Queue::new(QUEUE_SIZE).map_err(|e| VsockError::Queue(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue_events = (0..3)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            guest_cid,
+            uds_path: uds_path.to_path_buf(),
+            listener,
+            queues,
+            queue_events,
+            acked_features: 0,
+            active: None,
+            connections: HashMap::new(),
+            by_fd: HashMap::new(),
+            interest: HashMap::new(),
+            pending: HashMap::new(),
+            control: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+            rx_starved: false,
+            bounce: vec![0; MAX_PAYLOAD],
+        })
+    }
+
+    fn queue_control(&mut self, key: Key, op: u16, flags: u32) {
+        if self.control.len() >= MAX_PENDING_CONTROL {
+            tracing::warn!("vsock: the guest is not reading its RX queue; control packet dropped");
+            return;
+        }
+        self.control.push_back((key, op, flags));
+    }
+
+    fn header(&self, key: Key, op: u16, flags: u32, len: usize) -> Header {
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.0,
+            dst_port: key.1,
+            len: len as u32,
+            type_: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        }
+    }
+
+    fn remove_connection(&mut self, key: Key, ops: &mut EventOps) {
+        if let Some(conn) = self.connections.remove(&key) {
+            let fd = conn.stream.as_raw_fd();
+            self.by_fd.remove(&fd);
+            if let Some(events) = self.interest.remove(&fd) {
+                let _ = ops.remove(Events::new_raw(fd, events));
+            }
+        }
+    }
+
+    /// Resets the connection on both sides.
+    fn reset_connection(&mut self, key: Key, ops: &mut EventOps) {
+        self.remove_connection(key, ops);
+        self.queue_control(key, OP_RST, 0);
+    }
+
+    /// Takes every packet the guest queued for sending.
+    fn process_tx(&mut self, ops: &mut EventOps) {
+        let Some((mem, interrupt)) = self.active.clone() else {
+            return;
+        };
+        let mut used_any = false;
+        while let Some(chain) = self.queues[TX].pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            match packet::parse_tx(&mem, chain) {
+                Ok(pkt) => self.handle_guest_packet(pkt.header, &pkt.payload, ops),
+                Err(e) => tracing::warn!("vsock: TX packet dropped: {e}"),
+            }
+            if let Err(e) = self.queues[TX].add_used(&mem, head, 0) {
+                tracing::warn!("vsock: cannot return a TX buffer: {e}");
+                break;
+            }
+            used_any = true;
+        }
+        if used_any && self.queues[TX].needs_notification(&mem).unwrap_or(true) {
+            interrupt.signal(INTERRUPT_USED_RING);
+        }
+    }
+
+    fn handle_guest_packet(&mut self, header: Header, payload: &[u8], ops: &mut EventOps) {
+        let key = (header.dst_port, header.src_port);
+        if header.src_cid != self.guest_cid || header.dst_cid != HOST_CID {
+            let (src, dst) = (header.src_cid, header.dst_cid);
+            tracing::warn!("vsock: packet from CID {src} to CID {dst} dropped");
+            return;
+        }
+        if header.type_ != TYPE_STREAM {
+            self.queue_control(key, OP_RST, 0);
+            return;
+        }
+        if header.op == OP_REQUEST {
+            self.connect_to_host(key, &header, ops);
+            return;
+        }
+        let Some(conn) = self.connections.get_mut(&key) else {
+            if header.op != OP_RST {
+                self.queue_control(key, OP_RST, 0);
+            }
+            return;
+        };
+        conn.update_peer_credit(&header);
+        match header.op {
+            OP_RESPONSE if conn.state == State::Connecting => {
+                conn.state = State::Established;
+                let ok = format!("OK {}\n", key.0);
+                if conn.stream.write_all(ok.as_bytes()).is_err() {
+                    self.reset_connection(key, ops);
+                }
+            }
+            OP_RW if conn.state == State::Established => {
+                let result = conn
+                    .push_tx(payload)
+                    .map_err(|_| ())
+                    .and_then(|_| conn.flush_tx().map_err(|_| ()));
+                if result.is_err() {
+                    tracing::warn!(
+                        "vsock: connection {key:?} reset (credit overrun or socket error)"
+                    );
+                    self.reset_connection(key, ops);
+                }
+            }
+            OP_CREDIT_UPDATE => {}
+            OP_CREDIT_REQUEST => self.queue_control(key, OP_CREDIT_UPDATE, 0),
+            OP_SHUTDOWN => {
+                conn.peer_shutdown |= header.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+                let _ = conn.flush_tx();
+                if conn.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    self.reset_connection(key, ops);
+                }
+            }
+            OP_RST => self.remove_connection(key, ops),
+            op => {
+                tracing::warn!("vsock: unexpected op {op} on {key:?}; reset");
+                self.reset_connection(key, ops);
+            }
+        }
+    }
+
+    /// A guest connection request: forwarded to `<uds_path>_<port>`.
+    fn connect_to_host(&mut self, key: Key, header: &Header, ops: &mut EventOps) {
+        if self.connections.contains_key(&key) {
+            self.reset_connection(key, ops);
+            return;
+        }
+        let path = format!("{}_{}", self.uds_path.display(), key.0);
+        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+            Ok(stream) => {
+                let mut conn = Connection::new(stream, State::Established);
+                conn.update_peer_credit(header);
+                self.add_connection(key, conn, ops);
+                self.queue_control(key, OP_RESPONSE, 0);
+            }
+            Err(e) => {
+                tracing::debug!("vsock: guest connection to {path} refused: {e}");
+                self.queue_control(key, OP_RST, 0);
+            }
+        }
+    }
+
+    fn add_connection(&mut self, key: Key, conn: Connection, ops: &mut EventOps) {
+        let fd = conn.stream.as_raw_fd();
+        // Registered with no interest; `refresh_interest` sets it.
+        if ops.add(Events::new_raw(fd, EventSet::empty())).is_ok() {
+            self.interest.insert(fd, EventSet::empty());
+        }
+        self.by_fd.insert(fd, key);
+        self.connections.insert(key, conn);
+    }
+
+    fn accept_host_connections(&mut self, ops: &mut EventOps) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let fd = stream.as_raw_fd();
+                    if ops.add(Events::new_raw(fd, EventSet::IN)).is_ok() {
+                        self.pending.insert(
+                            fd,
+                            PendingConnect {
+                                stream,
+                                line: Vec::new(),
+                            },
+                        );
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!("vsock: accept: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reads a host program's `CONNECT <port>\n` and asks the guest.
+    fn read_connect_line(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let Some(pending) = self.pending.get_mut(&fd) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        // One byte at a time: data after the line belongs to the stream.
+        let line_done = loop {
+            match pending.stream.read(&mut byte) {
+                Ok(0) => break Err(()),
+                Ok(_) if byte[0] == b'\n' => break Ok(true),
+                Ok(_) if pending.line.len() < MAX_CONNECT_LINE => pending.line.push(byte[0]),
+                Ok(_) => break Err(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(false),
+                Err(_) => break Err(()),
+            }
+        };
+        match line_done {
+            Ok(false) => {}
+            Ok(true) => {
+                let pending = self.pending.remove(&fd).expect("present above");
+                let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+                let port = std::str::from_utf8(&pending.line)
+                    .ok()
+                    .and_then(|l| l.strip_prefix("CONNECT "))
+                    .and_then(|p| p.trim().parse::<u32>().ok());
+                match port {
+                    Some(port) => {
+                        let local = self.allocate_local_port();
+                        let key = (local, port);
+                        self.add_connection(
+                            key,
+                            Connection::new(pending.stream, State::Connecting),
+                            ops,
+                        );
+                        self.queue_control(key, OP_REQUEST, 0);
+                    }
+                    None => tracing::warn!("vsock: malformed CONNECT line from the host; closed"),
+                }
+            }
+            Err(()) => {
+                self.pending.remove(&fd);
+                let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+            }
+        }
+    }
+
+    fn allocate_local_port(&mut self) -> u32 {
+        loop {
+            let port = self.next_local_port;
+            self.next_local_port = self
+                .next_local_port
+                .checked_add(1)
+                .unwrap_or(FIRST_LOCAL_PORT);
+            if !self.connections.keys().any(|(local, _)| *local == port) {
+                return port;
+            }
+        }
+    }
+
+    /// Host socket events on an established connection.
+    fn handle_socket(&mut self, key: Key, events: EventSet, ops: &mut EventOps) {
+        let Some(conn) = self.connections.get_mut(&key) else {
+            return;
+        };
+        if events.contains(EventSet::OUT) && conn.flush_tx().is_err() {
+            self.reset_connection(key, ops);
+            return;
+        }
+        if conn.needs_credit_update() {
+            self.queue_control(key, OP_CREDIT_UPDATE, 0);
+        }
+        if events.intersects(EventSet::ERROR) {
+            self.reset_connection(key, ops);
+        }
+        // Readable data is pulled by `deliver_rx`, which knows the credit.
+    }
+
+    /// Fills the guest's RX buffers: control packets first, then host data
+    /// for the connections with credit.
+    fn deliver_rx(&mut self, ops: &mut EventOps) {
+        let Some((mem, interrupt)) = self.active.clone() else {
+            return;
+        };
+        let mut used_any = false;
+        let mut readable: Vec<Key> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.wants_host_data())
+            .map(|(k, _)| *k)
+            .collect();
+        readable.sort_unstable();
+        let mut readable = readable.into_iter();
+        self.rx_starved = false;
+        loop {
+            if self.control.is_empty() && readable.len() == 0 {
+                break;
+            }
+            let Some(chain) = self.queues[RX].pop_descriptor_chain(&mem) else {
+                self.rx_starved = true;
+                break;
+            };
+            let head = chain.head_index();
+            let capacity = match packet::rx_capacity(&mem, chain.clone()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("vsock: RX buffer dropped: {e}");
+                    let _ = self.queues[RX].add_used(&mem, head, 0);
+                    used_any = true;
+                    continue;
+                }
+            };
+            let written = if let Some((key, op, flags)) = self.control.pop_front() {
+                let mut header = self.header(key, op, flags, 0);
+                if let Some(conn) = self.connections.get_mut(&key) {
+                    conn.stamp(&mut header);
+                }
+                packet::write_rx(&mem, chain, &header, &[])
+            } else {
+                let Some(key) = readable.next() else {
+                    // Nothing to send after all: put the buffer back.
+                    self.queues[RX].go_to_previous_position();
+                    break;
+                };
+                match self.read_for_guest(key, capacity) {
+                    Some((header, len)) => {
+                        let payload = &self.bounce[..len];
+                        packet::write_rx(&mem, chain, &header, payload)
+                    }
+                    None => {
+                        self.queues[RX].go_to_previous_position();
+                        continue;
+                    }
+                }
+            };
+            let len = written.unwrap_or_else(|e| {
+                tracing::warn!("vsock: RX write failed: {e}");
+                0
+            });
+            if let Err(e) = self.queues[RX].add_used(&mem, head, len) {
+                tracing::warn!("vsock: cannot return an RX buffer: {e}");
+                break;
+            }
+            used_any = true;
+        }
+        // Connections whose host side ended and that are otherwise done.
+        let finished: Vec<Key> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.finished())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in finished {
+            self.reset_connection(key, ops);
+        }
+        if used_any && self.queues[RX].needs_notification(&mem).unwrap_or(true) {
+            interrupt.signal(INTERRUPT_USED_RING);
+        }
+    }
+
+    /// Reads host data for one RW packet into the bounce buffer. On end of
+    /// file queues a SHUTDOWN instead. `None` when nothing was read.
+    fn read_for_guest(&mut self, key: Key, capacity: usize) -> Option<(Header, usize)> {
+        let conn = self.connections.get_mut(&key)?;
+        let limit = capacity.min(conn.peer_credit() as usize).min(MAX_PAYLOAD);
+        if limit == 0 {
+            return None;
+        }
+        match conn.read_host(&mut self.bounce[..limit]) {
+            Ok(0) => {
+                conn.host_eof = true;
+                self.queue_control(key, OP_SHUTDOWN, SHUTDOWN_SEND);
+                None
+            }
+            Ok(n) => {
+                let conn = self.connections.get_mut(&key)?;
+                conn.record_sent(n);
+                let mut header = Header {
+                    src_cid: HOST_CID,
+                    dst_cid: self.guest_cid,
+                    src_port: key.0,
+                    dst_port: key.1,
+                    len: n as u32,
+                    type_: TYPE_STREAM,
+                    op: OP_RW,
+                    ..Default::default()
+                };
+                conn.stamp(&mut header);
+                Some((header, n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(_) => {
+                conn.host_eof = true;
+                self.queue_control(key, OP_RST, 0);
+                None
+            }
+        }
+    }
+
+    /// Sets each socket's epoll interest to what the connection can use
+    /// now, so level-triggered readiness never spins: readable only with
+    /// credit and RX buffers, writable only with data waiting.
+    fn refresh_interest(&mut self, ops: &mut EventOps) {
+        for conn in self.connections.values() {
+            let fd = conn.stream.as_raw_fd();
+            let mut want = EventSet::empty();
+            if conn.wants_host_data() && !self.rx_starved {
+                want |= EventSet::IN;
+            }
+            if conn.has_pending_tx() {
+                want |= EventSet::OUT;
+            }
+            if self.interest.get(&fd) != Some(&want)
+                && ops.modify(Events::new_raw(fd, want)).is_ok()
+            {
+                self.interest.insert(fd, want);
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("vsock: config write at {offset:#x} ignored");
+    }
+
+    fn activate(&mut self, mem: GuestMemoryMmap, interrupt: Interrupt) {
+        self.active = Some((mem, interrupt));
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.queues.iter_mut().for_each(|q| q.reset());
+        // Connections are dropped with the driver; their sockets close and
+        // the epoll set forgets them.
+        self.connections.clear();
+        self.by_fd.clear();
+        self.interest.clear();
+        self.control.clear();
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        let set = events.event_set();
+        if fd == self.queue_events[TX].as_raw_fd() {
+            let _ = self.queue_events[TX].read();
+            self.process_tx(ops);
+        } else if fd == self.queue_events[RX].as_raw_fd() {
+            let _ = self.queue_events[RX].read();
+        } else if fd == self.queue_events[EVT].as_raw_fd() {
+            let _ = self.queue_events[EVT].read();
+        } else if fd == self.listener.as_raw_fd() {
+            self.accept_host_connections(ops);
+        } else if self.pending.contains_key(&fd) {
+            self.read_connect_line(fd, ops);
+        } else if let Some(&key) = self.by_fd.get(&fd) {
+            self.handle_socket(key, set, ops);
+        }
+        self.deliver_rx(ops);
+        self.refresh_interest(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut fds: Vec<RawFd> = self.queue_events.iter().map(|e| e.as_raw_fd()).collect();
+        fds.push(self.listener.as_raw_fd());
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                tracing::error!("vsock: cannot watch fd {fd}: {e:?}");
+            }
+        }
+    }
+}
