@@ -41,9 +41,11 @@ fn linux_boots_under_this_vmm() {
         run.stdout,
         run.stderr
     );
+    // The user's command line, exactly, then the VMM's device entries.
     assert!(
-        run.stdout.contains(&format!("Command line: {CMDLINE}\r\n"))
-            || run.stdout.contains(&format!("Command line: {CMDLINE}\n")),
+        run.stdout.contains(&format!(
+            "Command line: {CMDLINE} virtio_mmio.device=4K@0xd0001000:5"
+        )),
         "command line not passed exactly: {}",
         run.stdout
     );

@@ -13,7 +13,7 @@ use crate::arch::x86_64::boot_params::{self, write_linux_boot_params, write_pvh_
 use crate::arch::x86_64::gdt::BOOT_GDT;
 use crate::arch::x86_64::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_TIMER_MMIO_START, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT,
-    I8042_PORT, IOAPIC_SIZE, IOAPIC_START,
+    I8042_PORT, IOAPIC_SIZE, IOAPIC_START, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::paging::Privilege;
 use crate::arch::x86_64::regs::EntryMode;
@@ -24,12 +24,19 @@ use crate::devices::ioapic::Ioapic;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SerialDevice, SerialOutput};
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::block::{Block, RawFile};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{Bus, BusError};
 use crate::loader::{self, LoaderError};
 use crate::microvm::MicroVm;
+use crate::microvm::Subscriber;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{HypervisorKind, KvmMsiRouter, Vm, VmError};
+use event_manager::MutEventSubscriber;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -62,6 +69,78 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error("cannot set up the event loop: {0}")]
     EventManager(String),
+    #[error("invalid drive {path:?}: {source}")]
+    Drive {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    #[error("cannot create a virtio device: {0}")]
+    VirtioDevice(std::io::Error),
+    #[error("cannot register a virtio queue notification: {0}")]
+    IoEvent(kvm_ioctls::Error),
+}
+
+/// Attaches virtio-mmio devices in order: each gets the next MMIO window
+/// and GSI, an irqfd, an ioeventfd per queue, a place on the event loop,
+/// and a `virtio_mmio.device=` entry for the kernel command line.
+struct VirtioAttacher<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    mmio_bus: &'a mut Bus,
+    subscribers: Vec<Subscriber>,
+    cmdline: Vec<String>,
+}
+
+impl VirtioAttacher<'_> {
+    fn attach<D>(&mut self, device: D) -> Result<(), BuildError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let n = self.cmdline.len() as u64;
+        let base = VIRTIO_MMIO_START + n * VIRTIO_MMIO_SIZE;
+        let irq = VIRTIO_IRQ_BASE + n as u32;
+        let irqfd = eventfd()?;
+        self.vm.register_irqfd(&irqfd, irq)?;
+        let device = Arc::new(Mutex::new(device));
+        let transport = MmioTransport::new(self.mem.clone(), device.clone(), Interrupt::new(irqfd));
+        transport
+            .register_ioevents(self.vm.fd(), base)
+            .map_err(BuildError::IoEvent)?;
+        self.mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        self.subscribers.push(device);
+        self.cmdline
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        Ok(())
+    }
+}
+
+/// Drives first, so the first drive is the guest's first disk; then vsock;
+/// then entropy.
+fn attach_virtio_devices(
+    attacher: &mut VirtioAttacher,
+    config: &VmConfig,
+) -> Result<(), BuildError> {
+    for (i, drive) in config.drives.iter().enumerate() {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!drive.read_only)
+            .open(&drive.path)
+            .and_then(RawFile::new)
+            .map_err(|source| BuildError::Drive {
+                path: drive.path.clone(),
+                source,
+            })?;
+        let block = Block::new(Box::new(file), drive.read_only, &format!("drive{i}"))
+            .map_err(BuildError::VirtioDevice)?;
+        attacher.attach(block)?;
+    }
+    if let Some(vsock) = &config.vsock {
+        attacher.attach(Vsock::new(vsock.guest_cid, &vsock.uds_path)?)?;
+    }
+    attacher.attach(Rng::new().map_err(BuildError::VirtioDevice)?)
 }
 
 fn eventfd() -> Result<EventFd, BuildError> {
@@ -97,6 +176,7 @@ fn load_guest(
     mem: &GuestMemoryMmap,
     hypervisor: HypervisorKind,
     tsc_khz: Option<u32>,
+    device_cmdline: &[String],
 ) -> Result<(EntryMode, u64), BuildError> {
     let mem_size = config.mem_mib << 20;
     let mut kernel = loader::load_kernel(mem, &config.kernel)?;
@@ -108,12 +188,16 @@ fn load_guest(
         .as_deref()
         .map(|path| loader::load_initrd(mem, mem_size, path, &kernel))
         .transpose()?;
-    let cmdline = match (kernel.pvm_user_entry, tsc_khz) {
-        (Some(_), Some(khz)) if !config.cmdline.contains("tsc_early_khz=") => {
-            format!("{} tsc_early_khz={khz}", config.cmdline)
+    let mut cmdline = config.cmdline.clone();
+    if let (Some(_), Some(khz)) = (kernel.pvm_user_entry, tsc_khz) {
+        if !cmdline.contains("tsc_early_khz=") {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
-        _ => config.cmdline.clone(),
-    };
+    }
+    for entry in device_cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(entry);
+    }
     let cmdline_size = loader::load_cmdline(mem, &cmdline, &kernel)?;
     let e820 = boot_params::e820_map(mem_size);
     match kernel.entry {
@@ -178,6 +262,20 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<MicroVm, B
     );
     mmio_bus.insert(Arc::new(Mutex::new(ioapic)), IOAPIC_START, IOAPIC_SIZE)?;
 
+    let mut attacher = VirtioAttacher {
+        vm: &vm,
+        mem: &mem,
+        mmio_bus: &mut mmio_bus,
+        subscribers: Vec::new(),
+        cmdline: Vec::new(),
+    };
+    attach_virtio_devices(&mut attacher, config)?;
+    let VirtioAttacher {
+        subscribers,
+        cmdline: device_cmdline,
+        ..
+    } = attacher;
+
     let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio_bus);
     let vcpus = (0..config.vcpus)
@@ -193,7 +291,7 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<MicroVm, B
         .collect::<Result<Vec<_>, _>>()?;
     let tsc_khz = vcpus[0].tsc_khz();
 
-    let (entry, cr3) = load_guest(config, &mem, vm.hypervisor(), tsc_khz)?;
+    let (entry, cr3) = load_guest(config, &mem, vm.hypervisor(), tsc_khz, &device_cmdline)?;
     if let EntryMode::PvmUser { .. } = entry {
         tracing::info!("the guest runs in PVM user mode, natively");
     }
@@ -204,6 +302,14 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<MicroVm, B
     }
 
     let console_input = matches!(config.serial, SerialConfig::Stdout).then_some(serial);
-    MicroVm::new(vm, mem, vcpus, reset_evt, console_input, boot_time)
-        .map_err(|e| BuildError::EventManager(e.to_string()))
+    MicroVm::new(
+        vm,
+        mem,
+        vcpus,
+        reset_evt,
+        console_input,
+        subscribers,
+        boot_time,
+    )
+    .map_err(|e| BuildError::EventManager(e.to_string()))
 }

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, MIN_MEM_BYTES};
+use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, IOAPIC_PINS, MIN_MEM_BYTES, VIRTIO_IRQ_BASE};
 use crate::arch::x86_64::mptable::MAX_VCPUS;
 
 pub const DEFAULT_MEM_MIB: u64 = 128;
@@ -38,6 +38,76 @@ impl FromStr for SerialConfig {
     }
 }
 
+/// A virtio-blk drive: a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl FromStr for DriveConfig {
+    type Err = String;
+
+    /// `PATH` or `PATH,ro`, as on the command line.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (path, read_only) = match s.rsplit_once(',') {
+            Some((path, "ro")) => (path, true),
+            Some((path, "rw")) => (path, false),
+            Some((_, other)) => return Err(format!("unknown drive option {other:?} (ro or rw)")),
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err("empty path".into());
+        }
+        Ok(DriveConfig {
+            path: PathBuf::from(path),
+            read_only,
+        })
+    }
+}
+
+/// The vsock device: the guest's CID and the host Unix socket behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+impl FromStr for VsockConfig {
+    type Err = String;
+
+    /// `cid=N,uds=PATH`, as on the command line.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (mut cid, mut uds) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(
+                        v.parse()
+                            .map_err(|_| format!("cid {v:?} is not a number"))?,
+                    )
+                }
+                Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(format!("unexpected {part:?}; expected cid=N,uds=PATH")),
+            }
+        }
+        match (cid, uds) {
+            (Some(guest_cid), Some(uds_path)) => Ok(VsockConfig {
+                guest_cid,
+                uds_path,
+            }),
+            _ => Err("expected cid=N,uds=PATH".into()),
+        }
+    }
+}
+
+/// Lowest CID a guest may have: 0-2 are reserved for the hypervisor and
+/// the host.
+pub const MIN_GUEST_CID: u64 = 3;
+
 /// The fields as given, before defaults and validation. Both the CLI and
 /// the JSON file produce one; the CLI's values win.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -49,6 +119,8 @@ pub struct VmConfigInput {
     pub mem_mib: Option<u64>,
     pub vcpus: Option<u64>,
     pub serial: Option<String>,
+    pub drives: Option<Vec<DriveConfig>>,
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfigInput {
@@ -72,6 +144,8 @@ impl VmConfigInput {
             mem_mib: over.mem_mib.or(self.mem_mib),
             vcpus: over.vcpus.or(self.vcpus),
             serial: over.serial.or(self.serial),
+            drives: over.drives.or(self.drives),
+            vsock: over.vsock.or(self.vsock),
         }
     }
 }
@@ -85,6 +159,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     pub vcpus: u8,
     pub serial: SerialConfig,
+    pub drives: Vec<DriveConfig>,
+    pub vsock: Option<VsockConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +272,48 @@ impl VmConfigInput {
             Some(s) => s.parse().map_err(|reason| invalid("serial", &s, reason))?,
         };
 
+        let drives = self.drives.unwrap_or_default();
+        for drive in &drives {
+            check_readable_file("drive", &drive.path)?;
+            if !drive.read_only {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&drive.path)
+                    .map_err(|e| invalid("drive", drive.path.display(), e))?;
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.guest_cid < MIN_GUEST_CID || vsock.guest_cid > u64::from(u32::MAX - 1) {
+                return Err(invalid(
+                    "vsock.guest_cid",
+                    vsock.guest_cid,
+                    format!("must be {MIN_GUEST_CID} to {}", u32::MAX - 1),
+                ));
+            }
+            let parent = vsock
+                .uds_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !parent.is_dir() {
+                return Err(invalid(
+                    "vsock.uds_path",
+                    vsock.uds_path.display(),
+                    "its directory does not exist",
+                ));
+            }
+        }
+        // One IRQ each, after COM1; the entropy device takes one too.
+        let max_devices = (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize - 1;
+        let devices = drives.len() + usize::from(self.vsock.is_some());
+        if devices > max_devices {
+            return Err(invalid(
+                "drives",
+                devices,
+                format!("at most {max_devices} drives and vsock devices together"),
+            ));
+        }
+
         Ok(VmConfig {
             kernel,
             initrd: self.initrd,
@@ -203,6 +321,8 @@ impl VmConfigInput {
             mem_mib,
             vcpus: vcpus as u8,
             serial,
+            drives,
+            vsock: self.vsock,
         })
     }
 }
@@ -305,6 +425,48 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("missing kernel"));
+    }
+
+    #[test]
+    fn drives_and_vsock_parse_and_validate() {
+        assert_eq!(
+            "/a/b.img,ro".parse(),
+            Ok(DriveConfig {
+                path: "/a/b.img".into(),
+                read_only: true
+            })
+        );
+        assert_eq!(
+            "x.img".parse::<DriveConfig>().map(|d| d.read_only),
+            Ok(false)
+        );
+        assert!("x.img,fast".parse::<DriveConfig>().is_err());
+        assert_eq!(
+            "cid=7,uds=/tmp/v.sock".parse(),
+            Ok(VsockConfig {
+                guest_cid: 7,
+                uds_path: "/tmp/v.sock".into()
+            })
+        );
+        assert!("cid=x,uds=/tmp/v".parse::<VsockConfig>().is_err());
+        assert!("uds=/tmp/v".parse::<VsockConfig>().is_err());
+
+        let k = kernel_file();
+        let e = error_text(VmConfigInput {
+            drives: Some(vec!["/nonexistent.img".parse().unwrap()]),
+            ..input(&k.0)
+        });
+        assert!(e.contains("drive") && e.contains("/nonexistent.img"), "{e}");
+        let e = error_text(VmConfigInput {
+            vsock: Some("cid=2,uds=/tmp/v.sock".parse().unwrap()),
+            ..input(&k.0)
+        });
+        assert!(e.contains("vsock.guest_cid") && e.contains("\"2\""), "{e}");
+        let e = error_text(VmConfigInput {
+            vsock: Some("cid=3,uds=/nonexistent/dir/v.sock".parse().unwrap()),
+            ..input(&k.0)
+        });
+        assert!(e.contains("vsock.uds_path"), "{e}");
     }
 
     #[test]

@@ -31,8 +31,17 @@ struct Cli {
     /// Serial console: stdout, file:PATH or off [default: stdout].
     #[arg(long, value_name = "DEST")]
     serial: Option<String>,
+    /// A virtio-blk drive backed by a raw image; `,ro` makes it read-only.
+    /// Repeat for more drives; the first is the guest's first disk.
+    #[arg(long = "drive", value_name = "PATH[,ro]")]
+    drives: Vec<vmm::config::DriveConfig>,
+    /// A virtio-vsock device: the guest's CID and the host Unix socket
+    /// (guest connections to port P go to PATH_P).
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<vmm::config::VsockConfig>,
     /// JSON file with the same fields (kernel, initrd, cmdline, mem_mib,
-    /// vcpus, serial); flags given on the command line take precedence.
+    /// vcpus, serial, drives: [{path, read_only}], vsock: {guest_cid,
+    /// uds_path}); flags given on the command line take precedence.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
     /// Log level: error, warn, info, debug or trace.
@@ -53,6 +62,8 @@ fn run(cli: Cli, start: Instant) -> Result<i32, String> {
             mem_mib: cli.mem_mib,
             vcpus: cli.vcpus,
             serial: cli.serial,
+            drives: (!cli.drives.is_empty()).then_some(cli.drives),
+            vsock: cli.vsock,
         })
         .validate()
         .map_err(|e| e.to_string())?;

@@ -135,7 +135,7 @@ impl MutEventSubscriber for ConsoleInput {
     }
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 pub struct MicroVm {
     // Field order is drop order: vCPUs before the VM, the VM before the
@@ -157,6 +157,7 @@ impl MicroVm {
         vcpus: Vec<Vcpu>,
         reset: EventFd,
         console: Option<Arc<Mutex<SerialDevice>>>,
+        devices: Vec<Subscriber>,
         boot_time: BootTime,
     ) -> std::io::Result<Self> {
         let mut event_manager = EventManager::<Subscriber>::new()
@@ -170,6 +171,9 @@ impl MicroVm {
             outcome: None,
         }));
         event_manager.add_subscriber(exit_watcher.clone());
+        for device in devices {
+            event_manager.add_subscriber(device);
+        }
         if let Some(serial) = console {
             event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleInput { serial })));
         }

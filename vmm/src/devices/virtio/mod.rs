@@ -5,6 +5,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod rng;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

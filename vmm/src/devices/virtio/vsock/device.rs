@@ -510,6 +510,12 @@ impl Vsock {
     }
 }
 
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK

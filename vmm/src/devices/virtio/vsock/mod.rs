@@ -10,7 +10,7 @@ mod connection;
 mod device;
 pub mod packet;
 
-pub use device::Vsock;
+pub use device::{Vsock, VsockError};
 
 /// The host's CID, as the guest addresses it.
 pub const HOST_CID: u64 = 2;
