@@ -10,9 +10,11 @@ mod bootinfo;
 mod console;
 mod clock;
 mod cpu;
+mod diag;
 mod entry;
 mod heap;
 mod mem;
+mod virtio;
 
 use bootinfo::BootInfo;
 use clock::Clock;
@@ -31,24 +33,11 @@ extern "C" fn rust_main(info: u64, kind: u32) -> ! {
         heap >> 10,
         clock.tsc_khz().unwrap_or(0)
     );
-    if let Some(n) = boot.param("spin").and_then(|v| v.parse::<u64>().ok()) {
-        spin(&clock, n);
+    let devices = virtio::discover(boot.cmdline);
+    if let Some(command) = boot.param("baremetal.run") {
+        diag::run(command, &clock, &devices);
     }
     cpu::reset()
-}
-
-/// A counted loop, timed with the TSC: how fast the guest really runs.
-fn spin(clock: &Clock, iterations: u64) {
-    let start = clock.now();
-    let mut i = 0u64;
-    while core::hint::black_box(i) < iterations {
-        i += 1;
-    }
-    let cycles = clock.now() - start;
-    match clock.micros(cycles) {
-        Some(us) => println!("baremetal: spin {iterations} iterations: {cycles} cycles, {us} us"),
-        None => println!("baremetal: spin {iterations} iterations: {cycles} cycles"),
-    }
 }
 
 #[panic_handler]

@@ -72,6 +72,10 @@ pub struct Vsock {
     next_local_port: u32,
     /// The last RX queue check found no buffer.
     rx_starved: bool,
+    /// The listener is out of the epoll set: a host program that connects
+    /// before the guest's driver is up waits in the kernel's backlog, where
+    /// a driver reset cannot drop its connection.
+    listener_paused: bool,
     bounce: Vec<u8>,
 }
 
@@ -106,6 +110,7 @@ impl Vsock {
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             rx_starved: false,
+            listener_paused: false,
             bounce: vec![0; MAX_PAYLOAD],
         })
     }
@@ -212,6 +217,10 @@ impl Vsock {
                         "vsock: connection {key:?} reset (credit overrun or socket error)"
                     );
                     self.reset_connection(key, ops);
+                } else if conn.needs_credit_update() {
+                    // Without this, a guest that used up its credit while
+                    // the host sends nothing back would wait forever.
+                    self.queue_control(key, OP_CREDIT_UPDATE, 0);
                 }
             }
             OP_CREDIT_UPDATE => {}
@@ -574,6 +583,17 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         let set = events.event_set();
+        let listener = self.listener.as_raw_fd();
+        if self.active.is_some() && self.listener_paused {
+            if ops.add(Events::new_raw(listener, EventSet::IN)).is_ok() {
+                self.listener_paused = false;
+            }
+        } else if self.active.is_none() && fd == listener {
+            if ops.remove(Events::new_raw(listener, EventSet::IN)).is_ok() {
+                self.listener_paused = true;
+            }
+            return;
+        }
         if fd == self.queue_events[TX].as_raw_fd() {
             let _ = self.queue_events[TX].read();
             self.process_tx(ops);
@@ -581,7 +601,7 @@ impl MutEventSubscriber for Vsock {
             let _ = self.queue_events[RX].read();
         } else if fd == self.queue_events[EVT].as_raw_fd() {
             let _ = self.queue_events[EVT].read();
-        } else if fd == self.listener.as_raw_fd() {
+        } else if fd == listener {
             self.accept_host_connections(ops);
         } else if self.pending.contains_key(&fd) {
             self.read_connect_line(fd, ops);

@@ -1,0 +1,107 @@
+//! virtio-blk, one request at a time.
+
+use alloc::boxed::Box;
+
+use super::mmio::{InitError, Transport};
+use super::queue::{Buffer, VirtQueue};
+use crate::cpu::pause;
+
+pub const SECTOR: usize = 512;
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+
+#[derive(Debug)]
+pub enum BlockError {
+    Init(InitError),
+    /// The device answered with this status.
+    Status(u8),
+    Unaligned,
+}
+
+impl core::fmt::Display for BlockError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            BlockError::Init(e) => write!(f, "initialization: {e}"),
+            BlockError::Status(s) => write!(f, "device status {s}"),
+            BlockError::Unaligned => f.write_str("length is not a multiple of 512"),
+        }
+    }
+}
+
+pub struct BlockDevice {
+    queue: VirtQueue,
+    capacity: u64,
+    /// Request header and status byte, in memory the device can reach.
+    header: Box<[u8; 16]>,
+    status: Box<u8>,
+}
+
+impl BlockDevice {
+    pub fn new(transport: Transport) -> Result<Self, BlockError> {
+        transport.begin_init().map_err(BlockError::Init)?;
+        let queue = transport.setup_queue(0, 16).map_err(BlockError::Init)?;
+        transport.finish_init();
+        Ok(BlockDevice {
+            capacity: transport.config_u64(0) * SECTOR as u64,
+            queue,
+            header: Box::new([0; 16]),
+            status: Box::new(0xff),
+        })
+    }
+
+    /// Size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn request(&mut self, kind: u32, sector: u64, data: Buffer) -> Result<(), BlockError> {
+        if data.len as usize % SECTOR != 0 {
+            return Err(BlockError::Unaligned);
+        }
+        self.header[..4].copy_from_slice(&kind.to_le_bytes());
+        self.header[4..8].fill(0);
+        self.header[8..].copy_from_slice(&sector.to_le_bytes());
+        *self.status = 0xff;
+        let chain = [
+            Buffer {
+                addr: self.header.as_ptr() as u64,
+                len: 16,
+                writable: false,
+            },
+            data,
+            Buffer {
+                addr: &*self.status as *const u8 as u64,
+                len: 1,
+                writable: true,
+            },
+        ];
+        self.queue.add(&chain).ok_or(BlockError::Status(0xff))?;
+        self.queue.notify();
+        while self.queue.pop_used().is_none() {
+            pause();
+        }
+        // SAFETY: the device has finished with the byte.
+        match unsafe { core::ptr::read_volatile(&*self.status) } {
+            0 => Ok(()),
+            s => Err(BlockError::Status(s)),
+        }
+    }
+
+    pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let data = Buffer {
+            addr: buf.as_mut_ptr() as u64,
+            len: buf.len() as u32,
+            writable: true,
+        };
+        self.request(T_IN, sector, data)
+    }
+
+    pub fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
+        let data = Buffer {
+            addr: buf.as_ptr() as u64,
+            len: buf.len() as u32,
+            writable: false,
+        };
+        self.request(T_OUT, sector, data)
+    }
+}
