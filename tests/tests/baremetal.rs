@@ -12,7 +12,7 @@ fn boots_reports_its_mode_and_runs_at_native_speed_on_pvm() {
             "--kernel",
             guest.to_str().unwrap(),
             "--cmdline",
-            "spin=100000000",
+            "baremetal.run=spin:100000000",
         ],
         Duration::from_secs(60),
     );

@@ -55,7 +55,7 @@ impl BlockDevice {
     }
 
     fn request(&mut self, kind: u32, sector: u64, data: Buffer) -> Result<(), BlockError> {
-        if data.len as usize % SECTOR != 0 {
+        if !(data.len as usize).is_multiple_of(SECTOR) {
             return Err(BlockError::Unaligned);
         }
         self.header[..4].copy_from_slice(&kind.to_le_bytes());
