@@ -4,5 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all --check
 cargo clippy -q --workspace --all-targets -- -D warnings
-cargo test -q --workspace 2>&1 | grep -E "^test result|panicked|FAILED" | grep -v " 0 passed; 0 failed"
-! cargo test -q --workspace 2>&1 | grep -qE "FAILED|panicked"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+if ! cargo test -q --workspace >"$log" 2>&1; then
+    grep -E "panicked|FAILED|error" -A5 "$log" | head -40
+    exit 1
+fi
+grep -E "^test result" "$log" | grep -v " 0 passed; 0 failed"
