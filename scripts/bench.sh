@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Boot benchmark against QEMU's microvm machine on the same guest.
+# Benchmarks: boot latency and memory against QEMU's microvm machine on the
+# same guest, then the devices against the host's own sockets and files.
 #   scripts/bench.sh [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh qemu-system-x86
-cargo build --release -q -p vmm -p microvm-tests --bins
-exec target/x86_64-unknown-linux-gnu/release/boot_bench "$@"
+cargo build --release -q -p vmm -p guest-init -p microvm-tests --bins
+target/x86_64-unknown-linux-gnu/release/boot_bench "$@"
+target/x86_64-unknown-linux-gnu/release/device_bench

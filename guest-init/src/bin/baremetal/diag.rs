@@ -22,7 +22,7 @@ pub fn run(command: &str, clock: &Clock, devices: &[Transport]) {
         ("spin", Some(n)) => spin(clock, n),
         ("vsock-echo", Some(port)) => vsock_echo(devices, port as u32, false),
         ("vsock-serve", Some(port)) => vsock_echo(devices, port as u32, true),
-        ("blk-check", _) => blk_check(devices),
+        ("blk-check", _) => blk_check(clock, devices),
         _ => println!("baremetal: unknown command {command:?}"),
     }
 }
@@ -94,7 +94,7 @@ fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
     })
 }
 
-fn blk_check(devices: &[Transport]) {
+fn blk_check(clock: &Clock, devices: &[Transport]) {
     let Some(transport) = device(devices, DEVICE_BLOCK) else {
         return;
     };
@@ -106,6 +106,7 @@ fn blk_check(devices: &[Transport]) {
     let mut buf = vec![0u8; 64 << 10];
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     let mut offset = 0u64;
+    let start = clock.now();
     while offset < capacity {
         let n = (capacity - offset).min(buf.len() as u64) as usize;
         if let Err(e) = disk.read(offset / SECTOR as u64, &mut buf[..n]) {
@@ -114,7 +115,8 @@ fn blk_check(devices: &[Transport]) {
         hash = fnv1a(hash, &buf[..n]);
         offset += n as u64;
     }
-    println!("baremetal: block read {capacity} bytes, fnv1a64 {hash:016x}");
+    let us = clock.micros(clock.now() - start).unwrap_or(0);
+    println!("baremetal: block read {capacity} bytes, fnv1a64 {hash:016x}, in {us} us");
     let pattern: alloc::vec::Vec<u8> = (0..4096u32).map(|i| (i * 7 + 13) as u8).collect();
     match disk.write(8, &pattern) {
         Ok(()) => {
