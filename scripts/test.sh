@@ -10,4 +10,6 @@ export MICROVM_GUEST_KERNEL
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The freestanding guest builds on its own; see guest-init/Cargo.toml.
+cargo clippy -p guest-init --features baremetal --all-targets -- -D warnings
 cargo test --workspace

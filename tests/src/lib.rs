@@ -32,7 +32,7 @@ fn target_dir() -> PathBuf {
 /// A binary of this workspace in this build profile, brought up to date
 /// once per test process: cargo does not rebuild another package's
 /// binaries for this crate's tests.
-fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+fn workspace_binary(package: &str, bin: &str, features: &[&str]) -> PathBuf {
     static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let target = target_dir();
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
@@ -40,6 +40,9 @@ fn workspace_binary(package: &str, bin: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
+        for feature in features {
+            cmd.args(["--features", feature]);
+        }
         if target.ends_with("release") {
             cmd.arg("--release");
         }
@@ -52,12 +55,12 @@ fn workspace_binary(package: &str, bin: &str) -> PathBuf {
 
 /// The VMM.
 pub fn vmm_binary() -> PathBuf {
-    workspace_binary("vmm", "vmm")
+    workspace_binary("vmm", "vmm", &[])
 }
 
 /// The bare-metal guest from guest-init.
 pub fn baremetal_guest() -> PathBuf {
-    workspace_binary("guest-init", "baremetal")
+    workspace_binary("guest-init", "baremetal", &["baremetal"])
 }
 
 /// What a VMM run left behind.

@@ -14,13 +14,16 @@ mod diag;
 mod entry;
 mod heap;
 mod mem;
+mod runtime;
 mod virtio;
+mod wasi;
 
 use bootinfo::BootInfo;
 use clock::Clock;
 use cpu::{EntryKind, ExecutionMode};
 
 extern "C" fn rust_main(info: u64, kind: u32) -> ! {
+    let entered_at = cpu::rdtsc();
     let kind = EntryKind::from_raw(kind);
     // SAFETY: `info` is what the entry stub received for `kind`.
     let boot = unsafe { BootInfo::parse(info, kind) };
@@ -34,8 +37,9 @@ extern "C" fn rust_main(info: u64, kind: u32) -> ! {
         clock.tsc_khz().unwrap_or(0)
     );
     let devices = virtio::discover(boot.cmdline);
-    if let Some(command) = boot.param("baremetal.run") {
-        diag::run(command, &clock, &devices);
+    match boot.param("baremetal.run") {
+        Some(command) => diag::run(command, &clock, &devices),
+        None => runtime::serve(&clock, &devices, entered_at),
     }
     cpu::reset()
 }

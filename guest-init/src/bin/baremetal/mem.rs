@@ -61,3 +61,10 @@ unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 /// but the precompiled `core` still refers to the symbol.
 #[unsafe(no_mangle)]
 extern "C" fn rust_eh_personality() {}
+
+/// Landing pads in the precompiled `alloc` call this to continue
+/// unwinding. Nothing unwinds in this guest, so it is never reached.
+#[unsafe(no_mangle)]
+extern "C" fn _Unwind_Resume() -> ! {
+    crate::cpu::reset()
+}

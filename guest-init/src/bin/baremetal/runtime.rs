@@ -1,0 +1,240 @@
+//! The function runtime: the WebAssembly module on the code disk, run once
+//! per event that the host's Runtime API hands out over vsock.
+//!
+//! Code disk layout (sector 0 is a header, the module follows at 512):
+//! `b"LMBDWASM"`, module length (u64 LE), fuel per invocation (u64 LE, 0
+//! for the default).
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use guest_init::http::{ByteStream, StreamError};
+use guest_init::runtime_api::{Invocation, RuntimeClient};
+use wasmi::{Config, Engine, Linker, Module, Store, TypedResumableCall};
+
+use crate::clock::Clock;
+use crate::virtio::blk::{BlockDevice, SECTOR};
+use crate::virtio::mmio::Transport;
+use crate::virtio::vsock::VsockDriver;
+use crate::virtio::{DEVICE_BLOCK, DEVICE_VSOCK};
+use crate::wasi::{self, Io};
+
+/// The Runtime API's vsock port on the host, as 127.0.0.1:9001 is on Lambda.
+pub const RUNTIME_API_PORT: u32 = 9001;
+const IMAGE_MAGIC: &[u8; 8] = b"LMBDWASM";
+const DEFAULT_FUEL: u64 = 2_000_000_000;
+/// Fuel between two deadline checks.
+const FUEL_SLICE: u64 = 20_000_000;
+
+/// A vsock stream as the HTTP client's byte stream.
+struct VsockStream<'a> {
+    driver: &'a mut VsockDriver,
+    id: usize,
+}
+
+impl ByteStream for VsockStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, StreamError> {
+        Ok(self.driver.recv(self.id, buf))
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> Result<(), StreamError> {
+        self.driver
+            .send(self.id, data)
+            .map_err(|e| StreamError(format!("{e}")))
+    }
+}
+
+/// The function as the code disk holds it.
+struct FunctionImage {
+    module: Vec<u8>,
+    fuel: u64,
+}
+
+fn read_image(devices: &[Transport]) -> Result<FunctionImage, String> {
+    let transport = devices
+        .iter()
+        .find(|d| d.device_id() == DEVICE_BLOCK)
+        .ok_or("no code disk (virtio-blk)")?;
+    let mut disk = BlockDevice::new(*transport).map_err(|e| format!("code disk: {e}"))?;
+    let mut header = vec![0u8; SECTOR];
+    disk.read(0, &mut header)
+        .map_err(|e| format!("code disk header: {e}"))?;
+    if &header[..8] != IMAGE_MAGIC {
+        return Err("code disk has no LMBDWASM header".into());
+    }
+    let len = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+    let fuel = u64::from_le_bytes(header[16..24].try_into().unwrap_or([0; 8]));
+    if len == 0 || len > disk.capacity().saturating_sub(SECTOR as u64) {
+        return Err(format!("module length {len} does not fit the code disk"));
+    }
+    let mut module = vec![0u8; (len as usize).next_multiple_of(SECTOR)];
+    for (i, chunk) in module.chunks_mut(64 << 10).enumerate() {
+        let sector = 1 + (i * (64 << 10) / SECTOR) as u64;
+        disk.read(sector, chunk)
+            .map_err(|e| format!("code disk read: {e}"))?;
+    }
+    module.truncate(len as usize);
+    Ok(FunctionImage {
+        module,
+        fuel: if fuel == 0 { DEFAULT_FUEL } else { fuel },
+    })
+}
+
+/// How an invocation failed: the Lambda error type and message.
+struct Failure {
+    error_type: &'static str,
+    message: String,
+}
+
+fn fail(error_type: &'static str, message: String) -> Failure {
+    Failure {
+        error_type,
+        message,
+    }
+}
+
+/// Runs the module's `_start` with the event as stdin; returns stdout.
+fn invoke(
+    engine: &Engine,
+    module: &Module,
+    linker: &Linker<Io>,
+    invocation: &Invocation,
+    fuel: u64,
+    clock: &Clock,
+) -> Result<Vec<u8>, Failure> {
+    let deadline = invocation
+        .remaining_ms
+        .zip(clock.tsc_khz())
+        .map(|(ms, khz)| clock.now() + ms.saturating_mul(khz));
+    let io = Io {
+        stdin: invocation.payload.clone(),
+        stdin_pos: 0,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        clock: *clock,
+        rng_state: clock.now() | 1,
+    };
+    let mut store = Store::new(engine, io);
+    let instance = linker
+        .instantiate_and_start(&mut store, module)
+        .map_err(|e| fail("Runtime.InstantiationError", format!("{e}")))?;
+    let start = instance
+        .get_typed_func::<(), ()>(&store, "_start")
+        .map_err(|e| fail("Runtime.NoStart", format!("no _start export: {e}")))?;
+    let mut budget = fuel;
+    let mut slice = budget.min(FUEL_SLICE);
+    budget -= slice;
+    store
+        .set_fuel(slice)
+        .map_err(|e| fail("Runtime.FuelError", format!("{e}")))?;
+    let mut call = start
+        .call_resumable(&mut store, ())
+        .map_err(|e| fail("Runtime.Trap", format!("{e}")))?;
+    let exit = loop {
+        match call {
+            TypedResumableCall::Finished(()) => break 0,
+            TypedResumableCall::OutOfFuel(pending) => {
+                if deadline.is_some_and(|d| clock.now() >= d) {
+                    return Err(fail(
+                        "Sandbox.Timedout",
+                        format!(
+                            "Task timed out after {} ms",
+                            invocation.remaining_ms.unwrap_or(0)
+                        ),
+                    ));
+                }
+                if budget == 0 {
+                    return Err(fail(
+                        "Runtime.FuelExhausted",
+                        format!("the function used all of its {fuel} units of fuel"),
+                    ));
+                }
+                slice = budget.min(FUEL_SLICE);
+                budget -= slice;
+                store
+                    .set_fuel(slice)
+                    .map_err(|e| fail("Runtime.FuelError", format!("{e}")))?;
+                call = pending
+                    .resume(&mut store)
+                    .map_err(|e| fail("Runtime.Trap", format!("{e}")))?;
+            }
+            TypedResumableCall::HostTrap(trap) => match trap.host_error().i32_exit_status() {
+                Some(status) => break status,
+                None => return Err(fail("Runtime.Trap", format!("{}", trap.host_error()))),
+            },
+        }
+    };
+    let io = store.into_data();
+    for line in io.stderr.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        println!("function: {}", String::from_utf8_lossy(line));
+    }
+    match exit {
+        0 => Ok(io.stdout),
+        status => Err(fail("Runtime.ExitError", format!("exit status {status}"))),
+    }
+}
+
+/// Serves invocations until the host closes the Runtime API connection.
+pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
+    let Some(vsock) = devices.iter().find(|d| d.device_id() == DEVICE_VSOCK) else {
+        println!("runtime: no vsock device; nothing to serve");
+        return;
+    };
+    let mut driver = match VsockDriver::new(*vsock) {
+        Ok(d) => d,
+        Err(e) => return println!("runtime: vsock: {e}"),
+    };
+    let id = match driver.connect(RUNTIME_API_PORT) {
+        Ok(id) => id,
+        Err(e) => return println!("runtime: cannot reach the Runtime API: {e}"),
+    };
+    let mut client = RuntimeClient::new(VsockStream {
+        driver: &mut driver,
+        id,
+    });
+
+    let mut config = Config::default();
+    config.consume_fuel(true);
+    let engine = Engine::new(&config);
+    let prepared = read_image(devices).and_then(|image| {
+        let module = Module::new(&engine, &image.module).map_err(|e| format!("{e}"))?;
+        let mut linker = Linker::<Io>::new(&engine);
+        wasi::link(&mut linker).map_err(|e| format!("{e}"))?;
+        Ok((module, linker, image.fuel))
+    });
+    let (module, linker, fuel) = match prepared {
+        Ok(p) => p,
+        Err(message) => {
+            println!("runtime: init failed: {message}");
+            if let Err(e) = client.init_error("Runtime.InvalidFunction", &message) {
+                println!("runtime: cannot report the init error: {e}");
+            }
+            return;
+        }
+    };
+    let ready_us = clock.micros(clock.now() - booted_at).unwrap_or(0);
+    println!("runtime: ready {ready_us} us after entry; first /next");
+    loop {
+        let invocation = match client.next_invocation() {
+            Ok(inv) => inv,
+            Err(e) => {
+                println!("runtime: /next failed: {e}; stopping");
+                return;
+            }
+        };
+        let result = invoke(&engine, &module, &linker, &invocation, fuel, clock);
+        let posted = match &result {
+            Ok(output) => client.respond(&invocation.request_id, output),
+            Err(f) => {
+                println!("runtime: {}: {}", f.error_type, f.message);
+                client.error(&invocation.request_id, f.error_type, &f.message)
+            }
+        };
+        if let Err(e) = posted {
+            println!("runtime: posting the result failed: {e}; stopping");
+            return;
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The AWS Lambda Runtime API, served to one execution environment.
+//!
+//! The runtime in the guest long-polls `GET /2018-06-01/runtime/invocation/next`,
+//! then posts `/invocation/{id}/response` or `/invocation/{id}/error`; a
+//! runtime that cannot start posts `/init/error`. The host side calls
+//! [`RuntimeApi::invoke`] and gets the outcome. The server is axum on a
+//! Unix socket: the path the VMM's vsock forwards the guest's port to.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Lambda's synchronous payload limit, for events and responses alike.
+pub const MAX_PAYLOAD: usize = 6 * 1024 * 1024;
+const ERROR_TYPE_HEADER: &str = "lambda-runtime-function-error-type";
+
+/// What the function made of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Response(Bytes),
+    /// The runtime reported an error: its type and JSON body.
+    FunctionError {
+        error_type: String,
+        body: Bytes,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InvokeError {
+    #[error("the function did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("the runtime failed to initialize: {error_type}: {body}")]
+    InitFailed { error_type: String, body: String },
+    #[error("the environment's runtime is gone")]
+    EnvironmentGone,
+}
+
+struct Pending {
+    request_id: String,
+    payload: Bytes,
+    deadline: SystemTime,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The runtime's reported init failure, if any.
+type InitError = Option<(String, String)>;
+
+struct Shared {
+    queue: tokio::sync::Mutex<mpsc::Receiver<Pending>>,
+    in_flight: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    function_arn: String,
+    init_error: watch::Sender<InitError>,
+}
+
+/// One environment's Runtime API: the server task and the invoking side.
+pub struct RuntimeApi {
+    sender: mpsc::Sender<Pending>,
+    init_error: watch::Receiver<InitError>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RuntimeApi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn millis_since_epoch(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
+}
+
+async fn next(State(shared): State<Arc<Shared>>) -> Response {
+    let pending = {
+        let mut queue = shared.queue.lock().await;
+        queue.recv().await
+    };
+    let Some(p) = pending else {
+        return (StatusCode::GONE, "the environment is shutting down").into_response();
+    };
+    let remaining = p
+        .deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .as_millis();
+    let mut headers = HeaderMap::new();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    };
+    set("lambda-runtime-aws-request-id", p.request_id.clone());
+    set(
+        "lambda-runtime-deadline-ms",
+        millis_since_epoch(p.deadline).to_string(),
+    );
+    set(
+        "lambda-runtime-invoked-function-arn",
+        shared.function_arn.clone(),
+    );
+    set(
+        "lambda-runtime-trace-id",
+        format!("Root=1-{}", uuid::Uuid::new_v4().simple()),
+    );
+    // A guest without a wall clock cannot turn the deadline into a
+    // duration; this project's guests read this instead.
+    set("x-microvm-remaining-ms", remaining.to_string());
+    shared
+        .in_flight
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(p.request_id, p.reply);
+    (StatusCode::OK, headers, p.payload).into_response()
+}
+
+fn complete(shared: &Shared, id: &str, outcome: Outcome) -> Response {
+    let reply = shared
+        .in_flight
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(id);
+    match reply {
+        Some(tx) => {
+            let _ = tx.send(outcome);
+            (StatusCode::ACCEPTED, "{\"status\":\"OK\"}").into_response()
+        }
+        None => (
+            StatusCode::BAD_REQUEST,
+            format!("{{\"errorMessage\":\"unknown request id {id:?}\",\"errorType\":\"InvalidRequestID\"}}"),
+        )
+            .into_response(),
+    }
+}
+
+async fn response(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    complete(&shared, &id, Outcome::Response(body))
+}
+
+fn error_type(headers: &HeaderMap) -> String {
+    headers
+        .get(ERROR_TYPE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("Unhandled")
+        .to_string()
+}
+
+async fn error(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let outcome = Outcome::FunctionError {
+        error_type: error_type(&headers),
+        body,
+    };
+    complete(&shared, &id, outcome)
+}
+
+async fn init_error(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let reported = (
+        error_type(&headers),
+        String::from_utf8_lossy(&body).into_owned(),
+    );
+    shared.init_error.send_replace(Some(reported));
+    (StatusCode::ACCEPTED, "{\"status\":\"OK\"}").into_response()
+}
+
+impl RuntimeApi {
+    /// Serves the API on a new Unix socket at `path`.
+    pub async fn bind(path: &Path, function_arn: &str) -> std::io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        let (sender, receiver) = mpsc::channel(64);
+        let (init_tx, init_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            queue: tokio::sync::Mutex::new(receiver),
+            in_flight: Mutex::new(HashMap::new()),
+            function_arn: function_arn.to_string(),
+            init_error: init_tx,
+        });
+        let router = Router::new()
+            .route("/2018-06-01/runtime/invocation/next", get(next))
+            .route(
+                "/2018-06-01/runtime/invocation/{id}/response",
+                post(response),
+            )
+            .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
+            .route("/2018-06-01/runtime/init/error", post(init_error))
+            .layer(DefaultBodyLimit::max(MAX_PAYLOAD))
+            .with_state(shared);
+        let server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!("runtime API server: {e}");
+            }
+        });
+        Ok(RuntimeApi {
+            sender,
+            init_error: init_rx,
+            server,
+        })
+    }
+
+    /// Hands `payload` to the runtime and waits for its outcome, at most
+    /// `timeout`.
+    pub async fn invoke(&self, payload: Bytes, timeout: Duration) -> Result<Outcome, InvokeError> {
+        let (reply, outcome) = oneshot::channel();
+        let pending = Pending {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            payload,
+            deadline: SystemTime::now() + timeout,
+            reply,
+        };
+        self.sender
+            .send(pending)
+            .await
+            .map_err(|_| InvokeError::EnvironmentGone)?;
+        let mut init_error = self.init_error.clone();
+        tokio::select! {
+            result = outcome => result.map_err(|_| InvokeError::EnvironmentGone),
+            _ = tokio::time::sleep(timeout) => Err(InvokeError::Timeout(timeout)),
+            _ = init_error.wait_for(Option::is_some) => {
+                let (error_type, body) = self.init_error.borrow().clone().unwrap_or_default();
+                Err(InvokeError::InitFailed { error_type, body })
+            }
+        }
+    }
+}
