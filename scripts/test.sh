@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 MICROVM_GUEST_KERNEL="$(kernel-config/build.sh)"
 export MICROVM_GUEST_KERNEL
+MICROVM_PYTHON="$(scripts/setup-python.sh)"
+export MICROVM_PYTHON
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -60,12 +60,15 @@ struct Shared {
     in_flight: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
     function_arn: String,
     init_error: watch::Sender<InitError>,
+    /// Set by the runtime's first `/next`: the end of its init phase.
+    ready: watch::Sender<bool>,
 }
 
 /// One environment's Runtime API: the server task and the invoking side.
 pub struct RuntimeApi {
     sender: mpsc::Sender<Pending>,
     init_error: watch::Receiver<InitError>,
+    ready: watch::Receiver<bool>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -80,6 +83,7 @@ fn millis_since_epoch(t: SystemTime) -> u128 {
 }
 
 async fn next(State(shared): State<Arc<Shared>>) -> Response {
+    shared.ready.send_replace(true);
     let pending = {
         let mut queue = shared.queue.lock().await;
         queue.recv().await
@@ -190,11 +194,13 @@ impl RuntimeApi {
         let listener = UnixListener::bind(path)?;
         let (sender, receiver) = mpsc::channel(64);
         let (init_tx, init_rx) = watch::channel(None);
+        let (ready_tx, ready_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             queue: tokio::sync::Mutex::new(receiver),
             in_flight: Mutex::new(HashMap::new()),
             function_arn: function_arn.to_string(),
             init_error: init_tx,
+            ready: ready_tx,
         });
         let router = Router::new()
             .route("/2018-06-01/runtime/invocation/next", get(next))
@@ -214,16 +220,38 @@ impl RuntimeApi {
         Ok(RuntimeApi {
             sender,
             init_error: init_rx,
+            ready: ready_rx,
             server,
         })
     }
 
-    /// Hands `payload` to the runtime and waits for its outcome, at most
-    /// `timeout`.
-    pub async fn invoke(&self, payload: Bytes, timeout: Duration) -> Result<Outcome, InvokeError> {
+    /// Waits until the runtime has finished its init phase and asks for
+    /// work, or reports that it failed to.
+    pub async fn ready(&self) -> Result<(), InvokeError> {
+        let mut ready = self.ready.clone();
+        let mut init_error = self.init_error.clone();
+        tokio::select! {
+            _ = ready.wait_for(|r| *r) => Ok(()),
+            _ = init_error.wait_for(Option::is_some) => Err(self.reported_init_error()),
+        }
+    }
+
+    fn reported_init_error(&self) -> InvokeError {
+        let (error_type, body) = self.init_error.borrow().clone().unwrap_or_default();
+        InvokeError::InitFailed { error_type, body }
+    }
+
+    /// Hands `payload` to the runtime as request `request_id` and waits
+    /// for its outcome, at most `timeout`.
+    pub async fn invoke(
+        &self,
+        request_id: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Outcome, InvokeError> {
         let (reply, outcome) = oneshot::channel();
         let pending = Pending {
-            request_id: uuid::Uuid::new_v4().to_string(),
+            request_id: request_id.to_string(),
             payload,
             deadline: SystemTime::now() + timeout,
             reply,
@@ -236,10 +264,7 @@ impl RuntimeApi {
         tokio::select! {
             result = outcome => result.map_err(|_| InvokeError::EnvironmentGone),
             _ = tokio::time::sleep(timeout) => Err(InvokeError::Timeout(timeout)),
-            _ = init_error.wait_for(Option::is_some) => {
-                let (error_type, body) = self.init_error.borrow().clone().unwrap_or_default();
-                Err(InvokeError::InitFailed { error_type, body })
-            }
+            _ = init_error.wait_for(Option::is_some) => Err(self.reported_init_error()),
         }
     }
 }

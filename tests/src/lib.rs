@@ -11,6 +11,38 @@ use std::time::{Duration, Instant};
 
 pub use vmm::vstate::vm::HypervisorKind;
 
+/// A WASI function in WAT: echoes the event inside `{"echo":...}` and logs
+/// a line to stderr. An event that is a JSON string starting with `t`
+/// (`"trap"`) traps; one starting with `l` (`"loop"`) never ends.
+pub const ECHO_WAT: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (data (i32.const 0) "{\"echo\":")
+  (data (i32.const 16) "}")
+  (data (i32.const 32) "echo: handling an event\n")
+  (func (export "_start")
+    (local $n i32)
+    (i32.store (i32.const 64) (i32.const 1024))
+    (i32.store (i32.const 68) (i32.const 60000))
+    (drop (call $fd_read (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 72)))
+    (local.set $n (i32.load (i32.const 72)))
+    (i32.store (i32.const 120) (i32.const 32))
+    (i32.store (i32.const 124) (i32.const 24))
+    (drop (call $fd_write (i32.const 2) (i32.const 120) (i32.const 1) (i32.const 112)))
+    (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 116)) (then unreachable))
+    (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 108))
+      (then (loop $forever (br $forever))))
+    (i32.store (i32.const 80) (i32.const 0))
+    (i32.store (i32.const 84) (i32.const 8))
+    (i32.store (i32.const 88) (i32.const 1024))
+    (i32.store (i32.const 92) (local.get $n))
+    (i32.store (i32.const 96) (i32.const 16))
+    (i32.store (i32.const 100) (i32.const 1))
+    (drop (call $fd_write (i32.const 1) (i32.const 80) (i32.const 3) (i32.const 112)))))
+"#;
+
 /// A fixture guest built by this crate's build script.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("OUT_DIR")).join(name)
@@ -56,6 +88,27 @@ fn workspace_binary(package: &str, bin: &str, features: &[&str]) -> PathBuf {
 /// The VMM.
 pub fn vmm_binary() -> PathBuf {
     workspace_binary("vmm", "vmm", &[])
+}
+
+/// The Lambda worker from host-services.
+pub fn lambda_worker_binary() -> PathBuf {
+    workspace_binary("host-services", "lambda-worker", &[])
+}
+
+/// The Python with boto3 that `scripts/setup.sh` prepares, or
+/// `MICROVM_PYTHON`.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MICROVM_PYTHON") {
+        return p.into();
+    }
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let venv = Path::new(&home).join(".cache/lambda-microvm/venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: run scripts/setup-python.sh, which installs boto3 there, or set MICROVM_PYTHON",
+        venv.display()
+    );
+    venv
 }
 
 /// The bare-metal guest from guest-init.

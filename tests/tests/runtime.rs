@@ -7,34 +7,7 @@ use std::time::Duration;
 
 use host_services::runtime_api::{Outcome, RuntimeApi};
 use host_services::wasm_image;
-use microvm_tests::{baremetal_guest, vmm_binary};
-
-/// Echoes the event inside `{"echo":...}`. An event starting with `t`
-/// traps; one starting with `l` never ends.
-const FUNCTION: &str = r#"
-(module
-  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
-  (data (i32.const 0) "{\"echo\":")
-  (data (i32.const 16) "}")
-  (func (export "_start")
-    (local $n i32)
-    (i32.store (i32.const 64) (i32.const 1024))
-    (i32.store (i32.const 68) (i32.const 60000))
-    (drop (call $fd_read (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 72)))
-    (local.set $n (i32.load (i32.const 72)))
-    (if (i32.eq (i32.load8_u (i32.const 1024)) (i32.const 116)) (then unreachable))
-    (if (i32.eq (i32.load8_u (i32.const 1024)) (i32.const 108))
-      (then (loop $forever (br $forever))))
-    (i32.store (i32.const 80) (i32.const 0))
-    (i32.store (i32.const 84) (i32.const 8))
-    (i32.store (i32.const 88) (i32.const 1024))
-    (i32.store (i32.const 92) (local.get $n))
-    (i32.store (i32.const 96) (i32.const 16))
-    (i32.store (i32.const 100) (i32.const 1))
-    (drop (call $fd_write (i32.const 1) (i32.const 80) (i32.const 3) (i32.const 112)))))
-"#;
+use microvm_tests::{baremetal_guest, vmm_binary, ECHO_WAT};
 
 /// Fuel for the runaway-loop check: far more than an echo needs.
 const FUEL: u64 = 50_000_000;
@@ -43,7 +16,7 @@ const FUEL: u64 = 50_000_000;
 async fn events_round_trip_and_traps_and_runaway_loops_are_function_errors() {
     let dir = std::env::temp_dir().join(format!("runtime-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let module = wat::parse_str(FUNCTION).unwrap();
+    let module = wat::parse_str(ECHO_WAT).unwrap();
     let image = dir.join("code.img");
     std::fs::write(&image, wasm_image::build(&module, FUEL).unwrap()).unwrap();
     let uds = dir.join("vsock");
@@ -85,14 +58,21 @@ async fn events_round_trip_and_traps_and_runaway_loops_are_function_errors() {
     let timeout = Duration::from_secs(30);
     for i in 0..3 {
         let event = format!("{{\"n\":{i}}}");
-        let outcome = api.invoke(event.clone().into(), timeout).await.unwrap();
+        let outcome = api
+            .invoke(&format!("event-{i}"), event.clone().into(), timeout)
+            .await
+            .unwrap();
         assert_eq!(
             outcome,
             Outcome::Response(format!("{{\"echo\":{event}}}").into()),
             "event {i}"
         );
     }
-    match api.invoke("trap".into(), timeout).await.unwrap() {
+    match api
+        .invoke("trap", "\"trap\"".into(), timeout)
+        .await
+        .unwrap()
+    {
         Outcome::FunctionError { error_type, body } => {
             assert_eq!(error_type, "Runtime.Trap");
             let body = String::from_utf8_lossy(&body);
@@ -101,7 +81,11 @@ async fn events_round_trip_and_traps_and_runaway_loops_are_function_errors() {
         }
         other => panic!("a trap gave {other:?}"),
     }
-    match api.invoke("loop".into(), timeout).await.unwrap() {
+    match api
+        .invoke("loop", "\"loop\"".into(), timeout)
+        .await
+        .unwrap()
+    {
         Outcome::FunctionError { error_type, body } => {
             assert_eq!(error_type, "Runtime.FuelExhausted");
             assert!(String::from_utf8_lossy(&body).contains("50000000 units"));
@@ -109,7 +93,7 @@ async fn events_round_trip_and_traps_and_runaway_loops_are_function_errors() {
         other => panic!("an endless loop gave {other:?}"),
     }
     // The environment still serves after both failures.
-    let outcome = api.invoke("{}".into(), timeout).await.unwrap();
+    let outcome = api.invoke("after", "{}".into(), timeout).await.unwrap();
     assert_eq!(outcome, Outcome::Response("{\"echo\":{}}".into()));
 
     // Closing the API ends the runtime, and with it the VM.

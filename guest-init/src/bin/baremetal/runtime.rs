@@ -225,6 +225,9 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
             }
         };
         let result = invoke(&engine, &module, &linker, &invocation, fuel, clock);
+        // Before the result goes out, so that the host has the whole
+        // invocation's log once it has the result.
+        println!("END RequestId: {}", invocation.request_id);
         let posted = match &result {
             Ok(output) => client.respond(&invocation.request_id, output),
             Err(f) => {

@@ -1,0 +1,329 @@
+//! The Lambda REST API over HTTP (axum): the control plane's calls and
+//! Invoke, at the paths and with the shapes AWS's SDKs use.
+
+pub mod error;
+mod invoke;
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequest, Path, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::auth::{AccountId, SignedRequest};
+use crate::model::*;
+use crate::worker::Worker;
+use error::ApiError;
+
+/// Room for a 50 MB ZIP as base64 in a JSON body.
+const MAX_CONTROL_BODY: usize = 70 * 1024 * 1024;
+
+/// An authenticated request: the caller's account and the body its
+/// signature covers.
+pub struct Caller {
+    pub account: AccountId,
+    pub body: Bytes,
+}
+
+impl FromRequest<Arc<Worker>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, worker: &Arc<Worker>) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let limit = if parts.uri.path().ends_with("/invocations") {
+            crate::runtime_api::MAX_PAYLOAD
+        } else {
+            MAX_CONTROL_BODY
+        };
+        let body = axum::body::to_bytes(Body::new(body), limit)
+            .await
+            .map_err(|_| {
+                ApiError::RequestTooLarge(format!(
+                    "Request must be smaller than {limit} bytes for the {} operation",
+                    if limit == MAX_CONTROL_BODY {
+                        "control-plane"
+                    } else {
+                        "Invoke"
+                    }
+                ))
+            })?;
+        let account = worker.credentials.authenticate(&SignedRequest {
+            method: &parts.method,
+            raw_path: parts.uri.path(),
+            raw_query: parts.uri.query(),
+            headers: &parts.headers,
+            body: &body,
+        })?;
+        Ok(Caller { account, body })
+    }
+}
+
+/// The body as `T`; an empty body is `T::default()`'s job, not this one's.
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::InvalidRequestContent(format!("Could not parse the request body: {e}"))
+    })
+}
+
+fn parse_or_default<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse(body)
+    }
+}
+
+type Shared = axum::extract::State<Arc<Worker>>;
+
+fn function_ref(name: &str, caller: &Caller) -> Result<FunctionRef, ApiError> {
+    FunctionRef::parse(name, &caller.account)
+}
+
+fn qualified(mut reference: FunctionRef, query: &Query) -> Result<FunctionRef, ApiError> {
+    if let Some(q) = &query.qualifier {
+        validate_qualifier(q)?;
+        if reference.qualifier.as_ref().is_some_and(|r| r != q) {
+            return Err(ApiError::invalid(format!(
+                "the qualifier {q:?} conflicts with the one in the function name"
+            )));
+        }
+        reference.qualifier = Some(q.clone());
+    }
+    Ok(reference)
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Query {
+    qualifier: Option<String>,
+}
+
+type QueryParams = axum::extract::Query<Query>;
+
+async fn create_function(state: Shared, caller: Caller) -> Result<Response, ApiError> {
+    let req: CreateFunctionRequest = parse(&caller.body)?;
+    let config = state.control.create_function(&caller.account, req)?;
+    Ok((StatusCode::CREATED, Json(config)).into_response())
+}
+
+async fn list_functions(state: Shared, caller: Caller) -> Result<Response, ApiError> {
+    let functions = state.control.list_functions(&caller.account)?;
+    Ok(Json(json!({ "Functions": functions })).into_response())
+}
+
+async fn get_function(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    let (config, reserved) = state.control.configuration(&caller.account, &reference)?;
+    let mut body = json!({
+        "Configuration": config,
+        "Code": { "RepositoryType": "Local", "Location": format!("worker://{}", config.code_sha256) },
+        "Tags": {},
+    });
+    if let Some(r) = reserved {
+        body["Concurrency"] = json!({ "ReservedConcurrentExecutions": r });
+    }
+    Ok(Json(body).into_response())
+}
+
+async fn get_configuration(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    let (config, _) = state.control.configuration(&caller.account, &reference)?;
+    Ok(Json(config).into_response())
+}
+
+async fn delete_function(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    state.control.delete_function(&caller.account, &reference)?;
+    state
+        .retire_function(&caller.account, &reference.name)
+        .await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn update_code(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let config = state
+        .control
+        .update_code(&caller.account, &reference, parse(&caller.body)?)?;
+    state
+        .retire_function(&caller.account, &reference.name)
+        .await;
+    Ok(Json(config).into_response())
+}
+
+async fn update_configuration(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let config =
+        state
+            .control
+            .update_configuration(&caller.account, &reference, parse(&caller.body)?)?;
+    state
+        .retire_function(&caller.account, &reference.name)
+        .await;
+    Ok(Json(config).into_response())
+}
+
+async fn publish_version(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let config = state.control.publish_version(
+        &caller.account,
+        &reference,
+        parse_or_default(&caller.body)?,
+    )?;
+    Ok((StatusCode::CREATED, Json(config)).into_response())
+}
+
+async fn list_versions(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let versions = state.control.list_versions(&caller.account, &reference)?;
+    Ok(Json(json!({ "Versions": versions })).into_response())
+}
+
+async fn create_alias(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let alias = state
+        .control
+        .create_alias(&caller.account, &reference, parse(&caller.body)?)?;
+    Ok((StatusCode::CREATED, Json(alias)).into_response())
+}
+
+async fn get_alias(
+    state: Shared,
+    Path((name, alias)): Path<(String, String)>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    Ok(Json(
+        state
+            .control
+            .get_alias(&caller.account, &reference, &alias)?,
+    )
+    .into_response())
+}
+
+async fn update_alias(
+    state: Shared,
+    Path((name, alias)): Path<(String, String)>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let updated =
+        state
+            .control
+            .update_alias(&caller.account, &reference, &alias, parse(&caller.body)?)?;
+    Ok(Json(updated).into_response())
+}
+
+async fn put_concurrency(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let req: PutConcurrencyRequest = parse(&caller.body)?;
+    if req.reserved_concurrent_executions as usize > state.max_environments() {
+        return Err(ApiError::invalid(format!(
+            "ReservedConcurrentExecutions {} is over this worker's {} environments",
+            req.reserved_concurrent_executions,
+            state.max_environments()
+        )));
+    }
+    state.control.put_reserved_concurrency(
+        &caller.account,
+        &reference,
+        Some(req.reserved_concurrent_executions),
+    )?;
+    Ok(
+        Json(json!({ "ReservedConcurrentExecutions": req.reserved_concurrent_executions }))
+            .into_response(),
+    )
+}
+
+async fn delete_concurrency(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    state
+        .control
+        .put_reserved_concurrency(&caller.account, &reference, None)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::ResourceNotFound("no such operation on this worker".into())
+}
+
+/// Lambda's routes.
+pub fn router(worker: Arc<Worker>) -> Router {
+    let f = "/2015-03-31/functions";
+    Router::new()
+        .route(f, post(create_function).get(list_functions))
+        .route(&format!("{f}/"), post(create_function).get(list_functions))
+        .route(
+            &format!("{f}/{{name}}"),
+            get(get_function).delete(delete_function),
+        )
+        .route(&format!("{f}/{{name}}/code"), put(update_code))
+        .route(
+            &format!("{f}/{{name}}/configuration"),
+            get(get_configuration).put(update_configuration),
+        )
+        .route(
+            &format!("{f}/{{name}}/versions"),
+            post(publish_version).get(list_versions),
+        )
+        .route(&format!("{f}/{{name}}/aliases"), post(create_alias))
+        .route(
+            &format!("{f}/{{name}}/aliases/{{alias}}"),
+            get(get_alias).put(update_alias),
+        )
+        .route(&format!("{f}/{{name}}/invocations"), post(invoke::invoke))
+        .route(
+            "/2017-10-31/functions/{name}/concurrency",
+            put(put_concurrency).delete(delete_concurrency),
+        )
+        .fallback(not_found)
+        .with_state(worker)
+}

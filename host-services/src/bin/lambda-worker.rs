@@ -1,0 +1,128 @@
+//! `lambda-worker`: one process serving Lambda's API and running each
+//! function in microVMs, with its state in a data directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use host_services::api;
+use host_services::auth::Credentials;
+use host_services::control::ControlPlane;
+use host_services::environment::MicroVmImage;
+use host_services::router::{InvokeRouter, RouterLimits};
+use host_services::store::Store;
+use host_services::worker::Worker;
+
+#[derive(Parser, Debug)]
+#[command(about = "A Lambda-compatible worker that runs functions in microVMs")]
+struct Args {
+    /// Where functions, versions, code and logs are kept.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The address the Lambda API listens on.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+    /// JSON array of {"AccessKeyId", "SecretAccessKey", "AccountId"}.
+    #[arg(long)]
+    credentials: PathBuf,
+    /// The `vmm` binary.
+    #[arg(long)]
+    vmm: PathBuf,
+    /// The guest the wasi-preview1 runtime boots (guest-init's baremetal).
+    #[arg(long)]
+    guest: PathBuf,
+    /// Environments on this worker, idle or busy.
+    #[arg(long, default_value_t = 64)]
+    max_environments: usize,
+    /// Seconds an idle environment is kept for reuse.
+    #[arg(long, default_value_t = 300)]
+    idle_timeout: u64,
+    /// The longest an environment lives, in seconds.
+    #[arg(long, default_value_t = 4 * 3600)]
+    environment_lease: u64,
+    /// Seconds a runtime may take to reach its first /next.
+    #[arg(long, default_value_t = 10)]
+    init_timeout: u64,
+}
+
+fn existing_file(what: &str, path: &std::path::Path) -> Result<(), String> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(format!("--{what} {}: no such file", path.display()))
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    existing_file("vmm", &args.vmm)?;
+    existing_file("guest", &args.guest)?;
+    if args.max_environments == 0 {
+        return Err("--max-environments must be at least 1".into());
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    let credentials = Credentials::load(&args.credentials).map_err(|e| e.to_string())?;
+    let store = Store::open(&args.data_dir).map_err(|e| e.to_string())?;
+    let control = ControlPlane::new(store, &args.data_dir, false)
+        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    let run_dir = args.data_dir.join("run");
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let image = MicroVmImage {
+        vmm: args.vmm.clone(),
+        guest_kernel: args.guest.clone(),
+        run_dir,
+        init_timeout: Duration::from_secs(args.init_timeout),
+    };
+    let idle_timeout = Duration::from_secs(args.idle_timeout);
+    let router = InvokeRouter::new(
+        image,
+        RouterLimits {
+            max_environments: args.max_environments,
+            idle_timeout,
+            environment_lease: Duration::from_secs(args.environment_lease),
+        },
+    );
+    router.spawn_reaper(
+        idle_timeout
+            .min(Duration::from_secs(10))
+            .max(Duration::from_millis(100)),
+    );
+    let worker = Worker::new(
+        control,
+        credentials,
+        router.clone(),
+        &args.data_dir,
+        args.max_environments,
+    )
+    .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("--listen {}: {e}", args.listen))?;
+    tracing::info!(
+        "Lambda API on http://{}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    axum::serve(listener, api::router(worker))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    router.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("lambda-worker: {e}");
+        std::process::exit(1);
+    }
+}

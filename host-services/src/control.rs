@@ -1,0 +1,678 @@
+//! The control plane: functions, versions, aliases and concurrency settings
+//! of each account, kept in the [`Store`]. HTTP lives in [`crate::api`];
+//! this module holds the rules.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::api::error::ApiError;
+use crate::auth::AccountId;
+use crate::code;
+use crate::environment::VersionKey;
+use crate::model::*;
+use crate::store::{numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, VERSIONS};
+use crate::wasm_image;
+
+/// A function as stored: its `$LATEST` configuration and its settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    pub latest: FunctionConfiguration,
+    pub last_version: u64,
+    pub reserved_concurrency: Option<u32>,
+}
+
+/// What an invocation of a function reference resolves to.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub config: FunctionConfiguration,
+    pub reserved_concurrency: Option<u32>,
+    pub key: VersionKey,
+}
+
+pub struct ControlPlane {
+    pub store: Store,
+    disks: PathBuf,
+    /// Whether a Linux guest is configured for `provided.*` runtimes.
+    linux_guest: bool,
+}
+
+fn function_key(account: &AccountId, name: &str) -> String {
+    format!("{account}/{name}")
+}
+
+fn now_string() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3f%z")
+        .to_string()
+}
+
+fn revision() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn decode_zip(base64_zip: &str) -> Result<Vec<u8>, ApiError> {
+    let zip = base64::engine::general_purpose::STANDARD
+        .decode(base64_zip)
+        .map_err(|e| ApiError::invalid(format!("ZipFile is not base64: {e}")))?;
+    code::check_zip(&zip)?;
+    Ok(zip)
+}
+
+fn code_sha256(zip: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(zip))
+}
+
+fn code_key(account: &AccountId, sha: &str) -> String {
+    format!("{account}/{}", hex::encode(sha.as_bytes()))
+}
+
+fn only_zip_code(s3: &Option<String>, image: &Option<String>) -> Result<(), ApiError> {
+    if s3.is_some() {
+        return Err(ApiError::invalid(
+            "S3 code locations are not supported by this worker; send ZipFile",
+        ));
+    }
+    if image.is_some() {
+        return Err(ApiError::invalid(
+            "container images are not supported yet; send ZipFile",
+        ));
+    }
+    Ok(())
+}
+
+fn get_record(t: &Txn, account: &AccountId, name: &str) -> Result<FunctionRecord, ApiError> {
+    t.get(FUNCTIONS, &function_key(account, name))?
+        .ok_or_else(|| ApiError::not_found(function_arn(account, name)))
+}
+
+/// Lambda's own limit on published versions is far above this worker's
+/// needs; this one keeps the key space and listings bounded.
+const MAX_VERSIONS: u64 = 100_000;
+
+impl ControlPlane {
+    pub fn new(store: Store, data_dir: &Path, linux_guest: bool) -> std::io::Result<Self> {
+        let disks = data_dir.join("disks");
+        std::fs::create_dir_all(&disks)?;
+        Ok(ControlPlane {
+            store,
+            disks,
+            linux_guest,
+        })
+    }
+
+    fn check_runtime(&self, runtime: &str, handler: &str) -> Result<(), ApiError> {
+        if runtime == runtime::WASI {
+            if !handler.ends_with(".wasm") {
+                return Err(ApiError::invalid(format!(
+                    "Handler {handler:?}: the {} runtime runs the .wasm file the handler names",
+                    runtime::WASI
+                )));
+            }
+            return Ok(());
+        }
+        if runtime::PROVIDED.contains(&runtime) {
+            if self.linux_guest {
+                return Ok(());
+            }
+            return Err(ApiError::invalid(format!(
+                "runtime {runtime} needs a Linux guest, and this worker has none configured"
+            )));
+        }
+        Err(ApiError::invalid(format!(
+            "unsupported runtime {runtime:?}: this worker runs {} and {}",
+            runtime::WASI,
+            runtime::PROVIDED.join(", ")
+        )))
+    }
+
+    pub fn create_function(
+        &self,
+        account: &AccountId,
+        req: CreateFunctionRequest,
+    ) -> Result<FunctionConfiguration, ApiError> {
+        validate_name(&req.function_name)?;
+        if req.package_type.as_deref().is_some_and(|p| p != "Zip") {
+            return Err(ApiError::invalid("only PackageType Zip is supported yet"));
+        }
+        if let Some(archs) = &req.architectures {
+            if archs.iter().any(|a| a != "x86_64") {
+                return Err(ApiError::invalid(format!(
+                    "Architectures {archs:?}: this worker runs x86_64"
+                )));
+            }
+        }
+        let runtime = req
+            .runtime
+            .ok_or_else(|| ApiError::invalid("Runtime is required for a Zip function"))?;
+        let handler = req
+            .handler
+            .ok_or_else(|| ApiError::invalid("Handler is required for a Zip function"))?;
+        self.check_runtime(&runtime, &handler)?;
+        validate_role(&req.role, account)?;
+        let memory_size = req.memory_size.unwrap_or(128);
+        validate_memory(memory_size)?;
+        let timeout = req.timeout.unwrap_or(3);
+        validate_timeout(timeout)?;
+        if let Some(env) = &req.environment {
+            validate_environment(env)?;
+        }
+        if !req.layers.is_empty() {
+            return Err(ApiError::invalid("layers are not supported yet"));
+        }
+        only_zip_code(&req.code.s3_bucket, &req.code.image_uri)?;
+        let zip = decode_zip(
+            req.code
+                .zip_file
+                .as_deref()
+                .ok_or_else(|| ApiError::invalid("Code.ZipFile is required"))?,
+        )?;
+        let sha = code_sha256(&zip);
+        let config = FunctionConfiguration {
+            function_name: req.function_name.clone(),
+            function_arn: function_arn(account, &req.function_name),
+            runtime,
+            role: req.role,
+            handler,
+            code_size: zip.len() as u64,
+            description: req.description.unwrap_or_default(),
+            timeout,
+            memory_size,
+            last_modified: now_string(),
+            code_sha256: sha.clone(),
+            version: LATEST.into(),
+            environment: req.environment,
+            revision_id: revision(),
+            state: "Active".into(),
+            last_update_status: "Successful".into(),
+            package_type: "Zip".into(),
+            architectures: vec!["x86_64".into()],
+            layers: Vec::new(),
+        };
+        self.store.write(|t| {
+            let key = function_key(account, &req.function_name);
+            if t.get::<FunctionRecord>(FUNCTIONS, &key)?.is_some() {
+                return Err(ApiError::ResourceConflict(format!(
+                    "Function already exist: {}",
+                    req.function_name
+                )));
+            }
+            t.put_bytes(CODE, &code_key(account, &sha), &zip)?;
+            let mut record = FunctionRecord {
+                latest: config.clone(),
+                last_version: 0,
+                reserved_concurrency: None,
+            };
+            let out = if req.publish {
+                publish(t, &mut record, account, None)?
+            } else {
+                config.clone()
+            };
+            t.put(FUNCTIONS, &key, &record)?;
+            Ok(out)
+        })
+    }
+
+    /// The configuration a function reference names: `$LATEST`, a version
+    /// or an alias's version.
+    pub fn configuration(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+    ) -> Result<(FunctionConfiguration, Option<u32>), ApiError> {
+        let snap = self.store.read()?;
+        let record: FunctionRecord = snap
+            .get(FUNCTIONS, &function_key(account, &reference.name))?
+            .ok_or_else(|| ApiError::not_found(function_arn(account, &reference.name)))?;
+        let version = match reference.qualifier.as_deref() {
+            None | Some(LATEST) => return Ok((record.latest, record.reserved_concurrency)),
+            Some(q) if q.chars().all(|c| c.is_ascii_digit()) => q.to_string(),
+            Some(alias) => {
+                let a: AliasConfiguration = snap
+                    .get(
+                        ALIASES,
+                        &format!("{}/{alias}", function_key(account, &reference.name)),
+                    )?
+                    .ok_or_else(|| {
+                        ApiError::ResourceNotFound(format!(
+                            "Function not found: {}:{alias}",
+                            function_arn(account, &reference.name)
+                        ))
+                    })?;
+                if a.function_version == LATEST {
+                    return Ok((record.latest, record.reserved_concurrency));
+                }
+                a.function_version
+            }
+        };
+        let n: u64 = version
+            .parse()
+            .map_err(|_| ApiError::invalid(format!("invalid version {version:?}")))?;
+        let config = snap
+            .get(
+                VERSIONS,
+                &numbered(&function_key(account, &reference.name), n),
+            )?
+            .ok_or_else(|| {
+                ApiError::ResourceNotFound(format!(
+                    "Function not found: {}:{version}",
+                    function_arn(account, &reference.name)
+                ))
+            })?;
+        Ok((config, record.reserved_concurrency))
+    }
+
+    pub fn resolve(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+    ) -> Result<Resolved, ApiError> {
+        let (config, reserved_concurrency) = self.configuration(account, reference)?;
+        if reserved_concurrency == Some(0) {
+            return Err(ApiError::TooManyRequests {
+                message: "Rate Exceeded.".into(),
+                reason: "ReservedFunctionConcurrentInvocationLimitExceeded",
+            });
+        }
+        Ok(Resolved {
+            key: VersionKey {
+                account: account.clone(),
+                function: config.function_name.clone(),
+                version: config.version.clone(),
+                revision: config.revision_id.clone(),
+            },
+            config,
+            reserved_concurrency,
+        })
+    }
+
+    pub fn list_functions(
+        &self,
+        account: &AccountId,
+    ) -> Result<Vec<FunctionConfiguration>, ApiError> {
+        let records: Vec<(String, FunctionRecord)> =
+            self.store.read()?.scan(FUNCTIONS, &account.0)?;
+        Ok(records.into_iter().map(|(_, r)| r.latest).collect())
+    }
+
+    pub fn delete_function(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+    ) -> Result<(), ApiError> {
+        if let Some(q) = &reference.qualifier {
+            return Err(ApiError::invalid(format!(
+                "deleting a single version ({q}) is not supported; delete the function"
+            )));
+        }
+        self.store.write(|t| {
+            let key = function_key(account, &reference.name);
+            get_record(t, account, &reference.name)?;
+            t.remove(FUNCTIONS, &key)?;
+            t.remove_prefix(VERSIONS, &key)?;
+            t.remove_prefix(ALIASES, &key)?;
+            Ok(())
+        })
+    }
+
+    pub fn update_code(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        req: UpdateFunctionCodeRequest,
+    ) -> Result<FunctionConfiguration, ApiError> {
+        only_zip_code(&req.s3_bucket, &req.image_uri)?;
+        let zip = decode_zip(
+            req.zip_file
+                .as_deref()
+                .ok_or_else(|| ApiError::invalid("ZipFile is required"))?,
+        )?;
+        let sha = code_sha256(&zip);
+        self.update_latest(
+            account,
+            reference,
+            req.revision_id.as_deref(),
+            req.publish,
+            |t, latest| {
+                t.put_bytes(CODE, &code_key(account, &sha), &zip)?;
+                latest.code_sha256 = sha.clone();
+                latest.code_size = zip.len() as u64;
+                Ok(())
+            },
+        )
+    }
+
+    pub fn update_configuration(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        req: UpdateFunctionConfigurationRequest,
+    ) -> Result<FunctionConfiguration, ApiError> {
+        if let Some(m) = req.memory_size {
+            validate_memory(m)?;
+        }
+        if let Some(s) = req.timeout {
+            validate_timeout(s)?;
+        }
+        if let Some(role) = &req.role {
+            validate_role(role, account)?;
+        }
+        if let Some(env) = &req.environment {
+            validate_environment(env)?;
+        }
+        if req.layers.as_ref().is_some_and(|l| !l.is_empty()) {
+            return Err(ApiError::invalid("layers are not supported yet"));
+        }
+        self.update_latest(
+            account,
+            reference,
+            req.revision_id.as_deref(),
+            false,
+            |_, latest| {
+                let runtime = req
+                    .runtime
+                    .clone()
+                    .unwrap_or_else(|| latest.runtime.clone());
+                let handler = req
+                    .handler
+                    .clone()
+                    .unwrap_or_else(|| latest.handler.clone());
+                self.check_runtime(&runtime, &handler)?;
+                latest.runtime = runtime;
+                latest.handler = handler;
+                if let Some(role) = &req.role {
+                    latest.role = role.clone();
+                }
+                if let Some(d) = &req.description {
+                    latest.description = d.clone();
+                }
+                latest.memory_size = req.memory_size.unwrap_or(latest.memory_size);
+                latest.timeout = req.timeout.unwrap_or(latest.timeout);
+                if let Some(env) = &req.environment {
+                    latest.environment = Some(env.clone());
+                }
+                Ok(())
+            },
+        )
+    }
+
+    fn update_latest(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        expected_revision: Option<&str>,
+        publish_after: bool,
+        change: impl FnOnce(&Txn, &mut FunctionConfiguration) -> Result<(), ApiError>,
+    ) -> Result<FunctionConfiguration, ApiError> {
+        if reference.qualifier.as_deref().is_some_and(|q| q != LATEST) {
+            return Err(ApiError::invalid("only $LATEST can be updated"));
+        }
+        self.store.write(|t| {
+            let mut record = get_record(t, account, &reference.name)?;
+            check_revision(expected_revision, &record.latest.revision_id)?;
+            change(t, &mut record.latest)?;
+            record.latest.revision_id = revision();
+            record.latest.last_modified = now_string();
+            let out = if publish_after {
+                publish(t, &mut record, account, None)?
+            } else {
+                record.latest.clone()
+            };
+            t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
+            Ok(out)
+        })
+    }
+
+    pub fn publish_version(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        req: PublishVersionRequest,
+    ) -> Result<FunctionConfiguration, ApiError> {
+        self.store.write(|t| {
+            let mut record = get_record(t, account, &reference.name)?;
+            check_revision(req.revision_id.as_deref(), &record.latest.revision_id)?;
+            if let Some(sha) = &req.code_sha256 {
+                if sha != &record.latest.code_sha256 {
+                    return Err(ApiError::invalid(format!(
+                        "CodeSha256 {sha} does not match the function's code {}",
+                        record.latest.code_sha256
+                    )));
+                }
+            }
+            let out = publish(t, &mut record, account, req.description)?;
+            t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
+            Ok(out)
+        })
+    }
+
+    pub fn list_versions(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+    ) -> Result<Vec<FunctionConfiguration>, ApiError> {
+        let snap = self.store.read()?;
+        let key = function_key(account, &reference.name);
+        let record: FunctionRecord = snap
+            .get(FUNCTIONS, &key)?
+            .ok_or_else(|| ApiError::not_found(function_arn(account, &reference.name)))?;
+        let mut out = vec![record.latest];
+        out.extend(
+            snap.scan::<FunctionConfiguration>(VERSIONS, &key)?
+                .into_iter()
+                .map(|(_, c)| c),
+        );
+        Ok(out)
+    }
+
+    fn check_alias_target(
+        &self,
+        t: &Txn,
+        account: &AccountId,
+        name: &str,
+        version: &str,
+    ) -> Result<(), ApiError> {
+        if version == LATEST {
+            return Ok(());
+        }
+        let n: u64 = version.parse().map_err(|_| {
+            ApiError::invalid(format!("FunctionVersion {version:?} is not a version"))
+        })?;
+        if t.get::<FunctionConfiguration>(VERSIONS, &numbered(&function_key(account, name), n))?
+            .is_none()
+        {
+            return Err(ApiError::ResourceNotFound(format!(
+                "Function not found: {}:{version}",
+                function_arn(account, name)
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn create_alias(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        req: CreateAliasRequest,
+    ) -> Result<AliasConfiguration, ApiError> {
+        validate_alias_name(&req.name)?;
+        self.store.write(|t| {
+            get_record(t, account, &reference.name)?;
+            self.check_alias_target(t, account, &reference.name, &req.function_version)?;
+            let key = format!("{}/{}", function_key(account, &reference.name), req.name);
+            if t.get::<AliasConfiguration>(ALIASES, &key)?.is_some() {
+                return Err(ApiError::ResourceConflict(format!(
+                    "Alias already exists: {}",
+                    req.name
+                )));
+            }
+            let alias = AliasConfiguration {
+                alias_arn: format!("{}:{}", function_arn(account, &reference.name), req.name),
+                name: req.name.clone(),
+                function_version: req.function_version.clone(),
+                description: req.description.clone().unwrap_or_default(),
+                revision_id: revision(),
+            };
+            t.put(ALIASES, &key, &alias)?;
+            Ok(alias)
+        })
+    }
+
+    pub fn get_alias(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        alias: &str,
+    ) -> Result<AliasConfiguration, ApiError> {
+        self.store
+            .read()?
+            .get(
+                ALIASES,
+                &format!("{}/{alias}", function_key(account, &reference.name)),
+            )?
+            .ok_or_else(|| {
+                ApiError::ResourceNotFound(format!(
+                    "Alias not found: {}:{alias}",
+                    function_arn(account, &reference.name)
+                ))
+            })
+    }
+
+    pub fn update_alias(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        alias: &str,
+        req: UpdateAliasRequest,
+    ) -> Result<AliasConfiguration, ApiError> {
+        self.store.write(|t| {
+            let key = format!("{}/{alias}", function_key(account, &reference.name));
+            let mut a: AliasConfiguration = t.get(ALIASES, &key)?.ok_or_else(|| {
+                ApiError::ResourceNotFound(format!(
+                    "Alias not found: {}:{alias}",
+                    function_arn(account, &reference.name)
+                ))
+            })?;
+            check_revision(req.revision_id.as_deref(), &a.revision_id)?;
+            if let Some(v) = &req.function_version {
+                self.check_alias_target(t, account, &reference.name, v)?;
+                a.function_version = v.clone();
+            }
+            if let Some(d) = &req.description {
+                a.description = d.clone();
+            }
+            a.revision_id = revision();
+            t.put(ALIASES, &key, &a)?;
+            Ok(a)
+        })
+    }
+
+    pub fn put_reserved_concurrency(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        reserved: Option<u32>,
+    ) -> Result<(), ApiError> {
+        self.store.write(|t| {
+            let mut record = get_record(t, account, &reference.name)?;
+            record.reserved_concurrency = reserved;
+            t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
+            Ok(())
+        })
+    }
+
+    /// The code disk the bare-metal guest boots with for `config`: built
+    /// once per code and handler, then shared by every environment.
+    pub fn code_disk(
+        &self,
+        account: &AccountId,
+        config: &FunctionConfiguration,
+    ) -> Result<PathBuf, ApiError> {
+        let id = hex::encode(Sha256::digest(
+            format!(
+                "{}\0{}\0{}",
+                config.code_sha256, config.handler, config.timeout
+            )
+            .as_bytes(),
+        ));
+        let path = self.disks.join(format!("{}.img", &id[..32]));
+        if path.exists() {
+            return Ok(path);
+        }
+        let zip = self
+            .store
+            .read()?
+            .get_bytes(CODE, &code_key(account, &config.code_sha256))?
+            .ok_or_else(|| ApiError::Service(format!("code {} is missing", config.code_sha256)))?;
+        let module = code::extract(&zip, &config.handler)?;
+        // A budget no function needs within its timeout; the deadline is
+        // what stops it first.
+        let fuel = u64::from(config.timeout) * 2_000_000_000;
+        let image = wasm_image::build(&module, fuel)
+            .map_err(|e| ApiError::invalid(format!("handler {:?}: {e}", config.handler)))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, &image)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| ApiError::Service(format!("writing {}: {e}", path.display())))?;
+        Ok(path)
+    }
+}
+
+fn check_revision(expected: Option<&str>, actual: &str) -> Result<(), ApiError> {
+    match expected {
+        Some(e) if e != actual => Err(ApiError::invalid(format!(
+            "RevisionId {e} does not match the current revision {actual}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Publishes `$LATEST` as a new version, unless the newest version already
+/// has the same code and configuration (then that one is returned, as
+/// Lambda does).
+fn publish(
+    t: &Txn,
+    record: &mut FunctionRecord,
+    account: &AccountId,
+    description: Option<String>,
+) -> Result<FunctionConfiguration, ApiError> {
+    let name = record.latest.function_name.clone();
+    let key = function_key(account, &name);
+    if record.last_version > 0 {
+        let last: Option<FunctionConfiguration> =
+            t.get(VERSIONS, &numbered(&key, record.last_version))?;
+        if let Some(last) = last {
+            if same_function(&last, &record.latest) {
+                return Ok(last);
+            }
+        }
+    }
+    if record.last_version >= MAX_VERSIONS {
+        return Err(ApiError::invalid(format!(
+            "{name} has {MAX_VERSIONS} versions, the limit"
+        )));
+    }
+    record.last_version += 1;
+    let n = record.last_version;
+    let mut version = record.latest.clone();
+    version.version = n.to_string();
+    version.function_arn = format!("{}:{n}", function_arn(account, &name));
+    version.revision_id = revision();
+    if let Some(d) = description {
+        version.description = d;
+    }
+    t.put(VERSIONS, &numbered(&key, n), &version)?;
+    Ok(version)
+}
+
+fn same_function(a: &FunctionConfiguration, b: &FunctionConfiguration) -> bool {
+    a.code_sha256 == b.code_sha256
+        && a.runtime == b.runtime
+        && a.handler == b.handler
+        && a.memory_size == b.memory_size
+        && a.timeout == b.timeout
+        && a.role == b.role
+        && a.environment == b.environment
+}

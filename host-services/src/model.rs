@@ -1,0 +1,410 @@
+//! Lambda's JSON shapes (PascalCase, as the REST API and the SDKs use
+//! them) and the checks AWS applies to their values.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::error::ApiError;
+use crate::auth::AccountId;
+
+pub const REGION: &str = "local";
+pub const LATEST: &str = "$LATEST";
+pub const MIN_MEMORY_MIB: u32 = 128;
+pub const MAX_MEMORY_MIB: u32 = 10_240;
+pub const MAX_TIMEOUT_SECS: u32 = 900;
+/// Lambda's limit on the total size of a function's environment variables.
+pub const MAX_ENVIRONMENT_BYTES: usize = 4 * 1024;
+
+/// The runtimes this worker can start.
+pub mod runtime {
+    /// A WebAssembly module (WASI preview1 command) named by the handler,
+    /// run by the bare-metal guest.
+    pub const WASI: &str = "wasi-preview1";
+    /// Custom runtimes on Linux: `bootstrap` in the code or a layer.
+    pub const PROVIDED: [&str; 2] = ["provided.al2023", "provided.al2"];
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Environment {
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerRef {
+    pub arn: String,
+    pub code_size: u64,
+}
+
+/// A function version's configuration, as GetFunctionConfiguration
+/// returns it and as the store keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct FunctionConfiguration {
+    pub function_name: String,
+    pub function_arn: String,
+    pub runtime: String,
+    pub role: String,
+    pub handler: String,
+    pub code_size: u64,
+    pub description: String,
+    pub timeout: u32,
+    pub memory_size: u32,
+    pub last_modified: String,
+    pub code_sha256: String,
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<Environment>,
+    pub revision_id: String,
+    pub state: String,
+    pub last_update_status: String,
+    pub package_type: String,
+    pub architectures: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<LayerRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct FunctionCode {
+    /// Base64 in the JSON body, as the REST API carries it.
+    pub zip_file: Option<String>,
+    pub s3_bucket: Option<String>,
+    pub image_uri: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateFunctionRequest {
+    pub function_name: String,
+    pub runtime: Option<String>,
+    pub role: String,
+    pub handler: Option<String>,
+    pub code: FunctionCode,
+    pub description: Option<String>,
+    pub timeout: Option<u32>,
+    pub memory_size: Option<u32>,
+    #[serde(default)]
+    pub publish: bool,
+    pub environment: Option<Environment>,
+    #[serde(default)]
+    pub layers: Vec<String>,
+    pub package_type: Option<String>,
+    pub architectures: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateFunctionCodeRequest {
+    pub zip_file: Option<String>,
+    pub s3_bucket: Option<String>,
+    pub image_uri: Option<String>,
+    #[serde(default)]
+    pub publish: bool,
+    pub revision_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateFunctionConfigurationRequest {
+    pub runtime: Option<String>,
+    pub role: Option<String>,
+    pub handler: Option<String>,
+    pub description: Option<String>,
+    pub timeout: Option<u32>,
+    pub memory_size: Option<u32>,
+    pub environment: Option<Environment>,
+    pub layers: Option<Vec<String>>,
+    pub revision_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PublishVersionRequest {
+    pub description: Option<String>,
+    pub code_sha256: Option<String>,
+    pub revision_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct AliasConfiguration {
+    pub alias_arn: String,
+    pub name: String,
+    pub function_version: String,
+    pub description: String,
+    pub revision_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CreateAliasRequest {
+    pub name: String,
+    pub function_version: String,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateAliasRequest {
+    pub function_version: Option<String>,
+    pub description: Option<String>,
+    pub revision_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PutConcurrencyRequest {
+    pub reserved_concurrent_executions: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PutProvisionedConcurrencyRequest {
+    pub provisioned_concurrent_executions: u32,
+}
+
+pub fn function_arn(account: &AccountId, name: &str) -> String {
+    format!("arn:aws:lambda:{REGION}:{account}:function:{name}")
+}
+
+/// A function reference from a URL: a name, a partial ARN
+/// (`ACCOUNT:function:NAME`) or a full ARN, each maybe with `:QUALIFIER`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FunctionRef {
+    pub name: String,
+    pub qualifier: Option<String>,
+}
+
+impl FunctionRef {
+    /// Resolves `reference` for `account`; an ARN of another account or
+    /// region is not found, never served.
+    pub fn parse(reference: &str, account: &AccountId) -> Result<Self, ApiError> {
+        let parts: Vec<&str> = reference.split(':').collect();
+        let (owner, name, qualifier) = match parts.as_slice() {
+            [name] => (None, *name, None),
+            [name, q] => (None, *name, Some(*q)),
+            [owner, "function", name] => (Some(*owner), *name, None),
+            [owner, "function", name, q] => (Some(*owner), *name, Some(*q)),
+            ["arn", "aws", "lambda", region, owner, "function", name] => {
+                check_region(region, reference)?;
+                (Some(*owner), *name, None)
+            }
+            ["arn", "aws", "lambda", region, owner, "function", name, q] => {
+                check_region(region, reference)?;
+                (Some(*owner), *name, Some(*q))
+            }
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "invalid function name {reference:?}"
+                )))
+            }
+        };
+        if owner.is_some_and(|o| o != account.0) {
+            return Err(ApiError::not_found(function_arn(
+                &AccountId(owner.unwrap_or_default().into()),
+                name,
+            )));
+        }
+        validate_name(name)?;
+        if let Some(q) = qualifier {
+            validate_qualifier(q)?;
+        }
+        Ok(FunctionRef {
+            name: name.to_string(),
+            qualifier: qualifier.map(str::to_string),
+        })
+    }
+}
+
+fn check_region(region: &str, reference: &str) -> Result<(), ApiError> {
+    if region == REGION {
+        Ok(())
+    } else {
+        Err(ApiError::ResourceNotFound(format!(
+            "Function not found: {reference} (this worker serves region {REGION})"
+        )))
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '_'
+}
+
+pub fn validate_name(name: &str) -> Result<(), ApiError> {
+    if (1..=64).contains(&name.len()) && name.chars().all(is_name_char) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "invalid function name {name:?}: 1 to 64 letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+/// `$LATEST`, a version number, or an alias name (which may not be all
+/// digits).
+pub fn validate_qualifier(q: &str) -> Result<(), ApiError> {
+    let ok = q == LATEST || (!q.is_empty() && q.len() <= 128 && q.chars().all(is_name_char));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!("invalid qualifier {q:?}")))
+    }
+}
+
+pub fn validate_alias_name(name: &str) -> Result<(), ApiError> {
+    let ok = (1..=128).contains(&name.len())
+        && name.chars().all(is_name_char)
+        && !name.chars().all(|c| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "invalid alias name {name:?}: letters, digits, '-' or '_', not all digits"
+        )))
+    }
+}
+
+pub fn validate_memory(mib: u32) -> Result<(), ApiError> {
+    if (MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mib) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "MemorySize {mib} is out of range: {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MB"
+        )))
+    }
+}
+
+pub fn validate_timeout(secs: u32) -> Result<(), ApiError> {
+    if (1..=MAX_TIMEOUT_SECS).contains(&secs) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "Timeout {secs} is out of range: 1 to {MAX_TIMEOUT_SECS} seconds"
+        )))
+    }
+}
+
+/// An execution role in the caller's own account.
+pub fn validate_role(role: &str, account: &AccountId) -> Result<(), ApiError> {
+    let rest = role
+        .strip_prefix("arn:aws:iam::")
+        .and_then(|r| r.split_once(":role/"));
+    match rest {
+        Some((owner, name)) if owner == account.0 && !name.is_empty() => Ok(()),
+        Some((owner, _)) if owner != account.0 => Err(ApiError::AccessDenied(format!(
+            "role {role:?} belongs to another account"
+        ))),
+        _ => Err(ApiError::invalid(format!(
+            "Role {role:?} is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)"
+        ))),
+    }
+}
+
+pub fn validate_environment(env: &Environment) -> Result<(), ApiError> {
+    let mut size = 0;
+    for (k, v) in &env.variables {
+        let key_ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !key_ok {
+            return Err(ApiError::invalid(format!(
+                "environment variable name {k:?} must start with a letter and hold only letters, digits and '_'"
+            )));
+        }
+        if k.starts_with("AWS_") || k.starts_with("_") {
+            return Err(ApiError::invalid(format!(
+                "environment variable {k:?} is reserved by Lambda"
+            )));
+        }
+        size += k.len() + v.len();
+    }
+    if size > MAX_ENVIRONMENT_BYTES {
+        return Err(ApiError::invalid(format!(
+            "environment variables total {size} bytes, over Lambda's {MAX_ENVIRONMENT_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account() -> AccountId {
+        AccountId("111111111111".into())
+    }
+
+    #[test]
+    fn names_partial_and_full_arns_resolve_within_the_account() {
+        let a = account();
+        assert_eq!(
+            FunctionRef::parse("echo", &a).unwrap(),
+            FunctionRef {
+                name: "echo".into(),
+                qualifier: None
+            }
+        );
+        assert_eq!(
+            FunctionRef::parse("echo:prod", &a).unwrap().qualifier,
+            Some("prod".into())
+        );
+        assert_eq!(
+            FunctionRef::parse("arn:aws:lambda:local:111111111111:function:echo:7", &a).unwrap(),
+            FunctionRef {
+                name: "echo".into(),
+                qualifier: Some("7".into())
+            }
+        );
+        assert_eq!(
+            FunctionRef::parse("111111111111:function:echo", &a)
+                .unwrap()
+                .name,
+            "echo"
+        );
+    }
+
+    #[test]
+    fn another_accounts_arn_is_not_found() {
+        let err = FunctionRef::parse(
+            "arn:aws:lambda:local:222222222222:function:echo",
+            &account(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ApiError::ResourceNotFound(_)), "{err:?}");
+    }
+
+    #[test]
+    fn bad_values_name_what_is_wrong() {
+        let a = account();
+        assert!(FunctionRef::parse("bad name", &a)
+            .unwrap_err()
+            .to_string()
+            .contains("\"bad name\""));
+        assert!(validate_memory(64)
+            .unwrap_err()
+            .to_string()
+            .contains("MemorySize 64"));
+        assert!(validate_timeout(0)
+            .unwrap_err()
+            .to_string()
+            .contains("Timeout 0"));
+        assert!(matches!(
+            validate_role("arn:aws:iam::222222222222:role/x", &a),
+            Err(ApiError::AccessDenied(_))
+        ));
+        assert!(validate_role("admin", &a).is_err());
+        assert!(validate_alias_name("123").is_err());
+        let mut env = Environment::default();
+        env.variables.insert("AWS_REGION".into(), "x".into());
+        assert!(validate_environment(&env)
+            .unwrap_err()
+            .to_string()
+            .contains("reserved"));
+        env.variables.clear();
+        env.variables.insert("BIG".into(), "x".repeat(5000));
+        assert!(validate_environment(&env).is_err());
+    }
+}

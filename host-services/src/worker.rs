@@ -1,0 +1,359 @@
+//! The worker: control plane, credentials and invoke router together, plus
+//! the per-invocation log (START/END/REPORT) and the durable queue of
+//! asynchronous events.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::api::error::ApiError;
+use crate::auth::{AccountId, Credentials};
+use crate::control::{ControlPlane, Resolved};
+use crate::environment::Launch;
+use crate::model::{FunctionRef, LATEST};
+use crate::router::{DestroyReason, InvokeRouter, RouteError};
+use crate::runtime_api::Outcome;
+use crate::store::EVENTS;
+
+/// Lambda retries a failed asynchronous event twice.
+const EVENT_ATTEMPTS: u32 = 3;
+const EVENT_RETRY_DELAY: Duration = Duration::from_millis(500);
+
+pub struct Worker {
+    pub control: ControlPlane,
+    pub credentials: Credentials,
+    pub router: Arc<InvokeRouter>,
+    logs: PathBuf,
+    max_environments: usize,
+    events: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+/// What Invoke answers: the body, and `X-Amz-Function-Error` if the
+/// function failed.
+pub struct InvokeResult {
+    pub status_error: Option<&'static str>,
+    pub body: Bytes,
+    pub log: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct QueuedEvent {
+    account: String,
+    function: String,
+    qualifier: Option<String>,
+    payload: String,
+    attempts: u32,
+}
+
+fn error_body(error_type: &str, message: &str) -> Bytes {
+    serde_json::json!({ "errorMessage": message, "errorType": error_type })
+        .to_string()
+        .into()
+}
+
+impl Worker {
+    pub fn new(
+        control: ControlPlane,
+        credentials: Credentials,
+        router: Arc<InvokeRouter>,
+        data_dir: &std::path::Path,
+        max_environments: usize,
+    ) -> std::io::Result<Arc<Self>> {
+        let logs = data_dir.join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let (events, queue) = tokio::sync::mpsc::unbounded_channel();
+        let worker = Arc::new(Worker {
+            control,
+            credentials,
+            router,
+            logs,
+            max_environments,
+            events,
+        });
+        worker.clone().spawn_event_processor(queue);
+        Ok(worker)
+    }
+
+    pub fn max_environments(&self) -> usize {
+        self.max_environments
+    }
+
+    /// Runs one synchronous invocation of `resolved`.
+    pub async fn invoke(
+        &self,
+        resolved: &Resolved,
+        request_id: &str,
+        payload: Bytes,
+    ) -> Result<InvokeResult, ApiError> {
+        let config = &resolved.config;
+        let code_disk = match self.control.code_disk(&resolved.key.account, config) {
+            Ok(path) => path,
+            Err(ApiError::InvalidParameterValue(m) | ApiError::InvalidZipFile(m)) => {
+                let log = self.log(
+                    resolved,
+                    request_id,
+                    &[format!("Runtime.InvalidEntrypoint: {m}")],
+                    None,
+                );
+                return Ok(InvokeResult {
+                    status_error: Some("Unhandled"),
+                    body: error_body("Runtime.InvalidEntrypoint", &m),
+                    log,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let launch = Launch {
+            key: resolved.key.clone(),
+            function_arn: config.function_arn.clone(),
+            memory_mib: config.memory_size,
+            code_disk,
+        };
+        let timeout = Duration::from_secs(config.timeout.into());
+        let routed = self
+            .router
+            .invoke(
+                &launch,
+                resolved.reserved_concurrency,
+                request_id,
+                payload,
+                timeout,
+            )
+            .await;
+        let (status_error, body, lines, report) = match routed {
+            Ok(r) => {
+                let report = Report {
+                    duration: r.invocation.duration,
+                    max_memory_mib: r.invocation.max_memory_mib,
+                    init: r.init_duration,
+                };
+                match r.invocation.outcome {
+                    Outcome::Response(body) => (None, body, r.invocation.log, Some(report)),
+                    Outcome::FunctionError { body, .. } => {
+                        (Some("Unhandled"), body, r.invocation.log, Some(report))
+                    }
+                }
+            }
+            Err(RouteError::Api(e)) => return Err(e),
+            Err(RouteError::TimedOut(t)) => {
+                let message = format!(
+                    "{request_id} Task timed out after {:.2} seconds",
+                    t.as_secs_f64()
+                );
+                (
+                    Some("Unhandled"),
+                    error_body("Sandbox.Timedout", &message),
+                    vec![message],
+                    None,
+                )
+            }
+            Err(RouteError::InitFailed { error_type, body }) => {
+                let line = format!("INIT_REPORT Status: error Error Type: {error_type}");
+                (Some("Unhandled"), body.into(), vec![line], None)
+            }
+            Err(e @ RouteError::EnvironmentFailed) => (
+                Some("Unhandled"),
+                error_body("Runtime.ExitError", &e.to_string()),
+                vec![e.to_string()],
+                None,
+            ),
+        };
+        let log = self.log(resolved, request_id, &lines, report);
+        Ok(InvokeResult {
+            status_error,
+            body,
+            log,
+        })
+    }
+
+    /// Writes the invocation's log, framed as Lambda frames it, to the
+    /// version's log file, and returns it.
+    fn log(
+        &self,
+        resolved: &Resolved,
+        request_id: &str,
+        lines: &[String],
+        report: Option<Report>,
+    ) -> String {
+        let config = &resolved.config;
+        let mut log = format!(
+            "START RequestId: {request_id} Version: {}\n",
+            config.version
+        );
+        for line in lines {
+            log.push_str(line);
+            log.push('\n');
+        }
+        log.push_str(&format!("END RequestId: {request_id}\n"));
+        if let Some(r) = report {
+            let ms = r.duration.as_secs_f64() * 1000.0;
+            log.push_str(&format!(
+                "REPORT RequestId: {request_id}\tDuration: {ms:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB",
+                ms.ceil() as u64,
+                config.memory_size
+            ));
+            if let Some(m) = r.max_memory_mib {
+                log.push_str(&format!("\tMax Memory Used: {m} MB"));
+            }
+            if let Some(init) = r.init {
+                log.push_str(&format!(
+                    "\tInit Duration: {:.2} ms",
+                    init.as_secs_f64() * 1000.0
+                ));
+            }
+            log.push('\n');
+        }
+        let dir = self
+            .logs
+            .join(&resolved.key.account.0)
+            .join(&config.function_name);
+        let file = dir.join(format!("{}.log", config.version.replace('$', "")));
+        let written = std::fs::create_dir_all(&dir).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&file)?
+                .write_all(log.as_bytes())
+        });
+        if let Err(e) = written {
+            tracing::warn!("cannot write the log {}: {e}", file.display());
+        }
+        log
+    }
+
+    /// Stops the idle environments of a function whose `$LATEST` changed,
+    /// or of every version when `name` is deleted.
+    pub async fn retire_function(&self, account: &AccountId, name: &str) {
+        let deleted = self
+            .control
+            .configuration(
+                account,
+                &FunctionRef {
+                    name: name.into(),
+                    qualifier: None,
+                },
+            )
+            .is_err();
+        self.router
+            .retire(
+                |k| &k.account == account && k.function == name && (deleted || k.version == LATEST),
+                DestroyReason::FunctionUpdated,
+            )
+            .await;
+    }
+
+    /// Accepts an asynchronous event: stored before this returns, so a
+    /// restart does not lose it.
+    pub fn enqueue_event(
+        &self,
+        id: &str,
+        account: &AccountId,
+        reference: &FunctionRef,
+        payload: &[u8],
+    ) -> Result<(), ApiError> {
+        let event = QueuedEvent {
+            account: account.0.clone(),
+            function: reference.name.clone(),
+            qualifier: reference.qualifier.clone(),
+            payload: base64::engine::general_purpose::STANDARD.encode(payload),
+            attempts: 0,
+        };
+        self.control.store.write(|t| t.put(EVENTS, id, &event))?;
+        let _ = self.events.send(id.to_string());
+        Ok(())
+    }
+
+    fn spawn_event_processor(
+        self: Arc<Self>,
+        mut queue: tokio::sync::mpsc::UnboundedReceiver<String>,
+    ) {
+        // Events accepted before a restart.
+        match self
+            .control
+            .store
+            .read()
+            .and_then(|s| s.all::<QueuedEvent>(EVENTS))
+        {
+            Ok(pending) => {
+                for (id, _) in pending {
+                    let _ = self.events.send(id);
+                }
+            }
+            Err(e) => tracing::error!("cannot read the event queue: {e}"),
+        }
+        tokio::spawn(async move {
+            while let Some(id) = queue.recv().await {
+                let worker = self.clone();
+                tokio::spawn(async move { worker.run_event(id).await });
+            }
+        });
+    }
+
+    async fn run_event(self: Arc<Self>, id: String) {
+        let event: QueuedEvent = match self.control.store.read().and_then(|s| s.get(EVENTS, &id)) {
+            Ok(Some(e)) => e,
+            Ok(None) => return,
+            Err(e) => return tracing::error!("event {id}: {e}"),
+        };
+        let account = AccountId(event.account.clone());
+        let reference = FunctionRef {
+            name: event.function.clone(),
+            qualifier: event.qualifier.clone(),
+        };
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(&event.payload)
+            .unwrap_or_default();
+        let result = match self.control.resolve(&account, &reference) {
+            Ok(resolved) => self.invoke(&resolved, &id, payload.into()).await,
+            Err(e) => Err(e),
+        };
+        let attempts = event.attempts + 1;
+        let done = match &result {
+            Ok(r) if r.status_error.is_none() => true,
+            // The function is gone: nothing left to retry against.
+            Err(ApiError::ResourceNotFound(_)) => true,
+            Err(ApiError::TooManyRequests { .. }) => false,
+            _ => attempts >= EVENT_ATTEMPTS,
+        };
+        let outcome = if done {
+            self.control.store.write(|t| t.remove(EVENTS, &id))
+        } else {
+            let retry = QueuedEvent {
+                attempts: if matches!(result, Err(ApiError::TooManyRequests { .. })) {
+                    event.attempts
+                } else {
+                    attempts
+                },
+                ..event
+            };
+            self.control.store.write(|t| t.put(EVENTS, &id, &retry))
+        };
+        if let Err(e) = outcome {
+            tracing::error!("event {id}: {e}");
+            return;
+        }
+        if !done {
+            tokio::time::sleep(EVENT_RETRY_DELAY).await;
+            let _ = self.events.send(id);
+        } else if !matches!(
+            result,
+            Ok(InvokeResult {
+                status_error: None,
+                ..
+            })
+        ) {
+            tracing::warn!("event {id} failed after {attempts} attempts; dropped");
+        }
+    }
+}
+
+struct Report {
+    duration: Duration,
+    max_memory_mib: Option<u64>,
+    init: Option<Duration>,
+}

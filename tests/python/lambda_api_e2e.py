@@ -1,0 +1,176 @@
+"""Drives the worker's Lambda API with boto3, as any AWS user would.
+
+usage: lambda_api_e2e.py ENDPOINT WASM_FILE
+Credentials of two accounts come from the environment: KEY_A/SECRET_A and
+KEY_B/SECRET_B. Prints one line per check; exits non-zero on the first
+failed one.
+"""
+import base64
+import io
+import json
+import sys
+import zipfile
+
+import boto3
+import botocore
+from botocore.config import Config
+
+endpoint, wasm_path = sys.argv[1], sys.argv[2]
+env = __import__("os").environ
+
+
+def client(key, secret, validate=True):
+    return boto3.client(
+        "lambda",
+        endpoint_url=endpoint,
+        region_name="local",
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        config=Config(retries={"max_attempts": 1}, read_timeout=60,
+                      parameter_validation=validate),
+    )
+
+
+a = client(env["KEY_A"], env["SECRET_A"])
+# botocore checks ranges itself; this one lets bad values reach the server.
+a_unchecked = client(env["KEY_A"], env["SECRET_A"], validate=False)
+b = client(env["KEY_B"], env["SECRET_B"])
+
+
+def zipped(name, data):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, data)
+    return buf.getvalue()
+
+
+def check(name, cond, detail=""):
+    if not cond:
+        print(f"FAIL {name}: {detail}")
+        sys.exit(1)
+    print(f"ok   {name}")
+
+
+def expect_error(name, code, fn):
+    try:
+        fn()
+    except botocore.exceptions.ClientError as e:
+        got = e.response["Error"]["Code"]
+        check(name, got == code, f"got {got}: {e}")
+        return e
+    check(name, False, "no error")
+
+
+if sys.argv[3:] == ["after-restart"]:
+    got = a.get_function(FunctionName="echo")["Configuration"]
+    check("the function survived the restart", got["Timeout"] == 6, got)
+    versions = [v["Version"] for v in a.list_versions_by_function(FunctionName="echo")["Versions"]]
+    check("its versions survived", versions == ["$LATEST", "1", "2"], versions)
+    check("its alias survived", a.get_alias(FunctionName="echo", Name="prod")["FunctionVersion"] == "2")
+    r = a.invoke(FunctionName="echo", Qualifier="prod", Payload=b'{"after":1}')
+    check("and it still runs", r["Payload"].read() == b'{"echo":{"after":1}}')
+    print("all checks passed")
+    sys.exit(0)
+
+wasm = open(wasm_path, "rb").read()
+code = zipped("function.wasm", wasm)
+role = "arn:aws:iam::111111111111:role/echo"
+
+created = a.create_function(
+    FunctionName="echo",
+    Runtime="wasi-preview1",
+    Role=role,
+    Handler="function.wasm",
+    Code={"ZipFile": code},
+    MemorySize=128,
+    Timeout=5,
+    Environment={"Variables": {"GREETING": "hello"}},
+)
+check("create returns $LATEST", created["Version"] == "$LATEST", created)
+check("create reports the code hash", created["CodeSha256"] and created["CodeSize"] == len(code), created)
+expect_error("create twice is a conflict", "ResourceConflictException",
+             lambda: a.create_function(FunctionName="echo", Runtime="wasi-preview1", Role=role,
+                                       Handler="function.wasm", Code={"ZipFile": code}))
+expect_error("a bad memory size is named", "InvalidParameterValueException",
+             lambda: a_unchecked.create_function(FunctionName="m", Runtime="wasi-preview1", Role=role,
+                                       Handler="function.wasm", Code={"ZipFile": code}, MemorySize=64))
+expect_error("a non-zip is refused", "InvalidZipFileException",
+             lambda: a.create_function(FunctionName="z", Runtime="wasi-preview1", Role=role,
+                                       Handler="function.wasm", Code={"ZipFile": b"not a zip"}))
+expect_error("a traversal zip is refused", "InvalidZipFileException",
+             lambda: a.create_function(FunctionName="t", Runtime="wasi-preview1", Role=role,
+                                       Handler="function.wasm", Code={"ZipFile": zipped("../x.wasm", wasm)}))
+
+r = a.invoke(FunctionName="echo", Payload=b'{"n":1}', LogType="Tail")
+body = r["Payload"].read()
+check("cold invoke answers", body == b'{"echo":{"n":1}}', body)
+check("cold invoke: status 200, version", r["StatusCode"] == 200 and r["ExecutedVersion"] == "$LATEST", r)
+log = base64.b64decode(r["LogResult"]).decode()
+check("the log tail has START, END and REPORT with Init Duration",
+      "START RequestId:" in log and "END RequestId:" in log and "Init Duration:" in log, log)
+check("the function's stderr is in the log", "echo: handling an event" in log, log)
+r = a.invoke(FunctionName="echo", Payload=b'{"n":2}', LogType="Tail")
+log = base64.b64decode(r["LogResult"]).decode()
+check("warm invoke answers", r["Payload"].read() == b'{"echo":{"n":2}}')
+check("a warm invoke has no Init Duration", "REPORT" in log and "Init Duration" not in log, log)
+
+v1 = a.publish_version(FunctionName="echo")
+check("publish makes version 1", v1["Version"] == "1", v1)
+check("publishing unchanged code returns the same version",
+      a.publish_version(FunctionName="echo")["Version"] == "1")
+a.update_function_configuration(FunctionName="echo", Timeout=6)
+v2 = a.publish_version(FunctionName="echo")
+check("a changed configuration publishes version 2", v2["Version"] == "2", v2)
+versions = [v["Version"] for v in a.list_versions_by_function(FunctionName="echo")["Versions"]]
+check("versions are listed", versions == ["$LATEST", "1", "2"], versions)
+
+for q in ["1", "2"]:
+    r = a.invoke(FunctionName="echo", Qualifier=q, Payload=b'{"v":' + q.encode() + b"}")
+    check(f"version {q} answers", r["ExecutedVersion"] == q and r["Payload"].read() == b'{"echo":{"v":' + q.encode() + b"}}", r)
+
+alias = a.create_alias(FunctionName="echo", Name="prod", FunctionVersion="1")
+check("alias created", alias["AliasArn"].endswith(":echo:prod"), alias)
+r = a.invoke(FunctionName="echo", Qualifier="prod", Payload=b"{}")
+check("alias invoke runs its version", r["ExecutedVersion"] == "1", r)
+a.update_alias(FunctionName="echo", Name="prod", FunctionVersion="2")
+r = a.invoke(FunctionName=created["FunctionArn"] + ":prod", Payload=b"{}")
+check("an updated alias (by ARN) runs the new version", r["ExecutedVersion"] == "2", r)
+check("get_alias", a.get_alias(FunctionName="echo", Name="prod")["FunctionVersion"] == "2")
+
+r = a.invoke(FunctionName="echo", InvocationType="DryRun", Payload=b"{}")
+check("DryRun is 204", r["StatusCode"] == 204, r)
+r = a.invoke(FunctionName="echo", InvocationType="Event", Payload=b'{"async":true}')
+check("Event is 202", r["StatusCode"] == 202, r)
+print("event-id:", r["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"])
+
+r = a.invoke(FunctionName="echo", Payload=b'"trap"')
+err = json.loads(r["Payload"].read())
+check("a trap is a function error", r.get("FunctionError") == "Unhandled" and err["errorType"] == "Runtime.Trap", (r, err))
+expect_error("a missing function is not found", "ResourceNotFoundException",
+             lambda: a.invoke(FunctionName="nope", Payload=b"{}"))
+expect_error("a missing version is not found", "ResourceNotFoundException",
+             lambda: a.invoke(FunctionName="echo", Qualifier="9", Payload=b"{}"))
+expect_error("a payload that is not JSON is refused", "InvalidRequestContentException",
+             lambda: a.invoke(FunctionName="echo", Payload=b"{not json"))
+e = expect_error("a 7 MB payload is too large", "RequestTooLargeException",
+                 lambda: a.invoke(FunctionName="echo", Payload=b'"' + b"x" * (7 << 20) + b'"'))
+check("... with status 413", e.response["ResponseMetadata"]["HTTPStatusCode"] == 413)
+
+expect_error("account B cannot see account A's function", "ResourceNotFoundException",
+             lambda: b.get_function(FunctionName=created["FunctionArn"]))
+expect_error("account B cannot invoke it by ARN", "ResourceNotFoundException",
+             lambda: b.invoke(FunctionName=created["FunctionArn"], Payload=b"{}"))
+check("account B lists nothing", b.list_functions()["Functions"] == [])
+bad = client(env["KEY_A"], "wrong-secret")
+expect_error("a wrong secret is refused", "InvalidSignatureException", lambda: bad.list_functions())
+
+a.put_function_concurrency(FunctionName="echo", ReservedConcurrentExecutions=0)
+expect_error("reserved concurrency 0 throttles", "TooManyRequestsException",
+             lambda: a.invoke(FunctionName="echo", Payload=b"{}"))
+a.delete_function_concurrency(FunctionName="echo")
+check("removing the reservation lets it run again",
+      a.invoke(FunctionName="echo", Payload=b"{}")["StatusCode"] == 200)
+
+got = a.get_function(FunctionName="echo")
+check("get_function", got["Configuration"]["FunctionName"] == "echo" and got["Configuration"]["Timeout"] == 6, got)
+print("all checks passed")
