@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use axum::http::{HeaderMap, Method};
+use axum::http::{HeaderMap, HeaderValue, Method};
 use chrono::{NaiveDateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
@@ -142,18 +142,13 @@ impl Credentials {
             ));
         }
         let canonical = canonical_request(request, &auth.signed_headers)?;
-        let scope = format!(
-            "{}/{}/{}/aws4_request",
-            auth.date, auth.region, auth.service
-        );
-        let string_to_sign = format!(
-            "{ALGORITHM}\n{amz_date}\n{scope}\n{}",
-            hex::encode(Sha256::digest(canonical.as_bytes()))
-        );
-        let mut key = format!("AWS4{secret}").into_bytes();
-        for part in [auth.date, auth.region, auth.service, "aws4_request"] {
-            key = hmac(&key, part.as_bytes());
-        }
+        let scope = Scope {
+            date: auth.date,
+            region: auth.region,
+            service: auth.service,
+        };
+        let string_to_sign = scope.string_to_sign(amz_date, &canonical);
+        let key = scope.signing_key(secret);
         let signature = hex::decode(auth.signature)
             .map_err(|_| ApiError::InvalidSignature("the signature is not hex".into()))?;
         let mut mac = HmacSha256::new_from_slice(&key).expect("HMAC takes any key length");
@@ -172,6 +167,90 @@ fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(data);
     mac.finalize().into_bytes().to_vec()
+}
+
+/// A signature's credential scope: `DATE/REGION/SERVICE/aws4_request`.
+struct Scope<'a> {
+    date: &'a str,
+    region: &'a str,
+    service: &'a str,
+}
+
+impl Scope<'_> {
+    fn string_to_sign(&self, amz_date: &str, canonical_request: &str) -> String {
+        format!(
+            "{ALGORITHM}\n{amz_date}\n{}/{}/{}/aws4_request\n{}",
+            self.date,
+            self.region,
+            self.service,
+            hex::encode(Sha256::digest(canonical_request.as_bytes()))
+        )
+    }
+
+    fn signing_key(&self, secret: &str) -> Vec<u8> {
+        let mut key = format!("AWS4{secret}").into_bytes();
+        for part in [self.date, self.region, self.service, "aws4_request"] {
+            key = hmac(&key, part.as_bytes());
+        }
+        key
+    }
+}
+
+/// A caller's long-term key, for signing requests to the worker.
+pub struct AccessKey<'a> {
+    pub id: &'a str,
+    pub secret: &'a str,
+    pub region: &'a str,
+}
+
+/// Signs a Lambda API request as the AWS SDKs do: sets `X-Amz-Date` and
+/// `Authorization` over `host`, `x-amz-date` and the body. `headers` must
+/// already hold `host`.
+pub fn sign(
+    key: &AccessKey<'_>,
+    method: &Method,
+    raw_path: &str,
+    raw_query: Option<&str>,
+    headers: &mut HeaderMap,
+    body: &[u8],
+) {
+    let now = Utc::now();
+    let amz_date = now.format("%Y%m%dT%H%M%SZ").to_string();
+    let date = now.format("%Y%m%d").to_string();
+    headers.insert(
+        "x-amz-date",
+        HeaderValue::from_str(&amz_date).expect("a date is a valid header"),
+    );
+    let signed_headers = ["host", "x-amz-date"];
+    let canonical = canonical_request(
+        &SignedRequest {
+            method,
+            raw_path,
+            raw_query,
+            headers,
+            body,
+        },
+        &signed_headers,
+    )
+    .unwrap_or_default();
+    let scope = Scope {
+        date: &date,
+        region: key.region,
+        service: "lambda",
+    };
+    let signature = hex::encode(hmac(
+        &scope.signing_key(key.secret),
+        scope.string_to_sign(&amz_date, &canonical).as_bytes(),
+    ));
+    let authorization = format!(
+        "{ALGORITHM} Credential={}/{date}/{}/lambda/aws4_request, SignedHeaders={}, Signature={signature}",
+        key.id,
+        key.region,
+        signed_headers.join(";")
+    );
+    if let Ok(value) = HeaderValue::from_str(&authorization) {
+        headers.insert("authorization", value);
+    }
 }
 
 /// `AWS4-HMAC-SHA256 Credential=AKID/DATE/REGION/SERVICE/aws4_request,
@@ -296,7 +375,6 @@ fn canonical_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     fn table() -> Credentials {
         let mut keys = HashMap::new();
@@ -310,37 +388,15 @@ mod tests {
         Credentials { keys }
     }
 
-    /// Signs like an SDK does, independently of the verifier's helpers
-    /// except for HMAC itself.
     fn signed(path: &str, query: Option<&str>, body: &[u8], secret: &str) -> HeaderMap {
-        let now = Utc::now();
-        let amz_date = now.format("%Y%m%dT%H%M%SZ").to_string();
-        let date = now.format("%Y%m%d").to_string();
         let mut headers = HeaderMap::new();
         headers.insert("host", HeaderValue::from_static("localhost:9000"));
-        headers.insert("x-amz-date", HeaderValue::from_str(&amz_date).unwrap());
-        let request = SignedRequest {
-            method: &Method::POST,
-            raw_path: path,
-            raw_query: query,
-            headers: &headers,
-            body,
+        let key = AccessKey {
+            id: "AKIDEXAMPLE",
+            secret,
+            region: "us-east-1",
         };
-        let canonical = canonical_request(&request, &["host", "x-amz-date"]).unwrap();
-        let scope = format!("{date}/us-east-1/lambda/aws4_request");
-        let sts = format!(
-            "{ALGORITHM}\n{amz_date}\n{scope}\n{}",
-            hex::encode(Sha256::digest(canonical.as_bytes()))
-        );
-        let mut key = format!("AWS4{secret}").into_bytes();
-        for part in [date.as_str(), "us-east-1", "lambda", "aws4_request"] {
-            key = hmac(&key, part.as_bytes());
-        }
-        let signature = hex::encode(hmac(&key, sts.as_bytes()));
-        let auth = format!(
-            "{ALGORITHM} Credential=AKIDEXAMPLE/{scope}, SignedHeaders=host;x-amz-date, Signature={signature}"
-        );
-        headers.insert("authorization", HeaderValue::from_str(&auth).unwrap());
+        sign(&key, &Method::POST, path, query, &mut headers, body);
         headers
     }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 
@@ -73,73 +74,80 @@ pub enum EnvironmentError {
     Runtime(#[from] InvokeError),
 }
 
-/// The guest's console as it arrives: the function's log lines, and the
-/// `END RequestId:` line the guest writes before it posts each result.
+/// Lines a microVM sends: the function's log stream (its lines, and the
+/// `END RequestId:` line the guest writes before it posts each result), or
+/// the VMM's serial console and stderr, kept for error reports.
 #[derive(Default)]
-struct Console {
-    lines: Mutex<ConsoleLines>,
+struct Lines {
+    lines: Mutex<LinesSoFar>,
     changed: Notify,
+    is_log_stream: bool,
 }
 
 #[derive(Default)]
-struct ConsoleLines {
+struct LinesSoFar {
     function: Vec<String>,
     ended: Option<String>,
-    /// The last lines of anything else, for error reports.
+    /// The last lines, for error reports.
     tail: VecDeque<String>,
 }
 
-const CONSOLE_TAIL: usize = 20;
-const FUNCTION_PREFIX: &str = "function: ";
+const TAIL_LINES: usize = 20;
 const END_PREFIX: &str = "END RequestId: ";
-/// How long the console may lag behind a result; the guest writes the END
+/// Lambda cuts log lines at 256 KiB; so does the worker, so that a guest
+/// cannot make it buffer without bound.
+const MAX_LINE: usize = 256 << 10;
+/// How long the log may lag behind a result; the guest writes the END
 /// line before it posts, so this only covers the reader's scheduling.
-const CONSOLE_LAG: Duration = Duration::from_millis(200);
+const LOG_LAG: Duration = Duration::from_millis(200);
 
-impl Console {
+impl Lines {
+    fn log_stream() -> Self {
+        Lines {
+            is_log_stream: true,
+            ..Lines::default()
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinesSoFar> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn take_function_lines(&self) -> Vec<String> {
-        std::mem::take(
-            &mut self
-                .lines
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .function,
-        )
+        std::mem::take(&mut self.lock().function)
     }
 
     fn tail(&self) -> String {
-        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        lines.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.lock()
+            .tail
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     async fn wait_for_end(&self, request_id: &str) {
         let wait = async {
             loop {
                 let notified = self.changed.notified();
-                if self
-                    .lines
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .ended
-                    .as_deref()
-                    == Some(request_id)
-                {
+                if self.lock().ended.as_deref() == Some(request_id) {
                     return;
                 }
                 notified.await;
             }
         };
-        let _ = tokio::time::timeout(CONSOLE_LAG, wait).await;
+        let _ = tokio::time::timeout(LOG_LAG, wait).await;
     }
 
     fn push(&self, line: String) {
-        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(text) = line.strip_prefix(FUNCTION_PREFIX) {
-            lines.function.push(text.to_string());
-        } else if let Some(id) = line.strip_prefix(END_PREFIX) {
-            lines.ended = Some(id.trim().to_string());
+        let mut lines = self.lock();
+        if self.is_log_stream {
+            match line.strip_prefix(END_PREFIX) {
+                Some(id) => lines.ended = Some(id.trim().to_string()),
+                None => lines.function.push(line.clone()),
+            }
         }
-        if lines.tail.len() == CONSOLE_TAIL {
+        if lines.tail.len() == TAIL_LINES {
             lines.tail.pop_front();
         }
         lines.tail.push_back(line);
@@ -148,11 +156,33 @@ impl Console {
     }
 }
 
-fn read_lines(stream: impl AsyncRead + Unpin + Send + 'static, console: Arc<Console>) {
+/// Feeds `stream`'s lines to `sink`, lossily decoded, cut at `MAX_LINE`.
+fn read_lines(stream: impl AsyncRead + Unpin + Send + 'static, sink: Arc<Lines>) {
     tokio::spawn(async move {
-        let mut lines = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            console.push(line);
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::new();
+        loop {
+            let chunk = match reader.fill_buf().await {
+                Ok([]) | Err(_) => break,
+                Ok(chunk) => chunk,
+            };
+            let (used, complete) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (chunk.len(), false),
+            };
+            let room = MAX_LINE.saturating_sub(line.len());
+            line.extend_from_slice(&chunk[..used.min(room)]);
+            reader.consume(used);
+            if complete || line.len() >= MAX_LINE {
+                while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    line.pop();
+                }
+                sink.push(String::from_utf8_lossy(&line).into_owned());
+                line.clear();
+            }
+        }
+        if !line.is_empty() {
+            sink.push(String::from_utf8_lossy(&line).into_owned());
         }
     });
 }
@@ -181,8 +211,10 @@ pub struct ExecutionEnvironment {
     pub fresh: bool,
     child: Child,
     api: RuntimeApi,
-    console: Arc<Console>,
-    stderr: Arc<Console>,
+    log: Arc<Lines>,
+    _log_listener: AbortOnDrop,
+    /// The serial console and the VMM's own messages.
+    diagnostics: Arc<Lines>,
     dir: PathBuf,
 }
 
@@ -207,7 +239,13 @@ impl ExecutionEnvironment {
         )
         .await
         .map_err(dir_error)?;
-        let mut child = Command::new(&image.vmm)
+        let log = Arc::new(Lines::log_stream());
+        let log_listener = accept_log_stream(
+            UnixListener::bind(format!("{}_{LOG_PORT}", uds.display())).map_err(dir_error)?,
+            log.clone(),
+        );
+        let mut command = Command::new(&image.vmm);
+        command
             .arg("--kernel")
             .arg(&image.guest_kernel)
             .arg("--mem-mib")
@@ -219,19 +257,28 @@ impl ExecutionEnvironment {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| EnvironmentError::Spawn {
-                vmm: image.vmm.clone(),
-                source,
-            })?;
-        let console = Arc::new(Console::default());
-        let stderr = Arc::new(Console::default());
+            .kill_on_drop(true);
+        // SAFETY: setpriority is async-signal-safe and touches only the
+        // child, between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // Guests that poll their devices spin while they wait for
+                // the host; below the host's own threads, they cannot
+                // starve the worker that answers them.
+                libc::setpriority(libc::PRIO_PROCESS, 0, VMM_NICE);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|source| EnvironmentError::Spawn {
+            vmm: image.vmm.clone(),
+            source,
+        })?;
+        let diagnostics = Arc::new(Lines::default());
         if let Some(out) = child.stdout.take() {
-            read_lines(out, console.clone());
+            read_lines(out, diagnostics.clone());
         }
         if let Some(err) = child.stderr.take() {
-            read_lines(err, stderr.clone());
+            read_lines(err, diagnostics.clone());
         }
         let ready = tokio::select! {
             r = api.ready() => r.map_err(EnvironmentError::from),
@@ -240,7 +287,7 @@ impl ExecutionEnvironment {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 Err(EnvironmentError::ExitedDuringInit {
                     status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
-                    stderr: stderr.tail(),
+                    stderr: diagnostics.tail(),
                 })
             }
             _ = tokio::time::sleep(image.init_timeout) => Err(EnvironmentError::InitTimeout(image.init_timeout)),
@@ -251,6 +298,7 @@ impl ExecutionEnvironment {
             return Err(e);
         }
         let now = Instant::now();
+        freeze(&child, true);
         Ok(ExecutionEnvironment {
             id,
             key: launch.key.clone(),
@@ -261,8 +309,9 @@ impl ExecutionEnvironment {
             fresh: true,
             child,
             api,
-            console,
-            stderr,
+            log,
+            _log_listener: log_listener,
+            diagnostics,
             dir,
         })
     }
@@ -276,17 +325,19 @@ impl ExecutionEnvironment {
         timeout: Duration,
     ) -> Result<Invocation, InvokeError> {
         let started = Instant::now();
-        self.console.take_function_lines();
+        self.log.take_function_lines();
+        freeze(&self.child, false);
         let outcome = tokio::select! {
             r = self.api.invoke(request_id, payload, timeout) => r?,
             _ = self.child.wait() => return Err(InvokeError::EnvironmentGone),
         };
         let duration = started.elapsed();
-        self.console.wait_for_end(request_id).await;
+        self.log.wait_for_end(request_id).await;
+        freeze(&self.child, true);
         self.last_used = Instant::now();
         Ok(Invocation {
             outcome,
-            log: self.console.take_function_lines(),
+            log: self.log.take_function_lines(),
             duration,
             max_memory_mib: self.child.id().and_then(peak_rss_mib),
         })
@@ -294,13 +345,53 @@ impl ExecutionEnvironment {
 
     /// What the VMM last said, for error reports.
     pub fn vmm_log_tail(&self) -> String {
-        self.stderr.tail()
+        self.diagnostics.tail()
     }
 
     /// Stops the microVM and removes its sockets.
     pub async fn destroy(mut self) {
         let _ = self.child.kill().await;
         remove_dir(&self.dir);
+    }
+}
+
+/// The VMMs' scheduling priority (nice value), below the worker's.
+const VMM_NICE: libc::c_int = 10;
+
+/// The vsock port of the function's log stream, as the guest knows it.
+const LOG_PORT: u32 = 9002;
+
+/// The guest's log stream connects once; a second connection is refused
+/// so that nothing else can write into the function's log.
+fn accept_log_stream(listener: UnixListener, log: Arc<Lines>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        if let Ok((stream, _)) = listener.accept().await {
+            drop(listener);
+            read_lines(stream, log);
+        }
+    }))
+}
+
+/// A task that ends with its environment, even if the guest never
+/// connected.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Freezes (SIGSTOP) or thaws (SIGCONT) a microVM. Lambda freezes an
+/// environment between invocations; here that also matters for the host,
+/// since the bare-metal guest polls its devices and would otherwise spin
+/// on a host CPU while it waits for work.
+fn freeze(child: &Child, frozen: bool) {
+    if let Some(pid) = child.id() {
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: signals a child this environment owns and has not
+        // reaped (`id()` is None once it has been).
+        unsafe { libc::kill(pid as libc::pid_t, signal) };
     }
 }
 

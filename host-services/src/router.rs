@@ -313,7 +313,9 @@ impl InvokeRouter {
         let mut env = self.acquire(launch, reserved).await?;
         let init_duration = env.fresh.then_some(env.init_duration);
         env.fresh = false;
+        tracing::debug!("invocation {request_id} begins in {}", env.id);
         let result = env.invoke(request_id, payload, timeout).await;
+        tracing::debug!("invocation {request_id} ends in {}", env.id);
         let environment = env.id.clone();
         match result {
             Ok(invocation) => {

@@ -2,6 +2,9 @@
 //! `vmm` binary are, and running the VMM with a deadline.
 
 pub mod cpio;
+pub mod lambda_client;
+pub mod load;
+pub mod worker;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -13,7 +16,9 @@ pub use vmm::vstate::vm::HypervisorKind;
 
 /// A WASI function in WAT: echoes the event inside `{"echo":...}` and logs
 /// a line to stderr. An event that is a JSON string starting with `t`
-/// (`"trap"`) traps; one starting with `l` (`"loop"`) never ends.
+/// (`"trap"`) traps; one starting with `l` (`"loop"`) never ends; one
+/// starting with `s` (`"spin"`) counts down from 20M first, about 100 ms
+/// of work that holds its environment busy.
 pub const ECHO_WAT: &str = r#"
 (module
   (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
@@ -24,6 +29,7 @@ pub const ECHO_WAT: &str = r#"
   (data (i32.const 32) "echo: handling an event\n")
   (func (export "_start")
     (local $n i32)
+    (local $i i32)
     (i32.store (i32.const 64) (i32.const 1024))
     (i32.store (i32.const 68) (i32.const 60000))
     (drop (call $fd_read (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 72)))
@@ -34,6 +40,12 @@ pub const ECHO_WAT: &str = r#"
     (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 116)) (then unreachable))
     (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 108))
       (then (loop $forever (br $forever))))
+    (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 115))
+      (then
+        (local.set $i (i32.const 20000000))
+        (loop $spin
+          (local.set $i (i32.sub (local.get $i) (i32.const 1)))
+          (br_if $spin (local.get $i)))))
     (i32.store (i32.const 80) (i32.const 0))
     (i32.store (i32.const 84) (i32.const 8))
     (i32.store (i32.const 88) (i32.const 1024))

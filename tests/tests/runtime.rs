@@ -26,6 +26,15 @@ async fn events_round_trip_and_traps_and_runaway_loops_are_function_errors() {
     )
     .await
     .unwrap();
+    // The function's log stream: its stderr, and an END line per event.
+    let log_listener = tokio::net::UnixListener::bind(dir.join("vsock_9002")).unwrap();
+    let log = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let (mut stream, _) = log_listener.accept().await.unwrap();
+        let mut all = String::new();
+        stream.read_to_string(&mut all).await.unwrap();
+        all
+    });
 
     let mut vmm = tokio::process::Command::new(vmm_binary())
         .arg("--kernel")
@@ -104,7 +113,19 @@ async fn events_round_trip_and_traps_and_runaway_loops_are_function_errors() {
         .unwrap();
     let stdout = console.await.unwrap();
     assert!(stdout.contains("runtime: ready "), "{stdout}");
-    assert!(stdout.contains("runtime: Runtime.Trap"), "{stdout}");
+    let log = log.await.unwrap();
+    for expected in [
+        "echo: handling an event\nEND RequestId: event-0\n",
+        "END RequestId: event-2\n",
+        "Runtime.Trap: ",
+        "Runtime.FuelExhausted: the function used all of its 50000000 units of fuel\nEND RequestId: loop\n",
+    ] {
+        assert!(log.contains(expected), "{expected:?} is not in the log stream:\n{log}");
+    }
+    assert!(
+        !stdout.contains("handling an event"),
+        "function output on the console"
+    );
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -9,6 +9,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 
 use guest_init::http::{ByteStream, StreamError};
 use guest_init::runtime_api::{Invocation, RuntimeClient};
@@ -23,24 +24,30 @@ use crate::wasi::{self, Io};
 
 /// The Runtime API's vsock port on the host, as 127.0.0.1:9001 is on Lambda.
 pub const RUNTIME_API_PORT: u32 = 9001;
+/// The host's port for the function's log stream: its stderr lines, then
+/// `END RequestId: <id>` once an invocation is over. Not the serial
+/// console, where every byte costs the guest a VM exit.
+pub const LOG_PORT: u32 = 9002;
 const IMAGE_MAGIC: &[u8; 8] = b"LMBDWASM";
 const DEFAULT_FUEL: u64 = 2_000_000_000;
 /// Fuel between two deadline checks.
 const FUEL_SLICE: u64 = 20_000_000;
 
-/// A vsock stream as the HTTP client's byte stream.
+/// A vsock stream as the HTTP client's byte stream. The driver is shared
+/// with the log stream.
 struct VsockStream<'a> {
-    driver: &'a mut VsockDriver,
+    driver: &'a RefCell<VsockDriver>,
     id: usize,
 }
 
 impl ByteStream for VsockStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, StreamError> {
-        Ok(self.driver.recv(self.id, buf))
+        Ok(self.driver.borrow_mut().recv(self.id, buf))
     }
 
     fn write_all(&mut self, data: &[u8]) -> Result<(), StreamError> {
         self.driver
+            .borrow_mut()
             .send(self.id, data)
             .map_err(|e| StreamError(format!("{e}")))
     }
@@ -95,7 +102,7 @@ fn fail(error_type: &'static str, message: String) -> Failure {
     }
 }
 
-/// Runs the module's `_start` with the event as stdin; returns stdout.
+/// Runs the module's `_start` with the event as stdin.
 fn invoke(
     engine: &Engine,
     module: &Module,
@@ -103,6 +110,7 @@ fn invoke(
     invocation: &Invocation,
     fuel: u64,
     clock: &Clock,
+    stderr: &mut Vec<u8>,
 ) -> Result<Vec<u8>, Failure> {
     let deadline = invocation
         .remaining_ms
@@ -167,9 +175,7 @@ fn invoke(
         }
     };
     let io = store.into_data();
-    for line in io.stderr.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        println!("function: {}", String::from_utf8_lossy(line));
-    }
+    *stderr = io.stderr;
     match exit {
         0 => Ok(io.stdout),
         status => Err(fail("Runtime.ExitError", format!("exit status {status}"))),
@@ -182,16 +188,18 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
         println!("runtime: no vsock device; nothing to serve");
         return;
     };
-    let mut driver = match VsockDriver::new(*vsock) {
-        Ok(d) => d,
+    let driver = match VsockDriver::new(*vsock) {
+        Ok(d) => RefCell::new(d),
         Err(e) => return println!("runtime: vsock: {e}"),
     };
-    let id = match driver.connect(RUNTIME_API_PORT) {
-        Ok(id) => id,
-        Err(e) => return println!("runtime: cannot reach the Runtime API: {e}"),
+    let connect = |port| driver.borrow_mut().connect(port);
+    let (id, log) = match (connect(RUNTIME_API_PORT), connect(LOG_PORT)) {
+        (Ok(api), Ok(log)) => (api, log),
+        (Err(e), _) => return println!("runtime: cannot reach the Runtime API: {e}"),
+        (_, Err(e)) => return println!("runtime: cannot reach the log stream: {e}"),
     };
     let mut client = RuntimeClient::new(VsockStream {
-        driver: &mut driver,
+        driver: &driver,
         id,
     });
 
@@ -224,16 +232,33 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
                 return;
             }
         };
-        let result = invoke(&engine, &module, &linker, &invocation, fuel, clock);
+        let mut lines = Vec::new();
+        let result = invoke(
+            &engine,
+            &module,
+            &linker,
+            &invocation,
+            fuel,
+            clock,
+            &mut lines,
+        );
+        lines.retain(|&b| b != b'\r');
+        if !lines.is_empty() && !lines.ends_with(b"\n") {
+            lines.push(b'\n');
+        }
+        if let Err(f) = &result {
+            lines.extend_from_slice(format!("{}: {}\n", f.error_type, f.message).as_bytes());
+        }
         // Before the result goes out, so that the host has the whole
         // invocation's log once it has the result.
-        println!("END RequestId: {}", invocation.request_id);
+        lines.extend_from_slice(format!("END RequestId: {}\n", invocation.request_id).as_bytes());
+        if let Err(e) = driver.borrow_mut().send(log, &lines) {
+            println!("runtime: the log stream failed: {e}; stopping");
+            return;
+        }
         let posted = match &result {
             Ok(output) => client.respond(&invocation.request_id, output),
-            Err(f) => {
-                println!("runtime: {}: {}", f.error_type, f.message);
-                client.error(&invocation.request_id, f.error_type, &f.message)
-            }
+            Err(f) => client.error(&invocation.request_id, f.error_type, &f.message),
         };
         if let Err(e) = posted {
             println!("runtime: posting the result failed: {e}; stopping");

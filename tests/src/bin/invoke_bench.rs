@@ -1,0 +1,120 @@
+//! Invoke benchmark: a real `lambda-worker` on loopback, the echo Wasm
+//! function in real microVMs. Reports sequential cold starts, sequential
+//! warm invokes, and a load run at a fixed concurrency.
+//!
+//! usage: invoke_bench [--cold N] [--warm N] [--total N] [--concurrency N]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use microvm_tests::lambda_client::LambdaClient;
+use microvm_tests::load::{self, percentile};
+use microvm_tests::worker::{data_dir, RunningWorker, ACCOUNT_A};
+use microvm_tests::ECHO_WAT;
+
+struct Args {
+    cold: usize,
+    warm: usize,
+    total: usize,
+    concurrency: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        cold: 20,
+        warm: 200,
+        total: 10_000,
+        concurrency: 32,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        let n: usize = value
+            .parse()
+            .map_err(|_| format!("{flag} {value:?}: not a number"))?;
+        match flag.as_str() {
+            "--cold" => args.cold = n,
+            "--warm" => args.warm = n,
+            "--total" => args.total = n,
+            "--concurrency" if n > 0 => args.concurrency = n,
+            _ => return Err(format!("unknown flag or bad value: {flag} {value}")),
+        }
+    }
+    Ok(args)
+}
+
+fn summary(what: &str, samples: &[Duration]) {
+    println!(
+        "{what}: {} invokes, p50 {:.2} ms, p99 {:.2} ms",
+        samples.len(),
+        percentile(samples, 50.0).as_secs_f64() * 1e3,
+        percentile(samples, 99.0).as_secs_f64() * 1e3
+    );
+}
+
+async fn bench(worker: &RunningWorker, args: &Args) -> Result<(), String> {
+    let client = Arc::new(LambdaClient::new(&worker.address, ACCOUNT_A.0, ACCOUNT_A.1));
+    let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
+    let mut cold = Vec::new();
+    let mut init = Vec::new();
+    for i in 0..args.cold {
+        let name = format!("cold-{i}");
+        client.create_wasm_function(&name, &wasm, 5).await?;
+        let r = client.invoke(&name, "{}".into()).await?;
+        let ms = r
+            .init_duration_ms()
+            .ok_or(format!("{name}: no cold start"))?;
+        init.push(Duration::from_secs_f64(ms / 1e3));
+        cold.push(r.latency);
+    }
+    summary("cold start, Invoke -> answer", &cold);
+    summary(
+        "cold start, Init Duration (VMM spawn -> first /next)",
+        &init,
+    );
+    client.create_wasm_function("echo", &wasm, 5).await?;
+    let mut warm = Vec::new();
+    for i in 0..=args.warm {
+        let r = client
+            .invoke("echo", format!(r#"{{"i":{i}}}"#).into())
+            .await?;
+        if i > 0 {
+            warm.push(r.latency);
+        }
+    }
+    summary("warm, one at a time", &warm);
+    let report = load::run(client, "echo", args.total, args.concurrency).await;
+    report.print();
+    if !report.failures.is_empty() || !report.not_exactly_once.is_empty() {
+        return Err(format!(
+            "{} failures, first {:?}",
+            report.failures.len(),
+            report.failures.first()
+        ));
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("invoke_bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let data = data_dir("invoke-bench");
+    let worker = RunningWorker::start(&data, &[], "warn");
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(bench(&worker, &args)));
+    worker.stop();
+    let _ = std::fs::remove_dir_all(&data);
+    if let Err(e) = result {
+        eprintln!("invoke_bench: {e}");
+        std::process::exit(1);
+    }
+}

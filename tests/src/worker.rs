@@ -1,0 +1,138 @@
+//! A real `lambda-worker` process for the end-to-end tests and benchmarks:
+//! its own data directory, two accounts, and its log captured.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::{baremetal_guest, lambda_worker_binary, vmm_binary};
+
+/// Account A's and account B's keys, as `credentials.json` lists them.
+pub const ACCOUNT_A: (&str, &str, &str) = ("AKIDA", "secret-a", "111111111111");
+pub const ACCOUNT_B: (&str, &str, &str) = ("AKIDB", "secret-b", "222222222222");
+
+/// A fresh data directory under the system's temporary directory, with
+/// the two accounts' credentials in it.
+pub fn data_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the data directory");
+    let table: Vec<String> = [ACCOUNT_A, ACCOUNT_B]
+        .iter()
+        .map(|(key, secret, account)| {
+            format!(
+                r#"{{"AccessKeyId":"{key}","SecretAccessKey":"{secret}","AccountId":"{account}"}}"#
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("credentials.json"),
+        format!("[{}]", table.join(",")),
+    )
+    .expect("write credentials.json");
+    dir
+}
+
+pub struct RunningWorker {
+    child: Child,
+    /// `host:port` of the Lambda API.
+    pub address: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl RunningWorker {
+    /// Starts the worker on `data` with `extra` flags; `log_filter` is its
+    /// `RUST_LOG`. Returns once the API listens.
+    pub fn start(data: &Path, extra: &[&str], log_filter: &str) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut child = Command::new(lambda_worker_binary())
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--credentials")
+            .arg(data.join("credentials.json"))
+            .arg("--vmm")
+            .arg(vmm_binary())
+            .arg("--guest")
+            .arg(baremetal_guest())
+            .args(extra)
+            .env("RUST_LOG", log_filter)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start lambda-worker");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let lines = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in lines.lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+                panic!(
+                    "the worker never listened:\n{}",
+                    stderr.lock().unwrap_or_else(|e| e.into_inner())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RunningWorker {
+            child,
+            address: format!("127.0.0.1:{port}"),
+            stderr,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// What the worker has logged so far.
+    pub fn log(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stops the worker as an operator would (SIGINT), checks that it
+    /// exited cleanly, and returns its log.
+    pub fn stop(mut self) -> String {
+        // SAFETY: signals a child process this struct owns.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let status = self.child.wait().expect("wait for the worker");
+        // The reader thread sees EOF once the process is gone.
+        std::thread::sleep(Duration::from_millis(50));
+        let log = self.log();
+        assert!(status.success(), "the worker exited with {status}:\n{log}");
+        log
+    }
+}
+
+impl Drop for RunningWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Environment ids the worker created for `account:function:version`.
+pub fn environments_of(log: &str, version_key: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(&format!(" for {version_key} created")))
+        .filter_map(|l| l.split("environment ").nth(1)?.split(' ').next())
+        .map(str::to_string)
+        .collect()
+}
