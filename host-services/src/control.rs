@@ -13,7 +13,7 @@ use crate::auth::AccountId;
 use crate::code;
 use crate::environment::VersionKey;
 use crate::model::*;
-use crate::store::{numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, VERSIONS};
+use crate::store::{numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, PROVISIONED, VERSIONS};
 use crate::wasm_image;
 
 /// A function as stored: its `$LATEST` configuration and its settings.
@@ -22,6 +22,23 @@ pub struct FunctionRecord {
     pub latest: FunctionConfiguration,
     pub last_version: u64,
     pub reserved_concurrency: Option<u32>,
+}
+
+/// A provisioned concurrency config as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProvisionedConfig {
+    pub account: String,
+    pub function_name: String,
+    pub qualifier: String,
+    pub requested: u32,
+    pub last_modified: String,
+}
+
+impl ProvisionedConfig {
+    /// `ACCOUNT/NAME:QUALIFIER`, for logs and status.
+    pub fn id(&self) -> String {
+        format!("{}/{}:{}", self.account, self.function_name, self.qualifier)
+    }
 }
 
 /// What an invocation of a function reference resolves to.
@@ -81,6 +98,19 @@ fn only_zip_code(s3: &Option<String>, image: &Option<String>) -> Result<(), ApiE
         ));
     }
     Ok(())
+}
+
+/// Provisioned concurrency applies to a published version or an alias.
+fn provisioned_qualifier(reference: &FunctionRef) -> Result<&str, ApiError> {
+    match reference.qualifier.as_deref() {
+        None => Err(ApiError::invalid(
+            "Qualifier is required: a version number or an alias",
+        )),
+        Some(LATEST) => Err(ApiError::invalid(
+            "Provisioned Concurrency Configs cannot be applied to unpublished function versions.",
+        )),
+        Some(q) => Ok(q),
+    }
 }
 
 fn get_record(t: &Txn, account: &AccountId, name: &str) -> Result<FunctionRecord, ApiError> {
@@ -313,6 +343,7 @@ impl ControlPlane {
             t.remove(FUNCTIONS, &key)?;
             t.remove_prefix(VERSIONS, &key)?;
             t.remove_prefix(ALIASES, &key)?;
+            t.remove_prefix(PROVISIONED, &key)?;
             Ok(())
         })
     }
@@ -583,6 +614,99 @@ impl ControlPlane {
         })
     }
 
+    /// Sets how many environments of a published version (or an alias's
+    /// version) are kept initialized.
+    pub fn put_provisioned(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        requested: u32,
+    ) -> Result<ProvisionedConfig, ApiError> {
+        let qualifier = provisioned_qualifier(reference)?;
+        if requested == 0 {
+            return Err(ApiError::invalid(
+                "ProvisionedConcurrentExecutions must be at least 1",
+            ));
+        }
+        self.configuration(account, reference)?;
+        let key = function_key(account, &reference.name);
+        self.store.write(|t| {
+            let record = get_record(t, account, &reference.name)?;
+            let others: u32 = t
+                .scan::<ProvisionedConfig>(PROVISIONED, &key)?
+                .into_iter()
+                .filter(|(_, c)| c.qualifier != qualifier)
+                .map(|(_, c)| c.requested)
+                .sum();
+            if let Some(reserved) = record.reserved_concurrency {
+                if others + requested > reserved {
+                    return Err(ApiError::invalid(format!(
+                        "ProvisionedConcurrentExecutions {requested} plus the {others} provisioned \
+                         for other qualifiers exceeds the function's reserved concurrency {reserved}"
+                    )));
+                }
+            }
+            let config = ProvisionedConfig {
+                account: account.0.clone(),
+                function_name: reference.name.clone(),
+                qualifier: qualifier.to_string(),
+                requested,
+                last_modified: now_string(),
+            };
+            t.put(PROVISIONED, &format!("{key}/{qualifier}"), &config)?;
+            Ok(config)
+        })
+    }
+
+    pub fn get_provisioned(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+    ) -> Result<ProvisionedConfig, ApiError> {
+        let qualifier = provisioned_qualifier(reference)?;
+        self.configuration(account, reference)?;
+        let key = format!("{}/{qualifier}", function_key(account, &reference.name));
+        self.store.read()?.get(PROVISIONED, &key)?.ok_or_else(|| {
+            ApiError::ProvisionedConcurrencyConfigNotFound(
+                "No Provisioned Concurrency Config found for this function".into(),
+            )
+        })
+    }
+
+    pub fn delete_provisioned(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+    ) -> Result<(), ApiError> {
+        let qualifier = provisioned_qualifier(reference)?;
+        let key = format!("{}/{qualifier}", function_key(account, &reference.name));
+        self.store.write(|t| Ok(t.remove(PROVISIONED, &key)?))
+    }
+
+    /// A function's provisioned concurrency configs.
+    pub fn list_provisioned(
+        &self,
+        account: &AccountId,
+        name: &str,
+    ) -> Result<Vec<ProvisionedConfig>, ApiError> {
+        let function = FunctionRef {
+            name: name.to_string(),
+            qualifier: None,
+        };
+        self.configuration(account, &function)?;
+        let configs = self
+            .store
+            .read()?
+            .scan(PROVISIONED, &function_key(account, name))?;
+        Ok(configs.into_iter().map(|(_, c)| c).collect())
+    }
+
+    /// Every account's provisioned concurrency configs.
+    pub fn all_provisioned(&self) -> Result<Vec<ProvisionedConfig>, ApiError> {
+        let configs = self.store.read()?.all(PROVISIONED)?;
+        Ok(configs.into_iter().map(|(_, c)| c).collect())
+    }
+
     /// The code disk the bare-metal guest boots with for `config`: built
     /// once per code and handler, then shared by every environment.
     pub fn code_disk(
@@ -612,7 +736,9 @@ impl ControlPlane {
         let fuel = u64::from(config.timeout) * 2_000_000_000;
         let image = wasm_image::build(&module, fuel)
             .map_err(|e| ApiError::invalid(format!("handler {:?}: {e}", config.handler)))?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        // Concurrent first invocations each build the image; each writes
+        // a file of its own and the last rename wins.
+        let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
         std::fs::write(&tmp, &image)
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| ApiError::Service(format!("writing {}: {e}", path.display())))?;

@@ -209,6 +209,8 @@ pub struct ExecutionEnvironment {
     pub init_duration: Duration,
     /// Set until the first invocation reports it.
     pub fresh: bool,
+    /// Kept ready for a provisioned concurrency config.
+    pub provisioned: bool,
     child: Child,
     api: RuntimeApi,
     log: Arc<Lines>,
@@ -307,6 +309,7 @@ impl ExecutionEnvironment {
             last_used: now,
             init_duration: now - started,
             fresh: true,
+            provisioned: false,
             child,
             api,
             log,

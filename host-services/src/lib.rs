@@ -1,13 +1,16 @@
 //! The host side of the serverless worker: Lambda's control plane and
 //! Invoke API ([`api`], [`control`]), the execution environments that run
-//! functions in microVMs ([`environment`], [`router`]), and the Runtime
-//! API each environment's runtime talks to ([`runtime_api`]).
+//! functions in microVMs ([`environment`]) on leased workers ([`host`]),
+//! the router that places invocations on them ([`router`]), and the
+//! Runtime API each environment's runtime talks to ([`runtime_api`]).
 
 pub mod api;
 pub mod auth;
 pub mod code;
 pub mod control;
 pub mod environment;
+pub mod host;
+pub mod lifecycle;
 pub mod model;
 pub mod router;
 pub mod runtime_api;

@@ -1,109 +1,36 @@
-//! Routes invocations to execution environments: an idle environment of
-//! the same version when there is one (warm), a new one when there is not
-//! (cold), within the function's reserved concurrency and the worker's
-//! capacity. Every environment's creation and destruction is recorded with
-//! its reason.
+//! Routes invocations to execution environments across the workers: an
+//! idle environment of the same version when one exists (warm), a new one
+//! on the worker with the most room when none does (cold), within the
+//! function's reserved concurrency. Workers hold leases; one nearing its
+//! end is drained and replaced by a fresh one, and routing moves on to the
+//! others while its in-flight invocations finish.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Serialize;
 
 use crate::api::error::ApiError;
 use crate::auth::AccountId;
 use crate::environment::{
     EnvironmentError, ExecutionEnvironment, Invocation, Launch, MicroVmImage, VersionKey,
 };
+use crate::host::{HostLimits, StartError, WorkerHost};
+use crate::lifecycle::{CreateReason, DestroyReason, Lifecycle};
+use crate::model::MAX_TIMEOUT_SECS;
 use crate::runtime_api::InvokeError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum CreateReason {
-    /// An invocation found no idle environment: a cold start.
-    NewInvocation,
-    ProvisionedConcurrency,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum DestroyReason {
-    /// Idle for longer than the idle timeout.
-    IdleExpired,
-    /// Older than the environment lease.
-    LeaseExpired,
-    /// The function's code or configuration changed, or it was deleted.
-    FunctionUpdated,
-    /// Its slot went to another version when the worker was full.
-    Rebalancing,
-    ProvisionedConcurrencyChange,
-    /// An invocation timed out or the microVM failed.
-    InvocationFailed,
-    WorkerShutdown,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct LifecycleEvent {
-    pub environment: String,
-    pub account: String,
-    pub function: String,
-    pub version: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub created: Option<CreateReason>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub destroyed: Option<DestroyReason>,
-    pub at_ms: u128,
-}
-
 #[derive(Debug, Clone)]
-pub struct RouterLimits {
-    /// Environments on this worker, idle or busy.
-    pub max_environments: usize,
-    pub idle_timeout: Duration,
-    /// The longest an environment lives, however busy.
-    pub environment_lease: Duration,
-}
-
-#[derive(Default)]
-struct Pool {
-    idle: Vec<ExecutionEnvironment>,
-    busy: usize,
-}
-
-#[derive(Default)]
-struct Pools {
-    by_version: HashMap<VersionKey, Pool>,
-    total: usize,
-}
-
-impl Pools {
-    fn busy_for(&self, account: &AccountId, function: &str) -> usize {
-        self.by_version
-            .iter()
-            .filter(|(k, _)| &k.account == account && k.function == function)
-            .map(|(_, p)| p.busy)
-            .sum()
-    }
-
-    /// Takes the least recently used idle environment of another version.
-    fn evict_lru(&mut self, except: &VersionKey) -> Option<ExecutionEnvironment> {
-        let (key, index) = self
-            .by_version
-            .iter()
-            .filter(|(k, _)| *k != except)
-            .flat_map(|(k, p)| {
-                p.idle
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, e)| (k, i, e.last_used))
-            })
-            .min_by_key(|(_, _, used)| *used)
-            .map(|(k, i, _)| (k.clone(), i))?;
-        let env = self.by_version.get_mut(&key)?.idle.swap_remove(index);
-        self.total -= 1;
-        Some(env)
-    }
+pub struct FleetConfig {
+    /// Workers serving at once; a draining one is replaced before it
+    /// stops taking invocations.
+    pub workers: usize,
+    /// How long a worker lives.
+    pub worker_lease: Duration,
+    pub host: HostLimits,
 }
 
 /// How an invocation went, as the Invoke API reports it.
@@ -128,177 +55,140 @@ pub enum RouteError {
     EnvironmentFailed,
 }
 
-pub struct InvokeRouter {
-    image: MicroVmImage,
-    limits: RouterLimits,
-    pools: Mutex<Pools>,
-    history: Mutex<VecDeque<LifecycleEvent>>,
-    next_id: AtomicU64,
+fn start_failure(key: &VersionKey, e: EnvironmentError) -> RouteError {
+    match e {
+        EnvironmentError::Runtime(InvokeError::InitFailed { error_type, body }) => {
+            RouteError::InitFailed { error_type, body }
+        }
+        other => ApiError::Service(format!("starting an environment for {key}: {other}")).into(),
+    }
 }
 
-const HISTORY: usize = 10_000;
+fn too_many(reason: &'static str) -> ApiError {
+    ApiError::TooManyRequests {
+        message: "Rate Exceeded.".into(),
+        reason,
+    }
+}
 
-fn now_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
+type FunctionKey = (AccountId, String);
+
+/// A function's share of its reserved concurrency, held for the length of
+/// one invocation.
+struct ConcurrencySlot<'a> {
+    busy: &'a Mutex<HashMap<FunctionKey, u32>>,
+    function: FunctionKey,
+}
+
+impl Drop for ConcurrencySlot<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = busy.get_mut(&self.function) {
+            *n -= 1;
+            if *n == 0 {
+                busy.remove(&self.function);
+            }
+        }
+    }
+}
+
+pub struct InvokeRouter {
+    image: MicroVmImage,
+    config: FleetConfig,
+    lifecycle: Arc<Lifecycle>,
+    hosts: RwLock<Vec<Arc<WorkerHost>>>,
+    next_worker: AtomicU64,
+    busy: Mutex<HashMap<FunctionKey, u32>>,
 }
 
 impl InvokeRouter {
-    pub fn new(image: MicroVmImage, limits: RouterLimits) -> Arc<Self> {
-        Arc::new(InvokeRouter {
+    pub fn new(image: MicroVmImage, config: FleetConfig, lifecycle: Lifecycle) -> Arc<Self> {
+        let router = Arc::new(InvokeRouter {
             image,
-            limits,
-            pools: Mutex::new(Pools::default()),
-            history: Mutex::new(VecDeque::new()),
-            next_id: AtomicU64::new(1),
+            config,
+            lifecycle: Arc::new(lifecycle),
+            hosts: RwLock::new(Vec::new()),
+            next_worker: AtomicU64::new(1),
+            busy: Mutex::new(HashMap::new()),
+        });
+        for _ in 0..router.config.workers {
+            router.add_worker();
+        }
+        router
+    }
+
+    fn add_worker(&self) -> Arc<WorkerHost> {
+        let id = format!(
+            "worker-{}",
+            self.next_worker.fetch_add(1, Ordering::Relaxed)
+        );
+        let host = Arc::new(WorkerHost::new(
+            id,
+            self.image.clone(),
+            self.config.host.clone(),
+            self.config.worker_lease,
+            self.lifecycle.clone(),
+        ));
+        tracing::info!("{} started, lease {:?}", host.id, self.config.worker_lease);
+        self.hosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(host.clone());
+        host
+    }
+
+    fn all_hosts(&self) -> Vec<Arc<WorkerHost>> {
+        self.hosts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The workers that take invocations: not draining.
+    fn active_hosts(&self) -> Vec<Arc<WorkerHost>> {
+        let mut hosts = self.all_hosts();
+        hosts.retain(|h| !h.is_draining());
+        hosts
+    }
+
+    fn take_concurrency(
+        &self,
+        key: &VersionKey,
+        reserved: Option<u32>,
+    ) -> Result<ConcurrencySlot<'_>, ApiError> {
+        let function = (key.account.clone(), key.function.clone());
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let n = busy.entry(function.clone()).or_default();
+        if reserved.is_some_and(|limit| *n >= limit) {
+            return Err(too_many(
+                "ReservedFunctionConcurrentInvocationLimitExceeded",
+            ));
+        }
+        *n += 1;
+        Ok(ConcurrencySlot {
+            busy: &self.busy,
+            function,
         })
     }
 
-    fn pools(&self) -> std::sync::MutexGuard<'_, Pools> {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn record(
-        &self,
-        env: &str,
-        key: &VersionKey,
-        created: Option<CreateReason>,
-        destroyed: Option<DestroyReason>,
-    ) {
-        match (created, destroyed) {
-            (Some(r), _) => tracing::info!("environment {env} for {key} created: {r:?}"),
-            (_, Some(r)) => tracing::info!("environment {env} for {key} destroyed: {r:?}"),
-            _ => {}
-        }
-        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        if history.len() == HISTORY {
-            history.pop_front();
-        }
-        history.push_back(LifecycleEvent {
-            environment: env.to_string(),
-            account: key.account.0.clone(),
-            function: key.function.clone(),
-            version: key.version.clone(),
-            created,
-            destroyed,
-            at_ms: now_ms(),
-        });
-    }
-
-    /// The recorded creations and destructions, oldest first.
-    pub fn history(&self) -> Vec<LifecycleEvent> {
-        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        history.iter().cloned().collect()
-    }
-
-    async fn destroy(&self, env: ExecutionEnvironment, reason: DestroyReason) {
-        self.record(&env.id, &env.key, None, Some(reason));
-        env.destroy().await;
-    }
-
-    async fn create(
-        &self,
-        launch: &Launch,
-        reason: CreateReason,
-    ) -> Result<ExecutionEnvironment, EnvironmentError> {
-        let id = format!(
-            "env-{}-{}",
-            std::process::id(),
-            self.next_id.fetch_add(1, Ordering::Relaxed)
-        );
-        let env = ExecutionEnvironment::start(&self.image, launch, id).await?;
-        self.record(&env.id, &env.key, Some(reason), None);
-        Ok(env)
-    }
-
-    /// Takes an idle environment of `launch.key`, or a slot for a new one.
+    /// An idle environment of `launch.key` on any worker, else a new one
+    /// on the worker with the most room.
     async fn acquire(
         &self,
         launch: &Launch,
-        reserved: Option<u32>,
-    ) -> Result<ExecutionEnvironment, RouteError> {
-        let key = &launch.key;
-        let evicted = {
-            let mut pools = self.pools();
-            if let Some(limit) = reserved {
-                if pools.busy_for(&key.account, &key.function) >= limit as usize {
-                    return Err(ApiError::TooManyRequests {
-                        message: "Rate Exceeded.".into(),
-                        reason: "ReservedFunctionConcurrentInvocationLimitExceeded",
-                    }
-                    .into());
-                }
-            }
-            let pool = pools.by_version.entry(key.clone()).or_default();
-            if let Some(env) = pool.idle.pop() {
-                pool.busy += 1;
-                return Ok(env);
-            }
-            let evicted = if pools.total >= self.limits.max_environments {
-                Some(
-                    pools
-                        .evict_lru(key)
-                        .ok_or_else(|| ApiError::TooManyRequests {
-                            message: "Rate Exceeded.".into(),
-                            reason: "ConcurrentInvocationLimitExceeded",
-                        })?,
-                )
-            } else {
-                None
-            };
-            pools.total += 1;
-            pools.by_version.entry(key.clone()).or_default().busy += 1;
-            evicted
-        };
-        if let Some(old) = evicted {
-            self.destroy(old, DestroyReason::Rebalancing).await;
-        }
-        match self.create(launch, CreateReason::NewInvocation).await {
-            Ok(env) => Ok(env),
-            Err(e) => {
-                let mut pools = self.pools();
-                pools.total -= 1;
-                if let Some(pool) = pools.by_version.get_mut(key) {
-                    pool.busy -= 1;
-                }
-                drop(pools);
-                Err(match e {
-                    EnvironmentError::Runtime(InvokeError::InitFailed { error_type, body }) => {
-                        RouteError::InitFailed { error_type, body }
-                    }
-                    other => {
-                        ApiError::Service(format!("starting an environment for {key}: {other}"))
-                            .into()
-                    }
-                })
+    ) -> Result<(Arc<WorkerHost>, ExecutionEnvironment), RouteError> {
+        let mut hosts = self.active_hosts();
+        for host in &hosts {
+            if let Some(env) = host.take_idle(&launch.key) {
+                return Ok((host.clone(), env));
             }
         }
-    }
-
-    /// Gives a busy environment back: to its pool if it is healthy and
-    /// within its lease, else to be destroyed.
-    async fn release(&self, env: ExecutionEnvironment, healthy: bool) {
-        let reason = if !healthy {
-            Some(DestroyReason::InvocationFailed)
-        } else if env.created.elapsed() >= self.limits.environment_lease {
-            Some(DestroyReason::LeaseExpired)
-        } else {
-            None
-        };
-        {
-            let mut pools = self.pools();
-            let pool = pools.by_version.entry(env.key.clone()).or_default();
-            pool.busy -= 1;
-            if reason.is_none() {
-                pool.idle.push(env);
-                return;
+        hosts.sort_by_key(|h| Reverse(h.free_capacity()));
+        for host in hosts {
+            match host.start_for_invocation(launch).await {
+                Ok(env) => return Ok((host, env)),
+                Err(StartError::Full) => continue,
+                Err(StartError::Environment(e)) => return Err(start_failure(&launch.key, e)),
             }
-            pools.total -= 1;
         }
-        if let Some(reason) = reason {
-            self.destroy(env, reason).await;
-        }
+        Err(too_many("ConcurrentInvocationLimitExceeded").into())
     }
 
     /// Runs one invocation of `launch.key` in an environment of its own.
@@ -310,7 +200,8 @@ impl InvokeRouter {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Routed, RouteError> {
-        let mut env = self.acquire(launch, reserved).await?;
+        let _slot = self.take_concurrency(&launch.key, reserved)?;
+        let (host, mut env) = self.acquire(launch).await?;
         let init_duration = env.fresh.then_some(env.init_duration);
         env.fresh = false;
         tracing::debug!("invocation {request_id} begins in {}", env.id);
@@ -319,7 +210,7 @@ impl InvokeRouter {
         let environment = env.id.clone();
         match result {
             Ok(invocation) => {
-                self.release(env, true).await;
+                host.release(env, true).await;
                 Ok(Routed {
                     invocation,
                     environment,
@@ -331,7 +222,7 @@ impl InvokeRouter {
                     "invocation {request_id} in {environment} failed: {e}; VMM: {}",
                     env.vmm_log_tail()
                 );
-                self.release(env, false).await;
+                host.release(env, false).await;
                 Err(match e {
                     InvokeError::Timeout(t) => RouteError::TimedOut(t),
                     InvokeError::InitFailed { error_type, body } => {
@@ -343,59 +234,118 @@ impl InvokeRouter {
         }
     }
 
-    /// Destroys the idle environments `retire` picks, for `reason`.
+    /// Destroys the idle environments `retire` picks, on every worker.
     pub async fn retire(&self, retire: impl Fn(&VersionKey) -> bool, reason: DestroyReason) {
-        let doomed: Vec<ExecutionEnvironment> = {
-            let mut pools = self.pools();
-            let mut doomed = Vec::new();
-            for (key, pool) in pools.by_version.iter_mut() {
-                if retire(key) {
-                    doomed.append(&mut pool.idle);
-                }
-            }
-            pools.total -= doomed.len();
-            doomed
-        };
-        for env in doomed {
-            self.destroy(env, reason).await;
+        for host in self.all_hosts() {
+            host.retire(&retire, reason).await;
         }
     }
 
-    /// Destroys idle environments past their idle timeout or lease.
-    pub async fn reap(&self) {
-        let doomed: Vec<(ExecutionEnvironment, DestroyReason)> = {
-            let mut pools = self.pools();
-            let mut doomed = Vec::new();
-            for pool in pools.by_version.values_mut() {
-                let mut i = 0;
-                while i < pool.idle.len() {
-                    let env = &pool.idle[i];
-                    let reason = if env.created.elapsed() >= self.limits.environment_lease {
-                        Some(DestroyReason::LeaseExpired)
-                    } else if env.last_used.elapsed() >= self.limits.idle_timeout {
-                        Some(DestroyReason::IdleExpired)
-                    } else {
-                        None
-                    };
-                    match reason {
-                        Some(r) => doomed.push((pool.idle.swap_remove(i), r)),
-                        None => i += 1,
+    /// Provisioned environments of `key` on the workers taking
+    /// invocations.
+    pub fn provisioned(&self, key: &VersionKey) -> usize {
+        self.active_hosts()
+            .iter()
+            .map(|h| h.provisioned().get(key).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// Brings each version's provisioned environments to its target:
+    /// trims idle ones above it and starts missing ones, one at a time, on
+    /// the workers with the most room. Versions not in `targets` keep
+    /// none. Returns the versions whose environments failed to start.
+    pub async fn reconcile_provisioned(
+        &self,
+        targets: &[(Launch, usize)],
+    ) -> Vec<(VersionKey, RouteError)> {
+        let mut reasons: HashMap<VersionKey, Vec<CreateReason>> = HashMap::new();
+        for host in self.all_hosts() {
+            for vacancy in host.take_vacancies() {
+                reasons.entry(vacancy.key).or_default().push(vacancy.reason);
+            }
+        }
+        let wanted: HashMap<VersionKey, usize> =
+            targets.iter().map(|(l, n)| (l.key.clone(), *n)).collect();
+        let mut have: HashMap<VersionKey, usize> = HashMap::new();
+        let mut left = wanted.clone();
+        for host in self.active_hosts() {
+            let mut keep = HashMap::new();
+            for (key, n) in host.provisioned() {
+                let quota = left.entry(key.clone()).or_default();
+                let kept = n.min(*quota);
+                *quota -= kept;
+                *have.entry(key.clone()).or_default() += kept;
+                keep.insert(key, kept);
+            }
+            host.trim_provisioned(keep).await;
+        }
+        let mut failures = Vec::new();
+        for (launch, n) in targets {
+            let mut count = have.get(&launch.key).copied().unwrap_or(0);
+            'fill: while count < *n {
+                let reason = reasons
+                    .get_mut(&launch.key)
+                    .and_then(Vec::pop)
+                    .unwrap_or(CreateReason::ProvisionedConcurrency);
+                let mut hosts = self.active_hosts();
+                hosts.sort_by_key(|h| Reverse(h.free_capacity()));
+                for host in hosts {
+                    match host.provision(launch, reason).await {
+                        Ok(()) => {
+                            count += 1;
+                            continue 'fill;
+                        }
+                        Err(StartError::Full) => continue,
+                        Err(StartError::Environment(e)) => {
+                            failures.push((launch.key.clone(), start_failure(&launch.key, e)));
+                            break 'fill;
+                        }
                     }
                 }
+                failures.push((
+                    launch.key.clone(),
+                    too_many("ConcurrentInvocationLimitExceeded").into(),
+                ));
+                break;
             }
-            pools.total -= doomed.len();
-            pools
-                .by_version
-                .retain(|_, p| p.busy > 0 || !p.idle.is_empty());
-            doomed
-        };
-        for (env, reason) in doomed {
-            self.destroy(env, reason).await;
+        }
+        failures
+    }
+
+    /// Reaps idle environments, and drains each worker whose lease is
+    /// near its end, after starting its replacement.
+    async fn maintain(self: &Arc<Self>) {
+        // An invocation that starts just before draining begins may run
+        // for the longest timeout; it must finish within the lease.
+        let margin =
+            (self.config.worker_lease / 4).min(Duration::from_secs(MAX_TIMEOUT_SECS.into()));
+        for host in self.active_hosts() {
+            if host.lease_left() <= margin {
+                self.add_worker();
+                let router = self.clone();
+                tokio::spawn(async move { router.drain(host).await });
+            } else {
+                host.reap().await;
+            }
         }
     }
 
-    /// Reaps every `period` until the router is dropped.
-    pub fn spawn_reaper(self: &Arc<Self>, period: Duration) {
+    async fn drain(&self, host: Arc<WorkerHost>) {
+        tracing::info!(
+            "{} lease ends in {:?}: draining",
+            host.id,
+            host.lease_left()
+        );
+        host.drain(DestroyReason::WorkerLeaseExpired).await;
+        self.hosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|h| !Arc::ptr_eq(h, &host));
+        tracing::info!("{} drained and exited", host.id);
+    }
+
+    /// Maintains the fleet every `period` until the router is dropped.
+    pub fn spawn_maintenance(self: &Arc<Self>, period: Duration) {
         let router = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -403,18 +353,30 @@ impl InvokeRouter {
                 let Some(router) = router.upgrade() else {
                     return;
                 };
-                router.reap().await;
+                router.maintain().await;
             }
         });
     }
 
-    /// Environments that exist now, idle or busy.
-    pub fn environment_count(&self) -> usize {
-        self.pools().total
+    /// A period short enough for the idle timeout and the worker lease.
+    pub fn maintenance_period(&self) -> Duration {
+        (self
+            .config
+            .host
+            .idle_timeout
+            .min(self.config.worker_lease / 20))
+        .clamp(Duration::from_millis(100), Duration::from_secs(10))
     }
 
-    /// Stops every idle environment; busy ones stop when they finish.
+    /// Environments that exist now, idle, busy or starting.
+    pub fn environment_count(&self) -> usize {
+        self.all_hosts().iter().map(|h| h.environment_count()).sum()
+    }
+
+    /// Drains every worker.
     pub async fn shutdown(&self) {
-        self.retire(|_| true, DestroyReason::WorkerShutdown).await;
+        for host in self.all_hosts() {
+            host.drain(DestroyReason::WorkerShutdown).await;
+        }
     }
 }

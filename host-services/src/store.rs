@@ -26,8 +26,18 @@ pub const LAYERS: Docs = TableDefinition::new("layers");
 pub const CODE: Docs = TableDefinition::new("code");
 /// Event id → an accepted asynchronous invocation not yet done.
 pub const EVENTS: Docs = TableDefinition::new("events");
+/// `ACCOUNT/NAME/QUALIFIER` → a provisioned concurrency config.
+pub const PROVISIONED: Docs = TableDefinition::new("provisioned");
 
-const ALL: [Docs; 6] = [FUNCTIONS, VERSIONS, ALIASES, LAYERS, CODE, EVENTS];
+const ALL: [Docs; 7] = [
+    FUNCTIONS,
+    VERSIONS,
+    ALIASES,
+    LAYERS,
+    CODE,
+    EVENTS,
+    PROVISIONED,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

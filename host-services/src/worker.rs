@@ -2,6 +2,7 @@
 //! the per-invocation log (START/END/REPORT) and the durable queue of
 //! asynchronous events.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,10 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::error::ApiError;
 use crate::auth::{AccountId, Credentials};
-use crate::control::{ControlPlane, Resolved};
-use crate::environment::Launch;
+use crate::control::{ControlPlane, ProvisionedConfig, Resolved};
+use crate::environment::{Launch, VersionKey};
+use crate::lifecycle::DestroyReason;
 use crate::model::{FunctionRef, LATEST};
-use crate::router::{DestroyReason, InvokeRouter, RouteError};
+use crate::router::{InvokeRouter, RouteError};
 use crate::runtime_api::Outcome;
 use crate::store::EVENTS;
 
@@ -29,8 +31,24 @@ pub struct Worker {
     pub credentials: Credentials,
     pub router: Arc<InvokeRouter>,
     logs: PathBuf,
-    max_environments: usize,
+    capacity: usize,
     events: tokio::sync::mpsc::UnboundedSender<String>,
+    /// Wakes the provisioner when a config changes.
+    provisioner: tokio::sync::Notify,
+    /// Provisioned concurrency configs whose environments failed to
+    /// start, with the reason; retried when the config is put again.
+    provisioning_failures: std::sync::Mutex<HashMap<String, String>>,
+}
+
+/// How often provisioned concurrency is reconciled without a change: it
+/// replaces environments whose lease ran out and follows moved aliases.
+const PROVISIONER_PERIOD: Duration = Duration::from_secs(1);
+
+/// A provisioned concurrency config's state, as Lambda reports it.
+pub struct ProvisionedStatus {
+    pub allocated: u32,
+    pub status: &'static str,
+    pub reason: Option<String>,
 }
 
 /// What Invoke answers: the body, and `X-Amz-Function-Error` if the
@@ -62,7 +80,7 @@ impl Worker {
         credentials: Credentials,
         router: Arc<InvokeRouter>,
         data_dir: &std::path::Path,
-        max_environments: usize,
+        capacity: usize,
     ) -> std::io::Result<Arc<Self>> {
         let logs = data_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -72,15 +90,30 @@ impl Worker {
             credentials,
             router,
             logs,
-            max_environments,
+            capacity,
             events,
+            provisioner: tokio::sync::Notify::new(),
+            provisioning_failures: Default::default(),
         });
         worker.clone().spawn_event_processor(queue);
+        worker.clone().spawn_provisioner();
         Ok(worker)
     }
 
-    pub fn max_environments(&self) -> usize {
-        self.max_environments
+    /// Environments the whole fleet can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// What starting an environment for `resolved` takes.
+    fn launch(&self, resolved: &Resolved) -> Result<Launch, ApiError> {
+        let config = &resolved.config;
+        Ok(Launch {
+            key: resolved.key.clone(),
+            function_arn: config.function_arn.clone(),
+            memory_mib: config.memory_size,
+            code_disk: self.control.code_disk(&resolved.key.account, config)?,
+        })
     }
 
     /// Runs one synchronous invocation of `resolved`.
@@ -91,8 +124,8 @@ impl Worker {
         payload: Bytes,
     ) -> Result<InvokeResult, ApiError> {
         let config = &resolved.config;
-        let code_disk = match self.control.code_disk(&resolved.key.account, config) {
-            Ok(path) => path,
+        let launch = match self.launch(resolved) {
+            Ok(launch) => launch,
             Err(ApiError::InvalidParameterValue(m) | ApiError::InvalidZipFile(m)) => {
                 let log = self.log(
                     resolved,
@@ -107,12 +140,6 @@ impl Worker {
                 });
             }
             Err(e) => return Err(e),
-        };
-        let launch = Launch {
-            key: resolved.key.clone(),
-            function_arn: config.function_arn.clone(),
-            memory_mib: config.memory_size,
-            code_disk,
         };
         let timeout = Duration::from_secs(config.timeout.into());
         let routed = self
@@ -245,6 +272,103 @@ impl Worker {
                 DestroyReason::FunctionUpdated,
             )
             .await;
+    }
+
+    /// Reconciles provisioned concurrency at start (configs survive a
+    /// restart), on every change and every [`PROVISIONER_PERIOD`].
+    fn spawn_provisioner(self: Arc<Self>) {
+        tokio::spawn(async move {
+            loop {
+                self.reconcile_provisioned().await;
+                let _ = tokio::time::timeout(PROVISIONER_PERIOD, self.provisioner.notified()).await;
+            }
+        });
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.provisioning_failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn reconcile_provisioned(&self) {
+        let configs = match self.control.all_provisioned() {
+            Ok(c) => c,
+            Err(e) => return tracing::error!("cannot read provisioned concurrency configs: {e}"),
+        };
+        let mut targets: HashMap<VersionKey, (Launch, usize)> = HashMap::new();
+        let mut configs_of: HashMap<VersionKey, Vec<String>> = HashMap::new();
+        for config in configs {
+            let id = config.id();
+            if self.failures().contains_key(&id) {
+                continue;
+            }
+            let reference = FunctionRef {
+                name: config.function_name.clone(),
+                qualifier: Some(config.qualifier.clone()),
+            };
+            let launch = self
+                .control
+                .resolve(&AccountId(config.account.clone()), &reference)
+                .and_then(|resolved| self.launch(&resolved));
+            match launch {
+                Ok(launch) => {
+                    configs_of.entry(launch.key.clone()).or_default().push(id);
+                    targets.entry(launch.key.clone()).or_insert((launch, 0)).1 +=
+                        config.requested as usize;
+                }
+                Err(e) => {
+                    tracing::warn!("provisioned concurrency for {id}: {e}");
+                    self.failures().insert(id, e.to_string());
+                }
+            }
+        }
+        let targets: Vec<(Launch, usize)> = targets.into_values().collect();
+        for (key, error) in self.router.reconcile_provisioned(&targets).await {
+            if matches!(error, RouteError::Api(ApiError::TooManyRequests { .. })) {
+                // The fleet is full for now; a later pass retries.
+                continue;
+            }
+            tracing::warn!("provisioned concurrency for {key}: {error}");
+            for id in configs_of.remove(&key).unwrap_or_default() {
+                self.failures().insert(id, error.to_string());
+            }
+        }
+    }
+
+    /// Wakes the provisioner after a config changed; a config put again
+    /// gets a fresh try.
+    pub fn provisioned_changed(&self, config: &ProvisionedConfig) {
+        self.failures().remove(&config.id());
+        self.provisioner.notify_one();
+    }
+
+    pub fn provisioned_status(&self, config: &ProvisionedConfig) -> ProvisionedStatus {
+        if let Some(reason) = self.failures().get(&config.id()) {
+            return ProvisionedStatus {
+                allocated: 0,
+                status: "FAILED",
+                reason: Some(reason.clone()),
+            };
+        }
+        let reference = FunctionRef {
+            name: config.function_name.clone(),
+            qualifier: Some(config.qualifier.clone()),
+        };
+        let allocated = self
+            .control
+            .resolve(&AccountId(config.account.clone()), &reference)
+            .map_or(0, |r| self.router.provisioned(&r.key))
+            .min(config.requested as usize) as u32;
+        ProvisionedStatus {
+            allocated,
+            status: if allocated >= config.requested {
+                "READY"
+            } else {
+                "IN_PROGRESS"
+            },
+            reason: None,
+        }
     }
 
     /// Accepts an asynchronous event: stored before this returns, so a

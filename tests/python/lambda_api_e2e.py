@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import sys
+import time
 import zipfile
 
 import boto3
@@ -61,14 +62,27 @@ def expect_error(name, code, fn):
     check(name, False, "no error")
 
 
+def wait_until_ready(qualifier):
+    deadline = time.time() + 30
+    while True:
+        got = a.get_provisioned_concurrency_config(FunctionName="echo", Qualifier=qualifier)
+        if got["Status"] == "READY" or time.time() > deadline:
+            return got
+        time.sleep(0.05)
+
+
 if sys.argv[3:] == ["after-restart"]:
     got = a.get_function(FunctionName="echo")["Configuration"]
     check("the function survived the restart", got["Timeout"] == 6, got)
     versions = [v["Version"] for v in a.list_versions_by_function(FunctionName="echo")["Versions"]]
     check("its versions survived", versions == ["$LATEST", "1", "2"], versions)
     check("its alias survived", a.get_alias(FunctionName="echo", Name="prod")["FunctionVersion"] == "2")
-    r = a.invoke(FunctionName="echo", Qualifier="prod", Payload=b'{"after":1}')
+    got = wait_until_ready("prod")
+    check("provisioned concurrency is back after the restart", got["Status"] == "READY", got)
+    r = a.invoke(FunctionName="echo", Qualifier="prod", Payload=b'{"after":1}', LogType="Tail")
     check("and it still runs", r["Payload"].read() == b'{"echo":{"after":1}}')
+    log = base64.b64decode(r["LogResult"]).decode()
+    check("on a provisioned environment", "REPORT" in log and "Init Duration" not in log, log)
     print("all checks passed")
     sys.exit(0)
 
@@ -136,6 +150,24 @@ a.update_alias(FunctionName="echo", Name="prod", FunctionVersion="2")
 r = a.invoke(FunctionName=created["FunctionArn"] + ":prod", Payload=b"{}")
 check("an updated alias (by ARN) runs the new version", r["ExecutedVersion"] == "2", r)
 check("get_alias", a.get_alias(FunctionName="echo", Name="prod")["FunctionVersion"] == "2")
+
+put = a.put_provisioned_concurrency_config(FunctionName="echo", Qualifier="prod",
+                                          ProvisionedConcurrentExecutions=1)
+check("put provisioned concurrency", put["RequestedProvisionedConcurrentExecutions"] == 1
+      and put["Status"] in ("IN_PROGRESS", "READY"), put)
+got = wait_until_ready("prod")
+check("provisioned concurrency becomes READY", got["Status"] == "READY"
+      and got["AvailableProvisionedConcurrentExecutions"] == 1, got)
+listed = a.list_provisioned_concurrency_configs(FunctionName="echo")["ProvisionedConcurrencyConfigs"]
+check("and is listed", [c["FunctionArn"] for c in listed] == [created["FunctionArn"] + ":prod"], listed)
+r = a.invoke(FunctionName="echo", Qualifier="prod", Payload=b"{}", LogType="Tail")
+log = base64.b64decode(r["LogResult"]).decode()
+check("a provisioned environment reports no Init Duration", "REPORT" in log and "Init Duration" not in log, log)
+expect_error("provisioned concurrency on $LATEST is refused", "InvalidParameterValueException",
+             lambda: a.put_provisioned_concurrency_config(FunctionName="echo", Qualifier="$LATEST",
+                                                          ProvisionedConcurrentExecutions=1))
+expect_error("a missing config is named", "ProvisionedConcurrencyConfigNotFoundException",
+             lambda: a.get_provisioned_concurrency_config(FunctionName="echo", Qualifier="1"))
 
 r = a.invoke(FunctionName="echo", InvocationType="DryRun", Payload=b"{}")
 check("DryRun is 204", r["StatusCode"] == 204, r)

@@ -137,23 +137,79 @@ impl LambdaClient {
             "Timeout": timeout_s,
             "Code": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(zip_one("function.wasm", wasm))},
         });
+        self.call(Method::POST, "/2015-03-31/functions", None, request, 201)
+            .await
+            .map(drop)
+    }
+
+    /// A signed JSON request that must answer `expect`; returns the body.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: Option<&str>,
+        body: serde_json::Value,
+        expect: u16,
+    ) -> Result<serde_json::Value, String> {
         let r = self
             .request(
-                Method::POST,
-                "/2015-03-31/functions",
-                None,
+                method.clone(),
+                path,
+                query,
                 &[("content-type", "application/json")],
-                request.to_string().into(),
+                body.to_string().into(),
             )
             .await?;
-        if r.status != 201 {
+        if r.status != expect {
+            let error_type = r
+                .headers
+                .get("x-amzn-errortype")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             return Err(format!(
-                "CreateFunction {name}: {} {}",
+                "{method} {path}: {} {error_type} {}",
                 r.status,
                 String::from_utf8_lossy(&r.body)
             ));
         }
-        Ok(())
+        if r.body.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&r.body).map_err(|e| format!("{method} {path}: {e}"))
+    }
+
+    /// PublishVersion; returns the new version.
+    pub async fn publish_version(&self, function: &str) -> Result<String, String> {
+        let path = format!("/2015-03-31/functions/{function}/versions");
+        let v = self
+            .call(Method::POST, &path, None, serde_json::json!({}), 201)
+            .await?;
+        v["Version"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("PublishVersion answered {v}"))
+    }
+
+    /// PutProvisionedConcurrencyConfig, GetProvisionedConcurrencyConfig
+    /// (`n` None) or DeleteProvisionedConcurrencyConfig (`n` Some(0)).
+    pub async fn provisioned_concurrency(
+        &self,
+        function: &str,
+        qualifier: &str,
+        n: Option<u32>,
+    ) -> Result<serde_json::Value, String> {
+        let path = format!("/2019-09-30/functions/{function}/provisioned-concurrency");
+        let query = format!("Qualifier={qualifier}");
+        let (method, body, expect) = match n {
+            None => (Method::GET, serde_json::json!({}), 200),
+            Some(0) => (Method::DELETE, serde_json::json!({}), 204),
+            Some(n) => (
+                Method::PUT,
+                serde_json::json!({ "ProvisionedConcurrentExecutions": n }),
+                202,
+            ),
+        };
+        self.call(method, &path, Some(&query), body, expect).await
     }
 
     /// A RequestResponse invoke with the log tail.

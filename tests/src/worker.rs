@@ -8,6 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use host_services::lifecycle::LifecycleEvent;
+
+use crate::lambda_client::LambdaClient;
 use crate::{baremetal_guest, lambda_worker_binary, vmm_binary};
 
 /// Account A's and account B's keys, as `credentials.json` lists them.
@@ -95,6 +98,11 @@ impl RunningWorker {
         }
     }
 
+    /// A Rust client of the API, as account A.
+    pub fn client(&self) -> Arc<LambdaClient> {
+        Arc::new(LambdaClient::new(&self.address, ACCOUNT_A.0, ACCOUNT_A.1))
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
     }
@@ -126,6 +134,25 @@ impl Drop for RunningWorker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A runtime for the clients, with as many threads as the machine has
+/// cores.
+pub fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// The environments' lifecycle record (`logs/environments.jsonl`).
+pub fn lifecycle(data: &Path) -> Vec<LifecycleEvent> {
+    std::fs::read_to_string(data.join("logs/environments.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a lifecycle event"))
+        .collect()
 }
 
 /// Environment ids the worker created for `account:function:version`.

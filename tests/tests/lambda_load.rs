@@ -3,25 +3,11 @@
 //! test in which every invocation is answered exactly once.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use microvm_tests::lambda_client::LambdaClient;
 use microvm_tests::load::{self, percentile};
-use microvm_tests::worker::{data_dir, environments_of, RunningWorker, ACCOUNT_A};
+use microvm_tests::worker::{client_runtime, data_dir, environments_of, RunningWorker};
 use microvm_tests::ECHO_WAT;
-
-fn client(worker: &RunningWorker) -> Arc<LambdaClient> {
-    Arc::new(LambdaClient::new(&worker.address, ACCOUNT_A.0, ACCOUNT_A.1))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
 
 /// Checks from the worker's debug log that no environment ever ran two
 /// invocations at once; returns how many each ran.
@@ -61,9 +47,9 @@ fn concurrent_invokes_use_one_environment_each_and_reuse_them() {
     const N: usize = 4;
     let data = data_dir("lambda-concurrency");
     let worker = RunningWorker::start(&data, &[], "info,host_services::router=debug");
-    let client = client(&worker);
+    let client = worker.client();
     let wasm = wat::parse_str(ECHO_WAT).unwrap();
-    runtime().block_on(async {
+    client_runtime().block_on(async {
         client
             .create_wasm_function("spin", &wasm, 10)
             .await
@@ -108,9 +94,9 @@ fn ten_thousand_invokes_at_concurrency_32_are_each_answered_exactly_once() {
     const COLD_SERIES: usize = 16;
     let data = data_dir("lambda-load");
     let worker = RunningWorker::start(&data, &[], "warn");
-    let client = client(&worker);
+    let client = worker.client();
     let wasm = wat::parse_str(ECHO_WAT).unwrap();
-    let report = runtime().block_on(async {
+    let report = client_runtime().block_on(async {
         // Cold starts one at a time, each on a function of its own.
         let mut cold = Vec::new();
         for i in 0..COLD_SERIES {

@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::auth::{AccountId, SignedRequest};
+use crate::control::ProvisionedConfig;
 use crate::model::*;
 use crate::worker::Worker;
 use error::ApiError;
@@ -101,6 +102,8 @@ fn qualified(mut reference: FunctionRef, query: &Query) -> Result<FunctionRef, A
 #[serde(rename_all = "PascalCase")]
 pub struct Query {
     qualifier: Option<String>,
+    /// `ALL` lists a function's provisioned concurrency configs.
+    list: Option<String>,
 }
 
 type QueryParams = axum::extract::Query<Query>;
@@ -261,13 +264,11 @@ async fn put_concurrency(
 ) -> Result<Response, ApiError> {
     let reference = function_ref(&name, &caller)?;
     let req: PutConcurrencyRequest = parse(&caller.body)?;
-    if req.reserved_concurrent_executions as usize > state.max_environments() {
-        return Err(ApiError::invalid(format!(
-            "ReservedConcurrentExecutions {} is over this worker's {} environments",
-            req.reserved_concurrent_executions,
-            state.max_environments()
-        )));
-    }
+    check_capacity(
+        &state,
+        "ReservedConcurrentExecutions",
+        req.reserved_concurrent_executions,
+    )?;
     state.control.put_reserved_concurrency(
         &caller.account,
         &reference,
@@ -288,6 +289,101 @@ async fn delete_concurrency(
     state
         .control
         .put_reserved_concurrency(&caller.account, &reference, None)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn check_capacity(worker: &Worker, field: &str, n: u32) -> Result<(), ApiError> {
+    if n as usize > worker.capacity() {
+        return Err(ApiError::invalid(format!(
+            "{field} {n} is over this worker's {} environments",
+            worker.capacity()
+        )));
+    }
+    Ok(())
+}
+
+fn provisioned_json(worker: &Worker, config: &ProvisionedConfig) -> serde_json::Value {
+    let status = worker.provisioned_status(config);
+    let mut body = json!({
+        "RequestedProvisionedConcurrentExecutions": config.requested,
+        "AvailableProvisionedConcurrentExecutions": status.allocated,
+        "AllocatedProvisionedConcurrentExecutions": status.allocated,
+        "Status": status.status,
+        "LastModified": config.last_modified,
+    });
+    if let Some(reason) = status.reason {
+        body["StatusReason"] = json!(reason);
+    }
+    body
+}
+
+async fn put_provisioned(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    let req: PutProvisionedConcurrencyRequest = parse(&caller.body)?;
+    check_capacity(
+        &state,
+        "ProvisionedConcurrentExecutions",
+        req.provisioned_concurrent_executions,
+    )?;
+    let config = state.control.put_provisioned(
+        &caller.account,
+        &reference,
+        req.provisioned_concurrent_executions,
+    )?;
+    state.provisioned_changed(&config);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(provisioned_json(&state, &config)),
+    )
+        .into_response())
+}
+
+async fn get_provisioned(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    if query.list.as_deref() == Some("ALL") {
+        let configs = state
+            .control
+            .list_provisioned(&caller.account, &reference.name)?;
+        let listed: Vec<serde_json::Value> = configs
+            .iter()
+            .map(|c| {
+                let mut body = provisioned_json(&state, c);
+                body["FunctionArn"] = json!(format!(
+                    "{}:{}",
+                    function_arn(&caller.account, &c.function_name),
+                    c.qualifier
+                ));
+                body
+            })
+            .collect();
+        return Ok(Json(json!({ "ProvisionedConcurrencyConfigs": listed })).into_response());
+    }
+    let config = state.control.get_provisioned(&caller.account, &reference)?;
+    Ok(Json(provisioned_json(&state, &config)).into_response())
+}
+
+async fn delete_provisioned(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    let config = state.control.get_provisioned(&caller.account, &reference)?;
+    state
+        .control
+        .delete_provisioned(&caller.account, &reference)?;
+    state.provisioned_changed(&config);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -323,6 +419,12 @@ pub fn router(worker: Arc<Worker>) -> Router {
         .route(
             "/2017-10-31/functions/{name}/concurrency",
             put(put_concurrency).delete(delete_concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/provisioned-concurrency",
+            put(put_provisioned)
+                .get(get_provisioned)
+                .delete(delete_provisioned),
         )
         .fallback(not_found)
         .with_state(worker)

@@ -10,7 +10,9 @@ use host_services::api;
 use host_services::auth::Credentials;
 use host_services::control::ControlPlane;
 use host_services::environment::MicroVmImage;
-use host_services::router::{InvokeRouter, RouterLimits};
+use host_services::host::HostLimits;
+use host_services::lifecycle::Lifecycle;
+use host_services::router::{FleetConfig, InvokeRouter};
 use host_services::store::Store;
 use host_services::worker::Worker;
 
@@ -32,9 +34,16 @@ struct Args {
     /// The guest the wasi-preview1 runtime boots (guest-init's baremetal).
     #[arg(long)]
     guest: PathBuf,
-    /// Environments on this worker, idle or busy.
+    /// Environments on each worker, idle or busy.
     #[arg(long, default_value_t = 64)]
     max_environments: usize,
+    /// Workers serving at once in this process.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// A worker's lease, in seconds: near its end the worker drains, its
+    /// in-flight invocations finish and a fresh worker takes over.
+    #[arg(long, default_value_t = 14 * 3600)]
+    worker_lease: u64,
     /// Seconds an idle environment is kept for reuse.
     #[arg(long, default_value_t = 300)]
     idle_timeout: u64,
@@ -60,6 +69,12 @@ async fn run(args: Args) -> Result<(), String> {
     if args.max_environments == 0 {
         return Err("--max-environments must be at least 1".into());
     }
+    if args.workers == 0 {
+        return Err("--workers must be at least 1".into());
+    }
+    if args.worker_lease == 0 {
+        return Err("--worker-lease must be at least 1 second".into());
+    }
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
     let credentials = Credentials::load(&args.credentials).map_err(|e| e.to_string())?;
@@ -74,26 +89,30 @@ async fn run(args: Args) -> Result<(), String> {
         run_dir,
         init_timeout: Duration::from_secs(args.init_timeout),
     };
-    let idle_timeout = Duration::from_secs(args.idle_timeout);
+    let logs = args.data_dir.join("logs");
+    let lifecycle = std::fs::create_dir_all(&logs)
+        .and_then(|()| Lifecycle::open(logs.join("environments.jsonl")))
+        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
     let router = InvokeRouter::new(
         image,
-        RouterLimits {
-            max_environments: args.max_environments,
-            idle_timeout,
-            environment_lease: Duration::from_secs(args.environment_lease),
+        FleetConfig {
+            workers: args.workers,
+            worker_lease: Duration::from_secs(args.worker_lease),
+            host: HostLimits {
+                max_environments: args.max_environments,
+                idle_timeout: Duration::from_secs(args.idle_timeout),
+                environment_lease: Duration::from_secs(args.environment_lease),
+            },
         },
+        lifecycle,
     );
-    router.spawn_reaper(
-        idle_timeout
-            .min(Duration::from_secs(10))
-            .max(Duration::from_millis(100)),
-    );
+    router.spawn_maintenance(router.maintenance_period());
     let worker = Worker::new(
         control,
         credentials,
         router.clone(),
         &args.data_dir,
-        args.max_environments,
+        args.workers * args.max_environments,
     )
     .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
