@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderValue, Method};
 use chrono::{NaiveDateTime, Utc};
@@ -13,6 +14,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::api::error::ApiError;
+use crate::role_credentials::RoleCredentialIssuer;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -57,9 +59,11 @@ pub enum CredentialsError {
     Duplicate { path: String, key: String },
 }
 
-/// The static credential table: access key id to secret and account.
+/// The static credential table: access key id to secret and account;
+/// plus, with an issuer, the temporary credentials of execution roles.
 pub struct Credentials {
     keys: HashMap<String, (String, AccountId)>,
+    issuer: Option<Arc<RoleCredentialIssuer>>,
 }
 
 /// The parts of a request that its signature covers.
@@ -104,7 +108,28 @@ impl Credentials {
                 });
             }
         }
-        Ok(Credentials { keys })
+        Ok(Credentials { keys, issuer: None })
+    }
+
+    /// Also accepts the temporary credentials `issuer` hands out.
+    pub fn with_issuer(self, issuer: Arc<RoleCredentialIssuer>) -> Self {
+        Credentials {
+            issuer: Some(issuer),
+            ..self
+        }
+    }
+
+    /// The secret and account of an access key id: a static key, or a
+    /// temporary one with its session token.
+    fn secret_of(&self, access_key: &str, headers: &HeaderMap) -> Option<(String, AccountId)> {
+        if let Some(entry) = self.keys.get(access_key) {
+            return Some(entry.clone());
+        }
+        let token = headers.get("x-amz-security-token")?.to_str().ok()?;
+        self.issuer
+            .as_ref()?
+            .verify(access_key, token)
+            .map(|(a, s)| (s, a))
     }
 
     /// Checks the request's SigV4 signature and returns the caller's
@@ -118,11 +143,13 @@ impl Credentials {
                 ApiError::InvalidSignature("the request is not signed (no Authorization)".into())
             })?;
         let auth = Authorization::parse(header)?;
-        let (secret, account) = self.keys.get(auth.access_key).ok_or_else(|| {
-            ApiError::UnrecognizedClient(
-                "The security token included in the request is invalid.".into(),
-            )
-        })?;
+        let (secret, account) = self
+            .secret_of(auth.access_key, request.headers)
+            .ok_or_else(|| {
+                ApiError::UnrecognizedClient(
+                    "The security token included in the request is invalid.".into(),
+                )
+            })?;
         let amz_date = request
             .headers
             .get("x-amz-date")
@@ -148,7 +175,7 @@ impl Credentials {
             service: auth.service,
         };
         let string_to_sign = scope.string_to_sign(amz_date, &canonical);
-        let key = scope.signing_key(secret);
+        let key = scope.signing_key(&secret);
         let signature = hex::decode(auth.signature)
             .map_err(|_| ApiError::InvalidSignature("the signature is not hex".into()))?;
         let mut mac = HmacSha256::new_from_slice(&key).expect("HMAC takes any key length");
@@ -159,11 +186,11 @@ impl Credentials {
                     .into(),
             )
         })?;
-        Ok(account.clone())
+        Ok(account)
     }
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+pub(crate) fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(data);
     mac.finalize().into_bytes().to_vec()
@@ -385,7 +412,7 @@ mod tests {
                 AccountId("111111111111".into()),
             ),
         );
-        Credentials { keys }
+        Credentials { keys, issuer: None }
     }
 
     fn signed(path: &str, query: Option<&str>, body: &[u8], secret: &str) -> HeaderMap {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
@@ -34,13 +34,33 @@ impl fmt::Display for VersionKey {
 }
 
 /// What starting an environment for a version takes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Launch {
     pub key: VersionKey,
     /// The version's ARN, as the runtime sees it.
     pub function_arn: String,
     pub memory_mib: u32,
     pub code_disk: PathBuf,
+    /// The function's environment variables: the runtime's, the execution
+    /// role's credentials and the user's.
+    pub variables: Vec<(String, String)>,
+}
+
+/// Whether an environment was started for an invocation or ahead of them,
+/// as `AWS_LAMBDA_INITIALIZATION_TYPE` tells the function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitializationType {
+    OnDemand,
+    ProvisionedConcurrency,
+}
+
+impl InitializationType {
+    fn as_str(self) -> &'static str {
+        match self {
+            InitializationType::OnDemand => "on-demand",
+            InitializationType::ProvisionedConcurrency => "provisioned-concurrency",
+        }
+    }
 }
 
 /// The worker's microVM ingredients.
@@ -72,6 +92,8 @@ pub enum EnvironmentError {
     InitTimeout(Duration),
     #[error("{0}")]
     Runtime(#[from] InvokeError),
+    #[error("the function's environment cannot be sent: {0}")]
+    Environ(String),
 }
 
 /// Lines a microVM sends: the function's log stream (its lines, and the
@@ -215,6 +237,7 @@ pub struct ExecutionEnvironment {
     api: RuntimeApi,
     log: Arc<Lines>,
     _log_listener: AbortOnDrop,
+    _environ_listener: AbortOnDrop,
     /// The serial console and the VMM's own messages.
     diagnostics: Arc<Lines>,
     dir: PathBuf,
@@ -226,8 +249,17 @@ impl ExecutionEnvironment {
         image: &MicroVmImage,
         launch: &Launch,
         id: String,
+        initialization: InitializationType,
     ) -> Result<Self, EnvironmentError> {
         let started = Instant::now();
+        let environ = guest_init::environ::encode(
+            launch
+                .variables
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .chain([("AWS_LAMBDA_INITIALIZATION_TYPE", initialization.as_str())]),
+        )
+        .map_err(|e| EnvironmentError::Environ(e.to_string()))?;
         let dir = image.run_dir.join(&id);
         let dir_error = |source| EnvironmentError::Directory {
             path: dir.clone(),
@@ -245,6 +277,15 @@ impl ExecutionEnvironment {
         let log_listener = accept_log_stream(
             UnixListener::bind(format!("{}_{LOG_PORT}", uds.display())).map_err(dir_error)?,
             log.clone(),
+        );
+        let environ_listener = serve_environ(
+            UnixListener::bind(format!(
+                "{}_{}",
+                uds.display(),
+                guest_init::environ::ENVIRON_PORT
+            ))
+            .map_err(dir_error)?,
+            environ,
         );
         let mut command = Command::new(&image.vmm);
         command
@@ -314,6 +355,7 @@ impl ExecutionEnvironment {
             api,
             log,
             _log_listener: log_listener,
+            _environ_listener: environ_listener,
             diagnostics,
             dir,
         })
@@ -371,6 +413,20 @@ fn accept_log_stream(listener: UnixListener, log: Arc<Lines>) -> AbortOnDrop {
         if let Ok((stream, _)) = listener.accept().await {
             drop(listener);
             read_lines(stream, log);
+        }
+    }))
+}
+
+/// Sends the start-up message to the guest's first connection. It holds
+/// credentials, so it goes to one connection only.
+fn serve_environ(listener: UnixListener, message: Vec<u8>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        if let Ok((mut stream, _)) = listener.accept().await {
+            drop(listener);
+            if let Err(e) = stream.write_all(&message).await {
+                tracing::warn!("sending the environment to the guest: {e}");
+            }
+            let _ = stream.shutdown().await;
         }
     }))
 }

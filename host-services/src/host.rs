@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::environment::{
-    EnvironmentError, ExecutionEnvironment, Launch, MicroVmImage, VersionKey,
+    EnvironmentError, ExecutionEnvironment, InitializationType, Launch, MicroVmImage, VersionKey,
 };
 use crate::lifecycle::{CreateReason, DestroyReason, Lifecycle};
 
@@ -223,7 +223,12 @@ impl WorkerHost {
             self.id,
             self.next_environment.fetch_add(1, Ordering::Relaxed)
         );
-        match ExecutionEnvironment::start(&self.image, launch, id).await {
+        let initialization = if reason == CreateReason::NewInvocation {
+            InitializationType::OnDemand
+        } else {
+            InitializationType::ProvisionedConcurrency
+        };
+        match ExecutionEnvironment::start(&self.image, launch, id, initialization).await {
             Ok(env) => {
                 self.lifecycle.created(&env.id, &self.id, &env.key, reason);
                 Ok(env)

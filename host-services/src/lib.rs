@@ -12,6 +12,7 @@ pub mod environment;
 pub mod host;
 pub mod lifecycle;
 pub mod model;
+pub mod role_credentials;
 pub mod router;
 pub mod runtime_api;
 pub mod store;

@@ -304,6 +304,10 @@ pub fn validate_role(role: &str, account: &AccountId) -> Result<(), ApiError> {
     }
 }
 
+/// Variables the runtime sets that a function may not override, beyond
+/// every `AWS_` one.
+const RESERVED_VARIABLES: [&str; 3] = ["LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR", "TZ"];
+
 pub fn validate_environment(env: &Environment) -> Result<(), ApiError> {
     let mut size = 0;
     for (k, v) in &env.variables {
@@ -314,7 +318,7 @@ pub fn validate_environment(env: &Environment) -> Result<(), ApiError> {
                 "environment variable name {k:?} must start with a letter and hold only letters, digits and '_'"
             )));
         }
-        if k.starts_with("AWS_") || k.starts_with("_") {
+        if k.starts_with("AWS_") || RESERVED_VARIABLES.contains(&k.as_str()) {
             return Err(ApiError::invalid(format!(
                 "environment variable {k:?} is reserved by Lambda"
             )));

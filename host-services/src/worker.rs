@@ -17,7 +17,8 @@ use crate::auth::{AccountId, Credentials};
 use crate::control::{ControlPlane, ProvisionedConfig, Resolved};
 use crate::environment::{Launch, VersionKey};
 use crate::lifecycle::DestroyReason;
-use crate::model::{FunctionRef, LATEST};
+use crate::model::{FunctionRef, LATEST, REGION};
+use crate::role_credentials::RoleCredentialIssuer;
 use crate::router::{InvokeRouter, RouteError};
 use crate::runtime_api::Outcome;
 use crate::store::EVENTS;
@@ -26,10 +27,17 @@ use crate::store::EVENTS;
 const EVENT_ATTEMPTS: u32 = 3;
 const EVENT_RETRY_DELAY: Duration = Duration::from_millis(500);
 
+/// Where the runtime finds the Runtime API, inside the guest.
+const RUNTIME_API_ADDRESS: &str = "127.0.0.1:9001";
+
 pub struct Worker {
     pub control: ControlPlane,
     pub credentials: Credentials,
     pub router: Arc<InvokeRouter>,
+    roles: Arc<RoleCredentialIssuer>,
+    /// How long an environment may live: its credentials must last as
+    /// long.
+    environment_lease: Duration,
     logs: PathBuf,
     capacity: usize,
     events: tokio::sync::mpsc::UnboundedSender<String>,
@@ -79,8 +87,10 @@ impl Worker {
         control: ControlPlane,
         credentials: Credentials,
         router: Arc<InvokeRouter>,
+        roles: Arc<RoleCredentialIssuer>,
         data_dir: &std::path::Path,
         capacity: usize,
+        environment_lease: Duration,
     ) -> std::io::Result<Arc<Self>> {
         let logs = data_dir.join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -89,6 +99,8 @@ impl Worker {
             control,
             credentials,
             router,
+            roles,
+            environment_lease,
             logs,
             capacity,
             events,
@@ -108,11 +120,47 @@ impl Worker {
     /// What starting an environment for `resolved` takes.
     fn launch(&self, resolved: &Resolved) -> Result<Launch, ApiError> {
         let config = &resolved.config;
+        let role =
+            self.roles
+                .credentials(&resolved.key.account, &config.role, self.environment_lease);
+        let mut variables: Vec<(String, String)> = [
+            ("AWS_LAMBDA_FUNCTION_NAME", config.function_name.clone()),
+            ("AWS_LAMBDA_FUNCTION_VERSION", config.version.clone()),
+            (
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+                config.memory_size.to_string(),
+            ),
+            (
+                "AWS_LAMBDA_LOG_GROUP_NAME",
+                format!("/aws/lambda/{}", config.function_name),
+            ),
+            ("AWS_REGION", REGION.into()),
+            ("AWS_DEFAULT_REGION", REGION.into()),
+            (
+                "AWS_EXECUTION_ENV",
+                format!("AWS_Lambda_{}", config.runtime),
+            ),
+            ("AWS_LAMBDA_RUNTIME_API", RUNTIME_API_ADDRESS.into()),
+            ("_HANDLER", config.handler.clone()),
+            ("LAMBDA_TASK_ROOT", "/var/task".into()),
+            ("LAMBDA_RUNTIME_DIR", "/var/runtime".into()),
+            ("TZ", ":UTC".into()),
+            ("AWS_ACCESS_KEY_ID", role.access_key_id),
+            ("AWS_SECRET_ACCESS_KEY", role.secret_access_key),
+            ("AWS_SESSION_TOKEN", role.session_token),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        if let Some(env) = &config.environment {
+            variables.extend(env.variables.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         Ok(Launch {
             key: resolved.key.clone(),
             function_arn: config.function_arn.clone(),
             memory_mib: config.memory_size,
             code_disk: self.control.code_disk(&resolved.key.account, config)?,
+            variables,
         })
     }
 

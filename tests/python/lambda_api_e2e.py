@@ -20,13 +20,14 @@ endpoint, wasm_path = sys.argv[1], sys.argv[2]
 env = __import__("os").environ
 
 
-def client(key, secret, validate=True):
+def client(key, secret, validate=True, token=None):
     return boto3.client(
         "lambda",
         endpoint_url=endpoint,
         region_name="local",
         aws_access_key_id=key,
         aws_secret_access_key=secret,
+        aws_session_token=token,
         config=Config(retries={"max_attempts": 1}, read_timeout=60,
                       parameter_validation=validate),
     )
@@ -123,6 +124,31 @@ log = base64.b64decode(r["LogResult"]).decode()
 check("the log tail has START, END and REPORT with Init Duration",
       "START RequestId:" in log and "END RequestId:" in log and "Init Duration:" in log, log)
 check("the function's stderr is in the log", "echo: handling an event" in log, log)
+def environ_of(**kw):
+    r = a.invoke(Payload=b'"env"', **kw)
+    return dict(line.split("=", 1) for line in r["Payload"].read().decode().splitlines())
+
+
+e = environ_of(FunctionName="echo")
+check("the function gets its name, version, memory, region and handler",
+      (e["AWS_LAMBDA_FUNCTION_NAME"], e["AWS_LAMBDA_FUNCTION_VERSION"], e["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"],
+       e["AWS_REGION"], e["_HANDLER"], e["AWS_LAMBDA_RUNTIME_API"])
+      == ("echo", "$LATEST", "128", "local", "function.wasm", "127.0.0.1:9001"), e)
+check("and the user's variables", e.get("GREETING") == "hello", e)
+check("an on-demand environment says so", e["AWS_LAMBDA_INITIALIZATION_TYPE"] == "on-demand", e)
+check("the execution role's credentials are temporary ones",
+      e["AWS_ACCESS_KEY_ID"].startswith("ASIA") and e["AWS_SESSION_TOKEN"], e)
+as_role = client(e["AWS_ACCESS_KEY_ID"], e["AWS_SECRET_ACCESS_KEY"], token=e["AWS_SESSION_TOKEN"])
+names = [f["FunctionName"] for f in as_role.list_functions()["Functions"]]
+check("they sign requests for the function's account", "echo" in names, names)
+forged = client(e["AWS_ACCESS_KEY_ID"], e["AWS_SECRET_ACCESS_KEY"], token=e["AWS_SESSION_TOKEN"][:-2] + "AA")
+expect_error("a tampered session token is refused", "UnrecognizedClientException",
+             lambda: forged.list_functions())
+expect_error("a reserved variable name is refused", "InvalidParameterValueException",
+             lambda: a.update_function_configuration(FunctionName="echo",
+                                                     Environment={"Variables": {"AWS_REGION": "x"}}))
+role_key = e["AWS_ACCESS_KEY_ID"]
+
 r = a.invoke(FunctionName="echo", Payload=b'{"n":2}', LogType="Tail")
 log = base64.b64decode(r["LogResult"]).decode()
 check("warm invoke answers", r["Payload"].read() == b'{"echo":{"n":2}}')
@@ -163,6 +189,10 @@ check("and is listed", [c["FunctionArn"] for c in listed] == [created["FunctionA
 r = a.invoke(FunctionName="echo", Qualifier="prod", Payload=b"{}", LogType="Tail")
 log = base64.b64decode(r["LogResult"]).decode()
 check("a provisioned environment reports no Init Duration", "REPORT" in log and "Init Duration" not in log, log)
+e = environ_of(FunctionName="echo", Qualifier="prod")
+check("a provisioned environment says so", e["AWS_LAMBDA_INITIALIZATION_TYPE"] == "provisioned-concurrency"
+      and e["AWS_LAMBDA_FUNCTION_VERSION"] == "2", e)
+check("environments with the same role share its cached credentials", e["AWS_ACCESS_KEY_ID"] == role_key, e)
 expect_error("provisioned concurrency on $LATEST is refused", "InvalidParameterValueException",
              lambda: a.put_provisioned_concurrency_config(FunctionName="echo", Qualifier="$LATEST",
                                                           ProvisionedConcurrentExecutions=1))

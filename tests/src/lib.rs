@@ -18,12 +18,15 @@ pub use vmm::vstate::vm::HypervisorKind;
 /// a line to stderr. An event that is a JSON string starting with `t`
 /// (`"trap"`) traps; one starting with `l` (`"loop"`) never ends; one
 /// starting with `s` (`"spin"`) counts down from 20M first, about 100 ms
-/// of work that holds its environment busy.
+/// of work that holds its environment busy; one starting with `e`
+/// (`"env"`) answers with its environment, a `KEY=VALUE` per line.
 pub const ECHO_WAT: &str = r#"
 (module
   (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 2)
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
+  (memory (export "memory") 3)
   (data (i32.const 0) "{\"echo\":")
   (data (i32.const 16) "}")
   (data (i32.const 32) "echo: handling an event\n")
@@ -38,6 +41,22 @@ pub const ECHO_WAT: &str = r#"
     (i32.store (i32.const 124) (i32.const 24))
     (drop (call $fd_write (i32.const 2) (i32.const 120) (i32.const 1) (i32.const 112)))
     (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 116)) (then unreachable))
+    (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 101))
+      (then
+        (drop (call $environ_sizes_get (i32.const 200) (i32.const 204)))
+        (drop (call $environ_get (i32.const 65536) (i32.const 73728)))
+        (local.set $i (i32.const 0))
+        (block $done
+          (loop $nul
+            (br_if $done (i32.ge_u (local.get $i) (i32.load (i32.const 204))))
+            (if (i32.eqz (i32.load8_u (i32.add (i32.const 73728) (local.get $i))))
+              (then (i32.store8 (i32.add (i32.const 73728) (local.get $i)) (i32.const 10))))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br $nul)))
+        (i32.store (i32.const 80) (i32.const 73728))
+        (i32.store (i32.const 84) (i32.load (i32.const 204)))
+        (drop (call $fd_write (i32.const 1) (i32.const 80) (i32.const 1) (i32.const 112)))
+        (return)))
     (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 108))
       (then (loop $forever (br $forever))))
     (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 115))

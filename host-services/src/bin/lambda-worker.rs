@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -12,6 +13,7 @@ use host_services::control::ControlPlane;
 use host_services::environment::MicroVmImage;
 use host_services::host::HostLimits;
 use host_services::lifecycle::Lifecycle;
+use host_services::role_credentials::RoleCredentialIssuer;
 use host_services::router::{FleetConfig, InvokeRouter};
 use host_services::store::Store;
 use host_services::worker::Worker;
@@ -77,7 +79,19 @@ async fn run(args: Args) -> Result<(), String> {
     }
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
-    let credentials = Credentials::load(&args.credentials).map_err(|e| e.to_string())?;
+    let environment_lease = Duration::from_secs(args.environment_lease);
+    // Role credentials last an hour beyond the longest environment, so
+    // that one set serves every environment started within that hour.
+    let roles = Arc::new(
+        RoleCredentialIssuer::open(
+            &args.data_dir.join("issuer.key"),
+            environment_lease + Duration::from_secs(3600),
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let credentials = Credentials::load(&args.credentials)
+        .map_err(|e| e.to_string())?
+        .with_issuer(roles.clone());
     let store = Store::open(&args.data_dir).map_err(|e| e.to_string())?;
     let control = ControlPlane::new(store, &args.data_dir, false)
         .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
@@ -101,7 +115,7 @@ async fn run(args: Args) -> Result<(), String> {
             host: HostLimits {
                 max_environments: args.max_environments,
                 idle_timeout: Duration::from_secs(args.idle_timeout),
-                environment_lease: Duration::from_secs(args.environment_lease),
+                environment_lease,
             },
         },
         lifecycle,
@@ -111,8 +125,10 @@ async fn run(args: Args) -> Result<(), String> {
         control,
         credentials,
         router.clone(),
+        roles,
         &args.data_dir,
         args.workers * args.max_environments,
+        environment_lease,
     )
     .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -6,11 +6,13 @@
 //! for the default).
 
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
+use guest_init::environ;
 use guest_init::http::{ByteStream, StreamError};
 use guest_init::runtime_api::{Invocation, RuntimeClient};
 use wasmi::{Config, Engine, Linker, Module, Store, TypedResumableCall};
@@ -51,6 +53,37 @@ impl ByteStream for VsockStream<'_> {
             .send(self.id, data)
             .map_err(|e| StreamError(format!("{e}")))
     }
+}
+
+/// Reads the start-up message from the host: the function's environment,
+/// as WASI hands it out (`KEY=VALUE\0` each).
+fn read_environ(driver: &RefCell<VsockDriver>) -> Result<Vec<Vec<u8>>, String> {
+    let id = driver
+        .borrow_mut()
+        .connect(environ::ENVIRON_PORT)
+        .map_err(|e| format!("cannot reach the host's environment port: {e}"))?;
+    let mut message = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = driver.borrow_mut().recv(id, &mut buf);
+        if n == 0 {
+            break;
+        }
+        message.extend_from_slice(&buf[..n]);
+        if message.len() > environ::MAX_MESSAGE {
+            driver.borrow_mut().close(id);
+            return Err(format!(
+                "the environment message is over {} bytes",
+                environ::MAX_MESSAGE
+            ));
+        }
+    }
+    driver.borrow_mut().close(id);
+    let variables = environ::decode(&message).map_err(|e| format!("{e}"))?;
+    Ok(variables
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}\0").into_bytes())
+        .collect())
 }
 
 /// The function as the code disk holds it.
@@ -102,16 +135,50 @@ fn fail(error_type: &'static str, message: String) -> Failure {
     }
 }
 
+/// The function, ready to run: compiled, linked to WASI, with its fuel
+/// budget and environment.
+struct Function {
+    engine: Engine,
+    module: Module,
+    linker: Linker<Io>,
+    fuel: u64,
+    environ: Rc<Vec<Vec<u8>>>,
+}
+
+impl Function {
+    fn prepare(
+        engine: Engine,
+        image: FunctionImage,
+        environ: Vec<Vec<u8>>,
+    ) -> Result<Self, String> {
+        let module = Module::new(&engine, &image.module).map_err(|e| format!("{e}"))?;
+        let mut linker = Linker::<Io>::new(&engine);
+        wasi::link(&mut linker).map_err(|e| format!("{e}"))?;
+        Ok(Function {
+            engine,
+            module,
+            linker,
+            fuel: image.fuel,
+            environ: Rc::new(environ),
+        })
+    }
+}
+
 /// Runs the module's `_start` with the event as stdin.
 fn invoke(
-    engine: &Engine,
-    module: &Module,
-    linker: &Linker<Io>,
+    function: &Function,
     invocation: &Invocation,
-    fuel: u64,
     clock: &Clock,
     stderr: &mut Vec<u8>,
 ) -> Result<Vec<u8>, Failure> {
+    let Function {
+        engine,
+        module,
+        linker,
+        fuel,
+        environ,
+    } = function;
+    let fuel = *fuel;
     let deadline = invocation
         .remaining_ms
         .zip(clock.tsc_khz())
@@ -123,6 +190,7 @@ fn invoke(
         stderr: Vec::new(),
         clock: *clock,
         rng_state: clock.now() | 1,
+        environ: environ.clone(),
     };
     let mut store = Store::new(engine, io);
     let instance = linker
@@ -206,17 +274,18 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
     let mut config = Config::default();
     config.consume_fuel(true);
     let engine = Engine::new(&config);
-    let prepared = read_image(devices).and_then(|image| {
-        let module = Module::new(&engine, &image.module).map_err(|e| format!("{e}"))?;
-        let mut linker = Linker::<Io>::new(&engine);
-        wasi::link(&mut linker).map_err(|e| format!("{e}"))?;
-        Ok((module, linker, image.fuel))
-    });
-    let (module, linker, fuel) = match prepared {
+    let prepared = read_environ(&driver)
+        .map_err(|e| ("Runtime.InvalidEnvironment", e))
+        .and_then(|environ| {
+            read_image(devices)
+                .and_then(|image| Function::prepare(engine, image, environ))
+                .map_err(|e| ("Runtime.InvalidFunction", e))
+        });
+    let function = match prepared {
         Ok(p) => p,
-        Err(message) => {
-            println!("runtime: init failed: {message}");
-            if let Err(e) = client.init_error("Runtime.InvalidFunction", &message) {
+        Err((error_type, message)) => {
+            println!("runtime: init failed: {error_type}: {message}");
+            if let Err(e) = client.init_error(error_type, &message) {
                 println!("runtime: cannot report the init error: {e}");
             }
             return;
@@ -233,15 +302,7 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
             }
         };
         let mut lines = Vec::new();
-        let result = invoke(
-            &engine,
-            &module,
-            &linker,
-            &invocation,
-            fuel,
-            clock,
-            &mut lines,
-        );
+        let result = invoke(&function, &invocation, clock, &mut lines);
         lines.retain(|&b| b != b'\r');
         if !lines.is_empty() && !lines.ends_with(b"\n") {
             lines.push(b'\n');

@@ -1,9 +1,10 @@
 //! The WASI preview1 subset a function gets, so that modules from
 //! ordinary toolchains, or written in WAT, run unchanged: the event is its
-//! stdin, its stdout is the response, its stderr goes to the log. No files,
-//! no arguments, no environment. Unknown imports fail instantiation with
-//! their name.
+//! stdin, its stdout is the response, its stderr goes to the log, and its
+//! environment is what the host sent at start. No files, no arguments.
+//! Unknown imports fail instantiation with their name.
 
+use alloc::rc::Rc;
 use alloc::vec::Vec;
 
 use wasmi::{Caller, Error, Extern, Linker, Memory};
@@ -27,6 +28,8 @@ pub struct Io {
     pub stderr: Vec<u8>,
     pub clock: Clock,
     pub rng_state: u64,
+    /// The function's environment, each `KEY=VALUE\0`.
+    pub environ: Rc<Vec<Vec<u8>>>,
 }
 
 fn memory(caller: &Caller<'_, Io>) -> Option<Memory> {
@@ -49,6 +52,51 @@ fn write_bytes(data: &mut [u8], at: usize, bytes: &[u8]) -> bool {
         }
         None => false,
     }
+}
+
+/// `*_sizes_get` for a list of NUL-terminated strings: their count and
+/// their total size.
+fn strings_sizes(caller: &mut Caller<'_, Io>, strings: &[Vec<u8>], count: i32, size: i32) -> i32 {
+    let Some(mem) = memory(caller) else {
+        return ERRNO_FAULT;
+    };
+    let data = mem.data_mut(caller);
+    let total: usize = strings.iter().map(Vec::len).sum();
+    let ok = write_bytes(
+        data,
+        count as u32 as usize,
+        &(strings.len() as u32).to_le_bytes(),
+    ) && write_bytes(data, size as u32 as usize, &(total as u32).to_le_bytes());
+    if ok {
+        ERRNO_SUCCESS
+    } else {
+        ERRNO_FAULT
+    }
+}
+
+/// `*_get`: the strings into `buffer`, a pointer to each into `pointers`.
+fn strings_get(
+    caller: &mut Caller<'_, Io>,
+    strings: &[Vec<u8>],
+    pointers: i32,
+    buffer: i32,
+) -> i32 {
+    let Some(mem) = memory(caller) else {
+        return ERRNO_FAULT;
+    };
+    let data = mem.data_mut(caller);
+    let mut at = buffer as u32 as usize;
+    for (i, string) in strings.iter().enumerate() {
+        let slot = (pointers as u32 as usize).saturating_add(i * 4);
+        let Ok(address) = u32::try_from(at) else {
+            return ERRNO_FAULT;
+        };
+        if !write_bytes(data, slot, &address.to_le_bytes()) || !write_bytes(data, at, string) {
+            return ERRNO_FAULT;
+        }
+        at += string.len();
+    }
+    ERRNO_SUCCESS
 }
 
 /// The (address, length) pairs of an iovec array, bounds-checked.
@@ -134,30 +182,36 @@ pub fn link(linker: &mut Linker<Io>) -> Result<(), Error> {
         "proc_exit",
         |_: Caller<'_, Io>, code: i32| -> Result<(), Error> { Err(Error::i32_exit(code)) },
     )?;
-    for name in ["environ_sizes_get", "args_sizes_get"] {
-        linker.func_wrap(
-            MODULE,
-            name,
-            |mut caller: Caller<'_, Io>, count: i32, size: i32| -> i32 {
-                let Some(mem) = memory(&caller) else {
-                    return ERRNO_FAULT;
-                };
-                let data = mem.data_mut(&mut caller);
-                let ok = write_bytes(data, count as u32 as usize, &0u32.to_le_bytes())
-                    && write_bytes(data, size as u32 as usize, &0u32.to_le_bytes());
-                if ok {
-                    ERRNO_SUCCESS
-                } else {
-                    ERRNO_FAULT
-                }
-            },
-        )?;
-    }
-    for name in ["environ_get", "args_get"] {
-        linker.func_wrap(MODULE, name, |_: Caller<'_, Io>, _: i32, _: i32| -> i32 {
-            ERRNO_SUCCESS
-        })?;
-    }
+    linker.func_wrap(
+        MODULE,
+        "environ_sizes_get",
+        |mut caller: Caller<'_, Io>, count: i32, size: i32| -> i32 {
+            let environ = caller.data().environ.clone();
+            strings_sizes(&mut caller, &environ, count, size)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "environ_get",
+        |mut caller: Caller<'_, Io>, pointers: i32, buffer: i32| -> i32 {
+            let environ = caller.data().environ.clone();
+            strings_get(&mut caller, &environ, pointers, buffer)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "args_sizes_get",
+        |mut caller: Caller<'_, Io>, count: i32, size: i32| -> i32 {
+            strings_sizes(&mut caller, &[], count, size)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "args_get",
+        |mut caller: Caller<'_, Io>, pointers: i32, buffer: i32| -> i32 {
+            strings_get(&mut caller, &[], pointers, buffer)
+        },
+    )?;
     linker.func_wrap(
         MODULE,
         "clock_time_get",
