@@ -92,6 +92,24 @@ pub fn extract(zip: &[u8], name: &str) -> Result<Vec<u8>, ApiError> {
     Ok(data)
 }
 
+/// The file `name` from the function's code, or else from the last of its
+/// layers that has it, as it would be found in `/var/task` then `/opt`.
+pub fn extract_with_layers(code: &[u8], layers: &[&[u8]], name: &str) -> Result<Vec<u8>, ApiError> {
+    if has_file(code, name) {
+        return extract(code, name);
+    }
+    match layers.iter().rev().find(|layer| has_file(layer, name)) {
+        Some(layer) => extract(layer, name),
+        None => Err(ApiError::invalid(format!(
+            "the handler file {name:?} is in neither the code nor its layers"
+        ))),
+    }
+}
+
+fn has_file(zip: &[u8], name: &str) -> bool {
+    zip::ZipArchive::new(Cursor::new(zip)).is_ok_and(|a| a.index_for_name(name).is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +132,31 @@ mod tests {
         assert_eq!(extract(&zip, "function.wasm").unwrap(), b"\0asm\x01\0\0\0");
         let err = extract(&zip, "missing.wasm").unwrap_err();
         assert!(err.to_string().contains("\"missing.wasm\""), "{err}");
+    }
+
+    #[test]
+    fn the_handler_comes_from_the_code_first_then_the_last_layer_that_has_it() {
+        let code = zip_of(&[("own.wasm", b"code")]);
+        let first = zip_of(&[("shared.wasm", b"first"), ("only-first.wasm", b"1")]);
+        let second = zip_of(&[("shared.wasm", b"second"), ("own.wasm", b"layer")]);
+        let layers = [first.as_slice(), second.as_slice()];
+        assert_eq!(
+            extract_with_layers(&code, &layers, "own.wasm").unwrap(),
+            b"code"
+        );
+        assert_eq!(
+            extract_with_layers(&code, &layers, "shared.wasm").unwrap(),
+            b"second"
+        );
+        assert_eq!(
+            extract_with_layers(&code, &layers, "only-first.wasm").unwrap(),
+            b"1"
+        );
+        let err = extract_with_layers(&code, &layers, "none.wasm").unwrap_err();
+        assert!(
+            err.to_string().contains("neither the code nor its layers"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -60,7 +60,7 @@ fn function_key(account: &AccountId, name: &str) -> String {
     format!("{account}/{name}")
 }
 
-fn now_string() -> String {
+pub(crate) fn now_string() -> String {
     chrono::Utc::now()
         .format("%Y-%m-%dT%H:%M:%S%.3f%z")
         .to_string()
@@ -70,7 +70,7 @@ fn revision() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-fn decode_zip(base64_zip: &str) -> Result<Vec<u8>, ApiError> {
+pub(crate) fn decode_zip(base64_zip: &str) -> Result<Vec<u8>, ApiError> {
     let zip = base64::engine::general_purpose::STANDARD
         .decode(base64_zip)
         .map_err(|e| ApiError::invalid(format!("ZipFile is not base64: {e}")))?;
@@ -78,11 +78,11 @@ fn decode_zip(base64_zip: &str) -> Result<Vec<u8>, ApiError> {
     Ok(zip)
 }
 
-fn code_sha256(zip: &[u8]) -> String {
+pub(crate) fn code_sha256(zip: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Sha256::digest(zip))
 }
 
-fn code_key(account: &AccountId, sha: &str) -> String {
+pub(crate) fn code_key(account: &AccountId, sha: &str) -> String {
     format!("{account}/{}", hex::encode(sha.as_bytes()))
 }
 
@@ -189,9 +189,6 @@ impl ControlPlane {
         if let Some(env) = &req.environment {
             validate_environment(env)?;
         }
-        if !req.layers.is_empty() {
-            return Err(ApiError::invalid("layers are not supported yet"));
-        }
         only_zip_code(&req.code.s3_bucket, &req.code.image_uri)?;
         let zip = decode_zip(
             req.code
@@ -200,7 +197,7 @@ impl ControlPlane {
                 .ok_or_else(|| ApiError::invalid("Code.ZipFile is required"))?,
         )?;
         let sha = code_sha256(&zip);
-        let config = FunctionConfiguration {
+        let mut config = FunctionConfiguration {
             function_name: req.function_name.clone(),
             function_arn: function_arn(account, &req.function_name),
             runtime,
@@ -229,6 +226,7 @@ impl ControlPlane {
                     req.function_name
                 )));
             }
+            config.layers = self.resolve_layers(t, account, &req.layers)?;
             t.put_bytes(CODE, &code_key(account, &sha), &zip)?;
             let mut record = FunctionRecord {
                 latest: config.clone(),
@@ -393,15 +391,15 @@ impl ControlPlane {
         if let Some(env) = &req.environment {
             validate_environment(env)?;
         }
-        if req.layers.as_ref().is_some_and(|l| !l.is_empty()) {
-            return Err(ApiError::invalid("layers are not supported yet"));
-        }
         self.update_latest(
             account,
             reference,
             req.revision_id.as_deref(),
             false,
-            |_, latest| {
+            |t, latest| {
+                if let Some(arns) = &req.layers {
+                    latest.layers = self.resolve_layers(t, account, arns)?;
+                }
                 let runtime = req
                     .runtime
                     .clone()
@@ -714,10 +712,15 @@ impl ControlPlane {
         account: &AccountId,
         config: &FunctionConfiguration,
     ) -> Result<PathBuf, ApiError> {
+        let layers = self.layer_zips(account, &config.layers)?;
+        let layer_shas: Vec<&str> = layers.iter().map(|(sha, _)| sha.as_str()).collect();
         let id = hex::encode(Sha256::digest(
             format!(
-                "{}\0{}\0{}",
-                config.code_sha256, config.handler, config.timeout
+                "{}\0{}\0{}\0{}",
+                config.code_sha256,
+                config.handler,
+                config.timeout,
+                layer_shas.join(",")
             )
             .as_bytes(),
         ));
@@ -730,7 +733,8 @@ impl ControlPlane {
             .read()?
             .get_bytes(CODE, &code_key(account, &config.code_sha256))?
             .ok_or_else(|| ApiError::Service(format!("code {} is missing", config.code_sha256)))?;
-        let module = code::extract(&zip, &config.handler)?;
+        let layer_zips: Vec<&[u8]> = layers.iter().map(|(_, zip)| zip.as_slice()).collect();
+        let module = code::extract_with_layers(&zip, &layer_zips, &config.handler)?;
         // A budget no function needs within its timeout; the deadline is
         // what stops it first.
         let fuel = u64::from(config.timeout) * 2_000_000_000;
@@ -801,4 +805,5 @@ fn same_function(a: &FunctionConfiguration, b: &FunctionConfiguration) -> bool {
         && a.timeout == b.timeout
         && a.role == b.role
         && a.environment == b.environment
+        && a.layers == b.layers
 }

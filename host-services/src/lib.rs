@@ -10,6 +10,7 @@ pub mod code;
 pub mod control;
 pub mod environment;
 pub mod host;
+pub mod layers;
 pub mod lifecycle;
 pub mod model;
 pub mod role_credentials;

@@ -226,6 +226,31 @@ check("account B lists nothing", b.list_functions()["Functions"] == [])
 bad = client(env["KEY_A"], "wrong-secret")
 expect_error("a wrong secret is refused", "InvalidSignatureException", lambda: bad.list_functions())
 
+layer = a.publish_layer_version(LayerName="wasm-runtime", Content={"ZipFile": zipped("layered.wasm", wasm)},
+                                CompatibleRuntimes=["wasi-preview1"], Description="the echo module")
+check("publish a layer version", layer["Version"] == 1 and layer["LayerVersionArn"].endswith(":layer:wasm-runtime:1"),
+      layer)
+check("publishing again makes version 2", a.publish_layer_version(
+    LayerName="wasm-runtime", Content={"ZipFile": zipped("layered.wasm", wasm)})["Version"] == 2)
+listed = [v["Version"] for v in a.list_layer_versions(LayerName="wasm-runtime")["LayerVersions"]]
+check("layer versions are listed newest first", listed == [2, 1], listed)
+got = a.get_layer_version(LayerName="wasm-runtime", VersionNumber=1)
+check("get_layer_version", got["Description"] == "the echo module"
+      and got["Content"]["CodeSha256"] == layer["Content"]["CodeSha256"], got)
+layered = a.create_function(FunctionName="layered", Runtime="wasi-preview1", Role=role, Handler="layered.wasm",
+                            Code={"ZipFile": zipped("README", b"the module is in the layer")},
+                            Layers=[layer["LayerVersionArn"]])
+check("a function takes layers", [l["Arn"] for l in layered["Layers"]] == [layer["LayerVersionArn"]], layered)
+r = a.invoke(FunctionName="layered", Payload=b'{"from":"layer"}')
+check("and runs the handler its layer provides", r["Payload"].read() == b'{"echo":{"from":"layer"}}')
+expect_error("a missing layer version is refused", "InvalidParameterValueException",
+             lambda: a.update_function_configuration(FunctionName="layered",
+                                                     Layers=[layer["LayerArn"] + ":9"]))
+expect_error("another account's layer is refused", "AccessDeniedException",
+             lambda: b.create_function(FunctionName="thief", Runtime="wasi-preview1",
+                                       Role="arn:aws:iam::222222222222:role/r", Handler="layered.wasm",
+                                       Code={"ZipFile": zipped("README", b"x")}, Layers=[layer["LayerVersionArn"]]))
+
 a.put_function_concurrency(FunctionName="echo", ReservedConcurrentExecutions=0)
 expect_error("reserved concurrency 0 throttles", "TooManyRequestsException",
              lambda: a.invoke(FunctionName="echo", Payload=b"{}"))

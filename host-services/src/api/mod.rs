@@ -387,6 +387,43 @@ async fn delete_provisioned(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn publish_layer_version(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let layer =
+        state
+            .control
+            .publish_layer_version(&caller.account, &name, parse(&caller.body)?)?;
+    Ok((StatusCode::CREATED, Json(layer)).into_response())
+}
+
+async fn list_layer_versions(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let versions = state.control.list_layer_versions(&caller.account, &name)?;
+    Ok(Json(json!({ "LayerVersions": versions })).into_response())
+}
+
+async fn get_layer_version(
+    state: Shared,
+    Path((name, version)): Path<(String, String)>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let version = version
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("invalid layer version {version:?}")))?;
+    Ok(Json(
+        state
+            .control
+            .get_layer_version(&caller.account, &name, version)?,
+    )
+    .into_response())
+}
+
 async fn not_found() -> ApiError {
     ApiError::ResourceNotFound("no such operation on this worker".into())
 }
@@ -425,6 +462,14 @@ pub fn router(worker: Arc<Worker>) -> Router {
             put(put_provisioned)
                 .get(get_provisioned)
                 .delete(delete_provisioned),
+        )
+        .route(
+            "/2018-10-31/layers/{name}/versions",
+            post(publish_layer_version).get(list_layer_versions),
+        )
+        .route(
+            "/2018-10-31/layers/{name}/versions/{version}",
+            get(get_layer_version),
         )
         .fallback(not_found)
         .with_state(worker)

@@ -1,0 +1,250 @@
+//! Layers: versioned ZIPs a function adds to its code, as Lambda extracts
+//! them into `/opt`. Each version is immutable once published. A function
+//! names up to five, in order; a file in a later layer shadows the same
+//! file in an earlier one, and the function's own code comes first.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::error::ApiError;
+use crate::auth::AccountId;
+use crate::control::{code_key, code_sha256, decode_zip, now_string, ControlPlane};
+use crate::model::{LayerRef, REGION};
+use crate::store::{numbered, Txn, CODE, LAYERS};
+
+/// Lambda's limit on layers per function.
+pub const MAX_LAYERS: usize = 5;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PublishLayerVersionRequest {
+    pub content: LayerContent,
+    pub description: Option<String>,
+    #[serde(default)]
+    pub compatible_runtimes: Vec<String>,
+    #[serde(default)]
+    pub compatible_architectures: Vec<String>,
+    pub license_info: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerContent {
+    pub zip_file: Option<String>,
+    #[serde(rename = "S3Bucket")]
+    pub s3_bucket: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerVersionContent {
+    pub location: String,
+    pub code_sha256: String,
+    pub code_size: u64,
+}
+
+/// A published layer version, as GetLayerVersion returns it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct LayerVersion {
+    pub content: LayerVersionContent,
+    pub layer_arn: String,
+    pub layer_version_arn: String,
+    pub description: String,
+    pub created_date: String,
+    pub version: u64,
+    pub compatible_runtimes: Vec<String>,
+    pub compatible_architectures: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub license_info: Option<String>,
+}
+
+fn layer_arn(account: &AccountId, name: &str) -> String {
+    format!("arn:aws:lambda:{REGION}:{account}:layer:{name}")
+}
+
+fn layer_key(account: &AccountId, name: &str) -> String {
+    format!("{account}/{name}")
+}
+
+pub fn validate_layer_name(name: &str) -> Result<(), ApiError> {
+    let ok = (1..=140).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "invalid layer name {name:?}: 1 to 140 letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+/// The name and version a layer version ARN of `account` names.
+fn parse_version_arn(account: &AccountId, arn: &str) -> Result<(String, u64), ApiError> {
+    let prefix = format!("arn:aws:lambda:{REGION}:");
+    let bad = || {
+        ApiError::invalid(format!(
+            "{arn:?} is not a layer version ARN (arn:aws:lambda:{REGION}:ACCOUNT:layer:NAME:VERSION)"
+        ))
+    };
+    let rest = arn.strip_prefix(&prefix).ok_or_else(bad)?;
+    let [owner, "layer", name, version] = rest.split(':').collect::<Vec<_>>()[..] else {
+        return Err(bad());
+    };
+    if owner != account.0 {
+        return Err(ApiError::AccessDenied(format!(
+            "layer {arn} belongs to another account"
+        )));
+    }
+    validate_layer_name(name)?;
+    let version = version.parse().map_err(|_| bad())?;
+    Ok((name.to_string(), version))
+}
+
+impl ControlPlane {
+    pub fn publish_layer_version(
+        &self,
+        account: &AccountId,
+        name: &str,
+        req: PublishLayerVersionRequest,
+    ) -> Result<LayerVersion, ApiError> {
+        validate_layer_name(name)?;
+        if req.content.s3_bucket.is_some() {
+            return Err(ApiError::invalid(
+                "S3 code locations are not supported by this worker; send ZipFile",
+            ));
+        }
+        if req.description.as_ref().is_some_and(|d| d.len() > 256) {
+            return Err(ApiError::invalid(
+                "Description is over Lambda's 256 characters",
+            ));
+        }
+        if req.compatible_architectures.iter().any(|a| a != "x86_64") {
+            return Err(ApiError::invalid(format!(
+                "CompatibleArchitectures {:?}: this worker runs x86_64",
+                req.compatible_architectures
+            )));
+        }
+        let zip = decode_zip(
+            req.content
+                .zip_file
+                .as_deref()
+                .ok_or_else(|| ApiError::invalid("Content.ZipFile is required"))?,
+        )?;
+        let sha = code_sha256(&zip);
+        let key = layer_key(account, name);
+        self.store.write(|t| {
+            let last = t
+                .scan::<LayerVersion>(LAYERS, &key)?
+                .last()
+                .map_or(0, |(_, v)| v.version);
+            let version = last + 1;
+            let arn = layer_arn(account, name);
+            let layer = LayerVersion {
+                content: LayerVersionContent {
+                    location: format!("worker://{sha}"),
+                    code_sha256: sha.clone(),
+                    code_size: zip.len() as u64,
+                },
+                layer_version_arn: format!("{arn}:{version}"),
+                layer_arn: arn,
+                description: req.description.clone().unwrap_or_default(),
+                created_date: now_string(),
+                version,
+                compatible_runtimes: req.compatible_runtimes.clone(),
+                compatible_architectures: req.compatible_architectures.clone(),
+                license_info: req.license_info.clone(),
+            };
+            t.put_bytes(CODE, &code_key(account, &sha), &zip)?;
+            t.put(LAYERS, &numbered(&key, version), &layer)?;
+            Ok(layer)
+        })
+    }
+
+    pub fn get_layer_version(
+        &self,
+        account: &AccountId,
+        name: &str,
+        version: u64,
+    ) -> Result<LayerVersion, ApiError> {
+        validate_layer_name(name)?;
+        self.store
+            .read()?
+            .get(LAYERS, &numbered(&layer_key(account, name), version))?
+            .ok_or_else(|| {
+                ApiError::ResourceNotFound(format!(
+                    "Layer version {}:{version} does not exist",
+                    layer_arn(account, name)
+                ))
+            })
+    }
+
+    /// A layer's versions, newest first, as ListLayerVersions orders them.
+    pub fn list_layer_versions(
+        &self,
+        account: &AccountId,
+        name: &str,
+    ) -> Result<Vec<LayerVersion>, ApiError> {
+        validate_layer_name(name)?;
+        let versions = self
+            .store
+            .read()?
+            .scan::<LayerVersion>(LAYERS, &layer_key(account, name))?;
+        Ok(versions.into_iter().rev().map(|(_, v)| v).collect())
+    }
+
+    /// The function configuration's view of the layer versions `arns`
+    /// names, each checked to exist in `account`.
+    pub(crate) fn resolve_layers(
+        &self,
+        t: &Txn,
+        account: &AccountId,
+        arns: &[String],
+    ) -> Result<Vec<LayerRef>, ApiError> {
+        if arns.len() > MAX_LAYERS {
+            return Err(ApiError::invalid(format!(
+                "{} layers; a function may use at most {MAX_LAYERS}",
+                arns.len()
+            )));
+        }
+        arns.iter()
+            .map(|arn| {
+                let (name, version) = parse_version_arn(account, arn)?;
+                let layer: LayerVersion = t
+                    .get(LAYERS, &numbered(&layer_key(account, &name), version))?
+                    .ok_or_else(|| {
+                        ApiError::invalid(format!("Layer version {arn} does not exist"))
+                    })?;
+                Ok(LayerRef {
+                    arn: arn.clone(),
+                    code_size: layer.content.code_size,
+                })
+            })
+            .collect()
+    }
+
+    /// The ZIPs of a function's layers, in the function's order, with
+    /// their hashes.
+    pub(crate) fn layer_zips(
+        &self,
+        account: &AccountId,
+        layers: &[LayerRef],
+    ) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
+        let snap = self.store.read()?;
+        layers
+            .iter()
+            .map(|l| {
+                let (name, version) = parse_version_arn(account, &l.arn)?;
+                let layer: LayerVersion = snap
+                    .get(LAYERS, &numbered(&layer_key(account, &name), version))?
+                    .ok_or_else(|| ApiError::Service(format!("layer {} is missing", l.arn)))?;
+                let sha = layer.content.code_sha256;
+                let zip = snap
+                    .get_bytes(CODE, &code_key(account, &sha))?
+                    .ok_or_else(|| ApiError::Service(format!("layer code {sha} is missing")))?;
+                Ok((sha, zip))
+            })
+            .collect()
+    }
+}
