@@ -1,16 +1,47 @@
 #!/usr/bin/env bash
-# The main job: builds the VMM, boots a guest through each entry path,
-# and runs the boot benchmark against QEMU microvm.
+# The main job: starts lambda-worker with its embedded defaults, deploys
+# the example function with boto3, invokes it cold, warm and provisioned,
+# and prints the responses and timings; then the invoke benchmark (cold
+# starts, warm invokes, a load run at concurrency 32).
+# Boot latency against QEMU is scripts/bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh qemu-system-x86
-cargo build --release -q -p vmm -p microvm-tests --bins
-vmm=target/x86_64-unknown-linux-gnu/release/vmm
-fixtures=$(dirname "$(ls target/x86_64-unknown-linux-gnu/release/build/microvm-tests-*/out/pvh.elf | head -1)")
+scripts/setup.sh wabt
+python=$(scripts/setup-python.sh)
+cargo build --release -q -p vmm -p host-services -p microvm-tests --bins
+cargo build --release -q -p guest-init --features baremetal --bin baremetal
+bin=target/x86_64-unknown-linux-gnu/release
 
-for kernel in linux64.elf pvh.elf bzImage; do
-    echo "== vmm --kernel $kernel"
-    "$vmm" --kernel "$fixtures/$kernel" --cmdline "console=ttyS0 hello from the host"
+data=$(mktemp -d /tmp/lambda-worker.XXXXXX)
+worker_pid=
+cleanup() {
+    [[ -n $worker_pid ]] && kill -INT "$worker_pid" 2>/dev/null && wait "$worker_pid" || true
+    rm -rf "$data"
+}
+trap cleanup EXIT
+
+export AWS_ACCESS_KEY_ID=AKIDEXAMPLE AWS_SECRET_ACCESS_KEY=example-secret
+echo "[{\"AccessKeyId\":\"$AWS_ACCESS_KEY_ID\",\"SecretAccessKey\":\"$AWS_SECRET_ACCESS_KEY\",\"AccountId\":\"111111111111\"}]" \
+    > "$data/credentials.json"
+wat2wasm examples/hello/hello.wat -o "$data/hello.wasm"
+
+echo "== lambda-worker (data in $data, log in $data/worker.log)"
+"$bin/lambda-worker" --data-dir "$data" --listen 127.0.0.1:9000 \
+    --credentials "$data/credentials.json" --vmm "$bin/vmm" --guest "$bin/baremetal" \
+    2> "$data/worker.log" &
+worker_pid=$!
+for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/9000) 2>/dev/null && break
+    kill -0 "$worker_pid" 2>/dev/null || { cat "$data/worker.log"; exit 1; }
+    sleep 0.05
 done
-echo "== boot benchmark"
-target/x86_64-unknown-linux-gnu/release/boot_bench --runs 30
+
+echo "== boto3: deploy and invoke examples/hello"
+"$python" examples/hello/demo.py http://127.0.0.1:9000 "$data/hello.wasm"
+echo "== environments"
+grep -E "created|destroyed" "$data/worker.log" | sed "s/^.*lifecycle: //" || true
+kill -INT "$worker_pid" && wait "$worker_pid"
+worker_pid=
+
+echo "== invoke benchmark"
+"$bin/invoke_bench" --cold 20 --warm 200 --total 2000 --concurrency 32

@@ -1,6 +1,7 @@
 //! `lambda-worker`: one process serving Lambda's API and running each
 //! function in microVMs, with its state in a data directory.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -155,6 +156,7 @@ async fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = run(Args::parse()).await {
         eprintln!("lambda-worker: {e}");
