@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Benchmarks: boot latency and memory against QEMU's microvm machine on the
-# same guest, then the devices against the host's own sockets and files.
+# same guest, the bare-metal runtime from spawn to its first /next, then
+# the devices against the host's own sockets and files.
 #   scripts/bench.sh [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh qemu-system-x86
 cargo build --release -q -p vmm -p guest-init -p microvm-tests --bins
 target/x86_64-unknown-linux-gnu/release/boot_bench "$@"
+target/x86_64-unknown-linux-gnu/release/runtime_boot_bench "$@"
 target/x86_64-unknown-linux-gnu/release/device_bench

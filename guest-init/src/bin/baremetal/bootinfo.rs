@@ -95,6 +95,11 @@ impl BootInfo {
     }
 
     /// The value of `key=value` on the command line.
+    /// Whether the command line holds the bare word `flag`.
+    pub fn flag(&self, flag: &str) -> bool {
+        self.cmdline.split_ascii_whitespace().any(|w| w == flag)
+    }
+
     pub fn param(&self, key: &str) -> Option<&'static str> {
         self.cmdline
             .split_ascii_whitespace()

@@ -27,11 +27,12 @@ extern "C" fn rust_main(info: u64, kind: u32) -> ! {
     let kind = EntryKind::from_raw(kind);
     // SAFETY: `info` is what the entry stub received for `kind`.
     let boot = unsafe { BootInfo::parse(info, kind) };
+    console::set_quiet(boot.flag("quiet"));
     let heap = heap::init(&boot);
     let mode = ExecutionMode::detect();
     let clock = Clock::from_boot(&boot);
-    println!("baremetal: entered through {kind}; mode: {mode}");
-    println!(
+    info!("baremetal: entered through {kind}; mode: {mode}");
+    info!(
         "baremetal: heap {} KiB, tsc {} kHz",
         heap >> 10,
         clock.tsc_khz().unwrap_or(0)

@@ -292,7 +292,7 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
         }
     };
     let ready_us = clock.micros(clock.now() - booted_at).unwrap_or(0);
-    println!("runtime: ready {ready_us} us after entry; first /next");
+    info!("runtime: ready {ready_us} us after entry; first /next");
     loop {
         let invocation = match client.next_invocation() {
             Ok(inv) => inv,

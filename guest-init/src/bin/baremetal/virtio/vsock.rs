@@ -1,13 +1,12 @@
 //! virtio-vsock stream sockets, driver side, polled. Honours the host's
 //! credit and gives its own back as the application consumes data.
 
-use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::vec;
 use alloc::vec::Vec;
 
 use super::mmio::{InitError, Transport};
-use super::queue::{Buffer, VirtQueue};
+use super::queue::{Buffer, DeviceBuffer, VirtQueue};
 use crate::cpu::pause;
 
 pub const HOST_CID: u64 = 2;
@@ -132,7 +131,7 @@ pub struct VsockDriver {
     tx: VirtQueue,
     _event: VirtQueue,
     guest_cid: u64,
-    rx_buffers: Vec<Box<[u8]>>,
+    rx_buffers: Vec<DeviceBuffer>,
     /// Which RX buffer each in-flight head is.
     rx_by_head: Vec<usize>,
     tx_in_flight: Vec<Option<Vec<u8>>>,
@@ -150,16 +149,12 @@ impl VsockDriver {
         let event = transport.setup_queue(2, 8).map_err(VsockError::Init)?;
         let guest_cid = transport.config_u64(0);
         transport.finish_init();
-        let rx_buffers: Vec<Box<[u8]>> = (0..RX_BUFFERS)
-            .map(|_| vec![0u8; HEADER + RX_PAYLOAD].into_boxed_slice())
+        let rx_buffers: Vec<DeviceBuffer> = (0..RX_BUFFERS)
+            .map(|_| DeviceBuffer::new(HEADER + RX_PAYLOAD))
             .collect();
         let mut rx_by_head = vec![usize::MAX; 64];
         for (i, buf) in rx_buffers.iter().enumerate() {
-            if let Some(head) = rx.add(&[Buffer {
-                addr: buf.as_ptr() as u64,
-                len: buf.len() as u32,
-                writable: true,
-            }]) {
+            if let Some(head) = rx.add(&[buf.writable()]) {
                 rx_by_head[usize::from(head)] = i;
             }
         }
@@ -232,15 +227,9 @@ impl VsockDriver {
             if index == usize::MAX {
                 continue;
             }
-            let len = (len as usize).min(self.rx_buffers[index].len());
-            let packet: Vec<u8> = self.rx_buffers[index][..len].to_vec();
+            let packet: Vec<u8> = self.rx_buffers[index].written(len as usize).to_vec();
             self.handle_packet(&packet);
-            let buf = &self.rx_buffers[index];
-            if let Some(head) = self.rx.add(&[Buffer {
-                addr: buf.as_ptr() as u64,
-                len: buf.len() as u32,
-                writable: true,
-            }]) {
+            if let Some(head) = self.rx.add(&[self.rx_buffers[index].writable()]) {
                 self.rx_by_head[usize::from(head)] = index;
             }
             returned = true;

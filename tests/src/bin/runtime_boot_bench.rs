@@ -1,0 +1,172 @@
+//! Runtime boot benchmark: the bare-metal guest as a function runtime,
+//! from VMM spawn to the guest's boot-timer write (the VMM logs it) and to
+//! its first `GET /2018-06-01/runtime/invocation/next` on the host's
+//! Runtime API socket: the part of a cold start that is the microVM's.
+//!
+//! usage: runtime_boot_bench [--runs N]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use guest_init::environ::{encode, ENVIRON_PORT};
+use host_services::wasm_image;
+use microvm_tests::{baremetal_guest, hypervisor, vmm_binary, ECHO_WAT};
+
+const WARMUP: usize = 3;
+/// pvm.md: Firecracker 1.16, spawn -> first guest output, on these
+/// machines.
+const FIRECRACKER_FIRST_OUTPUT_MS: f64 = 8.2;
+const TARGET_MS: f64 = 3.0;
+
+struct Sample {
+    boot_timer: Duration,
+    first_next: Duration,
+}
+
+/// Accepts one connection on `listener` in a thread of its own and hands
+/// it to `serve`.
+fn serve_once(
+    listener: UnixListener,
+    serve: impl FnOnce(std::os::unix::net::UnixStream) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        if let Ok((stream, _)) = listener.accept() {
+            serve(stream);
+        }
+    });
+}
+
+fn boot_once(dir: &Path, image: &Path) -> Result<Sample, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let uds = dir.join("vsock");
+    let bind = |port: u32| {
+        UnixListener::bind(format!("{}_{port}", uds.display())).map_err(|e| e.to_string())
+    };
+    let api = bind(9001)?;
+    serve_once(bind(9002)?, |mut log| {
+        let _ = std::io::copy(&mut log, &mut std::io::sink());
+    });
+    let environ = encode([]).map_err(|e| e.to_string())?;
+    serve_once(bind(ENVIRON_PORT)?, move |mut s| {
+        let _ = s.write_all(&environ);
+    });
+
+    let started = Instant::now();
+    let mut vmm = Command::new(vmm_binary())
+        .arg("--kernel")
+        .arg(baremetal_guest())
+        .arg("--drive")
+        .arg(format!("{},ro", image.display()))
+        .arg("--vsock")
+        .arg(format!("cid=3,uds={}", uds.display()))
+        .args([
+            "--cmdline",
+            "quiet",
+            "--log-level",
+            "info",
+            "--serial",
+            "off",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn the VMM: {e}"))?;
+    let (mut stream, _) = api.accept().map_err(|e| e.to_string())?;
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    let first_next = loop {
+        let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the guest closed the Runtime API before /next".into());
+        }
+        request.extend_from_slice(&buf[..n]);
+        if request.windows(16).any(|w| w == b"invocation/next ") {
+            break started.elapsed();
+        }
+    };
+    drop(stream);
+    let _ = vmm.kill();
+    let mut stderr = String::new();
+    if let Some(mut e) = vmm.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let _ = vmm.wait();
+    let us: u64 = stderr
+        .split("guest boot time: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("the VMM logged no boot time:\n{stderr}"))?;
+    Ok(Sample {
+        boot_timer: Duration::from_micros(us),
+        first_next,
+    })
+}
+
+fn median(samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    samples[samples.len() / 2].as_secs_f64() * 1e3
+}
+
+fn main() {
+    let mut runs = 30usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match (a.as_str(), args.next().and_then(|v| v.parse().ok())) {
+            ("--runs", Some(n)) if n > 0 => runs = n,
+            _ => {
+                eprintln!("usage: runtime_boot_bench [--runs N] (N > 0)");
+                std::process::exit(2);
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("runtime-boot-bench-{}", std::process::id()));
+    let image = std::env::temp_dir().join(format!("runtime-boot-bench-{}.img", std::process::id()));
+    let module = wat::parse_str(ECHO_WAT).expect("the echo function assembles");
+    std::fs::write(&image, wasm_image::build(&module, 0).expect("a code disk"))
+        .expect("write the code disk");
+    println!(
+        "runtime boot benchmark: {runs} runs after {WARMUP} warm-up runs, the bare-metal guest (quiet) with the echo function, serial off, host: {}",
+        hypervisor()
+    );
+    let mut boot_timer = Vec::new();
+    let mut first_next = Vec::new();
+    for i in 0..WARMUP + runs {
+        match boot_once(&dir, &image) {
+            Ok(s) if i >= WARMUP => {
+                boot_timer.push(s.boot_timer);
+                first_next.push(s.first_next);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("run {i} failed: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&image);
+    let timer = median(&mut boot_timer);
+    let next = median(&mut first_next);
+    println!(
+        "spawn -> boot-timer write: median {timer:.2} ms, min {:.2} ms",
+        boot_timer[0].as_secs_f64() * 1e3
+    );
+    println!(
+        "spawn -> first /next:      median {next:.2} ms, min {:.2} ms",
+        first_next[0].as_secs_f64() * 1e3
+    );
+    println!(
+        "for reference, Firecracker's tiny guest, spawn -> first output (pvm.md): {FIRECRACKER_FIRST_OUTPUT_MS} ms median; ratio {:.1}x",
+        FIRECRACKER_FIRST_OUTPUT_MS / next
+    );
+    println!(
+        "target: spawn -> first /next median under {TARGET_MS} ms: {}",
+        if next < TARGET_MS { "met" } else { "NOT met" }
+    );
+}
