@@ -159,6 +159,24 @@ fn serial_goes_to_a_file_or_nowhere() {
 }
 
 #[test]
+fn a_closed_log_or_console_reader_does_not_kill_the_vmm() {
+    use std::process::{Command, Stdio};
+    let mut vmm = Command::new(microvm_tests::vmm_binary())
+        .arg("--kernel")
+        .arg(fixture("pvh.elf"))
+        .args(["--log-level", "debug"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Both readers go away before the VMM has written anything.
+    drop(vmm.stdout.take());
+    drop(vmm.stderr.take());
+    let status = vmm.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[test]
 fn json_config_holds_the_same_fields_and_flags_override_it() {
     let path = std::env::temp_dir().join(format!("vmm-config-{}.json", std::process::id()));
     let config = format!(

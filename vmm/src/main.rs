@@ -82,6 +82,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A reader that went away must not take the process with it: the
+        // subscriber would otherwise report the failed write with
+        // `eprintln!`, which panics on a closed stderr.
+        .log_internal_errors(false)
         .with_max_level(cli.log_level)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal())

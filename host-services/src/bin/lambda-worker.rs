@@ -156,6 +156,10 @@ async fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // A reader that went away must not take the process with it: the
+        // subscriber would otherwise report the failed write with
+        // `eprintln!`, which panics on a closed stderr.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = run(Args::parse()).await {
