@@ -12,3 +12,4 @@ if ! cargo test -q --workspace >"$log" 2>&1; then
     exit 1
 fi
 grep -E "^test result" "$log" | grep -v " 0 passed; 0 failed"
+scripts/fuzz.sh 5

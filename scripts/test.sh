@@ -15,3 +15,4 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The freestanding guest builds on its own; see guest-init/Cargo.toml.
 cargo clippy -p guest-init --features baremetal --all-targets -- -D warnings
 cargo test --workspace
+scripts/fuzz.sh 20

@@ -4,6 +4,8 @@
 //! their processing, which runs on the event loop.
 
 pub mod block;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
