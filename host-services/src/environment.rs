@@ -331,7 +331,7 @@ impl ExecutionEnvironment {
                 // Let the readers drain what the VMM said last.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 Err(EnvironmentError::ExitedDuringInit {
-                    status: status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                    status: status.map_or_else(|e| e.to_string(), describe_exit),
                     stderr: diagnostics.tail(),
                 })
             }
@@ -376,7 +376,12 @@ impl ExecutionEnvironment {
         freeze(&self.child, false);
         let outcome = tokio::select! {
             r = self.api.invoke(request_id, payload, timeout) => r?,
-            _ = self.child.wait() => return Err(InvokeError::EnvironmentGone),
+            status = self.child.wait() => {
+                if let Ok(status) = status {
+                    tracing::warn!("environment {}: the VMM exited: {}", self.id, describe_exit(status));
+                }
+                return Err(InvokeError::EnvironmentGone);
+            }
         };
         let duration = started.elapsed();
         self.log.wait_for_end(request_id).await;
@@ -457,6 +462,16 @@ fn freeze(child: &Child, frozen: bool) {
         // SAFETY: signals a child this environment owns and has not
         // reaped (`id()` is None once it has been).
         unsafe { libc::kill(pid as libc::pid_t, signal) };
+    }
+}
+
+/// How the VMM ended, naming a seccomp kill as such.
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() == Some(libc::SIGSYS) {
+        format!("{status}: its seccomp filter killed it for a forbidden system call")
+    } else {
+        status.to_string()
     }
 }
 

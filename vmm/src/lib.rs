@@ -4,6 +4,7 @@ pub mod config;
 pub mod devices;
 pub mod loader;
 pub mod microvm;
+pub mod seccomp;
 pub mod vstate;
 
 pub use builder::{build_microvm, BuildError};

@@ -44,6 +44,9 @@ struct Cli {
     /// uds_path}); flags given on the command line take precedence.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
+    /// Run without the seccomp filters (for debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     log_level: tracing::Level,
@@ -69,7 +72,10 @@ fn run(cli: Cli, start: Instant) -> Result<i32, String> {
         .map_err(|e| e.to_string())?;
     let microvm = build_microvm(&config, start).map_err(|e| e.to_string())?;
     tracing::info!("running on {}", microvm.hypervisor());
-    let outcome = microvm.run().map_err(|e| e.to_string())?;
+    if cli.no_seccomp {
+        tracing::warn!("seccomp filters are off (--no-seccomp)");
+    }
+    let outcome = microvm.run(!cli.no_seccomp).map_err(|e| e.to_string())?;
     match outcome.exit_code() {
         0 => tracing::info!("{outcome}"),
         _ => tracing::error!("{outcome}"),

@@ -17,6 +17,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::devices::boot_timer::BootTime;
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::vstate::vcpu::{kick_signal_handler, Vcpu, VcpuStop};
 use crate::vstate::vm::{HypervisorKind, Vm};
 
@@ -61,6 +62,8 @@ pub enum RunError {
     Spawn(std::io::Error),
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Watches for the end of the run: a vCPU that stopped, or an i8042 reset.
@@ -197,8 +200,9 @@ impl MicroVm {
         self.boot_time.clone()
     }
 
-    /// Runs the guest to its end and returns how it ended.
-    pub fn run(mut self) -> Result<VmOutcome, RunError> {
+    /// Runs the guest to its end and returns how it ended. With `seccomp`,
+    /// each thread runs under its filter from its first guest exit on.
+    pub fn run(mut self, seccomp: bool) -> Result<VmOutcome, RunError> {
         register_signal_handler(SIGRTMIN(), kick_signal_handler).map_err(RunError::Signal)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
@@ -210,7 +214,10 @@ impl MicroVm {
                 .name(format!("vcpu{index}"))
                 .stack_size(VCPU_STACK_SIZE)
                 .spawn(move || {
-                    let why = vcpu.run(&thread_stop);
+                    let why = match seccomp.then(|| seccomp::install(ThreadKind::Vcpu)) {
+                        Some(Err(e)) => VcpuStop::Fault(e.to_string()),
+                        _ => vcpu.run(&thread_stop),
+                    };
                     let _ = stops.send(why);
                     let _ = stopped.write(1);
                 });
@@ -223,6 +230,12 @@ impl MicroVm {
             }
         }
 
+        if seccomp {
+            if let Err(e) = seccomp::install(ThreadKind::Vmm) {
+                stop_vcpus(&stop, threads);
+                return Err(e.into());
+            }
+        }
         let outcome = loop {
             if let Err(e) = self.event_manager.run() {
                 stop_vcpus(&stop, threads);
