@@ -121,6 +121,11 @@ pub fn vmm_binary() -> PathBuf {
     workspace_binary("vmm", "vmm", &[])
 }
 
+/// The jailer from the vmm package.
+pub fn jailer_binary() -> PathBuf {
+    workspace_binary("vmm", "jailer", &[])
+}
+
 /// The Lambda worker from host-services.
 pub fn lambda_worker_binary() -> PathBuf {
     workspace_binary("host-services", "lambda-worker", &[])
@@ -158,8 +163,13 @@ pub struct VmmRun {
 
 /// Runs `vmm` with `args`, killing it if it outlives `deadline`.
 pub fn run_vmm(args: &[&str], deadline: Duration) -> VmmRun {
+    run_binary(&vmm_binary(), args, deadline)
+}
+
+/// Runs `binary` with `args`, killing it if it outlives `deadline`.
+pub fn run_binary(binary: &Path, args: &[&str], deadline: Duration) -> VmmRun {
     let start = Instant::now();
-    let mut child = Command::new(vmm_binary())
+    let mut child = Command::new(binary)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -186,7 +196,8 @@ pub fn run_vmm(args: &[&str], deadline: Duration) -> VmmRun {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "vmm {args:?} still running after {deadline:?}; stderr so far: {}",
+                "{} {args:?} still running after {deadline:?}; stderr so far: {}",
+                binary.display(),
                 err_reader.join().unwrap_or_default()
             );
         }

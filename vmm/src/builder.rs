@@ -35,7 +35,7 @@ use crate::microvm::MicroVm;
 use crate::microvm::Subscriber;
 use crate::vstate::memory::{create_guest_memory, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
-use crate::vstate::vm::{HypervisorKind, KvmMsiRouter, Vm, VmError};
+use crate::vstate::vm::{HypervisorKind, KvmAccess, KvmMsiRouter, Vm, VmError};
 use event_manager::MutEventSubscriber;
 
 #[derive(Debug, thiserror::Error)]
@@ -224,9 +224,13 @@ fn load_guest(
     Ok((kernel.entry, cr3))
 }
 
-pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<MicroVm, BuildError> {
+pub fn build_microvm(
+    config: &VmConfig,
+    kvm: KvmAccess,
+    vmm_start: Instant,
+) -> Result<MicroVm, BuildError> {
     let mem = create_guest_memory(config.mem_mib << 20)?;
-    let vm = Vm::new(&mem)?;
+    let vm = Vm::new(kvm, &mem)?;
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(BuildError::TooManyVcpus {
             requested: config.vcpus,

@@ -2,6 +2,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod jail;
 pub mod loader;
 pub mod microvm;
 pub mod seccomp;

@@ -44,6 +44,12 @@ struct Cli {
     /// uds_path}); flags given on the command line take precedence.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
+    /// An open /dev/kvm to use, inherited from a jailer.
+    #[arg(long, value_name = "FD")]
+    kvm_fd: Option<i32>,
+    /// pvm or hardware; detected from /sys/module when not given.
+    #[arg(long, value_name = "KIND")]
+    hypervisor: Option<vmm::vstate::vm::HypervisorKind>,
     /// Run without the seccomp filters (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -70,7 +76,11 @@ fn run(cli: Cli, start: Instant) -> Result<i32, String> {
         })
         .validate()
         .map_err(|e| e.to_string())?;
-    let microvm = build_microvm(&config, start).map_err(|e| e.to_string())?;
+    let kvm = vmm::vstate::vm::KvmAccess {
+        fd: cli.kvm_fd,
+        kind: cli.hypervisor,
+    };
+    let microvm = build_microvm(&config, kvm, start).map_err(|e| e.to_string())?;
     tracing::info!("running on {}", microvm.hypervisor());
     if cli.no_seccomp {
         tracing::warn!("seccomp filters are off (--no-seccomp)");

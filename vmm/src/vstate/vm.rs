@@ -19,6 +19,8 @@ use kvm_bindings::{
     KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI,
     KVM_MAX_CPUID_ENTRIES,
 };
+use std::os::fd::FromRawFd;
+
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -49,6 +51,45 @@ impl HypervisorKind {
     }
 }
 
+impl std::str::FromStr for HypervisorKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pvm" => Ok(HypervisorKind::Pvm),
+            "hardware" => Ok(HypervisorKind::Hardware),
+            other => Err(format!("{other:?} is neither pvm nor hardware")),
+        }
+    }
+}
+
+/// How the VMM reaches KVM: `/dev/kvm`, or a descriptor a jailer opened
+/// before it dropped its privileges; and which kind of KVM it is, which a
+/// jailed VMM cannot look up in `/sys`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KvmAccess {
+    pub fd: Option<std::os::fd::RawFd>,
+    pub kind: Option<HypervisorKind>,
+}
+
+impl KvmAccess {
+    fn open(self) -> Result<(Kvm, HypervisorKind), VmError> {
+        let kvm = match self.fd {
+            // SAFETY: the caller hands this process the descriptor to own;
+            // KVM_GET_API_VERSION below checks that it is KVM.
+            Some(fd) => unsafe { Kvm::from_raw_fd(fd) },
+            None => Kvm::new().map_err(VmError::OpenKvm)?,
+        };
+        if kvm.get_api_version() != KVM_API_VERSION {
+            return Err(VmError::NotKvm(self.fd));
+        }
+        Ok((kvm, self.kind.unwrap_or_else(HypervisorKind::detect)))
+    }
+}
+
+/// The only KVM API version there has ever been.
+const KVM_API_VERSION: i32 = 12;
+
 impl std::fmt::Display for HypervisorKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -62,6 +103,8 @@ impl std::fmt::Display for HypervisorKind {
 pub enum VmError {
     #[error("cannot open /dev/kvm: {0}")]
     OpenKvm(kvm_ioctls::Error),
+    #[error("descriptor {0:?} is not /dev/kvm (KVM_GET_API_VERSION failed)")]
+    NotKvm(Option<std::os::fd::RawFd>),
     #[error("KVM lacks a required capability: {0}")]
     MissingCapability(&'static str),
     #[error("KVM_CREATE_VM failed: {0}")]
@@ -86,8 +129,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(mem: &GuestMemoryMmap) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    pub fn new(access: KvmAccess, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+        let (kvm, hypervisor) = access.open()?;
         for (cap, name) in [
             (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
             (Cap::Irqfd, "KVM_CAP_IRQFD"),
@@ -99,7 +142,6 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let hypervisor = HypervisorKind::detect();
 
         // VMX needs a TSS for real-mode emulation; other hosts ignore it.
         if kvm.check_extension(Cap::SetTssAddr) {

@@ -23,8 +23,28 @@ pub fn run(command: &str, clock: &Clock, devices: &[Transport]) {
         ("vsock-echo", Some(port)) => vsock_echo(devices, port as u32, false),
         ("vsock-serve", Some(port)) => vsock_echo(devices, port as u32, true),
         ("blk-check", _) => blk_check(clock, devices),
+        ("touch", Some(mib)) => touch(mib),
         _ => println!("baremetal: unknown command {command:?}"),
     }
+}
+
+/// Writes one byte in every page of `mib` MiB of heap, so that the host
+/// backs all of it: the memory a guest can make its VMM use.
+fn touch(mib: u64) {
+    let Ok(bytes) = usize::try_from(mib << 20) else {
+        return println!("baremetal: touch: {mib} MiB is too much");
+    };
+    let mut memory: alloc::vec::Vec<u8> = alloc::vec::Vec::new();
+    if memory.try_reserve_exact(bytes).is_err() {
+        return println!("baremetal: touch: no {mib} MiB of heap");
+    }
+    let base = memory.as_mut_ptr();
+    for offset in (0..bytes).step_by(4096) {
+        // SAFETY: within the reserved capacity; volatile so that every
+        // page is really written.
+        unsafe { base.add(offset).write_volatile(1) };
+    }
+    println!("baremetal: touched {mib} MiB");
 }
 
 fn device(devices: &[Transport], id: u32) -> Option<Transport> {

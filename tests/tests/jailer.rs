@@ -1,0 +1,254 @@
+//! The jailer, as root on this machine: what a jailed VMM can see and do.
+//! It is observed from outside, through /proc, while it runs.
+
+use std::os::unix::fs::chown;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use microvm_tests::{baremetal_guest, jailer_binary, run_binary, vmm_binary};
+
+const NOBODY: u32 = 65534;
+const CGROUP_PARENT: &str = "lambda-microvm-test";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn skip_unless_root(test: &str) -> bool {
+    if is_root() {
+        return false;
+    }
+    println!("SKIPPED: needs root, to build namespaces and cgroups ({test})");
+    true
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The jailer's arguments for `id` under `base`, up to and with `--`.
+fn jail_args(id: &str, base: &Path, memory_mib: u64, mounts: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--id",
+        id,
+        "--exec-file",
+        &vmm_binary().display().to_string(),
+        "--uid",
+        &NOBODY.to_string(),
+        "--gid",
+        &NOBODY.to_string(),
+        "--chroot-base",
+        &base.join("jails").display().to_string(),
+        "--cgroup-parent",
+        CGROUP_PARENT,
+        "--memory-mib",
+        &memory_mib.to_string(),
+        "--mount",
+        &format!("{}:/kernel:ro", baremetal_guest().display()),
+    ]
+    .map(str::to_string)
+    .to_vec();
+    for m in mounts {
+        args.extend(["--mount".to_string(), m.clone()]);
+    }
+    args.push("--".into());
+    args
+}
+
+fn wait_for_pid(file: &Path, jailer: &mut Child) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(pid) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            jailer.try_wait().unwrap().is_none(),
+            "the jailer ended before it started the VMM"
+        );
+        assert!(Instant::now() < deadline, "no {}", file.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_jailed_vmm_sees_only_its_files_runs_unprivileged_and_has_no_network() {
+    if skip_unless_root("jailer namespaces") {
+        return;
+    }
+    let base = scratch("jail-view");
+    let run = base.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
+    // Another microVM's socket, next to this one's directory on the host.
+    let _other = std::os::unix::net::UnixListener::bind(base.join("other-vmm.sock")).unwrap();
+    let id = format!("view-{}", std::process::id());
+    let mut args = jail_args(&id, &base, 512, &[format!("{}:/run", run.display())]);
+    args.extend(
+        [
+            "--kernel",
+            "/kernel",
+            "--vsock",
+            "cid=3,uds=/run/vsock",
+            "--serial",
+            "off",
+            "--cmdline",
+            "baremetal.run=vsock-serve:5000",
+        ]
+        .map(str::to_string),
+    );
+    let mut jailer = Command::new(jailer_binary())
+        .args(&args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = wait_for_pid(&base.join("jails").join(&id).join("vmm.pid"), &mut jailer);
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+
+    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(
+        uid_line.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["65534"; 4],
+        "the VMM's uid is not 0: {uid_line}"
+    );
+
+    let mut root: Vec<String> = std::fs::read_dir(proc_dir.join("root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    assert_eq!(
+        root,
+        ["kernel", "run"],
+        "the jail's root holds only what was mounted"
+    );
+    assert!(!proc_dir.join("root/etc/passwd").exists());
+    // Its own socket appears in its directory; the other VMM's does not.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !run.join("vsock").exists() {
+        assert!(Instant::now() < deadline, "the VMM never made its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!proc_dir.join("root/other-vmm.sock").exists());
+    assert!(!proc_dir.join("root/run/other-vmm.sock").exists());
+
+    let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let jailed = std::fs::read_link(proc_dir.join("ns/net")).unwrap();
+    assert_ne!(own, jailed, "the VMM shares the host's network namespace");
+    let interfaces: Vec<String> = std::fs::read_to_string(proc_dir.join("net/dev"))
+        .unwrap()
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(|n| n.trim().to_string()))
+        .collect();
+    assert_eq!(interfaces, ["lo"], "the jail has no network but loopback");
+    for ns in ["mnt", "pid", "ipc", "uts"] {
+        assert_ne!(
+            std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(),
+            std::fs::read_link(proc_dir.join(format!("ns/{ns}"))).unwrap(),
+            "{ns} namespace shared"
+        );
+    }
+    let cgroups = std::fs::read_to_string(proc_dir.join("cgroup")).unwrap();
+    assert!(
+        cgroups.contains(&format!("/{CGROUP_PARENT}/{id}")),
+        "not in its cgroup: {cgroups}"
+    );
+
+    // SIGTERM to the jailer stops the VMM and cleans up.
+    // SAFETY: signals the child process this test spawned.
+    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
+    let status = jailer.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status}");
+    assert!(!proc_dir.exists(), "the VMM outlived its jailer");
+    assert!(
+        !base.join("jails").join(&id).exists(),
+        "the jail was not removed"
+    );
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[test]
+fn the_cgroup_caps_the_memory_a_guest_can_make_its_vmm_use() {
+    if skip_unless_root("jailer cgroup") {
+        return;
+    }
+    let base = scratch("jail-memory");
+    let guest = [
+        "--kernel",
+        "/kernel",
+        "--mem-mib",
+        "256",
+        "--cmdline",
+        "baremetal.run=touch:96",
+    ];
+    let run = |memory_mib: u64| {
+        let id = format!("memory-{memory_mib}-{}", std::process::id());
+        let mut args = jail_args(&id, &base, memory_mib, &[]);
+        args.extend(guest.map(str::to_string));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_binary(&jailer_binary(), &args, Duration::from_secs(60))
+    };
+    let roomy = run(256);
+    assert_eq!(roomy.code, Some(0), "{roomy:?}");
+    assert!(roomy.stdout.contains("touched 96 MiB"), "{roomy:?}");
+    let capped = run(48);
+    assert_eq!(capped.code, Some(128 + libc::SIGKILL), "{capped:?}");
+    assert!(!capped.stdout.contains("touched"), "{capped:?}");
+    assert!(capped.stderr.contains("killed by SIGKILL"), "{capped:?}");
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[test]
+fn bad_jailer_input_is_named() {
+    let base = scratch("jail-input");
+    let jail = |extra: &[&str]| {
+        let mut args = vec![
+            "--id",
+            "input",
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--chroot-base",
+            base.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run_binary(&jailer_binary(), &args, Duration::from_secs(10))
+    };
+    let missing = jail(&["--exec-file", "/no/such/vmm"]);
+    assert_eq!(missing.code, Some(125));
+    if is_root() {
+        assert!(missing.stderr.contains("/no/such/vmm"), "{missing:?}");
+    }
+    let relative = jail(&["--exec-file", "/bin/true", "--mount", "/etc:etc"]);
+    assert!(relative.stderr.contains("absolute"), "{relative:?}");
+    let root = run_binary(
+        &jailer_binary(),
+        &[
+            "--id",
+            "x",
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+            "--exec-file",
+            "/bin/true",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(root.code, Some(125));
+    assert!(root.stderr.contains("--uid 0"), "{root:?}");
+    let bad_id = jail(&["--exec-file", "/bin/true", "--id", "../x"]);
+    assert!(bad_id.code != Some(0), "{bad_id:?}");
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -1,0 +1,96 @@
+//! `jailer`: runs the VMM in its own namespaces, root, cgroup and uid.
+//! See `vmm::jail` for what it does, in order.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::jail::cgroup::CgroupLimits;
+use vmm::jail::{Jail, JailConfig, JailMount};
+
+#[derive(Debug, Parser)]
+#[command(name = "jailer", version, about = "Runs the VMM in a jail")]
+struct Cli {
+    /// The jail's name: its directory under --chroot-base and its cgroup.
+    #[arg(long)]
+    id: String,
+    /// The VMM binary (statically linked: nothing else enters the jail).
+    #[arg(long, value_name = "PATH")]
+    exec_file: PathBuf,
+    #[arg(long, value_name = "DIR", default_value = "/srv/jailer")]
+    chroot_base: PathBuf,
+    /// The unprivileged user the VMM runs as.
+    #[arg(long)]
+    uid: u32,
+    #[arg(long)]
+    gid: u32,
+    /// SOURCE:TARGET[:ro]: a host file or directory the VMM sees at
+    /// TARGET. Nothing else of the host is visible.
+    #[arg(long = "mount", value_name = "SRC:DEST[:ro]")]
+    mounts: Vec<JailMount>,
+    /// The parent cgroup.
+    #[arg(long, default_value = "lambda-microvm")]
+    cgroup_parent: String,
+    /// Memory limit in MiB, guest memory included.
+    #[arg(long, value_name = "MIB")]
+    memory_mib: Option<u64>,
+    /// CPU limit in cores (1.5 is one and a half).
+    #[arg(long, value_name = "CORES")]
+    cpus: Option<f64>,
+    #[arg(long, default_value_t = 64)]
+    pids_max: u64,
+    #[arg(long, default_value_t = 256)]
+    max_open_files: u64,
+    #[arg(long, default_value_t = 64)]
+    max_processes: u64,
+    /// The VMM's own arguments (after `--`); the jailer adds --kvm-fd and
+    /// --hypervisor.
+    #[arg(last = true)]
+    vmm_args: Vec<OsString>,
+}
+
+const CPU_PERIOD_US: u64 = 100_000;
+
+fn run(cli: Cli) -> Result<i32, String> {
+    let cpu_max = match cli.cpus {
+        Some(c) if c.is_finite() && c > 0.0 => {
+            Some(((c * CPU_PERIOD_US as f64).round() as u64, CPU_PERIOD_US))
+        }
+        Some(c) => return Err(format!("--cpus {c}: must be a positive number of cores")),
+        None => None,
+    };
+    let jail = Jail::new(JailConfig {
+        id: cli.id,
+        exec_file: cli.exec_file,
+        chroot_base: cli.chroot_base,
+        uid: cli.uid,
+        gid: cli.gid,
+        mounts: cli.mounts,
+        cgroup_parent: cli.cgroup_parent,
+        limits: CgroupLimits {
+            memory_max: cli.memory_mib.map(|m| m << 20),
+            cpu_max,
+            pids_max: Some(cli.pids_max),
+        },
+        max_open_files: cli.max_open_files,
+        max_processes: cli.max_processes,
+        vmm_args: cli.vmm_args,
+    })
+    .map_err(|e| e.to_string())?;
+    let exit = jail.run().map_err(|e| e.to_string())?;
+    if exit != vmm::jail::VmmExit::Code(0) {
+        eprintln!("jailer: the VMM {exit}");
+    }
+    Ok(exit.code())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("jailer: {e}");
+            ExitCode::from(125)
+        }
+    }
+}

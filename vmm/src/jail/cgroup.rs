@@ -1,0 +1,147 @@
+//! The jailed VMM's control group: memory, CPU and process limits. cgroup
+//! v2 when its unified hierarchy has the controllers; else the v1
+//! hierarchies, which hosts that mount cgroup v2 without controllers
+//! (this project's development machines among them) still use.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct CgroupLimits {
+    /// Bytes of memory, page cache included.
+    pub memory_max: Option<u64>,
+    /// CPU time per period: (quota, period), in microseconds.
+    pub cpu_max: Option<(u64, u64)>,
+    pub pids_max: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup hierarchy with the {0} controller under /sys/fs/cgroup")]
+    NoController(&'static str),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One group per controller hierarchy the limits need (a single one on
+/// cgroup v2).
+pub struct Cgroup {
+    dirs: Vec<PathBuf>,
+}
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// The v2 hierarchy, if it has every controller `wanted` names.
+fn unified(wanted: &[&'static str]) -> Option<PathBuf> {
+    for root in [PathBuf::from(ROOT), Path::new(ROOT).join("unified")] {
+        let Ok(controllers) = std::fs::read_to_string(root.join("cgroup.controllers")) else {
+            continue;
+        };
+        let have: Vec<&str> = controllers.split_whitespace().collect();
+        if wanted.iter().all(|w| have.contains(w)) {
+            return Some(root);
+        }
+    }
+    None
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
+    let path = dir.join(file);
+    std::fs::write(&path, value).map_err(io(&path))
+}
+
+impl Cgroup {
+    /// Creates `parent/name` in each hierarchy and sets `limits` there.
+    pub fn create(parent: &str, name: &str, limits: &CgroupLimits) -> Result<Self, CgroupError> {
+        let mut wanted = Vec::new();
+        if limits.memory_max.is_some() {
+            wanted.push("memory");
+        }
+        if limits.cpu_max.is_some() {
+            wanted.push("cpu");
+        }
+        if limits.pids_max.is_some() {
+            wanted.push("pids");
+        }
+        if let Some(root) = unified(&wanted) {
+            let parent_dir = root.join(parent);
+            std::fs::create_dir_all(&parent_dir).map_err(io(&parent_dir))?;
+            // Children get only the controllers their parent delegates.
+            let enable: Vec<String> = wanted.iter().map(|c| format!("+{c}")).collect();
+            if !enable.is_empty() {
+                write(&parent_dir, "cgroup.subtree_control", &enable.join(" "))?;
+            }
+            let dir = parent_dir.join(name);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            if let Some(bytes) = limits.memory_max {
+                write(&dir, "memory.max", &bytes.to_string())?;
+                write(&dir, "memory.swap.max", "0").ok();
+            }
+            if let Some((quota, period)) = limits.cpu_max {
+                write(&dir, "cpu.max", &format!("{quota} {period}"))?;
+            }
+            if let Some(n) = limits.pids_max {
+                write(&dir, "pids.max", &n.to_string())?;
+            }
+            return Ok(Cgroup { dirs: vec![dir] });
+        }
+        let mut dirs = Vec::new();
+        let mut group = |controller: &'static str| -> Result<PathBuf, CgroupError> {
+            let hierarchy = Path::new(ROOT).join(controller);
+            if !hierarchy.join("cgroup.procs").exists() {
+                return Err(CgroupError::NoController(controller));
+            }
+            let dir = hierarchy.join(parent).join(name);
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            dirs.push(dir.clone());
+            Ok(dir)
+        };
+        if let Some(bytes) = limits.memory_max {
+            let dir = group("memory")?;
+            write(&dir, "memory.limit_in_bytes", &bytes.to_string())?;
+            // Without swap accounting this file is absent; nothing to cap.
+            write(&dir, "memory.memsw.limit_in_bytes", &bytes.to_string()).ok();
+        }
+        if let Some((quota, period)) = limits.cpu_max {
+            let dir = group("cpu")?;
+            write(&dir, "cpu.cfs_period_us", &period.to_string())?;
+            write(&dir, "cpu.cfs_quota_us", &quota.to_string())?;
+        }
+        if let Some(n) = limits.pids_max {
+            let dir = group("pids")?;
+            write(&dir, "pids.max", &n.to_string())?;
+        }
+        Ok(Cgroup { dirs })
+    }
+
+    /// Moves process `pid` into the group, in every hierarchy.
+    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
+        for dir in &self.dirs {
+            write(dir, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The group's directories, one per hierarchy.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Removes the (empty) groups.
+    pub fn remove(self) {
+        for dir in self.dirs {
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                tracing::warn!("cannot remove the cgroup {}: {e}", dir.display());
+            }
+        }
+    }
+}
