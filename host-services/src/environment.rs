@@ -4,18 +4,17 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
-use tokio::process::{Child, Command};
 use tokio::sync::Notify;
 
 use crate::auth::AccountId;
 use crate::runtime_api::{InvokeError, Outcome, RuntimeApi};
+use crate::vmm_process::{JailSettings, VmmFiles, VmmProcess, VmmProcessError};
 
 /// The only version an environment may serve: one function version of one
 /// account, at one code and configuration revision.
@@ -72,6 +71,8 @@ pub struct MicroVmImage {
     pub run_dir: PathBuf,
     /// How long a runtime may take to reach its first `/next`.
     pub init_timeout: Duration,
+    /// Jails every VMM; None starts them directly.
+    pub jail: Option<JailSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,11 +82,8 @@ pub enum EnvironmentError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot start the VMM {vmm}: {source}")]
-    Spawn {
-        vmm: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Vmm(#[from] VmmProcessError),
     #[error("the microVM exited during init ({status}); VMM said: {stderr}")]
     ExitedDuringInit { status: String, stderr: String },
     #[error("the runtime did not ask for work within {0:?} of boot")]
@@ -233,7 +231,7 @@ pub struct ExecutionEnvironment {
     pub fresh: bool,
     /// Kept ready for a provisioned concurrency config.
     pub provisioned: bool,
-    child: Child,
+    vmm: VmmProcess,
     api: RuntimeApi,
     log: Arc<Lines>,
     _log_listener: AbortOnDrop,
@@ -287,37 +285,19 @@ impl ExecutionEnvironment {
             .map_err(dir_error)?,
             environ,
         );
-        let mut command = Command::new(&image.vmm);
-        command
-            .arg("--kernel")
-            .arg(&image.guest_kernel)
-            .arg("--mem-mib")
-            .arg(launch.memory_mib.to_string())
-            .arg("--cmdline")
-            .arg(GUEST_CMDLINE)
-            .arg("--drive")
-            .arg(format!("{},ro", launch.code_disk.display()))
-            .arg("--vsock")
-            .arg(format!("cid=3,uds={}", uds.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        // SAFETY: setpriority is async-signal-safe and touches only the
-        // child, between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                // Guests that poll their devices spin while they wait for
-                // the host; below the host's own threads, they cannot
-                // starve the worker that answers them.
-                libc::setpriority(libc::PRIO_PROCESS, 0, VMM_NICE);
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().map_err(|source| EnvironmentError::Spawn {
-            vmm: image.vmm.clone(),
-            source,
-        })?;
+        let mut vmm = VmmProcess::spawn(
+            image.jail.as_ref(),
+            &id,
+            &VmmFiles {
+                vmm: &image.vmm,
+                kernel: &image.guest_kernel,
+                code_disk: &launch.code_disk,
+                dir: &dir,
+            },
+            launch.memory_mib,
+            GUEST_CMDLINE,
+        )?;
+        let child = vmm.child();
         let diagnostics = Arc::new(Lines::default());
         if let Some(out) = child.stdout.take() {
             read_lines(out, diagnostics.clone());
@@ -331,19 +311,19 @@ impl ExecutionEnvironment {
                 // Let the readers drain what the VMM said last.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 Err(EnvironmentError::ExitedDuringInit {
-                    status: status.map_or_else(|e| e.to_string(), describe_exit),
+                    status: status.map_or_else(|e| e.to_string(), |s| vmm.describe_exit(s)),
                     stderr: diagnostics.tail(),
                 })
             }
             _ = tokio::time::sleep(image.init_timeout) => Err(EnvironmentError::InitTimeout(image.init_timeout)),
         };
         if let Err(e) = ready {
-            let _ = child.kill().await;
+            vmm.stop().await;
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
         let now = Instant::now();
-        freeze(&child, true);
+        vmm.freeze(true);
         Ok(ExecutionEnvironment {
             id,
             key: launch.key.clone(),
@@ -353,7 +333,7 @@ impl ExecutionEnvironment {
             init_duration: now - started,
             fresh: true,
             provisioned: false,
-            child,
+            vmm,
             api,
             log,
             _log_listener: log_listener,
@@ -373,26 +353,31 @@ impl ExecutionEnvironment {
     ) -> Result<Invocation, InvokeError> {
         let started = Instant::now();
         self.log.take_function_lines();
-        freeze(&self.child, false);
+        self.vmm.freeze(false);
         let outcome = tokio::select! {
             r = self.api.invoke(request_id, payload, timeout) => r?,
-            status = self.child.wait() => {
+            status = self.vmm.child().wait() => {
                 if let Ok(status) = status {
-                    tracing::warn!("environment {}: the VMM exited: {}", self.id, describe_exit(status));
+                    tracing::warn!("environment {}: the VMM exited: {}", self.id, self.vmm.describe_exit(status));
                 }
                 return Err(InvokeError::EnvironmentGone);
             }
         };
         let duration = started.elapsed();
         self.log.wait_for_end(request_id).await;
-        freeze(&self.child, true);
+        self.vmm.freeze(true);
         self.last_used = Instant::now();
         Ok(Invocation {
             outcome,
             log: self.log.take_function_lines(),
             duration,
-            max_memory_mib: self.child.id().and_then(peak_rss_mib),
+            max_memory_mib: self.vmm.peak_rss_mib(),
         })
+    }
+
+    /// The VMM's jail, or None when it runs unjailed.
+    pub fn jail_id(&self) -> Option<&str> {
+        self.vmm.jail_id()
     }
 
     /// What the VMM last said, for error reports.
@@ -401,8 +386,8 @@ impl ExecutionEnvironment {
     }
 
     /// Stops the microVM and removes its sockets.
-    pub async fn destroy(mut self) {
-        let _ = self.child.kill().await;
+    pub async fn destroy(self) {
+        self.vmm.stop().await;
         remove_dir(&self.dir);
     }
 }
@@ -410,9 +395,6 @@ impl ExecutionEnvironment {
 /// The console stays on for errors; `quiet` keeps the guest from
 /// spending milliseconds of VM exits on its boot banner.
 const GUEST_CMDLINE: &str = "console=ttyS0 quiet";
-
-/// The VMMs' scheduling priority (nice value), below the worker's.
-const VMM_NICE: libc::c_int = 10;
 
 /// The vsock port of the function's log stream, as the guest knows it.
 const LOG_PORT: u32 = 9002;
@@ -450,43 +432,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// Freezes (SIGSTOP) or thaws (SIGCONT) a microVM. Lambda freezes an
-/// environment between invocations; here that also matters for the host,
-/// since the bare-metal guest polls its devices and would otherwise spin
-/// on a host CPU while it waits for work.
-fn freeze(child: &Child, frozen: bool) {
-    if let Some(pid) = child.id() {
-        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
-        // SAFETY: signals a child this environment owns and has not
-        // reaped (`id()` is None once it has been).
-        unsafe { libc::kill(pid as libc::pid_t, signal) };
-    }
-}
-
-/// How the VMM ended, naming a seccomp kill as such.
-fn describe_exit(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    if status.signal() == Some(libc::SIGSYS) {
-        format!("{status}: its seccomp filter killed it for a forbidden system call")
-    } else {
-        status.to_string()
-    }
-}
-
-/// `VmHWM` of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib.div_ceil(1024))
 }
 
 fn remove_dir(dir: &Path) {

@@ -230,7 +230,8 @@ impl WorkerHost {
         };
         match ExecutionEnvironment::start(&self.image, launch, id, initialization).await {
             Ok(env) => {
-                self.lifecycle.created(&env.id, &self.id, &env.key, reason);
+                self.lifecycle
+                    .created(&env.id, &self.id, &env.key, reason, env.jail_id());
                 Ok(env)
             }
             Err(e) => {

@@ -1,8 +1,9 @@
 //! The host side of the serverless worker: Lambda's control plane and
 //! Invoke API ([`api`], [`control`]), the execution environments that run
 //! functions in microVMs ([`environment`]) on leased workers ([`host`]),
-//! the router that places invocations on them ([`router`]), and the
-//! Runtime API each environment's runtime talks to ([`runtime_api`]).
+//! the router that places invocations on them ([`router`]), the Runtime
+//! API each environment's runtime talks to ([`runtime_api`]), and the
+//! jailed VMM process behind each environment ([`vmm_process`]).
 
 pub mod api;
 pub mod auth;
@@ -17,5 +18,6 @@ pub mod role_credentials;
 pub mod router;
 pub mod runtime_api;
 pub mod store;
+pub mod vmm_process;
 pub mod wasm_image;
 pub mod worker;

@@ -55,6 +55,10 @@ pub struct LifecycleEvent {
     pub created: Option<CreateReason>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub destroyed: Option<DestroyReason>,
+    /// The jail the environment's VMM runs in; absent when it runs
+    /// unjailed (`--no-jail`) and on destruction.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jail: Option<String>,
     pub at_ms: u128,
 }
 
@@ -75,14 +79,25 @@ impl Lifecycle {
         })
     }
 
-    pub fn created(&self, environment: &str, worker: &str, key: &VersionKey, why: CreateReason) {
-        tracing::info!("environment {environment} for {key} created on {worker}: {why:?}");
-        self.append(environment, worker, key, Some(why), None);
+    pub fn created(
+        &self,
+        environment: &str,
+        worker: &str,
+        key: &VersionKey,
+        why: CreateReason,
+        jail: Option<&str>,
+    ) {
+        let how = match jail {
+            Some(jail) => format!("through the jailer, in jail {jail}"),
+            None => "UNJAILED".to_string(),
+        };
+        tracing::info!("environment {environment} for {key} created on {worker} {how}: {why:?}");
+        self.append(environment, worker, key, Some(why), None, jail);
     }
 
     pub fn destroyed(&self, environment: &str, worker: &str, key: &VersionKey, why: DestroyReason) {
         tracing::info!("environment {environment} for {key} destroyed on {worker}: {why:?}");
-        self.append(environment, worker, key, None, Some(why));
+        self.append(environment, worker, key, None, Some(why), None);
     }
 
     fn append(
@@ -92,6 +107,7 @@ impl Lifecycle {
         key: &VersionKey,
         created: Option<CreateReason>,
         destroyed: Option<DestroyReason>,
+        jail: Option<&str>,
     ) {
         let event = LifecycleEvent {
             environment: environment.to_string(),
@@ -101,6 +117,7 @@ impl Lifecycle {
             version: key.version.clone(),
             created,
             destroyed,
+            jail: jail.map(str::to_string),
             at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis()),

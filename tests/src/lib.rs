@@ -116,6 +116,12 @@ fn workspace_binary(package: &str, bin: &str, features: &[&str]) -> PathBuf {
     target.join(bin)
 }
 
+/// Whether the tests run as root, as jailing takes.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// The VMM.
 pub fn vmm_binary() -> PathBuf {
     workspace_binary("vmm", "vmm", &[])

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use host_services::lifecycle::LifecycleEvent;
 
 use crate::lambda_client::LambdaClient;
-use crate::{baremetal_guest, lambda_worker_binary, vmm_binary};
+use crate::{baremetal_guest, is_root, jailer_binary, lambda_worker_binary, vmm_binary};
 
 /// Account A's and account B's keys, as `credentials.json` lists them.
 pub const ACCOUNT_A: (&str, &str, &str) = ("AKIDA", "secret-a", "111111111111");
@@ -54,6 +54,14 @@ impl RunningWorker {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        // The worker jails its VMMs by default, which takes root; without
+        // it the tests still run, unjailed, and say so.
+        let jail: Vec<std::ffi::OsString> = if is_root() {
+            vec!["--jailer".into(), jailer_binary().into()]
+        } else {
+            println!("NOTE: not root: this test's microVMs run unjailed (--no-jail)");
+            vec!["--no-jail".into()]
+        };
         let mut child = Command::new(lambda_worker_binary())
             .arg("--data-dir")
             .arg(data)
@@ -65,6 +73,7 @@ impl RunningWorker {
             .arg(vmm_binary())
             .arg("--guest")
             .arg(baremetal_guest())
+            .args(jail)
             .args(extra)
             .env("RUST_LOG", log_filter)
             .stdin(Stdio::null())

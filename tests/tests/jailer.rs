@@ -6,15 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use microvm_tests::{baremetal_guest, jailer_binary, run_binary, vmm_binary};
+use microvm_tests::worker::{client_runtime, data_dir, lifecycle, RunningWorker};
+use microvm_tests::{baremetal_guest, is_root, jailer_binary, run_binary, vmm_binary, ECHO_WAT};
 
 const NOBODY: u32 = 65534;
 const CGROUP_PARENT: &str = "lambda-microvm-test";
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn skip_unless_root(test: &str) -> bool {
     if is_root() {
@@ -112,13 +108,20 @@ fn a_jailed_vmm_sees_only_its_files_runs_unprivileged_and_has_no_network() {
         .unwrap();
     let pid = wait_for_pid(&base.join("jails").join(&id).join("vmm.pid"), &mut jailer);
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    // The pid is known before the jail is built; the VMM's socket shows
+    // that it runs.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !run.join("vsock").exists() {
+        assert!(Instant::now() < deadline, "the VMM never made its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert_eq!(
         uid_line.split_whitespace().skip(1).collect::<Vec<_>>(),
         ["65534"; 4],
-        "the VMM's uid is not 0: {uid_line}"
+        "the VMM does not run as nobody: {uid_line}"
     );
 
     let mut root: Vec<String> = std::fs::read_dir(proc_dir.join("root"))
@@ -132,12 +135,7 @@ fn a_jailed_vmm_sees_only_its_files_runs_unprivileged_and_has_no_network() {
         "the jail's root holds only what was mounted"
     );
     assert!(!proc_dir.join("root/etc/passwd").exists());
-    // Its own socket appears in its directory; the other VMM's does not.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !run.join("vsock").exists() {
-        assert!(Instant::now() < deadline, "the VMM never made its socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Its own socket is there; the other VMM's is not.
     assert!(!proc_dir.join("root/other-vmm.sock").exists());
     assert!(!proc_dir.join("root/run/other-vmm.sock").exists());
 
@@ -251,4 +249,87 @@ fn bad_jailer_input_is_named() {
     let bad_id = jail(&["--exec-file", "/bin/true", "--id", "../x"]);
     assert!(bad_id.code != Some(0), "{bad_id:?}");
     std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// The VMM's uid, as `/proc/PID/status` shows it.
+fn uid_of(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().to_string()
+}
+
+#[test]
+fn the_worker_starts_every_environment_through_the_jailer() {
+    if skip_unless_root("the worker's jailer") {
+        return;
+    }
+    let data = data_dir("lambda-jailed");
+    let worker = RunningWorker::start(&data, &[], "info");
+    let client = worker.client();
+    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    let jails = data.join("jails");
+    client_runtime().block_on(async {
+        for function in ["jailed-a", "jailed-b"] {
+            client
+                .create_wasm_function(function, &wasm, 10)
+                .await
+                .unwrap();
+            for round in 0..2 {
+                let r = client
+                    .invoke(function, r#""in jail""#.into())
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, 200, "{r:?}");
+                assert_eq!(&r.body[..], br#"{"echo":"in jail"}"#);
+                assert_eq!(r.init_duration_ms().is_some(), round == 0, "{r:?}");
+            }
+        }
+    });
+    let events = lifecycle(&data);
+    assert_eq!(events.len(), 2, "{events:?}");
+    let mut uids = Vec::new();
+    for event in &events {
+        let jail = event.jail.clone().expect("the environment has a jail");
+        assert!(
+            worker
+                .log()
+                .contains(&format!("through the jailer, in jail {jail}")),
+            "{}",
+            worker.log()
+        );
+        // The idle (frozen) environment's VMM, seen from outside.
+        let pid: u32 = std::fs::read_to_string(jails.join(&jail).join("vmm.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        uids.push(uid_of(pid));
+        assert_ne!(
+            std::fs::read_link("/proc/self/ns/net").unwrap(),
+            std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap()
+        );
+        let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        root.sort();
+        assert_eq!(root, ["code.img", "kernel", "run"]);
+    }
+    assert!(uids.iter().all(|u| u != "0"), "{uids:?}");
+    assert_ne!(uids[0], uids[1], "two microVMs share a uid");
+    // A clean stop takes the jails and their cgroups with it.
+    worker.stop();
+    let left: Vec<_> = std::fs::read_dir(&jails).map_or(vec![], |d| d.flatten().collect());
+    assert!(left.is_empty(), "jails left behind: {left:?}");
+    for event in &events {
+        let jail = event.jail.as_deref().unwrap();
+        for hierarchy in ["", "memory/", "cpu/", "pids/"] {
+            let group = format!("/sys/fs/cgroup/{hierarchy}lambda-microvm/{jail}");
+            assert!(
+                !std::path::Path::new(&group).exists(),
+                "{group} left behind"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&data).unwrap();
 }

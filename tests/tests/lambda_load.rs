@@ -119,7 +119,7 @@ fn ten_thousand_invokes_at_concurrency_32_are_each_answered_exactly_once() {
     let log = worker.stop();
     assert!(
         report.failures.is_empty(),
-        "{} failed, first: {:?}",
+        "{} failed, first: {:?}\nthe worker's log:\n{log}",
         report.failures.len(),
         &report.failures[..report.failures.len().min(5)]
     );

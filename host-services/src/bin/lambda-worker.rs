@@ -17,6 +17,7 @@ use host_services::lifecycle::Lifecycle;
 use host_services::role_credentials::RoleCredentialIssuer;
 use host_services::router::{FleetConfig, InvokeRouter};
 use host_services::store::Store;
+use host_services::vmm_process::{JailIds, JailSettings};
 use host_services::worker::Worker;
 
 #[derive(Parser, Debug)]
@@ -34,6 +35,20 @@ struct Args {
     /// The `vmm` binary.
     #[arg(long)]
     vmm: PathBuf,
+    /// The `jailer` that starts each VMM; by default the one beside --vmm.
+    #[arg(long, value_name = "PATH")]
+    jailer: Option<PathBuf>,
+    /// Starts VMMs directly, without the jailer's namespaces, cgroup and
+    /// unprivileged uid. For hosts where the worker cannot run as root.
+    #[arg(long, conflicts_with = "jailer")]
+    no_jail: bool,
+    /// The first of the uids jailed VMMs run as: each runs as a uid, and a
+    /// gid of the same number, of its own from the 65536 that start here.
+    #[arg(long, default_value_t = 100_000)]
+    jail_uid_base: u32,
+    /// The cgroup jailed VMMs are grouped under.
+    #[arg(long, default_value = "lambda-microvm")]
+    cgroup_parent: String,
     /// The guest the wasi-preview1 runtime boots (guest-init's baremetal).
     #[arg(long)]
     guest: PathBuf,
@@ -66,6 +81,47 @@ fn existing_file(what: &str, path: &std::path::Path) -> Result<(), String> {
     }
 }
 
+/// How many uids jailed VMMs may take, from --jail-uid-base.
+const JAIL_IDS: u32 = 65536;
+
+/// How VMMs are jailed, from the flags; says so in the log.
+fn jail_settings(args: &Args) -> Result<Option<JailSettings>, String> {
+    if args.no_jail {
+        tracing::warn!("--no-jail: environments start WITHOUT the jailer, as this worker's uid");
+        return Ok(None);
+    }
+    let jailer = match &args.jailer {
+        Some(path) => path.clone(),
+        None => args.vmm.with_file_name("jailer"),
+    };
+    existing_file("jailer", &jailer)?;
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!(
+            "environments start through the jailer, which needs root, and this is uid {euid}: \
+             run as root, or pass --no-jail"
+        ));
+    }
+    let ids =
+        JailIds::new(args.jail_uid_base, JAIL_IDS).map_err(|e| format!("--jail-uid-base: {e}"))?;
+    let settings = JailSettings {
+        jailer,
+        ids,
+        chroot_base: args.data_dir.join("jails"),
+        cgroup_parent: args.cgroup_parent.clone(),
+        id_prefix: format!("{}-", std::process::id()),
+    };
+    tracing::info!(
+        "environments start through the jailer {}: each as a uid of its own in {:?}, roots under {}, cgroup {}",
+        settings.jailer.display(),
+        settings.ids.range(),
+        settings.chroot_base.display(),
+        settings.cgroup_parent
+    );
+    Ok(Some(settings))
+}
+
 async fn run(args: Args) -> Result<(), String> {
     existing_file("vmm", &args.vmm)?;
     existing_file("guest", &args.guest)?;
@@ -96,13 +152,20 @@ async fn run(args: Args) -> Result<(), String> {
     let store = Store::open(&args.data_dir).map_err(|e| e.to_string())?;
     let control = ControlPlane::new(store, &args.data_dir, false)
         .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    let jail = jail_settings(&args)?;
     let run_dir = args.data_dir.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
+    if let Some(jail) = &jail {
+        // Jails left behind by a worker whose jailers were killed outright
+        // and could not clean up.
+        let _ = std::fs::remove_dir_all(&jail.chroot_base);
+    }
     let image = MicroVmImage {
         vmm: args.vmm.clone(),
         guest_kernel: args.guest.clone(),
         run_dir,
         init_timeout: Duration::from_secs(args.init_timeout),
+        jail,
     };
     let logs = args.data_dir.join("logs");
     let lifecycle = std::fs::create_dir_all(&logs)

@@ -6,13 +6,16 @@
 //! * spawn -> process exit (the guest reboots right after printing);
 //! * for an idle 128 MiB guest, the VMM's resident memory without the
 //!   guest RAM mapping, and its peak RSS (VmHWM) with it.
+//!
+//! As root, it also boots this VMM through the jailer, as the worker does,
+//! and reports what the jail adds to spawn -> first serial byte.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use microvm_tests::{fixture, hypervisor, vmm_binary};
+use microvm_tests::{fixture, hypervisor, is_root, jailer_binary, vmm_binary};
 
 const GUEST_MIB: u64 = 128;
 const WARMUP: usize = 3;
@@ -22,6 +25,12 @@ struct Peer {
     command: Box<dyn Fn(&Path) -> Command>,
     /// Exit status of a run that ended as the guest asked.
     clean_exit: i32,
+    /// Whether the spawned process is the VMM, whose memory can be read.
+    measure_rss: bool,
+}
+
+fn vmm_args(c: &mut Command) {
+    c.args(["--mem-mib", &GUEST_MIB.to_string(), "--log-level", "warn"]);
 }
 
 fn ours() -> Peer {
@@ -29,14 +38,38 @@ fn ours() -> Peer {
     Peer {
         name: "vmm (this project)",
         clean_exit: 0,
+        measure_rss: true,
         command: Box::new(move |kernel| {
             let mut c = Command::new(&bin);
-            c.arg("--kernel").arg(kernel).args([
-                "--mem-mib",
-                &GUEST_MIB.to_string(),
-                "--log-level",
-                "warn",
-            ]);
+            c.arg("--kernel").arg(kernel);
+            vmm_args(&mut c);
+            c
+        }),
+    }
+}
+
+/// This VMM through the jailer, with the limits the worker gives a
+/// function of the guest's size.
+fn jailed() -> Peer {
+    let (jailer, vmm) = (jailer_binary(), vmm_binary());
+    let base = std::env::temp_dir().join(format!("boot-bench-jails-{}", std::process::id()));
+    Peer {
+        name: "jailed vmm",
+        clean_exit: 0,
+        measure_rss: false,
+        command: Box::new(move |kernel| {
+            let mut c = Command::new(&jailer);
+            c.args(["--id", "boot-bench", "--uid", "100000", "--gid", "100000"])
+                .arg("--exec-file")
+                .arg(&vmm)
+                .arg("--chroot-base")
+                .arg(&base)
+                .args(["--cgroup-parent", "lambda-microvm-bench", "--cpus", "1"])
+                .args(["--memory-mib", &(GUEST_MIB + 32).to_string()])
+                .arg("--mount")
+                .arg(format!("{}:/kernel:ro", kernel.display()))
+                .args(["--", "--kernel", "/kernel"]);
+            vmm_args(&mut c);
             c
         }),
     }
@@ -47,6 +80,7 @@ fn qemu(binary: PathBuf) -> Peer {
         name: "qemu microvm",
         // isa-debug-exit turns the guest's 0 into (0 << 1) | 1.
         clean_exit: 1,
+        measure_rss: true,
         command: Box::new(move |kernel| {
             let mut c = Command::new(&binary);
             c.args([
@@ -205,11 +239,15 @@ fn bench(
     }
     first_byte.sort();
     exit.sort();
-    let rss = measure_idle_rss(peer, idle_kernel)?;
+    let rss = if peer.measure_rss {
+        Some(measure_idle_rss(peer, idle_kernel)?)
+    } else {
+        None
+    };
     Ok(Summary {
         first_byte,
         exit,
-        rss: Some(rss),
+        rss,
     })
 }
 
@@ -272,6 +310,24 @@ fn main() {
         std::process::exit(1)
     });
     print_summary("vmm", &ours);
+    if is_root() {
+        match bench(&jailed(), runs, &boot_kernel, &idle_kernel) {
+            Ok(j) => {
+                print_summary("jailed vmm", &j);
+                let added = |a: &[Duration], b: &[Duration]| {
+                    ms(percentile(b, 0.5)) - ms(percentile(a, 0.5))
+                };
+                println!(
+                    "the jailer adds (medians): first serial byte {:+.2} ms, exit {:+.2} ms",
+                    added(&ours.first_byte, &j.first_byte),
+                    added(&ours.exit, &j.exit),
+                );
+            }
+            Err(e) => println!("jailed vmm: failed: {e}"),
+        }
+    } else {
+        println!("jailed vmm: SKIPPED: the jailer needs root");
+    }
 
     let qemu_bin = PathBuf::from("/usr/bin/qemu-system-x86_64");
     if !qemu_bin.exists() {

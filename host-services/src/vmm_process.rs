@@ -1,0 +1,358 @@
+//! The VMM process behind an execution environment, started through the
+//! jailer (the default) or directly. Jailed, a guest that escapes into its
+//! VMM finds an empty root holding only its kernel, its code disk and its
+//! own sockets, no network, an unprivileged uid, seccomp filters and a
+//! cgroup sized from the function's memory.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+/// How the worker jails its VMMs.
+#[derive(Debug, Clone)]
+pub struct JailSettings {
+    /// The `jailer` binary.
+    pub jailer: PathBuf,
+    pub ids: Arc<JailIds>,
+    /// Where jail roots are made, one directory per environment.
+    pub chroot_base: PathBuf,
+    pub cgroup_parent: String,
+    /// Prefixes jail names, so that workers sharing a host (and its
+    /// cgroup tree) never pick the same one.
+    pub id_prefix: String,
+}
+
+/// Gives each jailed VMM a uid, and a gid of the same number, of its own
+/// while it runs: its files, its processes and its process-count limit
+/// (which Linux counts per uid) are then its own, not shared with every
+/// other microVM on the host.
+#[derive(Debug)]
+pub struct JailIds {
+    first: u32,
+    count: u32,
+    used: Mutex<BTreeSet<u32>>,
+}
+
+impl JailIds {
+    /// The ids `first .. first + count`; none of them may be 0.
+    pub fn new(first: u32, count: u32) -> Result<Arc<Self>, String> {
+        if first == 0 || first.checked_add(count).is_none() || count == 0 {
+            return Err(format!(
+                "jail ids {first}..{first}+{count}: must be non-empty, above 0 and below 2^32"
+            ));
+        }
+        Ok(Arc::new(JailIds {
+            first,
+            count,
+            used: Mutex::new(BTreeSet::new()),
+        }))
+    }
+
+    pub fn range(&self) -> std::ops::Range<u32> {
+        self.first..self.first + self.count
+    }
+
+    /// The lowest free id, held until the returned guard drops.
+    fn take(self: &Arc<Self>) -> Option<JailId> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let id = self.range().find(|id| !used.contains(id))?;
+        used.insert(id);
+        Some(JailId {
+            ids: self.clone(),
+            id,
+        })
+    }
+}
+
+/// A uid and gid held by one jailed VMM.
+#[derive(Debug)]
+struct JailId {
+    ids: Arc<JailIds>,
+    id: u32,
+}
+
+impl Drop for JailId {
+    fn drop(&mut self) {
+        let mut used = self.ids.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.remove(&self.id);
+    }
+}
+
+/// One microVM's files, as the host sees them.
+pub struct VmmFiles<'a> {
+    pub vmm: &'a Path,
+    pub kernel: &'a Path,
+    pub code_disk: &'a Path,
+    /// The environment's directory: the VMM makes its vsock socket here
+    /// and connects to the worker's listeners next to it.
+    pub dir: &'a Path,
+}
+
+/// Where the jailed VMM sees its files.
+const JAIL_KERNEL: &str = "/kernel";
+const JAIL_CODE_DISK: &str = "/code.img";
+const JAIL_DIR: &str = "/run";
+
+/// What a VMM needs beyond its guest's memory: its own text, heap and
+/// KVM's page tables, plus the page cache of the kernel and code disk
+/// that the memory cgroup charges to it.
+const VMM_OVERHEAD_MIB: u64 = 32;
+
+/// The VMMs' scheduling priority (nice value), below the worker's.
+const VMM_NICE: libc::c_int = 10;
+
+/// How long a jailer has to stop its VMM and clean up before it is killed.
+const JAILER_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmProcessError {
+    #[error("every jail uid in {0:?} is taken")]
+    NoFreeJailId(std::ops::Range<u32>),
+    #[error("cannot hand {path} to the jail's uid: {source}")]
+    HandOver {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub struct VmmProcess {
+    child: Child,
+    /// The jail's name, when jailed.
+    jail_id: Option<String>,
+    /// The uid and gid the jailed VMM runs as; given back once it ended.
+    _jail_uid: Option<JailId>,
+    /// Where the jailer writes the VMM's pid; None when not jailed, and
+    /// the child is the VMM itself.
+    pid_file: Option<PathBuf>,
+    vmm_pid: Option<u32>,
+}
+
+impl VmmProcess {
+    /// Starts the VMM for environment `id`, with its stdout and stderr
+    /// piped.
+    pub fn spawn(
+        jail: Option<&JailSettings>,
+        id: &str,
+        files: &VmmFiles<'_>,
+        memory_mib: u32,
+        cmdline: &str,
+    ) -> Result<Self, VmmProcessError> {
+        let seen = |jailed: &'static str, host: &Path| match jail {
+            Some(_) => PathBuf::from(jailed),
+            None => host.to_path_buf(),
+        };
+        let vmm_args = [
+            "--kernel".into(),
+            seen(JAIL_KERNEL, files.kernel).into_os_string(),
+            "--mem-mib".into(),
+            memory_mib.to_string().into(),
+            "--cmdline".into(),
+            cmdline.into(),
+            "--drive".into(),
+            format!("{},ro", seen(JAIL_CODE_DISK, files.code_disk).display()).into(),
+            "--vsock".into(),
+            format!(
+                "cid=3,uds={}",
+                seen(JAIL_DIR, files.dir).join("vsock").display()
+            )
+            .into(),
+        ];
+        let (mut command, jail_id, jail_uid) = match jail {
+            None => (Command::new(files.vmm), None, None),
+            Some(jail) => {
+                let uid = jail
+                    .ids
+                    .take()
+                    .ok_or_else(|| VmmProcessError::NoFreeJailId(jail.ids.range()))?;
+                hand_over(files.dir, uid.id)?;
+                let jail_id = format!("{}{id}", jail.id_prefix);
+                let mut command = Command::new(&jail.jailer);
+                command
+                    .arg("--id")
+                    .arg(&jail_id)
+                    .arg("--exec-file")
+                    .arg(files.vmm)
+                    .arg("--uid")
+                    .arg(uid.id.to_string())
+                    .arg("--gid")
+                    .arg(uid.id.to_string())
+                    .arg("--chroot-base")
+                    .arg(&jail.chroot_base)
+                    .arg("--cgroup-parent")
+                    .arg(&jail.cgroup_parent)
+                    .arg("--memory-mib")
+                    .arg((u64::from(memory_mib) + VMM_OVERHEAD_MIB).to_string())
+                    // One vCPU, and the device thread beside it.
+                    .arg("--cpus")
+                    .arg("1")
+                    .arg("--mount")
+                    .arg(format!("{}:{JAIL_KERNEL}:ro", files.kernel.display()))
+                    .arg("--mount")
+                    .arg(format!("{}:{JAIL_CODE_DISK}:ro", files.code_disk.display()))
+                    .arg("--mount")
+                    .arg(format!("{}:{JAIL_DIR}", files.dir.display()))
+                    .arg("--");
+                (command, Some(jail_id), Some(uid))
+            }
+        };
+        command
+            .args(vmm_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // A worker that dies takes its microVMs with it; a jailer is asked
+        // to stop, so that it still removes its jail and cgroup.
+        let parent_death_signal = if jail.is_some() {
+            libc::SIGTERM
+        } else {
+            libc::SIGKILL
+        };
+        // SAFETY: setpriority and prctl are async-signal-safe and touch
+        // only the child, between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Guests that poll their devices spin while they wait for
+                // the host; below the host's own threads, they cannot
+                // starve the worker that answers them. The jailer's VMM
+                // inherits the priority.
+                libc::setpriority(libc::PRIO_PROCESS, 0, VMM_NICE);
+                libc::prctl(libc::PR_SET_PDEATHSIG, parent_death_signal);
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|source| VmmProcessError::Spawn {
+            program: jail.map_or(files.vmm, |j| &j.jailer).to_path_buf(),
+            source,
+        })?;
+        let pid_file = jail
+            .zip(jail_id.as_ref())
+            .map(|(jail, id)| jail.chroot_base.join(id).join("vmm.pid"));
+        let vmm_pid = if pid_file.is_none() { child.id() } else { None };
+        Ok(VmmProcess {
+            child,
+            jail_id,
+            _jail_uid: jail_uid,
+            pid_file,
+            vmm_pid,
+        })
+    }
+
+    /// The jail's name, or None when the VMM runs unjailed.
+    pub fn jail_id(&self) -> Option<&str> {
+        self.jail_id.as_deref()
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// The VMM's pid on the host, once it runs; None after the child has
+    /// been reaped, so that a reused pid is never signalled.
+    fn vmm_pid(&mut self) -> Option<u32> {
+        self.child.id()?;
+        if self.vmm_pid.is_none() {
+            self.vmm_pid = self
+                .pid_file
+                .as_ref()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .and_then(|s| s.trim().parse().ok());
+        }
+        self.vmm_pid
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the VMM. Lambda freezes an
+    /// environment between invocations; here that also matters for the
+    /// host, since the bare-metal guest polls its devices and would
+    /// otherwise spin on a host CPU while it waits for work.
+    pub fn freeze(&mut self, frozen: bool) {
+        if let Some(pid) = self.vmm_pid() {
+            let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: signals the VMM while its parent (this process, or
+            // the jailer this process has not reaped) still holds it.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+
+    /// The VMM's peak resident memory (`VmHWM`), in MiB: what the guest
+    /// touched, plus the VMM's own.
+    pub fn peak_rss_mib(&mut self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.vmm_pid()?)).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib.div_ceil(1024))
+    }
+
+    /// Stops the VMM. A jailer is asked first, so that it removes its
+    /// jail and cgroup; it kills its VMM even when that is frozen.
+    pub async fn stop(mut self) {
+        if self.pid_file.is_some() {
+            if let Some(pid) = self.child.id() {
+                // SAFETY: signals the jailer, a child not yet reaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                if tokio::time::timeout(JAILER_STOP_TIMEOUT, self.child.wait())
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                tracing::warn!("jailer {pid} ignored SIGTERM; killing it");
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+
+    /// How the VMM ended, naming a seccomp kill as such. A jailer reports
+    /// the VMM's signal as 128 + its number, as a shell does.
+    pub fn describe_exit(&self, status: ExitStatus) -> String {
+        let signal = match (status.signal(), status.code()) {
+            (Some(s), _) => Some(s),
+            (None, Some(c)) if self.pid_file.is_some() && c > 128 => Some(c - 128),
+            _ => None,
+        };
+        if signal == Some(libc::SIGSYS) {
+            format!("{status}: its seccomp filter killed the VMM for a forbidden system call")
+        } else {
+            status.to_string()
+        }
+    }
+}
+
+/// Gives the environment's directory and the worker's sockets in it to
+/// the jail's uid: the VMM makes its own socket there and connects to the
+/// worker's.
+fn hand_over(dir: &Path, id: u32) -> Result<(), VmmProcessError> {
+    let chown = |path: &Path| {
+        std::os::unix::fs::chown(path, Some(id), Some(id)).map_err(|source| {
+            VmmProcessError::HandOver {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
+    };
+    chown(dir)?;
+    let entries = std::fs::read_dir(dir).map_err(|source| VmmProcessError::HandOver {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        chown(&entry.path())?;
+    }
+    Ok(())
+}
