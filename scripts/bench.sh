@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks: boot latency and memory against QEMU's microvm machine on the
 # same guest, the bare-metal runtime from spawn to its first /next, then
-# the devices against the host's own sockets and files.
+# the devices against the host's own sockets and files (sealed disks
+# included), and the optimize-once ingest of a 50 MB ZIP.
 #   scripts/bench.sh [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,3 +11,4 @@ cargo build --release -q -p vmm -p guest-init -p microvm-tests --bins
 target/x86_64-unknown-linux-gnu/release/boot_bench "$@"
 target/x86_64-unknown-linux-gnu/release/runtime_boot_bench "$@"
 target/x86_64-unknown-linux-gnu/release/device_bench
+target/x86_64-unknown-linux-gnu/release/artifact_bench

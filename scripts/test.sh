@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
+# QEMU runs the guest kernel under TCG (tests/tests/linux.rs).
+scripts/setup.sh qemu-system-x86
 MICROVM_GUEST_KERNEL="$(kernel-config/build.sh)"
 export MICROVM_GUEST_KERNEL
 MICROVM_PYTHON="$(scripts/setup-python.sh)"

@@ -2,16 +2,19 @@
 //! of each account, kept in the [`Store`]. HTTP lives in [`crate::api`];
 //! this module holds the rules.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::api::error::ApiError;
+use crate::artifacts::{ArtifactError, ArtifactStore, GrantedArtifact};
 use crate::auth::AccountId;
 use crate::code;
 use crate::environment::VersionKey;
+use crate::key_service::KeyService;
 use crate::model::*;
 use crate::store::{numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, PROVISIONED, VERSIONS};
 use crate::wasm_image;
@@ -51,7 +54,7 @@ pub struct Resolved {
 
 pub struct ControlPlane {
     pub store: Store,
-    disks: PathBuf,
+    artifacts: ArtifactStore,
     /// Whether a Linux guest is configured for `provided.*` runtimes.
     linux_guest: bool,
 }
@@ -123,12 +126,15 @@ fn get_record(t: &Txn, account: &AccountId, name: &str) -> Result<FunctionRecord
 const MAX_VERSIONS: u64 = 100_000;
 
 impl ControlPlane {
-    pub fn new(store: Store, data_dir: &Path, linux_guest: bool) -> std::io::Result<Self> {
-        let disks = data_dir.join("disks");
-        std::fs::create_dir_all(&disks)?;
+    pub fn new(
+        store: Store,
+        data_dir: &Path,
+        keys: Arc<KeyService>,
+        linux_guest: bool,
+    ) -> Result<Self, ArtifactError> {
         Ok(ControlPlane {
             store,
-            disks,
+            artifacts: ArtifactStore::open(&data_dir.join("artifacts"), keys)?,
             linux_guest,
         })
     }
@@ -218,29 +224,31 @@ impl ControlPlane {
             architectures: vec!["x86_64".into()],
             layers: Vec::new(),
         };
-        self.store.write(|t| {
-            let key = function_key(account, &req.function_name);
-            if t.get::<FunctionRecord>(FUNCTIONS, &key)?.is_some() {
-                return Err(ApiError::ResourceConflict(format!(
-                    "Function already exist: {}",
-                    req.function_name
-                )));
-            }
-            config.layers = self.resolve_layers(t, account, &req.layers)?;
-            t.put_bytes(CODE, &code_key(account, &sha), &zip)?;
-            let mut record = FunctionRecord {
-                latest: config.clone(),
-                last_version: 0,
-                reserved_concurrency: None,
-            };
-            let out = if req.publish {
-                publish(t, &mut record, account, None)?
-            } else {
-                config.clone()
-            };
-            t.put(FUNCTIONS, &key, &record)?;
-            Ok(out)
-        })
+        self.store
+            .write(|t| {
+                let key = function_key(account, &req.function_name);
+                if t.get::<FunctionRecord>(FUNCTIONS, &key)?.is_some() {
+                    return Err(ApiError::ResourceConflict(format!(
+                        "Function already exist: {}",
+                        req.function_name
+                    )));
+                }
+                config.layers = self.resolve_layers(t, account, &req.layers)?;
+                t.put_bytes(CODE, &code_key(account, &sha), &zip)?;
+                let mut record = FunctionRecord {
+                    latest: config.clone(),
+                    last_version: 0,
+                    reserved_concurrency: None,
+                };
+                let out = if req.publish {
+                    publish(t, &mut record, account, None)?
+                } else {
+                    config.clone()
+                };
+                t.put(FUNCTIONS, &key, &record)?;
+                Ok(out)
+            })
+            .inspect(|config| self.optimize(account, config))
     }
 
     /// The configuration a function reference names: `$LATEST`, a version
@@ -371,6 +379,7 @@ impl ControlPlane {
                 Ok(())
             },
         )
+        .inspect(|config| self.optimize(account, config))
     }
 
     pub fn update_configuration(
@@ -705,13 +714,14 @@ impl ControlPlane {
         Ok(configs.into_iter().map(|(_, c)| c).collect())
     }
 
-    /// The code disk the bare-metal guest boots with for `config`: built
-    /// once per code and handler, then shared by every environment.
-    pub fn code_disk(
+    /// The code disk the bare-metal guest boots with for `config`, and a
+    /// grant to read it: optimized once per code, handler and layers into
+    /// a sealed artifact, then shared by every environment.
+    pub fn code_artifact(
         &self,
         account: &AccountId,
         config: &FunctionConfiguration,
-    ) -> Result<PathBuf, ApiError> {
+    ) -> Result<GrantedArtifact, ApiError> {
         let layers = self.layer_zips(account, &config.layers)?;
         let layer_shas: Vec<&str> = layers.iter().map(|(sha, _)| sha.as_str()).collect();
         let id = hex::encode(Sha256::digest(
@@ -724,29 +734,47 @@ impl ControlPlane {
             )
             .as_bytes(),
         ));
-        let path = self.disks.join(format!("{}.img", &id[..32]));
-        if path.exists() {
-            return Ok(path);
+        let name = &id[..32];
+        let artifact_error = |e: ArtifactError| ApiError::Service(e.to_string());
+        let artifact = match self.artifacts.get(name).map_err(artifact_error)? {
+            Some(artifact) => artifact,
+            None => {
+                let zip = self
+                    .store
+                    .read()?
+                    .get_bytes(CODE, &code_key(account, &config.code_sha256))?
+                    .ok_or_else(|| {
+                        ApiError::Service(format!("code {} is missing", config.code_sha256))
+                    })?;
+                let layer_zips: Vec<&[u8]> = layers.iter().map(|(_, zip)| zip.as_slice()).collect();
+                let module = code::extract_with_layers(&zip, &layer_zips, &config.handler)?;
+                // A budget no function needs within its timeout; the
+                // deadline is what stops it first.
+                let fuel = u64::from(config.timeout) * 2_000_000_000;
+                let image = wasm_image::build(&module, fuel)
+                    .map_err(|e| ApiError::invalid(format!("handler {:?}: {e}", config.handler)))?;
+                // Concurrent first builds each seal an artifact of their
+                // own; the last record written wins.
+                self.artifacts.put(name, &image).map_err(artifact_error)?
+            }
+        };
+        self.artifacts.grant(artifact).map_err(artifact_error)
+    }
+
+    pub fn artifacts(&self) -> &ArtifactStore {
+        &self.artifacts
+    }
+
+    /// Optimizes new code into its artifact right away, so that the first
+    /// invocation does not pay for it. A handler that cannot run is not an
+    /// error here: as on Lambda, the invocation reports it.
+    fn optimize(&self, account: &AccountId, config: &FunctionConfiguration) {
+        if config.runtime != runtime::WASI {
+            return;
         }
-        let zip = self
-            .store
-            .read()?
-            .get_bytes(CODE, &code_key(account, &config.code_sha256))?
-            .ok_or_else(|| ApiError::Service(format!("code {} is missing", config.code_sha256)))?;
-        let layer_zips: Vec<&[u8]> = layers.iter().map(|(_, zip)| zip.as_slice()).collect();
-        let module = code::extract_with_layers(&zip, &layer_zips, &config.handler)?;
-        // A budget no function needs within its timeout; the deadline is
-        // what stops it first.
-        let fuel = u64::from(config.timeout) * 2_000_000_000;
-        let image = wasm_image::build(&module, fuel)
-            .map_err(|e| ApiError::invalid(format!("handler {:?}: {e}", config.handler)))?;
-        // Concurrent first invocations each build the image; each writes
-        // a file of its own and the last rename wins.
-        let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4()));
-        std::fs::write(&tmp, &image)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| ApiError::Service(format!("writing {}: {e}", path.display())))?;
-        Ok(path)
+        if let Err(e) = self.code_artifact(account, config) {
+            tracing::debug!("{}: code not optimized ahead: {e}", config.function_arn);
+        }
     }
 }
 

@@ -12,7 +12,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
+use crate::artifacts::{ArtifactError, GrantedArtifact};
 use crate::auth::AccountId;
+use crate::key_service::KeyService;
 use crate::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use crate::vmm_process::{JailSettings, VmmFiles, VmmProcess, VmmProcessError};
 
@@ -39,7 +41,8 @@ pub struct Launch {
     /// The version's ARN, as the runtime sees it.
     pub function_arn: String,
     pub memory_mib: u32,
-    pub code_disk: PathBuf,
+    /// The function's code disk, sealed, and a grant to read it.
+    pub code: GrantedArtifact,
     /// The function's environment variables: the runtime's, the execution
     /// role's credentials and the user's.
     pub variables: Vec<(String, String)>,
@@ -63,7 +66,7 @@ impl InitializationType {
 }
 
 /// The worker's microVM ingredients.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct MicroVmImage {
     pub vmm: PathBuf,
     pub guest_kernel: PathBuf,
@@ -73,6 +76,8 @@ pub struct MicroVmImage {
     pub init_timeout: Duration,
     /// Jails every VMM; None starts them directly.
     pub jail: Option<JailSettings>,
+    /// Unwraps code disks' keys for the grants environments present.
+    pub keys: Arc<KeyService>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +89,8 @@ pub enum EnvironmentError {
     },
     #[error(transparent)]
     Vmm(#[from] VmmProcessError),
+    #[error("the code disk: {0}")]
+    Code(#[from] ArtifactError),
     #[error("the microVM exited during init ({status}); VMM said: {stderr}")]
     ExitedDuringInit { status: String, stderr: String },
     #[error("the runtime did not ask for work within {0:?} of boot")]
@@ -176,8 +183,19 @@ impl Lines {
     }
 }
 
-/// Feeds `stream`'s lines to `sink`, lossily decoded, cut at `MAX_LINE`.
-fn read_lines(stream: impl AsyncRead + Unpin + Send + 'static, sink: Arc<Lines>) {
+/// Feeds `stream`'s lines to `sink`, lossily decoded, cut at `MAX_LINE`;
+/// with `log_as`, each line also goes to the worker's log under that name.
+fn read_lines(
+    stream: impl AsyncRead + Unpin + Send + 'static,
+    sink: Arc<Lines>,
+    log_as: Option<String>,
+) {
+    let push = move |line: String| {
+        if let Some(name) = &log_as {
+            tracing::warn!("{name}: {line}");
+        }
+        sink.push(line);
+    };
     tokio::spawn(async move {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
@@ -197,12 +215,12 @@ fn read_lines(stream: impl AsyncRead + Unpin + Send + 'static, sink: Arc<Lines>)
                 while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                     line.pop();
                 }
-                sink.push(String::from_utf8_lossy(&line).into_owned());
+                push(String::from_utf8_lossy(&line).into_owned());
                 line.clear();
             }
         }
         if !line.is_empty() {
-            sink.push(String::from_utf8_lossy(&line).into_owned());
+            push(String::from_utf8_lossy(&line).into_owned());
         }
     });
 }
@@ -285,13 +303,15 @@ impl ExecutionEnvironment {
             .map_err(dir_error)?,
             environ,
         );
+        let code_key = launch.code.drive_key(&image.keys)?;
         let mut vmm = VmmProcess::spawn(
             image.jail.as_ref(),
             &id,
             &VmmFiles {
                 vmm: &image.vmm,
                 kernel: &image.guest_kernel,
-                code_disk: &launch.code_disk,
+                code_disk: &launch.code.artifact.path,
+                code_key: &code_key,
                 dir: &dir,
             },
             launch.memory_mib,
@@ -300,10 +320,15 @@ impl ExecutionEnvironment {
         let child = vmm.child();
         let diagnostics = Arc::new(Lines::default());
         if let Some(out) = child.stdout.take() {
-            read_lines(out, diagnostics.clone());
+            read_lines(out, diagnostics.clone(), None);
         }
         if let Some(err) = child.stderr.take() {
-            read_lines(err, diagnostics.clone());
+            // The VMM runs at --log-level warn: what it says matters.
+            read_lines(
+                err,
+                diagnostics.clone(),
+                Some(format!("environment {id}: vmm")),
+            );
         }
         let ready = tokio::select! {
             r = api.ready() => r.map_err(EnvironmentError::from),
@@ -405,7 +430,7 @@ fn accept_log_stream(listener: UnixListener, log: Arc<Lines>) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         if let Ok((stream, _)) = listener.accept().await {
             drop(listener);
-            read_lines(stream, log);
+            read_lines(stream, log, None);
         }
     }))
 }

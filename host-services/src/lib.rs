@@ -6,11 +6,13 @@
 //! jailed VMM process behind each environment ([`vmm_process`]).
 
 pub mod api;
+pub mod artifacts;
 pub mod auth;
 pub mod code;
 pub mod control;
 pub mod environment;
 pub mod host;
+pub mod key_service;
 pub mod layers;
 pub mod lifecycle;
 pub mod model;

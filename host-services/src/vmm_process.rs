@@ -5,6 +5,7 @@
 //! cgroup sized from the function's memory.
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -87,7 +88,11 @@ impl Drop for JailId {
 pub struct VmmFiles<'a> {
     pub vmm: &'a Path,
     pub kernel: &'a Path,
+    /// Sealed: the VMM decrypts it as the guest reads it.
     pub code_disk: &'a Path,
+    /// The code disk's artifact id and data key, as the VMM reads them
+    /// from its standard input: never on its command line or on disk.
+    pub code_key: &'a str,
     /// The environment's directory: the VMM makes its vsock socket here
     /// and connects to the worker's listeners next to it.
     pub dir: &'a Path,
@@ -152,6 +157,8 @@ impl VmmProcess {
             None => host.to_path_buf(),
         };
         let vmm_args = [
+            "--log-level".into(),
+            "warn".into(),
             "--kernel".into(),
             seen(JAIL_KERNEL, files.kernel).into_os_string(),
             "--mem-mib".into(),
@@ -159,7 +166,11 @@ impl VmmProcess {
             "--cmdline".into(),
             cmdline.into(),
             "--drive".into(),
-            format!("{},ro", seen(JAIL_CODE_DISK, files.code_disk).display()).into(),
+            format!(
+                "{},ro,key-fd=0",
+                seen(JAIL_CODE_DISK, files.code_disk).display()
+            )
+            .into(),
             "--vsock".into(),
             format!(
                 "cid=3,uds={}",
@@ -207,7 +218,7 @@ impl VmmProcess {
         };
         command
             .args(vmm_args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -231,10 +242,24 @@ impl VmmProcess {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|source| VmmProcessError::Spawn {
-            program: jail.map_or(files.vmm, |j| &j.jailer).to_path_buf(),
+        let program = jail.map_or(files.vmm, |j| &j.jailer).to_path_buf();
+        let mut child = command.spawn().map_err(|source| VmmProcessError::Spawn {
+            program: program.clone(),
             source,
         })?;
+        // 97 bytes fit in a pipe's buffer: the write cannot block.
+        if let Some(stdin) = child.stdin.take() {
+            let mut stdin = stdin
+                .into_owned_fd()
+                .map(std::fs::File::from)
+                .map_err(|source| VmmProcessError::Spawn {
+                    program: program.clone(),
+                    source,
+                })?;
+            stdin
+                .write_all(files.code_key.as_bytes())
+                .map_err(|source| VmmProcessError::Spawn { program, source })?;
+        }
         let pid_file = jail
             .zip(jail_id.as_ref())
             .map(|(jail, id)| jail.chroot_base.join(id).join("vmm.pid"));

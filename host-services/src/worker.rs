@@ -159,7 +159,7 @@ impl Worker {
             key: resolved.key.clone(),
             function_arn: config.function_arn.clone(),
             memory_mib: config.memory_size,
-            code_disk: self.control.code_disk(&resolved.key.account, config)?,
+            code: self.control.code_artifact(&resolved.key.account, config)?,
             variables,
         })
     }

@@ -2,7 +2,9 @@
 //! memory, the KVM VM, the kernel and its boot structures, the devices and
 //! the vCPUs, in that order.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -24,7 +26,10 @@ use crate::devices::ioapic::Ioapic;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SerialDevice, SerialOutput};
 use crate::devices::legacy::EventFdTrigger;
-use crate::devices::virtio::block::{Block, RawFile};
+use crate::devices::virtio::block::sealed::{
+    parse_key_line, ArtifactId, DataKey, SealedError, SealedImage,
+};
+use crate::devices::virtio::block::{Block, BlockBackend, RawFile};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
@@ -73,6 +78,17 @@ pub enum BuildError {
     Drive {
         path: std::path::PathBuf,
         source: std::io::Error,
+    },
+    #[error("drive {path:?}: key-fd={fd}: {reason}")]
+    DriveKey {
+        path: std::path::PathBuf,
+        fd: i32,
+        reason: String,
+    },
+    #[error("sealed drive {path:?}: {source}")]
+    SealedDrive {
+        path: std::path::PathBuf,
+        source: SealedError,
     },
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
@@ -124,16 +140,33 @@ fn attach_virtio_devices(
     config: &VmConfig,
 ) -> Result<(), BuildError> {
     for (i, drive) in config.drives.iter().enumerate() {
+        let drive_error = |source| BuildError::Drive {
+            path: drive.path.clone(),
+            source,
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(!drive.read_only)
             .open(&drive.path)
-            .and_then(RawFile::new)
-            .map_err(|source| BuildError::Drive {
-                path: drive.path.clone(),
-                source,
-            })?;
-        let block = Block::new(Box::new(file), drive.read_only, &format!("drive{i}"))
+            .map_err(drive_error)?;
+        let backend: Box<dyn BlockBackend> = match drive.key_fd {
+            None => Box::new(RawFile::new(file).map_err(drive_error)?),
+            Some(fd) => {
+                let (artifact, key) =
+                    read_drive_key(fd).map_err(|reason| BuildError::DriveKey {
+                        path: drive.path.clone(),
+                        fd,
+                        reason,
+                    })?;
+                Box::new(SealedImage::open(file, &artifact, &key).map_err(|source| {
+                    BuildError::SealedDrive {
+                        path: drive.path.clone(),
+                        source,
+                    }
+                })?)
+            }
+        };
+        let block = Block::new(backend, drive.read_only, &format!("drive{i}"))
             .map_err(BuildError::VirtioDevice)?;
         attacher.attach(block)?;
     }
@@ -141,6 +174,23 @@ fn attach_virtio_devices(
         attacher.attach(Vsock::new(vsock.guest_cid, &vsock.uds_path)?)?;
     }
     attacher.attach(Rng::new().map_err(BuildError::VirtioDevice)?)
+}
+
+/// Reads a sealed drive's artifact id and key from descriptor `fd`, which
+/// the VMM's owner left open for it, and closes it.
+fn read_drive_key(fd: i32) -> Result<(ArtifactId, DataKey), String> {
+    // SAFETY: F_GETFD only asks whether `fd` is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err("not an open descriptor".into());
+    }
+    // SAFETY: an open descriptor nothing else in this process uses: the
+    // owner passed it for this drive alone.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let mut line = String::new();
+    file.take(256)
+        .read_to_string(&mut line)
+        .map_err(|e| e.to_string())?;
+    parse_key_line(&line)
 }
 
 fn eventfd() -> Result<EventFd, BuildError> {

@@ -38,32 +38,52 @@ impl FromStr for SerialConfig {
     }
 }
 
-/// A virtio-blk drive: a raw image file.
+/// A virtio-blk drive: a raw image file, or a sealed (encrypted) one
+/// whose artifact id and key the VMM reads from an inherited descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
+    /// A descriptor holding `ARTIFACT_ID_HEX KEY_HEX`: the drive is sealed.
+    #[serde(default)]
+    pub key_fd: Option<i32>,
 }
 
 impl FromStr for DriveConfig {
     type Err = String;
 
-    /// `PATH` or `PATH,ro`, as on the command line.
+    /// `PATH[,ro|,rw][,key-fd=N]`, as on the command line.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (path, read_only) = match s.rsplit_once(',') {
-            Some((path, "ro")) => (path, true),
-            Some((path, "rw")) => (path, false),
-            Some((_, other)) => return Err(format!("unknown drive option {other:?} (ro or rw)")),
-            None => (s, false),
-        };
+        let mut path = s;
+        let (mut read_only, mut key_fd) = (false, None);
+        while let Some((rest, option)) = path.rsplit_once(',') {
+            match option {
+                "ro" => read_only = true,
+                "rw" => read_only = false,
+                _ => match option.strip_prefix("key-fd=") {
+                    Some(fd) => {
+                        key_fd = Some(fd.parse::<u16>().map_err(|_| {
+                            format!("key-fd={fd:?}: expected a file descriptor number")
+                        })?);
+                    }
+                    None => {
+                        return Err(format!(
+                            "unknown drive option {option:?} (ro, rw or key-fd=N)"
+                        ))
+                    }
+                },
+            }
+            path = rest;
+        }
         if path.is_empty() {
             return Err("empty path".into());
         }
         Ok(DriveConfig {
             path: PathBuf::from(path),
             read_only,
+            key_fd: key_fd.map(i32::from),
         })
     }
 }
@@ -275,6 +295,13 @@ impl VmConfigInput {
         let drives = self.drives.unwrap_or_default();
         for drive in &drives {
             check_readable_file("drive", &drive.path)?;
+            if drive.key_fd.is_some() && !drive.read_only {
+                return Err(invalid(
+                    "drive",
+                    drive.path.display(),
+                    "a sealed drive (key-fd) is read-only: add ,ro",
+                ));
+            }
             if !drive.read_only {
                 std::fs::OpenOptions::new()
                     .write(true)
@@ -433,9 +460,22 @@ mod tests {
             "/a/b.img,ro".parse(),
             Ok(DriveConfig {
                 path: "/a/b.img".into(),
-                read_only: true
+                read_only: true,
+                key_fd: None,
             })
         );
+        assert_eq!(
+            "/a/s.img,ro,key-fd=0".parse(),
+            Ok(DriveConfig {
+                path: "/a/s.img".into(),
+                read_only: true,
+                key_fd: Some(0),
+            })
+        );
+        assert!("s.img,ro,key-fd=x"
+            .parse::<DriveConfig>()
+            .unwrap_err()
+            .contains("key-fd=\"x\""));
         assert_eq!(
             "x.img".parse::<DriveConfig>().map(|d| d.read_only),
             Ok(false)

@@ -13,6 +13,7 @@ use host_services::auth::Credentials;
 use host_services::control::ControlPlane;
 use host_services::environment::MicroVmImage;
 use host_services::host::HostLimits;
+use host_services::key_service::KeyService;
 use host_services::lifecycle::Lifecycle;
 use host_services::role_credentials::RoleCredentialIssuer;
 use host_services::router::{FleetConfig, InvokeRouter};
@@ -68,6 +69,10 @@ struct Args {
     /// The longest an environment lives, in seconds.
     #[arg(long, default_value_t = 4 * 3600)]
     environment_lease: u64,
+    /// Adds a master key version at start and rewraps every artifact's
+    /// data key under it; the sealed code itself is not rewritten.
+    #[arg(long)]
+    rotate_master_key: bool,
     /// Seconds a runtime may take to reach its first /next.
     #[arg(long, default_value_t = 10)]
     init_timeout: u64,
@@ -150,8 +155,25 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .with_issuer(roles.clone());
     let store = Store::open(&args.data_dir).map_err(|e| e.to_string())?;
-    let control = ControlPlane::new(store, &args.data_dir, false)
+    let keys = Arc::new(
+        KeyService::open(&args.data_dir.join("keys"))
+            .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
+    );
+    if args.rotate_master_key {
+        keys.rotate().map_err(|e| e.to_string())?;
+    }
+    let control = ControlPlane::new(store, &args.data_dir, keys.clone(), false)
         .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    if args.rotate_master_key {
+        let moved = control
+            .artifacts()
+            .rewrap_all()
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            "master key rotated to version {}: {moved} artifact keys rewrapped",
+            keys.current_master()
+        );
+    }
     let jail = jail_settings(&args)?;
     let run_dir = args.data_dir.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -166,6 +188,7 @@ async fn run(args: Args) -> Result<(), String> {
         run_dir,
         init_timeout: Duration::from_secs(args.init_timeout),
         jail,
+        keys,
     };
     let logs = args.data_dir.join("logs");
     let lifecycle = std::fs::create_dir_all(&logs)

@@ -1,0 +1,409 @@
+//! The key service: envelope encryption for artifacts. Each artifact has
+//! its own data key, stored only wrapped (AES-256-GCM) under a master key.
+//! Master keys are versioned: rotation adds a version that wraps from then
+//! on, and [`KeyService::rewrap`] moves a wrapped key to it without
+//! touching the artifact's data. A worker gets a data key only by showing
+//! a grant: signed by the service, for one artifact, until a deadline.
+//!
+//! Master keys live in their own directory, readable by root only; a
+//! deployment would keep them in an HSM or a KMS behind the same calls.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use vmm::devices::virtio::block::sealed::{hex, ArtifactId, DataKey};
+
+/// Binds a wrapped key to its purpose and artifact.
+const WRAP_CONTEXT: &[u8] = b"lambda-microvm data key v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a 32-byte key")]
+    BadKeyFile { path: PathBuf },
+    #[error("no master key version {0}: the wrapped key cannot be opened")]
+    UnknownMaster(u32),
+    #[error("the wrapped key of artifact {0} failed authentication")]
+    Unwrap(String),
+    #[error("the grant for artifact {0} is forged or altered")]
+    ForgedGrant(String),
+    #[error("the grant for artifact {artifact} expired {ago_ms} ms ago")]
+    ExpiredGrant { artifact: String, ago_ms: u64 },
+    #[error("the grant is for artifact {granted}, not {wanted}")]
+    WrongArtifact { granted: String, wanted: String },
+}
+
+/// A data key wrapped under master key `master`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedKey {
+    pub master: u32,
+    /// Nonce, ciphertext and tag, in hex.
+    pub sealed: String,
+}
+
+/// Permission to read one artifact until `expires_ms` (Unix time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub artifact: ArtifactId,
+    pub expires_ms: u64,
+    signature: [u8; 32],
+}
+
+pub struct KeyService {
+    dir: PathBuf,
+    masters: RwLock<BTreeMap<u32, [u8; 32]>>,
+    grant_key: [u8; 32],
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).expect("the OS random number generator");
+    bytes
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl KeyService {
+    /// Opens the service's keys in `dir`, creating the first master key
+    /// and the grant-signing key if there are none.
+    pub fn open(dir: &Path) -> Result<Self, KeyError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| KeyError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut masters = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let path = entry.map_err(io(dir))?.path();
+            let version = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("master-"))
+                .and_then(|n| n.strip_suffix(".key"))
+                .and_then(|v| v.parse::<u32>().ok());
+            if let Some(version) = version {
+                masters.insert(version, read_key(&path)?);
+            }
+        }
+        let service = KeyService {
+            dir: dir.to_path_buf(),
+            masters: RwLock::new(masters),
+            grant_key: match read_key(&dir.join("grant.key")) {
+                Ok(key) => key,
+                Err(KeyError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    let key = random();
+                    write_key(&dir.join("grant.key"), &key)?;
+                    key
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        if service.current().is_none() {
+            service.rotate()?;
+        }
+        Ok(service)
+    }
+
+    fn current(&self) -> Option<(u32, [u8; 32])> {
+        let masters = self.masters.read().unwrap_or_else(|e| e.into_inner());
+        masters.last_key_value().map(|(v, k)| (*v, *k))
+    }
+
+    /// The master key version that wraps new keys.
+    pub fn current_master(&self) -> u32 {
+        self.current().map_or(0, |(v, _)| v)
+    }
+
+    /// Adds a master key version; it wraps every key from now on.
+    pub fn rotate(&self) -> Result<u32, KeyError> {
+        let mut masters = self.masters.write().unwrap_or_else(|e| e.into_inner());
+        let version = masters.last_key_value().map_or(1, |(v, _)| v + 1);
+        let key = random();
+        write_key(&self.dir.join(format!("master-{version}.key")), &key)?;
+        masters.insert(version, key);
+        tracing::info!("key service: master key version {version} now wraps new data keys");
+        Ok(version)
+    }
+
+    /// A fresh data key for `artifact`, and the same key wrapped.
+    pub fn new_data_key(&self, artifact: &ArtifactId) -> (DataKey, WrappedKey) {
+        let key = random();
+        let wrapped = self.wrap(artifact, &key);
+        (key, wrapped)
+    }
+
+    fn wrap(&self, artifact: &ArtifactId, key: &DataKey) -> WrappedKey {
+        let (master, master_key) = self.current().expect("a master key since open");
+        let nonce = random::<12>();
+        let mut sealed = *key;
+        let tag = Aes256Gcm::new((&master_key).into())
+            .encrypt_inout_detached(
+                &Nonce::from(nonce),
+                &wrap_aad(artifact, master),
+                sealed.as_mut_slice().into(),
+            )
+            .expect("AES-GCM wraps 32 bytes");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&sealed);
+        out.extend_from_slice(&tag);
+        WrappedKey {
+            master,
+            sealed: hex(&out),
+        }
+    }
+
+    fn unwrap_key(&self, artifact: &ArtifactId, wrapped: &WrappedKey) -> Result<DataKey, KeyError> {
+        let master_key = *self
+            .masters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&wrapped.master)
+            .ok_or(KeyError::UnknownMaster(wrapped.master))?;
+        let failed = || KeyError::Unwrap(hex(artifact));
+        let bytes = ::hex::decode(&wrapped.sealed).map_err(|_| failed())?;
+        if bytes.len() != 12 + 32 + 16 {
+            return Err(failed());
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&bytes[12..44]);
+        Aes256Gcm::new((&master_key).into())
+            .decrypt_inout_detached(
+                &Nonce::try_from(&bytes[..12]).map_err(|_| failed())?,
+                &wrap_aad(artifact, wrapped.master),
+                key.as_mut_slice().into(),
+                &Tag::try_from(&bytes[44..]).map_err(|_| failed())?,
+            )
+            .map_err(|_| failed())?;
+        Ok(key)
+    }
+
+    /// `wrapped` under the current master key; the artifact's data is not
+    /// touched.
+    pub fn rewrap(
+        &self,
+        artifact: &ArtifactId,
+        wrapped: &WrappedKey,
+    ) -> Result<WrappedKey, KeyError> {
+        let key = self.unwrap_key(artifact, wrapped)?;
+        Ok(self.wrap(artifact, &key))
+    }
+
+    fn grant_mac(&self, artifact: &ArtifactId, expires_ms: u64) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.grant_key).expect("any key length");
+        mac.update(b"lambda-microvm grant v1\0");
+        mac.update(artifact);
+        mac.update(&expires_ms.to_le_bytes());
+        mac
+    }
+
+    /// A grant to read `artifact` for `ttl`.
+    pub fn grant(&self, artifact: &ArtifactId, ttl: Duration) -> Grant {
+        let expires_ms = now_ms() + ttl.as_millis() as u64;
+        Grant {
+            artifact: *artifact,
+            expires_ms,
+            signature: self
+                .grant_mac(artifact, expires_ms)
+                .finalize()
+                .into_bytes()
+                .into(),
+        }
+    }
+
+    /// The data key of `artifact`, for the holder of a valid grant to it.
+    pub fn data_key(
+        &self,
+        grant: &Grant,
+        artifact: &ArtifactId,
+        wrapped: &WrappedKey,
+    ) -> Result<DataKey, KeyError> {
+        self.data_key_at(grant, artifact, wrapped, now_ms())
+    }
+
+    fn data_key_at(
+        &self,
+        grant: &Grant,
+        artifact: &ArtifactId,
+        wrapped: &WrappedKey,
+        now_ms: u64,
+    ) -> Result<DataKey, KeyError> {
+        self.grant_mac(&grant.artifact, grant.expires_ms)
+            .verify_slice(&grant.signature)
+            .map_err(|_| KeyError::ForgedGrant(hex(&grant.artifact)))?;
+        if &grant.artifact != artifact {
+            return Err(KeyError::WrongArtifact {
+                granted: hex(&grant.artifact),
+                wanted: hex(artifact),
+            });
+        }
+        if now_ms >= grant.expires_ms {
+            return Err(KeyError::ExpiredGrant {
+                artifact: hex(artifact),
+                ago_ms: now_ms - grant.expires_ms,
+            });
+        }
+        self.unwrap_key(artifact, wrapped)
+    }
+}
+
+fn wrap_aad(artifact: &ArtifactId, master: u32) -> Vec<u8> {
+    let mut aad = WRAP_CONTEXT.to_vec();
+    aad.extend_from_slice(artifact);
+    aad.extend_from_slice(&master.to_le_bytes());
+    aad
+}
+
+fn read_key(path: &Path) -> Result<[u8; 32], KeyError> {
+    let bytes = std::fs::read(path).map_err(|source| KeyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    bytes
+        .try_into()
+        .map_err(|_| KeyError::BadKeyFile { path: path.into() })
+}
+
+fn write_key(path: &Path, key: &[u8; 32]) -> Result<(), KeyError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(key).and_then(|()| f.sync_all()))
+        .map_err(|source| KeyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str) -> (KeyService, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("keys-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (KeyService::open(&dir).unwrap(), dir)
+    }
+
+    const ARTIFACT: ArtifactId = [3; 16];
+
+    #[test]
+    fn a_granted_key_unwraps_and_survives_rotation_and_reopening() {
+        let (keys, dir) = service("rotate");
+        let (key, wrapped) = keys.new_data_key(&ARTIFACT);
+        assert_eq!(wrapped.master, 1);
+        let grant = keys.grant(&ARTIFACT, Duration::from_secs(60));
+        assert_eq!(keys.data_key(&grant, &ARTIFACT, &wrapped).unwrap(), key);
+
+        assert_eq!(keys.rotate().unwrap(), 2);
+        // Old wraps still open; a rewrap moves to the new master.
+        assert_eq!(keys.data_key(&grant, &ARTIFACT, &wrapped).unwrap(), key);
+        let rewrapped = keys.rewrap(&ARTIFACT, &wrapped).unwrap();
+        assert_eq!(rewrapped.master, 2);
+        assert_ne!(rewrapped, wrapped);
+        assert_eq!(keys.data_key(&grant, &ARTIFACT, &rewrapped).unwrap(), key);
+
+        let reopened = KeyService::open(&dir).unwrap();
+        assert_eq!(reopened.current_master(), 2);
+        assert_eq!(
+            reopened.data_key(&grant, &ARTIFACT, &rewrapped).unwrap(),
+            key
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn forged_expired_and_misdirected_grants_are_refused() {
+        let (keys, dir) = service("grants");
+        let (_, wrapped) = keys.new_data_key(&ARTIFACT);
+        let grant = keys.grant(&ARTIFACT, Duration::from_secs(60));
+
+        let mut longer = grant.clone();
+        longer.expires_ms += 3_600_000;
+        assert!(matches!(
+            keys.data_key(&longer, &ARTIFACT, &wrapped),
+            Err(KeyError::ForgedGrant(_))
+        ));
+        let mut other = grant.clone();
+        other.artifact = [4; 16];
+        assert!(matches!(
+            keys.data_key(&other, &ARTIFACT, &wrapped),
+            Err(KeyError::ForgedGrant(_))
+        ));
+        let for_other = keys.grant(&[4; 16], Duration::from_secs(60));
+        assert!(matches!(
+            keys.data_key(&for_other, &ARTIFACT, &wrapped),
+            Err(KeyError::WrongArtifact { .. })
+        ));
+        // Another service's grant, for the same artifact.
+        let (stranger, stranger_dir) = service("stranger");
+        let foreign = stranger.grant(&ARTIFACT, Duration::from_secs(60));
+        assert!(matches!(
+            keys.data_key(&foreign, &ARTIFACT, &wrapped),
+            Err(KeyError::ForgedGrant(_))
+        ));
+        // Valid until its deadline, refused from then on.
+        let at = grant.expires_ms;
+        assert!(keys
+            .data_key_at(&grant, &ARTIFACT, &wrapped, at - 1)
+            .is_ok());
+        let err = keys
+            .data_key_at(&grant, &ARTIFACT, &wrapped, at + 5)
+            .unwrap_err();
+        assert!(err.to_string().contains("expired 5 ms ago"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&stranger_dir).unwrap();
+    }
+
+    #[test]
+    fn a_tampered_or_moved_wrapped_key_is_refused() {
+        let (keys, dir) = service("tamper");
+        let (_, wrapped) = keys.new_data_key(&ARTIFACT);
+        let grant = keys.grant(&[5; 16], Duration::from_secs(60));
+        // The wrapped key of one artifact, presented for another.
+        assert!(matches!(
+            keys.data_key(&grant, &[5; 16], &wrapped),
+            Err(KeyError::Unwrap(_))
+        ));
+        let grant = keys.grant(&ARTIFACT, Duration::from_secs(60));
+        let mut flipped = wrapped.clone();
+        let last = if flipped.sealed.ends_with('0') {
+            "1"
+        } else {
+            "0"
+        };
+        flipped
+            .sealed
+            .replace_range(flipped.sealed.len() - 1.., last);
+        assert!(keys.data_key(&grant, &ARTIFACT, &flipped).is_err());
+        let unknown = WrappedKey {
+            master: 9,
+            ..wrapped
+        };
+        assert!(matches!(
+            keys.data_key(&grant, &ARTIFACT, &unknown),
+            Err(KeyError::UnknownMaster(9))
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
