@@ -55,6 +55,8 @@ pub struct Resolved {
 pub struct ControlPlane {
     pub store: Store,
     artifacts: ArtifactStore,
+    /// Seals uploaded code in the store.
+    keys: Arc<KeyService>,
     /// Whether a Linux guest is configured for `provided.*` runtimes.
     linux_guest: bool,
 }
@@ -134,7 +136,8 @@ impl ControlPlane {
     ) -> Result<Self, ArtifactError> {
         Ok(ControlPlane {
             store,
-            artifacts: ArtifactStore::open(&data_dir.join("artifacts"), keys)?,
+            artifacts: ArtifactStore::open(&data_dir.join("artifacts"), keys.clone())?,
+            keys,
             linux_guest,
         })
     }
@@ -234,7 +237,7 @@ impl ControlPlane {
                     )));
                 }
                 config.layers = self.resolve_layers(t, account, &req.layers)?;
-                t.put_bytes(CODE, &code_key(account, &sha), &zip)?;
+                self.put_code(t, &code_key(account, &sha), &zip)?;
                 let mut record = FunctionRecord {
                     latest: config.clone(),
                     last_version: 0,
@@ -373,7 +376,7 @@ impl ControlPlane {
             req.revision_id.as_deref(),
             req.publish,
             |t, latest| {
-                t.put_bytes(CODE, &code_key(account, &sha), &zip)?;
+                self.put_code(t, &code_key(account, &sha), &zip)?;
                 latest.code_sha256 = sha.clone();
                 latest.code_size = zip.len() as u64;
                 Ok(())
@@ -739,13 +742,11 @@ impl ControlPlane {
         let artifact = match self.artifacts.get(name).map_err(artifact_error)? {
             Some(artifact) => artifact,
             None => {
-                let zip = self
-                    .store
-                    .read()?
-                    .get_bytes(CODE, &code_key(account, &config.code_sha256))?
-                    .ok_or_else(|| {
-                        ApiError::Service(format!("code {} is missing", config.code_sha256))
-                    })?;
+                let key = code_key(account, &config.code_sha256);
+                let sealed = self.store.read()?.get_bytes(CODE, &key)?.ok_or_else(|| {
+                    ApiError::Service(format!("code {} is missing", config.code_sha256))
+                })?;
+                let zip = self.open_code(&key, &sealed)?;
                 let layer_zips: Vec<&[u8]> = layers.iter().map(|(_, zip)| zip.as_slice()).collect();
                 let module = code::extract_with_layers(&zip, &layer_zips, &config.handler)?;
                 // A budget no function needs within its timeout; the
@@ -759,6 +760,19 @@ impl ControlPlane {
             }
         };
         self.artifacts.grant(artifact).map_err(artifact_error)
+    }
+
+    /// Stores uploaded code sealed, bound to its key.
+    pub(crate) fn put_code(&self, t: &Txn, key: &str, zip: &[u8]) -> Result<(), ApiError> {
+        Ok(t.put_bytes(CODE, key, &self.keys.seal_blob(key, zip))?)
+    }
+
+    /// Code [`Self::put_code`] stored; an altered record is an error.
+    pub(crate) fn open_code(&self, key: &str, sealed: &[u8]) -> Result<Vec<u8>, ApiError> {
+        self.keys.open_blob(key, sealed).map_err(|e| {
+            tracing::error!("stored code: {e}");
+            ApiError::Service(e.to_string())
+        })
     }
 
     pub fn artifacts(&self) -> &ArtifactStore {

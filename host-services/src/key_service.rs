@@ -24,6 +24,10 @@ use vmm::devices::virtio::block::sealed::{hex, ArtifactId, DataKey};
 
 /// Binds a wrapped key to its purpose and artifact.
 const WRAP_CONTEXT: &[u8] = b"lambda-microvm data key v1";
+/// Starts a sealed blob.
+const BLOB_MAGIC: &[u8; 8] = b"LMBLOB01";
+/// A wrapped data key's nonce, key and tag.
+const WRAPPED_LEN: usize = 12 + 32 + 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -44,6 +48,8 @@ pub enum KeyError {
     ExpiredGrant { artifact: String, ago_ms: u64 },
     #[error("the grant is for artifact {granted}, not {wanted}")]
     WrongArtifact { granted: String, wanted: String },
+    #[error("the sealed blob at {0} is damaged, altered or not from here")]
+    Blob(String),
 }
 
 /// A data key wrapped under master key `master`.
@@ -180,7 +186,7 @@ impl KeyService {
             .ok_or(KeyError::UnknownMaster(wrapped.master))?;
         let failed = || KeyError::Unwrap(hex(artifact));
         let bytes = ::hex::decode(&wrapped.sealed).map_err(|_| failed())?;
-        if bytes.len() != 12 + 32 + 16 {
+        if bytes.len() != WRAPPED_LEN {
             return Err(failed());
         }
         let mut key = [0u8; 32];
@@ -263,6 +269,68 @@ impl KeyService {
         }
         self.unwrap_key(artifact, wrapped)
     }
+}
+
+impl KeyService {
+    /// Seals `plain` for storage at `place` (its key in a store): a data
+    /// key of its own, wrapped in the blob, and `place` bound in, so a
+    /// blob copied elsewhere does not open.
+    pub fn seal_blob(&self, place: &str, plain: &[u8]) -> Vec<u8> {
+        let id: ArtifactId = random();
+        let (key, wrapped) = self.new_data_key(&id);
+        let nonce = random::<12>();
+        let mut body = plain.to_vec();
+        let tag = Aes256Gcm::new((&key).into())
+            .encrypt_inout_detached(
+                &Nonce::from(nonce),
+                &blob_aad(place, &id),
+                body.as_mut_slice().into(),
+            )
+            .expect("AES-GCM seals a blob under 64 GiB");
+        let mut out = BLOB_MAGIC.to_vec();
+        out.extend_from_slice(&id);
+        out.extend_from_slice(&wrapped.master.to_le_bytes());
+        out.extend_from_slice(&::hex::decode(&wrapped.sealed).expect("hex this service wrote"));
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Opens a blob [`Self::seal_blob`] sealed for `place`.
+    pub fn open_blob(&self, place: &str, blob: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let damaged = || KeyError::Blob(place.to_string());
+        let head = BLOB_MAGIC.len() + 16 + 4 + WRAPPED_LEN + 12;
+        if blob.len() < head + 16 || !blob.starts_with(BLOB_MAGIC) {
+            return Err(damaged());
+        }
+        let (header, rest) = blob.split_at(head);
+        let id: ArtifactId = header[8..24].try_into().map_err(|_| damaged())?;
+        let master = u32::from_le_bytes(header[24..28].try_into().map_err(|_| damaged())?);
+        let wrapped = WrappedKey {
+            master,
+            sealed: hex(&header[28..28 + WRAPPED_LEN]),
+        };
+        let key = self.unwrap_key(&id, &wrapped).map_err(|_| damaged())?;
+        let (body, tag) = rest.split_at(rest.len() - 16);
+        let mut plain = body.to_vec();
+        Aes256Gcm::new((&key).into())
+            .decrypt_inout_detached(
+                &Nonce::try_from(&header[head - 12..]).map_err(|_| damaged())?,
+                &blob_aad(place, &id),
+                plain.as_mut_slice().into(),
+                &Tag::try_from(tag).map_err(|_| damaged())?,
+            )
+            .map_err(|_| damaged())?;
+        Ok(plain)
+    }
+}
+
+fn blob_aad(place: &str, id: &ArtifactId) -> Vec<u8> {
+    let mut aad = BLOB_MAGIC.to_vec();
+    aad.extend_from_slice(id);
+    aad.extend_from_slice(place.as_bytes());
+    aad
 }
 
 fn wrap_aad(artifact: &ArtifactId, master: u32) -> Vec<u8> {
@@ -373,6 +441,28 @@ mod tests {
         assert!(err.to_string().contains("expired 5 ms ago"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_dir_all(&stranger_dir).unwrap();
+    }
+
+    #[test]
+    fn blobs_open_only_where_they_were_sealed_and_only_unaltered() {
+        let (keys, dir) = service("blobs");
+        let zip = b"PK\x03\x04 a function's code".repeat(100);
+        let blob = keys.seal_blob("code/1/abc", &zip);
+        assert!(!blob.windows(20).any(|w| w == &zip[..20]), "in the clear");
+        assert_eq!(keys.open_blob("code/1/abc", &blob).unwrap(), zip);
+        assert!(keys.open_blob("code/2/abc", &blob).is_err());
+        for at in [3, 10, 30, 100, blob.len() - 1] {
+            let mut bad = blob.clone();
+            bad[at] ^= 1;
+            assert!(keys.open_blob("code/1/abc", &bad).is_err(), "flip at {at}");
+        }
+        assert!(keys
+            .open_blob("code/1/abc", &blob[..blob.len() - 1])
+            .is_err());
+        assert!(keys.open_blob("code/1/abc", b"short").is_err());
+        keys.rotate().unwrap();
+        assert_eq!(keys.open_blob("code/1/abc", &blob).unwrap(), zip);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -156,7 +156,7 @@ impl ControlPlane {
                 compatible_architectures: req.compatible_architectures.clone(),
                 license_info: req.license_info.clone(),
             };
-            t.put_bytes(CODE, &code_key(account, &sha), &zip)?;
+            self.put_code(t, &code_key(account, &sha), &zip)?;
             t.put(LAYERS, &numbered(&key, version), &layer)?;
             Ok(layer)
         })
@@ -240,10 +240,11 @@ impl ControlPlane {
                     .get(LAYERS, &numbered(&layer_key(account, &name), version))?
                     .ok_or_else(|| ApiError::Service(format!("layer {} is missing", l.arn)))?;
                 let sha = layer.content.code_sha256;
-                let zip = snap
-                    .get_bytes(CODE, &code_key(account, &sha))?
+                let key = code_key(account, &sha);
+                let sealed = snap
+                    .get_bytes(CODE, &key)?
                     .ok_or_else(|| ApiError::Service(format!("layer code {sha} is missing")))?;
-                Ok((sha, zip))
+                Ok((sha, self.open_code(&key, &sealed)?))
             })
             .collect()
     }
