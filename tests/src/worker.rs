@@ -56,7 +56,9 @@ impl RunningWorker {
             .port();
         // The worker jails its VMMs by default, which takes root; without
         // it the tests still run, unjailed, and say so.
-        let jail: Vec<std::ffi::OsString> = if is_root() {
+        let jail: Vec<std::ffi::OsString> = if extra.contains(&"--no-jail") {
+            vec![]
+        } else if is_root() {
             vec!["--jailer".into(), jailer_binary().into()]
         } else {
             println!("NOTE: not root: this test's microVMs run unjailed (--no-jail)");

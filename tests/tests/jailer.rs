@@ -56,6 +56,20 @@ fn jail_args(id: &str, base: &Path, memory_mib: u64, mounts: &[String]) -> Vec<S
     args
 }
 
+/// A running jailer, stopped (SIGTERM, so that it cleans up) if a failed
+/// assertion leaves it running.
+struct JailerProcess(Child);
+
+impl Drop for JailerProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // SAFETY: signals the child process this struct owns.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn wait_for_pid(file: &Path, jailer: &mut Child) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -100,13 +114,15 @@ fn a_jailed_vmm_sees_only_its_files_runs_unprivileged_and_has_no_network() {
         ]
         .map(str::to_string),
     );
-    let mut jailer = Command::new(jailer_binary())
-        .args(&args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = wait_for_pid(&base.join("jails").join(&id).join("vmm.pid"), &mut jailer);
+    let mut jailer = JailerProcess(
+        Command::new(jailer_binary())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = wait_for_pid(&base.join("jails").join(&id).join("vmm.pid"), &mut jailer.0);
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     // The pid is known before the jail is built; the VMM's socket shows
     // that it runs.
@@ -164,8 +180,8 @@ fn a_jailed_vmm_sees_only_its_files_runs_unprivileged_and_has_no_network() {
 
     // SIGTERM to the jailer stops the VMM and cleans up.
     // SAFETY: signals the child process this test spawned.
-    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
-    let status = jailer.wait().unwrap();
+    unsafe { libc::kill(jailer.0.id() as i32, libc::SIGTERM) };
+    let status = jailer.0.wait().unwrap();
     assert_eq!(status.code(), Some(128 + libc::SIGKILL), "{status}");
     assert!(!proc_dir.exists(), "the VMM outlived its jailer");
     assert!(

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use microvm_tests::is_root;
 use microvm_tests::lambda_client::LambdaClient;
 use microvm_tests::load::{self, percentile};
 use microvm_tests::worker::{data_dir, RunningWorker, ACCOUNT_A};
@@ -52,12 +53,16 @@ fn summary(what: &str, samples: &[Duration]) {
     );
 }
 
-async fn bench(worker: &RunningWorker, args: &Args) -> Result<(), String> {
-    let client = Arc::new(LambdaClient::new(&worker.address, ACCOUNT_A.0, ACCOUNT_A.1));
+/// `n` cold starts one at a time, each of a function of its own: the
+/// Invoke -> answer latencies and the Init Durations.
+async fn cold_starts(
+    client: &LambdaClient,
+    n: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>), String> {
     let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
     let mut cold = Vec::new();
     let mut init = Vec::new();
-    for i in 0..args.cold {
+    for i in 0..n {
         let name = format!("cold-{i}");
         client.create_wasm_function(&name, &wasm, 5).await?;
         let r = client.invoke(&name, "{}".into()).await?;
@@ -67,6 +72,17 @@ async fn bench(worker: &RunningWorker, args: &Args) -> Result<(), String> {
         init.push(Duration::from_secs_f64(ms / 1e3));
         cold.push(r.latency);
     }
+    Ok((cold, init))
+}
+
+fn client_of(worker: &RunningWorker) -> Arc<LambdaClient> {
+    Arc::new(LambdaClient::new(&worker.address, ACCOUNT_A.0, ACCOUNT_A.1))
+}
+
+async fn bench(worker: &RunningWorker, args: &Args) -> Result<Vec<Duration>, String> {
+    let client = client_of(worker);
+    let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
+    let (cold, init) = cold_starts(&client, args.cold).await?;
     summary("cold start, Invoke -> answer", &cold);
     summary(
         "cold start, Init Duration (VMM spawn -> first /next)",
@@ -92,7 +108,17 @@ async fn bench(worker: &RunningWorker, args: &Args) -> Result<(), String> {
             report.failures.first()
         ));
     }
-    Ok(())
+    Ok(init)
+}
+
+/// The same cold starts on a worker that does not jail its VMMs.
+async fn unjailed_cold_starts(n: usize) -> Result<Vec<Duration>, String> {
+    let data = data_dir("invoke-bench-unjailed");
+    let worker = RunningWorker::start(&data, &["--no-jail"], "warn");
+    let result = cold_starts(&client_of(&worker), n).await;
+    worker.stop();
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(result?.1)
 }
 
 fn main() {
@@ -110,7 +136,23 @@ fn main() {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
-        .and_then(|rt| rt.block_on(bench(&worker, &args)));
+        .and_then(|rt| {
+            let jailed = rt.block_on(bench(&worker, &args))?;
+            if !is_root() {
+                println!("unjailed comparison: SKIPPED: the worker above ran unjailed (not root)");
+                return Ok(());
+            }
+            let unjailed = rt.block_on(unjailed_cold_starts(args.cold))?;
+            summary("cold start, Init Duration, unjailed (--no-jail)", &unjailed);
+            let p50 = |v: &[Duration]| percentile(v, 50.0).as_secs_f64() * 1e3;
+            println!(
+                "the jailer adds {:+.2} ms to the median Init Duration ({:.2} ms jailed, {:.2} ms unjailed)",
+                p50(&jailed) - p50(&unjailed),
+                p50(&jailed),
+                p50(&unjailed)
+            );
+            Ok(())
+        });
     worker.stop();
     let _ = std::fs::remove_dir_all(&data);
     if let Err(e) = result {
