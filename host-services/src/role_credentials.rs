@@ -256,11 +256,13 @@ mod tests {
             reopened.verify(&expired.access_key_id, &expired.session_token),
             None
         );
-        let other = issuer(&temp_dir("issuer-other"));
+        let other_dir = temp_dir("issuer-other");
+        let other = issuer(&other_dir);
         assert_eq!(
             other.verify(&issued.access_key_id, &issued.session_token),
             None
         );
         std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&other_dir).unwrap();
     }
 }
