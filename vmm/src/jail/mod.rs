@@ -5,9 +5,10 @@
 //! 3. clone a child into new mount, PID, network, IPC and UTS
 //!    namespaces;
 //! 4. in the child: bind-mount only the files the VMM needs into an empty
-//!    root, `pivot_root` into it, set resource limits, drop to the
-//!    unprivileged uid and gid, and exec the VMM from its descriptor with
-//!    the KVM descriptor inherited (`--kvm-fd`);
+//!    root and `pivot_root` into it; then, once the parent has put it in
+//!    the cgroup, set resource limits, drop to the unprivileged uid and
+//!    gid, and exec the VMM from its descriptor with the KVM descriptor
+//!    inherited (`--kvm-fd`);
 //! 5. in the parent: put the child in the cgroup, let it go, wait for it,
 //!    report how it ended, and clean up.
 //!
@@ -347,17 +348,23 @@ impl Jail {
         argv
     }
 
-    /// The child's side: waits for its cgroup, builds the root, drops
+    /// The child's side: builds the root, waits for its cgroup, drops
     /// privileges and execs. Returns only on failure.
     fn enter(&self, go: RawFd, exec: RawFd, argv: &[CString]) -> JailError {
+        // The root is built while the parent moves this process into its
+        // cgroup: a cgroup migration can wait for an RCU grace period
+        // (about 10 ms on an otherwise idle host), and mounts need no
+        // limits. The VMM itself starts only inside the cgroup.
+        if let Err(e) = self.build_root() {
+            return e;
+        }
         let mut byte = [0u8; 1];
         // SAFETY: reads one byte into a local buffer.
         if unsafe { libc::read(go, byte.as_mut_ptr().cast(), 1) } != 1 {
             return JailError::Sys("waiting for the cgroup", std::io::Error::last_os_error());
         }
-        match self.build_root().and_then(|()| self.drop_privileges()) {
-            Ok(()) => {}
-            Err(e) => return e,
+        if let Err(e) = self.drop_privileges() {
+            return e;
         }
         let mut pointers: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         pointers.push(std::ptr::null());
