@@ -12,4 +12,14 @@ fn main() {
         println!("cargo:rustc-link-arg-bin=baremetal={arg}");
     }
     println!("cargo:rustc-link-arg-bin=baremetal=-Wl,-T,{dir}/baremetal.ld");
+    // The Linux PID 1: a static executable with its own _start, no libc.
+    for arg in [
+        "-nostartfiles",
+        "-nostdlib",
+        "-static",
+        "-no-pie",
+        "-Wl,-z,noexecstack",
+    ] {
+        println!("cargo:rustc-link-arg-bin=init={arg}");
+    }
 }

@@ -13,7 +13,8 @@ export MICROVM_PYTHON
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-# The freestanding guest builds on its own; see guest-init/Cargo.toml.
+# The freestanding guest programs build on their own; see guest-init/Cargo.toml.
 cargo clippy -p guest-init --features baremetal --all-targets -- -D warnings
+cargo clippy -p guest-init --features linux-init --all-targets -- -D warnings
 cargo test --workspace
 scripts/fuzz.sh 20

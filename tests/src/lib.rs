@@ -132,6 +132,11 @@ pub fn jailer_binary() -> PathBuf {
     workspace_binary("vmm", "jailer", &[])
 }
 
+/// The Linux guest's PID 1 from guest-init.
+pub fn linux_init_binary() -> PathBuf {
+    workspace_binary("guest-init", "init", &["linux-init"])
+}
+
 /// The Lambda worker from host-services.
 pub fn lambda_worker_binary() -> PathBuf {
     workspace_binary("host-services", "lambda-worker", &[])

@@ -11,16 +11,20 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use microvm_tests::{
-    guest_kernel, hypervisor, marker_initramfs, run_vmm, HypervisorKind, INIT_MARKER,
+    cpio, guest_kernel, hypervisor, linux_init_binary, marker_initramfs, run_vmm,
+    skip_unless_hardware_kvm, HypervisorKind, VmmRun, INIT_MARKER,
 };
 
 const CMDLINE: &str =
     "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 noxsave microvm.test=linux-boot-42";
 
-#[test]
-fn linux_boots_under_this_vmm() {
-    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
-    let initrd = marker_initramfs("vmm");
+/// Boots `kernel` with `initrd` (then removed) and 256 MiB under this VMM.
+fn boot_under_this_vmm(
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    cmdline: &str,
+    deadline_s: u64,
+) -> VmmRun {
     let run = run_vmm(
         &[
             "--kernel",
@@ -28,13 +32,20 @@ fn linux_boots_under_this_vmm() {
             "--initrd",
             initrd.to_str().unwrap(),
             "--cmdline",
-            CMDLINE,
+            cmdline,
             "--mem-mib",
             "256",
         ],
-        Duration::from_secs(180),
+        Duration::from_secs(deadline_s),
     );
-    std::fs::remove_file(&initrd).unwrap();
+    std::fs::remove_file(initrd).unwrap();
+    run
+}
+
+#[test]
+fn linux_boots_under_this_vmm() {
+    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let run = boot_under_this_vmm(&kernel, &marker_initramfs("vmm"), CMDLINE, 180);
     assert!(
         run.stdout.contains("Linux version 6.12"),
         "no kernel banner: {}\n{}",
@@ -73,10 +84,14 @@ fn linux_boots_under_this_vmm() {
     }
 }
 
-#[test]
-fn guest_kernel_config_reaches_init_under_qemu_tcg() {
-    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
-    let initrd = marker_initramfs("qemu");
+/// Boots `kernel` with `initrd` under QEMU's microvm machine in software
+/// emulation, until the guest restarts; removes `initrd`. Returns what the
+/// serial console and QEMU printed.
+fn boot_under_qemu_tcg(
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    cmdline: &str,
+) -> (String, String) {
     let qemu = "/usr/bin/qemu-system-x86_64";
     assert!(
         std::path::Path::new(qemu).exists(),
@@ -86,18 +101,85 @@ fn guest_kernel_config_reaches_init_under_qemu_tcg() {
         .args(["-M", "microvm", "-accel", "tcg", "-m", "256M", "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio", "-monitor", "none", "-kernel"])
-        .arg(&kernel)
+        .arg(kernel)
         .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 reboot=t panic=-1"])
+        .arg(initrd)
+        .args(["-append", cmdline])
         .stdin(Stdio::null())
         .output()
         .expect("run qemu");
-    std::fs::remove_file(&initrd).unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    std::fs::remove_file(initrd).unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn guest_kernel_config_reaches_init_under_qemu_tcg() {
+    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let initrd = marker_initramfs("qemu");
+    let (stdout, stderr) = boot_under_qemu_tcg(&kernel, &initrd, "console=ttyS0 reboot=t panic=-1");
     assert!(
         stdout.contains(INIT_MARKER),
-        "init not reached under TCG: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "init not reached under TCG: {stdout}\n{stderr}"
     );
+}
+
+/// An initramfs holding guest-init's Linux PID 1 as /init.
+fn no_std_init_initramfs(tag: &str) -> std::path::PathBuf {
+    let init = std::fs::read(linux_init_binary()).unwrap();
+    let initrd = std::env::temp_dir().join(format!("no-std-init-{tag}-{}", std::process::id()));
+    std::fs::write(
+        &initrd,
+        cpio::archive(&[cpio::Entry::File {
+            path: "init",
+            mode: 0o755,
+            data: &init,
+        }]),
+    )
+    .unwrap();
+    initrd
+}
+
+/// What the PID 1 says once it has set the guest up.
+const INIT_LINES: [&str; 3] = [
+    "init: mounted /dev (devtmpfs), /proc, /tmp (tmpfs, 64 MiB)",
+    "init: lo is up",
+    "init: nothing more to run yet; restarting the machine",
+];
+
+#[test]
+fn the_no_std_init_sets_up_the_guest_under_this_vmm() {
+    if skip_unless_hardware_kvm("Linux reaching the no_std init under this VMM") {
+        return;
+    }
+    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let run = boot_under_this_vmm(
+        &kernel,
+        &no_std_init_initramfs("vmm"),
+        "console=ttyS0 reboot=k panic=1 quiet",
+        60,
+    );
+    for line in INIT_LINES {
+        assert!(run.stdout.contains(line), "no {line:?} in:\n{}", run.stdout);
+    }
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("guest boot time"),
+        "the init's boot-timer write was not seen: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn the_no_std_init_sets_up_the_guest_under_qemu_tcg() {
+    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let initrd = no_std_init_initramfs("qemu");
+    let (stdout, _) =
+        boot_under_qemu_tcg(&kernel, &initrd, "console=ttyS0 reboot=t panic=-1 quiet");
+    for line in INIT_LINES {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+    assert!(!stdout.contains("Kernel panic"), "{stdout}");
 }

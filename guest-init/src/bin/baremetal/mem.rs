@@ -1,4 +1,6 @@
-//! The C memory functions compiled code calls, which a libc would provide.
+//! The C memory functions compiled code calls, which a libc would provide,
+//! for the guest's two freestanding programs (the bare-metal guest and the
+//! Linux PID 1).
 //! String instructions, so the compiler cannot turn them back into calls.
 
 #[unsafe(no_mangle)]
@@ -63,8 +65,10 @@ unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 extern "C" fn rust_eh_personality() {}
 
 /// Landing pads in the precompiled `alloc` call this to continue
-/// unwinding. Nothing unwinds in this guest, so it is never reached.
+/// unwinding. Nothing unwinds here, so it is never reached; if it were,
+/// the invalid opcode stops the program.
 #[unsafe(no_mangle)]
 extern "C" fn _Unwind_Resume() -> ! {
-    crate::cpu::reset()
+    // SAFETY: raises #UD; it does not return.
+    unsafe { core::arch::asm!("ud2", options(noreturn)) }
 }

@@ -1,0 +1,169 @@
+//! The Linux system calls PID 1 makes, raw: no libc. Each returns the
+//! kernel's result, a negative errno on failure, as [`Errno`].
+
+use core::arch::asm;
+
+/// A failed system call: the kernel's errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+pub type Result<T> = core::result::Result<T, Errno>;
+
+// x86_64 system call numbers.
+const WRITE: usize = 1;
+const OPEN: usize = 2;
+const CLOSE: usize = 3;
+const IOCTL: usize = 16;
+const SOCKET: usize = 41;
+const DUP2: usize = 33;
+const EXIT_GROUP: usize = 231;
+const MKDIR: usize = 83;
+const MOUNT: usize = 165;
+const REBOOT: usize = 169;
+const IOPERM: usize = 173;
+
+/// # Safety
+/// The arguments must be what system call `n` expects: pointers valid for
+/// the lengths it reads or writes.
+unsafe fn syscall(n: usize, a: [usize; 5]) -> isize {
+    let ret: isize;
+    // SAFETY: the caller upholds the system call's contract; the kernel
+    // clobbers only rcx and r11.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") n as isize => ret,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            in("r8") a[4],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret
+}
+
+fn check(ret: isize) -> Result<usize> {
+    if ret < 0 {
+        Err(Errno(-ret as i32))
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// A NUL-terminated path or string, for the kernel.
+pub struct CStr<'a>(&'a [u8]);
+
+impl<'a> CStr<'a> {
+    /// `bytes` must end with NUL; anything else is refused.
+    pub const fn new(bytes: &'a [u8]) -> Option<Self> {
+        match bytes.last() {
+            Some(0) => Some(CStr(bytes)),
+            _ => None,
+        }
+    }
+
+    fn ptr(&self) -> usize {
+        self.0.as_ptr() as usize
+    }
+}
+
+/// A C string from a literal: `c!("/proc")`.
+#[macro_export]
+macro_rules! c {
+    ($s:literal) => {
+        match $crate::sys::CStr::new(concat!($s, "\0").as_bytes()) {
+            Some(c) => c,
+            None => unreachable!(),
+        }
+    };
+}
+
+pub fn write(fd: i32, buf: &[u8]) -> Result<usize> {
+    // SAFETY: the buffer is valid for its length.
+    check(unsafe { syscall(WRITE, [fd as usize, buf.as_ptr() as usize, buf.len(), 0, 0]) })
+}
+
+pub fn open(path: &CStr, flags: i32) -> Result<i32> {
+    // SAFETY: a NUL-terminated path.
+    check(unsafe { syscall(OPEN, [path.ptr(), flags as usize, 0, 0, 0]) }).map(|fd| fd as i32)
+}
+
+pub fn close(fd: i32) -> Result<()> {
+    // SAFETY: no pointers.
+    check(unsafe { syscall(CLOSE, [fd as usize, 0, 0, 0, 0]) }).map(drop)
+}
+
+pub fn dup2(old: i32, new: i32) -> Result<()> {
+    // SAFETY: no pointers.
+    check(unsafe { syscall(DUP2, [old as usize, new as usize, 0, 0, 0]) }).map(drop)
+}
+
+pub fn mkdir(path: &CStr, mode: u32) -> Result<()> {
+    // SAFETY: a NUL-terminated path.
+    check(unsafe { syscall(MKDIR, [path.ptr(), mode as usize, 0, 0, 0]) }).map(drop)
+}
+
+pub fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: usize, data: &CStr) -> Result<()> {
+    // SAFETY: NUL-terminated strings.
+    check(unsafe {
+        syscall(
+            MOUNT,
+            [source.ptr(), target.ptr(), fstype.ptr(), flags, data.ptr()],
+        )
+    })
+    .map(drop)
+}
+
+pub fn socket(domain: i32, kind: i32, protocol: i32) -> Result<i32> {
+    // SAFETY: no pointers.
+    check(unsafe {
+        syscall(
+            SOCKET,
+            [domain as usize, kind as usize, protocol as usize, 0, 0],
+        )
+    })
+    .map(|fd| fd as i32)
+}
+
+/// # Safety
+/// `arg` must point to what `request` reads and writes.
+pub unsafe fn ioctl(fd: i32, request: usize, arg: *mut u8) -> Result<usize> {
+    // SAFETY: the caller's contract.
+    check(unsafe { syscall(IOCTL, [fd as usize, request, arg as usize, 0, 0]) })
+}
+
+pub fn ioperm(from: u16, count: u16, on: bool) -> Result<()> {
+    // SAFETY: no pointers.
+    check(unsafe { syscall(IOPERM, [from as usize, count as usize, on as usize, 0, 0]) }).map(drop)
+}
+
+/// Writes `value` to I/O port `port`, which [`ioperm`] opened.
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: an I/O port write the kernel allowed this process; it does
+    // not touch memory.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nostack, nomem)) };
+}
+
+const REBOOT_MAGIC1: usize = 0xfee1_dead;
+const REBOOT_MAGIC2: usize = 0x2812_1969;
+const REBOOT_RESTART: usize = 0x0123_4567;
+
+/// Restarts the machine: the VMM (and QEMU with `-no-reboot`) takes that
+/// as the guest's end.
+pub fn reboot() -> Result<()> {
+    // SAFETY: no pointers.
+    check(unsafe { syscall(REBOOT, [REBOOT_MAGIC1, REBOOT_MAGIC2, REBOOT_RESTART, 0, 0]) })
+        .map(drop)
+}
+
+pub fn exit(code: i32) -> ! {
+    // SAFETY: no pointers; it does not return.
+    unsafe { syscall(EXIT_GROUP, [code as usize, 0, 0, 0, 0]) };
+    loop {
+        core::hint::spin_loop();
+    }
+}
