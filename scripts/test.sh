@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# QEMU runs the guest kernel under TCG (tests/tests/linux.rs).
-scripts/setup.sh qemu-system-x86
+# QEMU runs the guest kernel under TCG (tests/tests/linux.rs); mkfs.erofs
+# builds the Linux guest's code disks.
+scripts/setup.sh qemu-system-x86 erofs-utils
 MICROVM_GUEST_KERNEL="$(kernel-config/build.sh)"
 export MICROVM_GUEST_KERNEL
 MICROVM_PYTHON="$(scripts/setup-python.sh)"

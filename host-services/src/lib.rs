@@ -11,6 +11,7 @@ pub mod auth;
 pub mod code;
 pub mod control;
 pub mod environment;
+pub mod erofs_image;
 pub mod host;
 pub mod key_service;
 pub mod layers;

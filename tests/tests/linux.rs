@@ -91,6 +91,7 @@ fn boot_under_qemu_tcg(
     kernel: &std::path::Path,
     initrd: &std::path::Path,
     cmdline: &str,
+    disk: Option<&std::path::Path>,
 ) -> (String, String) {
     let qemu = "/usr/bin/qemu-system-x86_64";
     assert!(
@@ -98,13 +99,26 @@ fn boot_under_qemu_tcg(
         "{qemu} missing: scripts/test.sh installs qemu-system-x86"
     );
     let out = Command::new(qemu)
-        .args(["-M", "microvm", "-accel", "tcg", "-m", "256M", "-smp", "1"])
+        // Without ACPI, QEMU lists the virtio-mmio devices on the command
+        // line, as this VMM does.
+        .args(["-M", "microvm,acpi=off", "-accel", "tcg", "-m", "256M"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio", "-monitor", "none", "-kernel"])
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", cmdline])
+        .args(disk.map_or(vec![], |d| {
+            vec![
+                "-drive".to_string(),
+                format!(
+                    "id=code,file={},format=raw,if=none,readonly=on",
+                    d.display()
+                ),
+                "-device".to_string(),
+                "virtio-blk-device,drive=code".to_string(),
+            ]
+        }))
         .stdin(Stdio::null())
         .output()
         .expect("run qemu");
@@ -119,7 +133,8 @@ fn boot_under_qemu_tcg(
 fn guest_kernel_config_reaches_init_under_qemu_tcg() {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let initrd = marker_initramfs("qemu");
-    let (stdout, stderr) = boot_under_qemu_tcg(&kernel, &initrd, "console=ttyS0 reboot=t panic=-1");
+    let (stdout, stderr) =
+        boot_under_qemu_tcg(&kernel, &initrd, "console=ttyS0 reboot=t panic=-1", None);
     assert!(
         stdout.contains(INIT_MARKER),
         "init not reached under TCG: {stdout}\n{stderr}"
@@ -140,6 +155,18 @@ fn no_std_init_initramfs(tag: &str) -> std::path::PathBuf {
     )
     .unwrap();
     initrd
+}
+
+/// A function's ZIP: an executable `bootstrap`.
+fn zip_with_bootstrap() -> Vec<u8> {
+    use std::io::Write;
+    let mut out = std::io::Cursor::new(Vec::new());
+    let mut zip = zip::ZipWriter::new(&mut out);
+    let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+    zip.start_file("bootstrap", options).unwrap();
+    zip.write_all(b"#!/bin/sh\n").unwrap();
+    zip.finish().unwrap();
+    out.into_inner()
 }
 
 /// What the PID 1 says once it has set the guest up.
@@ -176,10 +203,23 @@ fn the_no_std_init_sets_up_the_guest_under_this_vmm() {
 fn the_no_std_init_sets_up_the_guest_under_qemu_tcg() {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let initrd = no_std_init_initramfs("qemu");
-    let (stdout, _) =
-        boot_under_qemu_tcg(&kernel, &initrd, "console=ttyS0 reboot=t panic=-1 quiet");
-    for line in INIT_LINES {
-        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    // The function's code as the worker would make it: a ZIP with an
+    // executable bootstrap, as an EROFS image.
+    let zip = zip_with_bootstrap();
+    let disk = std::env::temp_dir().join(format!("no-std-init-code-{}", std::process::id()));
+    std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
+    let (stdout, stderr) = boot_under_qemu_tcg(
+        &kernel,
+        &initrd,
+        "console=ttyS0 reboot=t panic=-1 quiet",
+        Some(&disk),
+    );
+    std::fs::remove_file(&disk).unwrap();
+    for line in INIT_LINES.iter().chain(&[
+        "init: mounted the code disk read-only at /var/task (erofs)",
+        "init: /var/task/bootstrap is executable",
+    ]) {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}\n{stderr}");
     }
     assert!(!stdout.contains("Kernel panic"), "{stdout}");
 }

@@ -1,6 +1,7 @@
-//! The Linux guest's PID 1: no libc, raw system calls only. It mounts
-//! /proc, /dev and a size-limited /tmp, brings up `lo`, writes the boot
-//! timer's byte, and then (for now) restarts the machine. The Runtime API
+//! The Linux guest's PID 1: no libc, raw system calls only. It writes the
+//! boot timer's byte, mounts /proc, /dev and a size-limited /tmp, brings
+//! up `lo`, mounts the function's code (the first virtio-blk disk, EROFS)
+//! read-only at /var/task, and then (for now) restarts the machine. The Runtime API
 //! relay over vsock and `bootstrap` come next (issue 4).
 #![no_std]
 #![no_main]
@@ -61,6 +62,7 @@ macro_rules! say {
 }
 
 const O_RDWR: i32 = 2;
+const MS_RDONLY: usize = 1;
 const MS_NOSUID: usize = 2;
 const MS_NODEV: usize = 4;
 const MS_NOEXEC: usize = 8;
@@ -113,6 +115,34 @@ fn mount_all() -> Result<(), (&'static str, sys::Errno)> {
     )
     .map_err(|e| ("mount /tmp", e))?;
     Ok(())
+}
+
+const ENOENT: i32 = 2;
+const ENXIO: i32 = 6;
+const X_OK: i32 = 1;
+
+/// Mounts the code disk at /var/task; Ok(false) when there is none.
+fn mount_code() -> Result<bool, (&'static str, sys::Errno)> {
+    for (dir, what) in [
+        (c!("/var"), "mkdir /var"),
+        (c!("/var/task"), "mkdir /var/task"),
+    ] {
+        match sys::mkdir(&dir, 0o755) {
+            Ok(()) | Err(sys::Errno(17)) => {}
+            Err(e) => return Err((what, e)),
+        }
+    }
+    match sys::mount(
+        &c!("/dev/vda"),
+        &c!("/var/task"),
+        &c!("erofs"),
+        MS_RDONLY | MS_NOSUID | MS_NODEV,
+        &c!(""),
+    ) {
+        Ok(()) => Ok(true),
+        Err(sys::Errno(ENOENT | ENXIO)) => Ok(false),
+        Err(e) => Err(("mount /dev/vda at /var/task", e)),
+    }
 }
 
 const AF_INET: i32 = 2;
@@ -171,6 +201,17 @@ extern "C" fn init_main(_stack: *const usize) -> ! {
     match loopback_up() {
         Ok(()) => say!("init: lo is up"),
         Err(e) => say!("init: bringing up lo failed: errno {}", e.0),
+    }
+    match mount_code() {
+        Ok(true) => {
+            say!("init: mounted the code disk read-only at /var/task (erofs)");
+            match sys::access(&c!("/var/task/bootstrap"), X_OK) {
+                Ok(()) => say!("init: /var/task/bootstrap is executable"),
+                Err(e) => say!("init: no executable /var/task/bootstrap: errno {}", e.0),
+            }
+        }
+        Ok(false) => say!("init: no code disk (/dev/vda)"),
+        Err((what, e)) => say!("init: {what} failed: errno {}", e.0),
     }
     say!("init: nothing more to run yet; restarting the machine");
     halt();

@@ -13,6 +13,7 @@ pub type Result<T> = core::result::Result<T, Errno>;
 const WRITE: usize = 1;
 const OPEN: usize = 2;
 const CLOSE: usize = 3;
+const ACCESS: usize = 21;
 const IOCTL: usize = 16;
 const SOCKET: usize = 41;
 const DUP2: usize = 33;
@@ -90,6 +91,12 @@ pub fn write(fd: i32, buf: &[u8]) -> Result<usize> {
 pub fn open(path: &CStr, flags: i32) -> Result<i32> {
     // SAFETY: a NUL-terminated path.
     check(unsafe { syscall(OPEN, [path.ptr(), flags as usize, 0, 0, 0]) }).map(|fd| fd as i32)
+}
+
+/// Whether `path` may be used as `mode` asks (`X_OK` = 1: executed).
+pub fn access(path: &CStr, mode: i32) -> Result<()> {
+    // SAFETY: a NUL-terminated path.
+    check(unsafe { syscall(ACCESS, [path.ptr(), mode as usize, 0, 0, 0]) }).map(drop)
 }
 
 pub fn close(fd: i32) -> Result<()> {
