@@ -54,12 +54,15 @@ fn main() {
         );
     }
 
-    // A userspace init, linked with ld's default script for executables.
-    let object = assemble(&fixtures, &out, "init");
-    run(Command::new("ld")
-        .args(["-static", "-z", "noexecstack", "-e", "_start", "-o"])
-        .arg(out.join("init"))
-        .arg(&object));
+    // Userspace programs (a marker init, a function's bootstrap), linked
+    // with ld's default script for executables.
+    for name in ["init", "bootstrap"] {
+        let object = assemble(&fixtures, &out, name);
+        run(Command::new("ld")
+            .args(["-static", "-z", "noexecstack", "-e", "_start", "-o"])
+            .arg(out.join(name))
+            .arg(&object));
+    }
 
     let object = assemble(&fixtures, &out, "bzimage");
     let elf = out.join("bzimage.elf");

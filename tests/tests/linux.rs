@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use microvm_tests::{
-    cpio, guest_kernel, hypervisor, linux_init_binary, marker_initramfs, run_vmm,
+    cpio, fixture, guest_kernel, hypervisor, linux_init_binary, marker_initramfs, run_vmm,
     skip_unless_hardware_kvm, HypervisorKind, VmmRun, INIT_MARKER,
 };
 
@@ -157,14 +157,16 @@ fn no_std_init_initramfs(tag: &str) -> std::path::PathBuf {
     initrd
 }
 
-/// A function's ZIP: an executable `bootstrap`.
+/// A function's ZIP: an executable `bootstrap` (the `bootstrap.S`
+/// fixture: two lines on stdout, one on stderr, exit status 3).
 fn zip_with_bootstrap() -> Vec<u8> {
     use std::io::Write;
     let mut out = std::io::Cursor::new(Vec::new());
     let mut zip = zip::ZipWriter::new(&mut out);
     let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
     zip.start_file("bootstrap", options).unwrap();
-    zip.write_all(b"#!/bin/sh\n").unwrap();
+    zip.write_all(&std::fs::read(fixture("bootstrap")).unwrap())
+        .unwrap();
     zip.finish().unwrap();
     out.into_inner()
 }
@@ -217,7 +219,10 @@ fn the_no_std_init_sets_up_the_guest_under_qemu_tcg() {
     std::fs::remove_file(&disk).unwrap();
     for line in INIT_LINES.iter().chain(&[
         "init: mounted the code disk read-only at /var/task (erofs)",
-        "init: /var/task/bootstrap is executable",
+        "function: hello from bootstrap",
+        "function: second line",
+        "function: an error line",
+        "init: bootstrap exited with status 3",
     ]) {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}\n{stderr}");
     }

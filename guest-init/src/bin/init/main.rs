@@ -1,13 +1,14 @@
 //! The Linux guest's PID 1: no libc, raw system calls only. It writes the
 //! boot timer's byte, mounts /proc, /dev and a size-limited /tmp, brings
 //! up `lo`, mounts the function's code (the first virtio-blk disk, EROFS)
-//! read-only at /var/task, and then (for now) restarts the machine. The Runtime API
-//! relay over vsock and `bootstrap` come next (issue 4).
+//! read-only at /var/task, runs its `bootstrap` to its end, and restarts
+//! the machine. The Runtime API relay over vsock comes next (issue 4).
 #![no_std]
 #![no_main]
 
 // The C memory functions, shared with the bare-metal guest: neither has
 // a libc.
+mod function;
 #[path = "../baremetal/mem.rs"]
 mod mem;
 mod sys;
@@ -40,7 +41,7 @@ global_asm!(
 );
 
 /// The console: stdout once /dev/console is set up.
-struct Console;
+pub struct Console;
 
 impl Write for Console {
     fn write_str(&mut self, s: &str) -> core::fmt::Result {
@@ -74,24 +75,18 @@ const BOOT_TIMER_MAGIC: u8 = 123;
 fn mount_all() -> Result<(), (&'static str, sys::Errno)> {
     // devtmpfs first: it gives the console for everything after.
     for (dir, what) in [
-        (c!("/dev"), "mkdir /dev"),
-        (c!("/proc"), "mkdir /proc"),
-        (c!("/tmp"), "mkdir /tmp"),
+        (c"/dev", "mkdir /dev"),
+        (c"/proc", "mkdir /proc"),
+        (c"/tmp", "mkdir /tmp"),
     ] {
-        match sys::mkdir(&dir, 0o755) {
+        match sys::mkdir(dir, 0o755) {
             Ok(()) | Err(sys::Errno(17)) => {} // EEXIST
             Err(e) => return Err((what, e)),
         }
     }
-    sys::mount(
-        &c!("devtmpfs"),
-        &c!("/dev"),
-        &c!("devtmpfs"),
-        MS_NOSUID,
-        &c!("mode=0755"),
-    )
-    .map_err(|e| ("mount /dev", e))?;
-    let console = sys::open(&c!("/dev/console"), O_RDWR).map_err(|e| ("open /dev/console", e))?;
+    sys::mount(c"devtmpfs", c"/dev", c"devtmpfs", MS_NOSUID, c"mode=0755")
+        .map_err(|e| ("mount /dev", e))?;
+    let console = sys::open(c"/dev/console", O_RDWR).map_err(|e| ("open /dev/console", e))?;
     for fd in 0..3 {
         sys::dup2(console, fd).map_err(|e| ("dup2 console", e))?;
     }
@@ -99,19 +94,19 @@ fn mount_all() -> Result<(), (&'static str, sys::Errno)> {
         let _ = sys::close(console);
     }
     sys::mount(
-        &c!("proc"),
-        &c!("/proc"),
-        &c!("proc"),
+        c"proc",
+        c"/proc",
+        c"proc",
         MS_NOSUID | MS_NODEV | MS_NOEXEC,
-        &c!(""),
+        c"",
     )
     .map_err(|e| ("mount /proc", e))?;
     sys::mount(
-        &c!("tmpfs"),
-        &c!("/tmp"),
-        &c!("tmpfs"),
+        c"tmpfs",
+        c"/tmp",
+        c"tmpfs",
         MS_NOSUID | MS_NODEV,
-        &c!("size=64m,mode=1777"),
+        c"size=64m,mode=1777",
     )
     .map_err(|e| ("mount /tmp", e))?;
     Ok(())
@@ -123,21 +118,18 @@ const X_OK: i32 = 1;
 
 /// Mounts the code disk at /var/task; Ok(false) when there is none.
 fn mount_code() -> Result<bool, (&'static str, sys::Errno)> {
-    for (dir, what) in [
-        (c!("/var"), "mkdir /var"),
-        (c!("/var/task"), "mkdir /var/task"),
-    ] {
-        match sys::mkdir(&dir, 0o755) {
+    for (dir, what) in [(c"/var", "mkdir /var"), (c"/var/task", "mkdir /var/task")] {
+        match sys::mkdir(dir, 0o755) {
             Ok(()) | Err(sys::Errno(17)) => {}
             Err(e) => return Err((what, e)),
         }
     }
     match sys::mount(
-        &c!("/dev/vda"),
-        &c!("/var/task"),
-        &c!("erofs"),
+        c"/dev/vda",
+        c"/var/task",
+        c"erofs",
         MS_RDONLY | MS_NOSUID | MS_NODEV,
-        &c!(""),
+        c"",
     ) {
         Ok(()) => Ok(true),
         Err(sys::Errno(ENOENT | ENXIO)) => Ok(false),
@@ -205,8 +197,8 @@ extern "C" fn init_main(_stack: *const usize) -> ! {
     match mount_code() {
         Ok(true) => {
             say!("init: mounted the code disk read-only at /var/task (erofs)");
-            match sys::access(&c!("/var/task/bootstrap"), X_OK) {
-                Ok(()) => say!("init: /var/task/bootstrap is executable"),
+            match sys::access(function::BOOTSTRAP, X_OK) {
+                Ok(()) => run_function(),
                 Err(e) => say!("init: no executable /var/task/bootstrap: errno {}", e.0),
             }
         }
@@ -215,6 +207,24 @@ extern "C" fn init_main(_stack: *const usize) -> ! {
     }
     say!("init: nothing more to run yet; restarting the machine");
     halt();
+}
+
+/// Runs the function's bootstrap; its lines go to the console for now,
+/// to the host's log stream once vsock is up.
+fn run_function() {
+    let ended = function::run(|line| {
+        say!(
+            "function: {}",
+            core::str::from_utf8(line).unwrap_or("(not UTF-8)")
+        );
+    });
+    match ended {
+        Ok(function::Ended::Exited(code)) => say!("init: bootstrap exited with status {code}"),
+        Ok(function::Ended::Killed(signal)) => {
+            say!("init: bootstrap was killed by signal {signal}")
+        }
+        Err((what, e)) => say!("init: {what} failed: errno {}", e.0),
+    }
 }
 
 fn halt() -> ! {

@@ -2,6 +2,7 @@
 //! kernel's result, a negative errno on failure, as [`Errno`].
 
 use core::arch::asm;
+use core::ffi::CStr;
 
 /// A failed system call: the kernel's errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -10,12 +11,18 @@ pub struct Errno(pub i32);
 pub type Result<T> = core::result::Result<T, Errno>;
 
 // x86_64 system call numbers.
+const READ: usize = 0;
 const WRITE: usize = 1;
 const OPEN: usize = 2;
 const CLOSE: usize = 3;
 const ACCESS: usize = 21;
 const IOCTL: usize = 16;
 const SOCKET: usize = 41;
+const FORK: usize = 57;
+const EXECVE: usize = 59;
+const WAIT4: usize = 61;
+const CHDIR: usize = 80;
+const PIPE2: usize = 293;
 const DUP2: usize = 33;
 const EXIT_GROUP: usize = 231;
 const MKDIR: usize = 83;
@@ -55,32 +62,14 @@ fn check(ret: isize) -> Result<usize> {
     }
 }
 
-/// A NUL-terminated path or string, for the kernel.
-pub struct CStr<'a>(&'a [u8]);
-
-impl<'a> CStr<'a> {
-    /// `bytes` must end with NUL; anything else is refused.
-    pub const fn new(bytes: &'a [u8]) -> Option<Self> {
-        match bytes.last() {
-            Some(0) => Some(CStr(bytes)),
-            _ => None,
-        }
-    }
-
-    fn ptr(&self) -> usize {
-        self.0.as_ptr() as usize
-    }
-}
-
-/// A C string from a literal: `c!("/proc")`.
-#[macro_export]
-macro_rules! c {
-    ($s:literal) => {
-        match $crate::sys::CStr::new(concat!($s, "\0").as_bytes()) {
-            Some(c) => c,
-            None => unreachable!(),
-        }
-    };
+pub fn read(fd: i32, buf: &mut [u8]) -> Result<usize> {
+    // SAFETY: the buffer is valid for its length.
+    check(unsafe {
+        syscall(
+            READ,
+            [fd as usize, buf.as_mut_ptr() as usize, buf.len(), 0, 0],
+        )
+    })
 }
 
 pub fn write(fd: i32, buf: &[u8]) -> Result<usize> {
@@ -90,13 +79,14 @@ pub fn write(fd: i32, buf: &[u8]) -> Result<usize> {
 
 pub fn open(path: &CStr, flags: i32) -> Result<i32> {
     // SAFETY: a NUL-terminated path.
-    check(unsafe { syscall(OPEN, [path.ptr(), flags as usize, 0, 0, 0]) }).map(|fd| fd as i32)
+    check(unsafe { syscall(OPEN, [path.as_ptr() as usize, flags as usize, 0, 0, 0]) })
+        .map(|fd| fd as i32)
 }
 
 /// Whether `path` may be used as `mode` asks (`X_OK` = 1: executed).
 pub fn access(path: &CStr, mode: i32) -> Result<()> {
     // SAFETY: a NUL-terminated path.
-    check(unsafe { syscall(ACCESS, [path.ptr(), mode as usize, 0, 0, 0]) }).map(drop)
+    check(unsafe { syscall(ACCESS, [path.as_ptr() as usize, mode as usize, 0, 0, 0]) }).map(drop)
 }
 
 pub fn close(fd: i32) -> Result<()> {
@@ -111,7 +101,7 @@ pub fn dup2(old: i32, new: i32) -> Result<()> {
 
 pub fn mkdir(path: &CStr, mode: u32) -> Result<()> {
     // SAFETY: a NUL-terminated path.
-    check(unsafe { syscall(MKDIR, [path.ptr(), mode as usize, 0, 0, 0]) }).map(drop)
+    check(unsafe { syscall(MKDIR, [path.as_ptr() as usize, mode as usize, 0, 0, 0]) }).map(drop)
 }
 
 pub fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: usize, data: &CStr) -> Result<()> {
@@ -119,10 +109,72 @@ pub fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: usize, data: &C
     check(unsafe {
         syscall(
             MOUNT,
-            [source.ptr(), target.ptr(), fstype.ptr(), flags, data.ptr()],
+            [
+                source.as_ptr() as usize,
+                target.as_ptr() as usize,
+                fstype.as_ptr() as usize,
+                flags,
+                data.as_ptr() as usize,
+            ],
         )
     })
     .map(drop)
+}
+
+/// A pipe: (read end, write end), closed on exec.
+pub fn pipe() -> Result<(i32, i32)> {
+    const O_CLOEXEC: usize = 0o2000000;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`.
+    check(unsafe { syscall(PIPE2, [fds.as_mut_ptr() as usize, O_CLOEXEC, 0, 0, 0]) })?;
+    Ok((fds[0], fds[1]))
+}
+
+/// Ok(0) in the child, Ok(pid) in the parent.
+pub fn fork() -> Result<i32> {
+    // SAFETY: no pointers; this process is single-threaded.
+    check(unsafe { syscall(FORK, [0; 5]) }).map(|pid| pid as i32)
+}
+
+pub fn chdir(path: &CStr) -> Result<()> {
+    // SAFETY: a NUL-terminated path.
+    check(unsafe { syscall(CHDIR, [path.as_ptr() as usize, 0, 0, 0, 0]) }).map(drop)
+}
+
+/// Runs `path` with `argv` and `envp`, NUL-terminated strings in
+/// null-terminated arrays; returns only on failure.
+pub fn execve(path: &CStr, argv: &[*const u8], envp: &[*const u8]) -> Errno {
+    if argv.last() != Some(&core::ptr::null()) || envp.last() != Some(&core::ptr::null()) {
+        return Errno(22); // EINVAL
+    }
+    // SAFETY: the arrays end with a null pointer and point at C strings
+    // the caller keeps alive.
+    let ret = unsafe {
+        syscall(
+            EXECVE,
+            [
+                path.as_ptr() as usize,
+                argv.as_ptr() as usize,
+                envp.as_ptr() as usize,
+                0,
+                0,
+            ],
+        )
+    };
+    Errno(-ret as i32)
+}
+
+/// Waits for a child (`pid` -1: any); returns its pid and wait status.
+pub fn wait(pid: i32) -> Result<(i32, i32)> {
+    let mut status = 0i32;
+    // SAFETY: wait4 writes the status into `status`; no rusage.
+    let pid = check(unsafe {
+        syscall(
+            WAIT4,
+            [pid as usize, &mut status as *mut i32 as usize, 0, 0, 0],
+        )
+    })?;
+    Ok((pid as i32, status))
 }
 
 pub fn socket(domain: i32, kind: i32, protocol: i32) -> Result<i32> {
