@@ -276,6 +276,8 @@ impl ExecutionEnvironment {
                 .chain([("AWS_LAMBDA_INITIALIZATION_TYPE", initialization.as_str())]),
         )
         .map_err(|e| EnvironmentError::Environ(e.to_string()))?;
+        // The grant is checked first: a refused one leaves nothing behind.
+        let code_key = launch.code.drive_key(&image.keys)?;
         let dir = image.run_dir.join(&id);
         let dir_error = |source| EnvironmentError::Directory {
             path: dir.clone(),
@@ -303,7 +305,6 @@ impl ExecutionEnvironment {
             .map_err(dir_error)?,
             environ,
         );
-        let code_key = launch.code.drive_key(&image.keys)?;
         let mut vmm = VmmProcess::spawn(
             image.jail.as_ref(),
             &id,
