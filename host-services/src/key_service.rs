@@ -9,8 +9,6 @@
 //! deployment would keep them in an HSM or a KMS behind the same calls.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +19,8 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use vmm::devices::virtio::block::sealed::{hex, ArtifactId, DataKey};
+
+use crate::key_file::{self, KeyFileError};
 
 /// Binds a wrapped key to its purpose and artifact.
 const WRAP_CONTEXT: &[u8] = b"lambda-microvm data key v1";
@@ -36,8 +36,8 @@ pub enum KeyError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a 32-byte key")]
-    BadKeyFile { path: PathBuf },
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
     #[error("no master key version {0}: the wrapped key cannot be opened")]
     UnknownMaster(u32),
     #[error("the wrapped key of artifact {0} failed authentication")]
@@ -104,24 +104,14 @@ impl KeyService {
                 .and_then(|n| n.strip_prefix("master-"))
                 .and_then(|n| n.strip_suffix(".key"))
                 .and_then(|v| v.parse::<u32>().ok());
-            if let Some(version) = version {
-                masters.insert(version, read_key(&path)?);
+            if let (Some(version), Some(key)) = (version, key_file::read(&path)?) {
+                masters.insert(version, key);
             }
         }
         let service = KeyService {
             dir: dir.to_path_buf(),
             masters: RwLock::new(masters),
-            grant_key: match read_key(&dir.join("grant.key")) {
-                Ok(key) => key,
-                Err(KeyError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    let key = random();
-                    write_key(&dir.join("grant.key"), &key)?;
-                    key
-                }
-                Err(e) => return Err(e),
-            },
+            grant_key: key_file::read_or_create(&dir.join("grant.key"))?,
         };
         if service.current().is_none() {
             service.rotate()?;
@@ -143,8 +133,7 @@ impl KeyService {
     pub fn rotate(&self) -> Result<u32, KeyError> {
         let mut masters = self.masters.write().unwrap_or_else(|e| e.into_inner());
         let version = masters.last_key_value().map_or(1, |(v, _)| v + 1);
-        let key = random();
-        write_key(&self.dir.join(format!("master-{version}.key")), &key)?;
+        let key = key_file::create(&self.dir.join(format!("master-{version}.key")))?;
         masters.insert(version, key);
         tracing::info!("key service: master key version {version} now wraps new data keys");
         Ok(version)
@@ -338,29 +327,6 @@ fn wrap_aad(artifact: &ArtifactId, master: u32) -> Vec<u8> {
     aad.extend_from_slice(artifact);
     aad.extend_from_slice(&master.to_le_bytes());
     aad
-}
-
-fn read_key(path: &Path) -> Result<[u8; 32], KeyError> {
-    let bytes = std::fs::read(path).map_err(|source| KeyError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    bytes
-        .try_into()
-        .map_err(|_| KeyError::BadKeyFile { path: path.into() })
-}
-
-fn write_key(path: &Path, key: &[u8; 32]) -> Result<(), KeyError> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(key).and_then(|()| f.sync_all()))
-        .map_err(|source| KeyError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod control;
 pub mod environment;
 pub mod erofs_image;
 pub mod host;
+pub mod key_file;
 pub mod key_service;
 pub mod layers;
 pub mod lifecycle;

@@ -21,8 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::auth::{hmac, AccountId};
-
-const MASTER_KEY_BYTES: usize = 32;
+use crate::key_file::{self, KeyFileError, KEY_BYTES};
 
 /// Temporary credentials, as the environment's variables carry them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,19 +44,12 @@ struct Session {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
-    #[error("the issuer's master key {path}: {source}")]
-    MasterKey {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("the issuer's master key {0} is not {MASTER_KEY_BYTES} bytes")]
-    MasterKeyLength(String),
-    #[error("no randomness for a new master key: {0}")]
-    Random(String),
+    #[error("the issuer's master key {0}")]
+    MasterKey(#[from] KeyFileError),
 }
 
 pub struct RoleCredentialIssuer {
-    master: [u8; MASTER_KEY_BYTES],
+    master: [u8; KEY_BYTES],
     /// How long issued credentials last.
     lifetime: Duration,
     cache: Mutex<HashMap<(AccountId, String), RoleCredentials>>,
@@ -73,24 +65,7 @@ impl RoleCredentialIssuer {
     /// The issuer whose master key is `key_file`, created (mode 0600) if
     /// it does not exist yet.
     pub fn open(key_file: &Path, lifetime: Duration) -> Result<Self, IssuerError> {
-        let name = key_file.display().to_string();
-        let io = |source| IssuerError::MasterKey {
-            path: name.clone(),
-            source,
-        };
-        let bytes = match std::fs::read(key_file) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; MASTER_KEY_BYTES];
-                getrandom::fill(&mut key).map_err(|e| IssuerError::Random(e.to_string()))?;
-                write_private(key_file, &key).map_err(io)?;
-                key.to_vec()
-            }
-            Err(e) => return Err(io(e)),
-        };
-        let master = bytes
-            .try_into()
-            .map_err(|_| IssuerError::MasterKeyLength(name.clone()))?;
+        let master = key_file::read_or_create(key_file)?;
         Ok(RoleCredentialIssuer {
             master,
             lifetime,
@@ -181,17 +156,6 @@ impl RoleCredentialIssuer {
             self.secret_of(&session.key, session.exp),
         ))
     }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?
-        .write_all(bytes)
 }
 
 #[cfg(test)]
