@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmm::devices::virtio::block::sealed::{self, hex, ArtifactId};
+use vmm::devices::virtio::block::sealed::{self, ArtifactId};
 
-use crate::key_service::{Grant, KeyError, KeyService, WrappedKey};
+use crate::key_service::{random, Grant, KeyError, KeyService, WrappedKey};
 
 /// Chunks of 64 KiB: a guest's reads are rarely larger, and a chunk's 28
 /// bytes of nonce and tag stay under 0.05 %.
@@ -46,14 +46,12 @@ pub struct Artifact {
     /// Hex; a fresh random id for every sealing.
     pub id: String,
     pub path: PathBuf,
-    /// The image's length, decrypted.
-    pub len: u64,
     pub key: WrappedKey,
 }
 
 impl Artifact {
     pub fn id_bytes(&self) -> Result<ArtifactId, ArtifactError> {
-        ::hex::decode(&self.id)
+        hex::decode(&self.id)
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| ArtifactError::Record {
@@ -122,9 +120,9 @@ impl ArtifactStore {
     /// that have the old file open keep reading it.
     pub fn put(&self, name: &str, image: &[u8]) -> Result<Artifact, ArtifactError> {
         let previous = self.get(name).ok().flatten();
-        let id: ArtifactId = uuid::Uuid::new_v4().into_bytes();
+        let id: ArtifactId = random();
         let (key, wrapped) = self.keys.new_data_key(&id);
-        let path = self.dir.join(format!("{name}.{}.sealed", hex(&id)));
+        let path = self.dir.join(format!("{name}.{}.sealed", hex::encode(id)));
         let io = |source| ArtifactError::Io {
             path: path.clone(),
             source,
@@ -137,11 +135,7 @@ impl ArtifactStore {
             id,
             &key,
             CHUNK_SIZE,
-            || {
-                let mut nonce = [0u8; sealed::NONCE_LEN];
-                getrandom::fill(&mut nonce).expect("the OS random number generator");
-                nonce
-            },
+            random,
         )
         .map_err(|source| ArtifactError::Seal {
             path: path.clone(),
@@ -149,9 +143,8 @@ impl ArtifactStore {
         })?;
         write_atomically(&path, &out).map_err(io)?;
         let artifact = Artifact {
-            id: hex(&id),
+            id: hex::encode(id),
             path,
-            len: image.len() as u64,
             key: wrapped,
         };
         self.write_record(name, &artifact)?;
@@ -225,10 +218,15 @@ mod tests {
         (store, keys, dir)
     }
 
-    fn open(granted: &GrantedArtifact, keys: &KeyService) -> SealedImage {
+    /// The whole image, read through the VMM's sealed backend with the
+    /// key `granted` unwraps.
+    fn read_back(granted: &GrantedArtifact, keys: &KeyService) -> Vec<u8> {
         let (id, key) = parse_key_line(&granted.drive_key(keys).unwrap()).unwrap();
         let file = std::fs::File::open(&granted.artifact.path).unwrap();
-        SealedImage::open(file, &id, &key).unwrap()
+        let mut img = SealedImage::open(file, &id, &key).unwrap();
+        let mut back = vec![0u8; img.size() as usize];
+        img.read_at(&mut back, 0).unwrap();
+        back
     }
 
     #[test]
@@ -242,11 +240,7 @@ mod tests {
             !on_disk.windows(64).any(|w| w == &image[1000..1064]),
             "plaintext on disk"
         );
-        let granted = store.grant(artifact).unwrap();
-        let mut img = open(&granted, &keys);
-        let mut back = vec![0u8; image.len()];
-        img.read_at(&mut back, 0).unwrap();
-        assert_eq!(back, image);
+        assert_eq!(read_back(&store.grant(artifact).unwrap(), &keys), image);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -262,10 +256,7 @@ mod tests {
         let after = store.get("code").unwrap().unwrap();
         assert_eq!(after.key.master, 2);
         assert_eq!(std::fs::read(&after.path).unwrap(), sealed_before);
-        let mut img = open(&store.grant(after).unwrap(), &keys);
-        let mut back = vec![0u8; image.len()];
-        img.read_at(&mut back, 0).unwrap();
-        assert_eq!(back, image);
+        assert_eq!(read_back(&store.grant(after).unwrap(), &keys), image);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

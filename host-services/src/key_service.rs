@@ -18,7 +18,7 @@ use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use vmm::devices::virtio::block::sealed::{hex, ArtifactId, DataKey};
+use vmm::devices::virtio::block::sealed::{ArtifactId, DataKey, NONCE_LEN, TAG_LEN};
 
 use crate::key_file::{self, KeyFileError};
 
@@ -27,7 +27,7 @@ const WRAP_CONTEXT: &[u8] = b"lambda-microvm data key v1";
 /// Starts a sealed blob.
 const BLOB_MAGIC: &[u8; 8] = b"LMBLOB01";
 /// A wrapped data key's nonce, key and tag.
-const WRAPPED_LEN: usize = 12 + 32 + 16;
+const WRAPPED_LEN: usize = NONCE_LEN + 32 + TAG_LEN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -74,7 +74,8 @@ pub struct KeyService {
     grant_key: [u8; 32],
 }
 
-fn random<const N: usize>() -> [u8; N] {
+/// N bytes from the OS's random number generator.
+pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).expect("the OS random number generator");
     bytes
@@ -147,48 +148,41 @@ impl KeyService {
     }
 
     fn wrap(&self, artifact: &ArtifactId, key: &DataKey) -> WrappedKey {
-        let (master, master_key) = self.current().expect("a master key since open");
-        let nonce = random::<12>();
-        let mut sealed = *key;
-        let tag = Aes256Gcm::new((&master_key).into())
-            .encrypt_inout_detached(
-                &Nonce::from(nonce),
-                &wrap_aad(artifact, master),
-                sealed.as_mut_slice().into(),
-            )
-            .expect("AES-GCM wraps 32 bytes");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&sealed);
-        out.extend_from_slice(&tag);
+        let (master, sealed) = self.wrap_bytes(artifact, key);
         WrappedKey {
             master,
-            sealed: hex(&out),
+            sealed: hex::encode(sealed),
         }
     }
 
+    /// `key` sealed under the current master key: its version, and the
+    /// nonce, ciphertext and tag.
+    fn wrap_bytes(&self, artifact: &ArtifactId, key: &DataKey) -> (u32, Vec<u8>) {
+        let (master, master_key) = self.current().expect("a master key since open");
+        (master, seal(&master_key, &wrap_aad(artifact, master), key))
+    }
+
     fn unwrap_key(&self, artifact: &ArtifactId, wrapped: &WrappedKey) -> Result<DataKey, KeyError> {
+        let bytes =
+            hex::decode(&wrapped.sealed).map_err(|_| KeyError::Unwrap(hex::encode(artifact)))?;
+        self.unwrap_bytes(artifact, wrapped.master, &bytes)
+    }
+
+    fn unwrap_bytes(
+        &self,
+        artifact: &ArtifactId,
+        master: u32,
+        sealed: &[u8],
+    ) -> Result<DataKey, KeyError> {
         let master_key = *self
             .masters
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&wrapped.master)
-            .ok_or(KeyError::UnknownMaster(wrapped.master))?;
-        let failed = || KeyError::Unwrap(hex(artifact));
-        let bytes = ::hex::decode(&wrapped.sealed).map_err(|_| failed())?;
-        if bytes.len() != WRAPPED_LEN {
-            return Err(failed());
-        }
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&bytes[12..44]);
-        Aes256Gcm::new((&master_key).into())
-            .decrypt_inout_detached(
-                &Nonce::try_from(&bytes[..12]).map_err(|_| failed())?,
-                &wrap_aad(artifact, wrapped.master),
-                key.as_mut_slice().into(),
-                &Tag::try_from(&bytes[44..]).map_err(|_| failed())?,
-            )
-            .map_err(|_| failed())?;
-        Ok(key)
+            .get(&master)
+            .ok_or(KeyError::UnknownMaster(master))?;
+        open(&master_key, &wrap_aad(artifact, master), sealed)
+            .and_then(|key| key.try_into().ok())
+            .ok_or_else(|| KeyError::Unwrap(hex::encode(artifact)))
     }
 
     /// `wrapped` under the current master key; the artifact's data is not
@@ -243,16 +237,16 @@ impl KeyService {
     ) -> Result<DataKey, KeyError> {
         self.grant_mac(&grant.artifact, grant.expires_ms)
             .verify_slice(&grant.signature)
-            .map_err(|_| KeyError::ForgedGrant(hex(&grant.artifact)))?;
+            .map_err(|_| KeyError::ForgedGrant(hex::encode(grant.artifact)))?;
         if &grant.artifact != artifact {
             return Err(KeyError::WrongArtifact {
-                granted: hex(&grant.artifact),
-                wanted: hex(artifact),
+                granted: hex::encode(grant.artifact),
+                wanted: hex::encode(artifact),
             });
         }
         if now_ms >= grant.expires_ms {
             return Err(KeyError::ExpiredGrant {
-                artifact: hex(artifact),
+                artifact: hex::encode(artifact),
                 ago_ms: now_ms - grant.expires_ms,
             });
         }
@@ -266,53 +260,63 @@ impl KeyService {
     /// blob copied elsewhere does not open.
     pub fn seal_blob(&self, place: &str, plain: &[u8]) -> Vec<u8> {
         let id: ArtifactId = random();
-        let (key, wrapped) = self.new_data_key(&id);
-        let nonce = random::<12>();
-        let mut body = plain.to_vec();
-        let tag = Aes256Gcm::new((&key).into())
-            .encrypt_inout_detached(
-                &Nonce::from(nonce),
-                &blob_aad(place, &id),
-                body.as_mut_slice().into(),
-            )
-            .expect("AES-GCM seals a blob under 64 GiB");
+        let key = random();
+        let (master, wrapped) = self.wrap_bytes(&id, &key);
         let mut out = BLOB_MAGIC.to_vec();
         out.extend_from_slice(&id);
-        out.extend_from_slice(&wrapped.master.to_le_bytes());
-        out.extend_from_slice(&::hex::decode(&wrapped.sealed).expect("hex this service wrote"));
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&tag);
+        out.extend_from_slice(&master.to_le_bytes());
+        out.extend_from_slice(&wrapped);
+        out.extend_from_slice(&seal(&key, &blob_aad(place, &id), plain));
         out
     }
 
     /// Opens a blob [`Self::seal_blob`] sealed for `place`.
     pub fn open_blob(&self, place: &str, blob: &[u8]) -> Result<Vec<u8>, KeyError> {
         let damaged = || KeyError::Blob(place.to_string());
-        let head = BLOB_MAGIC.len() + 16 + 4 + WRAPPED_LEN + 12;
-        if blob.len() < head + 16 || !blob.starts_with(BLOB_MAGIC) {
+        let head = BLOB_MAGIC.len() + 16 + 4 + WRAPPED_LEN;
+        if blob.len() < head || !blob.starts_with(BLOB_MAGIC) {
             return Err(damaged());
         }
-        let (header, rest) = blob.split_at(head);
+        let (header, body) = blob.split_at(head);
         let id: ArtifactId = header[8..24].try_into().map_err(|_| damaged())?;
         let master = u32::from_le_bytes(header[24..28].try_into().map_err(|_| damaged())?);
-        let wrapped = WrappedKey {
-            master,
-            sealed: hex(&header[28..28 + WRAPPED_LEN]),
-        };
-        let key = self.unwrap_key(&id, &wrapped).map_err(|_| damaged())?;
-        let (body, tag) = rest.split_at(rest.len() - 16);
-        let mut plain = body.to_vec();
-        Aes256Gcm::new((&key).into())
-            .decrypt_inout_detached(
-                &Nonce::try_from(&header[head - 12..]).map_err(|_| damaged())?,
-                &blob_aad(place, &id),
-                plain.as_mut_slice().into(),
-                &Tag::try_from(tag).map_err(|_| damaged())?,
-            )
+        let key = self
+            .unwrap_bytes(&id, master, &header[28..])
             .map_err(|_| damaged())?;
-        Ok(plain)
+        open(&key, &blob_aad(place, &id), body).ok_or_else(damaged)
     }
+}
+
+/// `plain` under `key` with a fresh random nonce: nonce, ciphertext, tag.
+fn seal(key: &[u8; 32], aad: &[u8], plain: &[u8]) -> Vec<u8> {
+    let nonce = random::<NONCE_LEN>();
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(plain);
+    let tag = Aes256Gcm::new(key.into())
+        .encrypt_inout_detached(&Nonce::from(nonce), aad, out[NONCE_LEN..].as_mut().into())
+        .expect("AES-GCM seals anything under 64 GiB");
+    out.extend_from_slice(&tag);
+    out
+}
+
+/// What [`seal`] made, opened; None if it is too short or fails
+/// authentication.
+fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < NONCE_LEN + TAG_LEN {
+        return None;
+    }
+    let (nonce, rest) = sealed.split_at(NONCE_LEN);
+    let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let mut plain = body.to_vec();
+    Aes256Gcm::new(key.into())
+        .decrypt_inout_detached(
+            &Nonce::try_from(nonce).ok()?,
+            aad,
+            plain.as_mut_slice().into(),
+            &Tag::try_from(tag).ok()?,
+        )
+        .ok()?;
+    Some(plain)
 }
 
 fn blob_aad(place: &str, id: &ArtifactId) -> Vec<u8> {

@@ -131,25 +131,16 @@ fn associated_data(header: &[u8; HEADER_LEN], index: u64) -> [u8; HEADER_LEN + 8
     aad
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
-}
-
 /// What the owner hands the VMM for a sealed drive: `ARTIFACT_ID_HEX
 /// KEY_HEX`, one line.
 pub fn key_line(artifact: &ArtifactId, key: &DataKey) -> String {
-    format!("{} {}\n", hex(artifact), hex(key))
+    format!("{} {}\n", hex::encode(artifact), hex::encode(key))
+}
+
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some(out)
 }
 
 /// Parses [`key_line`]'s output.
@@ -226,8 +217,8 @@ impl SealedImage {
         let header = Header::decode(&encoded)?;
         if &header.artifact != artifact {
             return Err(SealedError::WrongArtifact {
-                expected: hex(artifact),
-                found: hex(&header.artifact),
+                expected: hex::encode(artifact),
+                found: hex::encode(header.artifact),
             });
         }
         let actual = file.metadata()?.len();
@@ -281,7 +272,7 @@ impl SealedImage {
             .map_err(|_| {
                 let message = format!(
                     "chunk {index} of artifact {} failed authentication: the image was altered",
-                    hex(&self.header.artifact)
+                    hex::encode(self.header.artifact)
                 );
                 tracing::error!("{message}");
                 io::Error::new(io::ErrorKind::InvalidData, message)
@@ -492,11 +483,11 @@ mod tests {
         );
         assert!(parse_key_line("").is_err());
         assert!(parse_key_line("00 11").unwrap_err().contains("artifact id"));
-        let id = hex(&ARTIFACT);
+        let id = hex::encode(ARTIFACT);
         assert!(parse_key_line(&format!("{id} zz"))
             .unwrap_err()
             .contains("key"));
-        assert!(parse_key_line(&format!("{id} {} extra", hex(&KEY))).is_err());
+        assert!(parse_key_line(&format!("{id} {} extra", hex::encode(KEY))).is_err());
         assert!(parse_key_line(&format!("{id} {}", "é".repeat(32))).is_err());
     }
 
