@@ -130,15 +130,20 @@ pub enum VmmProcessError {
     },
 }
 
+/// What a jailed VMM holds while it runs.
+struct Jailed {
+    /// The jail's name.
+    id: String,
+    /// Where the jailer writes the VMM's pid.
+    pid_file: PathBuf,
+    /// The uid and gid the VMM runs as; given back once it ended.
+    _uid: JailId,
+}
+
 pub struct VmmProcess {
+    /// The jailer, or when not jailed the VMM itself.
     child: Child,
-    /// The jail's name, when jailed.
-    jail_id: Option<String>,
-    /// The uid and gid the jailed VMM runs as; given back once it ended.
-    _jail_uid: Option<JailId>,
-    /// Where the jailer writes the VMM's pid; None when not jailed, and
-    /// the child is the VMM itself.
-    pid_file: Option<PathBuf>,
+    jailed: Option<Jailed>,
     vmm_pid: Option<u32>,
 }
 
@@ -178,8 +183,8 @@ impl VmmProcess {
             )
             .into(),
         ];
-        let (mut command, jail_id, jail_uid) = match jail {
-            None => (Command::new(files.vmm), None, None),
+        let (mut command, jailed) = match jail {
+            None => (Command::new(files.vmm), None),
             Some(jail) => {
                 let uid = jail
                     .ids
@@ -213,7 +218,12 @@ impl VmmProcess {
                     .arg("--mount")
                     .arg(format!("{}:{JAIL_DIR}", files.dir.display()))
                     .arg("--");
-                (command, Some(jail_id), Some(uid))
+                let jailed = Jailed {
+                    pid_file: jail.chroot_base.join(&jail_id).join("vmm.pid"),
+                    id: jail_id,
+                    _uid: uid,
+                };
+                (command, Some(jailed))
             }
         };
         command
@@ -260,22 +270,17 @@ impl VmmProcess {
                 .write_all(files.code_key.as_bytes())
                 .map_err(|source| VmmProcessError::Spawn { program, source })?;
         }
-        let pid_file = jail
-            .zip(jail_id.as_ref())
-            .map(|(jail, id)| jail.chroot_base.join(id).join("vmm.pid"));
-        let vmm_pid = if pid_file.is_none() { child.id() } else { None };
+        let vmm_pid = if jailed.is_none() { child.id() } else { None };
         Ok(VmmProcess {
             child,
-            jail_id,
-            _jail_uid: jail_uid,
-            pid_file,
+            jailed,
             vmm_pid,
         })
     }
 
     /// The jail's name, or None when the VMM runs unjailed.
     pub fn jail_id(&self) -> Option<&str> {
-        self.jail_id.as_deref()
+        self.jailed.as_ref().map(|j| j.id.as_str())
     }
 
     pub fn child(&mut self) -> &mut Child {
@@ -288,9 +293,9 @@ impl VmmProcess {
         self.child.id()?;
         if self.vmm_pid.is_none() {
             self.vmm_pid = self
-                .pid_file
+                .jailed
                 .as_ref()
-                .and_then(|f| std::fs::read_to_string(f).ok())
+                .and_then(|j| std::fs::read_to_string(&j.pid_file).ok())
                 .and_then(|s| s.trim().parse().ok());
         }
         self.vmm_pid
@@ -327,7 +332,7 @@ impl VmmProcess {
     /// Stops the VMM. A jailer is asked first, so that it removes its
     /// jail and cgroup; it kills its VMM even when that is frozen.
     pub async fn stop(mut self) {
-        if self.pid_file.is_some() {
+        if self.jailed.is_some() {
             if let Some(pid) = self.child.id() {
                 // SAFETY: signals the jailer, a child not yet reaped.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
@@ -348,7 +353,7 @@ impl VmmProcess {
     pub fn describe_exit(&self, status: ExitStatus) -> String {
         let signal = match (status.signal(), status.code()) {
             (Some(s), _) => Some(s),
-            (None, Some(c)) if self.pid_file.is_some() && c > 128 => Some(c - 128),
+            (None, Some(c)) if self.jailed.is_some() && c > 128 => Some(c - 128),
             _ => None,
         };
         if signal == Some(libc::SIGSYS) {

@@ -70,6 +70,17 @@ impl Drop for JailerProcess {
     }
 }
 
+/// A process's real, effective, saved and filesystem uids, as
+/// `/proc/PID/status` shows them.
+fn uids_of(pid: u32) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace()
+        .skip(1)
+        .map(str::to_string)
+        .collect()
+}
+
 fn wait_for_pid(file: &Path, jailer: &mut Child) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -132,12 +143,10 @@ fn a_jailed_vmm_sees_only_its_files_runs_unprivileged_and_has_no_network() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
-    let status = std::fs::read_to_string(proc_dir.join("status")).unwrap();
-    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let uids = uids_of(pid);
     assert_eq!(
-        uid_line.split_whitespace().skip(1).collect::<Vec<_>>(),
-        ["65534"; 4],
-        "the VMM does not run as nobody: {uid_line}"
+        uids, ["65534"; 4],
+        "the VMM does not run as nobody: {uids:?}"
     );
 
     let mut root: Vec<String> = std::fs::read_dir(proc_dir.join("root"))
@@ -267,13 +276,6 @@ fn bad_jailer_input_is_named() {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
-/// The VMM's uid, as `/proc/PID/status` shows it.
-fn uid_of(pid: u32) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().to_string()
-}
-
 #[test]
 fn the_worker_starts_every_environment_through_the_jailer() {
     if skip_unless_root("the worker's jailer") {
@@ -319,7 +321,9 @@ fn the_worker_starts_every_environment_through_the_jailer() {
             .trim()
             .parse()
             .unwrap();
-        uids.push(uid_of(pid));
+        let all = uids_of(pid);
+        assert!(all.iter().all(|u| *u == all[0]), "{all:?}");
+        uids.push(all[0].clone());
         assert_ne!(
             std::fs::read_link("/proc/self/ns/net").unwrap(),
             std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap()
