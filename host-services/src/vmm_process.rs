@@ -106,7 +106,7 @@ const JAIL_DIR: &str = "/run";
 /// What a VMM needs beyond its guest's memory: its own text, heap and
 /// KVM's page tables, plus the page cache of the kernel and code disk
 /// that the memory cgroup charges to it.
-const VMM_OVERHEAD_MIB: u64 = 32;
+pub const VMM_OVERHEAD_MIB: u64 = 32;
 
 /// The VMMs' scheduling priority (nice value), below the worker's.
 const VMM_NICE: libc::c_int = 10;

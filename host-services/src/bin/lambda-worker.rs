@@ -159,12 +159,10 @@ async fn run(args: Args) -> Result<(), String> {
         KeyService::open(&args.data_dir.join("keys"))
             .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
     );
-    if args.rotate_master_key {
-        keys.rotate().map_err(|e| e.to_string())?;
-    }
     let control = ControlPlane::new(store, &args.data_dir, keys.clone(), false)
         .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
     if args.rotate_master_key {
+        keys.rotate().map_err(|e| e.to_string())?;
         let moved = control
             .artifacts()
             .rewrap_all()

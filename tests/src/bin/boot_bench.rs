@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use host_services::vmm_process::VMM_OVERHEAD_MIB;
 use microvm_tests::{fixture, hypervisor, is_root, jailer_binary, vmm_binary};
 
 const GUEST_MIB: u64 = 128;
@@ -65,7 +66,7 @@ fn jailed() -> Peer {
                 .arg("--chroot-base")
                 .arg(&base)
                 .args(["--cgroup-parent", "lambda-microvm-bench", "--cpus", "1"])
-                .args(["--memory-mib", &(GUEST_MIB + 32).to_string()])
+                .args(["--memory-mib", &(GUEST_MIB + VMM_OVERHEAD_MIB).to_string()])
                 .arg("--mount")
                 .arg(format!("{}:/kernel:ro", kernel.display()))
                 .args(["--", "--kernel", "/kernel"]);
