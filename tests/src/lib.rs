@@ -2,6 +2,7 @@
 //! `vmm` binary are, and running the VMM with a deadline.
 
 pub mod cpio;
+pub mod guest_ports;
 pub mod lambda_client;
 pub mod load;
 pub mod worker;
@@ -19,14 +20,18 @@ pub use vmm::vstate::vm::HypervisorKind;
 /// (`"trap"`) traps; one starting with `l` (`"loop"`) never ends; one
 /// starting with `s` (`"spin"`) counts down from 20M first, about 100 ms
 /// of work that holds its environment busy; one starting with `e`
-/// (`"env"`) answers with its environment, a `KEY=VALUE` per line.
+/// (`"env"`) answers with its environment, a `KEY=VALUE` per line; one
+/// starting with `r` (`"random"`) answers with 16 bytes from WASI
+/// `random_get`, as a JSON string of hex.
 pub const ECHO_WAT: &str = r#"
 (module
   (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
   (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))
   (memory (export "memory") 3)
+  (data (i32.const 160) "0123456789abcdef")
   (data (i32.const 0) "{\"echo\":")
   (data (i32.const 16) "}")
   (data (i32.const 32) "echo: handling an event\n")
@@ -59,6 +64,25 @@ pub const ECHO_WAT: &str = r#"
         (return)))
     (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 108))
       (then (loop $forever (br $forever))))
+    (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 114))
+      (then
+        (if (call $random_get (i32.const 256) (i32.const 16)) (then unreachable))
+        (i32.store8 (i32.const 287) (i32.const 34))
+        (i32.store8 (i32.const 320) (i32.const 34))
+        (local.set $i (i32.const 0))
+        (loop $hex
+          (i32.store8 (i32.add (i32.const 288) (i32.shl (local.get $i) (i32.const 1)))
+            (i32.load8_u (i32.add (i32.const 160)
+              (i32.shr_u (i32.load8_u (i32.add (i32.const 256) (local.get $i))) (i32.const 4)))))
+          (i32.store8 (i32.add (i32.const 289) (i32.shl (local.get $i) (i32.const 1)))
+            (i32.load8_u (i32.add (i32.const 160)
+              (i32.and (i32.load8_u (i32.add (i32.const 256) (local.get $i))) (i32.const 15)))))
+          (local.set $i (i32.add (local.get $i) (i32.const 1)))
+          (br_if $hex (i32.lt_u (local.get $i) (i32.const 16))))
+        (i32.store (i32.const 80) (i32.const 287))
+        (i32.store (i32.const 84) (i32.const 34))
+        (drop (call $fd_write (i32.const 1) (i32.const 80) (i32.const 1) (i32.const 112)))
+        (return)))
     (if (i32.eq (i32.load8_u (i32.const 1025)) (i32.const 115))
       (then
         (local.set $i (i32.const 20000000))

@@ -3,14 +3,12 @@
 //! from the host's Runtime API over vsock.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
-use guest_init::environ::{encode, ENVIRON_PORT};
+use guest_init::environ::encode;
 use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
-use host_services::wasm_image;
-use microvm_tests::{baremetal_guest, vmm_binary, ECHO_WAT};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use microvm_tests::baremetal_guest;
+use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, GuestPorts};
 
 /// Fuel for the runaway-loop check: far more than an echo needs.
 const FUEL: u64 = 50_000_000;
@@ -29,60 +27,21 @@ impl Guest {
     /// Boots the guest; the host sends it `environ` as its start-up
     /// message.
     async fn start(name: &str, environ: Vec<u8>) -> Guest {
-        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let module = wat::parse_str(ECHO_WAT).unwrap();
-        let image = dir.join("code.img");
-        std::fs::write(&image, wasm_image::build(&module, FUEL).unwrap()).unwrap();
-        let uds = dir.join("vsock");
-        let api = RuntimeApi::bind(
-            &dir.join("vsock_9001"),
-            "arn:aws:lambda:local:000000000000:function:echo",
-        )
-        .await
-        .unwrap();
-        // The function's log stream: its stderr, and an END line per event.
-        let log_listener = tokio::net::UnixListener::bind(dir.join("vsock_9002")).unwrap();
-        let log = tokio::spawn(async move {
-            let (mut stream, _) = log_listener.accept().await.unwrap();
-            let mut all = String::new();
-            let _ = stream.read_to_string(&mut all).await;
-            all
-        });
-        let environ_listener =
-            tokio::net::UnixListener::bind(dir.join(format!("vsock_{ENVIRON_PORT}"))).unwrap();
-        tokio::spawn(async move {
-            let (mut stream, _) = environ_listener.accept().await.unwrap();
-            stream.write_all(&environ).await.unwrap();
-        });
+        let dir = test_dir(name);
+        let image = echo_code_disk(&dir, FUEL);
+        let GuestPorts { uds, api, log } = GuestPorts::bind(&dir, Some(environ)).await;
 
-        let mut vmm = tokio::process::Command::new(vmm_binary())
-            .arg("--kernel")
-            .arg(baremetal_guest())
-            .arg("--drive")
-            .arg(format!("{},ro", image.display()))
-            .arg("--vsock")
-            .arg(format!("cid=3,uds={}", uds.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-
-        // The guest's console, echoed as it comes and kept for the checks.
-        let stdout = vmm.stdout.take().unwrap();
-        let console = tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stdout).lines();
-            let mut all = String::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                println!("guest: {line}");
-                all.push_str(&line);
-                all.push('\n');
-            }
-            all
-        });
+        let (vmm, console) = spawn_vmm(
+            &[
+                "--kernel".into(),
+                baremetal_guest().display().to_string(),
+                "--drive".into(),
+                format!("{},ro", image.display()),
+                "--vsock".into(),
+                format!("cid=3,uds={}", uds.display()),
+            ],
+            "guest",
+        );
         Guest {
             dir,
             api,

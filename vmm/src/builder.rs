@@ -19,12 +19,14 @@ use crate::arch::x86_64::layout::{
 };
 use crate::arch::x86_64::paging::Privilege;
 use crate::arch::x86_64::regs::EntryMode;
-use crate::arch::x86_64::{mptable, paging};
-use crate::config::{SerialConfig, VmConfig};
-use crate::devices::boot_timer::BootTimer;
+use crate::arch::x86_64::{cpuid, mptable, paging};
+use crate::config::{DeviceConfig, RestoreConfig, SerialConfig, VmConfig};
+use crate::control::{ControlError, ControlSocket};
+use crate::devices::boot_timer::{BootTime, BootTimer};
+use crate::devices::bus::lock;
 use crate::devices::ioapic::Ioapic;
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{SerialDevice, SerialOutput};
+use crate::devices::legacy::serial::{SerialDevice, SerialOutput, SerialSnapshot};
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::sealed::{
     parse_key_line, ArtifactId, DataKey, SealedError, SealedImage,
@@ -36,9 +38,9 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{Bus, BusError};
 use crate::loader::{self, LoaderError};
-use crate::microvm::MicroVm;
-use crate::microvm::Subscriber;
-use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::microvm::{MicroVm, MicroVmParts, StatefulDevices, Subscriber};
+use crate::snapshot::{read_snapshot, MachineState, SnapshotError};
+use crate::vstate::memory::{create_guest_memory, map_memory_file, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::{HypervisorKind, KvmAccess, KvmMsiRouter, Vm, VmError};
 use event_manager::MutEventSubscriber;
@@ -96,6 +98,12 @@ pub enum BuildError {
     VirtioDevice(std::io::Error),
     #[error("cannot register a virtio queue notification: {0}")]
     IoEvent(kvm_ioctls::Error),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot restore: {0}")]
+    Restore(String),
 }
 
 /// Attaches virtio-mmio devices in order: each gets the next MMIO window
@@ -106,6 +114,7 @@ struct VirtioAttacher<'a> {
     mem: &'a GuestMemoryMmap,
     mmio_bus: &'a mut Bus,
     subscribers: Vec<Subscriber>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     cmdline: Vec<String>,
 }
 
@@ -124,8 +133,10 @@ impl VirtioAttacher<'_> {
         transport
             .register_ioevents(self.vm.fd(), base)
             .map_err(BuildError::IoEvent)?;
+        let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+            .insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+        self.transports.push(transport);
         self.subscribers.push(device);
         self.cmdline
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
@@ -137,7 +148,7 @@ impl VirtioAttacher<'_> {
 /// then entropy.
 fn attach_virtio_devices(
     attacher: &mut VirtioAttacher,
-    config: &VmConfig,
+    config: &DeviceConfig,
 ) -> Result<(), BuildError> {
     for (i, drive) in config.drives.iter().enumerate() {
         let drive_error = |source| BuildError::Drive {
@@ -274,33 +285,50 @@ fn load_guest(
     Ok((kernel.entry, cr3))
 }
 
-pub fn build_microvm(
-    config: &VmConfig,
-    kvm: KvmAccess,
+/// A microVM's devices, on their buses and wired to the VM's interrupts.
+struct DeviceSet {
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    reset: EventFd,
+    console: Option<Arc<Mutex<SerialDevice>>>,
+    stateful: StatefulDevices,
+    subscribers: Vec<Subscriber>,
+    boot_time: BootTime,
+    /// `virtio_mmio.device=` entries for a kernel command line.
+    cmdline: Vec<String>,
+}
+
+/// Creates the devices of `config`. A restore passes the snapshot's
+/// serial state, which the UART starts from.
+fn create_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    config: &DeviceConfig,
+    serial_state: Option<&SerialSnapshot>,
     vmm_start: Instant,
-) -> Result<MicroVm, BuildError> {
-    let mem = create_guest_memory(config.mem_mib << 20)?;
-    let vm = Vm::new(kvm, &mem)?;
-    if usize::from(config.vcpus) > vm.max_vcpus() {
-        return Err(BuildError::TooManyVcpus {
-            requested: config.vcpus,
-            max: vm.max_vcpus(),
-        });
-    }
+) -> Result<DeviceSet, BuildError> {
     let mut io_bus = Bus::new();
     let mut mmio_bus = Bus::new();
 
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
+    let (trigger, output) = (
         EventFdTrigger::new(serial_irq),
         serial_output(&config.serial)?,
-    )));
+    );
+    let serial = match serial_state {
+        None => SerialDevice::new(trigger, output),
+        Some(state) => {
+            SerialDevice::from_snapshot(state, trigger, output).map_err(BuildError::Restore)?
+        }
+    };
+    let serial = Arc::new(Mutex::new(serial));
     io_bus.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
 
-    let reset_evt = eventfd()?;
+    let reset = eventfd()?;
     let i8042 = I8042::new(EventFdTrigger::new(
-        reset_evt.try_clone().map_err(BuildError::EventFd)?,
+        reset.try_clone().map_err(BuildError::EventFd)?,
     ));
     io_bus.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_PORT), 5)?;
 
@@ -310,60 +338,228 @@ pub fn build_microvm(
     io_bus.insert(boot_timer.clone(), u64::from(BOOT_TIMER_PORT), 1)?;
     mmio_bus.insert(boot_timer, BOOT_TIMER_MMIO_START, 0x1000)?;
 
-    let ioapic = Ioapic::new(
-        mptable::ioapic_id(config.vcpus),
+    let ioapic = Arc::new(Mutex::new(Ioapic::new(
+        mptable::ioapic_id(vcpus),
         KvmMsiRouter(vm.fd().clone()),
-    );
-    mmio_bus.insert(Arc::new(Mutex::new(ioapic)), IOAPIC_START, IOAPIC_SIZE)?;
+    )));
+    mmio_bus.insert(ioapic.clone(), IOAPIC_START, IOAPIC_SIZE)?;
 
     let mut attacher = VirtioAttacher {
-        vm: &vm,
-        mem: &mem,
+        vm,
+        mem,
         mmio_bus: &mut mmio_bus,
         subscribers: Vec::new(),
+        transports: Vec::new(),
         cmdline: Vec::new(),
     };
     attach_virtio_devices(&mut attacher, config)?;
     let VirtioAttacher {
         subscribers,
-        cmdline: device_cmdline,
+        transports,
+        cmdline,
         ..
     } = attacher;
 
-    let io_bus = Arc::new(io_bus);
-    let mmio_bus = Arc::new(mmio_bus);
-    let vcpus = (0..config.vcpus)
+    Ok(DeviceSet {
+        io_bus: Arc::new(io_bus),
+        mmio_bus: Arc::new(mmio_bus),
+        reset,
+        console: matches!(config.serial, SerialConfig::Stdout).then(|| serial.clone()),
+        stateful: StatefulDevices {
+            serial,
+            ioapic,
+            transports,
+        },
+        subscribers,
+        boot_time,
+        cmdline,
+    })
+}
+
+fn create_vcpus(
+    vm: &Vm,
+    count: u8,
+    devices: &DeviceSet,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<Vcpu>, BuildError> {
+    if usize::from(count) > vm.max_vcpus() {
+        return Err(BuildError::TooManyVcpus {
+            requested: count,
+            max: vm.max_vcpus(),
+        });
+    }
+    (0..count)
         .map(|index| {
             Vcpu::new(
                 vm.fd(),
                 index,
-                io_bus.clone(),
-                mmio_bus.clone(),
+                devices.io_bus.clone(),
+                devices.mmio_bus.clone(),
                 mem.clone(),
             )
+            .map_err(BuildError::from)
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+fn control_socket(config: &DeviceConfig) -> Result<Option<ControlSocket>, BuildError> {
+    config
+        .control_sock
+        .as_deref()
+        .map(ControlSocket::bind)
+        .transpose()
+        .map_err(BuildError::Control)
+}
+
+fn machine_state(config: &DeviceConfig, mem_mib: u64, vcpus: u8, vm: &Vm) -> MachineState {
+    MachineState {
+        mem_mib,
+        vcpus,
+        hypervisor: vm.hypervisor(),
+        drives_read_only: config.drives.iter().map(|d| d.read_only).collect(),
+        vsock: config.vsock.is_some(),
+    }
+}
+
+impl DeviceSet {
+    /// The microVM's parts, without a control socket and not restored.
+    fn into_parts(
+        self,
+        vm: Vm,
+        mem: GuestMemoryMmap,
+        backing: MemoryBacking,
+        machine: MachineState,
+        vcpus: Vec<Vcpu>,
+    ) -> MicroVmParts {
+        MicroVmParts {
+            vm,
+            mem,
+            backing,
+            machine,
+            vcpus,
+            reset: self.reset,
+            console: self.console,
+            devices: self.stateful,
+            subscribers: self.subscribers,
+            control: None,
+            boot_time: self.boot_time,
+            restored_since: None,
+        }
+    }
+}
+
+fn assemble(parts: MicroVmParts) -> Result<MicroVm, BuildError> {
+    MicroVm::new(parts).map_err(|e| BuildError::EventManager(e.to_string()))
+}
+
+pub fn build_microvm(
+    config: &VmConfig,
+    kvm: KvmAccess,
+    vmm_start: Instant,
+) -> Result<MicroVm, BuildError> {
+    let mem = create_guest_memory(config.mem_mib << 20)?;
+    let vm = Vm::new(kvm, &mem)?;
+    let devices = create_devices(&vm, &mem, config.vcpus, &config.devices, None, vmm_start)?;
+    let mut vcpus = create_vcpus(&vm, config.vcpus, &devices, &mem)?;
     let tsc_khz = vcpus[0].tsc_khz();
 
-    let (entry, cr3) = load_guest(config, &mem, vm.hypervisor(), tsc_khz, &device_cmdline)?;
+    let (entry, cr3) = load_guest(config, &mem, vm.hypervisor(), tsc_khz, &devices.cmdline)?;
     if let EntryMode::PvmUser { .. } = entry {
         tracing::info!("the guest runs in PVM user mode, natively");
     }
     let supported_cpuid = vm.supported_cpuid()?;
-    for vcpu in &vcpus {
+    for vcpu in &mut vcpus {
         let boot = (vcpu.index() == 0).then_some((entry, cr3));
         vcpu.configure(&supported_cpuid, config.vcpus, boot)?;
     }
+    let machine = machine_state(&config.devices, config.mem_mib, config.vcpus, &vm);
+    assemble(MicroVmParts {
+        control: control_socket(&config.devices)?,
+        ..devices.into_parts(vm, mem, MemoryBacking::Anonymous, machine, vcpus)
+    })
+}
 
-    let console_input = matches!(config.serial, SerialConfig::Stdout).then_some(serial);
-    MicroVm::new(
-        vm,
-        mem,
-        vcpus,
-        reset_evt,
-        console_input,
-        subscribers,
-        boot_time,
-    )
-    .map_err(|e| BuildError::EventManager(e.to_string()))
+/// Rebuilds the microVM a snapshot was taken of, with new host ends for
+/// its devices, and its memory mapped from the snapshot's memory file.
+/// Everything that can refuse the snapshot (its format, the machine it
+/// describes, this host's CPU) is checked before a vCPU runs.
+pub fn restore_microvm(
+    config: &RestoreConfig,
+    kvm: KvmAccess,
+    vmm_start: Instant,
+) -> Result<MicroVm, BuildError> {
+    let state = read_snapshot(&config.state)?;
+    let machine = &state.machine;
+    let restore_error =
+        |reason: String| BuildError::Restore(format!("snapshot {:?}: {reason}", config.state));
+    let drives: Vec<bool> = config.devices.drives.iter().map(|d| d.read_only).collect();
+    if drives != machine.drives_read_only {
+        return Err(restore_error(format!(
+            "the snapshot's VM had drives {:?} (read-only or not, in order), this one {drives:?}",
+            machine.drives_read_only
+        )));
+    }
+    if config.devices.vsock.is_some() != machine.vsock {
+        return Err(restore_error(format!(
+            "the snapshot's VM {} a vsock device; give --vsock {}",
+            if machine.vsock { "had" } else { "had no" },
+            if machine.vsock {
+                "for it"
+            } else {
+                "not at all"
+            },
+        )));
+    }
+    if state.vcpus.len() != usize::from(machine.vcpus)
+        || state.virtio.len() != drives.len() + usize::from(machine.vsock) + 1
+    {
+        return Err(restore_error(
+            "its vCPU or device states do not match its machine".into(),
+        ));
+    }
+    let memory = File::open(&config.memory).map_err(|source| BuildError::Drive {
+        path: config.memory.clone(),
+        source,
+    })?;
+    let mem = map_memory_file(&memory, machine.mem_mib << 20)?;
+    let vm = Vm::new(kvm, &mem)?;
+    if vm.hypervisor() != machine.hypervisor {
+        return Err(restore_error(format!(
+            "taken on {}, this host has {}",
+            machine.hypervisor,
+            vm.hypervisor()
+        )));
+    }
+    let supported_cpuid = vm.supported_cpuid()?;
+    for (index, saved) in state.vcpus.iter().enumerate() {
+        let mut host = supported_cpuid.clone();
+        cpuid::filter_cpuid(&mut host, index as u8, machine.vcpus);
+        cpuid::check_compatible(&saved.cpuid, &host)
+            .map_err(|e| restore_error(format!("vCPU {index}: {e}")))?;
+    }
+
+    let devices = create_devices(
+        &vm,
+        &mem,
+        machine.vcpus,
+        &config.devices,
+        Some(&state.serial),
+        vmm_start,
+    )?;
+    lock(&devices.stateful.ioapic)
+        .restore(&state.ioapic)
+        .map_err(restore_error)?;
+    for (transport, saved) in devices.stateful.transports.iter().zip(&state.virtio) {
+        lock(transport).restore(saved).map_err(restore_error)?;
+    }
+    let mut vcpus = create_vcpus(&vm, machine.vcpus, &devices, &mem)?;
+    for (vcpu, saved) in vcpus.iter_mut().zip(&state.vcpus) {
+        vcpu.restore_state(saved)?;
+    }
+    vm.set_clock(&state.clock)?;
+    assemble(MicroVmParts {
+        control: control_socket(&config.devices)?,
+        restored_since: Some(vmm_start),
+        ..devices.into_parts(vm, mem, MemoryBacking::SnapshotFile, state.machine, vcpus)
+    })
 }

@@ -141,6 +141,7 @@ pub struct VmConfigInput {
     pub serial: Option<String>,
     pub drives: Option<Vec<DriveConfig>>,
     pub vsock: Option<VsockConfig>,
+    pub control_sock: Option<PathBuf>,
 }
 
 impl VmConfigInput {
@@ -166,6 +167,7 @@ impl VmConfigInput {
             serial: over.serial.or(self.serial),
             drives: over.drives.or(self.drives),
             vsock: over.vsock.or(self.vsock),
+            control_sock: over.control_sock.or(self.control_sock),
         }
     }
 }
@@ -178,9 +180,26 @@ pub struct VmConfig {
     pub cmdline: String,
     pub mem_mib: u64,
     pub vcpus: u8,
+    pub devices: DeviceConfig,
+}
+
+/// The host side of a microVM's devices, whether it boots or is restored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
     pub serial: SerialConfig,
     pub drives: Vec<DriveConfig>,
     pub vsock: Option<VsockConfig>,
+    /// Where the VMM takes control requests (snapshots).
+    pub control_sock: Option<PathBuf>,
+}
+
+/// A microVM to restore from a snapshot: the snapshot fixes the guest,
+/// its memory size and vCPUs; the devices' host ends are new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreConfig {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+    pub devices: DeviceConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +242,22 @@ fn check_readable_file(field: &'static str, path: &Path) -> Result<(), ConfigErr
     Ok(())
 }
 
+/// A socket the VMM will create: its directory must exist.
+fn check_socket_dir(field: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(invalid(
+            field,
+            path.display(),
+            "its directory does not exist",
+        ));
+    }
+    Ok(())
+}
+
 /// Physical memory of the host, the most a guest may be given.
 fn host_memory_mib() -> u64 {
     // SAFETY: sysinfo only writes the struct it is given.
@@ -238,6 +273,7 @@ impl VmConfigInput {
     pub fn validate(self) -> Result<VmConfig, ConfigError> {
         let kernel = self
             .kernel
+            .clone()
             .ok_or(ConfigError::Missing("kernel", "kernel"))?;
         check_readable_file("kernel", &kernel)?;
         if let Some(initrd) = &self.initrd {
@@ -267,7 +303,10 @@ impl VmConfigInput {
             return Err(invalid("vcpus", vcpus, format!("must be 1 to {MAX_VCPUS}")));
         }
 
-        let cmdline = self.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        let cmdline = self
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
         if cmdline.len() >= CMDLINE_MAX_SIZE {
             return Err(invalid(
                 "cmdline",
@@ -287,12 +326,54 @@ impl VmConfigInput {
             ));
         }
 
-        let serial = match self.serial {
+        Ok(VmConfig {
+            devices: self.devices()?,
+            kernel,
+            initrd: self.initrd,
+            cmdline,
+            mem_mib,
+            vcpus: vcpus as u8,
+        })
+    }
+
+    /// For a restore from `state` and `memory`: only device fields may be
+    /// set.
+    pub fn validate_restore(
+        self,
+        state: PathBuf,
+        memory: PathBuf,
+    ) -> Result<RestoreConfig, ConfigError> {
+        for (set, field) in [
+            (self.kernel.is_some(), "kernel"),
+            (self.initrd.is_some(), "initrd"),
+            (self.cmdline.is_some(), "cmdline"),
+            (self.mem_mib.is_some(), "mem_mib"),
+            (self.vcpus.is_some(), "vcpus"),
+        ] {
+            if set {
+                return Err(invalid(
+                    field,
+                    "(set)",
+                    "cannot be given with a snapshot to restore: the snapshot fixes it",
+                ));
+            }
+        }
+        check_readable_file("restore", &state)?;
+        check_readable_file("restore_memory", &memory)?;
+        Ok(RestoreConfig {
+            state,
+            memory,
+            devices: self.devices()?,
+        })
+    }
+
+    fn devices(&self) -> Result<DeviceConfig, ConfigError> {
+        let serial = match &self.serial {
             None => SerialConfig::Stdout,
-            Some(s) => s.parse().map_err(|reason| invalid("serial", &s, reason))?,
+            Some(s) => s.parse().map_err(|reason| invalid("serial", s, reason))?,
         };
 
-        let drives = self.drives.unwrap_or_default();
+        let drives = self.drives.clone().unwrap_or_default();
         for drive in &drives {
             check_readable_file("drive", &drive.path)?;
             if drive.key_fd.is_some() && !drive.read_only {
@@ -317,18 +398,7 @@ impl VmConfigInput {
                     format!("must be {MIN_GUEST_CID} to {}", u32::MAX - 1),
                 ));
             }
-            let parent = vsock
-                .uds_path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            if !parent.is_dir() {
-                return Err(invalid(
-                    "vsock.uds_path",
-                    vsock.uds_path.display(),
-                    "its directory does not exist",
-                ));
-            }
+            check_socket_dir("vsock.uds_path", &vsock.uds_path)?;
         }
         // One IRQ each, after COM1; the entropy device takes one too.
         let max_devices = (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize - 1;
@@ -341,15 +411,14 @@ impl VmConfigInput {
             ));
         }
 
-        Ok(VmConfig {
-            kernel,
-            initrd: self.initrd,
-            cmdline,
-            mem_mib,
-            vcpus: vcpus as u8,
+        if let Some(path) = &self.control_sock {
+            check_socket_dir("control_sock", path)?;
+        }
+        Ok(DeviceConfig {
             serial,
             drives,
-            vsock: self.vsock,
+            vsock: self.vsock.clone(),
+            control_sock: self.control_sock.clone(),
         })
     }
 }
@@ -403,7 +472,7 @@ mod tests {
         let config = input(&k.0).validate().unwrap();
         assert_eq!(config.mem_mib, 128);
         assert_eq!(config.vcpus, 1);
-        assert_eq!(config.serial, SerialConfig::Stdout);
+        assert_eq!(config.devices.serial, SerialConfig::Stdout);
         assert_eq!(config.cmdline, DEFAULT_CMDLINE);
     }
 

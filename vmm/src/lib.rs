@@ -1,11 +1,13 @@
 pub mod arch;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod jail;
 pub mod loader;
 pub mod microvm;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vstate;
 
 pub use builder::{build_microvm, BuildError};

@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
+use vmm::builder::restore_microvm;
 use vmm::{build_microvm, VmConfigInput};
 
 /// A KVM microVM monitor: boots a kernel with a serial console, an i8042
-/// reset line and a boot timer.
+/// reset line and a boot timer, or restores a snapshot of one.
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version)]
 struct Cli {
@@ -39,9 +40,23 @@ struct Cli {
     /// (guest connections to port P go to PATH_P).
     #[arg(long, value_name = "cid=N,uds=PATH")]
     vsock: Option<vmm::config::VsockConfig>,
+    /// A Unix socket for control requests, one JSON line each:
+    /// {"action":"snapshot","state":PATH,"memory":PATH} pauses the VM,
+    /// writes a snapshot and resumes it.
+    #[arg(long, value_name = "PATH")]
+    control_sock: Option<PathBuf>,
+    /// Restore the snapshot in this state file instead of booting; the
+    /// drives and vsock are given again, new, in the same order.
+    #[arg(long, value_name = "PATH", requires = "restore_memory")]
+    restore: Option<PathBuf>,
+    /// The memory file of the snapshot to restore; mapped copy-on-write,
+    /// never written.
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    restore_memory: Option<PathBuf>,
     /// JSON file with the same fields (kernel, initrd, cmdline, mem_mib,
     /// vcpus, serial, drives: [{path, read_only}], vsock: {guest_cid,
-    /// uds_path}); flags given on the command line take precedence.
+    /// uds_path}, control_sock); flags given on the command line take
+    /// precedence.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
     /// An open /dev/kvm to use, inherited from a jailer.
@@ -63,24 +78,31 @@ fn run(cli: Cli, start: Instant) -> Result<i32, String> {
         Some(path) => VmConfigInput::from_json_file(path).map_err(|e| e.to_string())?,
         None => VmConfigInput::default(),
     };
-    let config = file
-        .overridden_by(VmConfigInput {
-            kernel: cli.kernel,
-            initrd: cli.initrd,
-            cmdline: cli.cmdline,
-            mem_mib: cli.mem_mib,
-            vcpus: cli.vcpus,
-            serial: cli.serial,
-            drives: (!cli.drives.is_empty()).then_some(cli.drives),
-            vsock: cli.vsock,
-        })
-        .validate()
-        .map_err(|e| e.to_string())?;
+    let config = file.overridden_by(VmConfigInput {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline: cli.cmdline,
+        mem_mib: cli.mem_mib,
+        vcpus: cli.vcpus,
+        serial: cli.serial,
+        drives: (!cli.drives.is_empty()).then_some(cli.drives),
+        vsock: cli.vsock,
+        control_sock: cli.control_sock,
+    });
     let kvm = vmm::vstate::vm::KvmAccess {
         fd: cli.kvm_fd,
         kind: cli.hypervisor,
     };
-    let microvm = build_microvm(&config, kvm, start).map_err(|e| e.to_string())?;
+    let microvm = match (cli.restore, cli.restore_memory) {
+        (Some(state), Some(memory)) => {
+            let config = config
+                .validate_restore(state, memory)
+                .map_err(|e| e.to_string())?;
+            restore_microvm(&config, kvm, start)
+        }
+        _ => build_microvm(&config.validate().map_err(|e| e.to_string())?, kvm, start),
+    }
+    .map_err(|e| e.to_string())?;
     tracing::info!("running on {}", microvm.hypervisor());
     if cli.no_seccomp {
         tracing::warn!("seccomp filters are off (--no-seccomp)");

@@ -1,12 +1,15 @@
 //! A built microVM and its run loop: one thread per vCPU, and the
 //! event-manager loop on the calling thread for everything else.
 
+use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
@@ -14,16 +17,26 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::control::{self, ControlRequest, ControlSocket, SnapshotReport};
 use crate::devices::boot_timer::BootTime;
 use crate::devices::bus::lock;
+use crate::devices::ioapic::Ioapic;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::seccomp::{self, SeccompError, ThreadKind};
-use crate::vstate::vcpu::{kick_signal_handler, Vcpu, VcpuStop};
-use crate::vstate::vm::{HypervisorKind, Vm};
+use crate::snapshot::{self, MachineState, MicroVmState};
+use crate::vstate::memory::{dump_guest_memory, MemoryBacking};
+use crate::vstate::vcpu::{
+    kick_signal_handler, Vcpu, VcpuCommand, VcpuControl, VcpuReply, VcpuState, VcpuStop,
+};
+use crate::vstate::vm::{HypervisorKind, KvmMsiRouter, Vm};
 
 /// vCPU threads run guest code and device emulation; neither needs deep
 /// stacks.
 const VCPU_STACK_SIZE: usize = 256 << 10;
+/// A vCPU thread answers a pause within microseconds; one that does not
+/// within this long is stuck.
+const VCPU_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How the guest's run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,55 +153,95 @@ impl MutEventSubscriber for ConsoleInput {
 
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// The devices whose state a snapshot keeps, next to their place on the
+/// buses.
+pub struct StatefulDevices {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub ioapic: Arc<Mutex<Ioapic<KvmMsiRouter>>>,
+    /// In attach order.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+/// Everything a built or restored microVM is made of.
+pub struct MicroVmParts {
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    pub backing: MemoryBacking,
+    pub machine: MachineState,
+    pub vcpus: Vec<Vcpu>,
+    pub reset: EventFd,
+    pub console: Option<Arc<Mutex<SerialDevice>>>,
+    pub devices: StatefulDevices,
+    pub subscribers: Vec<Subscriber>,
+    pub control: Option<ControlSocket>,
+    pub boot_time: BootTime,
+    /// For a restored VM: when the VMM started, to log how long the
+    /// restore took.
+    pub restored_since: Option<Instant>,
+}
+
+/// A running vCPU thread and the VMM's line to it.
+struct VcpuHandle {
+    thread: JoinHandle<()>,
+    commands: Sender<VcpuCommand>,
+    replies: Receiver<VcpuReply>,
+}
+
 pub struct MicroVm {
     // Field order is drop order: vCPUs before the VM, the VM before the
     // memory it maps.
     vcpus: Vec<Vcpu>,
     vm: Vm,
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
+    backing: MemoryBacking,
+    machine: MachineState,
+    devices: StatefulDevices,
     event_manager: EventManager<Subscriber>,
     exit_watcher: Arc<Mutex<ExitWatcher>>,
+    control: Option<Arc<Mutex<ControlSocket>>>,
     vcpu_stopped: EventFd,
     stops: Sender<VcpuStop>,
     boot_time: BootTime,
+    restored_since: Option<Instant>,
 }
 
 impl MicroVm {
-    pub(crate) fn new(
-        vm: Vm,
-        mem: GuestMemoryMmap,
-        vcpus: Vec<Vcpu>,
-        reset: EventFd,
-        console: Option<Arc<Mutex<SerialDevice>>>,
-        devices: Vec<Subscriber>,
-        boot_time: BootTime,
-    ) -> std::io::Result<Self> {
+    pub(crate) fn new(parts: MicroVmParts) -> std::io::Result<Self> {
         let mut event_manager = EventManager::<Subscriber>::new()
             .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         let vcpu_stopped = EventFd::new(libc::EFD_NONBLOCK)?;
         let (stops, stops_rx) = channel();
         let exit_watcher = Arc::new(Mutex::new(ExitWatcher {
             vcpu_stopped: vcpu_stopped.try_clone()?,
-            reset,
+            reset: parts.reset,
             stops: stops_rx,
             outcome: None,
         }));
         event_manager.add_subscriber(exit_watcher.clone());
-        for device in devices {
+        for device in parts.subscribers {
             event_manager.add_subscriber(device);
         }
-        if let Some(serial) = console {
+        if let Some(serial) = parts.console {
             event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleInput { serial })));
         }
+        let control = parts.control.map(|c| Arc::new(Mutex::new(c)));
+        if let Some(control) = &control {
+            event_manager.add_subscriber(control.clone());
+        }
         Ok(Self {
-            vcpus,
-            vm,
-            _mem: mem,
+            vcpus: parts.vcpus,
+            vm: parts.vm,
+            mem: parts.mem,
+            backing: parts.backing,
+            machine: parts.machine,
+            devices: parts.devices,
             event_manager,
             exit_watcher,
+            control,
             vcpu_stopped,
             stops,
-            boot_time,
+            boot_time: parts.boot_time,
+            restored_since: parts.restored_since,
         })
     }
 
@@ -204,27 +257,26 @@ impl MicroVm {
     /// each thread runs under its filter from its first guest exit on.
     pub fn run(mut self, seccomp: bool) -> Result<VmOutcome, RunError> {
         register_signal_handler(SIGRTMIN(), kick_signal_handler).map_err(RunError::Signal)?;
+        // Read before the filters are in: KVM_GET_MSR_INDEX_LIST is a
+        // system ioctl the running VMM has no other use for.
+        let msr_indices = Arc::new(self.vm.msr_index_list().unwrap_or_else(|e| {
+            tracing::warn!("snapshots will lack MSRs: {e}");
+            Vec::new()
+        }));
         let stop = Arc::new(AtomicBool::new(false));
-        let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(self.vcpus.len());
-        for (index, vcpu) in self.vcpus.drain(..).enumerate() {
-            let thread_stop = stop.clone();
-            let stops = self.stops.clone();
-            let stopped = self.vcpu_stopped.try_clone().map_err(RunError::Spawn)?;
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .stack_size(VCPU_STACK_SIZE)
-                .spawn(move || {
-                    let why = match seccomp.then(|| seccomp::install(ThreadKind::Vcpu)) {
-                        Some(Err(e)) => VcpuStop::Fault(e.to_string()),
-                        _ => vcpu.run(&thread_stop),
-                    };
-                    let _ = stops.send(why);
-                    let _ = stopped.write(1);
-                });
-            match spawned {
-                Ok(handle) => threads.push(handle),
+        let pause = Arc::new(AtomicBool::new(false));
+        if let Some(since) = self.restored_since {
+            tracing::info!(
+                "restored: vCPUs resume {} us after VMM start",
+                since.elapsed().as_micros()
+            );
+        }
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+        for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            match self.spawn_vcpu(index, vcpu, &stop, &pause, seccomp) {
+                Ok(handle) => handles.push(handle),
                 Err(e) => {
-                    stop_vcpus(&stop, threads);
+                    stop_vcpus(&stop, handles);
                     return Err(RunError::Spawn(e));
                 }
             }
@@ -232,28 +284,162 @@ impl MicroVm {
 
         if seccomp {
             if let Err(e) = seccomp::install(ThreadKind::Vmm) {
-                stop_vcpus(&stop, threads);
+                stop_vcpus(&stop, handles);
                 return Err(e.into());
             }
         }
         let outcome = loop {
             if let Err(e) = self.event_manager.run() {
-                stop_vcpus(&stop, threads);
+                stop_vcpus(&stop, handles);
                 return Err(RunError::EventLoop(format!("{e:?}")));
             }
             if let Some(outcome) = lock(&self.exit_watcher).outcome.take() {
                 break outcome;
             }
+            let request = self.control.as_ref().and_then(|c| lock(c).take_pending());
+            if let Some((ControlRequest::Snapshot { state, memory }, stream)) = request {
+                let result = self.snapshot(&handles, &pause, &msr_indices, &state, &memory);
+                match &result {
+                    Ok(r) => tracing::info!(
+                        "snapshot written to {state:?} and {memory:?}: paused {} us, {} bytes of state, {} of memory",
+                        r.paused_us, r.state_bytes, r.memory_bytes
+                    ),
+                    Err(e) => tracing::warn!("snapshot failed: {e}"),
+                }
+                control::reply(stream, result);
+            }
         };
-        stop_vcpus(&stop, threads);
+        stop_vcpus(&stop, handles);
         Ok(outcome)
+    }
+
+    fn spawn_vcpu(
+        &self,
+        index: usize,
+        vcpu: Vcpu,
+        stop: &Arc<AtomicBool>,
+        pause: &Arc<AtomicBool>,
+        seccomp: bool,
+    ) -> std::io::Result<VcpuHandle> {
+        let thread_stop = stop.clone();
+        let stops = self.stops.clone();
+        let stopped = self.vcpu_stopped.try_clone()?;
+        let (commands, commands_rx) = channel();
+        let (replies_tx, replies) = channel();
+        let control = VcpuControl {
+            pause: pause.clone(),
+            commands: commands_rx,
+            replies: replies_tx,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .stack_size(VCPU_STACK_SIZE)
+            .spawn(move || {
+                let why = match seccomp.then(|| seccomp::install(ThreadKind::Vcpu)) {
+                    Some(Err(e)) => VcpuStop::Fault(e.to_string()),
+                    _ => vcpu.run(&thread_stop, &control),
+                };
+                let _ = stops.send(why);
+                let _ = stopped.write(1);
+            })?;
+        Ok(VcpuHandle {
+            thread,
+            commands,
+            replies,
+        })
+    }
+
+    /// Pauses the vCPUs, saves the VM, and lets the vCPUs run on.
+    fn snapshot(
+        &self,
+        handles: &[VcpuHandle],
+        pause: &AtomicBool,
+        msr_indices: &Arc<Vec<u32>>,
+        state_path: &Path,
+        memory_path: &Path,
+    ) -> Result<SnapshotReport, String> {
+        let started = Instant::now();
+        pause.store(true, Ordering::Release);
+        let result = pause_vcpus(handles)
+            .and_then(|_| self.write_snapshot(handles, msr_indices, state_path, memory_path));
+        pause.store(false, Ordering::Release);
+        for handle in handles {
+            let _ = handle.commands.send(VcpuCommand::Resume);
+        }
+        let (state_bytes, memory_bytes) = result?;
+        Ok(SnapshotReport {
+            paused_us: started.elapsed().as_micros() as u64,
+            state_bytes,
+            memory_bytes,
+        })
+    }
+
+    fn write_snapshot(
+        &self,
+        handles: &[VcpuHandle],
+        msr_indices: &Arc<Vec<u32>>,
+        state_path: &Path,
+        memory_path: &Path,
+    ) -> Result<(u64, u64), String> {
+        let mut vcpus: Vec<VcpuState> = Vec::with_capacity(handles.len());
+        for (index, handle) in handles.iter().enumerate() {
+            let _ = handle.commands.send(VcpuCommand::Save(msr_indices.clone()));
+            match handle.replies.recv_timeout(VCPU_REPLY_TIMEOUT) {
+                Ok(VcpuReply::Saved(state)) => vcpus.push(*state.map_err(|e| e.to_string())?),
+                Ok(VcpuReply::Paused) => return Err(format!("vCPU {index} answered out of turn")),
+                Err(_) => return Err(format!("vCPU {index} stopped before it was saved")),
+            }
+        }
+        let state = MicroVmState {
+            machine: self.machine.clone(),
+            clock: self.vm.clock().map_err(|e| e.to_string())?,
+            vcpus,
+            serial: lock(&self.devices.serial).snapshot(),
+            ioapic: lock(&self.devices.ioapic).state(),
+            virtio: self
+                .devices
+                .transports
+                .iter()
+                .map(|t| lock(t).state())
+                .collect(),
+        };
+        let memory = File::create(memory_path)
+            .map_err(|e| format!("cannot create the memory file {memory_path:?}: {e}"))?;
+        let memory_bytes =
+            dump_guest_memory(&self.mem, self.backing, &memory).map_err(|e| e.to_string())?;
+        let state_bytes =
+            snapshot::write_snapshot(state_path, &state).map_err(|e| e.to_string())?;
+        Ok((state_bytes, memory_bytes))
     }
 }
 
-/// Asks every vCPU thread to stop, kicks it out of `KVM_RUN`, and waits.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+/// Kicks every vCPU out of `KVM_RUN` (the pause flag is already set) and
+/// waits until each has stopped.
+fn pause_vcpus(handles: &[VcpuHandle]) -> Result<(), String> {
+    for handle in handles {
+        if let Err(e) = handle.thread.kill(SIGRTMIN()) {
+            return Err(format!("cannot kick a vCPU thread: {e}"));
+        }
+    }
+    for (index, handle) in handles.iter().enumerate() {
+        match handle.replies.recv_timeout(VCPU_REPLY_TIMEOUT) {
+            Ok(VcpuReply::Paused) => {}
+            Ok(VcpuReply::Saved(_)) => return Err(format!("vCPU {index} answered out of turn")),
+            Err(_) => return Err(format!("vCPU {index} did not pause: it has stopped")),
+        }
+    }
+    Ok(())
+}
+
+/// Asks every vCPU thread to stop, kicks it out of `KVM_RUN` (or out of
+/// a pause, by hanging up), and waits.
+fn stop_vcpus(stop: &AtomicBool, handles: Vec<VcpuHandle>) {
     stop.store(true, Ordering::Release);
-    for thread in threads {
+    for VcpuHandle {
+        thread, commands, ..
+    } in handles
+    {
+        drop(commands);
         if !thread.is_finished() {
             if let Err(e) = thread.kill(SIGRTMIN()) {
                 tracing::warn!("cannot kick a vCPU thread: {e}");

@@ -87,6 +87,55 @@ mod tests {
         libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
     }
 
+    /// Every KVM ioctl the filters name has the number the kernel's
+    /// headers give it, computed here from the bindings' struct sizes.
+    #[test]
+    fn the_filters_kvm_ioctl_numbers_match_the_abi() {
+        use kvm_bindings::*;
+        use std::mem::size_of;
+        let ior = |nr: u32, size: usize| (2u32 << 30) | ((size as u32) << 16) | (KVMIO << 8) | nr;
+        let iow = |nr: u32, size: usize| (1u32 << 30) | ((size as u32) << 16) | (KVMIO << 8) | nr;
+        let iowr = |nr: u32, size: usize| (3u32 << 30) | ((size as u32) << 16) | (KVMIO << 8) | nr;
+        let expected: std::collections::HashMap<&str, u32> = [
+            ("KVM_RUN", (KVMIO << 8) | 0x80),
+            ("KVM_GET_REGS", ior(0x81, size_of::<kvm_regs>())),
+            ("KVM_GET_SREGS", ior(0x83, size_of::<kvm_sregs>())),
+            ("KVM_TRANSLATE", iowr(0x85, size_of::<kvm_translation>())),
+            ("KVM_GET_MSRS", iowr(0x88, size_of::<kvm_msrs>())),
+            ("KVM_GET_LAPIC", ior(0x8e, size_of::<kvm_lapic_state>())),
+            ("KVM_GET_MP_STATE", ior(0x98, size_of::<kvm_mp_state>())),
+            (
+                "KVM_GET_VCPU_EVENTS",
+                ior(0x9f, size_of::<kvm_vcpu_events>()),
+            ),
+            ("KVM_GET_DEBUGREGS", ior(0xa1, size_of::<kvm_debugregs>())),
+            ("KVM_GET_XSAVE", ior(0xa4, size_of::<kvm_xsave>())),
+            ("KVM_GET_XCRS", ior(0xa6, size_of::<kvm_xcrs>())),
+            ("KVM_GET_CLOCK", ior(0x7c, size_of::<kvm_clock_data>())),
+            (
+                "KVM_SET_GSI_ROUTING",
+                iow(0x6a, size_of::<kvm_irq_routing>()),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let json: serde_json::Value =
+            serde_json::from_str(include_str!("../seccomp/x86_64.json")).unwrap();
+        let mut checked = 0;
+        for thread in ["vmm", "vcpu"] {
+            for rule in json[thread]["filter"].as_array().unwrap() {
+                for arg in rule["args"].as_array().into_iter().flatten() {
+                    let name = arg["comment"].as_str().unwrap_or("");
+                    if let Some(&number) = expected.get(name) {
+                        assert_eq!(arg["val"].as_u64(), Some(u64::from(number)), "{name}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= expected.len(), "only {checked} KVM ioctls named");
+    }
+
     #[test]
     fn both_filters_decode() {
         assert!(!program(ThreadKind::Vmm).unwrap().is_empty());

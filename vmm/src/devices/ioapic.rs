@@ -8,6 +8,8 @@
 //! route and its edges are dropped, as on hardware. The MP table declares
 //! every pin edge-triggered, so remote IRR and EOI handling are not needed.
 
+use serde::{Deserialize, Serialize};
+
 use super::BusDevice;
 use crate::arch::x86_64::layout::IOAPIC_PINS;
 
@@ -37,6 +39,14 @@ pub trait MsiRouter: Send {
     fn set_routes(&mut self, routes: &[MsiRoute]) -> std::io::Result<()>;
 }
 
+/// The registers a snapshot keeps; the routes follow from the entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoapicState {
+    pub id: u32,
+    pub selected: u8,
+    pub entries: Vec<u64>,
+}
+
 pub struct Ioapic<R: MsiRouter> {
     id: u32,
     selected: u8,
@@ -52,6 +62,28 @@ impl<R: MsiRouter> Ioapic<R> {
             entries: [ENTRY_MASKED; IOAPIC_PINS as usize],
             router,
         }
+    }
+
+    pub fn state(&self) -> IoapicState {
+        IoapicState {
+            id: self.id,
+            selected: self.selected,
+            entries: self.entries.to_vec(),
+        }
+    }
+
+    /// Takes the registers of a snapshot and installs their routes.
+    pub fn restore(&mut self, state: &IoapicState) -> Result<(), String> {
+        self.entries = state.entries.as_slice().try_into().map_err(|_| {
+            format!(
+                "the IOAPIC state has {} pins, this IOAPIC {IOAPIC_PINS}",
+                state.entries.len()
+            )
+        })?;
+        self.id = state.id;
+        self.selected = state.selected;
+        self.update_routes();
+        Ok(())
     }
 
     /// The MSI equivalent of a redirection entry, per the IOAPIC and LAPIC
@@ -225,6 +257,20 @@ mod tests {
         assert_eq!(read_reg(&mut ioapic, 0x10), 0x30);
         write_reg(&mut ioapic, 0x10, 0x30 | ENTRY_MASKED as u32);
         assert!(recorder.0.lock().unwrap().last().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restored_ioapic_reads_back_and_routes_like_the_saved_one() {
+        let mut saved = Ioapic::new(1, Recorder::default());
+        write_reg(&mut saved, 0x10 + 2 * 3, 0x41);
+        let recorder = Recorder::default();
+        let mut restored = Ioapic::new(1, recorder.clone());
+        restored.restore(&saved.state()).unwrap();
+        assert_eq!(read_reg(&mut restored, 0x10 + 2 * 3), 0x41);
+        assert_eq!(recorder.0.lock().unwrap().last().unwrap()[0].gsi, 3);
+        let mut short = saved.state();
+        short.entries.pop();
+        assert!(restored.restore(&short).unwrap_err().contains("23 pins"));
     }
 
     #[test]

@@ -1,9 +1,20 @@
 //! Guest memory: anonymous, private, `MAP_NORESERVE` mappings, so an idle
-//! guest costs only the pages it touches.
+//! guest costs only the pages it touches; or, for a restored VM, private
+//! mappings of a snapshot's memory file, so pages load as the guest
+//! touches them, are copied on write, and clones share the file's pages.
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
 
 use crate::arch::x86_64::boot_params::guest_ram_ranges;
+
+const PAGE_SIZE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -12,6 +23,22 @@ pub enum MemoryError {
         size: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("cannot map the memory file: {0}")]
+    MapFile(String),
+    #[error("the memory file holds {found} bytes; the snapshot's guest has {expected}")]
+    FileSize { found: u64, expected: u64 },
+    #[error("cannot write guest memory to the memory file: {0}")]
+    Dump(std::io::Error),
+}
+
+/// Where guest memory comes from, which decides how it is saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// Untouched pages are not resident and read as zero.
+    Anonymous,
+    /// A snapshot's memory file: a page that is not resident may still
+    /// hold data in the file.
+    SnapshotFile,
 }
 
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
@@ -19,6 +46,99 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError
         size: mem_size,
         source,
     })
+}
+
+/// Maps a memory file written by [`dump_guest_memory`] as the guest's RAM,
+/// privately: the guest's writes never reach the file.
+pub fn map_memory_file(file: &File, mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let found = file
+        .metadata()
+        .map_err(|e| MemoryError::MapFile(e.to_string()))?
+        .len();
+    if found != mem_size {
+        return Err(MemoryError::FileSize {
+            found,
+            expected: mem_size,
+        });
+    }
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (start, size) in guest_ram_ranges(mem_size) {
+        let file = file
+            .try_clone()
+            .map_err(|e| MemoryError::MapFile(e.to_string()))?;
+        let mapping = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::MapFile(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(mapping, start)
+                .ok_or_else(|| MemoryError::MapFile("region past the address space".into()))?,
+        );
+        offset += size as u64;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::MapFile(e.to_string()))
+}
+
+/// Writes guest RAM to `file`, regions back to back, as a sparse file:
+/// for anonymous memory only the pages the guest touched are written.
+/// Returns the bytes written.
+pub fn dump_guest_memory(
+    mem: &GuestMemoryMmap,
+    backing: MemoryBacking,
+    file: &File,
+) -> Result<u64, MemoryError> {
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(0)
+        .and_then(|_| file.set_len(total))
+        .map_err(MemoryError::Dump)?;
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Dump(std::io::Error::other(e.to_string())))?;
+        // SAFETY: `host..host+len` is this region's live mapping, and the
+        // vCPUs are paused, so nothing writes to it while it is read.
+        let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, len) };
+        let present = match backing {
+            MemoryBacking::Anonymous => resident_pages(host, len).map_err(MemoryError::Dump)?,
+            MemoryBacking::SnapshotFile => vec![true; len / PAGE_SIZE],
+        };
+        let mut page = 0;
+        while page < present.len() {
+            if !present[page] {
+                page += 1;
+                continue;
+            }
+            let run_end = present[page..]
+                .iter()
+                .position(|&p| !p)
+                .map_or(present.len(), |n| page + n);
+            let run = &bytes[page * PAGE_SIZE..run_end * PAGE_SIZE];
+            file.write_all_at(run, offset + (page * PAGE_SIZE) as u64)
+                .map_err(MemoryError::Dump)?;
+            written += run.len() as u64;
+            page = run_end;
+        }
+        offset += len as u64;
+    }
+    Ok(written)
+}
+
+/// Which pages of an anonymous mapping the guest has touched.
+fn resident_pages(host: *mut u8, len: usize) -> std::io::Result<Vec<bool>> {
+    let mut vec = vec![0u8; len.div_ceil(PAGE_SIZE)];
+    // SAFETY: `host` is page-aligned (an mmap), `len` bytes are mapped, and
+    // `vec` has a byte per page.
+    let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(vec.into_iter().map(|b| b & 1 != 0).collect())
 }
 
 /// Host address, guest address and size of each region, for
@@ -32,4 +152,45 @@ pub fn region_mappings(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u64)> {
             (host, r.start_addr().0, r.len())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn a_dump_maps_back_with_the_same_bytes_and_stays_private() {
+        let size = 8 << 20;
+        let mem = create_guest_memory(size).unwrap();
+        mem.write_slice(b"first page", GuestAddress(0)).unwrap();
+        mem.write_slice(b"far page", GuestAddress(5 << 20)).unwrap();
+        let path = std::env::temp_dir().join(format!("memdump-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let written = dump_guest_memory(&mem, MemoryBacking::Anonymous, &file).unwrap();
+        assert!(written < size / 4, "only touched pages: {written}");
+
+        let restored = map_memory_file(&file, size).unwrap();
+        let mut buf = [0u8; 10];
+        restored.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert_eq!(&buf, b"first page");
+        restored
+            .read_slice(&mut buf[..8], GuestAddress(5 << 20))
+            .unwrap();
+        assert_eq!(&buf[..8], b"far page");
+        restored.write_slice(b"clone", GuestAddress(0)).unwrap();
+        let mut on_disk = [0u8; 5];
+        file.read_exact_at(&mut on_disk, 0).unwrap();
+        assert_eq!(&on_disk, b"first", "a clone's write never reaches the file");
+
+        let err = map_memory_file(&file, size * 2).unwrap_err();
+        assert!(err.to_string().contains("holds 8388608 bytes"), "{err}");
+        std::fs::remove_file(path).unwrap();
+    }
 }

@@ -3,13 +3,16 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_lapic_state, CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::{cpuid, msr, regs};
@@ -40,7 +43,63 @@ pub enum VcpuError {
     PartialMsrs { index: u8, set: usize, total: usize },
     #[error("vCPU {index}: {source}")]
     Msrs { index: u8, source: msr::MsrError },
+    #[error("vCPU {index}: cannot read {what}: {source}")]
+    Save {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: the snapshot's {what} list: {source}")]
+    List {
+        index: u8,
+        what: &'static str,
+        source: vmm_sys_util::fam::Error,
+    },
+    #[error("vCPU {index}: KVM took only {set} of the snapshot's {total} MSRs")]
+    PartialRestoreMsrs { index: u8, set: usize, total: usize },
 }
+
+/// Everything KVM holds for one vCPU, as a snapshot keeps it. The FPU
+/// and SSE state are inside `xsave`.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+}
+
+/// What the VMM asks of a paused vCPU thread.
+pub enum VcpuCommand {
+    /// Read the vCPU's state; the MSRs are those of this list that KVM
+    /// can read.
+    Save(Arc<Vec<u32>>),
+    Resume,
+}
+
+pub enum VcpuReply {
+    /// Out of `KVM_RUN`, with any emulated I/O completed.
+    Paused,
+    Saved(Result<Box<VcpuState>, VcpuError>),
+}
+
+/// The VMM's line to a vCPU thread: the shared pause flag, set before
+/// the thread is kicked, and a command channel that only a paused thread
+/// reads.
+pub struct VcpuControl {
+    pub pause: Arc<AtomicBool>,
+    pub commands: Receiver<VcpuCommand>,
+    pub replies: Sender<VcpuReply>,
+}
+
+/// MSRs are read in batches of this many.
+const MSR_BATCH: usize = 64;
 
 /// Why a vCPU stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +140,8 @@ pub extern "C" fn kick_signal_handler(
 pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
+    /// What `configure` or `restore` gave the vCPU, kept for snapshots.
+    cpuid: Vec<kvm_cpuid_entry2>,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     mem: GuestMemoryMmap,
@@ -100,6 +161,7 @@ impl Vcpu {
         Ok(Self {
             fd,
             index,
+            cpuid: Vec::new(),
             io_bus,
             mmio_bus,
             mem,
@@ -128,7 +190,7 @@ impl Vcpu {
     /// registers for the boot vCPU. Other vCPUs wait for INIT/SIPI, which
     /// the in-kernel LAPIC handles.
     pub fn configure(
-        &self,
+        &mut self,
         supported_cpuid: &CpuId,
         vcpu_count: u8,
         boot: Option<(regs::EntryMode, u64)>,
@@ -138,6 +200,7 @@ impl Vcpu {
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.setup_err("CPUID"))?;
+        self.cpuid = cpuid.as_slice().to_vec();
 
         let msrs = msr::boot_msrs().map_err(|source| VcpuError::Msrs {
             index: self.index,
@@ -173,12 +236,20 @@ impl Vcpu {
 
     /// Runs the guest until it stops, or until `stop` is set and the thread
     /// is kicked with the signal whose handler is [`kick_signal_handler`].
-    pub fn run(mut self, stop: &AtomicBool) -> VcpuStop {
+    /// While `control.pause` is set, the thread leaves `KVM_RUN` and
+    /// serves `control`'s commands instead.
+    pub fn run(mut self, stop: &AtomicBool, control: &VcpuControl) -> VcpuStop {
         let immediate_exit = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         let result = loop {
             if stop.load(Ordering::Acquire) {
                 break VcpuStop::Kicked;
+            }
+            if control.pause.load(Ordering::Acquire) {
+                if self.paused(control).is_err() {
+                    break VcpuStop::Kicked;
+                }
+                continue;
             }
             if let Some(stopped) = self.run_once() {
                 break stopped;
@@ -186,6 +257,138 @@ impl Vcpu {
         };
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
         result
+    }
+
+    /// Serves commands until told to resume. `Err` when the VMM hung up.
+    fn paused(&mut self, control: &VcpuControl) -> Result<(), ()> {
+        // KVM finishes an emulated port or MMIO read on the next KVM_RUN;
+        // with immediate_exit set that run does nothing else, so the
+        // registers saved below hold the read's result.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        control.replies.send(VcpuReply::Paused).map_err(|_| ())?;
+        loop {
+            match control.commands.recv().map_err(|_| ())? {
+                VcpuCommand::Save(msr_indices) => {
+                    let state = self.save_state(&msr_indices).map(Box::new);
+                    control
+                        .replies
+                        .send(VcpuReply::Saved(state))
+                        .map_err(|_| ())?;
+                }
+                VcpuCommand::Resume => return Ok(()),
+            }
+        }
+    }
+
+    fn save_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let index = self.index;
+        move |source| VcpuError::Save {
+            index,
+            what,
+            source,
+        }
+    }
+
+    /// Reads the vCPU's state. Of `msr_indices`, the MSRs KVM refuses to
+    /// read (absent on this CPU) are left out.
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        Ok(VcpuState {
+            cpuid: self.cpuid.clone(),
+            msrs: self.read_msrs(msr_indices)?,
+            regs: self.fd.get_regs().map_err(self.save_err("registers"))?,
+            sregs: self.fd.get_sregs().map_err(self.save_err("sregs"))?,
+            xsave: self.fd.get_xsave().map_err(self.save_err("XSAVE state"))?,
+            xcrs: self.fd.get_xcrs().map_err(self.save_err("XCRs"))?,
+            debugregs: self
+                .fd
+                .get_debug_regs()
+                .map_err(self.save_err("debug registers"))?,
+            lapic: self.fd.get_lapic().map_err(self.save_err("LAPIC"))?,
+            mp_state: self.fd.get_mp_state().map_err(self.save_err("MP state"))?,
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(self.save_err("pending events"))?,
+        })
+    }
+
+    fn read_msrs(&self, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let mut saved = Vec::with_capacity(indices.len());
+        let mut rest = indices;
+        while !rest.is_empty() {
+            let batch = &rest[..rest.len().min(MSR_BATCH)];
+            let entries: Vec<kvm_msr_entry> = batch
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|source| VcpuError::List {
+                index: self.index,
+                what: "MSR",
+                source,
+            })?;
+            let read = self.fd.get_msrs(&mut msrs).map_err(self.save_err("MSRs"))?;
+            saved.extend_from_slice(&msrs.as_slice()[..read.min(batch.len())]);
+            // KVM stops at the first MSR it cannot read: skip that one.
+            rest = &rest[(read + 1).min(rest.len())..];
+        }
+        Ok(saved)
+    }
+
+    /// Puts a saved state back, in the order KVM needs: CPUID before
+    /// anything that depends on it, the LAPIC before the MSRs (the TSC
+    /// deadline lives in both), pending events last.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|source| VcpuError::List {
+            index: self.index,
+            what: "CPUID",
+            source,
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.setup_err("CPUID"))?;
+        self.cpuid = state.cpuid.clone();
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(self.setup_err("MP state"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(self.setup_err("registers"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(self.setup_err("sregs"))?;
+        // SAFETY: the buffer is a whole kvm_xsave, as KVM_GET_XSAVE wrote
+        // it; KVM validates its contents.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.setup_err("XSAVE state"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(self.setup_err("XCRs"))?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(self.setup_err("debug registers"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(self.setup_err("LAPIC"))?;
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|source| VcpuError::List {
+            index: self.index,
+            what: "MSR",
+            source,
+        })?;
+        let set = self.fd.set_msrs(&msrs).map_err(self.setup_err("MSRs"))?;
+        if set != state.msrs.len() {
+            return Err(VcpuError::PartialRestoreMsrs {
+                index: self.index,
+                set,
+                total: state.msrs.len(),
+            });
+        }
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(self.setup_err("pending events"))
     }
 
     /// One `KVM_RUN`; `Some` when the vCPU must not run again.

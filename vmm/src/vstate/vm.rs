@@ -15,8 +15,8 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_irq_routing_entry, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
-    KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_clock_data, kvm_enable_cap, kvm_irq_routing_entry, kvm_userspace_memory_region, CpuId,
+    KvmIrqRouting, KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI,
     KVM_MAX_CPUID_ENTRIES,
 };
 use std::os::fd::FromRawFd;
@@ -30,7 +30,7 @@ use crate::arch::x86_64::layout::{IOAPIC_PINS, KVM_TSS_ADDRESS};
 use crate::devices::ioapic::{MsiRoute, MsiRouter};
 
 /// What provides `/dev/kvm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HypervisorKind {
     /// KVM on hardware virtualization (VMX or SVM).
     Hardware,
@@ -117,6 +117,10 @@ pub enum VmError {
     MemoryRegion(kvm_ioctls::Error),
     #[error("cannot read the supported CPUID: {0}")]
     SupportedCpuid(kvm_ioctls::Error),
+    #[error("cannot {0} the VM's clock: {1}")]
+    Clock(&'static str, kvm_ioctls::Error),
+    #[error("cannot list the MSRs KVM saves: {0}")]
+    MsrList(kvm_ioctls::Error),
     #[error("cannot register an irqfd for GSI {gsi}: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
 }
@@ -206,6 +210,31 @@ impl Vm {
         self.kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmError::SupportedCpuid)
+    }
+
+    /// The MSRs that make up a vCPU's state, as KVM lists them for
+    /// migration.
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|list| list.as_slice().to_vec())
+            .map_err(VmError::MsrList)
+    }
+
+    /// kvmclock's reference point, which a restored VM continues from.
+    pub fn clock(&self) -> Result<kvm_clock_data, VmError> {
+        self.fd.get_clock().map_err(|e| VmError::Clock("read", e))
+    }
+
+    pub fn set_clock(&self, clock: &kvm_clock_data) -> Result<(), VmError> {
+        // Only the time: the flags KVM reports back are not for setting.
+        let clock = kvm_clock_data {
+            clock: clock.clock,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| VmError::Clock("set", e))
     }
 
     pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), VmError> {

@@ -20,8 +20,9 @@ use wasmi::{Config, Engine, Linker, Module, Store, TypedResumableCall};
 use crate::clock::Clock;
 use crate::virtio::blk::{BlockDevice, SECTOR};
 use crate::virtio::mmio::Transport;
-use crate::virtio::vsock::VsockDriver;
-use crate::virtio::{DEVICE_BLOCK, DEVICE_VSOCK};
+use crate::virtio::rng::EntropyDevice;
+use crate::virtio::vsock::{VsockDriver, VsockError};
+use crate::virtio::{DEVICE_BLOCK, DEVICE_ENTROPY, DEVICE_VSOCK};
 use crate::wasi::{self, Io};
 
 /// The Runtime API's vsock port on the host, as 127.0.0.1:9001 is on Lambda.
@@ -143,6 +144,7 @@ struct Function {
     linker: Linker<Io>,
     fuel: u64,
     environ: Rc<Vec<Vec<u8>>>,
+    entropy: Option<Rc<RefCell<EntropyDevice>>>,
 }
 
 impl Function {
@@ -150,6 +152,7 @@ impl Function {
         engine: Engine,
         image: FunctionImage,
         environ: Vec<Vec<u8>>,
+        entropy: Option<Rc<RefCell<EntropyDevice>>>,
     ) -> Result<Self, String> {
         let module = Module::new(&engine, &image.module).map_err(|e| format!("{e}"))?;
         let mut linker = Linker::<Io>::new(&engine);
@@ -160,6 +163,7 @@ impl Function {
             linker,
             fuel: image.fuel,
             environ: Rc::new(environ),
+            entropy,
         })
     }
 }
@@ -177,6 +181,7 @@ fn invoke(
         linker,
         fuel,
         environ,
+        entropy,
     } = function;
     let fuel = *fuel;
     let deadline = invocation
@@ -189,7 +194,7 @@ fn invoke(
         stdout: Vec::new(),
         stderr: Vec::new(),
         clock: *clock,
-        rng_state: clock.now() | 1,
+        entropy: entropy.clone(),
         environ: environ.clone(),
     };
     let mut store = Store::new(engine, io);
@@ -250,6 +255,15 @@ fn invoke(
     }
 }
 
+/// Opens the Runtime API and log streams.
+fn connect_streams(driver: &RefCell<VsockDriver>) -> Result<(usize, usize), String> {
+    let connect = |port| driver.borrow_mut().connect(port);
+    let reason = |what: &str, e: VsockError| format!("cannot reach the {what}: {e}");
+    let api = connect(RUNTIME_API_PORT).map_err(|e| reason("Runtime API", e))?;
+    let log = connect(LOG_PORT).map_err(|e| reason("log stream", e))?;
+    Ok((api, log))
+}
+
 /// Serves invocations until the host closes the Runtime API connection.
 pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
     let Some(vsock) = devices.iter().find(|d| d.device_id() == DEVICE_VSOCK) else {
@@ -260,16 +274,24 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
         Ok(d) => RefCell::new(d),
         Err(e) => return println!("runtime: vsock: {e}"),
     };
-    let connect = |port| driver.borrow_mut().connect(port);
-    let (id, log) = match (connect(RUNTIME_API_PORT), connect(LOG_PORT)) {
-        (Ok(api), Ok(log)) => (api, log),
-        (Err(e), _) => return println!("runtime: cannot reach the Runtime API: {e}"),
-        (_, Err(e)) => return println!("runtime: cannot reach the log stream: {e}"),
+    let (id, mut log) = match connect_streams(&driver) {
+        Ok(streams) => streams,
+        Err(e) => return println!("runtime: {e}"),
     };
     let mut client = RuntimeClient::new(VsockStream {
         driver: &driver,
         id,
     });
+    let entropy = devices
+        .iter()
+        .find(|d| d.device_id() == DEVICE_ENTROPY)
+        .and_then(|t| match EntropyDevice::new(*t) {
+            Ok(device) => Some(Rc::new(RefCell::new(device))),
+            Err(e) => {
+                println!("runtime: entropy device: {e}; random_get is unsupported");
+                None
+            }
+        });
 
     let mut config = Config::default();
     config.consume_fuel(true);
@@ -278,7 +300,7 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
         .map_err(|e| ("Runtime.InvalidEnvironment", e))
         .and_then(|environ| {
             read_image(devices)
-                .and_then(|image| Function::prepare(engine, image, environ))
+                .and_then(|image| Function::prepare(engine, image, environ, entropy))
                 .map_err(|e| ("Runtime.InvalidFunction", e))
         });
     let function = match prepared {
@@ -293,9 +315,28 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
     };
     let ready_us = clock.micros(clock.now() - booted_at).unwrap_or(0);
     info!("runtime: ready {ready_us} us after entry; first /next");
+    let mut resets = driver.borrow().resets();
     loop {
         let invocation = match client.next_invocation() {
             Ok(inv) => inv,
+            // The VM was restored from a snapshot taken while it waited
+            // here: its streams went with the VMM that took it. The
+            // entropy device needs nothing: it keeps no state to reseed.
+            Err(_) if driver.borrow().resets() != resets => {
+                resets = driver.borrow().resets();
+                match connect_streams(&driver) {
+                    Ok((api, new_log)) => {
+                        info!("runtime: transport reset (a restored snapshot); reconnected");
+                        client = RuntimeClient::new(VsockStream {
+                            driver: &driver,
+                            id: api,
+                        });
+                        log = new_log;
+                        continue;
+                    }
+                    Err(e) => return println!("runtime: after a transport reset: {e}"),
+                }
+            }
             Err(e) => {
                 println!("runtime: /next failed: {e}; stopping");
                 return;

@@ -6,15 +6,19 @@
 
 use alloc::rc::Rc;
 use alloc::vec::Vec;
+use core::cell::RefCell;
 
 use wasmi::{Caller, Error, Extern, Linker, Memory};
 
 use crate::clock::Clock;
+use crate::virtio::rng::EntropyDevice;
 
 const ERRNO_SUCCESS: i32 = 0;
 const ERRNO_BADF: i32 = 8;
 const ERRNO_FAULT: i32 = 21;
 const ERRNO_INVAL: i32 = 28;
+const ERRNO_IO: i32 = 29;
+const ERRNO_NOTSUP: i32 = 58;
 const ERRNO_SPIPE: i32 = 70;
 const MODULE: &str = "wasi_snapshot_preview1";
 /// Output a function may write, the response and the log together.
@@ -27,7 +31,8 @@ pub struct Io {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub clock: Clock,
-    pub rng_state: u64,
+    /// The host's entropy device: `random_get` reads straight from it.
+    pub entropy: Option<Rc<RefCell<EntropyDevice>>>,
     /// The function's environment, each `KEY=VALUE\0`.
     pub environ: Rc<Vec<Vec<u8>>>,
 }
@@ -246,14 +251,11 @@ pub fn link(linker: &mut Linker<Io>) -> Result<(), Error> {
             else {
                 return ERRNO_FAULT;
             };
-            for b in dst {
-                // xorshift64*: not cryptographic, seeded per guest boot.
-                io.rng_state ^= io.rng_state >> 12;
-                io.rng_state ^= io.rng_state << 25;
-                io.rng_state ^= io.rng_state >> 27;
-                *b = (io.rng_state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8;
+            match &io.entropy {
+                Some(device) if device.borrow_mut().fill(dst) => ERRNO_SUCCESS,
+                Some(_) => ERRNO_IO,
+                None => ERRNO_NOTSUP,
             }
-            ERRNO_SUCCESS
         },
     )?;
     linker.func_wrap(MODULE, "fd_close", |_: Caller<'_, Io>, _: i32| -> i32 {

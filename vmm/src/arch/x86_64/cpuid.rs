@@ -17,7 +17,7 @@
 //! Everything else (including the KVM paravirtual leaves at 0x4000_0000,
 //! which give the guest kvmclock) passes through as KVM reported it.
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -101,10 +101,61 @@ pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
     }
 }
 
+/// The registers that enumerate instruction-set features: a guest that
+/// saw a bit set here may be using the instructions behind it.
+const FEATURE_REGISTERS: [(u32, u32, usize, &str); 8] = [
+    (0x1, 0, 2, "ecx"),
+    (0x1, 0, 3, "edx"),
+    (0x7, 0, 1, "ebx"),
+    (0x7, 0, 2, "ecx"),
+    (0x7, 0, 3, "edx"),
+    (0xd, 1, 0, "eax"),
+    (0x8000_0001, 0, 2, "ecx"),
+    (0x8000_0001, 0, 3, "edx"),
+];
+
+fn registers(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> [u32; 4] {
+    entries
+        .iter()
+        .find(|e| e.function == function && e.index == index)
+        .map_or([0; 4], |e| [e.eax, e.ebx, e.ecx, e.edx])
+}
+
+/// Checks that a guest which ran with `saved` CPUID can go on running on
+/// this host, whose CPUID for the same vCPU is `host`: same vendor, and
+/// no feature the guest saw is missing here.
+pub fn check_compatible(saved: &[kvm_cpuid_entry2], host: &CpuId) -> Result<(), String> {
+    let host = host.as_slice();
+    let vendor = |e: &[kvm_cpuid_entry2]| {
+        let [_, b, c, d] = registers(e, 0, 0);
+        [b, d, c]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .map(char::from)
+            .collect::<String>()
+    };
+    if vendor(saved) != vendor(host) {
+        return Err(format!(
+            "CPU vendor {:?} in the snapshot, {:?} on this host",
+            vendor(saved),
+            vendor(host)
+        ));
+    }
+    for (function, index, register, name) in FEATURE_REGISTERS {
+        let missing = registers(saved, function, index)[register]
+            & !registers(host, function, index)[register];
+        if missing != 0 {
+            return Err(format!(
+                "CPUID leaf {function:#x} subleaf {index} {name}: the snapshot's guest saw feature bits {missing:#010x} that this host lacks"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvm_bindings::kvm_cpuid_entry2;
 
     fn leaf(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
@@ -157,5 +208,28 @@ mod tests {
         let core = cpuid.as_slice()[4];
         assert_eq!((smt.ebx, smt.edx), (1, 2));
         assert_eq!((core.eax, core.ebx, core.edx), (2, 3, 2));
+    }
+
+    #[test]
+    fn a_missing_feature_or_another_vendor_is_incompatible() {
+        let vendor = |ebx| kvm_cpuid_entry2 {
+            function: 0,
+            ebx,
+            ..Default::default()
+        };
+        let features = |ebx| kvm_cpuid_entry2 {
+            function: 7,
+            ebx,
+            ..Default::default()
+        };
+        let host = CpuId::from_entries(&[vendor(0x756e_6547), features(0b1011)]).unwrap();
+        check_compatible(&[vendor(0x756e_6547), features(0b0011)], &host).unwrap();
+        let err = check_compatible(&[vendor(0x756e_6547), features(0b0111)], &host).unwrap_err();
+        assert!(
+            err.contains("leaf 0x7 subleaf 0 ebx") && err.contains("0x00000004"),
+            "{err}"
+        );
+        let err = check_compatible(&[vendor(0x6874_7541), features(0)], &host).unwrap_err();
+        assert!(err.contains("CPU vendor"), "{err}");
     }
 }

@@ -2,13 +2,59 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use super::EventFdTrigger;
 use crate::devices::BusDevice;
 
 pub type SerialOutput = Box<dyn Write + Send>;
+
+/// The UART's registers and receive FIFO, as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub registers: [u8; 9],
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        Self {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+            s.registers;
+        SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
 
 pub struct SerialDevice {
     uart: Serial<EventFdTrigger, NoEvents, SerialOutput>,
@@ -23,6 +69,23 @@ impl SerialDevice {
             uart: Serial::new(interrupt, out),
             output_failed: false,
         }
+    }
+
+    pub fn from_snapshot(
+        state: &SerialSnapshot,
+        interrupt: EventFdTrigger,
+        out: SerialOutput,
+    ) -> Result<Self, String> {
+        let uart = Serial::from_state(&state.into(), interrupt, NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Self {
+            uart,
+            output_failed: false,
+        })
+    }
+
+    pub fn snapshot(&self) -> SerialSnapshot {
+        self.uart.state().into()
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the

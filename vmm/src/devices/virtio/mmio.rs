@@ -4,10 +4,11 @@
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Interrupt, VirtioDevice, INTERRUPT_CONFIG_CHANGE, VIRTIO_F_VERSION_1};
+use super::{Interrupt, QueueSnapshot, VirtioDevice, INTERRUPT_CONFIG_CHANGE, VIRTIO_F_VERSION_1};
 use crate::devices::bus::{lock, BusDevice};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -45,6 +46,22 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
+
+/// A virtio-mmio device as a snapshot keeps it: the transport's
+/// registers and the device's queues. Device-specific state is not kept:
+/// block and entropy have none between requests, and vsock connections
+/// do not survive a restore (see `Vsock::restored`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioState {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub driver_features: u64,
+    pub queue_select: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
+}
 
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
@@ -85,6 +102,64 @@ impl MmioTransport {
                 &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
                 index as u32,
             )?;
+        }
+        Ok(())
+    }
+
+    pub fn state(&self) -> VirtioState {
+        let device = lock(&self.device);
+        VirtioState {
+            device_type: device.device_type(),
+            status: self.status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            queue_select: self.queue_select,
+            interrupt_status: self.interrupt.status(),
+            queues: device.queues().iter().map(|q| q.state().into()).collect(),
+        }
+    }
+
+    /// Takes a snapshot's state; a device the driver had started is
+    /// started again on the restored queues.
+    pub fn restore(&mut self, state: &VirtioState) -> Result<(), String> {
+        let mut device = lock(&self.device);
+        if device.device_type() != state.device_type {
+            return Err(format!(
+                "virtio device type {} in the snapshot, {} here",
+                state.device_type,
+                device.device_type()
+            ));
+        }
+        if device.queues().len() != state.queues.len() {
+            return Err(format!(
+                "virtio device type {}: {} queues in the snapshot, {} here",
+                state.device_type,
+                state.queues.len(),
+                device.queues().len()
+            ));
+        }
+        for (i, (queue, saved)) in device
+            .queues_mut()
+            .iter_mut()
+            .zip(&state.queues)
+            .enumerate()
+        {
+            *queue = Queue::try_from(virtio_queue::QueueState::from(*saved))
+                .map_err(|e| format!("virtio device type {}: queue {i}: {e}", state.device_type))?;
+        }
+        self.status = state.status;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.queue_select = state.queue_select;
+        if state.status & STATUS_FEATURES_OK != 0 {
+            device.ack_features(state.driver_features);
+        }
+        self.interrupt.restore_status(state.interrupt_status);
+        if state.status & STATUS_DRIVER_OK != 0 {
+            device.activate(self.mem.clone(), self.interrupt.clone());
+            device.restored();
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 pub mod blk;
 pub mod mmio;
 pub mod queue;
+pub mod rng;
 pub mod vsock;
 
 use alloc::vec::Vec;
@@ -12,6 +13,7 @@ use alloc::vec::Vec;
 use mmio::Transport;
 
 pub const DEVICE_BLOCK: u32 = 2;
+pub const DEVICE_ENTROPY: u32 = 4;
 pub const DEVICE_VSOCK: u32 = 19;
 
 /// Every virtio-mmio device the command line declares, probed.

@@ -17,6 +17,9 @@ const RX_PAYLOAD: usize = 64 << 10;
 const BUF_ALLOC: u32 = 256 << 10;
 const TX_CHUNK: usize = 64 << 10;
 const FIRST_LOCAL_PORT: u32 = 49152;
+const EVENT_BUFFERS: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 const TYPE_STREAM: u16 = 1;
 const OP_REQUEST: u16 = 1;
@@ -127,9 +130,14 @@ impl Header {
 }
 
 pub struct VsockDriver {
+    transport: Transport,
     rx: VirtQueue,
     tx: VirtQueue,
-    _event: VirtQueue,
+    event: VirtQueue,
+    event_buffers: Vec<DeviceBuffer>,
+    event_by_head: Vec<usize>,
+    /// Transport resets seen: each one ended every stream.
+    resets: u32,
     guest_cid: u64,
     rx_buffers: Vec<DeviceBuffer>,
     /// Which RX buffer each in-flight head is.
@@ -146,9 +154,18 @@ impl VsockDriver {
         transport.begin_init().map_err(VsockError::Init)?;
         let mut rx = transport.setup_queue(0, 64).map_err(VsockError::Init)?;
         let tx = transport.setup_queue(1, 64).map_err(VsockError::Init)?;
-        let event = transport.setup_queue(2, 8).map_err(VsockError::Init)?;
+        let mut event = transport.setup_queue(2, 8).map_err(VsockError::Init)?;
         let guest_cid = transport.config_u64(0);
         transport.finish_init();
+        let event_buffers: Vec<DeviceBuffer> =
+            (0..EVENT_BUFFERS).map(|_| DeviceBuffer::new(4)).collect();
+        let mut event_by_head = vec![usize::MAX; 8];
+        for (i, buf) in event_buffers.iter().enumerate() {
+            if let Some(head) = event.add(&[buf.writable()]) {
+                event_by_head[usize::from(head)] = i;
+            }
+        }
+        event.notify();
         let rx_buffers: Vec<DeviceBuffer> = (0..RX_BUFFERS)
             .map(|_| DeviceBuffer::new(HEADER + RX_PAYLOAD))
             .collect();
@@ -160,9 +177,13 @@ impl VsockDriver {
         }
         rx.notify();
         Ok(VsockDriver {
+            transport,
             rx,
             tx,
-            _event: event,
+            event,
+            event_buffers,
+            event_by_head,
+            resets: 0,
             guest_cid,
             rx_buffers,
             rx_by_head,
@@ -176,6 +197,41 @@ impl VsockDriver {
 
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// How many transport resets the device has sent. The VMM sends one
+    /// when it restores the VM from a snapshot: the host ends of all
+    /// streams are gone, and the CID may be new.
+    pub fn resets(&self) -> u32 {
+        self.resets
+    }
+
+    fn handle_events(&mut self) {
+        let mut returned = false;
+        while let Some((head, len)) = self.event.pop_used() {
+            let Some(&index) = self.event_by_head.get(usize::from(head)) else {
+                continue;
+            };
+            if index == usize::MAX {
+                continue;
+            }
+            let id = self.event_buffers[index].written(len as usize);
+            if id.len() == 4 && le_u32(id, 0) == EVENT_TRANSPORT_RESET {
+                self.resets = self.resets.wrapping_add(1);
+                self.guest_cid = self.transport.config_u64(0);
+                for stream in &mut self.streams {
+                    stream.state = State::Closed;
+                }
+                self.accepted.clear();
+            }
+            if let Some(head) = self.event.add(&[self.event_buffers[index].writable()]) {
+                self.event_by_head[usize::from(head)] = index;
+            }
+            returned = true;
+        }
+        if returned {
+            self.event.notify();
+        }
     }
 
     fn send_packet(&mut self, local: u32, peer: u32, op: u16, flags: u32, payload: &[u8]) {
@@ -218,6 +274,7 @@ impl VsockDriver {
 
     /// Processes everything the device completed.
     pub fn poll(&mut self) {
+        self.handle_events();
         while let Some((head, _)) = self.tx.pop_used() {
             self.tx_in_flight[usize::from(head)] = None;
         }

@@ -27,6 +27,8 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const EVT: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Host ports handed to host-initiated connections start here.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// A `CONNECT <port>\n` line is never longer.
@@ -76,6 +78,9 @@ pub struct Vsock {
     /// before the guest's driver is up waits in the kernel's backlog, where
     /// a driver reset cannot drop its connection.
     listener_paused: bool,
+    /// A transport reset the guest has not been given yet, for want of
+    /// an event buffer.
+    reset_pending: bool,
     bounce: Vec<u8>,
 }
 
@@ -111,6 +116,7 @@ impl Vsock {
             next_local_port: FIRST_LOCAL_PORT,
             rx_starved: false,
             listener_paused: false,
+            reset_pending: false,
             bounce: vec![0; MAX_PAYLOAD],
         })
     }
@@ -497,6 +503,28 @@ impl Vsock {
         }
     }
 
+    /// Tells the guest's driver that every connection is gone, once it has
+    /// an event buffer for it.
+    fn deliver_reset(&mut self) {
+        let Some((mem, interrupt)) = self.active.clone().filter(|_| self.reset_pending) else {
+            return;
+        };
+        let Some(chain) = self.queues[EVT].pop_descriptor_chain(&mem) else {
+            return;
+        };
+        let head = chain.head_index();
+        let len = packet::write_event(&mem, chain, EVENT_TRANSPORT_RESET).unwrap_or_else(|e| {
+            tracing::warn!("vsock: event buffer unusable: {e}");
+            0
+        });
+        if let Err(e) = self.queues[EVT].add_used(&mem, head, len) {
+            tracing::warn!("vsock: cannot return an event buffer: {e}");
+            return;
+        }
+        self.reset_pending = len == 0;
+        interrupt.signal(INTERRUPT_USED_RING);
+    }
+
     /// Sets each socket's epoll interest to what the connection can use
     /// now, so level-triggered readiness never spins: readable only with
     /// credit and RX buffers, writable only with data waiting.
@@ -576,6 +604,17 @@ impl VirtioDevice for Vsock {
         self.by_fd.clear();
         self.interest.clear();
         self.control.clear();
+        self.reset_pending = false;
+    }
+
+    /// The connections of the snapshotted VM had their host ends in
+    /// another process; none are restored. As with Firecracker, the
+    /// guest learns it from a transport reset: its driver drops every
+    /// connection, reads its CID again (a clone may have a new one) and
+    /// the programs reconnect.
+    fn restored(&mut self) {
+        self.reset_pending = true;
+        self.deliver_reset();
     }
 }
 
@@ -601,6 +640,7 @@ impl MutEventSubscriber for Vsock {
             let _ = self.queue_events[RX].read();
         } else if fd == self.queue_events[EVT].as_raw_fd() {
             let _ = self.queue_events[EVT].read();
+            self.deliver_reset();
         } else if fd == listener {
             self.accept_host_connections(ops);
         } else if self.pending.contains_key(&fd) {

@@ -106,6 +106,20 @@ pub fn rx_capacity(
 
 /// Writes a packet into an RX descriptor chain; returns the bytes written.
 /// The payload must fit: callers size it with [`rx_capacity`].
+/// Writes a 4-byte event (`struct virtio_vsock_event`) into an event
+/// queue buffer.
+pub fn write_event(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    id: u32,
+) -> Result<u32, PacketError> {
+    let mut writer = Writer::new(mem, chain).map_err(|e| PacketError::Chain(e.to_string()))?;
+    writer
+        .write_obj(id.to_le())
+        .map_err(|e| PacketError::Chain(e.to_string()))?;
+    Ok(4)
+}
+
 pub fn write_rx(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,

@@ -1,0 +1,248 @@
+//! Snapshot and restore with the bare-metal guest: one VM is snapshotted
+//! once its runtime asks for its first event, then clones are restored
+//! from that one snapshot, each with new host sockets and a new vsock
+//! CID. Each must reconnect, answer its own event, and draw its own
+//! randomness. Bad snapshots are refused before anything runs.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use guest_init::environ::encode;
+use host_services::runtime_api::{Outcome, RuntimeApi};
+use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, GuestPorts};
+use microvm_tests::{baremetal_guest, run_vmm};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLONES: u64 = 20;
+const FUEL: u64 = 50_000_000;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn control(sock: &Path, request: serde_json::Value) -> serde_json::Value {
+    let mut stream = tokio::net::UnixStream::connect(sock).await.unwrap();
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
+}
+
+/// Sends an echo event and a random one; returns the random answer.
+async fn echo_and_random(api: &RuntimeApi, name: &str) -> String {
+    let event = format!("{{\"from\":\"{name}\"}}");
+    let outcome = api
+        .invoke(&format!("{name}-echo"), event.clone().into(), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Response(format!("{{\"echo\":{event}}}").into()),
+        "{name}"
+    );
+    match api
+        .invoke(&format!("{name}-random"), "\"random\"".into(), TIMEOUT)
+        .await
+        .unwrap()
+    {
+        Outcome::Response(body) => {
+            let hex = String::from_utf8(body.to_vec()).unwrap();
+            assert_eq!(hex.len(), 34, "{name}: {hex}");
+            hex
+        }
+        other => panic!("{name}: random gave {other:?}"),
+    }
+}
+
+fn restore_args(state: &Path, memory: &Path, image: &Path, uds: &Path, cid: u64) -> Vec<String> {
+    vec![
+        "--restore".into(),
+        state.display().to_string(),
+        "--restore-memory".into(),
+        memory.display().to_string(),
+        "--drive".into(),
+        format!("{},ro", image.display()),
+        "--vsock".into(),
+        format!("cid={cid},uds={}", uds.display()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_of_one_snapshot_reconnect_answer_and_draw_their_own_randomness() {
+    let dir = test_dir("snapshot-clones");
+    let image = echo_code_disk(&dir, FUEL);
+    let original_dir = dir.join("original");
+    std::fs::create_dir(&original_dir).unwrap();
+    let environ = encode([("AWS_REGION", "local")]).unwrap();
+    let ports = GuestPorts::bind(&original_dir, Some(environ)).await;
+    let control_sock = original_dir.join("control");
+    let (mut original, _console) = spawn_vmm(
+        &[
+            "--kernel".into(),
+            baremetal_guest().display().to_string(),
+            "--drive".into(),
+            format!("{},ro", image.display()),
+            "--vsock".into(),
+            format!("cid=3,uds={}", ports.uds.display()),
+            "--control-sock".into(),
+            control_sock.display().to_string(),
+        ],
+        "original",
+    );
+    tokio::time::timeout(TIMEOUT, ports.api.ready())
+        .await
+        .expect("the original reaches its first /next")
+        .unwrap();
+
+    let state = dir.join("vm.snap");
+    let memory = dir.join("vm.mem");
+    let reply = control(
+        &control_sock,
+        serde_json::json!({"action": "snapshot", "state": state, "memory": memory}),
+    )
+    .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    println!(
+        "snapshot: paused {} us, {} bytes of state, {} bytes of memory written",
+        reply["paused_us"], reply["state_bytes"], reply["memory_bytes"]
+    );
+    let bad = control(&control_sock, serde_json::json!({"action": "reboot"})).await;
+    assert_eq!(bad["ok"], false);
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown variant `reboot`"),
+        "{bad}"
+    );
+
+    // The snapshotted VM runs on as if nothing happened.
+    let mut randoms = HashSet::from([echo_and_random(&ports.api, "original").await]);
+    drop(ports);
+    let status = tokio::time::timeout(TIMEOUT, original.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    for i in 0..CLONES {
+        let clone_dir = dir.join(format!("clone{i}"));
+        std::fs::create_dir(&clone_dir).unwrap();
+        // No environment port: a restored guest already has its own.
+        let ports = GuestPorts::bind(&clone_dir, None).await;
+        let started = Instant::now();
+        let (mut clone, console) = spawn_vmm(
+            &restore_args(&state, &memory, &image, &ports.uds, 4 + i),
+            "clone",
+        );
+        let random = echo_and_random(&ports.api, &format!("clone{i}")).await;
+        println!(
+            "clone {i}: restore to first answer {:.2} ms, random {random}",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        assert!(
+            randoms.insert(random),
+            "clone {i} repeated another VM's randomness"
+        );
+        let api = ports.api;
+        drop(api);
+        let status = tokio::time::timeout(TIMEOUT, clone.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let console = console.await.unwrap();
+        assert!(console.contains("reconnected"), "{console}");
+        assert_eq!(status.code(), Some(0), "clone {i}: {console}");
+        let log = ports.log.await.unwrap();
+        assert!(
+            log.contains(&format!("END RequestId: clone{i}-random")),
+            "{log}"
+        );
+    }
+    assert_eq!(randoms.len() as u64, CLONES + 1);
+
+    refuses_bad_snapshots(&dir, &state, &memory, &image);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Each bad snapshot or mismatched restore is refused with an error that
+/// names what is wrong, before the guest runs.
+fn refuses_bad_snapshots(dir: &Path, state: &Path, memory: &Path, image: &Path) {
+    let good = std::fs::read(state).unwrap();
+    let variant = |name: &str, bytes: &[u8]| -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    let mut other_version = good.clone();
+    other_version[8] = 99;
+    let short_memory = variant("short.mem", &std::fs::read(memory).unwrap()[..4096]);
+    let uds = dir.join("refused.vsock");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            restore_args(
+                &variant("cut.snap", &good[..good.len() / 2]),
+                memory,
+                image,
+                &uds,
+                3,
+            ),
+            "is truncated or extended",
+        ),
+        (
+            restore_args(&variant("flipped.snap", &flipped), memory, image, &uds, 3),
+            "checksum does not match",
+        ),
+        (
+            restore_args(
+                &variant("version.snap", &other_version),
+                memory,
+                image,
+                &uds,
+                3,
+            ),
+            "has format version 99",
+        ),
+        (
+            restore_args(
+                &variant("garbage.snap", b"not a snapshot at all"),
+                memory,
+                image,
+                &uds,
+                3,
+            ),
+            "is not a snapshot",
+        ),
+        (
+            restore_args(state, &short_memory, image, &uds, 3),
+            "the memory file holds 4096 bytes",
+        ),
+        (
+            restore_args(state, memory, image, &uds, 3)[..6].to_vec(),
+            "had a vsock device",
+        ),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = run_vmm(&args, TIMEOUT);
+        assert_eq!(run.code, Some(1), "{args:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(expected),
+            "{expected:?} not in {}",
+            run.stderr
+        );
+    }
+    let both = run_vmm(
+        &["--restore", "x", "--restore-memory", "y", "--kernel", "z"],
+        TIMEOUT,
+    );
+    assert!(
+        both.stderr.contains("kernel") && both.stderr.contains("cannot be given with a snapshot"),
+        "{}",
+        both.stderr
+    );
+}
