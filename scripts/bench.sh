@@ -2,7 +2,8 @@
 # Benchmarks: boot latency and memory against QEMU's microvm machine on the
 # same guest, the bare-metal runtime from spawn to its first /next, then
 # the devices against the host's own sockets and files (sealed disks
-# included), and the optimize-once ingest of a 50 MB ZIP.
+# included), snapshot restore against a cold boot of the same function,
+# and the optimize-once ingest of a 50 MB ZIP.
 #   scripts/bench.sh [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,5 +11,6 @@ scripts/setup.sh qemu-system-x86
 cargo build --release -q -p vmm -p guest-init -p microvm-tests --bins
 target/x86_64-unknown-linux-gnu/release/boot_bench "$@"
 target/x86_64-unknown-linux-gnu/release/runtime_boot_bench "$@"
+target/x86_64-unknown-linux-gnu/release/snapshot_bench "$@"
 target/x86_64-unknown-linux-gnu/release/device_bench
 target/x86_64-unknown-linux-gnu/release/artifact_bench
