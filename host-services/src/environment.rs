@@ -16,7 +16,11 @@ use crate::artifacts::{ArtifactError, GrantedArtifact};
 use crate::auth::AccountId;
 use crate::key_service::KeyService;
 use crate::runtime_api::{InvokeError, Outcome, RuntimeApi};
-use crate::vmm_process::{JailSettings, VmmFiles, VmmProcess, VmmProcessError};
+use crate::snapshots::{self, SnapshotStore};
+use crate::vmm_process::{
+    GuestStart, JailSettings, VmmFiles, VmmProcess, VmmProcessError, CONTROL_SOCKET,
+    SNAPSHOT_MEMORY, SNAPSHOT_STATE,
+};
 
 /// The only version an environment may serve: one function version of one
 /// account, at one code and configuration revision.
@@ -78,6 +82,18 @@ pub struct MicroVmImage {
     pub jail: Option<JailSettings>,
     /// Unwraps code disks' keys for the grants environments present.
     pub keys: Arc<KeyService>,
+    /// Snapshots of initialized versions, which on-demand cold starts
+    /// restore; None boots every environment.
+    pub snapshots: Option<Arc<SnapshotStore>>,
+}
+
+/// How an environment came to be ready, and how long it took: Lambda's
+/// REPORT line gives `Init Duration` for a boot, `Restore Duration` for
+/// a snapshot restore (as SnapStart does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColdStart {
+    Init(Duration),
+    Restore(Duration),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -243,8 +259,8 @@ pub struct ExecutionEnvironment {
     pub memory_mib: u32,
     pub created: Instant,
     pub last_used: Instant,
-    /// Boot to the runtime's first `/next`.
-    pub init_duration: Duration,
+    /// Boot or restore to the runtime's first `/next`.
+    pub cold_start: ColdStart,
     /// Set until the first invocation reports it.
     pub fresh: bool,
     /// Kept ready for a provisioned concurrency config.
@@ -253,14 +269,18 @@ pub struct ExecutionEnvironment {
     api: RuntimeApi,
     log: Arc<Lines>,
     _log_listener: AbortOnDrop,
-    _environ_listener: AbortOnDrop,
+    /// None for a restored guest, which has its environment already.
+    _environ_listener: Option<AbortOnDrop>,
     /// The serial console and the VMM's own messages.
     diagnostics: Arc<Lines>,
     dir: PathBuf,
 }
 
 impl ExecutionEnvironment {
-    /// Boots a microVM for `launch` and waits for its runtime to be ready.
+    /// Starts a microVM for `launch` and waits for its runtime to be
+    /// ready. An on-demand start restores the version's snapshot when
+    /// there is one for the same start-up variables; otherwise it boots,
+    /// and then snapshots the guest at its first `/next` for the next.
     pub async fn start(
         image: &MicroVmImage,
         launch: &Launch,
@@ -268,14 +288,29 @@ impl ExecutionEnvironment {
         initialization: InitializationType,
     ) -> Result<Self, EnvironmentError> {
         let started = Instant::now();
-        let environ = guest_init::environ::encode(
-            launch
-                .variables
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .chain([("AWS_LAMBDA_INITIALIZATION_TYPE", initialization.as_str())]),
-        )
-        .map_err(|e| EnvironmentError::Environ(e.to_string()))?;
+        let variables: Vec<(String, String)> = launch
+            .variables
+            .iter()
+            .cloned()
+            .chain([(
+                "AWS_LAMBDA_INITIALIZATION_TYPE".to_string(),
+                initialization.as_str().to_string(),
+            )])
+            .collect();
+        let environ =
+            guest_init::environ::encode(variables.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(|e| EnvironmentError::Environ(e.to_string()))?;
+        let fingerprint = snapshots::fingerprint(&variables);
+        let snapshots = image
+            .snapshots
+            .as_ref()
+            .filter(|_| initialization == InitializationType::OnDemand);
+        let snapshot = snapshots.and_then(|store| {
+            store.get(&launch.key, &fingerprint).unwrap_or_else(|e| {
+                tracing::warn!("{}: snapshot unusable, booting instead: {e}", launch.key);
+                None
+            })
+        });
         // The grant is checked first: a refused one leaves nothing behind.
         let code_key = launch.code.drive_key(&image.keys)?;
         let dir = image.run_dir.join(&id);
@@ -296,15 +331,26 @@ impl ExecutionEnvironment {
             UnixListener::bind(format!("{}_{LOG_PORT}", uds.display())).map_err(dir_error)?,
             log.clone(),
         );
-        let environ_listener = serve_environ(
-            UnixListener::bind(format!(
-                "{}_{}",
-                uds.display(),
-                guest_init::environ::ENVIRON_PORT
-            ))
-            .map_err(dir_error)?,
-            environ,
-        );
+        let (start, environ_listener) = match &snapshot {
+            Some(snapshot) => {
+                let (state, memory) = snapshot.read_only().map_err(dir_error)?;
+                (GuestStart::Restore { state, memory }, None)
+            }
+            None => {
+                let listener = UnixListener::bind(format!(
+                    "{}_{}",
+                    uds.display(),
+                    guest_init::environ::ENVIRON_PORT
+                ))
+                .map_err(dir_error)?;
+                (
+                    GuestStart::Boot {
+                        cmdline: GUEST_CMDLINE,
+                    },
+                    Some(serve_environ(listener, environ)),
+                )
+            }
+        };
         let mut vmm = VmmProcess::spawn(
             image.jail.as_ref(),
             &id,
@@ -316,7 +362,7 @@ impl ExecutionEnvironment {
                 dir: &dir,
             },
             launch.memory_mib,
-            GUEST_CMDLINE,
+            start,
         )?;
         let child = vmm.child();
         let diagnostics = Arc::new(Lines::default());
@@ -349,6 +395,15 @@ impl ExecutionEnvironment {
             return Err(e);
         }
         let now = Instant::now();
+        let cold_start = match snapshot {
+            Some(_) => ColdStart::Restore(now - started),
+            None => ColdStart::Init(now - started),
+        };
+        if let (Some(store), ColdStart::Init(_)) = (snapshots, cold_start) {
+            if let Err(e) = take_snapshot(store, &launch.key, fingerprint, &vmm, &dir).await {
+                tracing::warn!("environment {id}: no snapshot of {}: {e}", launch.key);
+            }
+        }
         vmm.freeze(true);
         Ok(ExecutionEnvironment {
             id,
@@ -356,7 +411,7 @@ impl ExecutionEnvironment {
             memory_mib: launch.memory_mib,
             created: started,
             last_used: now,
-            init_duration: now - started,
+            cold_start,
             fresh: true,
             provisioned: false,
             vmm,
@@ -416,6 +471,53 @@ impl ExecutionEnvironment {
         self.vmm.stop().await;
         remove_dir(&self.dir);
     }
+}
+
+/// Asks the VMM for a snapshot of its guest, which waits at its first
+/// `/next`, and has the store seal it in the background; the guest runs
+/// on. The files leave the environment's directory before this returns.
+async fn take_snapshot(
+    store: &Arc<SnapshotStore>,
+    key: &VersionKey,
+    fingerprint: [u8; 32],
+    vmm: &VmmProcess,
+    dir: &Path,
+) -> Result<(), String> {
+    let request = serde_json::json!({
+        "action": "snapshot",
+        "state": vmm.path_in_vmm(dir, SNAPSHOT_STATE),
+        "memory": vmm.path_in_vmm(dir, SNAPSHOT_MEMORY),
+    });
+    let mut stream = tokio::net::UnixStream::connect(dir.join(CONTROL_SOCKET))
+        .await
+        .map_err(|e| format!("the VMM's control socket: {e}"))?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut reply)
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&reply).map_err(|e| format!("reply {reply:?}: {e}"))?;
+    if reply["ok"] != true {
+        return Err(format!("the VMM refused: {}", reply["error"]));
+    }
+    let (state, memory) = store
+        .stage(&dir.join(SNAPSHOT_STATE), &dir.join(SNAPSHOT_MEMORY))
+        .map_err(|e| e.to_string())?;
+    let (store, key) = (store.clone(), key.clone());
+    tokio::task::spawn_blocking(
+        move || match store.put(&key, fingerprint, &state, &memory) {
+            Ok(()) => tracing::info!(
+                "{key}: snapshot taken at the first /next ({} us paused)",
+                reply["paused_us"]
+            ),
+            Err(e) => tracing::warn!("{key}: snapshot not kept: {e}"),
+        },
+    );
+    Ok(())
 }
 
 /// The console stays on for errors; `quiet` keeps the guest from

@@ -21,6 +21,7 @@ pub mod model;
 pub mod role_credentials;
 pub mod router;
 pub mod runtime_api;
+pub mod snapshots;
 pub mod store;
 pub mod vmm_process;
 pub mod wasm_image;

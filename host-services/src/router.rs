@@ -16,7 +16,7 @@ use bytes::Bytes;
 use crate::api::error::ApiError;
 use crate::auth::AccountId;
 use crate::environment::{
-    EnvironmentError, ExecutionEnvironment, Invocation, Launch, MicroVmImage, VersionKey,
+    ColdStart, EnvironmentError, ExecutionEnvironment, Invocation, Launch, MicroVmImage, VersionKey,
 };
 use crate::host::{HostLimits, StartError, WorkerHost};
 use crate::lifecycle::{CreateReason, DestroyReason, Lifecycle};
@@ -37,8 +37,8 @@ pub struct FleetConfig {
 pub struct Routed {
     pub invocation: Invocation,
     pub environment: String,
-    /// Set for the invocation that met a freshly initialized environment.
-    pub init_duration: Option<Duration>,
+    /// Set for the invocation that met a freshly started environment.
+    pub cold_start: Option<ColdStart>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +202,7 @@ impl InvokeRouter {
     ) -> Result<Routed, RouteError> {
         let _slot = self.take_concurrency(&launch.key, reserved)?;
         let (host, mut env) = self.acquire(launch).await?;
-        let init_duration = env.fresh.then_some(env.init_duration);
+        let cold_start = env.fresh.then_some(env.cold_start);
         env.fresh = false;
         tracing::debug!("invocation {request_id} begins in {}", env.id);
         let result = env.invoke(request_id, payload, timeout).await;
@@ -214,7 +214,7 @@ impl InvokeRouter {
                 Ok(Routed {
                     invocation,
                     environment,
-                    init_duration,
+                    cold_start,
                 })
             }
             Err(e) => {
@@ -235,6 +235,11 @@ impl InvokeRouter {
     }
 
     /// Destroys the idle environments `retire` picks, on every worker.
+    /// The snapshots environments restore, if snapshots are on.
+    pub fn snapshots(&self) -> Option<&Arc<crate::snapshots::SnapshotStore>> {
+        self.image.snapshots.as_ref()
+    }
+
     pub async fn retire(&self, retire: impl Fn(&VersionKey) -> bool, reason: DestroyReason) {
         for host in self.all_hosts() {
             host.retire(&retire, reason).await;

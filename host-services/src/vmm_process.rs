@@ -5,7 +5,9 @@
 //! cgroup sized from the function's memory.
 
 use std::collections::BTreeSet;
+use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -98,10 +100,28 @@ pub struct VmmFiles<'a> {
     pub dir: &'a Path,
 }
 
+/// How the VMM starts its guest.
+pub enum GuestStart<'a> {
+    /// Boots the kernel with this command line. The VMM takes snapshot
+    /// requests on [`CONTROL_SOCKET`] in the environment's directory.
+    Boot { cmdline: &'a str },
+    /// Restores a snapshot from these read-only descriptors, which the
+    /// VMM inherits as `fd:3` and `fd:4`.
+    Restore { state: File, memory: File },
+}
+
 /// Where the jailed VMM sees its files.
 const JAIL_KERNEL: &str = "/kernel";
 const JAIL_CODE_DISK: &str = "/code.img";
 const JAIL_DIR: &str = "/run";
+/// The VMM's control socket, in the environment's directory.
+pub const CONTROL_SOCKET: &str = "control";
+/// Where a VMM writes a snapshot, in the environment's directory.
+pub const SNAPSHOT_STATE: &str = "snapshot.state";
+pub const SNAPSHOT_MEMORY: &str = "snapshot.mem";
+/// The descriptors a restoring VMM finds its snapshot on.
+const RESTORE_STATE_FD: RawFd = 3;
+const RESTORE_MEMORY_FD: RawFd = 4;
 
 /// What a VMM needs beyond its guest's memory: its own text, heap and
 /// KVM's page tables, plus the page cache of the kernel and code disk
@@ -155,21 +175,41 @@ impl VmmProcess {
         id: &str,
         files: &VmmFiles<'_>,
         memory_mib: u32,
-        cmdline: &str,
+        start: GuestStart<'_>,
     ) -> Result<Self, VmmProcessError> {
         let seen = |jailed: &'static str, host: &Path| match jail {
             Some(_) => PathBuf::from(jailed),
             None => host.to_path_buf(),
         };
-        let vmm_args = [
+        let (mut vmm_args, restore_fds): (Vec<std::ffi::OsString>, _) = match &start {
+            GuestStart::Boot { cmdline } => (
+                vec![
+                    "--kernel".into(),
+                    seen(JAIL_KERNEL, files.kernel).into_os_string(),
+                    "--mem-mib".into(),
+                    memory_mib.to_string().into(),
+                    "--cmdline".into(),
+                    (*cmdline).into(),
+                    "--control-sock".into(),
+                    seen(JAIL_DIR, files.dir)
+                        .join(CONTROL_SOCKET)
+                        .into_os_string(),
+                ],
+                None,
+            ),
+            GuestStart::Restore { state, memory } => (
+                vec![
+                    "--restore".into(),
+                    format!("fd:{RESTORE_STATE_FD}").into(),
+                    "--restore-memory".into(),
+                    format!("fd:{RESTORE_MEMORY_FD}").into(),
+                ],
+                Some((state.as_raw_fd(), memory.as_raw_fd())),
+            ),
+        };
+        vmm_args.extend([
             "--log-level".into(),
             "warn".into(),
-            "--kernel".into(),
-            seen(JAIL_KERNEL, files.kernel).into_os_string(),
-            "--mem-mib".into(),
-            memory_mib.to_string().into(),
-            "--cmdline".into(),
-            cmdline.into(),
             "--drive".into(),
             format!(
                 "{},ro,key-fd=0",
@@ -182,7 +222,7 @@ impl VmmProcess {
                 seen(JAIL_DIR, files.dir).join("vsock").display()
             )
             .into(),
-        ];
+        ]);
         let (mut command, jailed) = match jail {
             None => (Command::new(files.vmm), None),
             Some(jail) => {
@@ -249,6 +289,20 @@ impl VmmProcess {
                 // inherits the priority.
                 libc::setpriority(libc::PRIO_PROCESS, 0, VMM_NICE);
                 libc::prctl(libc::PR_SET_PDEATHSIG, parent_death_signal);
+                // The snapshot's descriptors at the numbers the VMM is
+                // told, through copies above them in case they sit there
+                // already; dup2 leaves the targets open across exec.
+                if let Some((state, memory)) = restore_fds {
+                    let state = libc::fcntl(state, libc::F_DUPFD_CLOEXEC, 10);
+                    let memory = libc::fcntl(memory, libc::F_DUPFD_CLOEXEC, 10);
+                    if state < 0
+                        || memory < 0
+                        || libc::dup2(state, RESTORE_STATE_FD) < 0
+                        || libc::dup2(memory, RESTORE_MEMORY_FD) < 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -257,6 +311,8 @@ impl VmmProcess {
             program: program.clone(),
             source,
         })?;
+        // The child has its copies.
+        drop(start);
         // 97 bytes fit in a pipe's buffer: the write cannot block.
         if let Some(stdin) = child.stdin.take() {
             let mut stdin = stdin
@@ -276,6 +332,14 @@ impl VmmProcess {
             jailed,
             vmm_pid,
         })
+    }
+
+    /// Where the VMM sees `name` in the environment's directory `dir`.
+    pub fn path_in_vmm(&self, dir: &Path, name: &str) -> PathBuf {
+        match self.jailed {
+            Some(_) => Path::new(JAIL_DIR).join(name),
+            None => dir.join(name),
+        }
     }
 
     /// The jail's name, or None when the VMM runs unjailed.

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::error::ApiError;
 use crate::auth::{AccountId, Credentials};
 use crate::control::{ControlPlane, ProvisionedConfig, Resolved};
-use crate::environment::{Launch, VersionKey};
+use crate::environment::{ColdStart, Launch, VersionKey};
 use crate::lifecycle::DestroyReason;
 use crate::model::{FunctionRef, LATEST, REGION};
 use crate::role_credentials::RoleCredentialIssuer;
@@ -205,7 +205,7 @@ impl Worker {
                 let report = Report {
                     duration: r.invocation.duration,
                     max_memory_mib: r.invocation.max_memory_mib,
-                    init: r.init_duration,
+                    cold_start: r.cold_start,
                 };
                 match r.invocation.outcome {
                     Outcome::Response(body) => (None, body, r.invocation.log, Some(report)),
@@ -275,10 +275,15 @@ impl Worker {
             if let Some(m) = r.max_memory_mib {
                 log.push_str(&format!("\tMax Memory Used: {m} MB"));
             }
-            if let Some(init) = r.init {
+            let cold_start = match r.cold_start {
+                Some(ColdStart::Init(d)) => Some(("Init", d)),
+                Some(ColdStart::Restore(d)) => Some(("Restore", d)),
+                None => None,
+            };
+            if let Some((what, d)) = cold_start {
                 log.push_str(&format!(
-                    "\tInit Duration: {:.2} ms",
-                    init.as_secs_f64() * 1000.0
+                    "\t{what} Duration: {:.2} ms",
+                    d.as_secs_f64() * 1000.0
                 ));
             }
             log.push('\n');
@@ -302,7 +307,8 @@ impl Worker {
     }
 
     /// Stops the idle environments of a function whose `$LATEST` changed,
-    /// or of every version when `name` is deleted.
+    /// or of every version when `name` is deleted, and forgets their
+    /// snapshots.
     pub async fn retire_function(&self, account: &AccountId, name: &str) {
         let deleted = self
             .control
@@ -314,6 +320,9 @@ impl Worker {
                 },
             )
             .is_err();
+        if let Some(snapshots) = self.router.snapshots() {
+            snapshots.remove(account, name, (!deleted).then_some(LATEST));
+        }
         self.router
             .retire(
                 |k| &k.account == account && k.function == name && (deleted || k.version == LATEST),
@@ -527,5 +536,5 @@ impl Worker {
 struct Report {
     duration: Duration,
     max_memory_mib: Option<u64>,
-    init: Option<Duration>,
+    cold_start: Option<ColdStart>,
 }

@@ -43,10 +43,25 @@ pub struct Invoked {
 }
 
 impl Invoked {
-    /// The init duration the REPORT line gives a cold start.
-    pub fn init_duration_ms(&self) -> Option<f64> {
-        let rest = self.log_tail.split("Init Duration: ").nth(1)?;
+    fn report_ms(&self, field: &str) -> Option<f64> {
+        let rest = self.log_tail.split(field).nth(1)?;
         rest.split(' ').next()?.parse().ok()
+    }
+
+    /// The REPORT line's Init Duration: a cold start that booted.
+    pub fn init_duration_ms(&self) -> Option<f64> {
+        self.report_ms("Init Duration: ")
+    }
+
+    /// The REPORT line's Restore Duration: a cold start that restored the
+    /// version's snapshot.
+    pub fn restore_duration_ms(&self) -> Option<f64> {
+        self.report_ms("Restore Duration: ")
+    }
+
+    /// Either: how long this invocation's environment took to start.
+    pub fn cold_start_ms(&self) -> Option<f64> {
+        self.init_duration_ms().or(self.restore_duration_ms())
     }
 }
 
@@ -143,7 +158,7 @@ impl LambdaClient {
     }
 
     /// A signed JSON request that must answer `expect`; returns the body.
-    async fn call(
+    pub async fn call(
         &self,
         method: Method,
         path: &str,

@@ -95,7 +95,7 @@ pub async fn run(
                                     String::from_utf8_lossy(&r.body)
                                 ));
                             }
-                            if r.init_duration_ms().is_some() {
+                            if r.cold_start_ms().is_some() {
                                 report.cold.push(r.latency);
                             } else {
                                 report.warm.push(r.latency);

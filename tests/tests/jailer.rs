@@ -299,7 +299,7 @@ fn the_worker_starts_every_environment_through_the_jailer() {
                     .unwrap();
                 assert_eq!(r.status, 200, "{r:?}");
                 assert_eq!(&r.body[..], br#"{"echo":"in jail"}"#);
-                assert_eq!(r.init_duration_ms().is_some(), round == 0, "{r:?}");
+                assert_eq!(r.cold_start_ms().is_some(), round == 0, "{r:?}");
             }
         }
     });

@@ -82,7 +82,7 @@ fn provisioned_environments_are_ready_ahead_and_invocations_above_them_spill_ove
             let r = call.await.unwrap().unwrap();
             assert_eq!(r.status, 200, "{r:?}");
             assert_eq!(&r.body[..], br#"{"echo":"spin"}"#);
-            cold += usize::from(r.init_duration_ms().is_some());
+            cold += usize::from(r.cold_start_ms().is_some());
         }
         assert_eq!(
             cold,
@@ -165,7 +165,7 @@ fn provisioned_concurrency_is_restored_after_a_restart() {
         let r = client.invoke("pc:1", "{}".into()).await.unwrap();
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(
-            r.init_duration_ms(),
+            r.cold_start_ms(),
             None,
             "a provisioned environment was initialized ahead: {}",
             r.log_tail

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use guest_init::environ::encode;
 use host_services::runtime_api::{Outcome, RuntimeApi};
 use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, GuestPorts};
+use microvm_tests::worker::{client_runtime, data_dir, RunningWorker};
 use microvm_tests::{baremetal_guest, run_vmm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -245,4 +246,108 @@ fn refuses_bad_snapshots(dir: &Path, state: &Path, memory: &Path, image: &Path) 
         "{}",
         both.stderr
     );
+}
+
+/// The worker snapshots a version's first on-demand environment and
+/// restores it for the version's later cold starts (the idle timeout of 0
+/// reaps every idle environment, so each invocation here starts one). A
+/// configuration change makes a new revision: its cold start boots again.
+#[test]
+fn the_worker_restores_a_versions_snapshot_for_its_later_cold_starts() {
+    let data = data_dir("lambda-snapshots");
+    let worker = RunningWorker::start(&data, &["--idle-timeout", "0"], "info");
+    let client = worker.client();
+    let wasm = wat::parse_str(microvm_tests::ECHO_WAT).unwrap();
+    let reaped = Duration::from_millis(400);
+    client_runtime().block_on(async {
+        client.create_wasm_function("snap", &wasm, 5).await.unwrap();
+        let first = client.invoke("snap", r#""random""#.into()).await.unwrap();
+        assert_eq!(first.status, 200, "{first:?}");
+        assert!(first.init_duration_ms().is_some(), "{}", first.log_tail);
+        // The worker seals the snapshot in the background.
+        let sealed = || {
+            walk(&data.join("snapshots"))
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "sealed"))
+        };
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !sealed() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no snapshot was sealed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut randoms = HashSet::from([first.body.clone()]);
+        for i in 0..3 {
+            tokio::time::sleep(reaped).await;
+            let r = client.invoke("snap", r#""random""#.into()).await.unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            let restore = r.restore_duration_ms();
+            assert!(
+                restore.is_some(),
+                "cold start {i} did not restore: {}\nworker log:\n{}",
+                r.log_tail,
+                worker.log()
+            );
+            println!(
+                "restored cold start {i}: Restore Duration {restore:?} ms, Invoke -> answer {:?}",
+                r.latency
+            );
+            assert!(
+                randoms.insert(r.body.clone()),
+                "a restored clone repeated randomness"
+            );
+            let echo = client
+                .invoke("snap", r#"{"after":"restore"}"#.into())
+                .await
+                .unwrap();
+            assert_eq!(&echo.body[..], br#"{"echo":{"after":"restore"}}"#);
+        }
+
+        // No plaintext at rest: the function's bytes are not in any file.
+        let marker = b"echo: handling an event";
+        for entry in walk(&data.join("snapshots")) {
+            let bytes = std::fs::read(&entry).unwrap();
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker),
+                "{entry:?} holds plaintext"
+            );
+        }
+
+        client
+            .call(
+                hyper::Method::PUT,
+                "/2015-03-31/functions/snap/configuration",
+                None,
+                serde_json::json!({"Environment": {"Variables": {"NEW": "1"}}}),
+                200,
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(reaped).await;
+        let r = client.invoke("snap", r#""env""#.into()).await.unwrap();
+        assert!(
+            r.init_duration_ms().is_some(),
+            "a new revision boots: {}",
+            r.log_tail
+        );
+        assert!(String::from_utf8_lossy(&r.body).contains("NEW=1"), "{r:?}");
+    });
+    let log = worker.stop();
+    assert!(log.contains("snapshot taken at the first /next"), "{log}");
+    std::fs::remove_dir_all(&data).unwrap();
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }

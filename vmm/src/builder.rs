@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::fd::FromRawFd;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -488,7 +489,14 @@ pub fn restore_microvm(
     kvm: KvmAccess,
     vmm_start: Instant,
 ) -> Result<MicroVm, BuildError> {
-    let state = read_snapshot(&config.state)?;
+    let state_name = PathBuf::from(config.state.to_string());
+    let state_file = config.state.open().map_err(|source| {
+        BuildError::Snapshot(SnapshotError::Io {
+            path: state_name.clone(),
+            source,
+        })
+    })?;
+    let state = read_snapshot(state_file, &state_name)?;
     let machine = &state.machine;
     let restore_error =
         |reason: String| BuildError::Restore(format!("snapshot {:?}: {reason}", config.state));
@@ -517,10 +525,10 @@ pub fn restore_microvm(
             "its vCPU or device states do not match its machine".into(),
         ));
     }
-    let memory = File::open(&config.memory).map_err(|source| BuildError::Drive {
-        path: config.memory.clone(),
-        source,
-    })?;
+    let memory = config
+        .memory
+        .open()
+        .map_err(|e| restore_error(format!("memory file {}: {e}", config.memory)))?;
     let mem = map_memory_file(&memory, machine.mem_mib << 20)?;
     let vm = Vm::new(kvm, &mem)?;
     if vm.hypervisor() != machine.hypervisor {

@@ -197,9 +197,70 @@ pub struct DeviceConfig {
 /// its memory size and vCPUs; the devices' host ends are new.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoreConfig {
-    pub state: PathBuf,
-    pub memory: PathBuf,
+    pub state: FileSource,
+    pub memory: FileSource,
     pub devices: DeviceConfig,
+}
+
+/// A file given by path, or as `fd:N`, a descriptor the VMM's owner left
+/// open for it (a jailed VMM sees no host paths).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileSource {
+    Path(PathBuf),
+    Fd(i32),
+}
+
+impl FromStr for FileSource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.strip_prefix("fd:") {
+            Some(n) => n
+                .parse::<u16>()
+                .map(|fd| FileSource::Fd(i32::from(fd)))
+                .map_err(|_| format!("{s:?}: expected fd:N with N a descriptor number")),
+            None if s.is_empty() => Err("empty path".into()),
+            None => Ok(FileSource::Path(PathBuf::from(s))),
+        }
+    }
+}
+
+impl std::fmt::Display for FileSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileSource::Path(path) => write!(f, "{}", path.display()),
+            FileSource::Fd(fd) => write!(f, "fd:{fd}"),
+        }
+    }
+}
+
+impl FileSource {
+    /// Opens the file, or takes ownership of the descriptor.
+    pub fn open(&self) -> std::io::Result<std::fs::File> {
+        match self {
+            FileSource::Path(path) => std::fs::File::open(path),
+            FileSource::Fd(fd) => {
+                // SAFETY: F_GETFD only asks whether `fd` is open.
+                if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: an open descriptor the owner passed for this file
+                // alone; it is opened once.
+                Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(*fd) })
+            }
+        }
+    }
+
+    fn check(&self, field: &'static str) -> Result<(), ConfigError> {
+        match self {
+            FileSource::Path(path) => check_readable_file(field, path),
+            // SAFETY: F_GETFD only asks whether the descriptor is open.
+            FileSource::Fd(fd) if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 => {
+                Err(invalid(field, self, "not an open descriptor"))
+            }
+            FileSource::Fd(_) => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,8 +401,8 @@ impl VmConfigInput {
     /// set.
     pub fn validate_restore(
         self,
-        state: PathBuf,
-        memory: PathBuf,
+        state: FileSource,
+        memory: FileSource,
     ) -> Result<RestoreConfig, ConfigError> {
         for (set, field) in [
             (self.kernel.is_some(), "kernel"),
@@ -358,8 +419,8 @@ impl VmConfigInput {
                 ));
             }
         }
-        check_readable_file("restore", &state)?;
-        check_readable_file("restore_memory", &memory)?;
+        state.check("restore")?;
+        memory.check("restore_memory")?;
         Ok(RestoreConfig {
             state,
             memory,

@@ -45,14 +45,15 @@ struct Cli {
     /// writes a snapshot and resumes it.
     #[arg(long, value_name = "PATH")]
     control_sock: Option<PathBuf>,
-    /// Restore the snapshot in this state file instead of booting; the
-    /// drives and vsock are given again, new, in the same order.
-    #[arg(long, value_name = "PATH", requires = "restore_memory")]
-    restore: Option<PathBuf>,
-    /// The memory file of the snapshot to restore; mapped copy-on-write,
-    /// never written.
-    #[arg(long, value_name = "PATH", requires = "restore")]
-    restore_memory: Option<PathBuf>,
+    /// Restore the snapshot in this state file (a path, or fd:N for an
+    /// inherited descriptor) instead of booting; the drives and vsock are
+    /// given again, new, in the same order.
+    #[arg(long, value_name = "PATH|fd:N", requires = "restore_memory")]
+    restore: Option<vmm::config::FileSource>,
+    /// The memory file of the snapshot to restore (a path or fd:N); mapped
+    /// copy-on-write, never written.
+    #[arg(long, value_name = "PATH|fd:N", requires = "restore")]
+    restore_memory: Option<vmm::config::FileSource>,
     /// JSON file with the same fields (kernel, initrd, cmdline, mem_mib,
     /// vcpus, serial, drives: [{path, read_only}], vsock: {guest_cid,
     /// uds_path}, control_sock); flags given on the command line take

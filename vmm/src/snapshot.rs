@@ -170,9 +170,12 @@ pub fn write_snapshot(path: &Path, state: &MicroVmState) -> Result<u64, Snapshot
     Ok(bytes.len() as u64)
 }
 
-pub fn read_snapshot(path: &Path) -> Result<MicroVmState, SnapshotError> {
-    let bytes = std::fs::read(path).map_err(io_error(path))?;
-    decode(path, &bytes)
+/// Reads and decodes the snapshot in `file`; `name` names it in errors.
+pub fn read_snapshot(mut file: std::fs::File, name: &Path) -> Result<MicroVmState, SnapshotError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io_error(name))?;
+    decode(name, &bytes)
 }
 
 #[cfg(test)]

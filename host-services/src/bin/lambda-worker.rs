@@ -17,6 +17,7 @@ use host_services::key_service::KeyService;
 use host_services::lifecycle::Lifecycle;
 use host_services::role_credentials::RoleCredentialIssuer;
 use host_services::router::{FleetConfig, InvokeRouter};
+use host_services::snapshots::SnapshotStore;
 use host_services::store::Store;
 use host_services::vmm_process::{JailIds, JailSettings};
 use host_services::worker::Worker;
@@ -76,6 +77,11 @@ struct Args {
     /// Seconds a runtime may take to reach its first /next.
     #[arg(long, default_value_t = 10)]
     init_timeout: u64,
+    /// Boots every environment. By default a version's first on-demand
+    /// environment is snapshotted at its runtime's first /next, and later
+    /// on-demand cold starts of the version restore that snapshot.
+    #[arg(long)]
+    no_snapshots: bool,
 }
 
 fn existing_file(what: &str, path: &std::path::Path) -> Result<(), String> {
@@ -186,6 +192,15 @@ async fn run(args: Args) -> Result<(), String> {
         run_dir,
         init_timeout: Duration::from_secs(args.init_timeout),
         jail,
+        snapshots: if args.no_snapshots {
+            tracing::info!("--no-snapshots: every environment boots");
+            None
+        } else {
+            Some(Arc::new(
+                SnapshotStore::open(&args.data_dir.join("snapshots"), keys.clone())
+                    .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
+            ))
+        },
         keys,
     };
     let logs = args.data_dir.join("logs");
