@@ -1,6 +1,7 @@
 //! Invoke benchmark: a real `lambda-worker` on loopback, the echo Wasm
-//! function in real microVMs. Reports sequential cold starts, sequential
-//! warm invokes, and a load run at a fixed concurrency.
+//! function in real microVMs. Reports sequential cold starts (of new
+//! functions; and of one version, restored from its snapshot or booted),
+//! sequential warm invokes, and a load run at a fixed concurrency.
 //!
 //! usage: invoke_bench [--cold N] [--warm N] [--total N] [--concurrency N]
 
@@ -83,11 +84,18 @@ async fn bench(worker: &RunningWorker, args: &Args) -> Result<Vec<Duration>, Str
     let client = client_of(worker);
     let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
     let (cold, init) = cold_starts(&client, args.cold).await?;
-    summary("cold start, Invoke -> answer", &cold);
+    summary("cold start of a new function, Invoke -> answer", &cold);
     summary(
-        "cold start, Init Duration (VMM spawn -> first /next)",
+        "cold start of a new function, Init Duration (VMM spawn -> first /next)",
         &init,
     );
+    println!(
+        "cold starts of one version, each after its idle environment was reaped (--idle-timeout 0):"
+    );
+    restore_vs_boot(args.cold, is_root()).await?;
+    if is_root() {
+        restore_vs_boot(args.cold, false).await?;
+    }
     client.create_wasm_function("echo", &wasm, 5).await?;
     let mut warm = Vec::new();
     for i in 0..=args.warm {
@@ -109,6 +117,83 @@ async fn bench(worker: &RunningWorker, args: &Args) -> Result<Vec<Duration>, Str
         ));
     }
     Ok(init)
+}
+
+/// `n` cold starts of one version, one at a time, on a worker (with
+/// `extra` flags) whose idle timeout of 0 reaps each environment once it
+/// is idle: Invoke -> answer latencies and the REPORT line's Init or
+/// Restore Durations. With snapshots on, these restore the snapshot the
+/// version's first cold start took.
+async fn cold_starts_after_reaping(
+    n: usize,
+    extra: &[&str],
+) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+    let data = data_dir("invoke-bench-reaped");
+    let flags: Vec<&str> = ["--idle-timeout", "0"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    let worker = RunningWorker::start(&data, &flags, "warn");
+    let restores = !extra.contains(&"--no-snapshots");
+    let result = async {
+        let client = client_of(&worker);
+        let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
+        client.create_wasm_function("reaped", &wasm, 5).await?;
+        client.invoke("reaped", "{}".into()).await?;
+        let (mut cold, mut start) = (Vec::new(), Vec::new());
+        for _ in 0..2 * n + 20 {
+            if cold.len() == n {
+                return Ok((cold, start));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let r = client.invoke("reaped", "{}".into()).await?;
+            // Until the first snapshot is sealed, cold starts boot.
+            let ms = match restores {
+                true => r.restore_duration_ms(),
+                false => r.init_duration_ms(),
+            };
+            if let Some(ms) = ms {
+                start.push(Duration::from_secs_f64(ms / 1e3));
+                cold.push(r.latency);
+            }
+        }
+        Err(format!(
+            "{flags:?}: too few cold starts of the kind measured"
+        ))
+    }
+    .await;
+    worker.stop();
+    let _ = std::fs::remove_dir_all(&data);
+    result
+}
+
+/// Restore against boot, jailed or not, each after a reaped environment.
+async fn restore_vs_boot(n: usize, jailed: bool) -> Result<(), String> {
+    let p50 = |v: &[Duration]| percentile(v, 50.0).as_secs_f64() * 1e3;
+    let jail: &[&str] = if jailed { &[] } else { &["--no-jail"] };
+    let label = if jailed { "jailed" } else { "unjailed" };
+    let (restored, restore) = cold_starts_after_reaping(n, jail).await?;
+    let boot_flags: Vec<&str> = jail.iter().chain(&["--no-snapshots"]).copied().collect();
+    let (booted, init) = cold_starts_after_reaping(n, &boot_flags).await?;
+    summary(
+        &format!("{label} cold start, snapshot restore, Invoke -> answer"),
+        &restored,
+    );
+    summary(
+        &format!("{label} cold start, boot (--no-snapshots), Invoke -> answer"),
+        &booted,
+    );
+    println!(
+        "{label}: Restore Duration p50 {:.2} ms vs Init Duration p50 {:.2} ms ({:.1}x); Invoke -> answer p50 {:.2} vs {:.2} ms ({:.1}x)",
+        p50(&restore),
+        p50(&init),
+        p50(&init) / p50(&restore),
+        p50(&restored),
+        p50(&booted),
+        p50(&booted) / p50(&restored)
+    );
+    Ok(())
 }
 
 /// The same cold starts on a worker that does not jail its VMMs.
