@@ -1,5 +1,6 @@
-//! The Linux guest's code disk: a function's ZIP as an EROFS image, the
-//! read-only filesystem the guest kernel mounts at /var/task. EROFS is
+//! The Linux guest's code disk: a function's ZIP (or a flattened
+//! container image, see `oci`) as an EROFS image, the read-only
+//! filesystem the guest kernel mounts at /var/task. EROFS is
 //! built for this (read-only, compact for small files, no journal to
 //! replay); Debian's `mkfs.erofs` makes it, with fixed timestamps, owner
 //! and UUID so that the same ZIP always gives the same image.
@@ -31,10 +32,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ErofsError + '_ {
     }
 }
 
-/// Builds the image of `zip` (checked by `code::check_zip`). The files
-/// pass through a scratch directory in RAM when the host has one
-/// (`/dev/shm`), and it is removed before this returns.
+/// Builds the image of `zip` (checked by `code::check_zip`).
 pub fn build(zip: &[u8]) -> Result<Vec<u8>, ErofsError> {
+    build_with(|tree| extract_all(zip, tree))
+}
+
+/// Builds an image of the tree `fill` writes into an empty directory. The
+/// files pass through a scratch directory in RAM when the host has one
+/// (`/dev/shm`), and it is removed before this returns.
+pub fn build_with<E>(fill: impl FnOnce(&Path) -> Result<(), E>) -> Result<Vec<u8>, E>
+where
+    E: From<ErofsError>,
+{
     let base = Path::new("/dev/shm");
     let base = if base.is_dir() {
         base.to_path_buf()
@@ -42,16 +51,17 @@ pub fn build(zip: &[u8]) -> Result<Vec<u8>, ErofsError> {
         std::env::temp_dir()
     };
     let scratch = base.join(format!("erofs-{}", uuid::Uuid::new_v4()));
-    let result = build_in(zip, &scratch);
+    let tree = scratch.join("tree");
+    let result = std::fs::create_dir_all(&tree)
+        .map_err(|e| E::from(io(&tree)(e)))
+        .and_then(|()| fill(&tree))
+        .and_then(|()| mkfs(&tree, &scratch.join("image.erofs")).map_err(E::from));
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
 
-fn build_in(zip: &[u8], scratch: &Path) -> Result<Vec<u8>, ErofsError> {
-    let tree = scratch.join("tree");
-    std::fs::create_dir_all(&tree).map_err(io(&tree))?;
-    extract_all(zip, &tree)?;
-    let image = scratch.join("code.erofs");
+/// `mkfs.erofs` with fixed timestamps, owner and UUID.
+fn mkfs(tree: &Path, image: &Path) -> Result<Vec<u8>, ErofsError> {
     let out = Command::new("mkfs.erofs")
         .args([
             "--quiet",
@@ -59,8 +69,8 @@ fn build_in(zip: &[u8], scratch: &Path) -> Result<Vec<u8>, ErofsError> {
             "--all-root",
             "-U00000000-0000-0000-0000-000000000000",
         ])
-        .arg(&image)
-        .arg(&tree)
+        .arg(image)
+        .arg(tree)
         .output()
         .map_err(|e| ErofsError::Mkfs(e.to_string()))?;
     if !out.status.success() {
@@ -70,7 +80,7 @@ fn build_in(zip: &[u8], scratch: &Path) -> Result<Vec<u8>, ErofsError> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    std::fs::read(&image).map_err(io(&image))
+    std::fs::read(image).map_err(io(image))
 }
 
 /// Writes every entry of `zip` under `root`, with the executable bits
@@ -118,7 +128,7 @@ fn extract_all(zip: &[u8], root: &Path) -> Result<(), ErofsError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
@@ -134,7 +144,7 @@ mod tests {
         out.into_inner()
     }
 
-    fn mkfs_present() -> bool {
+    pub(crate) fn mkfs_present() -> bool {
         if Command::new("mkfs.erofs").arg("--help").output().is_ok() {
             return true;
         }

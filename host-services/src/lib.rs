@@ -8,6 +8,7 @@
 pub mod api;
 pub mod artifacts;
 pub mod auth;
+pub mod chunk_store;
 pub mod code;
 pub mod control;
 pub mod environment;
@@ -18,6 +19,7 @@ pub mod key_service;
 pub mod layers;
 pub mod lifecycle;
 pub mod model;
+pub mod oci;
 pub mod role_credentials;
 pub mod router;
 pub mod runtime_api;

@@ -98,6 +98,20 @@ pub const ECHO_WAT: &str = r#"
     (drop (call $fd_write (i32.const 1) (i32.const 80) (i32.const 3) (i32.const 112)))))
 "#;
 
+/// Every file under `dir`, recursively; none if it does not exist.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else if path.is_file() {
+            files.push(path);
+        }
+    }
+    files
+}
+
 /// A fixture guest built by this crate's build script.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("OUT_DIR")).join(name)

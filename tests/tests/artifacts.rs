@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use microvm_tests::worker::{client_runtime, data_dir, RunningWorker};
-use microvm_tests::ECHO_WAT;
+use microvm_tests::{files_under, ECHO_WAT};
 
 /// The sealed files in the worker's artifact store.
 fn sealed_files(data: &Path) -> Vec<PathBuf> {
@@ -14,19 +14,6 @@ fn sealed_files(data: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.retain(|p| p.extension().is_some_and(|e| e == "sealed"));
     files.sort();
-    files
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(files_under(&path));
-        } else if path.is_file() {
-            files.push(path);
-        }
-    }
     files
 }
 

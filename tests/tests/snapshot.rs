@@ -12,7 +12,7 @@ use guest_init::environ::encode;
 use host_services::runtime_api::{Outcome, RuntimeApi};
 use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::worker::{client_runtime, data_dir, RunningWorker};
-use microvm_tests::{baremetal_guest, run_vmm};
+use microvm_tests::{baremetal_guest, files_under, run_vmm};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLONES: u64 = 20;
@@ -266,7 +266,7 @@ fn the_worker_restores_a_versions_snapshot_for_its_later_cold_starts() {
         assert!(first.init_duration_ms().is_some(), "{}", first.log_tail);
         // The worker seals the snapshot in the background.
         let sealed = || {
-            walk(&data.join("snapshots"))
+            files_under(&data.join("snapshots"))
                 .iter()
                 .any(|p| p.extension().is_some_and(|e| e == "sealed"))
         };
@@ -307,7 +307,7 @@ fn the_worker_restores_a_versions_snapshot_for_its_later_cold_starts() {
 
         // No plaintext at rest: the function's bytes are not in any file.
         let marker = b"echo: handling an event";
-        for entry in walk(&data.join("snapshots")) {
+        for entry in files_under(&data.join("snapshots")) {
             let bytes = std::fs::read(&entry).unwrap();
             assert!(
                 !bytes.windows(marker.len()).any(|w| w == marker),
@@ -337,17 +337,4 @@ fn the_worker_restores_a_versions_snapshot_for_its_later_cold_starts() {
     let log = worker.stop();
     assert!(log.contains("snapshot taken at the first /next"), "{log}");
     std::fs::remove_dir_all(&data).unwrap();
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }

@@ -2,9 +2,8 @@
 //! memory, the KVM VM, the kernel and its boot structures, the devices and
 //! the vCPUs, in that order.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Read;
-use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -21,7 +20,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::paging::Privilege;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{cpuid, mptable, paging};
-use crate::config::{DeviceConfig, RestoreConfig, SerialConfig, VmConfig};
+use crate::config::{DeviceConfig, DriveConfig, FileSource, RestoreConfig, SerialConfig, VmConfig};
 use crate::control::{ControlError, ControlSocket};
 use crate::devices::boot_timer::{BootTime, BootTimer};
 use crate::devices::bus::lock;
@@ -29,6 +28,7 @@ use crate::devices::ioapic::Ioapic;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SerialDevice, SerialOutput, SerialSnapshot};
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::block::chunked::{ChunkManifest, ChunkedError, ChunkedImage};
 use crate::devices::virtio::block::sealed::{
     parse_key_line, ArtifactId, DataKey, SealedError, SealedImage,
 };
@@ -87,6 +87,12 @@ pub enum BuildError {
         path: std::path::PathBuf,
         fd: i32,
         reason: String,
+    },
+    #[error("chunked drive {path:?} (manifest {manifest}): {source}")]
+    ChunkedDrive {
+        path: std::path::PathBuf,
+        manifest: String,
+        source: ChunkedError,
     },
     #[error("sealed drive {path:?}: {source}")]
     SealedDrive {
@@ -152,32 +158,7 @@ fn attach_virtio_devices(
     config: &DeviceConfig,
 ) -> Result<(), BuildError> {
     for (i, drive) in config.drives.iter().enumerate() {
-        let drive_error = |source| BuildError::Drive {
-            path: drive.path.clone(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!drive.read_only)
-            .open(&drive.path)
-            .map_err(drive_error)?;
-        let backend: Box<dyn BlockBackend> = match drive.key_fd {
-            None => Box::new(RawFile::new(file).map_err(drive_error)?),
-            Some(fd) => {
-                let (artifact, key) =
-                    read_drive_key(fd).map_err(|reason| BuildError::DriveKey {
-                        path: drive.path.clone(),
-                        fd,
-                        reason,
-                    })?;
-                Box::new(SealedImage::open(file, &artifact, &key).map_err(|source| {
-                    BuildError::SealedDrive {
-                        path: drive.path.clone(),
-                        source,
-                    }
-                })?)
-            }
-        };
+        let backend = drive_backend(drive)?;
         let block = Block::new(backend, drive.read_only, &format!("drive{i}"))
             .map_err(BuildError::VirtioDevice)?;
         attacher.attach(block)?;
@@ -188,16 +169,50 @@ fn attach_virtio_devices(
     attacher.attach(Rng::new().map_err(BuildError::VirtioDevice)?)
 }
 
+/// A drive's storage: a chunked image, a sealed one, or a raw file.
+fn drive_backend(drive: &DriveConfig) -> Result<Box<dyn BlockBackend>, BuildError> {
+    let drive_error = |source| BuildError::Drive {
+        path: drive.path.clone(),
+        source,
+    };
+    if let Some(manifest) = &drive.manifest {
+        let chunked = manifest
+            .open()
+            .map_err(ChunkedError::Io)
+            .and_then(ChunkManifest::read_from)
+            .and_then(|m| ChunkedImage::open(&drive.path, m))
+            .map_err(|source| BuildError::ChunkedDrive {
+                path: drive.path.clone(),
+                manifest: manifest.to_string(),
+                source,
+            })?;
+        return Ok(Box::new(chunked));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!drive.read_only)
+        .open(&drive.path)
+        .map_err(drive_error)?;
+    let Some(fd) = drive.key_fd else {
+        return Ok(Box::new(RawFile::new(file).map_err(drive_error)?));
+    };
+    let (artifact, key) = read_drive_key(fd).map_err(|reason| BuildError::DriveKey {
+        path: drive.path.clone(),
+        fd,
+        reason,
+    })?;
+    let sealed =
+        SealedImage::open(file, &artifact, &key).map_err(|source| BuildError::SealedDrive {
+            path: drive.path.clone(),
+            source,
+        })?;
+    Ok(Box::new(sealed))
+}
+
 /// Reads a sealed drive's artifact id and key from descriptor `fd`, which
 /// the VMM's owner left open for it, and closes it.
 fn read_drive_key(fd: i32) -> Result<(ArtifactId, DataKey), String> {
-    // SAFETY: F_GETFD only asks whether `fd` is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err("not an open descriptor".into());
-    }
-    // SAFETY: an open descriptor nothing else in this process uses: the
-    // owner passed it for this drive alone.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = FileSource::Fd(fd).open().map_err(|e| e.to_string())?;
     let mut line = String::new();
     file.take(256)
         .read_to_string(&mut line)

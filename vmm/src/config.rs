@@ -38,8 +38,10 @@ impl FromStr for SerialConfig {
     }
 }
 
-/// A virtio-blk drive: a raw image file, or a sealed (encrypted) one
-/// whose artifact id and key the VMM reads from an inherited descriptor.
+/// A virtio-blk drive: a raw image file; a sealed (encrypted) one whose
+/// artifact id and key the VMM reads from an inherited descriptor; or a
+/// chunked one, whose path is the chunk store and whose manifest the VMM
+/// reads from a file or descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
@@ -49,29 +51,37 @@ pub struct DriveConfig {
     /// A descriptor holding `ARTIFACT_ID_HEX KEY_HEX`: the drive is sealed.
     #[serde(default)]
     pub key_fd: Option<i32>,
+    /// The chunk manifest: the drive is chunked and `path` its store.
+    #[serde(default)]
+    pub manifest: Option<FileSource>,
 }
 
 impl FromStr for DriveConfig {
     type Err = String;
 
-    /// `PATH[,ro|,rw][,key-fd=N]`, as on the command line.
+    /// `PATH[,ro|,rw][,key-fd=N][,manifest=PATH|fd:N]`, as on the command
+    /// line.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut path = s;
-        let (mut read_only, mut key_fd) = (false, None);
+        let (mut read_only, mut key_fd, mut manifest) = (false, None, None);
         while let Some((rest, option)) = path.rsplit_once(',') {
             match option {
                 "ro" => read_only = true,
                 "rw" => read_only = false,
-                _ => match option.strip_prefix("key-fd=") {
-                    Some(fd) => {
+                _ => match (
+                    option.strip_prefix("key-fd="),
+                    option.strip_prefix("manifest="),
+                ) {
+                    (Some(fd), _) => {
                         key_fd = Some(fd.parse::<u16>().map_err(|_| {
                             format!("key-fd={fd:?}: expected a file descriptor number")
                         })?);
                     }
-                    None => {
+                    (_, Some(source)) => manifest = Some(source.parse()?),
+                    _ => {
                         return Err(format!(
-                            "unknown drive option {option:?} (ro, rw or key-fd=N)"
-                        ))
+                        "unknown drive option {option:?} (ro, rw, key-fd=N or manifest=PATH|fd:N)"
+                    ))
                     }
                 },
             }
@@ -84,6 +94,7 @@ impl FromStr for DriveConfig {
             path: PathBuf::from(path),
             read_only,
             key_fd: key_fd.map(i32::from),
+            manifest,
         })
     }
 }
@@ -222,6 +233,14 @@ impl FromStr for FileSource {
             None if s.is_empty() => Err("empty path".into()),
             None => Ok(FileSource::Path(PathBuf::from(s))),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for FileSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -436,6 +455,17 @@ impl VmConfigInput {
 
         let drives = self.drives.clone().unwrap_or_default();
         for drive in &drives {
+            if let Some(manifest) = &drive.manifest {
+                if !drive.path.is_dir() || !drive.read_only || drive.key_fd.is_some() {
+                    return Err(invalid(
+                        "drive",
+                        drive.path.display(),
+                        "a chunked drive (manifest=) is read-only (,ro), without key-fd, and its path is the chunk store directory",
+                    ));
+                }
+                manifest.check("drive.manifest")?;
+                continue;
+            }
             check_readable_file("drive", &drive.path)?;
             if drive.key_fd.is_some() && !drive.read_only {
                 return Err(invalid(
@@ -592,6 +622,7 @@ mod tests {
                 path: "/a/b.img".into(),
                 read_only: true,
                 key_fd: None,
+                manifest: None,
             })
         );
         assert_eq!(
@@ -600,8 +631,28 @@ mod tests {
                 path: "/a/s.img".into(),
                 read_only: true,
                 key_fd: Some(0),
+                manifest: None,
             })
         );
+        assert_eq!(
+            "/store,ro,manifest=fd:5"
+                .parse::<DriveConfig>()
+                .map(|d| d.manifest),
+            Ok(Some(FileSource::Fd(5)))
+        );
+        assert!("/store,ro,manifest=fd:x"
+            .parse::<DriveConfig>()
+            .unwrap_err()
+            .contains("expected fd:N"));
+        let rw_chunked = VmConfigInput {
+            kernel: Some("/proc/self/exe".into()),
+            drives: Some(vec!["/tmp,manifest=/etc/hostname".parse().unwrap()]),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(rw_chunked.contains("a chunked drive"), "{rw_chunked}");
         assert!("s.img,ro,key-fd=x"
             .parse::<DriveConfig>()
             .unwrap_err()

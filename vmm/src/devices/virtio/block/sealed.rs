@@ -15,7 +15,6 @@
 //! put in its place is refused before any read. Decrypted bytes stay in
 //! memory, in a small cache of recent chunks.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -23,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 
-use super::BlockBackend;
+use super::chunk_cache::{ChunkCache, ChunkSource};
 
 const MAGIC: &[u8; 8] = b"LMSEALD1";
 const VERSION: u32 = 1;
@@ -197,21 +196,23 @@ pub fn seal(
     Ok(())
 }
 
-/// A sealed image as a read-only block device.
+/// A sealed image's chunks, for a [`ChunkCache`].
 pub struct SealedImage {
     file: File,
     header: Header,
     encoded: [u8; HEADER_LEN],
     cipher: Aes256Gcm,
-    /// Recently decrypted chunks, most recent last.
-    cache: VecDeque<(u64, Vec<u8>)>,
     sealed: Vec<u8>,
 }
 
 impl SealedImage {
     /// Opens `file`, which must be sealed as `artifact`, to be read with
-    /// `key`.
-    pub fn open(file: File, artifact: &ArtifactId, key: &DataKey) -> Result<Self, SealedError> {
+    /// `key`, as a block device that keeps the last few chunks it read.
+    pub fn open(
+        file: File,
+        artifact: &ArtifactId,
+        key: &DataKey,
+    ) -> Result<ChunkCache<Self>, SealedError> {
         let mut encoded = [0u8; HEADER_LEN];
         file.read_exact_at(&mut encoded, 0)?;
         let header = Header::decode(&encoded)?;
@@ -228,32 +229,27 @@ impl SealedImage {
                 actual,
             });
         }
-        Ok(SealedImage {
+        let image = SealedImage {
             file,
             header,
             encoded,
             cipher: Aes256Gcm::new(key.into()),
-            cache: VecDeque::with_capacity(CACHED_CHUNKS),
             sealed: vec![0u8; header.chunk_size as usize + CHUNK_OVERHEAD],
-        })
+        };
+        Ok(ChunkCache::new(image, CACHED_CHUNKS))
+    }
+}
+
+impl ChunkSource for SealedImage {
+    fn chunk_size(&self) -> u64 {
+        u64::from(self.header.chunk_size)
     }
 
-    /// Chunk `index`, decrypted, from the cache or the file.
-    fn chunk(&mut self, index: u64) -> io::Result<&[u8]> {
-        if let Some(at) = self.cache.iter().position(|(i, _)| *i == index) {
-            let hit = self.cache.remove(at).expect("a cached chunk");
-            self.cache.push_back(hit);
-        } else {
-            let plain = self.decrypt(index)?;
-            if self.cache.len() == CACHED_CHUNKS {
-                self.cache.pop_front();
-            }
-            self.cache.push_back((index, plain));
-        }
-        Ok(&self.cache.back().expect("the chunk just cached").1)
+    fn image_len(&self) -> u64 {
+        self.header.len
     }
 
-    fn decrypt(&mut self, index: u64) -> io::Result<Vec<u8>> {
+    fn load(&mut self, index: u64) -> io::Result<Vec<u8>> {
         let (offset, n) = self.header.chunk_span(index);
         let sealed = &mut self.sealed[..n + CHUNK_OVERHEAD];
         self.file.read_exact_at(sealed, offset)?;
@@ -278,46 +274,6 @@ impl SealedImage {
                 io::Error::new(io::ErrorKind::InvalidData, message)
             })?;
         Ok(plain)
-    }
-}
-
-impl BlockBackend for SealedImage {
-    fn size(&self) -> u64 {
-        self.header.len
-    }
-
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > self.header.len)
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "a read past the end of the image",
-            ));
-        }
-        let size = u64::from(self.header.chunk_size);
-        let mut done = 0;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let (index, within) = (at / size, (at % size) as usize);
-            let chunk = self.chunk(index)?;
-            let n = (chunk.len() - within).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&chunk[within..within + n]);
-            done += n;
-        }
-        Ok(())
-    }
-
-    fn write_at(&mut self, _: &[u8], _: u64) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "a sealed image is read-only",
-        ))
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -370,7 +326,9 @@ mod tests {
         N.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn read_all(img: &mut SealedImage) -> io::Result<Vec<u8>> {
+    use crate::devices::virtio::block::BlockBackend;
+
+    fn read_all(img: &mut ChunkCache<SealedImage>) -> io::Result<Vec<u8>> {
         let mut out = vec![0u8; img.size() as usize];
         img.read_at(&mut out, 0)?;
         Ok(out)
