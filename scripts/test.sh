@@ -11,6 +11,11 @@ MICROVM_GUEST_KERNEL="$(kernel-config/build.sh)"
 export MICROVM_GUEST_KERNEL
 MICROVM_PYTHON="$(scripts/setup-python.sh)"
 export MICROVM_PYTHON
+# QEMU's guest reaches the host's vsock through this vhost-user backend
+# (about 2.5 minutes to build, once).
+if [[ ! -x "$HOME/.cargo/bin/vhost-device-vsock" ]]; then
+    cargo install --locked --quiet vhost-device-vsock
+fi
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings

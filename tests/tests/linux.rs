@@ -10,9 +10,13 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use guest_init::environ::encode;
+use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
+use microvm_tests::guest_ports::{spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::{
     cpio, fixture, guest_kernel, hypervisor, linux_init_binary, marker_initramfs, run_vmm,
-    skip_unless_hardware_kvm, HypervisorKind, VmmRun, INIT_MARKER,
+    rust_function_bootstrap, skip_unless_hardware_kvm, vhost_device_vsock, HypervisorKind, VmmRun,
+    INIT_MARKER,
 };
 
 const CMDLINE: &str =
@@ -84,24 +88,26 @@ fn linux_boots_under_this_vmm() {
     }
 }
 
-/// Boots `kernel` with `initrd` under QEMU's microvm machine in software
-/// emulation, until the guest restarts; removes `initrd`. Returns what the
-/// serial console and QEMU printed.
-fn boot_under_qemu_tcg(
+/// QEMU's microvm machine in software emulation, booting `kernel` with
+/// `initrd` and `cmdline`, and `disk` as its virtio-blk drive; it exits
+/// when the guest restarts.
+fn qemu_tcg(
     kernel: &std::path::Path,
     initrd: &std::path::Path,
     cmdline: &str,
     disk: Option<&std::path::Path>,
-) -> (String, String) {
+    machine: &str,
+) -> Command {
     let qemu = "/usr/bin/qemu-system-x86_64";
     assert!(
         std::path::Path::new(qemu).exists(),
         "{qemu} missing: scripts/test.sh installs qemu-system-x86"
     );
-    let out = Command::new(qemu)
+    let mut command = Command::new(qemu);
+    command
         // Without ACPI, QEMU lists the virtio-mmio devices on the command
         // line, as this VMM does.
-        .args(["-M", "microvm,acpi=off", "-accel", "tcg", "-m", "256M"])
+        .args(["-M", machine, "-accel", "tcg", "-m", "256M"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio", "-monitor", "none", "-kernel"])
         .arg(kernel)
@@ -119,7 +125,19 @@ fn boot_under_qemu_tcg(
                 "virtio-blk-device,drive=code".to_string(),
             ]
         }))
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    command
+}
+
+/// Boots under [`qemu_tcg`] until the guest restarts; removes `initrd`.
+/// Returns what the serial console and QEMU printed.
+fn boot_under_qemu_tcg(
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    cmdline: &str,
+    disk: Option<&std::path::Path>,
+) -> (String, String) {
+    let out = qemu_tcg(kernel, initrd, cmdline, disk, "microvm,acpi=off")
         .output()
         .expect("run qemu");
     std::fs::remove_file(initrd).unwrap();
@@ -157,16 +175,14 @@ fn no_std_init_initramfs(tag: &str) -> std::path::PathBuf {
     initrd
 }
 
-/// A function's ZIP: an executable `bootstrap` (the `bootstrap.S`
-/// fixture: two lines on stdout, one on stderr, exit status 3).
-fn zip_with_bootstrap() -> Vec<u8> {
+/// A function's ZIP: `bootstrap`, executable, and nothing else.
+fn zip_with_bootstrap(bootstrap: &std::path::Path) -> Vec<u8> {
     use std::io::Write;
     let mut out = std::io::Cursor::new(Vec::new());
     let mut zip = zip::ZipWriter::new(&mut out);
     let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
     zip.start_file("bootstrap", options).unwrap();
-    zip.write_all(&std::fs::read(fixture("bootstrap")).unwrap())
-        .unwrap();
+    zip.write_all(&std::fs::read(bootstrap).unwrap()).unwrap();
     zip.finish().unwrap();
     out.into_inner()
 }
@@ -175,7 +191,7 @@ fn zip_with_bootstrap() -> Vec<u8> {
 const INIT_LINES: [&str; 3] = [
     "init: mounted /dev (devtmpfs), /proc, /tmp (tmpfs, 64 MiB)",
     "init: lo is up",
-    "init: nothing more to run yet; restarting the machine",
+    "init: restarting the machine",
 ];
 
 #[test]
@@ -206,8 +222,9 @@ fn the_no_std_init_sets_up_the_guest_under_qemu_tcg() {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let initrd = no_std_init_initramfs("qemu");
     // The function's code as the worker would make it: a ZIP with an
-    // executable bootstrap, as an EROFS image.
-    let zip = zip_with_bootstrap();
+    // executable bootstrap (the `bootstrap.S` fixture: two lines on
+    // stdout, one on stderr, exit status 3), as an EROFS image.
+    let zip = zip_with_bootstrap(&fixture("bootstrap"));
     let disk = std::env::temp_dir().join(format!("no-std-init-code-{}", std::process::id()));
     std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
     let (stdout, stderr) = boot_under_qemu_tcg(
@@ -223,8 +240,292 @@ fn the_no_std_init_sets_up_the_guest_under_qemu_tcg() {
         "function: second line",
         "function: an error line",
         "init: bootstrap exited with status 3",
+        "init: no host over vsock",
     ]) {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}\n{stderr}");
     }
     assert!(!stdout.contains("Kernel panic"), "{stdout}");
+}
+
+/// A Linux guest under QEMU TCG whose vsock reaches the host through
+/// `vhost-device-vsock` (Firecracker's Unix socket convention, as this
+/// VMM's), with `bootstrap` on its code disk and the host's side of its
+/// ports.
+struct QemuGuest {
+    dir: std::path::PathBuf,
+    initrd: std::path::PathBuf,
+    ports: GuestPorts,
+    qemu: tokio::process::Child,
+    console: tokio::task::JoinHandle<String>,
+    _backend: tokio::process::Child,
+}
+
+impl QemuGuest {
+    async fn start(name: &str, bootstrap: &std::path::Path, environ: Vec<u8>) -> QemuGuest {
+        let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+        let dir = test_dir(name);
+        let initrd = no_std_init_initramfs(name);
+        let disk = dir.join("code.erofs");
+        let zip = zip_with_bootstrap(bootstrap);
+        std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
+        let ports = GuestPorts::bind(&dir, Some(environ)).await;
+        let vhost_socket = dir.join("vhost.sock");
+        let backend = tokio::process::Command::new(vhost_device_vsock())
+            .arg("--guest-cid")
+            .arg("3")
+            .arg("--socket")
+            .arg(&vhost_socket)
+            .arg("--uds-path")
+            .arg(&ports.uds)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if vhost_socket.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // vhost-user needs the guest's memory shared with the backend.
+        let mut qemu = qemu_tcg(
+            &kernel,
+            &initrd,
+            "console=ttyS0 reboot=t panic=-1 quiet",
+            Some(&disk),
+            "microvm,acpi=off,memory-backend=mem",
+        );
+        qemu.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+            .arg("-chardev")
+            .arg(format!("socket,id=vsock,path={}", vhost_socket.display()))
+            .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut qemu = tokio::process::Command::from(qemu)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdout = qemu.stdout.take().unwrap();
+        let console = tokio::spawn(async move {
+            let mut all = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut { stdout }, &mut all).await;
+            all
+        });
+        QemuGuest {
+            dir,
+            initrd,
+            ports,
+            qemu,
+            console,
+            _backend: backend,
+        }
+    }
+
+    /// Closes the Runtime API (a runtime waiting in `/next` then exits),
+    /// waits for QEMU to end (the init restarts the machine once
+    /// bootstrap has ended), and returns the console and the log stream.
+    async fn finish(self) -> (String, tokio::task::JoinHandle<String>) {
+        let QemuGuest {
+            dir,
+            initrd,
+            ports,
+            mut qemu,
+            console,
+            _backend,
+        } = self;
+        drop(ports.api);
+        let status = tokio::time::timeout(Duration::from_secs(120), qemu.wait())
+            .await
+            .expect("QEMU ends when the function does")
+            .unwrap();
+        let console = console.await.unwrap();
+        println!("{console}");
+        assert!(!console.contains("Kernel panic"), "{console}");
+        assert!(status.success(), "{status}\n{console}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_file(&initrd).unwrap();
+        (console, ports.log)
+    }
+}
+
+fn function_environ() -> Vec<u8> {
+    encode([
+        ("AWS_REGION", "local"),
+        ("AWS_LAMBDA_FUNCTION_NAME", "rust-echo"),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256"),
+        ("_HANDLER", "bootstrap"),
+    ])
+    .unwrap()
+}
+
+/// The Linux guest as a function runtime: the init takes its variables
+/// from the host, relays 127.0.0.1:9001 to the host's Runtime API and
+/// forwards the function's output as its log stream. The function is
+/// built with the official `lambda_runtime` crate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lambda_runtime_function_serves_events_through_the_init_under_qemu_tcg() {
+    let guest = QemuGuest::start(
+        "linux-vsock",
+        &rust_function_bootstrap(),
+        function_environ(),
+    )
+    .await;
+    // TCG boots the kernel, then runs an unoptimized tokio program.
+    serve_three_events(&guest.ports.api, Duration::from_secs(240)).await;
+    let (console, log) = guest.finish().await;
+    check_log_stream(log, &console).await;
+    assert!(
+        console.contains("init: 5 variables from the host"),
+        "{console}"
+    );
+}
+
+/// Starts a guest whose init must fail: it reports `error_type` (with
+/// `needle` in its message) to the host's Runtime API, and restarts the
+/// machine. Returns the console and the log stream, if the guest opened
+/// one.
+async fn expect_init_failure(
+    name: &str,
+    environ: Vec<u8>,
+    error_type: &str,
+    needle: &str,
+) -> (String, Option<String>) {
+    let guest = QemuGuest::start(name, &fixture("bootstrap"), environ).await;
+    match tokio::time::timeout(Duration::from_secs(240), guest.ports.api.ready()).await {
+        Ok(Err(InvokeError::InitFailed {
+            error_type: reported,
+            body,
+        })) => {
+            assert_eq!(reported, error_type, "{body}");
+            assert!(body.contains(needle), "{body}");
+        }
+        other => panic!("{name}: expected {error_type}, got {other:?}"),
+    }
+    let (console, log) = guest.finish().await;
+    let log = tokio::time::timeout(Duration::from_secs(5), log).await;
+    (console, log.ok().map(Result::unwrap))
+}
+
+/// A bootstrap that exits (the `bootstrap.S` fixture, status 3) is
+/// reported to the host as an init error; a malformed start-up message
+/// is refused and reported, not a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_reported_to_the_host_under_qemu_tcg() {
+    let (_, log) = expect_init_failure(
+        "linux-exit",
+        function_environ(),
+        "Runtime.ExitError",
+        "bootstrap exited with status 3",
+    )
+    .await;
+    let log = log.expect("the guest's log stream");
+    assert!(log.contains("hello from bootstrap"), "{log}");
+
+    let mut garbage = function_environ();
+    garbage[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+    let (console, _) = expect_init_failure(
+        "linux-garbage",
+        garbage,
+        "Runtime.InvalidEnvironment",
+        "runs past the end",
+    )
+    .await;
+    assert!(!console.contains("function:"), "bootstrap ran: {console}");
+}
+
+/// Two events answered, and one the function refuses with its own error
+/// type: the init's relay carries the runtime's
+/// `Lambda-Runtime-Function-Error-Type` header (`lambda_runtime` sends
+/// `unhandled`) and the error body (with the function's `errorType`)
+/// through to the host.
+async fn serve_three_events(api: &RuntimeApi, timeout: Duration) {
+    for i in 0..2 {
+        let event = format!("{{\"n\":{i}}}");
+        match api
+            .invoke(&format!("event-{i}"), event.into(), timeout)
+            .await
+        {
+            Ok(Outcome::Response(body)) => {
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(body, serde_json::json!({"echo": {"n": i}}));
+            }
+            other => panic!("event {i} gave {other:?}"),
+        }
+    }
+    match api
+        .invoke("failing", r#"{"fail":"not today"}"#.into(), timeout)
+        .await
+    {
+        Ok(Outcome::FunctionError { error_type, body }) => {
+            assert_eq!(error_type, "unhandled");
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["errorType"], "Function.Refused", "{body}");
+            assert_eq!(body["errorMessage"], "not today", "{body}");
+        }
+        other => panic!("the failing event gave {other:?}"),
+    }
+}
+
+/// The function's lines reached the host's log stream, and the init's
+/// report of its end.
+async fn check_log_stream(log: tokio::task::JoinHandle<String>, console: &str) {
+    let log = tokio::time::timeout(Duration::from_secs(10), log)
+        .await
+        .expect("the log stream closes")
+        .unwrap();
+    for expected in [
+        "handling request event-0",
+        "handling request event-1",
+        "handling request failing",
+        "function region Some(\"local\")",
+        "init: bootstrap exited with status",
+    ] {
+        assert!(
+            log.contains(expected),
+            "{expected:?} is not in the log stream:\n{log}\nconsole:\n{console}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lambda_runtime_function_serves_events_through_the_init_under_this_vmm() {
+    if skip_unless_hardware_kvm("a Linux runtime under this VMM") {
+        return;
+    }
+    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let dir = test_dir("linux-vmm-vsock");
+    let initrd = no_std_init_initramfs("vmm-vsock");
+    let disk = dir.join("code.erofs");
+    let zip = zip_with_bootstrap(&rust_function_bootstrap());
+    std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
+    let environ = encode([("AWS_REGION", "local")]).unwrap();
+    let ports = GuestPorts::bind(&dir, Some(environ)).await;
+    let (vmm, console) = spawn_vmm(
+        &[
+            "--kernel".into(),
+            kernel.display().to_string(),
+            "--initrd".into(),
+            initrd.display().to_string(),
+            "--cmdline".into(),
+            "console=ttyS0 reboot=k panic=1 quiet".into(),
+            "--mem-mib".into(),
+            "256".into(),
+            "--drive".into(),
+            format!("{},ro", disk.display()),
+            "--vsock".into(),
+            format!("cid=3,uds={}", ports.uds.display()),
+        ],
+        "guest",
+    );
+    serve_three_events(&ports.api, Duration::from_secs(30)).await;
+    drop(ports.api);
+    let out = tokio::time::timeout(Duration::from_secs(30), vmm.wait_with_output())
+        .await
+        .expect("the VMM ends when the function does")
+        .unwrap();
+    let console = console.await.unwrap();
+    check_log_stream(ports.log, &console).await;
+    assert_eq!(out.status.code(), Some(0), "{console}");
+    std::fs::remove_file(&initrd).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,7 +1,9 @@
 //! The function's process: `bootstrap`, started with Lambda's standard
-//! environment in /var/task, its stdout and stderr forwarded line by line,
-//! and reaped. Lines longer than [`MAX_LINE`] are cut, as Lambda cuts them.
+//! environment and the host's variables in /var/task, its stdout and
+//! stderr split into lines, and reaped. Lines longer than [`MAX_LINE`]
+//! are cut, as Lambda cuts them.
 
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use core::ffi::CStr;
@@ -12,15 +14,15 @@ pub const BOOTSTRAP: &CStr = c"/var/task/bootstrap";
 const TASK_ROOT: &CStr = c"/var/task";
 const MAX_LINE: usize = 256 << 10;
 
-/// What every runtime finds, before the host's own variables (function
-/// name, memory, credentials, the user's), which come over vsock.
-const ENVIRONMENT: [&CStr; 6] = [
-    c"PATH=/usr/local/bin:/usr/bin:/bin:/opt/bin",
-    c"LD_LIBRARY_PATH=/var/task:/var/task/lib:/opt/lib",
-    c"LAMBDA_TASK_ROOT=/var/task",
-    c"LAMBDA_RUNTIME_DIR=/var/runtime",
-    c"AWS_LAMBDA_RUNTIME_API=127.0.0.1:9001",
-    c"TZ=:UTC",
+/// What every runtime finds; the host's variables (function name,
+/// memory, credentials, the user's) come over vsock and win.
+const ENVIRONMENT: [&str; 6] = [
+    "PATH=/usr/local/bin:/usr/bin:/bin:/opt/bin",
+    "LD_LIBRARY_PATH=/var/task:/var/task/lib:/opt/lib",
+    "LAMBDA_TASK_ROOT=/var/task",
+    "LAMBDA_RUNTIME_DIR=/var/runtime",
+    "AWS_LAMBDA_RUNTIME_API=127.0.0.1:9001",
+    "TZ=:UTC",
 ];
 
 /// How `bootstrap` ended.
@@ -29,37 +31,39 @@ pub enum Ended {
     Killed(i32),
 }
 
-/// Runs `bootstrap` to its end, handing each line it writes to `line`.
-pub fn run(mut line: impl FnMut(&[u8])) -> Result<Ended, (&'static str, Errno)> {
+/// A running `bootstrap`: its pid and the read end of its output.
+pub struct Process {
+    pub pid: i32,
+    pub output: i32,
+}
+
+/// Starts `bootstrap` with `variables` over the standard environment.
+pub fn spawn(variables: &[(String, String)]) -> Result<Process, (&'static str, Errno)> {
+    let mut environment: Vec<Vec<u8>> = variables
+        .iter()
+        .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes(), b"\0"].concat())
+        .collect();
+    for base in ENVIRONMENT {
+        let key = base.split('=').next().unwrap_or(base);
+        if !variables.iter().any(|(k, _)| k == key) {
+            environment.push([base.as_bytes(), b"\0"].concat());
+        }
+    }
     let (read_end, write_end) = sys::pipe().map_err(|e| ("pipe", e))?;
     let pid = sys::fork().map_err(|e| ("fork", e))?;
     if pid == 0 {
-        exec_bootstrap(write_end);
+        exec_bootstrap(write_end, &environment);
     }
     let _ = sys::close(write_end);
-    let mut pending = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = match sys::read(read_end, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(Errno(4)) => continue, // EINTR
-            Err(e) => return Err(("reading bootstrap's output", e)),
-        };
-        for &byte in &buf[..n] {
-            if byte == b'\n' {
-                line(&pending);
-                pending.clear();
-            } else if pending.len() < MAX_LINE {
-                pending.push(byte);
-            }
-        }
-    }
-    if !pending.is_empty() {
-        line(&pending);
-    }
-    let _ = sys::close(read_end);
-    // PID 1 reaps every orphan; bootstrap's status is the one it reports.
+    Ok(Process {
+        pid,
+        output: read_end,
+    })
+}
+
+/// Reaps children until `pid` has ended: PID 1 reaps every orphan, and
+/// bootstrap's status is the one it reports.
+pub fn reap(pid: i32) -> Result<Ended, (&'static str, Errno)> {
     loop {
         match sys::wait(-1) {
             Ok((reaped, status)) if reaped == pid => {
@@ -75,16 +79,44 @@ pub fn run(mut line: impl FnMut(&[u8])) -> Result<Ended, (&'static str, Errno)> 
     }
 }
 
+/// Splits a byte stream into lines.
+#[derive(Default)]
+pub struct Lines {
+    pending: Vec<u8>,
+}
+
+impl Lines {
+    pub fn feed(&mut self, bytes: &[u8], mut line: impl FnMut(&[u8])) {
+        for &byte in bytes {
+            if byte == b'\n' {
+                line(&self.pending);
+                self.pending.clear();
+            } else if self.pending.len() < MAX_LINE {
+                self.pending.push(byte);
+            }
+        }
+    }
+
+    /// The last line, if it had no newline.
+    pub fn finish(&mut self, line: impl FnOnce(&[u8])) {
+        if !self.pending.is_empty() {
+            line(&self.pending);
+            self.pending.clear();
+        }
+    }
+}
+
 /// The child's side: its output into the pipe, then exec. Never returns.
-fn exec_bootstrap(output: i32) -> ! {
+fn exec_bootstrap(output: i32, environment: &[Vec<u8>]) -> ! {
     let _ = sys::dup2(output, 1);
     let _ = sys::dup2(output, 2);
     let _ = sys::chdir(TASK_ROOT);
     let argv = [c"bootstrap".as_ptr().cast(), core::ptr::null()];
-    let mut envp = [core::ptr::null(); ENVIRONMENT.len() + 1];
-    for (slot, var) in envp.iter_mut().zip(ENVIRONMENT) {
-        *slot = var.as_ptr().cast();
-    }
+    let envp: Vec<*const u8> = environment
+        .iter()
+        .map(|v| v.as_ptr())
+        .chain([core::ptr::null()])
+        .collect();
     let Errno(e) = sys::execve(BOOTSTRAP, &argv, &envp);
     let _ = core::fmt::write(
         &mut crate::Console,

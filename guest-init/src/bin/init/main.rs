@@ -1,19 +1,26 @@
 //! The Linux guest's PID 1: no libc, raw system calls only. It writes the
 //! boot timer's byte, mounts /proc, /dev and a size-limited /tmp, brings
 //! up `lo`, mounts the function's code (the first virtio-blk disk, EROFS)
-//! read-only at /var/task, runs its `bootstrap` to its end, and restarts
-//! the machine. The Runtime API relay over vsock comes next (issue 4).
+//! read-only at /var/task, takes the function's variables from the host
+//! over vsock, and runs its `bootstrap` with them: the output goes to the
+//! host's log stream line by line, and 127.0.0.1:9001 is relayed to the
+//! host's Runtime API. When bootstrap ends the init reports it to the
+//! host and restarts the machine, which ends the microVM.
 #![no_std]
 #![no_main]
 
 // The C memory functions, shared with the bare-metal guest: neither has
 // a libc.
 mod function;
+mod host;
 #[path = "../baremetal/mem.rs"]
 mod mem;
+mod relay;
 mod sys;
 
 extern crate alloc;
+
+use alloc::vec::Vec;
 
 use linked_list_allocator::LockedHeap;
 
@@ -137,8 +144,6 @@ fn mount_code() -> Result<bool, (&'static str, sys::Errno)> {
     }
 }
 
-const AF_INET: i32 = 2;
-const SOCK_DGRAM: i32 = 2;
 const SIOCGIFFLAGS: usize = 0x8913;
 const SIOCSIFFLAGS: usize = 0x8914;
 const IFF_UP: u16 = 1;
@@ -153,7 +158,7 @@ struct IfreqFlags {
 
 /// Brings up the loopback interface: runtimes talk HTTP to 127.0.0.1.
 fn loopback_up() -> Result<(), sys::Errno> {
-    let fd = sys::socket(AF_INET, SOCK_DGRAM, 0)?;
+    let fd = sys::socket(sys::AF_INET, sys::SOCK_DGRAM, 0)?;
     let mut req = IfreqFlags {
         name: [0; 16],
         flags: 0,
@@ -199,31 +204,89 @@ extern "C" fn init_main(_stack: *const usize) -> ! {
             say!("init: mounted the code disk read-only at /var/task (erofs)");
             match sys::access(function::BOOTSTRAP, X_OK) {
                 Ok(()) => run_function(),
-                Err(e) => say!("init: no executable /var/task/bootstrap: errno {}", e.0),
+                Err(e) => {
+                    let message =
+                        alloc::format!("no executable /var/task/bootstrap: errno {}", e.0);
+                    say!("init: {message}");
+                    report("Runtime.InvalidEntrypoint", &message);
+                }
             }
         }
         Ok(false) => say!("init: no code disk (/dev/vda)"),
         Err((what, e)) => say!("init: {what} failed: errno {}", e.0),
     }
-    say!("init: nothing more to run yet; restarting the machine");
+    say!("init: restarting the machine");
     halt();
 }
 
-/// Runs the function's bootstrap; its lines go to the console for now,
-/// to the host's log stream once vsock is up.
+/// Reports a failure to the host's Runtime API, if there is a host.
+fn report(error_type: &str, message: &str) {
+    if let Err(e) = host::report_failure(error_type, message) {
+        say!("init: cannot report {error_type} to the host: {e}");
+    }
+}
+
+/// Runs the function's bootstrap with the host's variables, its lines to
+/// the host's log stream (the console when there is no host), its
+/// Runtime API relayed, until it ends; then says how it ended.
 fn run_function() {
-    let ended = function::run(|line| {
-        say!(
-            "function: {}",
-            core::str::from_utf8(line).unwrap_or("(not UTF-8)")
-        );
-    });
-    match ended {
-        Ok(function::Ended::Exited(code)) => say!("init: bootstrap exited with status {code}"),
-        Ok(function::Ended::Killed(signal)) => {
-            say!("init: bootstrap was killed by signal {signal}")
+    let (variables, log) = match host::read_environ() {
+        Ok(variables) => {
+            say!("init: {} variables from the host", variables.len());
+            let log = host::connect(host::LOG_PORT)
+                .map_err(|e| say!("init: no log stream: errno {}", e.0))
+                .ok();
+            (variables, log)
         }
-        Err((what, e)) => say!("init: {what} failed: errno {}", e.0),
+        Err(host::EnvironFailure::Unreachable(e)) => {
+            say!(
+                "init: no host over vsock (errno {}): output goes to the console",
+                e.0
+            );
+            (Vec::new(), None)
+        }
+        Err(host::EnvironFailure::Malformed(message)) => {
+            say!("init: {message}");
+            report("Runtime.InvalidEnvironment", &message);
+            return;
+        }
+    };
+    let listener = relay::listen_runtime_api()
+        .map_err(|e| say!("init: cannot listen on 127.0.0.1:9001: errno {}", e.0))
+        .ok();
+    let process = match function::spawn(&variables) {
+        Ok(p) => p,
+        Err((what, e)) => return say!("init: {what} failed: errno {}", e.0),
+    };
+    let mut log = log;
+    relay::serve(process.output, listener, |line| {
+        let sent = log.is_some_and(|fd| {
+            sys::write_all(fd, line)
+                .and_then(|_| sys::write_all(fd, b"\n"))
+                .is_ok()
+        });
+        if !sent {
+            log = None;
+            say!(
+                "function: {}",
+                core::str::from_utf8(line).unwrap_or("(not UTF-8)")
+            );
+        }
+    });
+    let message = match function::reap(process.pid) {
+        Ok(function::Ended::Exited(code)) => alloc::format!("bootstrap exited with status {code}"),
+        Ok(function::Ended::Killed(signal)) => {
+            alloc::format!("bootstrap was killed by signal {signal}")
+        }
+        Err((what, e)) => alloc::format!("{what} failed: errno {}", e.0),
+    };
+    say!("init: {message}");
+    if let Some(fd) = log {
+        let _ = sys::write_all(fd, alloc::format!("init: {message}\n").as_bytes());
+        let _ = sys::close(fd);
+    }
+    if !variables.is_empty() {
+        report("Runtime.ExitError", &message);
     }
 }
 

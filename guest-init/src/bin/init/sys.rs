@@ -4,6 +4,11 @@
 use core::arch::asm;
 use core::ffi::CStr;
 
+pub const AF_INET: i32 = 2;
+pub const AF_VSOCK: i32 = 40;
+pub const SOCK_STREAM: i32 = 1;
+pub const SOCK_DGRAM: i32 = 2;
+
 /// A failed system call: the kernel's errno.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Errno(pub i32);
@@ -18,6 +23,12 @@ const CLOSE: usize = 3;
 const ACCESS: usize = 21;
 const IOCTL: usize = 16;
 const SOCKET: usize = 41;
+const CONNECT: usize = 42;
+const BIND: usize = 49;
+const LISTEN: usize = 50;
+const SETSOCKOPT: usize = 54;
+const POLL: usize = 7;
+const ACCEPT4: usize = 288;
 const FORK: usize = 57;
 const EXECVE: usize = 59;
 const WAIT4: usize = 61;
@@ -75,6 +86,19 @@ pub fn read(fd: i32, buf: &mut [u8]) -> Result<usize> {
 pub fn write(fd: i32, buf: &[u8]) -> Result<usize> {
     // SAFETY: the buffer is valid for its length.
     check(unsafe { syscall(WRITE, [fd as usize, buf.as_ptr() as usize, buf.len(), 0, 0]) })
+}
+
+/// Writes all of `buf`, however many writes it takes.
+pub fn write_all(fd: i32, mut buf: &[u8]) -> Result<()> {
+    while !buf.is_empty() {
+        match write(fd, buf) {
+            Ok(0) => return Err(Errno(5)), // EIO
+            Ok(n) => buf = &buf[n..],
+            Err(Errno(4)) => {} // EINTR
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 pub fn open(path: &CStr, flags: i32) -> Result<i32> {
@@ -177,7 +201,10 @@ pub fn wait(pid: i32) -> Result<(i32, i32)> {
     Ok((pid as i32, status))
 }
 
+/// A socket, closed on exec.
 pub fn socket(domain: i32, kind: i32, protocol: i32) -> Result<i32> {
+    const SOCK_CLOEXEC: i32 = 0o2000000;
+    let kind = kind | SOCK_CLOEXEC;
     // SAFETY: no pointers.
     check(unsafe {
         syscall(
@@ -186,6 +213,79 @@ pub fn socket(domain: i32, kind: i32, protocol: i32) -> Result<i32> {
         )
     })
     .map(|fd| fd as i32)
+}
+
+/// # Safety
+/// `addr` must point to a socket address of `len` bytes.
+pub unsafe fn connect(fd: i32, addr: *const u8, len: usize) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check(unsafe { syscall(CONNECT, [fd as usize, addr as usize, len, 0, 0]) }).map(drop)
+}
+
+/// # Safety
+/// `addr` must point to a socket address of `len` bytes.
+pub unsafe fn bind(fd: i32, addr: *const u8, len: usize) -> Result<()> {
+    // SAFETY: the caller's contract.
+    check(unsafe { syscall(BIND, [fd as usize, addr as usize, len, 0, 0]) }).map(drop)
+}
+
+pub fn listen(fd: i32, backlog: i32) -> Result<()> {
+    // SAFETY: no pointers.
+    check(unsafe { syscall(LISTEN, [fd as usize, backlog as usize, 0, 0, 0]) }).map(drop)
+}
+
+/// A connection from `fd`'s queue, closed on exec.
+pub fn accept(fd: i32) -> Result<i32> {
+    const SOCK_CLOEXEC: usize = 0o2000000;
+    // SAFETY: no address is asked for.
+    check(unsafe { syscall(ACCEPT4, [fd as usize, 0, 0, SOCK_CLOEXEC, 0]) }).map(|fd| fd as i32)
+}
+
+pub fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> Result<()> {
+    // SAFETY: an int option, passed by pointer with its size.
+    check(unsafe {
+        syscall(
+            SETSOCKOPT,
+            [
+                fd as usize,
+                level as usize,
+                name as usize,
+                &value as *const i32 as usize,
+                4,
+            ],
+        )
+    })
+    .map(drop)
+}
+
+/// `struct pollfd`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct PollFd {
+    pub fd: i32,
+    pub events: i16,
+    pub revents: i16,
+}
+
+pub const POLLIN: i16 = 1;
+pub const POLLERR: i16 = 8;
+pub const POLLHUP: i16 = 16;
+
+/// Waits until one of `fds` is ready; -1 waits for ever.
+pub fn poll(fds: &mut [PollFd], timeout_ms: i32) -> Result<usize> {
+    // SAFETY: poll reads and writes the array, `fds.len()` entries.
+    check(unsafe {
+        syscall(
+            POLL,
+            [
+                fds.as_mut_ptr() as usize,
+                fds.len(),
+                timeout_ms as usize,
+                0,
+                0,
+            ],
+        )
+    })
 }
 
 /// # Safety
