@@ -89,13 +89,13 @@ fn linux_boots_under_this_vmm() {
 }
 
 /// QEMU's microvm machine in software emulation, booting `kernel` with
-/// `initrd` and `cmdline`, and `disk` as its virtio-blk drive; it exits
-/// when the guest restarts.
+/// `initrd` and `cmdline`, and `disks` as its virtio-blk drives in order;
+/// it exits when the guest restarts.
 fn qemu_tcg(
     kernel: &std::path::Path,
     initrd: &std::path::Path,
     cmdline: &str,
-    disk: Option<&std::path::Path>,
+    disks: &[&std::path::Path],
     machine: &str,
 ) -> Command {
     let qemu = "/usr/bin/qemu-system-x86_64";
@@ -114,15 +114,15 @@ fn qemu_tcg(
         .arg("-initrd")
         .arg(initrd)
         .args(["-append", cmdline])
-        .args(disk.map_or(vec![], |d| {
-            vec![
+        .args(disks.iter().enumerate().flat_map(|(i, d)| {
+            [
                 "-drive".to_string(),
                 format!(
-                    "id=code,file={},format=raw,if=none,readonly=on",
+                    "id=disk{i},file={},format=raw,if=none,readonly=on",
                     d.display()
                 ),
                 "-device".to_string(),
-                "virtio-blk-device,drive=code".to_string(),
+                format!("virtio-blk-device,drive=disk{i}"),
             ]
         }))
         .stdin(Stdio::null());
@@ -135,9 +135,9 @@ fn boot_under_qemu_tcg(
     kernel: &std::path::Path,
     initrd: &std::path::Path,
     cmdline: &str,
-    disk: Option<&std::path::Path>,
+    disks: &[&std::path::Path],
 ) -> (String, String) {
-    let out = qemu_tcg(kernel, initrd, cmdline, disk, "microvm,acpi=off")
+    let out = qemu_tcg(kernel, initrd, cmdline, disks, "microvm,acpi=off")
         .output()
         .expect("run qemu");
     std::fs::remove_file(initrd).unwrap();
@@ -152,7 +152,7 @@ fn guest_kernel_config_reaches_init_under_qemu_tcg() {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let initrd = marker_initramfs("qemu");
     let (stdout, stderr) =
-        boot_under_qemu_tcg(&kernel, &initrd, "console=ttyS0 reboot=t panic=-1", None);
+        boot_under_qemu_tcg(&kernel, &initrd, "console=ttyS0 reboot=t panic=-1", &[]);
     assert!(
         stdout.contains(INIT_MARKER),
         "init not reached under TCG: {stdout}\n{stderr}"
@@ -175,16 +175,53 @@ fn no_std_init_initramfs(tag: &str) -> std::path::PathBuf {
     initrd
 }
 
-/// A function's ZIP: `bootstrap`, executable, and nothing else.
-fn zip_with_bootstrap(bootstrap: &std::path::Path) -> Vec<u8> {
+/// A ZIP of one executable file.
+fn zip_one_executable(name: &str, data: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut out = std::io::Cursor::new(Vec::new());
     let mut zip = zip::ZipWriter::new(&mut out);
     let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
-    zip.start_file("bootstrap", options).unwrap();
-    zip.write_all(&std::fs::read(bootstrap).unwrap()).unwrap();
+    zip.start_file(name, options).unwrap();
+    zip.write_all(data).unwrap();
     zip.finish().unwrap();
     out.into_inner()
+}
+
+/// A function's ZIP: `bootstrap`, executable, and nothing else.
+fn zip_with_bootstrap(bootstrap: &std::path::Path) -> Vec<u8> {
+    zip_one_executable("bootstrap", &std::fs::read(bootstrap).unwrap())
+}
+
+/// A function whose code has no bootstrap runs its runtime layer's: the
+/// second disk, mounted at /opt.
+#[test]
+fn a_runtime_layers_bootstrap_runs_from_opt_under_qemu_tcg() {
+    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir().join(format!("layer-disks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (code, layer) = (dir.join("code.erofs"), dir.join("layer.erofs"));
+    let code_zip = zip_one_executable("handler.sh", b"#!/bin/sh\n");
+    std::fs::write(&code, host_services::erofs_image::build(&code_zip).unwrap()).unwrap();
+    let layer_zip = zip_with_bootstrap(&fixture("bootstrap"));
+    std::fs::write(
+        &layer,
+        host_services::erofs_image::build(&layer_zip).unwrap(),
+    )
+    .unwrap();
+    let (stdout, stderr) = boot_under_qemu_tcg(
+        &kernel,
+        &no_std_init_initramfs("layer"),
+        "console=ttyS0 reboot=t panic=-1 quiet",
+        &[&code, &layer],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    for line in [
+        "init: mounted the layers read-only at /opt (erofs)",
+        "function: hello from bootstrap",
+        "init: bootstrap exited with status 3",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}\n{stderr}");
+    }
 }
 
 /// What the PID 1 says once it has set the guest up.
@@ -231,7 +268,7 @@ fn the_no_std_init_sets_up_the_guest_under_qemu_tcg() {
         &kernel,
         &initrd,
         "console=ttyS0 reboot=t panic=-1 quiet",
-        Some(&disk),
+        &[&disk],
     );
     std::fs::remove_file(&disk).unwrap();
     for line in INIT_LINES.iter().chain(&[
@@ -291,7 +328,7 @@ impl QemuGuest {
             &kernel,
             &initrd,
             "console=ttyS0 reboot=t panic=-1 quiet",
-            Some(&disk),
+            &[&disk],
             "microvm,acpi=off,memory-backend=mem",
         );
         qemu.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])

@@ -1,5 +1,6 @@
-//! The function's process: `bootstrap`, started with Lambda's standard
-//! environment and the host's variables in /var/task, its stdout and
+//! The function's process: `bootstrap` (the code's, or a runtime
+//! layer's), started with Lambda's standard environment and the host's
+//! variables in /var/task, its stdout and
 //! stderr split into lines, and reaped. Lines longer than [`MAX_LINE`]
 //! are cut, as Lambda cuts them.
 
@@ -11,6 +12,8 @@ use core::ffi::CStr;
 use crate::sys::{self, Errno};
 
 pub const BOOTSTRAP: &CStr = c"/var/task/bootstrap";
+/// A runtime layer's.
+pub const LAYER_BOOTSTRAP: &CStr = c"/opt/bootstrap";
 const TASK_ROOT: &CStr = c"/var/task";
 const MAX_LINE: usize = 256 << 10;
 
@@ -38,7 +41,10 @@ pub struct Process {
 }
 
 /// Starts `bootstrap` with `variables` over the standard environment.
-pub fn spawn(variables: &[(String, String)]) -> Result<Process, (&'static str, Errno)> {
+pub fn spawn(
+    bootstrap: &CStr,
+    variables: &[(String, String)],
+) -> Result<Process, (&'static str, Errno)> {
     let mut environment: Vec<Vec<u8>> = variables
         .iter()
         .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes(), b"\0"].concat())
@@ -52,7 +58,7 @@ pub fn spawn(variables: &[(String, String)]) -> Result<Process, (&'static str, E
     let (read_end, write_end) = sys::pipe().map_err(|e| ("pipe", e))?;
     let pid = sys::fork().map_err(|e| ("fork", e))?;
     if pid == 0 {
-        exec_bootstrap(write_end, &environment);
+        exec_bootstrap(bootstrap, write_end, &environment);
     }
     let _ = sys::close(write_end);
     Ok(Process {
@@ -107,7 +113,7 @@ impl Lines {
 }
 
 /// The child's side: its output into the pipe, then exec. Never returns.
-fn exec_bootstrap(output: i32, environment: &[Vec<u8>]) -> ! {
+fn exec_bootstrap(bootstrap: &CStr, output: i32, environment: &[Vec<u8>]) -> ! {
     let _ = sys::dup2(output, 1);
     let _ = sys::dup2(output, 2);
     let _ = sys::chdir(TASK_ROOT);
@@ -117,10 +123,10 @@ fn exec_bootstrap(output: i32, environment: &[Vec<u8>]) -> ! {
         .map(|v| v.as_ptr())
         .chain([core::ptr::null()])
         .collect();
-    let Errno(e) = sys::execve(BOOTSTRAP, &argv, &envp);
+    let Errno(e) = sys::execve(bootstrap, &argv, &envp);
     let _ = core::fmt::write(
         &mut crate::Console,
-        format_args!("init: cannot run /var/task/bootstrap: errno {e}\n"),
+        format_args!("init: cannot run {bootstrap:?}: errno {e}\n"),
     );
     sys::exit(127)
 }

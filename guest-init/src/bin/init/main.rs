@@ -32,6 +32,7 @@ const HEAP_SIZE: usize = 1 << 20;
 static mut HEAP_SPACE: [u8; HEAP_SIZE] = [0; HEAP_SIZE];
 
 use core::arch::global_asm;
+use core::ffi::CStr;
 use core::fmt::Write;
 
 // The process entry: the kernel leaves argc at the stack pointer, which
@@ -123,24 +124,17 @@ const ENOENT: i32 = 2;
 const ENXIO: i32 = 6;
 const X_OK: i32 = 1;
 
-/// Mounts the code disk at /var/task; Ok(false) when there is none.
-fn mount_code() -> Result<bool, (&'static str, sys::Errno)> {
-    for (dir, what) in [(c"/var", "mkdir /var"), (c"/var/task", "mkdir /var/task")] {
-        match sys::mkdir(dir, 0o755) {
-            Ok(()) | Err(sys::Errno(17)) => {}
-            Err(e) => return Err((what, e)),
-        }
+/// Mounts the virtio-blk disk `device` (EROFS) read-only at `dir`;
+/// Ok(false) when there is no such disk.
+fn mount_disk(device: &CStr, dir: &CStr) -> Result<bool, sys::Errno> {
+    match sys::mkdir(dir, 0o755) {
+        Ok(()) | Err(sys::Errno(17)) => {}
+        Err(e) => return Err(e),
     }
-    match sys::mount(
-        c"/dev/vda",
-        c"/var/task",
-        c"erofs",
-        MS_RDONLY | MS_NOSUID | MS_NODEV,
-        c"",
-    ) {
+    match sys::mount(device, dir, c"erofs", MS_RDONLY | MS_NOSUID | MS_NODEV, c"") {
         Ok(()) => Ok(true),
         Err(sys::Errno(ENOENT | ENXIO)) => Ok(false),
-        Err(e) => Err(("mount /dev/vda at /var/task", e)),
+        Err(e) => Err(e),
     }
 }
 
@@ -199,21 +193,31 @@ extern "C" fn init_main(_stack: *const usize) -> ! {
         Ok(()) => say!("init: lo is up"),
         Err(e) => say!("init: bringing up lo failed: errno {}", e.0),
     }
-    match mount_code() {
+    let _ = sys::mkdir(c"/var", 0o755);
+    // The function's code, then its layers (merged into one disk).
+    match mount_disk(c"/dev/vda", c"/var/task") {
         Ok(true) => {
             say!("init: mounted the code disk read-only at /var/task (erofs)");
-            match sys::access(function::BOOTSTRAP, X_OK) {
-                Ok(()) => run_function(),
-                Err(e) => {
-                    let message =
-                        alloc::format!("no executable /var/task/bootstrap: errno {}", e.0);
+            match mount_disk(c"/dev/vdb", c"/opt") {
+                Ok(true) => say!("init: mounted the layers read-only at /opt (erofs)"),
+                Ok(false) => {}
+                Err(e) => say!("init: mounting /dev/vdb at /opt failed: errno {}", e.0),
+            }
+            // A runtime layer's bootstrap serves when the code has none.
+            match [function::BOOTSTRAP, function::LAYER_BOOTSTRAP]
+                .into_iter()
+                .find(|path| sys::access(path, X_OK).is_ok())
+            {
+                Some(bootstrap) => run_function(bootstrap),
+                None => {
+                    let message = "no executable bootstrap in /var/task or /opt";
                     say!("init: {message}");
-                    report("Runtime.InvalidEntrypoint", &message);
+                    report("Runtime.InvalidEntrypoint", message);
                 }
             }
         }
         Ok(false) => say!("init: no code disk (/dev/vda)"),
-        Err((what, e)) => say!("init: {what} failed: errno {}", e.0),
+        Err(e) => say!("init: mounting /dev/vda at /var/task failed: errno {}", e.0),
     }
     say!("init: restarting the machine");
     halt();
@@ -229,7 +233,7 @@ fn report(error_type: &str, message: &str) {
 /// Runs the function's bootstrap with the host's variables, its lines to
 /// the host's log stream (the console when there is no host), its
 /// Runtime API relayed, until it ends; then says how it ended.
-fn run_function() {
+fn run_function(bootstrap: &'static CStr) {
     let (variables, log) = match host::read_environ() {
         Ok(variables) => {
             say!("init: {} variables from the host", variables.len());
@@ -254,7 +258,7 @@ fn run_function() {
     let listener = relay::listen_runtime_api()
         .map_err(|e| say!("init: cannot listen on 127.0.0.1:9001: errno {}", e.0))
         .ok();
-    let process = match function::spawn(&variables) {
+    let process = match function::spawn(bootstrap, &variables) {
         Ok(p) => p,
         Err((what, e)) => return say!("init: {what} failed: errno {}", e.0),
     };
