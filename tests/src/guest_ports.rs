@@ -93,3 +93,41 @@ pub fn spawn_vmm(
     });
     (vmm, console)
 }
+
+/// Sends one request to a VMM's control socket and returns its reply.
+pub async fn control_request(
+    sock: &Path,
+    request: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    let mut stream = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| format!("{}: {e}", sock.display()))?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&reply).map_err(|e| format!("reply {reply:?}: {e}"))
+}
+
+/// Asks the VMM behind `sock` for a snapshot into `state` and `memory`;
+/// returns its report.
+pub async fn snapshot(
+    sock: &Path,
+    state: &Path,
+    memory: &Path,
+) -> Result<serde_json::Value, String> {
+    let reply = control_request(
+        sock,
+        serde_json::json!({"action": "snapshot", "state": state, "memory": memory}),
+    )
+    .await?;
+    if reply["ok"] != true {
+        return Err(format!("snapshot failed: {reply}"));
+    }
+    Ok(reply)
+}

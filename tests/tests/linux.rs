@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use guest_init::environ::encode;
 use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
-use microvm_tests::guest_ports::{spawn_vmm, test_dir, GuestPorts};
+use microvm_tests::guest_ports::{snapshot, spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::{
     cpio, fixture, guest_kernel, hypervisor, linux_init_binary, marker_initramfs, run_vmm,
     rust_function_bootstrap, skip_unless_hardware_kvm, vhost_device_vsock, HypervisorKind, VmmRun,
@@ -524,36 +524,50 @@ async fn check_log_stream(log: tokio::task::JoinHandle<String>, console: &str) {
     }
 }
 
+/// The Linux guest with the `lambda_runtime` function under this VMM,
+/// with its host ports in `dir` (whose name also names its initramfs,
+/// which the caller removes); `extra` adds VMM flags.
+async fn linux_function_under_this_vmm(
+    dir: &std::path::Path,
+    extra: &[String],
+) -> (
+    GuestPorts,
+    tokio::process::Child,
+    tokio::task::JoinHandle<String>,
+) {
+    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let name = dir.file_name().unwrap_or_default().to_string_lossy();
+    let initrd = no_std_init_initramfs(&name);
+    let disk = dir.join("code.erofs");
+    let zip = zip_with_bootstrap(&rust_function_bootstrap());
+    std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
+    let ports = GuestPorts::bind(dir, Some(function_environ())).await;
+    let mut args: Vec<String> = vec![
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        initrd.display().to_string(),
+        "--cmdline".into(),
+        "console=ttyS0 reboot=k panic=1 quiet".into(),
+        "--mem-mib".into(),
+        "256".into(),
+        "--drive".into(),
+        format!("{},ro", disk.display()),
+        "--vsock".into(),
+        format!("cid=3,uds={}", ports.uds.display()),
+    ];
+    args.extend_from_slice(extra);
+    let (vmm, console) = spawn_vmm(&args, "guest");
+    (ports, vmm, console)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lambda_runtime_function_serves_events_through_the_init_under_this_vmm() {
     if skip_unless_hardware_kvm("a Linux runtime under this VMM") {
         return;
     }
-    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let dir = test_dir("linux-vmm-vsock");
-    let initrd = no_std_init_initramfs("vmm-vsock");
-    let disk = dir.join("code.erofs");
-    let zip = zip_with_bootstrap(&rust_function_bootstrap());
-    std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
-    let environ = encode([("AWS_REGION", "local")]).unwrap();
-    let ports = GuestPorts::bind(&dir, Some(environ)).await;
-    let (vmm, console) = spawn_vmm(
-        &[
-            "--kernel".into(),
-            kernel.display().to_string(),
-            "--initrd".into(),
-            initrd.display().to_string(),
-            "--cmdline".into(),
-            "console=ttyS0 reboot=k panic=1 quiet".into(),
-            "--mem-mib".into(),
-            "256".into(),
-            "--drive".into(),
-            format!("{},ro", disk.display()),
-            "--vsock".into(),
-            format!("cid=3,uds={}", ports.uds.display()),
-        ],
-        "guest",
-    );
+    let (ports, vmm, console) = linux_function_under_this_vmm(&dir, &[]).await;
     serve_three_events(&ports.api, Duration::from_secs(30)).await;
     drop(ports.api);
     let out = tokio::time::timeout(Duration::from_secs(30), vmm.wait_with_output())
@@ -563,6 +577,61 @@ async fn a_lambda_runtime_function_serves_events_through_the_init_under_this_vmm
     let console = console.await.unwrap();
     check_log_stream(ports.log, &console).await;
     assert_eq!(out.status.code(), Some(0), "{console}");
-    std::fs::remove_file(&initrd).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A Linux guest snapshotted at its runtime's first `/next` and restored:
+/// the init sees the vsock transport reset, reseeds the kernel's random
+/// generator, reconnects its log stream and the runtime's pending `/next`,
+/// and the clone answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_linux_guest_reconnects_and_answers_under_this_vmm() {
+    if skip_unless_hardware_kvm("restoring a Linux guest under this VMM") {
+        return;
+    }
+    let dir = test_dir("linux-vmm-restore");
+    let control = dir.join("control");
+    let (ports, mut original, _console) = linux_function_under_this_vmm(
+        &dir,
+        &["--control-sock".into(), control.display().to_string()],
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(30), ports.api.ready())
+        .await
+        .expect("the runtime asks for work")
+        .unwrap();
+    let (state, memory) = (dir.join("vm.snap"), dir.join("vm.mem"));
+    snapshot(&control, &state, &memory).await.unwrap();
+    original.kill().await.unwrap();
+
+    let clone_dir = dir.join("clone");
+    std::fs::create_dir_all(&clone_dir).unwrap();
+    let clone_ports = GuestPorts::bind(&clone_dir, None).await;
+    let (clone, console) = spawn_vmm(
+        &[
+            "--restore".into(),
+            state.display().to_string(),
+            "--restore-memory".into(),
+            memory.display().to_string(),
+            "--drive".into(),
+            format!("{},ro", dir.join("code.erofs").display()),
+            "--vsock".into(),
+            format!("cid=4,uds={}", clone_ports.uds.display()),
+        ],
+        "clone",
+    );
+    serve_three_events(&clone_ports.api, Duration::from_secs(30)).await;
+    drop(clone_ports.api);
+    let out = tokio::time::timeout(Duration::from_secs(30), clone.wait_with_output())
+        .await
+        .expect("the clone ends when the function does")
+        .unwrap();
+    let console = console.await.unwrap();
+    assert!(console.contains("transport was reset"), "{console}");
+    assert!(
+        !console.contains("reseeding the random generator failed"),
+        "{console}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{console}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

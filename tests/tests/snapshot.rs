@@ -10,25 +10,15 @@ use std::time::{Duration, Instant};
 
 use guest_init::environ::encode;
 use host_services::runtime_api::{Outcome, RuntimeApi};
-use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, GuestPorts};
+use microvm_tests::guest_ports::{
+    control_request, echo_code_disk, snapshot, spawn_vmm, test_dir, GuestPorts,
+};
 use microvm_tests::worker::{client_runtime, data_dir, RunningWorker};
 use microvm_tests::{baremetal_guest, files_under, run_vmm};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLONES: u64 = 20;
 const FUEL: u64 = 50_000_000;
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn control(sock: &Path, request: serde_json::Value) -> serde_json::Value {
-    let mut stream = tokio::net::UnixStream::connect(sock).await.unwrap();
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .await
-        .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await.unwrap();
-    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
-}
 
 /// Sends an echo event and a random one; returns the random answer.
 async fn echo_and_random(api: &RuntimeApi, name: &str) -> String {
@@ -98,17 +88,14 @@ async fn clones_of_one_snapshot_reconnect_answer_and_draw_their_own_randomness()
 
     let state = dir.join("vm.snap");
     let memory = dir.join("vm.mem");
-    let reply = control(
-        &control_sock,
-        serde_json::json!({"action": "snapshot", "state": state, "memory": memory}),
-    )
-    .await;
-    assert_eq!(reply["ok"], true, "{reply}");
+    let reply = snapshot(&control_sock, &state, &memory).await.unwrap();
     println!(
         "snapshot: paused {} us, {} bytes of state, {} bytes of memory written",
         reply["paused_us"], reply["state_bytes"], reply["memory_bytes"]
     );
-    let bad = control(&control_sock, serde_json::json!({"action": "reboot"})).await;
+    let bad = control_request(&control_sock, serde_json::json!({"action": "reboot"}))
+        .await
+        .unwrap();
     assert_eq!(bad["ok"], false);
     assert!(
         bad["error"]

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use guest_init::environ::encode;
 use host_services::runtime_api::Outcome;
-use microvm_tests::guest_ports::{echo_code_disk, test_dir, GuestPorts};
+use microvm_tests::guest_ports::{echo_code_disk, snapshot, test_dir, GuestPorts};
 use microvm_tests::load::percentile;
 use microvm_tests::{baremetal_guest, hypervisor, vmm_binary};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 const WARMUP: usize = 3;
 /// Firecracker's snapshot documentation: resume latency under 8 ms, 5 ms
@@ -108,20 +108,7 @@ async fn take_snapshot(dir: &Path, image: &Path) -> Result<(PathBuf, PathBuf, u6
         .map_err(|_| "the guest never asked for an event".to_string())?
         .map_err(|e| format!("{e:?}"))?;
     let (state, memory) = (dir.join("vm.snap"), dir.join("vm.mem"));
-    let mut stream = tokio::net::UnixStream::connect(&control)
-        .await
-        .map_err(|e| e.to_string())?;
-    let request = serde_json::json!({"action": "snapshot", "state": state, "memory": memory});
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    let _ = stream.read_to_string(&mut reply).await;
-    let reply: serde_json::Value = serde_json::from_str(&reply).map_err(|e| e.to_string())?;
-    if reply["ok"] != true {
-        return Err(format!("snapshot failed: {reply}"));
-    }
+    let reply = snapshot(&control, &state, &memory).await?;
     let _ = vmm.kill().await;
     Ok((state, memory, reply["paused_us"].as_u64().unwrap_or(0)))
 }

@@ -150,6 +150,49 @@ struct IfreqFlags {
     _pad: [u8; 22],
 }
 
+const O_RDONLY: i32 = 0;
+/// `_IOW('R', 0x03, int[2])` and `_IO('R', 0x07)`.
+const RNDADDENTROPY: usize = 0x4008_5203;
+const RNDRESEEDCRNG: usize = 0x5207;
+
+/// `struct rand_pool_info` with 32 bytes.
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: i32,
+    buf_size: i32,
+    buf: [u8; 32],
+}
+
+/// Credits fresh bytes from the host's entropy device (virtio-rng) to the
+/// kernel's random generator and reseeds it now: a restored clone must
+/// not go on from the state its snapshot's other clones share.
+fn reseed_random() -> Result<(), sys::Errno> {
+    let mut info = RandPoolInfo {
+        entropy_count: 256,
+        buf_size: 32,
+        buf: [0; 32],
+    };
+    let hwrng = sys::open(c"/dev/hwrng", O_RDONLY)?;
+    let read = sys::read(hwrng, &mut info.buf);
+    let _ = sys::close(hwrng);
+    if read? != info.buf.len() {
+        return Err(sys::Errno(5)); // EIO
+    }
+    let urandom = sys::open(c"/dev/urandom", O_RDWR)?;
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info with `buf_size` bytes,
+    // which `info` is; RNDRESEEDCRNG takes no argument.
+    let result = unsafe {
+        sys::ioctl(
+            urandom,
+            RNDADDENTROPY,
+            (&mut info as *mut RandPoolInfo).cast(),
+        )
+        .and_then(|_| sys::ioctl(urandom, RNDRESEEDCRNG, core::ptr::null_mut()))
+    };
+    let _ = sys::close(urandom);
+    result.map(drop)
+}
+
 /// Brings up the loopback interface: runtimes talk HTTP to 127.0.0.1.
 fn loopback_up() -> Result<(), sys::Errno> {
     let fd = sys::socket(sys::AF_INET, sys::SOCK_DGRAM, 0)?;
@@ -262,21 +305,36 @@ fn run_function(bootstrap: &'static CStr) {
         Ok(p) => p,
         Err((what, e)) => return say!("init: {what} failed: errno {}", e.0),
     };
-    let mut log = log;
-    relay::serve(process.output, listener, |line| {
-        let sent = log.is_some_and(|fd| {
-            sys::write_all(fd, line)
-                .and_then(|_| sys::write_all(fd, b"\n"))
-                .is_ok()
-        });
-        if !sent {
-            log = None;
-            say!(
-                "function: {}",
-                core::str::from_utf8(line).unwrap_or("(not UTF-8)")
-            );
-        }
-    });
+    let log = core::cell::Cell::new(log);
+    relay::serve(
+        process.output,
+        listener,
+        |line| {
+            let sent = log.get().is_some_and(|fd| {
+                sys::write_all(fd, line)
+                    .and_then(|_| sys::write_all(fd, b"\n"))
+                    .is_ok()
+            });
+            if !sent {
+                log.set(None);
+                say!(
+                    "function: {}",
+                    core::str::from_utf8(line).unwrap_or("(not UTF-8)")
+                );
+            }
+        },
+        || {
+            say!("init: the host's vsock transport was reset (a restored snapshot): reconnecting");
+            if let Err(e) = reseed_random() {
+                say!("init: reseeding the random generator failed: errno {}", e.0);
+            }
+            if let Some(fd) = log.take() {
+                let _ = sys::close(fd);
+            }
+            log.set(host::connect(host::LOG_PORT).ok());
+        },
+    );
+    let log = log.take();
     let message = match function::reap(process.pid) {
         Ok(function::Ended::Exited(code)) => alloc::format!("bootstrap exited with status {code}"),
         Ok(function::Ended::Killed(signal)) => {

@@ -2,6 +2,14 @@
 //! connection its runtime makes to 127.0.0.1:9001 is relayed to the
 //! host's Runtime API over vsock, so that any unmodified Lambda runtime
 //! client works. One poll loop; PID 1 has no threads.
+//!
+//! After a snapshot restore the VMM resets the vsock transport: every
+//! vsock stream fails with ECONNRESET, but the runtime's TCP connections
+//! inside the guest live on, one of them waiting in `/next`. The relay
+//! then reconnects to the host and sends again what the runtime sent
+//! since the host last answered (the pending request: the Runtime API is
+//! one request at a time per connection), and has the kernel's random
+//! generator reseeded, so that clones do not share its state.
 
 use alloc::vec::Vec;
 
@@ -49,10 +57,26 @@ pub fn listen_runtime_api() -> Result<i32, Errno> {
     }
 }
 
+/// The most of a pending request kept for a replay: Lambda's 6 MB
+/// payload limit and headers.
+const MAX_UNANSWERED: usize = 7 << 20;
+const ECONNRESET: i32 = 104;
+
 /// A runtime's connection and its vsock twin to the host.
 struct Pair {
     local: i32,
     host: i32,
+    /// What the runtime sent since the host last sent anything; None
+    /// once it outgrew [`MAX_UNANSWERED`].
+    unanswered: Option<Vec<u8>>,
+}
+
+/// How a copy between the two sides went.
+enum Pumped {
+    Open,
+    Closed,
+    /// The host's side was reset (a restored snapshot).
+    HostReset,
 }
 
 impl Pair {
@@ -62,19 +86,72 @@ impl Pair {
     }
 }
 
-/// Copies what `from` has to `to`; false once either side is done.
-fn pump(from: i32, to: i32, buf: &mut [u8]) -> bool {
-    match sys::read(from, buf) {
-        Ok(0) => false,
-        Ok(n) => sys::write_all(to, &buf[..n]).is_ok(),
-        Err(Errno(4)) => true,
-        Err(_) => false,
+impl Pair {
+    /// Copies what the runtime sent to the host, keeping it until the
+    /// host answers.
+    fn forward_to_host(&mut self, buf: &mut [u8]) -> Pumped {
+        match sys::read(self.local, buf) {
+            Ok(0) => Pumped::Closed,
+            Ok(n) => {
+                if let Some(kept) = &mut self.unanswered {
+                    kept.extend_from_slice(&buf[..n]);
+                    if kept.len() > MAX_UNANSWERED {
+                        self.unanswered = None;
+                    }
+                }
+                match sys::write_all(self.host, &buf[..n]) {
+                    Ok(()) => Pumped::Open,
+                    Err(Errno(ECONNRESET)) => Pumped::HostReset,
+                    Err(_) => Pumped::Closed,
+                }
+            }
+            Err(Errno(4)) => Pumped::Open,
+            Err(_) => Pumped::Closed,
+        }
+    }
+
+    fn forward_to_runtime(&mut self, buf: &mut [u8]) -> Pumped {
+        match sys::read(self.host, buf) {
+            Ok(0) => Pumped::Closed,
+            Ok(n) => {
+                if let Some(kept) = &mut self.unanswered {
+                    kept.clear();
+                }
+                match sys::write_all(self.local, &buf[..n]) {
+                    Ok(()) => Pumped::Open,
+                    Err(_) => Pumped::Closed,
+                }
+            }
+            Err(Errno(4)) => Pumped::Open,
+            Err(Errno(ECONNRESET)) => Pumped::HostReset,
+            Err(_) => Pumped::Closed,
+        }
+    }
+
+    /// After a reset: a new stream to the host, and the pending request
+    /// sent again. False when the pair cannot go on.
+    fn reconnect(&mut self) -> bool {
+        let Some(pending) = &self.unanswered else {
+            return false;
+        };
+        let Ok(host) = host::connect(RUNTIME_API_PORT) else {
+            return false;
+        };
+        let _ = sys::close(self.host);
+        self.host = host;
+        sys::write_all(host, pending).is_ok()
     }
 }
 
 /// Serves until the function's output closes (it exited): each output
-/// line goes to `line`, each connection to `listener` is relayed.
-pub fn serve(output: i32, listener: Option<i32>, mut line: impl FnMut(&[u8])) {
+/// line goes to `line`, each connection to `listener` is relayed, and
+/// `on_reset` runs once per transport reset.
+pub fn serve(
+    output: i32,
+    listener: Option<i32>,
+    mut line: impl FnMut(&[u8]),
+    mut on_reset: impl FnMut(),
+) {
     let mut lines = Lines::default();
     let mut pairs: Vec<Pair> = Vec::new();
     let mut buf = alloc::vec![0u8; 64 << 10];
@@ -93,6 +170,7 @@ pub fn serve(output: i32, listener: Option<i32>, mut line: impl FnMut(&[u8])) {
             Ok(_) | Err(Errno(4)) => {}
             Err(_) => break,
         }
+        let mut reseeded = false;
         let ready = |fd: i32| {
             fds.iter()
                 .any(|p| p.fd == fd && p.revents & (POLLIN | POLLHUP | POLLERR) != 0)
@@ -108,7 +186,11 @@ pub fn serve(output: i32, listener: Option<i32>, mut line: impl FnMut(&[u8])) {
         if let Some(listener) = listener.filter(|&l| ready(l)) {
             if let Ok(local) = sys::accept(listener) {
                 match host::connect(RUNTIME_API_PORT) {
-                    Ok(host) => pairs.push(Pair { local, host }),
+                    Ok(host) => pairs.push(Pair {
+                        local,
+                        host,
+                        unanswered: Some(Vec::new()),
+                    }),
                     Err(_) => {
                         let _ = sys::close(local);
                     }
@@ -116,13 +198,28 @@ pub fn serve(output: i32, listener: Option<i32>, mut line: impl FnMut(&[u8])) {
             }
         }
         let mut open = Vec::with_capacity(pairs.len());
-        for pair in pairs.drain(..) {
-            let alive = (!ready(pair.local) || pump(pair.local, pair.host, &mut buf))
-                && (!ready(pair.host) || pump(pair.host, pair.local, &mut buf));
-            if alive {
-                open.push(pair);
-            } else {
-                pair.close();
+        for mut pair in pairs.drain(..) {
+            let mut state = Pumped::Open;
+            if ready(pair.local) {
+                state = pair.forward_to_host(&mut buf);
+            }
+            if matches!(state, Pumped::Open) && ready(pair.host) {
+                state = pair.forward_to_runtime(&mut buf);
+            }
+            if let Pumped::HostReset = state {
+                if !reseeded {
+                    reseeded = true;
+                    on_reset();
+                }
+                state = if pair.reconnect() {
+                    Pumped::Open
+                } else {
+                    Pumped::Closed
+                };
+            }
+            match state {
+                Pumped::Open => open.push(pair),
+                _ => pair.close(),
             }
         }
         pairs = open;
