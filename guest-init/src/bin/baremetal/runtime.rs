@@ -20,7 +20,7 @@ use wasmi::{Config, Engine, Linker, Module, Store, TypedResumableCall};
 use crate::clock::Clock;
 use crate::virtio::blk::{BlockDevice, SECTOR};
 use crate::virtio::mmio::Transport;
-use crate::virtio::rng::EntropyDevice;
+use crate::virtio::rng::Entropy;
 use crate::virtio::vsock::{VsockDriver, VsockError};
 use crate::virtio::{DEVICE_BLOCK, DEVICE_ENTROPY, DEVICE_VSOCK};
 use crate::wasi::{self, Io};
@@ -144,7 +144,7 @@ struct Function {
     linker: Linker<Io>,
     fuel: u64,
     environ: Rc<Vec<Vec<u8>>>,
-    entropy: Option<Rc<RefCell<EntropyDevice>>>,
+    entropy: Option<Rc<RefCell<Entropy>>>,
 }
 
 impl Function {
@@ -152,7 +152,7 @@ impl Function {
         engine: Engine,
         image: FunctionImage,
         environ: Vec<Vec<u8>>,
-        entropy: Option<Rc<RefCell<EntropyDevice>>>,
+        entropy: Option<Rc<RefCell<Entropy>>>,
     ) -> Result<Self, String> {
         let module = Module::new(&engine, &image.module).map_err(|e| format!("{e}"))?;
         let mut linker = Linker::<Io>::new(&engine);
@@ -282,16 +282,12 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
         driver: &driver,
         id,
     });
+    // Set up on the first random_get: most functions never ask, and each
+    // register access of its set-up is a VM exit.
     let entropy = devices
         .iter()
         .find(|d| d.device_id() == DEVICE_ENTROPY)
-        .and_then(|t| match EntropyDevice::new(*t) {
-            Ok(device) => Some(Rc::new(RefCell::new(device))),
-            Err(e) => {
-                println!("runtime: entropy device: {e}; random_get is unsupported");
-                None
-            }
-        });
+        .map(|t| Rc::new(RefCell::new(Entropy::Unready(*t))));
 
     let mut config = Config::default();
     config.consume_fuel(true);

@@ -11,7 +11,7 @@ use core::cell::RefCell;
 use wasmi::{Caller, Error, Extern, Linker, Memory};
 
 use crate::clock::Clock;
-use crate::virtio::rng::EntropyDevice;
+use crate::virtio::rng::Entropy;
 
 const ERRNO_SUCCESS: i32 = 0;
 const ERRNO_BADF: i32 = 8;
@@ -32,7 +32,7 @@ pub struct Io {
     pub stderr: Vec<u8>,
     pub clock: Clock,
     /// The host's entropy device: `random_get` reads straight from it.
-    pub entropy: Option<Rc<RefCell<EntropyDevice>>>,
+    pub entropy: Option<Rc<RefCell<Entropy>>>,
     /// The function's environment, each `KEY=VALUE\0`.
     pub environ: Rc<Vec<Vec<u8>>>,
 }

@@ -10,6 +10,32 @@ pub struct EntropyDevice {
     queue: VirtQueue,
 }
 
+/// The entropy device, set up when first used.
+pub enum Entropy {
+    Unready(Transport),
+    Ready(EntropyDevice),
+    Failed,
+}
+
+impl Entropy {
+    /// Fills `buf` from the device; false if it cannot.
+    pub fn fill(&mut self, buf: &mut [u8]) -> bool {
+        if let Entropy::Unready(transport) = self {
+            *self = match EntropyDevice::new(*transport) {
+                Ok(device) => Entropy::Ready(device),
+                Err(e) => {
+                    println!("runtime: entropy device: {e}");
+                    Entropy::Failed
+                }
+            };
+        }
+        match self {
+            Entropy::Ready(device) => device.fill(buf),
+            _ => false,
+        }
+    }
+}
+
 impl EntropyDevice {
     pub fn new(transport: Transport) -> Result<Self, InitError> {
         transport.begin_init()?;
