@@ -537,7 +537,9 @@ async fn linux_function_under_this_vmm(
 ) {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    let initrd = no_std_init_initramfs(&name);
+    // Moved into `dir`, which the caller removes.
+    let initrd = dir.join("initrd.cpio");
+    std::fs::rename(no_std_init_initramfs(&name), &initrd).unwrap();
     let disk = dir.join("code.erofs");
     let zip = zip_with_bootstrap(&rust_function_bootstrap());
     std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();

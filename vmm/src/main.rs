@@ -55,9 +55,9 @@ struct Cli {
     #[arg(long, value_name = "PATH|fd:N", requires = "restore")]
     restore_memory: Option<vmm::config::FileSource>,
     /// JSON file with the same fields (kernel, initrd, cmdline, mem_mib,
-    /// vcpus, serial, drives: [{path, read_only}], vsock: {guest_cid,
-    /// uds_path}, control_sock); flags given on the command line take
-    /// precedence.
+    /// vcpus, serial, drives: [{path, read_only, key_fd, manifest}],
+    /// vsock: {guest_cid, uds_path}, control_sock); flags given on the
+    /// command line take precedence.
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
     /// An open /dev/kvm to use, inherited from a jailer.
