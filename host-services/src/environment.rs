@@ -18,8 +18,8 @@ use crate::key_service::KeyService;
 use crate::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use crate::snapshots::{self, SnapshotStore};
 use crate::vmm_process::{
-    GuestStart, JailSettings, VmmFiles, VmmProcess, VmmProcessError, CONTROL_SOCKET,
-    SNAPSHOT_MEMORY, SNAPSHOT_STATE,
+    request_snapshot, GuestStart, JailSettings, VmmFiles, VmmProcess, VmmProcessError,
+    CONTROL_SOCKET, SNAPSHOT_MEMORY, SNAPSHOT_STATE,
 };
 
 /// The only version an environment may serve: one function version of one
@@ -483,27 +483,12 @@ async fn take_snapshot(
     vmm: &VmmProcess,
     dir: &Path,
 ) -> Result<(), String> {
-    let request = serde_json::json!({
-        "action": "snapshot",
-        "state": vmm.path_in_vmm(dir, SNAPSHOT_STATE),
-        "memory": vmm.path_in_vmm(dir, SNAPSHOT_MEMORY),
-    });
-    let mut stream = tokio::net::UnixStream::connect(dir.join(CONTROL_SOCKET))
-        .await
-        .map_err(|e| format!("the VMM's control socket: {e}"))?;
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut reply)
-        .await
-        .map_err(|e| e.to_string())?;
-    let reply: serde_json::Value =
-        serde_json::from_str(&reply).map_err(|e| format!("reply {reply:?}: {e}"))?;
-    if reply["ok"] != true {
-        return Err(format!("the VMM refused: {}", reply["error"]));
-    }
+    let reply = request_snapshot(
+        &dir.join(CONTROL_SOCKET),
+        &vmm.path_in_vmm(dir, SNAPSHOT_STATE),
+        &vmm.path_in_vmm(dir, SNAPSHOT_MEMORY),
+    )
+    .await?;
     let (state, memory) = store
         .stage(&dir.join(SNAPSHOT_STATE), &dir.join(SNAPSHOT_MEMORY))
         .map_err(|e| e.to_string())?;

@@ -428,6 +428,47 @@ impl VmmProcess {
     }
 }
 
+/// Sends one request to a VMM's control socket (`sock`) and returns its
+/// JSON reply.
+pub async fn control_request(
+    sock: &Path,
+    request: &impl serde::Serialize,
+) -> Result<serde_json::Value, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    let mut stream = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| format!("the VMM's control socket {}: {e}", sock.display()))?;
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str(&reply).map_err(|e| format!("reply {reply:?}: {e}"))
+}
+
+/// Asks the VMM behind `sock` for a snapshot into `state` and `memory`
+/// (paths as the VMM sees them); returns its report.
+pub async fn request_snapshot(
+    sock: &Path,
+    state: &Path,
+    memory: &Path,
+) -> Result<serde_json::Value, String> {
+    let request = vmm::control::ControlRequest::Snapshot {
+        state: state.to_path_buf(),
+        memory: memory.to_path_buf(),
+    };
+    let reply = control_request(sock, &request).await?;
+    if reply["ok"] != true {
+        return Err(format!("the VMM refused the snapshot: {}", reply["error"]));
+    }
+    Ok(reply)
+}
+
 /// Gives the environment's directory and the worker's sockets in it to
 /// the jail's uid: the VMM makes its own socket there and connects to the
 /// worker's.

@@ -112,6 +112,23 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// A benchmark's one argument, `--runs N` (N > 0; 30 when not given);
+/// anything else ends the program with its usage.
+pub fn runs_arg(bench: &str) -> usize {
+    let mut runs = 30usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match (a.as_str(), args.next().and_then(|v| v.parse().ok())) {
+            ("--runs", Some(n)) if n > 0 => runs = n,
+            _ => {
+                eprintln!("usage: {bench} [--runs N] (N > 0)");
+                std::process::exit(2);
+            }
+        }
+    }
+    runs
+}
+
 /// A fixture guest built by this crate's build script.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("OUT_DIR")).join(name)

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use guest_init::environ::encode;
 use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
-use microvm_tests::guest_ports::{snapshot, spawn_vmm, test_dir, GuestPorts};
+use host_services::vmm_process::request_snapshot;
+use microvm_tests::guest_ports::{spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::{
     cpio, fixture, guest_kernel, hypervisor, linux_init_binary, marker_initramfs, run_vmm,
     rust_function_bootstrap, skip_unless_hardware_kvm, vhost_device_vsock, HypervisorKind, VmmRun,
@@ -603,7 +604,7 @@ async fn a_restored_linux_guest_reconnects_and_answers_under_this_vmm() {
         .expect("the runtime asks for work")
         .unwrap();
     let (state, memory) = (dir.join("vm.snap"), dir.join("vm.mem"));
-    snapshot(&control, &state, &memory).await.unwrap();
+    request_snapshot(&control, &state, &memory).await.unwrap();
     original.kill().await.unwrap();
 
     let clone_dir = dir.join("clone");

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 
 use guest_init::environ::encode;
 use host_services::runtime_api::{Outcome, RuntimeApi};
-use microvm_tests::guest_ports::{
-    control_request, echo_code_disk, snapshot, spawn_vmm, test_dir, GuestPorts,
-};
+use host_services::vmm_process::{control_request, request_snapshot};
+use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::worker::{client_runtime, data_dir, RunningWorker};
 use microvm_tests::{baremetal_guest, files_under, run_vmm};
 
@@ -88,12 +87,14 @@ async fn clones_of_one_snapshot_reconnect_answer_and_draw_their_own_randomness()
 
     let state = dir.join("vm.snap");
     let memory = dir.join("vm.mem");
-    let reply = snapshot(&control_sock, &state, &memory).await.unwrap();
+    let reply = request_snapshot(&control_sock, &state, &memory)
+        .await
+        .unwrap();
     println!(
         "snapshot: paused {} us, {} bytes of state, {} bytes of memory written",
         reply["paused_us"], reply["state_bytes"], reply["memory_bytes"]
     );
-    let bad = control_request(&control_sock, serde_json::json!({"action": "reboot"}))
+    let bad = control_request(&control_sock, &serde_json::json!({"action": "reboot"}))
         .await
         .unwrap();
     assert_eq!(bad["ok"], false);

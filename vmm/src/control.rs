@@ -27,7 +27,7 @@ const MAX_REQUEST: u64 = 4096;
 /// How long a client may take to send its request; the event loop waits.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
     Snapshot { state: PathBuf, memory: PathBuf },

@@ -114,17 +114,7 @@ fn median(samples: &mut [Duration]) -> f64 {
 }
 
 fn main() {
-    let mut runs = 30usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match (a.as_str(), args.next().and_then(|v| v.parse().ok())) {
-            ("--runs", Some(n)) if n > 0 => runs = n,
-            _ => {
-                eprintln!("usage: runtime_boot_bench [--runs N] (N > 0)");
-                std::process::exit(2);
-            }
-        }
-    }
+    let runs = microvm_tests::runs_arg("runtime_boot_bench");
     let dir = std::env::temp_dir().join(format!("runtime-boot-bench-{}", std::process::id()));
     let image = std::env::temp_dir().join(format!("runtime-boot-bench-{}.img", std::process::id()));
     let module = wat::parse_str(ECHO_WAT).expect("the echo function assembles");

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use guest_init::environ::encode;
 use host_services::runtime_api::Outcome;
-use microvm_tests::guest_ports::{echo_code_disk, snapshot, test_dir, GuestPorts};
+use host_services::vmm_process::request_snapshot;
+use microvm_tests::guest_ports::{echo_code_disk, test_dir, GuestPorts};
 use microvm_tests::load::percentile;
 use microvm_tests::{baremetal_guest, hypervisor, vmm_binary};
 use tokio::io::AsyncReadExt;
@@ -108,7 +109,7 @@ async fn take_snapshot(dir: &Path, image: &Path) -> Result<(PathBuf, PathBuf, u6
         .map_err(|_| "the guest never asked for an event".to_string())?
         .map_err(|e| format!("{e:?}"))?;
     let (state, memory) = (dir.join("vm.snap"), dir.join("vm.mem"));
-    let reply = snapshot(&control, &state, &memory).await?;
+    let reply = request_snapshot(&control, &state, &memory).await?;
     let _ = vmm.kill().await;
     Ok((state, memory, reply["paused_us"].as_u64().unwrap_or(0)))
 }
@@ -185,17 +186,7 @@ async fn bench(runs: usize) -> Result<(), String> {
 }
 
 fn main() {
-    let mut runs = 30usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match (a.as_str(), args.next().and_then(|v| v.parse().ok())) {
-            ("--runs", Some(n)) if n > 0 => runs = n,
-            _ => {
-                eprintln!("usage: snapshot_bench [--runs N] (N > 0)");
-                std::process::exit(2);
-            }
-        }
-    }
+    let runs = microvm_tests::runs_arg("snapshot_bench");
     println!(
         "snapshot benchmark: {runs} runs of each after {WARMUP} warm-up runs, the bare-metal guest with the echo function, serial off, host: {}",
         hypervisor()

@@ -37,10 +37,6 @@ impl<S: ChunkSource> ChunkCache<S> {
         }
     }
 
-    pub fn source(&self) -> &S {
-        &self.source
-    }
-
     /// Chunks loaded from the source so far (cache misses).
     pub fn loaded(&self) -> u64 {
         self.loaded
