@@ -33,7 +33,7 @@ use crate::devices::virtio::block::sealed::{
     parse_key_line, ArtifactId, DataKey, SealedError, SealedImage,
 };
 use crate::devices::virtio::block::{Block, BlockBackend, RawFile};
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{MmioTransport, COALESCED_WRITES};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -140,6 +140,9 @@ impl VirtioAttacher<'_> {
         transport
             .register_ioevents(self.vm.fd(), base)
             .map_err(BuildError::IoEvent)?;
+        for (offset, len) in COALESCED_WRITES {
+            self.vm.queue_mmio_writes(base + offset, len)?;
+        }
         let transport = Arc::new(Mutex::new(transport));
         self.mmio_bus
             .insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
@@ -404,7 +407,7 @@ fn create_vcpus(
             max: vm.max_vcpus(),
         });
     }
-    (0..count)
+    let mut vcpus = (0..count)
         .map(|index| {
             Vcpu::new(
                 vm.fd(),
@@ -415,7 +418,14 @@ fn create_vcpus(
             )
             .map_err(BuildError::from)
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(first) = vcpus.first().filter(|_| vm.has_coalesced_mmio()) {
+        let ring = Arc::new(first.map_coalesced_mmio()?);
+        for vcpu in &mut vcpus {
+            vcpu.use_coalesced_mmio(ring.clone());
+        }
+    }
+    Ok(vcpus)
 }
 
 fn control_socket(config: &DeviceConfig) -> Result<Option<ControlSocket>, BuildError> {

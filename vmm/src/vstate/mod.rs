@@ -1,5 +1,6 @@
 //! KVM state: the VM, its guest memory and its vCPUs.
 
+pub mod coalesced_mmio;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -15,6 +15,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::coalesced_mmio::CoalescedMmio;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::Bus;
 
@@ -57,6 +58,8 @@ pub enum VcpuError {
     },
     #[error("vCPU {index}: KVM took only {set} of the snapshot's {total} MSRs")]
     PartialRestoreMsrs { index: u8, set: usize, total: usize },
+    #[error("cannot map the coalesced MMIO ring: {0}")]
+    CoalescedMmio(std::io::Error),
 }
 
 /// Everything KVM holds for one vCPU, as a snapshot keeps it. The FPU
@@ -137,6 +140,14 @@ pub extern "C" fn kick_signal_handler(
     });
 }
 
+/// Applies the MMIO writes KVM queued, before anything else reaches the
+/// devices.
+fn apply_queued_writes(ring: Option<&CoalescedMmio>, mmio_bus: &Bus) {
+    if let Some(ring) = ring {
+        ring.drain(mmio_bus);
+    }
+}
+
 pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
@@ -145,6 +156,8 @@ pub struct Vcpu {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     mem: GuestMemoryMmap,
+    /// The VM's queue of MMIO writes, applied each time `KVM_RUN` returns.
+    coalesced_mmio: Option<Arc<CoalescedMmio>>,
 }
 
 impl Vcpu {
@@ -165,7 +178,17 @@ impl Vcpu {
             io_bus,
             mmio_bus,
             mem,
+            coalesced_mmio: None,
         })
+    }
+
+    /// Maps the VM's coalesced MMIO ring through this vCPU.
+    pub fn map_coalesced_mmio(&self) -> Result<CoalescedMmio, VcpuError> {
+        CoalescedMmio::map(&self.fd).map_err(VcpuError::CoalescedMmio)
+    }
+
+    pub fn use_coalesced_mmio(&mut self, ring: Arc<CoalescedMmio>) {
+        self.coalesced_mmio = Some(ring);
     }
 
     pub fn index(&self) -> u8 {
@@ -267,6 +290,7 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
+        apply_queued_writes(self.coalesced_mmio.as_deref(), &self.mmio_bus);
         control.replies.send(VcpuReply::Paused).map_err(|_| ())?;
         loop {
             match control.commands.recv().map_err(|_| ())? {
@@ -394,7 +418,10 @@ impl Vcpu {
     /// One `KVM_RUN`; `Some` when the vCPU must not run again.
     fn run_once(&mut self) -> Option<VcpuStop> {
         let index = self.index;
-        match self.fd.run() {
+        let exit = self.fd.run();
+        // The queued writes came before the access that ended this run.
+        apply_queued_writes(self.coalesced_mmio.as_deref(), &self.mmio_bus);
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !self.io_bus.read(u64::from(port), data) {
                     data.fill(0xff);

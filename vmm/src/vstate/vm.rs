@@ -123,6 +123,12 @@ pub enum VmError {
     MsrList(kvm_ioctls::Error),
     #[error("cannot register an irqfd for GSI {gsi}: {source}")]
     Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("cannot queue MMIO writes to {addr:#x}+{len:#x}: {source}")]
+    CoalescedZone {
+        addr: u64,
+        len: u32,
+        source: kvm_ioctls::Error,
+    },
 }
 
 pub struct Vm {
@@ -130,6 +136,8 @@ pub struct Vm {
     fd: Arc<VmFd>,
     hypervisor: HypervisorKind,
     max_vcpus: usize,
+    /// Whether KVM can queue MMIO writes (`KVM_CAP_COALESCED_MMIO`).
+    coalesced_mmio: bool,
 }
 
 impl Vm {
@@ -186,11 +194,13 @@ impl Vm {
         }
 
         let max_vcpus = kvm.get_max_vcpus();
+        let coalesced_mmio = kvm.check_extension(Cap::CoalescedMmio);
         Ok(Self {
             kvm,
             fd: Arc::new(fd),
             hypervisor,
             max_vcpus,
+            coalesced_mmio,
         })
     }
 
@@ -204,6 +214,22 @@ impl Vm {
 
     pub fn max_vcpus(&self) -> usize {
         self.max_vcpus
+    }
+
+    pub fn has_coalesced_mmio(&self) -> bool {
+        self.coalesced_mmio
+    }
+
+    /// Has KVM queue guest writes to `addr..addr + len` in the coalesced
+    /// MMIO ring (see `vstate::coalesced_mmio`). Without the capability
+    /// the writes leave `KVM_RUN` as usual.
+    pub fn queue_mmio_writes(&self, addr: u64, len: u32) -> Result<(), VmError> {
+        if !self.coalesced_mmio {
+            return Ok(());
+        }
+        self.fd
+            .register_coalesced_mmio(kvm_ioctls::IoEventAddress::Mmio(addr), len)
+            .map_err(|source| VmError::CoalescedZone { addr, len, source })
     }
 
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
