@@ -44,6 +44,9 @@ pub struct Connection {
     pub peer_shutdown: u32,
     /// The host socket reached end of file.
     pub host_eof: bool,
+    /// The host closed both directions: epoll reports that whatever the
+    /// interest, so the socket is off the event loop from then on.
+    pub hung_up: bool,
     write_shut: bool,
 }
 
@@ -64,6 +67,7 @@ impl Connection {
             peer_fwd_cnt: Wrapping(0),
             peer_shutdown: 0,
             host_eof: false,
+            hung_up: false,
             write_shut: false,
         }
     }

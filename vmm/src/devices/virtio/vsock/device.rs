@@ -378,6 +378,20 @@ impl Vsock {
         }
         if events.intersects(EventSet::ERROR) {
             self.reset_connection(key, ops);
+            return;
+        }
+        if events.contains(EventSet::HANG_UP) {
+            // Level-triggered, it would wake the loop until the guest
+            // closes its end. What is left to read is still pulled by
+            // `deliver_rx`, which does not wait for readiness, and a write
+            // to the closed socket fails and resets the connection.
+            if let Some(conn) = self.connections.get_mut(&key) {
+                conn.hung_up = true;
+                let fd = conn.stream.as_raw_fd();
+                if let Some(events) = self.interest.remove(&fd) {
+                    let _ = ops.remove(Events::new_raw(fd, events));
+                }
+            }
         }
         // Readable data is pulled by `deliver_rx`, which knows the credit.
     }
@@ -529,7 +543,7 @@ impl Vsock {
     /// now, so level-triggered readiness never spins: readable only with
     /// credit and RX buffers, writable only with data waiting.
     fn refresh_interest(&mut self, ops: &mut EventOps) {
-        for conn in self.connections.values() {
+        for conn in self.connections.values().filter(|c| !c.hung_up) {
             let fd = conn.stream.as_raw_fd();
             let mut want = EventSet::empty();
             if conn.wants_host_data() && !self.rx_starved {
@@ -863,6 +877,9 @@ mod tests {
         let got = g.received();
         assert_eq!(ops(&got), vec![OP_SHUTDOWN]);
         assert_eq!({ got[0].0.flags }, SHUTDOWN_SEND);
+        // The hung-up socket, which epoll reports whatever the interest,
+        // no longer wakes the event loop while the guest keeps its end.
+        assert_eq!(g.manager.run_with_timeout(0).unwrap(), 0);
         let _ = std::fs::remove_file(format!("{}_5000", g.uds.display()));
     }
 
