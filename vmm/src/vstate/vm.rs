@@ -72,18 +72,35 @@ pub struct KvmAccess {
     pub kind: Option<HypervisorKind>,
 }
 
-impl KvmAccess {
-    fn open(self) -> Result<(Kvm, HypervisorKind), VmError> {
-        let kvm = match self.fd {
+/// An open `/dev/kvm`: what the host offers before any VM exists.
+pub struct KvmSystem {
+    kvm: Kvm,
+    hypervisor: HypervisorKind,
+}
+
+impl KvmSystem {
+    pub fn open(access: KvmAccess) -> Result<Self, VmError> {
+        let kvm = match access.fd {
             // SAFETY: the caller hands this process the descriptor to own;
             // KVM_GET_API_VERSION below checks that it is KVM.
             Some(fd) => unsafe { Kvm::from_raw_fd(fd) },
             None => Kvm::new().map_err(VmError::OpenKvm)?,
         };
         if kvm.get_api_version() != KVM_API_VERSION {
-            return Err(VmError::NotKvm(self.fd));
+            return Err(VmError::NotKvm(access.fd));
         }
-        Ok((kvm, self.kind.unwrap_or_else(HypervisorKind::detect)))
+        Ok(Self {
+            kvm,
+            hypervisor: access.kind.unwrap_or_else(HypervisorKind::detect),
+        })
+    }
+
+    /// KVM_GET_SUPPORTED_CPUID: slow (0.3-0.4 ms on a PVM host), and
+    /// independent of any VM, so callers run it beside other set-up.
+    pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmError::SupportedCpuid)
     }
 }
 
@@ -132,7 +149,7 @@ pub enum VmError {
 }
 
 pub struct Vm {
-    kvm: Kvm,
+    system: Arc<KvmSystem>,
     fd: Arc<VmFd>,
     hypervisor: HypervisorKind,
     max_vcpus: usize,
@@ -141,8 +158,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(access: KvmAccess, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
-        let (kvm, hypervisor) = access.open()?;
+    pub fn new(system: Arc<KvmSystem>, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+        let kvm = &system.kvm;
         for (cap, name) in [
             (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
             (Cap::Irqfd, "KVM_CAP_IRQFD"),
@@ -196,9 +213,9 @@ impl Vm {
         let max_vcpus = kvm.get_max_vcpus();
         let coalesced_mmio = kvm.check_extension(Cap::CoalescedMmio);
         Ok(Self {
-            kvm,
+            hypervisor: system.hypervisor,
+            system,
             fd: Arc::new(fd),
-            hypervisor,
             max_vcpus,
             coalesced_mmio,
         })
@@ -233,15 +250,14 @@ impl Vm {
     }
 
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
-        self.kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(VmError::SupportedCpuid)
+        self.system.supported_cpuid()
     }
 
     /// The MSRs that make up a vCPU's state, as KVM lists them for
     /// migration.
     pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
-        self.kvm
+        self.system
+            .kvm
             .get_msr_index_list()
             .map(|list| list.as_slice().to_vec())
             .map_err(VmError::MsrList)
