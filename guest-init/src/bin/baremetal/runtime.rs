@@ -56,12 +56,13 @@ impl ByteStream for VsockStream<'_> {
     }
 }
 
-/// Reads the start-up message from the host: the function's environment,
-/// as WASI hands it out (`KEY=VALUE\0` each).
-fn read_environ(driver: &RefCell<VsockDriver>) -> Result<Vec<Vec<u8>>, String> {
+/// Reads the start-up message from the host on stream `id`, opened to its
+/// environment port: the function's environment, as WASI hands it out
+/// (`KEY=VALUE\0` each).
+fn read_environ(driver: &RefCell<VsockDriver>, id: usize) -> Result<Vec<Vec<u8>>, String> {
     let id = driver
         .borrow_mut()
-        .connect(environ::ENVIRON_PORT)
+        .established(id)
         .map_err(|e| format!("cannot reach the host's environment port: {e}"))?;
     let mut message = Vec::new();
     let mut buf = vec![0u8; 4096];
@@ -136,36 +137,33 @@ fn fail(error_type: &'static str, message: String) -> Failure {
     }
 }
 
-/// The function, ready to run: compiled, linked to WASI, with its fuel
-/// budget and environment.
-struct Function {
+/// The function's module, compiled and linked to WASI.
+struct CompiledFunction {
     engine: Engine,
     module: Module,
     linker: Linker<Io>,
     fuel: u64,
-    environ: Rc<Vec<Vec<u8>>>,
-    entropy: Option<Rc<RefCell<Entropy>>>,
 }
 
-impl Function {
-    fn prepare(
-        engine: Engine,
-        image: FunctionImage,
-        environ: Vec<Vec<u8>>,
-        entropy: Option<Rc<RefCell<Entropy>>>,
-    ) -> Result<Self, String> {
+impl CompiledFunction {
+    fn compile(engine: Engine, image: FunctionImage) -> Result<Self, String> {
         let module = Module::new(&engine, &image.module).map_err(|e| format!("{e}"))?;
         let mut linker = Linker::<Io>::new(&engine);
         wasi::link(&mut linker).map_err(|e| format!("{e}"))?;
-        Ok(Function {
+        Ok(CompiledFunction {
             engine,
             module,
             linker,
             fuel: image.fuel,
-            environ: Rc::new(environ),
-            entropy,
         })
     }
+}
+
+/// The function, ready to run: compiled, with its environment.
+struct Function {
+    compiled: CompiledFunction,
+    environ: Rc<Vec<Vec<u8>>>,
+    entropy: Option<Rc<RefCell<Entropy>>>,
 }
 
 /// Runs the module's `_start` with the event as stdin.
@@ -176,10 +174,13 @@ fn invoke(
     stderr: &mut Vec<u8>,
 ) -> Result<Vec<u8>, Failure> {
     let Function {
-        engine,
-        module,
-        linker,
-        fuel,
+        compiled:
+            CompiledFunction {
+                engine,
+                module,
+                linker,
+                fuel,
+            },
         environ,
         entropy,
     } = function;
@@ -255,12 +256,21 @@ fn invoke(
     }
 }
 
-/// Opens the Runtime API and log streams.
-fn connect_streams(driver: &RefCell<VsockDriver>) -> Result<(usize, usize), String> {
-    let connect = |port| driver.borrow_mut().connect(port);
+/// Asks for the Runtime API and log streams.
+fn open_streams(driver: &RefCell<VsockDriver>) -> (usize, usize) {
+    let mut driver = driver.borrow_mut();
+    (driver.open(RUNTIME_API_PORT), driver.open(LOG_PORT))
+}
+
+/// Waits for the streams of [`open_streams`].
+fn await_streams(
+    driver: &RefCell<VsockDriver>,
+    (api, log): (usize, usize),
+) -> Result<(usize, usize), String> {
+    let established = |id| driver.borrow_mut().established(id);
     let reason = |what: &str, e: VsockError| format!("cannot reach the {what}: {e}");
-    let api = connect(RUNTIME_API_PORT).map_err(|e| reason("Runtime API", e))?;
-    let log = connect(LOG_PORT).map_err(|e| reason("log stream", e))?;
+    let api = established(api).map_err(|e| reason("Runtime API", e))?;
+    let log = established(log).map_err(|e| reason("log stream", e))?;
     Ok((api, log))
 }
 
@@ -274,7 +284,15 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
         Ok(d) => RefCell::new(d),
         Err(e) => return println!("runtime: vsock: {e}"),
     };
-    let (id, mut log) = match connect_streams(&driver) {
+    // All three streams are asked for at once, and the host answers while
+    // the guest reads and compiles its function.
+    let streams = open_streams(&driver);
+    let environ_stream = driver.borrow_mut().open(environ::ENVIRON_PORT);
+    let mut config = Config::default();
+    config.consume_fuel(true);
+    let compiled = read_image(devices)
+        .and_then(|image| CompiledFunction::compile(Engine::new(&config), image));
+    let (id, mut log) = match await_streams(&driver, streams) {
         Ok(streams) => streams,
         Err(e) => return println!("runtime: {e}"),
     };
@@ -288,15 +306,15 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
         .iter()
         .find(|d| d.device_id() == DEVICE_ENTROPY)
         .map(|t| Rc::new(RefCell::new(Entropy::Unready(*t))));
-
-    let mut config = Config::default();
-    config.consume_fuel(true);
-    let engine = Engine::new(&config);
-    let prepared = read_environ(&driver)
+    let prepared = read_environ(&driver, environ_stream)
         .map_err(|e| ("Runtime.InvalidEnvironment", e))
         .and_then(|environ| {
-            read_image(devices)
-                .and_then(|image| Function::prepare(engine, image, environ, entropy))
+            compiled
+                .map(|compiled| Function {
+                    compiled,
+                    environ: Rc::new(environ),
+                    entropy,
+                })
                 .map_err(|e| ("Runtime.InvalidFunction", e))
         });
     let function = match prepared {
@@ -320,7 +338,7 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
             // entropy device needs nothing: it keeps no state to reseed.
             Err(_) if driver.borrow().resets() != resets => {
                 resets = driver.borrow().resets();
-                match connect_streams(&driver) {
+                match await_streams(&driver, open_streams(&driver)) {
                     Ok((api, new_log)) => {
                         info!("runtime: transport reset (a restored snapshot); reconnected");
                         client = RuntimeClient::new(VsockStream {

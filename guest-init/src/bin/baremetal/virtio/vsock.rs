@@ -129,6 +129,13 @@ impl Header {
     }
 }
 
+/// The guest's CID from the config space: only its low half, since the
+/// specification reserves the upper 32 bits (zero), and each register
+/// read is a VM exit.
+fn read_guest_cid(transport: &Transport) -> u64 {
+    u64::from(transport.config_u32(0))
+}
+
 pub struct VsockDriver {
     transport: Transport,
     rx: VirtQueue,
@@ -155,7 +162,7 @@ impl VsockDriver {
         let mut rx = transport.setup_queue(0, 64).map_err(VsockError::Init)?;
         let tx = transport.setup_queue(1, 64).map_err(VsockError::Init)?;
         let mut event = transport.setup_queue(2, 8).map_err(VsockError::Init)?;
-        let guest_cid = transport.config_u64(0);
+        let guest_cid = read_guest_cid(&transport);
         transport.finish_init();
         let event_buffers: Vec<DeviceBuffer> =
             (0..EVENT_BUFFERS).map(|_| DeviceBuffer::new(4)).collect();
@@ -218,7 +225,7 @@ impl VsockDriver {
             let id = self.event_buffers[index].written(len as usize);
             if id.len() == 4 && le_u32(id, 0) == EVENT_TRANSPORT_RESET {
                 self.resets = self.resets.wrapping_add(1);
-                self.guest_cid = self.transport.config_u64(0);
+                self.guest_cid = read_guest_cid(&self.transport);
                 for stream in &mut self.streams {
                     stream.state = State::Closed;
                 }
@@ -356,12 +363,25 @@ impl VsockDriver {
 
     /// Connects to the host's `port`.
     pub fn connect(&mut self, port: u32) -> Result<usize, VsockError> {
+        let id = self.open(port);
+        self.established(id)
+    }
+
+    /// Asks the host for a connection to `port` without waiting for the
+    /// answer, so that several requests, and other work, overlap the host's
+    /// round trips; [`established`](Self::established) waits.
+    pub fn open(&mut self, port: u32) -> usize {
         let local = self.next_port;
         self.next_port = self.next_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
         self.streams
             .push(Stream::new(local, port, State::Connecting));
-        let id = self.streams.len() - 1;
         self.send_packet(local, port, OP_REQUEST, 0, &[]);
+        self.streams.len() - 1
+    }
+
+    /// Waits until the stream that [`open`](Self::open) asked for is
+    /// connected or refused.
+    pub fn established(&mut self, id: usize) -> Result<usize, VsockError> {
         loop {
             self.poll();
             match self.streams[id].state {
