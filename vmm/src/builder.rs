@@ -215,13 +215,21 @@ fn drive_backend(drive: &DriveConfig) -> Result<Box<dyn BlockBackend>, BuildErro
 }
 
 /// Reads a sealed drive's artifact id and key from descriptor `fd`, which
-/// the VMM's owner left open for it, and closes it.
+/// the VMM's owner left open for it, and closes it, unless it is a
+/// standard stream (the worker passes the key on stdin): a freed 0 went to
+/// the next file the VMM opened, which the console then watched as stdin,
+/// and the control socket, landing there, could not be watched at all.
 fn read_drive_key(fd: i32) -> Result<(ArtifactId, DataKey), String> {
-    let file = FileSource::Fd(fd).open().map_err(|e| e.to_string())?;
+    let mut file = FileSource::Fd(fd).open().map_err(|e| e.to_string())?;
     let mut line = String::new();
-    file.take(256)
+    (&mut file)
+        .take(256)
         .read_to_string(&mut line)
         .map_err(|e| e.to_string())?;
+    if fd <= libc::STDERR_FILENO {
+        // Drained, it reads as end of file from now on.
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(file);
+    }
     parse_key_line(&line)
 }
 
