@@ -41,10 +41,11 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{Bus, BusError};
 use crate::loader::{self, LoaderError};
-use crate::microvm::{MicroVm, MicroVmParts, StatefulDevices, Subscriber};
+use crate::microvm::{MicroVm, MicroVmParts, StatefulDevices, Subscriber, VcpuSet};
 use crate::snapshot::{read_snapshot, MachineState, MicroVmState, SnapshotError};
 use crate::vstate::memory::{create_guest_memory, map_memory_file, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vcpu_thread::{recv_soon, VcpuThread};
 use crate::vstate::vm::{HypervisorKind, KvmAccess, KvmMsiRouter, KvmSystem, Vm, VmError};
 use event_manager::MutEventSubscriber;
 
@@ -113,6 +114,10 @@ pub enum BuildError {
     Snapshot(#[from] SnapshotError),
     #[error("cannot restore: {0}")]
     Restore(String),
+    #[error("cannot start vCPU 0's thread: {0}")]
+    VcpuThread(std::io::Error),
+    #[error("vCPU 0's thread ended before its part of the build")]
+    VcpuThreadEnded,
 }
 
 /// Attaches virtio-mmio devices in order: each gets the next MMIO window
@@ -479,7 +484,7 @@ impl DeviceSet {
         mem: GuestMemoryMmap,
         backing: MemoryBacking,
         machine: MachineState,
-        vcpus: Vec<Vcpu>,
+        vcpus: VcpuSet,
     ) -> MicroVmParts {
         MicroVmParts {
             vm,
@@ -502,37 +507,38 @@ fn assemble(parts: MicroVmParts) -> Result<MicroVm, BuildError> {
     MicroVm::new(parts).map_err(|e| BuildError::EventManager(e.to_string()))
 }
 
+/// Builds the microVM of `config`; with `seccomp`, its threads will run
+/// under their filters.
 pub fn build_microvm(
     config: &VmConfig,
     kvm: KvmAccess,
     vmm_start: Instant,
+    seccomp: bool,
 ) -> Result<MicroVm, BuildError> {
     let mem = create_guest_memory(config.mem_mib << 20)?;
     let system = Arc::new(KvmSystem::open(kvm)?);
-    // Two lines of work that meet at the vCPUs' configuration: the VM, its
-    // devices and vCPUs; and the supported CPUID, which KVM reports while
-    // KVM_CREATE_VM holds the memory map, then the kernel image, whose page
-    // faults would wait for that.
-    let (vm, devices, mut vcpus, (supported_cpuid, images)) = std::thread::scope(|scope| {
-        let guest_side = scope.spawn(|| {
-            let cpuid = system.supported_cpuid()?;
-            Ok::<_, BuildError>((cpuid, load_images(config, &mem)?))
+    // Two lines of work that meet at the vCPUs' configuration. vCPU 0's
+    // thread asks for the supported CPUID, which KVM computes while
+    // KVM_CREATE_VM holds the memory map, then loads the kernel image, whose
+    // page faults would wait for that; the main thread builds the VM, its
+    // devices and vCPUs.
+    let (vcpu0_thread, guest_side) = VcpuThread::spawn(0, seccomp, {
+        let (system, mem, config) = (system.clone(), mem.clone(), config.clone());
+        move || Ok::<_, BuildError>((system.supported_cpuid()?, load_images(&config, &mem)?))
+    })
+    .map_err(BuildError::VcpuThread)?;
+    let kvm_side = Vm::new(system, &mem)
+        .map_err(BuildError::from)
+        .and_then(|vm| {
+            let devices =
+                create_devices(&vm, &mem, config.vcpus, &config.devices, None, vmm_start)?;
+            let vcpus = create_vcpus(&vm, config.vcpus, &devices, &mem)?;
+            Ok((vm, devices, vcpus))
         });
-        let kvm_side = Vm::new(system.clone(), &mem)
-            .map_err(BuildError::from)
-            .and_then(|vm| {
-                let devices =
-                    create_devices(&vm, &mem, config.vcpus, &config.devices, None, vmm_start)?;
-                let vcpus = create_vcpus(&vm, config.vcpus, &devices, &mem)?;
-                Ok((vm, devices, vcpus))
-            });
-        let guest_side = guest_side
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        // A bad kernel is the likelier mistake, and the one to report.
-        let guest_side = guest_side?;
-        kvm_side.map(|(vm, devices, vcpus)| (vm, devices, vcpus, guest_side))
-    })?;
+    // A bad kernel is the likelier mistake, and the one to report.
+    let (supported_cpuid, images) =
+        recv_soon(&guest_side).map_err(|_| BuildError::VcpuThreadEnded)??;
+    let (vm, devices, mut vcpus) = kvm_side?;
     let tsc_khz = vcpus[0].tsc_khz();
     let (entry, cr3) = write_boot_structures(
         config,
@@ -550,6 +556,11 @@ pub fn build_microvm(
         vcpu.configure(&supported_cpuid, config.vcpus, boot)?;
     }
     let machine = machine_state(&config.devices, config.mem_mib, config.vcpus, &vm);
+    let vcpus = VcpuSet {
+        vcpus,
+        threads: vec![vcpu0_thread],
+        seccomp,
+    };
     assemble(MicroVmParts {
         control: control_socket(&config.devices)?,
         ..devices.into_parts(vm, mem, MemoryBacking::Anonymous, machine, vcpus)
@@ -592,10 +603,13 @@ fn restore_devices_and_vcpus(
 /// its devices, and its memory mapped from the snapshot's memory file.
 /// Everything that can refuse the snapshot (its format, the machine it
 /// describes, this host's CPU) is checked before a vCPU runs.
+/// Restores the microVM of a snapshot; with `seccomp`, its threads will run
+/// under their filters.
 pub fn restore_microvm(
     config: &RestoreConfig,
     kvm: KvmAccess,
     vmm_start: Instant,
+    seccomp: bool,
 ) -> Result<MicroVm, BuildError> {
     let state_name = PathBuf::from(config.state.to_string());
     let state_file = config.state.open().map_err(|source| {
@@ -638,7 +652,8 @@ pub fn restore_microvm(
         .open()
         .map_err(|e| restore_error(format!("memory file {}: {e}", config.memory)))?;
     let mem = map_memory_file(&memory, machine.mem_mib << 20)?;
-    let vm = Vm::new(Arc::new(KvmSystem::open(kvm)?), &mem)?;
+    let system = Arc::new(KvmSystem::open(kvm)?);
+    let vm = Vm::new(system.clone(), &mem)?;
     if vm.hypervisor() != machine.hypervisor {
         return Err(restore_error(format!(
             "taken on {}, this host has {}",
@@ -646,26 +661,36 @@ pub fn restore_microvm(
             vm.hypervisor()
         )));
     }
-    // KVM_GET_SUPPORTED_CPUID is slow (about 0.4 ms here): the check runs
-    // beside the devices' and vCPUs' set-up, and ends before any vCPU runs.
-    let (devices, vcpus) = std::thread::scope(|scope| {
-        let cpuid_check = scope.spawn(|| {
-            let supported = vm.supported_cpuid().map_err(BuildError::from)?;
-            for (index, saved) in state.vcpus.iter().enumerate() {
+    // KVM_GET_SUPPORTED_CPUID is slow (about 0.4 ms here): vCPU 0's thread
+    // checks the snapshot's CPUID against it beside the devices' and vCPUs'
+    // set-up, before any vCPU runs.
+    let (vcpu0_thread, cpuid_check) = VcpuThread::spawn(0, seccomp, {
+        let saved: Vec<_> = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
+        let vcpu_count = machine.vcpus;
+        let snapshot = format!("snapshot {:?}", config.state);
+        move || {
+            let supported = system.supported_cpuid().map_err(BuildError::from)?;
+            for (index, saved) in saved.iter().enumerate() {
                 let mut host = supported.clone();
-                cpuid::filter_cpuid(&mut host, index as u8, machine.vcpus);
-                cpuid::check_compatible(&saved.cpuid, &host)
-                    .map_err(|e| restore_error(format!("vCPU {index}: {e}")))?;
+                cpuid::filter_cpuid(&mut host, index as u8, vcpu_count);
+                cpuid::check_compatible(saved, &host)
+                    .map_err(|e| BuildError::Restore(format!("{snapshot}: vCPU {index}: {e}")))?;
             }
             Ok::<(), BuildError>(())
-        });
-        let restored = restore_devices_and_vcpus(&vm, &mem, &state, config, vmm_start);
-        cpuid_check
-            .join()
-            .map_err(|_| restore_error("the CPUID check panicked".into()))??;
-        restored
-    })?;
+        }
+    })
+    .map_err(BuildError::VcpuThread)?;
+    let restored = restore_devices_and_vcpus(&vm, &mem, &state, config, vmm_start);
+    cpuid_check
+        .recv()
+        .map_err(|_| BuildError::VcpuThreadEnded)??;
+    let (devices, vcpus) = restored?;
     vm.set_clock(&state.clock)?;
+    let vcpus = VcpuSet {
+        vcpus,
+        threads: vec![vcpu0_thread],
+        seccomp,
+    };
     assemble(MicroVmParts {
         control: control_socket(&config.devices)?,
         restored_since: Some(vmm_start),

@@ -99,16 +99,21 @@ fn run(cli: Cli, start: Instant) -> Result<i32, String> {
             let config = config
                 .validate_restore(state, memory)
                 .map_err(|e| e.to_string())?;
-            restore_microvm(&config, kvm, start)
+            restore_microvm(&config, kvm, start, !cli.no_seccomp)
         }
-        _ => build_microvm(&config.validate().map_err(|e| e.to_string())?, kvm, start),
+        _ => build_microvm(
+            &config.validate().map_err(|e| e.to_string())?,
+            kvm,
+            start,
+            !cli.no_seccomp,
+        ),
     }
     .map_err(|e| e.to_string())?;
     tracing::info!("running on {}", microvm.hypervisor());
     if cli.no_seccomp {
         tracing::warn!("seccomp filters are off (--no-seccomp)");
     }
-    let outcome = microvm.run(!cli.no_seccomp).map_err(|e| e.to_string())?;
+    let outcome = microvm.run().map_err(|e| e.to_string())?;
     match outcome.exit_code() {
         0 => tracing::info!("{outcome}"),
         _ => tracing::error!("{outcome}"),

@@ -29,11 +29,9 @@ use crate::vstate::memory::{dump_guest_memory, MemoryBacking};
 use crate::vstate::vcpu::{
     kick_signal_handler, Vcpu, VcpuCommand, VcpuControl, VcpuReply, VcpuState, VcpuStop,
 };
+use crate::vstate::vcpu_thread::{VcpuStart, VcpuThread};
 use crate::vstate::vm::{HypervisorKind, KvmMsiRouter, Vm};
 
-/// vCPU threads run guest code and device emulation; neither needs deep
-/// stacks.
-const VCPU_STACK_SIZE: usize = 256 << 10;
 /// A vCPU thread answers a pause within microseconds; one that does not
 /// within this long is stuck.
 const VCPU_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -162,13 +160,23 @@ pub struct StatefulDevices {
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
+/// A microVM's vCPUs and their threads.
+pub struct VcpuSet {
+    pub vcpus: Vec<Vcpu>,
+    /// Threads the build started for the first vCPUs, in order; the
+    /// others start with the run.
+    pub threads: Vec<VcpuThread>,
+    /// Whether every thread runs under its seccomp filter.
+    pub seccomp: bool,
+}
+
 /// Everything a built or restored microVM is made of.
 pub struct MicroVmParts {
     pub vm: Vm,
     pub mem: GuestMemoryMmap,
     pub backing: MemoryBacking,
     pub machine: MachineState,
-    pub vcpus: Vec<Vcpu>,
+    pub vcpus: VcpuSet,
     pub reset: EventFd,
     pub console: Option<Arc<Mutex<SerialDevice>>>,
     pub devices: StatefulDevices,
@@ -191,6 +199,8 @@ pub struct MicroVm {
     // Field order is drop order: vCPUs before the VM, the VM before the
     // memory it maps.
     vcpus: Vec<Vcpu>,
+    vcpu_threads: Vec<VcpuThread>,
+    seccomp: bool,
     vm: Vm,
     mem: GuestMemoryMmap,
     backing: MemoryBacking,
@@ -229,7 +239,9 @@ impl MicroVm {
             event_manager.add_subscriber(control.clone());
         }
         Ok(Self {
-            vcpus: parts.vcpus,
+            vcpus: parts.vcpus.vcpus,
+            vcpu_threads: parts.vcpus.threads,
+            seccomp: parts.vcpus.seccomp,
             vm: parts.vm,
             mem: parts.mem,
             backing: parts.backing,
@@ -253,9 +265,10 @@ impl MicroVm {
         self.boot_time.clone()
     }
 
-    /// Runs the guest to its end and returns how it ended. With `seccomp`,
-    /// each thread runs under its filter from its first guest exit on.
-    pub fn run(mut self, seccomp: bool) -> Result<VmOutcome, RunError> {
+    /// Runs the guest to its end and returns how it ended. Built with
+    /// seccomp, each thread runs under its filter from its first guest exit
+    /// on.
+    pub fn run(mut self) -> Result<VmOutcome, RunError> {
         register_signal_handler(SIGRTMIN(), kick_signal_handler).map_err(RunError::Signal)?;
         // Read before the filters are in: KVM_GET_MSR_INDEX_LIST is a
         // system ioctl the running VMM has no other use for. Only a VMM
@@ -271,8 +284,9 @@ impl MicroVm {
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(AtomicBool::new(false));
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+        let mut started = std::mem::take(&mut self.vcpu_threads).into_iter();
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            match self.spawn_vcpu(index, vcpu, &stop, &pause, seccomp) {
+            match self.start_vcpu(index, vcpu, started.next(), &stop, &pause) {
                 Ok(handle) => handles.push(handle),
                 Err(e) => {
                     stop_vcpus(&stop, handles);
@@ -281,7 +295,7 @@ impl MicroVm {
             }
         }
 
-        if seccomp {
+        if self.seccomp {
             if let Err(e) = seccomp::install(ThreadKind::Vmm) {
                 stop_vcpus(&stop, handles);
                 return Err(e.into());
@@ -312,46 +326,34 @@ impl MicroVm {
         Ok(outcome)
     }
 
-    fn spawn_vcpu(
+    /// Runs `vcpu` on `thread`, started during the build, or on a thread
+    /// started now.
+    fn start_vcpu(
         &self,
         index: usize,
         vcpu: Vcpu,
+        thread: Option<VcpuThread>,
         stop: &Arc<AtomicBool>,
         pause: &Arc<AtomicBool>,
-        seccomp: bool,
     ) -> std::io::Result<VcpuHandle> {
-        let thread_stop = stop.clone();
-        let stops = self.stops.clone();
-        let stopped = self.vcpu_stopped.try_clone()?;
+        let thread = match thread {
+            Some(thread) => thread,
+            None => VcpuThread::spawn_idle(index, self.seccomp)?,
+        };
         let (commands, commands_rx) = channel();
         let (replies_tx, replies) = channel();
-        let restored_since = self.restored_since.filter(|_| index == 0);
-        let control = VcpuControl {
-            pause: pause.clone(),
-            commands: commands_rx,
-            replies: replies_tx,
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .stack_size(VCPU_STACK_SIZE)
-            .spawn(move || {
-                let why = match seccomp.then(|| seccomp::install(ThreadKind::Vcpu)) {
-                    Some(Err(e)) => VcpuStop::Fault(e.to_string()),
-                    _ => {
-                        // Measured here, just before the first KVM_RUN: what
-                        // a restore costs until the guest runs again.
-                        if let Some(since) = restored_since {
-                            tracing::info!(
-                                "restored: vCPUs resume {} us after VMM start",
-                                since.elapsed().as_micros()
-                            );
-                        }
-                        vcpu.run(&thread_stop, &control)
-                    }
-                };
-                let _ = stops.send(why);
-                let _ = stopped.write(1);
-            })?;
+        let thread = thread.start(VcpuStart {
+            vcpu,
+            stop: stop.clone(),
+            control: VcpuControl {
+                pause: pause.clone(),
+                commands: commands_rx,
+                replies: replies_tx,
+            },
+            stops: self.stops.clone(),
+            stopped: self.vcpu_stopped.try_clone()?,
+            restored_since: self.restored_since.filter(|_| index == 0),
+        })?;
         Ok(VcpuHandle {
             thread,
             commands,

@@ -3,4 +3,5 @@
 pub mod coalesced_mmio;
 pub mod memory;
 pub mod vcpu;
+pub mod vcpu_thread;
 pub mod vm;

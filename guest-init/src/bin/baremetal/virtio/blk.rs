@@ -29,8 +29,8 @@ impl core::fmt::Display for BlockError {
 }
 
 pub struct BlockDevice {
+    transport: Transport,
     queue: VirtQueue,
-    capacity: u64,
     /// Request header and status byte, in memory the device can reach.
     header: Box<[u8; 16]>,
     status: Box<u8>,
@@ -42,16 +42,17 @@ impl BlockDevice {
         let queue = transport.setup_queue(0, 16).map_err(BlockError::Init)?;
         transport.finish_init();
         Ok(BlockDevice {
-            capacity: transport.config_u64(0) * SECTOR as u64,
+            transport,
             queue,
             header: Box::new([0; 16]),
             status: Box::new(0xff),
         })
     }
 
-    /// Size in bytes.
+    /// Size in bytes. Read when asked for, not at set-up: the two register
+    /// reads are two VM exits, and a read past the end fails anyway.
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.transport.config_u64(0) * SECTOR as u64
     }
 
     fn request(&mut self, kind: u32, sector: u64, data: Buffer) -> Result<(), BlockError> {

@@ -6,7 +6,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::mmio::{InitError, Transport};
-use super::queue::{Buffer, DeviceBuffer, VirtQueue};
+use super::queue::{Buffer, DeviceBuffers, VirtQueue};
 use crate::cpu::pause;
 
 pub const HOST_CID: u64 = 2;
@@ -141,12 +141,12 @@ pub struct VsockDriver {
     rx: VirtQueue,
     tx: VirtQueue,
     event: VirtQueue,
-    event_buffers: Vec<DeviceBuffer>,
+    event_buffers: DeviceBuffers,
     event_by_head: Vec<usize>,
     /// Transport resets seen: each one ended every stream.
     resets: u32,
     guest_cid: u64,
-    rx_buffers: Vec<DeviceBuffer>,
+    rx_buffers: DeviceBuffers,
     /// Which RX buffer each in-flight head is.
     rx_by_head: Vec<usize>,
     tx_in_flight: Vec<Option<Vec<u8>>>,
@@ -164,21 +164,18 @@ impl VsockDriver {
         let mut event = transport.setup_queue(2, 8).map_err(VsockError::Init)?;
         let guest_cid = read_guest_cid(&transport);
         transport.finish_init();
-        let event_buffers: Vec<DeviceBuffer> =
-            (0..EVENT_BUFFERS).map(|_| DeviceBuffer::new(4)).collect();
+        let event_buffers = DeviceBuffers::new(EVENT_BUFFERS, 4);
         let mut event_by_head = vec![usize::MAX; 8];
-        for (i, buf) in event_buffers.iter().enumerate() {
-            if let Some(head) = event.add(&[buf.writable()]) {
+        for i in 0..event_buffers.count() {
+            if let Some(head) = event.add(&[event_buffers.writable(i)]) {
                 event_by_head[usize::from(head)] = i;
             }
         }
         event.notify();
-        let rx_buffers: Vec<DeviceBuffer> = (0..RX_BUFFERS)
-            .map(|_| DeviceBuffer::new(HEADER + RX_PAYLOAD))
-            .collect();
+        let rx_buffers = DeviceBuffers::new(RX_BUFFERS, HEADER + RX_PAYLOAD);
         let mut rx_by_head = vec![usize::MAX; 64];
-        for (i, buf) in rx_buffers.iter().enumerate() {
-            if let Some(head) = rx.add(&[buf.writable()]) {
+        for i in 0..rx_buffers.count() {
+            if let Some(head) = rx.add(&[rx_buffers.writable(i)]) {
                 rx_by_head[usize::from(head)] = i;
             }
         }
@@ -222,7 +219,7 @@ impl VsockDriver {
             if index == usize::MAX {
                 continue;
             }
-            let id = self.event_buffers[index].written(len as usize);
+            let id = self.event_buffers.written(index, len as usize);
             if id.len() == 4 && le_u32(id, 0) == EVENT_TRANSPORT_RESET {
                 self.resets = self.resets.wrapping_add(1);
                 self.guest_cid = read_guest_cid(&self.transport);
@@ -231,7 +228,7 @@ impl VsockDriver {
                 }
                 self.accepted.clear();
             }
-            if let Some(head) = self.event.add(&[self.event_buffers[index].writable()]) {
+            if let Some(head) = self.event.add(&[self.event_buffers.writable(index)]) {
                 self.event_by_head[usize::from(head)] = index;
             }
             returned = true;
@@ -291,9 +288,9 @@ impl VsockDriver {
             if index == usize::MAX {
                 continue;
             }
-            let packet: Vec<u8> = self.rx_buffers[index].written(len as usize).to_vec();
+            let packet: Vec<u8> = self.rx_buffers.written(index, len as usize).to_vec();
             self.handle_packet(&packet);
-            if let Some(head) = self.rx.add(&[self.rx_buffers[index].writable()]) {
+            if let Some(head) = self.rx.add(&[self.rx_buffers.writable(index)]) {
                 self.rx_by_head[usize::from(head)] = index;
             }
             returned = true;
