@@ -42,14 +42,14 @@ const SPIN: Duration = Duration::from_millis(1);
 
 /// Receives from `rx`, spinning first: waking a sleeping thread on another
 /// CPU takes 50-90 us on a nested (PVM) host, as long as the work it waits
-/// for.
+/// for. The spin yields, so on a busy host other threads still run.
 pub fn recv_soon<T>(rx: &Receiver<T>) -> Result<T, RecvError> {
     let deadline = Instant::now() + SPIN;
     while Instant::now() < deadline {
         match rx.try_recv() {
             Ok(value) => return Ok(value),
             Err(TryRecvError::Disconnected) => return Err(RecvError),
-            Err(TryRecvError::Empty) => std::hint::spin_loop(),
+            Err(TryRecvError::Empty) => std::thread::yield_now(),
         }
     }
     rx.recv()
