@@ -517,14 +517,12 @@ pub fn build_microvm(
 ) -> Result<MicroVm, BuildError> {
     let mem = create_guest_memory(config.mem_mib << 20)?;
     let system = Arc::new(KvmSystem::open(kvm)?);
-    // Two lines of work that meet at the vCPUs' configuration. vCPU 0's
-    // thread asks for the supported CPUID, which KVM computes while
-    // KVM_CREATE_VM holds the memory map, then loads the kernel image, whose
-    // page faults would wait for that; the main thread builds the VM, its
-    // devices and vCPUs.
-    let (vcpu0_thread, guest_side) = VcpuThread::spawn(0, seccomp, {
-        let (system, mem, config) = (system.clone(), mem.clone(), config.clone());
-        move || Ok::<_, BuildError>((system.supported_cpuid()?, load_images(&config, &mem)?))
+    // Two lines of work that meet at the boot vCPU's entry point: vCPU 0's
+    // thread loads the kernel image; the main thread builds the VM, its
+    // devices and vCPUs, and configures the vCPUs.
+    let (vcpu0_thread, loaded) = VcpuThread::spawn(0, seccomp, {
+        let (mem, config) = (mem.clone(), config.clone());
+        move || load_images(&config, &mem)
     })
     .map_err(BuildError::VcpuThread)?;
     let kvm_side = Vm::new(system, &mem)
@@ -532,12 +530,15 @@ pub fn build_microvm(
         .and_then(|vm| {
             let devices =
                 create_devices(&vm, &mem, config.vcpus, &config.devices, None, vmm_start)?;
-            let vcpus = create_vcpus(&vm, config.vcpus, &devices, &mem)?;
+            let mut vcpus = create_vcpus(&vm, config.vcpus, &devices, &mem)?;
+            let supported_cpuid = vm.supported_cpuid()?;
+            for vcpu in &mut vcpus {
+                vcpu.configure(&supported_cpuid, config.vcpus)?;
+            }
             Ok((vm, devices, vcpus))
         });
     // A bad kernel is the likelier mistake, and the one to report.
-    let (supported_cpuid, images) =
-        recv_soon(&guest_side).map_err(|_| BuildError::VcpuThreadEnded)??;
+    let images = recv_soon(&loaded).map_err(|_| BuildError::VcpuThreadEnded)??;
     let (vm, devices, mut vcpus) = kvm_side?;
     let tsc_khz = vcpus[0].tsc_khz();
     let (entry, cr3) = write_boot_structures(
@@ -551,10 +552,7 @@ pub fn build_microvm(
     if let EntryMode::PvmUser { .. } = entry {
         tracing::info!("the guest runs in PVM user mode, natively");
     }
-    for vcpu in &mut vcpus {
-        let boot = (vcpu.index() == 0).then_some((entry, cr3));
-        vcpu.configure(&supported_cpuid, config.vcpus, boot)?;
-    }
+    vcpus[0].set_boot_entry(entry, cr3)?;
     let machine = machine_state(&config.devices, config.mem_mib, config.vcpus, &vm);
     let vcpus = VcpuSet {
         vcpus,

@@ -212,12 +212,9 @@ impl Vcpu {
     /// Programs CPUID, MSRs, FPU and LAPIC for every vCPU, and the entry
     /// registers for the boot vCPU. Other vCPUs wait for INIT/SIPI, which
     /// the in-kernel LAPIC handles.
-    pub fn configure(
-        &mut self,
-        supported_cpuid: &CpuId,
-        vcpu_count: u8,
-        boot: Option<(regs::EntryMode, u64)>,
-    ) -> Result<(), VcpuError> {
+    /// Sets up everything but where the vCPU starts, which needs the
+    /// loaded kernel: see [`Vcpu::set_boot_entry`].
+    pub fn configure(&mut self, supported_cpuid: &CpuId, vcpu_count: u8) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         cpuid::filter_cpuid(&mut cpuid, self.index, vcpu_count);
         self.fd
@@ -245,16 +242,19 @@ impl Vcpu {
         set_lvt_delivery_mode(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
         set_lvt_delivery_mode(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
         self.fd.set_lapic(&lapic).map_err(self.setup_err("LAPIC"))?;
-
-        if let Some((mode, cr3)) = boot {
-            self.fd
-                .set_regs(&regs::boot_regs(mode))
-                .map_err(self.setup_err("registers"))?;
-            let mut sregs = self.fd.get_sregs().map_err(self.setup_err("sregs"))?;
-            regs::apply_boot_sregs(&mut sregs, mode, cr3);
-            self.fd.set_sregs(&sregs).map_err(self.setup_err("sregs"))?;
-        }
         Ok(())
+    }
+
+    /// Points the boot vCPU at the kernel's entry, in `mode`, with the
+    /// page tables at `cr3`. After [`Vcpu::configure`]: KVM checks the
+    /// control registers against the vCPU's CPUID.
+    pub fn set_boot_entry(&mut self, mode: regs::EntryMode, cr3: u64) -> Result<(), VcpuError> {
+        self.fd
+            .set_regs(&regs::boot_regs(mode))
+            .map_err(self.setup_err("registers"))?;
+        let mut sregs = self.fd.get_sregs().map_err(self.setup_err("sregs"))?;
+        regs::apply_boot_sregs(&mut sregs, mode, cr3);
+        self.fd.set_sregs(&sregs).map_err(self.setup_err("sregs"))
     }
 
     /// Runs the guest until it stops, or until `stop` is set and the thread
