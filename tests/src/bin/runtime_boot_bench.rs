@@ -1,7 +1,8 @@
 //! Runtime boot benchmark: the bare-metal guest as a function runtime,
-//! from VMM spawn to the guest's boot-timer write (the VMM logs it) and to
-//! its first `GET /2018-06-01/runtime/invocation/next` on the host's
-//! Runtime API socket: the part of a cold start that is the microVM's.
+//! from VMM spawn to the VMM's start, to the guest's boot-timer write (the
+//! VMM logs it, with the time on CLOCK_MONOTONIC) and to its first
+//! `GET /2018-06-01/runtime/invocation/next` on the host's Runtime API
+//! socket: the part of a cold start that is the microVM's.
 //!
 //! usage: runtime_boot_bench [--runs N]
 
@@ -22,8 +23,28 @@ const FIRECRACKER_FIRST_OUTPUT_MS: f64 = 8.2;
 const TARGET_MS: f64 = 3.0;
 
 struct Sample {
+    vmm_start: Duration,
     boot_timer: Duration,
     first_next: Duration,
+}
+
+fn monotonic_us() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the current time into `now`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
+}
+
+/// The boot timer's figures from the VMM's log: microseconds since the
+/// VMM started, and the CLOCK_MONOTONIC time of the write.
+fn boot_timer_line(stderr: &str) -> Option<(u64, u64)> {
+    let rest = stderr.split("guest boot time: ").nth(1)?;
+    let (since_start, rest) = rest.split_once(" us since VMM start, at CLOCK_MONOTONIC ")?;
+    let at = rest.split(' ').next()?;
+    Some((since_start.parse().ok()?, at.parse().ok()?))
 }
 
 /// Accepts one connection on `listener` in a thread of its own and hands
@@ -56,6 +77,7 @@ fn boot_once(dir: &Path, image: &Path) -> Result<Sample, String> {
     });
 
     let started = Instant::now();
+    let spawned_at = monotonic_us();
     let mut vmm = Command::new(vmm_binary())
         .arg("--kernel")
         .arg(baremetal_guest())
@@ -96,14 +118,14 @@ fn boot_once(dir: &Path, image: &Path) -> Result<Sample, String> {
         let _ = e.read_to_string(&mut stderr);
     }
     let _ = vmm.wait();
-    let us: u64 = stderr
-        .split("guest boot time: ")
-        .nth(1)
-        .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
+    let (since_start, at) = boot_timer_line(&stderr)
         .ok_or_else(|| format!("the VMM logged no boot time:\n{stderr}"))?;
+    let precedes = || format!("the boot timer's clock reading {at} precedes the spawn");
+    let to_timer = at.checked_sub(spawned_at).ok_or_else(precedes)?;
+    let to_start = to_timer.checked_sub(since_start).ok_or_else(precedes)?;
     Ok(Sample {
-        boot_timer: Duration::from_micros(us),
+        vmm_start: Duration::from_micros(to_start),
+        boot_timer: Duration::from_micros(to_timer),
         first_next,
     })
 }
@@ -124,11 +146,13 @@ fn main() {
         "runtime boot benchmark: {runs} runs after {WARMUP} warm-up runs, the bare-metal guest (quiet) with the echo function, serial off, host: {}",
         hypervisor()
     );
+    let mut vmm_start = Vec::new();
     let mut boot_timer = Vec::new();
     let mut first_next = Vec::new();
     for i in 0..WARMUP + runs {
         match boot_once(&dir, &image) {
             Ok(s) if i >= WARMUP => {
+                vmm_start.push(s.vmm_start);
                 boot_timer.push(s.boot_timer);
                 first_next.push(s.first_next);
             }
@@ -141,12 +165,17 @@ fn main() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&image);
-    let timer = median(&mut boot_timer);
+    for (what, samples) in [
+        ("spawn -> VMM start:        ", &mut vmm_start),
+        ("spawn -> boot-timer write: ", &mut boot_timer),
+    ] {
+        let m = median(samples);
+        println!(
+            "{what}median {m:.2} ms, min {:.2} ms",
+            samples[0].as_secs_f64() * 1e3
+        );
+    }
     let next = median(&mut first_next);
-    println!(
-        "spawn -> boot-timer write: median {timer:.2} ms, min {:.2} ms",
-        boot_timer[0].as_secs_f64() * 1e3
-    );
     println!(
         "spawn -> first /next:      median {next:.2} ms, min {:.2} ms",
         first_next[0].as_secs_f64() * 1e3
