@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use guest_init::environ::{encode, ENVIRON_PORT};
 use host_services::wasm_image;
 use microvm_tests::{baremetal_guest, hypervisor, vmm_binary, ECHO_WAT};
+use vmm::devices::boot_timer::monotonic_us;
 
 const WARMUP: usize = 3;
 /// pvm.md: Firecracker 1.16, spawn -> first guest output, on these
@@ -26,16 +27,6 @@ struct Sample {
     vmm_start: Duration,
     boot_timer: Duration,
     first_next: Duration,
-}
-
-fn monotonic_us() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes the current time into `now`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
 }
 
 /// The boot timer's figures from the VMM's log: microseconds since the

@@ -42,7 +42,9 @@ impl BootTimer {
     }
 }
 
-fn monotonic_us() -> u64 {
+/// Now on CLOCK_MONOTONIC, in microseconds: the clock of the boot timer's
+/// log line.
+pub fn monotonic_us() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
