@@ -434,6 +434,34 @@ pub async fn control_request(
     sock: &Path,
     request: &impl serde::Serialize,
 ) -> Result<serde_json::Value, String> {
+    control_request_within(sock, request, CONTROL_TIMEOUT).await
+}
+
+/// How long a VMM may take to answer a control request. A snapshot at the
+/// first `/next` writes the few MiB the guest touched; a VMM that has not
+/// answered in this long never will (one that could not watch its control
+/// socket once kept an environment's start waiting forever).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn control_request_within(
+    sock: &Path,
+    request: &impl serde::Serialize,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
+    tokio::time::timeout(timeout, exchange(sock, request))
+        .await
+        .map_err(|_| {
+            format!(
+                "the VMM's control socket {} gave no answer within {timeout:?}",
+                sock.display()
+            )
+        })?
+}
+
+async fn exchange(
+    sock: &Path,
+    request: &impl serde::Serialize,
+) -> Result<serde_json::Value, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = serde_json::to_string(request).map_err(|e| e.to_string())?;
     let mut stream = tokio::net::UnixStream::connect(sock)
@@ -490,4 +518,26 @@ fn hand_over(dir: &Path, id: u32) -> Result<(), VmmProcessError> {
         chown(&entry.path())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_control_socket_that_never_answers_times_out() {
+        let sock = std::env::temp_dir().join(format!("silent-control-{}", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        // Bound and listening, so the connect succeeds, but never served:
+        // a VMM whose event loop does not watch the socket.
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let request = serde_json::json!({"action": "snapshot"});
+        let started = std::time::Instant::now();
+        let err = control_request_within(&sock, &request, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.contains("gave no answer within 100ms"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        std::fs::remove_file(&sock).unwrap();
+    }
 }

@@ -128,10 +128,27 @@ impl RunningWorker {
 
     /// Stops the worker as an operator would (SIGINT), checks that it
     /// exited cleanly, and returns its log.
-    pub fn stop(mut self) -> String {
+    pub fn stop(self) -> String {
+        self.stop_within(Duration::from_secs(60))
+    }
+
+    /// [`RunningWorker::stop`], failing if the worker takes longer than
+    /// `limit` to exit.
+    pub fn stop_within(mut self, limit: Duration) -> String {
         // SAFETY: signals a child process this struct owns.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let status = self.child.wait().expect("wait for the worker");
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the worker") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the worker did not exit within {limit:?} of SIGINT:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         // The reader thread sees EOF once the process is gone.
         std::thread::sleep(Duration::from_millis(50));
         let log = self.log();

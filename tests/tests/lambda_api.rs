@@ -79,3 +79,32 @@ fn boto3_drives_functions_versions_aliases_and_invokes_and_a_restart_loses_nothi
     worker.stop();
     std::fs::remove_dir_all(&data).unwrap();
 }
+
+/// SIGINT waits for requests in flight, but only for `--shutdown-grace`:
+/// a request that never completes cannot keep the worker running.
+#[test]
+fn sigint_stops_the_worker_even_with_a_request_stuck_in_flight() {
+    use std::io::Write;
+    let data = data_dir("shutdown-grace");
+    let worker = RunningWorker::start(&data, &["--no-jail", "--shutdown-grace", "1"], "info");
+    // Headers promise a body that never comes: the request stays in flight.
+    let mut stuck = std::net::TcpStream::connect(&worker.address).unwrap();
+    stuck
+        .write_all(
+            b"POST /2015-03-31/functions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"Func",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let log = worker.stop_within(Duration::from_secs(20));
+    assert!(
+        log.contains("stopping with requests still in flight"),
+        "{log}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the grace was not given"
+    );
+    drop(stuck);
+    let _ = std::fs::remove_dir_all(&data);
+}

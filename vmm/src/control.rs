@@ -18,6 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::devices::watch::watch;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
@@ -125,9 +126,8 @@ impl MutEventSubscriber for ControlSocket {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new_raw(self.listener.as_raw_fd(), EventSet::IN)) {
-            tracing::error!("cannot watch the control socket: {e:?}");
-        }
+        let listener = Events::new_raw(self.listener.as_raw_fd(), EventSet::IN);
+        watch(ops, listener, "the control socket");
     }
 }
 

@@ -23,6 +23,7 @@ use crate::devices::bus::lock;
 use crate::devices::ioapic::Ioapic;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::watch::{self, watch};
 use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::snapshot::{self, MachineState, MicroVmState};
 use crate::vstate::memory::{dump_guest_memory, MemoryBacking};
@@ -111,9 +112,7 @@ impl MutEventSubscriber for ExitWatcher {
 
     fn init(&mut self, ops: &mut EventOps) {
         for fd in [&self.vcpu_stopped, &self.reset] {
-            if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
-                tracing::error!("cannot watch for the end of the run: {e:?}");
-            }
+            watch(ops, Events::new(fd, EventSet::IN), "for the end of the run");
         }
     }
 }
@@ -237,6 +236,9 @@ impl MicroVm {
         let control = parts.control.map(|c| Arc::new(Mutex::new(c)));
         if let Some(control) = &control {
             event_manager.add_subscriber(control.clone());
+        }
+        if let Some(failure) = watch::take_failures().into_iter().next() {
+            return Err(std::io::Error::other(failure));
         }
         Ok(Self {
             vcpus: parts.vcpus.vcpus,

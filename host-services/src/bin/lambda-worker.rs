@@ -82,6 +82,10 @@ struct Args {
     /// on-demand cold starts of the version restore that snapshot.
     #[arg(long)]
     no_snapshots: bool,
+    /// Seconds in-flight requests get to finish after SIGINT; a second
+    /// SIGINT ends the wait at once.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
 }
 
 fn existing_file(what: &str, path: &std::path::Path) -> Result<(), String> {
@@ -238,12 +242,30 @@ async fn run(args: Args) -> Result<(), String> {
         "Lambda API on http://{}",
         listener.local_addr().map_err(|e| e.to_string())?
     );
-    axum::serve(listener, api::router(worker))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    let (interrupted, mut interrupt) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            interrupted.send_modify(|n| *n += 1);
+        }
+    });
+    let mut on_first = interrupt.clone();
+    let server = axum::serve(listener, api::router(worker)).with_graceful_shutdown(async move {
+        let _ = on_first.wait_for(|&n| n >= 1).await;
+        tracing::info!("SIGINT: no new requests; waiting for those in flight");
+    });
+    // In-flight requests are waited for, but not forever: a request stuck
+    // on a broken environment must not keep the worker from stopping.
+    let grace = Duration::from_secs(args.shutdown_grace);
+    tokio::select! {
+        served = server => served.map_err(|e| e.to_string())?,
+        _ = async {
+            let _ = interrupt.wait_for(|&n| n >= 1).await;
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                _ = interrupt.wait_for(|&n| n >= 2) => {}
+            }
+        } => tracing::warn!("stopping with requests still in flight"),
+    }
     router.shutdown().await;
     Ok(())
 }

@@ -6,5 +6,6 @@ pub mod bus;
 pub mod ioapic;
 pub mod legacy;
 pub mod virtio;
+pub mod watch;
 
 pub use bus::{Bus, BusDevice, BusError};

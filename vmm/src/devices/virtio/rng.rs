@@ -11,6 +11,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, VirtioDevice, INTERRUPT_USED_RING, TYPE_RNG, VIRTIO_F_VERSION_1};
+use crate::devices::watch::watch;
 
 const QUEUE_SIZE: u16 = 64;
 /// Bytes served per request at most, however large the buffer.
@@ -139,9 +140,8 @@ impl MutEventSubscriber for Rng {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
-            tracing::error!("virtio-rng: cannot watch the queue: {e:?}");
-        }
+        let queue = Events::new(&self.queue_events[0], EventSet::IN);
+        watch(ops, queue, "the virtio-rng queue");
     }
 }
 

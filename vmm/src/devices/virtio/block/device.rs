@@ -17,6 +17,7 @@ use super::request::{
 use crate::devices::virtio::{
     read_config_bytes, Interrupt, VirtioDevice, INTERRUPT_USED_RING, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
+use crate::devices::watch::watch;
 
 const QUEUE_SIZE: u16 = 256;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
@@ -253,9 +254,8 @@ impl MutEventSubscriber for Block {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_events[0], EventSet::IN)) {
-            tracing::error!("virtio-blk: cannot watch the queue: {e:?}");
-        }
+        let queue = Events::new(&self.queue_events[0], EventSet::IN);
+        watch(ops, queue, "the virtio-blk queue");
     }
 }
 

@@ -22,6 +22,7 @@ use super::HOST_CID;
 use crate::devices::virtio::{
     read_config_bytes, Interrupt, VirtioDevice, INTERRUPT_USED_RING, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
+use crate::devices::watch::watch;
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
@@ -670,9 +671,11 @@ impl MutEventSubscriber for Vsock {
         let mut fds: Vec<RawFd> = self.queue_events.iter().map(|e| e.as_raw_fd()).collect();
         fds.push(self.listener.as_raw_fd());
         for fd in fds {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("vsock: cannot watch fd {fd}: {e:?}");
-            }
+            watch(
+                ops,
+                Events::new_raw(fd, EventSet::IN),
+                "a vsock queue or socket",
+            );
         }
     }
 }
