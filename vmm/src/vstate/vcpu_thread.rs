@@ -4,9 +4,10 @@
 //! its seccomp filter as much again, and joining a helper thread up to
 //! 0.2 ms: all on the path to the guest's first instruction. So the builder
 //! starts vCPU 0's thread first and gives it the build's second line of
-//! work (KVM's supported CPUID, the kernel image) as a prelude. The thread
-//! sends the prelude's result back, installs its filter while the main
-//! thread finishes the VM, and then waits for its vCPU.
+//! work as a prelude: loading the kernel image, or for a restore, checking
+//! the snapshot's CPUID against KVM's. The thread sends the prelude's
+//! result back, installs its filter while the main thread finishes the VM,
+//! and then waits for its vCPU.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvError, Sender, TryRecvError};
