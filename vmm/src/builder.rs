@@ -600,9 +600,8 @@ fn restore_devices_and_vcpus(
 /// Rebuilds the microVM a snapshot was taken of, with new host ends for
 /// its devices, and its memory mapped from the snapshot's memory file.
 /// Everything that can refuse the snapshot (its format, the machine it
-/// describes, this host's CPU) is checked before a vCPU runs.
-/// Restores the microVM of a snapshot; with `seccomp`, its threads will run
-/// under their filters.
+/// describes, this host's CPU) is checked before a vCPU runs. With
+/// `seccomp`, its threads will run under their filters.
 pub fn restore_microvm(
     config: &RestoreConfig,
     kvm: KvmAccess,

@@ -209,11 +209,10 @@ impl Vcpu {
         }
     }
 
-    /// Programs CPUID, MSRs, FPU and LAPIC for every vCPU, and the entry
-    /// registers for the boot vCPU. Other vCPUs wait for INIT/SIPI, which
-    /// the in-kernel LAPIC handles.
-    /// Sets up everything but where the vCPU starts, which needs the
-    /// loaded kernel: see [`Vcpu::set_boot_entry`].
+    /// Programs CPUID, MSRs, FPU and LAPIC: everything but where the vCPU
+    /// starts, which needs the loaded kernel (see [`Vcpu::set_boot_entry`],
+    /// for the boot vCPU only). Other vCPUs wait for INIT/SIPI, which the
+    /// in-kernel LAPIC handles.
     pub fn configure(&mut self, supported_cpuid: &CpuId, vcpu_count: u8) -> Result<(), VcpuError> {
         let mut cpuid = supported_cpuid.clone();
         cpuid::filter_cpuid(&mut cpuid, self.index, vcpu_count);

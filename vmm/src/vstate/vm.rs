@@ -151,7 +151,6 @@ pub enum VmError {
 pub struct Vm {
     system: Arc<KvmSystem>,
     fd: Arc<VmFd>,
-    hypervisor: HypervisorKind,
     max_vcpus: usize,
     /// Whether KVM can queue MMIO writes (`KVM_CAP_COALESCED_MMIO`).
     coalesced_mmio: bool,
@@ -213,7 +212,6 @@ impl Vm {
         let max_vcpus = kvm.get_max_vcpus();
         let coalesced_mmio = kvm.check_extension(Cap::CoalescedMmio);
         Ok(Self {
-            hypervisor: system.hypervisor,
             system,
             fd: Arc::new(fd),
             max_vcpus,
@@ -226,7 +224,7 @@ impl Vm {
     }
 
     pub fn hypervisor(&self) -> HypervisorKind {
-        self.hypervisor
+        self.system.hypervisor
     }
 
     pub fn max_vcpus(&self) -> usize {

@@ -32,8 +32,10 @@ pub struct DeviceBuffers {
 
 impl DeviceBuffers {
     pub fn new(count: usize, slot: usize) -> Self {
-        let layout =
-            Layout::from_size_align((count * slot).max(1), 4096).unwrap_or(Layout::new::<u8>());
+        let layout = count
+            .checked_mul(slot)
+            .and_then(|len| Layout::from_size_align(len.max(1), 4096).ok())
+            .expect("device buffer sizes are small");
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc(layout) };
         match NonNull::new(ptr) {
