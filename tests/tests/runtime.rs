@@ -158,3 +158,57 @@ async fn a_malformed_environment_message_is_an_init_error_not_a_crash() {
     assert_eq!(out.status.code(), Some(0), "{console}");
     std::fs::remove_dir_all(&guest.dir).unwrap();
 }
+
+/// CPU time the process has used so far, all its threads together.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_waiting_for_its_next_event_leaves_the_cpu_idle() {
+    let guest = Guest::start("runtime-idle", encode([]).unwrap()).await;
+    let timeout = Duration::from_secs(30);
+    let outcome = guest
+        .api
+        .invoke("first", "{}".into(), timeout)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Response("{\"echo\":{}}".into()));
+    // Back at /next by now, with nothing to do.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = guest.vmm.id().unwrap();
+    let before = cpu_time(pid);
+    let watched = Duration::from_secs(2);
+    tokio::time::sleep(watched).await;
+    let used = cpu_time(pid) - before;
+    println!("VMM CPU time over {watched:?} waiting for /next: {used:?}");
+    assert!(
+        used < watched / 10,
+        "the guest kept {used:?} of CPU busy in {watched:?} while waiting for an event"
+    );
+    // And it still answers at once.
+    let outcome = guest
+        .api
+        .invoke("second", "[]".into(), timeout)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Response("{\"echo\":[]}".into()));
+    drop(guest.api);
+    let out = tokio::time::timeout(Duration::from_secs(30), guest.vmm.wait_with_output())
+        .await
+        .expect("the VM stops once its Runtime API is gone")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    std::fs::remove_dir_all(&guest.dir).unwrap();
+}

@@ -43,6 +43,8 @@ use crate::devices::{Bus, BusError};
 use crate::loader::{self, LoaderError};
 use crate::microvm::{MicroVm, MicroVmParts, StatefulDevices, Subscriber, VcpuSet};
 use crate::snapshot::{read_snapshot, MachineState, MicroVmState, SnapshotError};
+use crate::vstate::coalesced_mmio::QueuedWritesFirst;
+use crate::vstate::guest_wake::GuestWake;
 use crate::vstate::memory::{create_guest_memory, map_memory_file, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vcpu_thread::{recv_soon, VcpuThread};
@@ -127,6 +129,7 @@ struct VirtioAttacher<'a> {
     vm: &'a Vm,
     mem: &'a GuestMemoryMmap,
     mmio_bus: &'a mut Bus,
+    wake: &'a GuestWake,
     subscribers: Vec<Subscriber>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     cmdline: Vec<String>,
@@ -143,7 +146,8 @@ impl VirtioAttacher<'_> {
         let irqfd = eventfd()?;
         self.vm.register_irqfd(&irqfd, irq)?;
         let device = Arc::new(Mutex::new(device));
-        let transport = MmioTransport::new(self.mem.clone(), device.clone(), Interrupt::new(irqfd));
+        let interrupt = Interrupt::new(irqfd).waking(self.wake.clone());
+        let transport = MmioTransport::new(self.mem.clone(), device.clone(), interrupt);
         transport
             .register_ioevents(self.vm.fd(), base)
             .map_err(BuildError::IoEvent)?;
@@ -337,6 +341,7 @@ fn write_boot_structures(
 struct DeviceSet {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
+    wake: GuestWake,
     reset: EventFd,
     console: Option<Arc<Mutex<SerialDevice>>>,
     stateful: StatefulDevices,
@@ -392,10 +397,12 @@ fn create_devices(
     )));
     mmio_bus.insert(ioapic.clone(), IOAPIC_START, IOAPIC_SIZE)?;
 
+    let wake = GuestWake::new().map_err(BuildError::EventFd)?;
     let mut attacher = VirtioAttacher {
         vm,
         mem,
         mmio_bus: &mut mmio_bus,
+        wake: &wake,
         subscribers: Vec::new(),
         transports: Vec::new(),
         cmdline: Vec::new(),
@@ -411,6 +418,7 @@ fn create_devices(
     Ok(DeviceSet {
         io_bus: Arc::new(io_bus),
         mmio_bus: Arc::new(mmio_bus),
+        wake,
         reset,
         console: matches!(config.serial, SerialConfig::Stdout).then(|| serial.clone()),
         stateful: StatefulDevices {
@@ -444,6 +452,7 @@ fn create_vcpus(
                 devices.io_bus.clone(),
                 devices.mmio_bus.clone(),
                 mem.clone(),
+                devices.wake.clone(),
             )
             .map_err(BuildError::from)
         })
@@ -486,6 +495,20 @@ impl DeviceSet {
         machine: MachineState,
         vcpus: VcpuSet,
     ) -> MicroVmParts {
+        let subscribers = match vcpus.vcpus.first().and_then(Vcpu::coalesced_mmio) {
+            Some(ring) => self
+                .subscribers
+                .into_iter()
+                .map(|device| -> Subscriber {
+                    Arc::new(Mutex::new(QueuedWritesFirst::new(
+                        ring.clone(),
+                        self.mmio_bus.clone(),
+                        device,
+                    )))
+                })
+                .collect(),
+            None => self.subscribers,
+        };
         MicroVmParts {
             vm,
             mem,
@@ -495,7 +518,7 @@ impl DeviceSet {
             reset: self.reset,
             console: self.console,
             devices: self.stateful,
-            subscribers: self.subscribers,
+            subscribers,
             control: None,
             boot_time: self.boot_time,
             restored_since: None,

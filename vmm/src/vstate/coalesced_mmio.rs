@@ -8,16 +8,25 @@
 //! queue to the MMIO bus, oldest first, each time it leaves `KVM_RUN` and
 //! before it handles why; so a device sees the writes in program order and
 //! before any read or un-queued write that follows them.
+//!
+//! A queue notification does not leave `KVM_RUN` either (an ioeventfd), so
+//! the event loop applies the queue too before a device handles any event
+//! ([`QueuedWritesFirst`]): a device learns that the driver started it
+//! before it hears from the queue the driver then notified.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_coalesced_mmio, kvm_coalesced_mmio_ring, KVM_COALESCED_MMIO_PAGE_OFFSET};
 use kvm_ioctls::VcpuFd;
 use std::os::fd::AsRawFd;
 
+use event_manager::{EventOps, Events, MutEventSubscriber};
+
+use crate::devices::bus::lock;
 use crate::devices::Bus;
+use crate::microvm::Subscriber;
 
 /// The VM's ring, mapped once and shared by its vCPUs.
 pub struct CoalescedMmio {
@@ -119,6 +128,32 @@ impl CoalescedMmio {
     }
 }
 
+/// A device on the event loop that sees the queued writes before each of
+/// its events, as a vCPU's device accesses do.
+pub struct QueuedWritesFirst {
+    ring: Arc<CoalescedMmio>,
+    bus: Arc<Bus>,
+    device: Subscriber,
+}
+
+impl QueuedWritesFirst {
+    pub fn new(ring: Arc<CoalescedMmio>, bus: Arc<Bus>, device: Subscriber) -> Self {
+        Self { ring, bus, device }
+    }
+}
+
+impl MutEventSubscriber for QueuedWritesFirst {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        // Before the device's lock: applying a write may take it.
+        self.ring.drain(&self.bus);
+        lock(&self.device).process(events, ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        lock(&self.device).init(ops);
+    }
+}
+
 impl Drop for CoalescedMmio {
     fn drop(&mut self) {
         // SAFETY: the page mapped in `map`, unmapped once.
@@ -130,16 +165,21 @@ impl Drop for CoalescedMmio {
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use event_manager::{EventManager, EventSet, SubscriberOps};
     use kvm_bindings::kvm_userspace_memory_region;
-    use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuExit};
+    use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit, VmFd};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::devices::BusDevice;
 
-    /// Every access in arrival order: (offset, written byte or None for a read).
+    /// One access: (offset, written byte or None for a read).
+    type Access = (u64, Option<u8>);
+
+    /// Every access in arrival order.
     #[derive(Default)]
-    struct Log(Vec<(u64, Option<u8>)>);
+    struct Log(Vec<Access>);
 
     impl BusDevice for Log {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -151,25 +191,13 @@ mod tests {
         }
     }
 
-    /// A real-mode guest writes two registers KVM queues, then reads one it
-    /// does not: the device must see both writes, in order, before the read.
-    #[test]
-    fn queued_writes_reach_the_device_in_order_before_the_next_exit() {
-        let Ok(kvm) = Kvm::new() else {
-            println!("SKIPPED: no /dev/kvm");
-            return;
-        };
+    /// A VM whose vCPU runs `code` in real mode from address 0; the memory
+    /// goes last, after the VM that maps it.
+    fn real_mode_vm(kvm: &Kvm, code: &[u8]) -> (VmFd, VcpuFd, GuestMemoryMmap) {
         assert!(kvm.check_extension(Cap::CoalescedMmio));
         let vm = kvm.create_vm().unwrap();
-        #[rustfmt::skip]
-        let code: [u8; 14] = [
-            0xc6, 0x06, 0x00, 0x20, 0x01, // mov byte [0x2000], 1
-            0xc6, 0x06, 0x04, 0x20, 0x02, // mov byte [0x2004], 2
-            0xa0, 0x08, 0x20,             // mov al, [0x2008]
-            0xf4,                         // hlt
-        ];
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
-        mem.write_slice(&code, GuestAddress(0)).unwrap();
+        mem.write_slice(code, GuestAddress(0)).unwrap();
         let region = kvm_userspace_memory_region {
             slot: 0,
             guest_phys_addr: 0,
@@ -177,11 +205,9 @@ mod tests {
             userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
             flags: 0,
         };
-        // SAFETY: `mem` outlives the VM.
+        // SAFETY: `mem` outlives the VM: the caller gets both, the VM first.
         unsafe { vm.set_user_memory_region(region) }.unwrap();
-        vm.register_coalesced_mmio(IoEventAddress::Mmio(0x2000), 8)
-            .unwrap();
-        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
         let mut sregs = vcpu.get_sregs().unwrap();
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
@@ -192,6 +218,27 @@ mod tests {
         regs.rip = 0;
         regs.rflags = 2;
         vcpu.set_regs(&regs).unwrap();
+        (vm, vcpu, mem)
+    }
+
+    /// A real-mode guest writes two registers KVM queues, then reads one it
+    /// does not: the device must see both writes, in order, before the read.
+    #[test]
+    fn queued_writes_reach_the_device_in_order_before_the_next_exit() {
+        let Ok(kvm) = Kvm::new() else {
+            println!("SKIPPED: no /dev/kvm");
+            return;
+        };
+        #[rustfmt::skip]
+        let code: [u8; 14] = [
+            0xc6, 0x06, 0x00, 0x20, 0x01, // mov byte [0x2000], 1
+            0xc6, 0x06, 0x04, 0x20, 0x02, // mov byte [0x2004], 2
+            0xa0, 0x08, 0x20,             // mov al, [0x2008]
+            0xf4,                         // hlt
+        ];
+        let (vm, mut vcpu, _mem) = real_mode_vm(&kvm, &code);
+        vm.register_coalesced_mmio(IoEventAddress::Mmio(0x2000), 8)
+            .unwrap();
 
         let ring = CoalescedMmio::map(&vcpu).unwrap();
         let log = Arc::new(Mutex::new(Log::default()));
@@ -219,5 +266,63 @@ mod tests {
             log.lock().unwrap().0,
             [(0, Some(1)), (4, Some(2)), (8, None)]
         );
+    }
+
+    /// Started, then notified: the guest's status write is queued and its
+    /// notification (an ioeventfd) never leaves `KVM_RUN`. The device must
+    /// still see the write before it handles the notification.
+    #[test]
+    fn the_event_loop_applies_queued_writes_before_a_device_event() {
+        let Ok(kvm) = Kvm::new() else {
+            println!("SKIPPED: no /dev/kvm");
+            return;
+        };
+        #[rustfmt::skip]
+        let code: [u8; 11] = [
+            0xc6, 0x06, 0x00, 0x20, 0x04, // mov byte [0x2000], 4
+            0xc6, 0x06, 0x00, 0x30, 0x01, // mov byte [0x3000], 1
+            0xf4,                         // hlt
+        ];
+        let (vm, mut vcpu, _mem) = real_mode_vm(&kvm, &code);
+        vm.register_coalesced_mmio(IoEventAddress::Mmio(0x2000), 8)
+            .unwrap();
+        let notified = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        vm.register_ioevent(&notified, &IoEventAddress::Mmio(0x3000), NoDatamatch)
+            .unwrap();
+        let ring = Arc::new(CoalescedMmio::map(&vcpu).unwrap());
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mut bus = Bus::new();
+        bus.insert(log.clone(), 0x2000, 0x10).unwrap();
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
+
+        /// Records what the device had seen when its queue was notified.
+        struct Device {
+            notified: EventFd,
+            log: Arc<Mutex<Log>>,
+            seen: Arc<Mutex<Option<Vec<Access>>>>,
+        }
+        impl MutEventSubscriber for Device {
+            fn process(&mut self, _: Events, _: &mut EventOps) {
+                let _ = self.notified.read();
+                *self.seen.lock().unwrap() = Some(self.log.lock().unwrap().0.clone());
+            }
+            fn init(&mut self, ops: &mut EventOps) {
+                ops.add(Events::new(&self.notified, EventSet::IN)).unwrap();
+            }
+        }
+        let seen = Arc::new(Mutex::new(None));
+        let device: Subscriber = Arc::new(Mutex::new(Device {
+            notified,
+            log,
+            seen: seen.clone(),
+        }));
+        let mut event_loop = EventManager::<Subscriber>::new().unwrap();
+        event_loop.add_subscriber(Arc::new(Mutex::new(QueuedWritesFirst::new(
+            ring,
+            Arc::new(bus),
+            device,
+        ))));
+        event_loop.run_with_timeout(5000).unwrap();
+        assert_eq!(*seen.lock().unwrap(), Some(vec![(0, Some(4))]));
     }
 }

@@ -5,6 +5,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
@@ -14,8 +15,11 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::signal::SIGRTMIN;
 
 use super::coalesced_mmio::CoalescedMmio;
+use super::guest_wake::GuestWake;
+use crate::arch::x86_64::layout::GUEST_IDLE_PORT;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::Bus;
 
@@ -158,6 +162,7 @@ pub struct Vcpu {
     mem: GuestMemoryMmap,
     /// The VM's queue of MMIO writes, applied each time `KVM_RUN` returns.
     coalesced_mmio: Option<Arc<CoalescedMmio>>,
+    wake: GuestWake,
 }
 
 impl Vcpu {
@@ -167,6 +172,7 @@ impl Vcpu {
         io_bus: Arc<Bus>,
         mmio_bus: Arc<Bus>,
         mem: GuestMemoryMmap,
+        wake: GuestWake,
     ) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
@@ -179,6 +185,7 @@ impl Vcpu {
             mmio_bus,
             mem,
             coalesced_mmio: None,
+            wake,
         })
     }
 
@@ -189,6 +196,10 @@ impl Vcpu {
 
     pub fn use_coalesced_mmio(&mut self, ring: Arc<CoalescedMmio>) {
         self.coalesced_mmio = Some(ring);
+    }
+
+    pub fn coalesced_mmio(&self) -> Option<&Arc<CoalescedMmio>> {
+        self.coalesced_mmio.as_ref()
     }
 
     pub fn index(&self) -> u8 {
@@ -414,6 +425,18 @@ impl Vcpu {
             .map_err(self.setup_err("pending events"))
     }
 
+    /// The guest has nothing to do for up to `timeout` (see `guest_wake`).
+    /// A kick ends the sleep as it would end `KVM_RUN`.
+    fn idle(&self, timeout: Duration) {
+        self.wake.wait(timeout, SIGRTMIN(), || {
+            IMMEDIATE_EXIT.with(|p| {
+                let p = p.get();
+                // SAFETY: as in the kick handler.
+                !p.is_null() && unsafe { std::ptr::read_volatile(p) } != 0
+            })
+        });
+    }
+
     /// One `KVM_RUN`; `Some` when the vCPU must not run again.
     fn run_once(&mut self) -> Option<VcpuStop> {
         let index = self.index;
@@ -425,6 +448,13 @@ impl Vcpu {
                 if !self.io_bus.read(u64::from(port), data) {
                     data.fill(0xff);
                 }
+                None
+            }
+            Ok(VcpuExit::IoOut(GUEST_IDLE_PORT, data)) => {
+                let mut micros = [0u8; 4];
+                let n = data.len().min(4);
+                micros[..n].copy_from_slice(&data[..n]);
+                self.idle(Duration::from_micros(u64::from(u32::from_le_bytes(micros))));
                 None
             }
             Ok(VcpuExit::IoOut(port, data)) => {

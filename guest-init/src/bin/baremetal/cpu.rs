@@ -87,8 +87,57 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack))
+    };
+}
+
 pub fn pause() {
     core::hint::spin_loop();
+}
+
+/// The VMM's idle port: a 32-bit write gives the CPU back to the host for
+/// at most that many microseconds, or until a device raises an interrupt
+/// (the VMM's `vstate::guest_wake`). Without it, the write is a no-op.
+const IDLE_PORT: u16 = 0x3f1;
+/// The longest idle sleep: waiting for `/next` wakes the guest this often.
+const IDLE_MICROS: u32 = 1_000_000;
+/// How long a wait spins before it idles, in TSC cycles (30-50 us): an
+/// answer often comes sooner, and idling costs two VM exits and a wake-up.
+const SPIN_CYCLES: u64 = 100_000;
+
+/// A wait for the host: spins a while, then idles until a device has
+/// something, so that a guest waiting for its next event does not keep a
+/// host CPU busy.
+pub struct Waiter {
+    spinning_since: Option<u64>,
+}
+
+impl Waiter {
+    pub const fn new() -> Self {
+        Self {
+            spinning_since: None,
+        }
+    }
+
+    /// One round of waiting; the caller looks at its rings in between.
+    pub fn wait(&mut self) {
+        let now = rdtsc();
+        match self.spinning_since {
+            Some(since) if now.wrapping_sub(since) >= SPIN_CYCLES => {
+                outl(IDLE_PORT, IDLE_MICROS);
+                // Whatever woke the guest may need more than one look.
+                self.spinning_since = None;
+            }
+            Some(_) => pause(),
+            None => {
+                self.spinning_since = Some(now);
+                pause();
+            }
+        }
+    }
 }
 
 /// Ends the VM: the i8042 CPU reset line, which the VMM treats as exit.

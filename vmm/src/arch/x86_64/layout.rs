@@ -55,6 +55,9 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const I8042_PORT: u16 = 0x60;
 /// Firecracker's boot-timer port.
 pub const BOOT_TIMER_PORT: u16 = 0x3f0;
+/// A 32-bit write here idles the vCPU for at most that many microseconds
+/// (see `vstate::guest_wake`).
+pub const GUEST_IDLE_PORT: u16 = 0x3f1;
 
 /// Legacy interrupt lines.
 pub const COM1_IRQ: u32 = 4;

@@ -41,13 +41,14 @@ const REG_CONFIG_GENERATION: u64 = 0x0fc;
 
 /// Register ranges (offset, length) whose writes KVM may queue instead of
 /// leaving `KVM_RUN` (see `vstate::coalesced_mmio`): feature and queue
-/// selection and queue set-up. Nothing observes them before the driver's
-/// next register read or status write, each of which leaves `KVM_RUN` and
-/// so applies the queued writes first. Not QueueNotify (an ioeventfd),
-/// InterruptACK (it must clear the status before the device raises the
-/// next interrupt), Status (DRIVER_OK starts the device, which the next
-/// notification, handled without an exit, expects) or the config space.
-pub const COALESCED_WRITES: [(u64, u32); 2] = [(REG_MAGIC, 0x50), (REG_QUEUE_DESC_LOW, 0x28)];
+/// selection, the device status and queue set-up. Nothing observes them
+/// before the driver's next register read, which leaves `KVM_RUN` and so
+/// applies the queued writes first, or before the device's next event
+/// (DRIVER_OK then a notification), which the event loop handles only
+/// after applying them. Not QueueNotify (an ioeventfd), InterruptACK (it
+/// must clear the status before the device raises the next interrupt) or
+/// the config space.
+pub const COALESCED_WRITES: [(u64, u32); 2] = [(REG_MAGIC, 0x50), (REG_STATUS, 0x38)];
 const CONFIG_SPACE: u64 = 0x100;
 
 pub const STATUS_ACKNOWLEDGE: u32 = 1;

@@ -18,6 +18,8 @@ use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::vstate::guest_wake::GuestWake;
+
 /// Offered by every device: the modern (non-legacy) interface.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -35,6 +37,7 @@ pub const INTERRUPT_CONFIG_CHANGE: u32 = 1 << 1;
 pub struct Interrupt {
     status: Arc<AtomicU32>,
     irqfd: Arc<EventFd>,
+    wake: Option<GuestWake>,
 }
 
 impl Interrupt {
@@ -42,6 +45,15 @@ impl Interrupt {
         Self {
             status: Arc::new(AtomicU32::new(0)),
             irqfd: Arc::new(irqfd),
+            wake: None,
+        }
+    }
+
+    /// Each interrupt also ends an idle vCPU's sleep.
+    pub fn waking(self, wake: GuestWake) -> Self {
+        Self {
+            wake: Some(wake),
+            ..self
         }
     }
 
@@ -49,6 +61,9 @@ impl Interrupt {
         self.status.fetch_or(reason, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
             tracing::warn!("virtio: cannot raise the interrupt: {e}");
+        }
+        if let Some(wake) = &self.wake {
+            wake.notify();
         }
     }
 

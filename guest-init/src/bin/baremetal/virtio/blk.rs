@@ -4,7 +4,7 @@ use alloc::boxed::Box;
 
 use super::mmio::{InitError, Transport};
 use super::queue::{Buffer, VirtQueue};
-use crate::cpu::pause;
+use crate::cpu::Waiter;
 
 pub const SECTOR: usize = 512;
 const T_IN: u32 = 0;
@@ -78,8 +78,9 @@ impl BlockDevice {
         ];
         self.queue.add(&chain).ok_or(BlockError::Status(0xff))?;
         self.queue.notify();
+        let mut waiter = Waiter::new();
         while self.queue.pop_used().is_none() {
-            pause();
+            waiter.wait();
         }
         // SAFETY: the device has finished with the byte.
         match unsafe { core::ptr::read_volatile(&*self.status) } {

@@ -4,7 +4,7 @@
 
 use super::mmio::{InitError, Transport};
 use super::queue::{Buffer, VirtQueue};
-use crate::cpu::pause;
+use crate::cpu::Waiter;
 
 pub struct EntropyDevice {
     queue: VirtQueue,
@@ -58,11 +58,12 @@ impl EntropyDevice {
                 return false;
             }
             self.queue.notify();
+            let mut waiter = Waiter::new();
             let written = loop {
                 if let Some((_, len)) = self.queue.pop_used() {
                     break len as usize;
                 }
-                pause();
+                waiter.wait();
             };
             if written == 0 {
                 return false;

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use super::mmio::{InitError, Transport};
 use super::queue::{Buffer, DeviceBuffers, VirtQueue};
-use crate::cpu::pause;
+use crate::cpu::Waiter;
 
 pub const HOST_CID: u64 = 2;
 const HEADER: usize = 44;
@@ -259,6 +259,7 @@ impl VsockDriver {
         pkt.extend_from_slice(&BUF_ALLOC.to_le_bytes());
         pkt.extend_from_slice(&fwd_cnt.to_le_bytes());
         pkt.extend_from_slice(payload);
+        let mut waiter = Waiter::new();
         loop {
             let buffer = Buffer {
                 addr: pkt.as_ptr() as u64,
@@ -272,7 +273,7 @@ impl VsockDriver {
             }
             // The TX ring is full: wait for the device to take some.
             self.poll();
-            pause();
+            waiter.wait();
         }
     }
 
@@ -379,12 +380,13 @@ impl VsockDriver {
     /// Waits until the stream that [`open`](Self::open) asked for is
     /// connected or refused.
     pub fn established(&mut self, id: usize) -> Result<usize, VsockError> {
+        let mut waiter = Waiter::new();
         loop {
             self.poll();
             match self.streams[id].state {
                 State::Connected => return Ok(id),
                 State::Closed => return Err(VsockError::Refused),
-                State::Connecting => pause(),
+                State::Connecting => waiter.wait(),
             }
         }
     }
@@ -395,17 +397,19 @@ impl VsockDriver {
 
     /// Waits for a host connection to a listened port.
     pub fn accept(&mut self) -> usize {
+        let mut waiter = Waiter::new();
         loop {
             self.poll();
             if let Some(id) = self.accepted.pop_front() {
                 return id;
             }
-            pause();
+            waiter.wait();
         }
     }
 
     /// Sends all of `data`, waiting for credit as needed.
     pub fn send(&mut self, id: usize, mut data: &[u8]) -> Result<(), VsockError> {
+        let mut waiter = Waiter::new();
         while !data.is_empty() {
             let s = &self.streams[id];
             if s.state == State::Closed {
@@ -420,7 +424,7 @@ impl VsockDriver {
                     self.send_packet(l, p, OP_CREDIT_REQUEST, 0, &[]);
                 }
                 self.poll();
-                pause();
+                waiter.wait();
                 continue;
             }
             let n = credit.min(data.len()).min(TX_CHUNK);
@@ -434,6 +438,7 @@ impl VsockDriver {
 
     /// Receives up to `buf.len()` bytes; 0 when the host will send no more.
     pub fn recv(&mut self, id: usize, buf: &mut [u8]) -> usize {
+        let mut waiter = Waiter::new();
         loop {
             let s = &mut self.streams[id];
             if !s.rx.is_empty() {
@@ -452,7 +457,7 @@ impl VsockDriver {
                 return 0;
             }
             self.poll();
-            pause();
+            waiter.wait();
         }
     }
 
@@ -465,9 +470,10 @@ impl VsockDriver {
             self.send_packet(l, p, OP_SHUTDOWN, SHUTDOWN_BOTH, &[]);
         }
         // Let the device take the packet before the caller moves on.
+        let mut waiter = Waiter::new();
         while self.tx.free_descriptors() < 64 {
             self.poll();
-            pause();
+            waiter.wait();
         }
     }
 }
