@@ -113,8 +113,8 @@ pub fn block_requests(input: &[u8]) {
             return;
         };
         block.queues_mut()[0] = queue;
-        // Activation processes what the queue holds.
         block.activate(mem.clone(), Interrupt::new(irqfd));
+        block.process_queue();
     });
 }
 

@@ -118,7 +118,9 @@ impl VirtioDevice for Rng {
 
     fn activate(&mut self, mem: GuestMemoryMmap, interrupt: Interrupt) {
         self.active = Some((mem, interrupt));
-        self.process_queue();
+        // As with virtio-blk: buffers offered before DRIVER_OK are filled
+        // by the event loop, not by the vCPU thread starting the device.
+        let _ = self.queue_events[0].write(1);
     }
 
     fn is_activated(&self) -> bool {
@@ -165,6 +167,9 @@ mod tests {
             mem.clone(),
             Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
         );
+        // Activation leaves the offered buffers to the event loop.
+        assert_eq!(rng.queue_events[0].read().unwrap(), 1);
+        rng.process_queue();
         let used = mock.used_addr();
         let len0: u32 = mem.read_obj(used.unchecked_add(8)).unwrap();
         let len1: u32 = mem.read_obj(used.unchecked_add(16)).unwrap();

@@ -230,8 +230,10 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, mem: GuestMemoryMmap, interrupt: Interrupt) {
         self.active = Some((mem, interrupt));
-        // Requests the driver queued before DRIVER_OK are served now.
-        self.process_queue();
+        // Requests the driver queued before DRIVER_OK are served as if it
+        // had notified them, by the event loop: a vCPU thread may be the
+        // one starting the device, and its filter allows no file I/O.
+        let _ = self.queue_events[0].write(1);
     }
 
     fn is_activated(&self) -> bool {
@@ -325,6 +327,9 @@ mod tests {
         h.block.queues[0] = mock.create_queue().unwrap();
         let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         h.block.activate(h.mem.clone(), irq);
+        // Activation leaves the pending requests to the event loop.
+        assert_eq!(h.block.queue_events[0].read().unwrap(), 1);
+        h.block.process_queue();
         let used_len: u32 = h
             .mem
             .read_obj(mock.used_addr().unchecked_add(4 + 4))
