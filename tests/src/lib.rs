@@ -115,18 +115,35 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// A benchmark's one argument, `--runs N` (N > 0; 30 when not given);
 /// anything else ends the program with its usage.
 pub fn runs_arg(bench: &str) -> usize {
+    bench_args(bench, &[]).0
+}
+
+/// `--runs N` (30 when not given) and the values of the benchmark's own
+/// `options`, each `--option VALUE`, in the order of `options`.
+pub fn bench_args(bench: &str, options: &[&str]) -> (usize, Vec<Option<String>>) {
     let mut runs = 30usize;
+    let mut values = vec![None; options.len()];
     let mut args = std::env::args().skip(1);
+    let usage = || -> ! {
+        let extra: String = options.iter().map(|o| format!(" [--{o} VALUE]")).collect();
+        eprintln!("usage: {bench} [--runs N] (N > 0){extra}");
+        std::process::exit(2);
+    };
     while let Some(a) = args.next() {
-        match (a.as_str(), args.next().and_then(|v| v.parse().ok())) {
-            ("--runs", Some(n)) if n > 0 => runs = n,
-            _ => {
-                eprintln!("usage: {bench} [--runs N] (N > 0)");
-                std::process::exit(2);
-            }
+        let value = args.next().unwrap_or_else(|| usage());
+        match a.strip_prefix("--") {
+            Some("runs") => match value.parse() {
+                Ok(n) if n > 0 => runs = n,
+                _ => usage(),
+            },
+            Some(name) => match options.iter().position(|o| *o == name) {
+                Some(i) => values[i] = Some(value),
+                None => usage(),
+            },
+            None => usage(),
         }
     }
-    runs
+    (runs, values)
 }
 
 /// A fixture guest built by this crate's build script.

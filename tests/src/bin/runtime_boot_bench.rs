@@ -4,11 +4,17 @@
 //! `GET /2018-06-01/runtime/invocation/next` on the host's Runtime API
 //! socket: the part of a cold start that is the microVM's.
 //!
-//! usage: runtime_boot_bench [--runs N]
+//! usage: runtime_boot_bench [--runs N] [--against DIR]
+//!
+//! `--against DIR` measures another build beside this one, boot by boot in
+//! turn, so that both see the same host: DIR holds its `vmm` and
+//! `baremetal` (a target/x86_64-unknown-linux-gnu/release directory).
+//! This host's medians drift by a millisecond from hour to hour; boots in
+//! turn are the only fair comparison of two builds.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -51,7 +57,53 @@ fn serve_once(
     });
 }
 
-fn boot_once(dir: &Path, image: &Path) -> Result<Sample, String> {
+/// The binaries one build boots with.
+struct Build {
+    name: String,
+    vmm: PathBuf,
+    guest: PathBuf,
+    vmm_start: Vec<Duration>,
+    boot_timer: Vec<Duration>,
+    first_next: Vec<Duration>,
+}
+
+impl Build {
+    fn new(name: String, vmm: PathBuf, guest: PathBuf) -> Build {
+        Build {
+            name,
+            vmm,
+            guest,
+            vmm_start: Vec::new(),
+            boot_timer: Vec::new(),
+            first_next: Vec::new(),
+        }
+    }
+
+    fn record(&mut self, s: Sample) {
+        self.vmm_start.push(s.vmm_start);
+        self.boot_timer.push(s.boot_timer);
+        self.first_next.push(s.first_next);
+    }
+
+    /// Prints the figures; returns the median to the first `/next`.
+    fn report(&mut self) -> f64 {
+        println!("{}:", self.name);
+        for (what, samples) in [
+            ("spawn -> VMM start:        ", &mut self.vmm_start),
+            ("spawn -> boot-timer write: ", &mut self.boot_timer),
+            ("spawn -> first /next:      ", &mut self.first_next),
+        ] {
+            let m = median(samples);
+            println!(
+                "  {what}median {m:.2} ms, min {:.2} ms",
+                samples[0].as_secs_f64() * 1e3
+            );
+        }
+        median(&mut self.first_next)
+    }
+}
+
+fn boot_once(dir: &Path, image: &Path, build: &Build) -> Result<Sample, String> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let uds = dir.join("vsock");
@@ -69,9 +121,9 @@ fn boot_once(dir: &Path, image: &Path) -> Result<Sample, String> {
 
     let started = Instant::now();
     let spawned_at = monotonic_us();
-    let mut vmm = Command::new(vmm_binary())
+    let mut vmm = Command::new(&build.vmm)
         .arg("--kernel")
-        .arg(baremetal_guest())
+        .arg(&build.guest)
         .arg("--drive")
         .arg(format!("{},ro", image.display()))
         .arg("--vsock")
@@ -127,50 +179,60 @@ fn median(samples: &mut [Duration]) -> f64 {
 }
 
 fn main() {
-    let runs = microvm_tests::runs_arg("runtime_boot_bench");
+    let (runs, options) = microvm_tests::bench_args("runtime_boot_bench", &["against"]);
+    let mut builds = vec![Build::new(
+        "this build".into(),
+        vmm_binary(),
+        baremetal_guest(),
+    )];
+    if let Some(other) = &options[0] {
+        let other = PathBuf::from(other);
+        let (vmm, guest) = (other.join("vmm"), other.join("baremetal"));
+        for binary in [&vmm, &guest] {
+            if !binary.is_file() {
+                eprintln!("runtime_boot_bench: --against: no {}", binary.display());
+                std::process::exit(2);
+            }
+        }
+        builds.push(Build::new(
+            format!("against {}", other.display()),
+            vmm,
+            guest,
+        ));
+    }
     let dir = std::env::temp_dir().join(format!("runtime-boot-bench-{}", std::process::id()));
     let image = std::env::temp_dir().join(format!("runtime-boot-bench-{}.img", std::process::id()));
     let module = wat::parse_str(ECHO_WAT).expect("the echo function assembles");
     std::fs::write(&image, wasm_image::build(&module, 0).expect("a code disk"))
         .expect("write the code disk");
     println!(
-        "runtime boot benchmark: {runs} runs after {WARMUP} warm-up runs, the bare-metal guest (quiet) with the echo function, serial off, host: {}",
+        "runtime boot benchmark: {runs} runs after {WARMUP} warm-up runs{}, the bare-metal guest (quiet) with the echo function, serial off, host: {}",
+        if builds.len() > 1 { " of each build, in turn" } else { "" },
         hypervisor()
     );
-    let mut vmm_start = Vec::new();
-    let mut boot_timer = Vec::new();
-    let mut first_next = Vec::new();
     for i in 0..WARMUP + runs {
-        match boot_once(&dir, &image) {
-            Ok(s) if i >= WARMUP => {
-                vmm_start.push(s.vmm_start);
-                boot_timer.push(s.boot_timer);
-                first_next.push(s.first_next);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("run {i} failed: {e}");
-                std::process::exit(1);
+        for build in &mut builds {
+            match boot_once(&dir, &image, build) {
+                Ok(s) if i >= WARMUP => build.record(s),
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("run {i} of {} failed: {e}", build.name);
+                    std::process::exit(1);
+                }
             }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&image);
-    for (what, samples) in [
-        ("spawn -> VMM start:        ", &mut vmm_start),
-        ("spawn -> boot-timer write: ", &mut boot_timer),
-    ] {
-        let m = median(samples);
+    let medians: Vec<f64> = builds.iter_mut().map(Build::report).collect();
+    let next = medians[0];
+    if let Some(other) = medians.get(1) {
         println!(
-            "{what}median {m:.2} ms, min {:.2} ms",
-            samples[0].as_secs_f64() * 1e3
+            "this build against the other, first /next: {:+.2} ms ({:.2}x)",
+            next - other,
+            next / other
         );
     }
-    let next = median(&mut first_next);
-    println!(
-        "spawn -> first /next:      median {next:.2} ms, min {:.2} ms",
-        first_next[0].as_secs_f64() * 1e3
-    );
     println!(
         "for reference, Firecracker's tiny guest, spawn -> first output (pvm.md): {FIRECRACKER_FIRST_OUTPUT_MS} ms median; ratio {:.1}x",
         FIRECRACKER_FIRST_OUTPUT_MS / next
