@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
@@ -71,6 +72,7 @@ pub const MICROVM_NOTE_NAME: &[u8] = b"MicroVM\0";
 pub const MICROVM_NOTE_PVM_USER_ENTRY: u32 = 1;
 /// Notes larger than this are not read: no legitimate kernel has them.
 const MAX_NOTE_SEGMENT: u64 = 64 << 10;
+const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
 
 fn read_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LoaderError {
@@ -135,9 +137,15 @@ struct ElfNote {
     desc: Vec<u8>,
 }
 
-/// Reads every ELF note of the file, bounded so that a hostile file cannot
-/// make the VMM read or allocate much.
-fn elf_notes(file: &mut File) -> std::io::Result<Vec<ElfNote>> {
+/// What an ELF kernel's program headers say, bounded so that a hostile
+/// file cannot make the VMM read or allocate much: its notes, and where
+/// its loadable segments' file bytes go in guest memory.
+struct ElfProgram {
+    notes: Vec<ElfNote>,
+    loads: Vec<Range<u64>>,
+}
+
+fn elf_program(file: &mut File) -> std::io::Result<ElfProgram> {
     fn u16_at(b: &[u8], at: usize) -> u16 {
         u16::from_le_bytes([b[at], b[at + 1]])
     }
@@ -151,15 +159,23 @@ fn elf_notes(file: &mut File) -> std::io::Result<Vec<ElfNote>> {
     file.seek(SeekFrom::Start(0))?;
     file.read_exact(&mut ehdr)?;
     let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    let mut program = ElfProgram {
+        notes: Vec::new(),
+        loads: Vec::new(),
+    };
     if phentsize < 56 {
-        return Ok(Vec::new());
+        return Ok(program);
     }
-    let mut notes = Vec::new();
+    let notes = &mut program.notes;
     for i in 0..u64::from(phnum.min(64)) {
         let mut phdr = [0u8; 56];
         file.seek(SeekFrom::Start(phoff + i * u64::from(phentsize)))?;
         file.read_exact(&mut phdr)?;
         let (p_type, offset, size) = (u32_at(&phdr, 0), u64_at(&phdr, 8), u64_at(&phdr, 32));
+        if p_type == PT_LOAD {
+            let paddr = u64_at(&phdr, 24);
+            program.loads.push(paddr..paddr.saturating_add(size));
+        }
         if p_type != PT_NOTE || size > MAX_NOTE_SEGMENT {
             continue;
         }
@@ -186,12 +202,12 @@ fn elf_notes(file: &mut File) -> std::io::Result<Vec<ElfNote>> {
             at = end;
         }
     }
-    Ok(notes)
+    Ok(program)
 }
 
-/// The PVM user-mode entry the guest declares, if it declares one.
-fn pvm_user_entry(file: &mut File, path: &Path) -> Result<Option<u64>, LoaderError> {
-    let notes = elf_notes(file).map_err(read_err("kernel", path))?;
+/// The PVM user-mode entry the guest declares among `notes`, if it
+/// declares one.
+fn pvm_user_entry(notes: &[ElfNote], path: &Path) -> Result<Option<u64>, LoaderError> {
     let entry = notes
         .iter()
         .find(|n| n.name.as_slice() == MICROVM_NOTE_NAME && n.kind == MICROVM_NOTE_PVM_USER_ENTRY)
@@ -210,6 +226,29 @@ fn pvm_user_entry(file: &mut File, path: &Path) -> Result<Option<u64>, LoaderErr
     }
 }
 
+/// What can be known of a kernel before it is loaded, from a few small
+/// reads of its headers.
+#[derive(Debug, Default)]
+pub struct KernelPreview {
+    pub pvm_user_entry: bool,
+    /// The guest memory its loadable file bytes go to (ELF only).
+    pub image: Vec<Range<u64>>,
+}
+
+pub fn preview_kernel(path: &Path) -> Result<KernelPreview, LoaderError> {
+    let mut file = File::open(path).map_err(read_err("kernel", path))?;
+    match detect_format(&mut file, path)? {
+        KernelFormat::Elf => {
+            let program = elf_program(&mut file).map_err(read_err("kernel", path))?;
+            Ok(KernelPreview {
+                pvm_user_entry: pvm_user_entry(&program.notes, path)?.is_some(),
+                image: program.loads,
+            })
+        }
+        KernelFormat::BzImage => Ok(KernelPreview::default()),
+    }
+}
+
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
     let mut file = File::open(path).map_err(read_err("kernel", path))?;
     let format = detect_format(&mut file, path)?;
@@ -219,7 +258,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     };
     match format {
         KernelFormat::Elf => {
-            let pvm_user_entry = pvm_user_entry(&mut file, path)?;
+            let program = elf_program(&mut file).map_err(read_err("kernel", path))?;
+            let pvm_user_entry = pvm_user_entry(&program.notes, path)?;
             let r =
                 Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
             let entry = match r.pvh_boot_cap {
@@ -311,4 +351,73 @@ pub fn load_cmdline(
     mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
         .map_err(|e| LoaderError::BadCmdline(e.to_string()))?;
     Ok(bytes.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal x86_64 executable: one loadable segment of `load` bytes
+    /// at 1 MiB and, with `note`, a MicroVM PVM user-mode entry note.
+    fn elf(load: u64, note: bool) -> Vec<u8> {
+        let phnum: u16 = if note { 2 } else { 1 };
+        let data_at = 64 + 56 * u64::from(phnum);
+        let mut out = Vec::new();
+        out.extend_from_slice(ELF_MAGIC);
+        out.extend_from_slice(&[ELFCLASS64, 1, 1, 0]);
+        out.resize(16, 0);
+        out.extend_from_slice(&ET_EXEC.to_le_bytes());
+        out.extend_from_slice(&EM_X86_64.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes()); // e_version
+        out.extend_from_slice(&0x10_0000u64.to_le_bytes()); // e_entry
+        out.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+        out.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        out.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        for half in [64u16, 56, phnum, 64, 0, 0] {
+            out.extend_from_slice(&half.to_le_bytes());
+        }
+        let phdr = |out: &mut Vec<u8>, kind: u32, offset: u64, addr: u64, size: u64| {
+            out.extend_from_slice(&kind.to_le_bytes());
+            out.extend_from_slice(&4u32.to_le_bytes()); // p_flags
+            for field in [offset, addr, addr, size, size, 8] {
+                out.extend_from_slice(&field.to_le_bytes());
+            }
+        };
+        let note_len = 12 + 8 + 8;
+        phdr(&mut out, PT_LOAD, data_at, 0x10_0000, load);
+        if note {
+            phdr(&mut out, PT_NOTE, data_at + load, 0, note_len);
+        }
+        out.resize((data_at + load) as usize, 0x90);
+        if note {
+            out.extend_from_slice(&8u32.to_le_bytes());
+            out.extend_from_slice(&8u32.to_le_bytes());
+            out.extend_from_slice(&MICROVM_NOTE_PVM_USER_ENTRY.to_le_bytes());
+            out.extend_from_slice(MICROVM_NOTE_NAME);
+            out.extend_from_slice(&0x10_0040u64.to_le_bytes());
+        }
+        out
+    }
+
+    fn preview(bytes: &[u8]) -> KernelPreview {
+        let path = std::env::temp_dir().join(format!(
+            "loader-preview-{}-{}",
+            std::process::id(),
+            bytes.len()
+        ));
+        std::fs::write(&path, bytes).unwrap();
+        let preview = preview_kernel(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        preview
+    }
+
+    #[test]
+    fn a_preview_finds_the_pvm_note_and_where_the_segments_go() {
+        let with = preview(&elf(0x3000, true));
+        assert!(with.pvm_user_entry);
+        assert_eq!(with.image, [0x10_0000..0x10_3000]);
+        let without = preview(&elf(0x2000, false));
+        assert!(!without.pvm_user_entry);
+        assert_eq!(without.image, [0x10_0000..0x10_2000]);
+    }
 }

@@ -223,14 +223,22 @@ impl Vcpu {
     /// Programs CPUID, MSRs, FPU and LAPIC: everything but where the vCPU
     /// starts, which needs the loaded kernel (see [`Vcpu::set_boot_entry`],
     /// for the boot vCPU only). Other vCPUs wait for INIT/SIPI, which the
-    /// in-kernel LAPIC handles.
-    pub fn configure(&mut self, supported_cpuid: &CpuId, vcpu_count: u8) -> Result<(), VcpuError> {
-        let mut cpuid = supported_cpuid.clone();
-        cpuid::filter_cpuid(&mut cpuid, self.index, vcpu_count);
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(self.setup_err("CPUID"))?;
-        self.cpuid = cpuid.as_slice().to_vec();
+    /// in-kernel LAPIC handles. Without `supported_cpuid` the vCPU gets no
+    /// CPUID table, for a guest that cannot read one: at CPL 3 in PVM user
+    /// mode CPUID is the host's instruction, not a VM exit.
+    pub fn configure(
+        &mut self,
+        supported_cpuid: Option<&CpuId>,
+        vcpu_count: u8,
+    ) -> Result<(), VcpuError> {
+        if let Some(supported) = supported_cpuid {
+            let mut cpuid = supported.clone();
+            cpuid::filter_cpuid(&mut cpuid, self.index, vcpu_count);
+            self.fd
+                .set_cpuid2(&cpuid)
+                .map_err(self.setup_err("CPUID"))?;
+            self.cpuid = cpuid.as_slice().to_vec();
+        }
 
         let msrs = msr::boot_msrs().map_err(|source| VcpuError::Msrs {
             index: self.index,
@@ -377,14 +385,17 @@ impl Vcpu {
     /// anything that depends on it, the LAPIC before the MSRs (the TSC
     /// deadline lives in both), pending events last.
     pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
-        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|source| VcpuError::List {
-            index: self.index,
-            what: "CPUID",
-            source,
-        })?;
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(self.setup_err("CPUID"))?;
+        // Empty for a guest that had none (see `configure`).
+        if !state.cpuid.is_empty() {
+            let cpuid = CpuId::from_entries(&state.cpuid).map_err(|source| VcpuError::List {
+                index: self.index,
+                what: "CPUID",
+                source,
+            })?;
+            self.fd
+                .set_cpuid2(&cpuid)
+                .map_err(self.setup_err("CPUID"))?;
+        }
         self.cpuid = state.cpuid.clone();
         self.fd
             .set_mp_state(state.mp_state)
