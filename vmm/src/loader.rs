@@ -415,9 +415,9 @@ mod tests {
     fn a_preview_finds_the_pvm_note_and_where_the_segments_go() {
         let with = preview(&elf(0x3000, true));
         assert!(with.pvm_user_entry);
-        assert_eq!(with.image, [0x10_0000..0x10_3000]);
+        assert_eq!(with.image, std::slice::from_ref(&(0x10_0000..0x10_3000)));
         let without = preview(&elf(0x2000, false));
         assert!(!without.pvm_user_entry);
-        assert_eq!(without.image, [0x10_0000..0x10_2000]);
+        assert_eq!(without.image, std::slice::from_ref(&(0x10_0000..0x10_2000)));
     }
 }

@@ -214,7 +214,8 @@ mod tests {
         let mem = create_guest_memory(8 << 20).unwrap();
         let (start, len) = (1u64 << 20, 256 << 10);
         let mut rounds = 0;
-        prefault_backwards(&mem, &[start..start + len as u64 - 100], || {
+        let range = start..start + len as u64 - 100;
+        prefault_backwards(&mem, std::slice::from_ref(&range), || {
             rounds += 1;
             rounds > 2
         });
@@ -229,10 +230,12 @@ mod tests {
             "{pages:?}"
         );
 
-        prefault_backwards(&mem, &[start..start + len as u64], || false);
+        let range = start..start + len as u64;
+        prefault_backwards(&mem, std::slice::from_ref(&range), || false);
         assert!(resident(&mem, start, len).iter().all(|&p| p));
         // Past the end of guest memory: nothing, and no error.
-        prefault_backwards(&mem, &[(16 << 20)..(17 << 20)], || false);
+        let outside = (16 << 20)..(17 << 20);
+        prefault_backwards(&mem, std::slice::from_ref(&outside), || false);
     }
 
     #[test]
