@@ -124,11 +124,10 @@ fn read_image(devices: &[Transport]) -> Result<FunctionImage, String> {
             ))
         }
     }
-    for (i, chunk) in module.chunks_mut(64 << 10).enumerate() {
-        let sector = 1 + (i * (64 << 10) / SECTOR) as u64;
-        disk.read(sector, chunk)
-            .map_err(|e| format!("code disk read: {e}"))?;
-    }
+    // One request for the whole module: each is a round trip through the
+    // VMM's event loop.
+    disk.read(1, &mut module)
+        .map_err(|e| format!("code disk read: {e}"))?;
     module.truncate(len as usize);
     Ok(FunctionImage {
         module,

@@ -16,6 +16,8 @@ pub enum BlockError {
     /// The device answered with this status.
     Status(u8),
     Unaligned,
+    /// One descriptor holds at most 4 GiB.
+    TooLong(usize),
 }
 
 impl core::fmt::Display for BlockError {
@@ -24,6 +26,7 @@ impl core::fmt::Display for BlockError {
             BlockError::Init(e) => write!(f, "initialization: {e}"),
             BlockError::Status(s) => write!(f, "device status {s}"),
             BlockError::Unaligned => f.write_str("length is not a multiple of 512"),
+            BlockError::TooLong(len) => write!(f, "{len} bytes in one request"),
         }
     }
 }
@@ -92,7 +95,7 @@ impl BlockDevice {
     pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         let data = Buffer {
             addr: buf.as_mut_ptr() as u64,
-            len: buf.len() as u32,
+            len: u32::try_from(buf.len()).map_err(|_| BlockError::TooLong(buf.len()))?,
             writable: true,
         };
         self.request(T_IN, sector, data)
@@ -101,7 +104,7 @@ impl BlockDevice {
     pub fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
         let data = Buffer {
             addr: buf.as_ptr() as u64,
-            len: buf.len() as u32,
+            len: u32::try_from(buf.len()).map_err(|_| BlockError::TooLong(buf.len()))?,
             writable: false,
         };
         self.request(T_OUT, sector, data)
