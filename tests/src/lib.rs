@@ -114,6 +114,15 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 /// A benchmark's one argument, `--runs N` (N > 0; 30 when not given);
 /// anything else ends the program with its usage.
+/// The boot timer's figures from a VMM's log: microseconds since the VMM
+/// started, and the CLOCK_MONOTONIC time of the guest's write.
+pub fn boot_time_logged(stderr: &str) -> Option<(u64, u64)> {
+    let rest = stderr.split("guest boot time: ").nth(1)?;
+    let (since_start, rest) = rest.split_once(" us since VMM start, at CLOCK_MONOTONIC ")?;
+    let at = rest.split(' ').next()?;
+    Some((since_start.parse().ok()?, at.parse().ok()?))
+}
+
 pub fn runs_arg(bench: &str) -> usize {
     bench_args(bench, &[]).0
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use microvm_tests::{fixture, hypervisor, run_vmm, HypervisorKind, VmmRun};
+use microvm_tests::{boot_time_logged, fixture, hypervisor, run_vmm, HypervisorKind, VmmRun};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 /// What the VMM appends to every command line: the entropy device, the
@@ -82,17 +82,8 @@ fn boot_timer_logs_for_port_and_mmio_writes() {
     // linux64 signals through port 0x3f0, pvh through the MMIO page.
     for kernel in ["linux64.elf", "pvh.elf"] {
         let run = boot(kernel, &[]);
-        let line = run
-            .stderr
-            .lines()
-            .find(|l| l.contains("guest boot time: "))
-            .unwrap_or_else(|| panic!("{kernel}: no boot time in {}", run.stderr));
-        let us: u64 = line
-            .split("guest boot time: ")
-            .nth(1)
-            .and_then(|rest| rest.split_once(" us since VMM start, at CLOCK_MONOTONIC "))
-            .and_then(|(n, _)| n.parse().ok())
-            .unwrap_or_else(|| panic!("malformed line {line:?}"));
+        let (us, _) = boot_time_logged(&run.stderr)
+            .unwrap_or_else(|| panic!("{kernel}: no well-formed boot time in {}", run.stderr));
         assert!(us > 0 && us < DEADLINE.as_micros() as u64, "{us}");
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use guest_init::environ::{encode, ENVIRON_PORT};
 use host_services::wasm_image;
-use microvm_tests::{baremetal_guest, hypervisor, vmm_binary, ECHO_WAT};
+use microvm_tests::{baremetal_guest, boot_time_logged, hypervisor, vmm_binary, ECHO_WAT};
 use vmm::devices::boot_timer::monotonic_us;
 
 const WARMUP: usize = 3;
@@ -36,15 +36,6 @@ struct Sample {
     vmm_start: Duration,
     boot_timer: Duration,
     first_next: Duration,
-}
-
-/// The boot timer's figures from the VMM's log: microseconds since the
-/// VMM started, and the CLOCK_MONOTONIC time of the write.
-fn boot_timer_line(stderr: &str) -> Option<(u64, u64)> {
-    let rest = stderr.split("guest boot time: ").nth(1)?;
-    let (since_start, rest) = rest.split_once(" us since VMM start, at CLOCK_MONOTONIC ")?;
-    let at = rest.split(' ').next()?;
-    Some((since_start.parse().ok()?, at.parse().ok()?))
 }
 
 /// Accepts one connection on `listener` in a thread of its own and hands
@@ -164,7 +155,7 @@ fn boot_once(dir: &Path, image: &Path, build: &Build) -> Result<Sample, String> 
         let _ = e.read_to_string(&mut stderr);
     }
     let _ = vmm.wait();
-    let (since_start, at) = boot_timer_line(&stderr)
+    let (since_start, at) = boot_time_logged(&stderr)
         .ok_or_else(|| format!("the VMM logged no boot time:\n{stderr}"))?;
     let precedes = || format!("the boot timer's clock reading {at} precedes the spawn");
     let to_timer = at.checked_sub(spawned_at).ok_or_else(precedes)?;

@@ -191,9 +191,9 @@ mod tests {
         }
     }
 
-    /// A VM whose vCPU runs `code` in real mode from address 0; the memory
-    /// goes last, after the VM that maps it.
-    fn real_mode_vm(kvm: &Kvm, code: &[u8]) -> (VmFd, VcpuFd, GuestMemoryMmap) {
+    /// A VM whose vCPU runs `code` in real mode from address 0. The memory
+    /// comes first: bindings drop in reverse, so it outlives the VM.
+    fn real_mode_vm(kvm: &Kvm, code: &[u8]) -> (GuestMemoryMmap, VmFd, VcpuFd) {
         assert!(kvm.check_extension(Cap::CoalescedMmio));
         let vm = kvm.create_vm().unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
@@ -205,7 +205,8 @@ mod tests {
             userspace_addr: mem.get_host_address(GuestAddress(0)).unwrap() as u64,
             flags: 0,
         };
-        // SAFETY: `mem` outlives the VM: the caller gets both, the VM first.
+        // SAFETY: `mem` outlives the VM: the caller's bindings drop in
+        // reverse order, the memory last.
         unsafe { vm.set_user_memory_region(region) }.unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         let mut sregs = vcpu.get_sregs().unwrap();
@@ -218,7 +219,7 @@ mod tests {
         regs.rip = 0;
         regs.rflags = 2;
         vcpu.set_regs(&regs).unwrap();
-        (vm, vcpu, mem)
+        (mem, vm, vcpu)
     }
 
     /// A real-mode guest writes two registers KVM queues, then reads one it
@@ -236,7 +237,7 @@ mod tests {
             0xa0, 0x08, 0x20,             // mov al, [0x2008]
             0xf4,                         // hlt
         ];
-        let (vm, mut vcpu, _mem) = real_mode_vm(&kvm, &code);
+        let (_mem, vm, mut vcpu) = real_mode_vm(&kvm, &code);
         vm.register_coalesced_mmio(IoEventAddress::Mmio(0x2000), 8)
             .unwrap();
 
@@ -283,7 +284,7 @@ mod tests {
             0xc6, 0x06, 0x00, 0x30, 0x01, // mov byte [0x3000], 1
             0xf4,                         // hlt
         ];
-        let (vm, mut vcpu, _mem) = real_mode_vm(&kvm, &code);
+        let (_mem, vm, mut vcpu) = real_mode_vm(&kvm, &code);
         vm.register_coalesced_mmio(IoEventAddress::Mmio(0x2000), 8)
             .unwrap();
         let notified = EventFd::new(libc::EFD_NONBLOCK).unwrap();

@@ -49,8 +49,6 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError
     })
 }
 
-/// Maps a memory file written by [`dump_guest_memory`] as the guest's RAM,
-/// privately: the guest's writes never reach the file.
 /// Faults in the guest pages of `ranges` for writing, from the last page
 /// backwards, 64 KiB at a time, until `done()`. A fresh page costs 2-4 us
 /// on a nested host: a thread that copies into the same ranges from the
@@ -87,6 +85,8 @@ pub fn prefault_backwards(
     }
 }
 
+/// Maps a memory file written by [`dump_guest_memory`] as the guest's RAM,
+/// privately: the guest's writes never reach the file.
 pub fn map_memory_file(file: &File, mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let found = file
         .metadata()
@@ -198,15 +198,7 @@ mod tests {
 
     /// Which of the pages of guest memory at `addr..addr + len` are there.
     fn resident(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<bool> {
-        let host = mem.get_host_address(GuestAddress(addr)).unwrap();
-        let mut vec = vec![0u8; len / PAGE_SIZE];
-        // SAFETY: a page-aligned range of the live mapping; `vec` has a
-        // byte per page.
-        assert_eq!(
-            unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) },
-            0
-        );
-        vec.iter().map(|b| b & 1 == 1).collect()
+        resident_pages(mem.get_host_address(GuestAddress(addr)).unwrap(), len).unwrap()
     }
 
     #[test]

@@ -95,7 +95,7 @@ impl BlockDevice {
     pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         let data = Buffer {
             addr: buf.as_mut_ptr() as u64,
-            len: u32::try_from(buf.len()).map_err(|_| BlockError::TooLong(buf.len()))?,
+            len: descriptor_len(buf)?,
             writable: true,
         };
         self.request(T_IN, sector, data)
@@ -104,9 +104,14 @@ impl BlockDevice {
     pub fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
         let data = Buffer {
             addr: buf.as_ptr() as u64,
-            len: u32::try_from(buf.len()).map_err(|_| BlockError::TooLong(buf.len()))?,
+            len: descriptor_len(buf)?,
             writable: false,
         };
         self.request(T_OUT, sector, data)
     }
+}
+
+/// `buf`'s length as a descriptor holds it.
+fn descriptor_len(buf: &[u8]) -> Result<u32, BlockError> {
+    u32::try_from(buf.len()).map_err(|_| BlockError::TooLong(buf.len()))
 }
