@@ -13,9 +13,9 @@ use crate::clock::Clock;
 use crate::virtio::blk::{BlockDevice, SECTOR};
 use crate::virtio::mmio::Transport;
 use crate::virtio::vsock::VsockDriver;
-use crate::virtio::{DEVICE_BLOCK, DEVICE_VSOCK};
+use crate::virtio::{Devices, DEVICE_BLOCK, DEVICE_VSOCK};
 
-pub fn run(command: &str, clock: &Clock, devices: &[Transport]) {
+pub fn run(command: &str, clock: &Clock, devices: &Devices) {
     let (name, arg) = command.split_once(':').unwrap_or((command, ""));
     let number = arg.parse::<u64>().ok();
     match (name, number) {
@@ -47,8 +47,8 @@ fn touch(mib: u64) {
     println!("baremetal: touched {mib} MiB");
 }
 
-fn device(devices: &[Transport], id: u32) -> Option<Transport> {
-    let found = devices.iter().find(|d| d.device_id() == id).copied();
+fn device(devices: &Devices, id: u32) -> Option<Transport> {
+    let found = devices.find(id);
     if found.is_none() {
         println!("baremetal: no virtio device of type {id}");
     }
@@ -69,7 +69,7 @@ fn spin(clock: &Clock, iterations: u64) {
     }
 }
 
-fn vsock_echo(devices: &[Transport], port: u32, serve: bool) {
+fn vsock_echo(devices: &Devices, port: u32, serve: bool) {
     let Some(transport) = device(devices, DEVICE_VSOCK) else {
         return;
     };
@@ -114,7 +114,7 @@ fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
     })
 }
 
-fn blk_check(clock: &Clock, devices: &[Transport]) {
+fn blk_check(clock: &Clock, devices: &Devices) {
     let Some(transport) = device(devices, DEVICE_BLOCK) else {
         return;
     };

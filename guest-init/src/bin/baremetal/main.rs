@@ -37,10 +37,14 @@ extern "C" fn rust_main(info: u64, kind: u32) -> ! {
         heap >> 10,
         clock.tsc_khz().unwrap_or(0)
     );
-    let devices = virtio::discover(boot.cmdline);
+    // Leaked: it lives as long as the guest, and the entropy device is
+    // looked for in it on a function's first random_get.
+    let devices: &'static virtio::Devices = alloc::boxed::Box::leak(alloc::boxed::Box::new(
+        virtio::Devices::discover(boot.cmdline),
+    ));
     match boot.param("baremetal.run") {
-        Some(command) => diag::run(command, &clock, &devices),
-        None => runtime::serve(&clock, &devices, entered_at),
+        Some(command) => diag::run(command, &clock, devices),
+        None => runtime::serve(&clock, devices, entered_at),
     }
     cpu::reset()
 }

@@ -19,10 +19,9 @@ use wasmi::{Config, Engine, Linker, Module, Store, TypedResumableCall};
 
 use crate::clock::Clock;
 use crate::virtio::blk::{BlockDevice, SECTOR};
-use crate::virtio::mmio::Transport;
 use crate::virtio::rng::Entropy;
 use crate::virtio::vsock::{VsockDriver, VsockError};
-use crate::virtio::{DEVICE_BLOCK, DEVICE_ENTROPY, DEVICE_VSOCK};
+use crate::virtio::{Devices, DEVICE_BLOCK, DEVICE_VSOCK};
 use crate::wasi::{self, Io};
 
 /// The Runtime API's vsock port on the host, as 127.0.0.1:9001 is on Lambda.
@@ -94,12 +93,11 @@ struct FunctionImage {
     fuel: u64,
 }
 
-fn read_image(devices: &[Transport]) -> Result<FunctionImage, String> {
+fn read_image(devices: &Devices) -> Result<FunctionImage, String> {
     let transport = devices
-        .iter()
-        .find(|d| d.device_id() == DEVICE_BLOCK)
+        .find(DEVICE_BLOCK)
         .ok_or("no code disk (virtio-blk)")?;
-    let mut disk = BlockDevice::new(*transport).map_err(|e| format!("code disk: {e}"))?;
+    let mut disk = BlockDevice::new(transport).map_err(|e| format!("code disk: {e}"))?;
     let mut header = vec![0u8; SECTOR];
     disk.read(0, &mut header)
         .map_err(|e| format!("code disk header: {e}"))?;
@@ -174,7 +172,7 @@ impl CompiledFunction {
 struct Function {
     compiled: CompiledFunction,
     environ: Rc<Vec<Vec<u8>>>,
-    entropy: Option<Rc<RefCell<Entropy>>>,
+    entropy: Rc<RefCell<Entropy>>,
 }
 
 /// Runs the module's `_start` with the event as stdin.
@@ -286,12 +284,12 @@ fn await_streams(
 }
 
 /// Serves invocations until the host closes the Runtime API connection.
-pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
-    let Some(vsock) = devices.iter().find(|d| d.device_id() == DEVICE_VSOCK) else {
+pub fn serve(clock: &Clock, devices: &'static Devices, booted_at: u64) {
+    let Some(vsock) = devices.find(DEVICE_VSOCK) else {
         println!("runtime: no vsock device; nothing to serve");
         return;
     };
-    let driver = match VsockDriver::new(*vsock) {
+    let driver = match VsockDriver::new(vsock) {
         Ok(d) => RefCell::new(d),
         Err(e) => return println!("runtime: vsock: {e}"),
     };
@@ -313,12 +311,7 @@ pub fn serve(clock: &Clock, devices: &[Transport], booted_at: u64) {
         driver: &driver,
         id,
     });
-    // Set up on the first random_get: most functions never ask, and each
-    // register access of its set-up is a VM exit.
-    let entropy = devices
-        .iter()
-        .find(|d| d.device_id() == DEVICE_ENTROPY)
-        .map(|t| Rc::new(RefCell::new(Entropy::Unready(*t))));
+    let entropy = Rc::new(RefCell::new(Entropy::Unsought(devices)));
     let prepared = read_environ(&driver, environ_stream)
         .map_err(|e| ("Runtime.InvalidEnvironment", e))
         .and_then(|environ| {

@@ -11,7 +11,7 @@ use core::cell::RefCell;
 use wasmi::{Caller, Error, Extern, Linker, Memory};
 
 use crate::clock::Clock;
-use crate::virtio::rng::Entropy;
+use crate::virtio::rng::{Entropy, EntropyError};
 
 const ERRNO_SUCCESS: i32 = 0;
 const ERRNO_BADF: i32 = 8;
@@ -32,7 +32,7 @@ pub struct Io {
     pub stderr: Vec<u8>,
     pub clock: Clock,
     /// The host's entropy device: `random_get` reads straight from it.
-    pub entropy: Option<Rc<RefCell<Entropy>>>,
+    pub entropy: Rc<RefCell<Entropy>>,
     /// The function's environment, each `KEY=VALUE\0`.
     pub environ: Rc<Vec<Vec<u8>>>,
 }
@@ -251,10 +251,10 @@ pub fn link(linker: &mut Linker<Io>) -> Result<(), Error> {
             else {
                 return ERRNO_FAULT;
             };
-            match &io.entropy {
-                Some(device) if device.borrow_mut().fill(dst) => ERRNO_SUCCESS,
-                Some(_) => ERRNO_IO,
-                None => ERRNO_NOTSUP,
+            match io.entropy.borrow_mut().fill(dst) {
+                Ok(()) => ERRNO_SUCCESS,
+                Err(EntropyError::Failed) => ERRNO_IO,
+                Err(EntropyError::Absent) => ERRNO_NOTSUP,
             }
         },
     )?;

@@ -4,34 +4,51 @@
 
 use super::mmio::{InitError, Transport};
 use super::queue::{Buffer, VirtQueue};
+use super::{Devices, DEVICE_ENTROPY};
 use crate::cpu::Waiter;
 
 pub struct EntropyDevice {
     queue: VirtQueue,
 }
 
-/// The entropy device, set up when first used.
+/// The entropy device, found and set up when first used: most functions
+/// never ask, and each register access of the search and set-up is a VM
+/// exit.
 pub enum Entropy {
-    Unready(Transport),
+    Unsought(&'static Devices),
     Ready(EntropyDevice),
+    Absent,
+    Failed,
+}
+
+/// Why [`Entropy::fill`] gave nothing.
+pub enum EntropyError {
+    /// The VM has no entropy device.
+    Absent,
+    /// It has one, which failed.
     Failed,
 }
 
 impl Entropy {
-    /// Fills `buf` from the device; false if it cannot.
-    pub fn fill(&mut self, buf: &mut [u8]) -> bool {
-        if let Entropy::Unready(transport) = self {
-            *self = match EntropyDevice::new(*transport) {
-                Ok(device) => Entropy::Ready(device),
-                Err(e) => {
+    /// Fills `buf` from the device.
+    pub fn fill(&mut self, buf: &mut [u8]) -> Result<(), EntropyError> {
+        if let Entropy::Unsought(devices) = self {
+            *self = match devices.find(DEVICE_ENTROPY).map(EntropyDevice::new) {
+                None => Entropy::Absent,
+                Some(Ok(device)) => Entropy::Ready(device),
+                Some(Err(e)) => {
                     println!("runtime: entropy device: {e}");
                     Entropy::Failed
                 }
             };
         }
         match self {
-            Entropy::Ready(device) => device.fill(buf),
-            _ => false,
+            Entropy::Ready(device) => match device.fill(buf) {
+                true => Ok(()),
+                false => Err(EntropyError::Failed),
+            },
+            Entropy::Absent => Err(EntropyError::Absent),
+            _ => Err(EntropyError::Failed),
         }
     }
 }
