@@ -52,10 +52,35 @@ impl GuestPorts {
 
 /// Writes the echo function's code disk into `dir`.
 pub fn echo_code_disk(dir: &Path, fuel: u64) -> PathBuf {
-    let module = wat::parse_str(ECHO_WAT).unwrap();
+    padded_echo_code_disk(dir, fuel, 0)
+}
+
+/// Writes the echo function's code disk into `dir`, its module grown by
+/// a custom section of `padding` bytes (none for 0), which Wasm ignores.
+pub fn padded_echo_code_disk(dir: &Path, fuel: u64, padding: usize) -> PathBuf {
+    let mut module = wat::parse_str(ECHO_WAT).unwrap();
+    if padding > 0 {
+        let name = b"padding";
+        module.push(0); // custom section
+        leb128(&mut module, 1 + name.len() + padding);
+        leb128(&mut module, name.len());
+        module.extend_from_slice(name);
+        module.resize(module.len() + padding, 0xa5);
+    }
     let image = dir.join("code.img");
     std::fs::write(&image, wasm_image::build(&module, fuel).unwrap()).unwrap();
     image
+}
+
+fn leb128(out: &mut Vec<u8>, mut value: usize) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            return out.push(byte);
+        }
+        out.push(byte | 0x80);
+    }
 }
 
 /// A fresh directory for one test's files.

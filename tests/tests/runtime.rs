@@ -2,13 +2,13 @@
 //! reads a WAT-authored function from its code disk, and serves events
 //! from the host's Runtime API over vsock.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guest_init::environ::encode;
 use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use microvm_tests::baremetal_guest;
-use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, GuestPorts};
+use microvm_tests::guest_ports::{padded_echo_code_disk, spawn_vmm, test_dir, GuestPorts};
 
 /// Fuel for the runaway-loop check: far more than an echo needs.
 const FUEL: u64 = 50_000_000;
@@ -28,7 +28,12 @@ impl Guest {
     /// message.
     async fn start(name: &str, environ: Vec<u8>) -> Guest {
         let dir = test_dir(name);
-        let image = echo_code_disk(&dir, FUEL);
+        let image = padded_echo_code_disk(&dir, FUEL, 0);
+        Self::boot(dir, &image, environ).await
+    }
+
+    /// Boots the guest with the code disk `image`, in `dir`.
+    async fn boot(dir: PathBuf, image: &Path, environ: Vec<u8>) -> Guest {
         let GuestPorts { uds, api, log } = GuestPorts::bind(&dir, Some(environ)).await;
 
         let (vmm, console) = spawn_vmm(
@@ -156,6 +161,52 @@ async fn a_malformed_environment_message_is_an_init_error_not_a_crash() {
     let console = guest.console.await.unwrap();
     assert!(!console.contains("panic"), "{console}");
     assert_eq!(out.status.code(), Some(0), "{console}");
+    std::fs::remove_dir_all(&guest.dir).unwrap();
+}
+
+/// The guest reads its code disk's header with up to 64 KiB after it;
+/// a longer module takes a second read, and one that runs past the end of
+/// the disk is an init error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_longer_than_the_first_read_arrives_whole_or_is_an_init_error() {
+    let dir = test_dir("runtime-long-module");
+    let image = padded_echo_code_disk(&dir, FUEL, 300 << 10);
+    let guest = Guest::boot(dir, &image, encode([]).unwrap()).await;
+    let outcome = guest
+        .api
+        .invoke("long", "{}".into(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Response("{\"echo\":{}}".into()));
+    drop(guest.api);
+    let out = tokio::time::timeout(Duration::from_secs(30), guest.vmm.wait_with_output())
+        .await
+        .expect("the VM stops once its Runtime API is gone")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+
+    // The same disk cut short: the header still claims 300 KiB.
+    std::fs::remove_dir_all(&guest.dir).unwrap();
+    let dir = test_dir("runtime-cut-module");
+    let image = padded_echo_code_disk(&dir, FUEL, 300 << 10);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    file.set_len(100 << 10).unwrap();
+    let guest = Guest::boot(dir, &image, encode([]).unwrap()).await;
+    match tokio::time::timeout(Duration::from_secs(30), guest.api.ready()).await {
+        Ok(Err(InvokeError::InitFailed { error_type, body })) => {
+            assert_eq!(error_type, "Runtime.InvalidFunction");
+            assert!(body.contains("code disk read"), "{body}");
+        }
+        other => panic!("a module past the end of its disk gave {other:?}"),
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), guest.vmm.wait_with_output())
+        .await
+        .expect("the guest stops after reporting")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
     std::fs::remove_dir_all(&guest.dir).unwrap();
 }
 

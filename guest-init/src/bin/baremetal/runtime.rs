@@ -18,7 +18,7 @@ use guest_init::runtime_api::{Invocation, RuntimeClient};
 use wasmi::{Config, Engine, Linker, Module, Store, TypedResumableCall};
 
 use crate::clock::Clock;
-use crate::virtio::blk::{BlockDevice, SECTOR};
+use crate::virtio::blk::{BlockDevice, BlockError, SECTOR};
 use crate::virtio::rng::Entropy;
 use crate::virtio::vsock::{VsockDriver, VsockError};
 use crate::virtio::{Devices, DEVICE_BLOCK, DEVICE_VSOCK};
@@ -32,6 +32,9 @@ pub const RUNTIME_API_PORT: u32 = 9001;
 pub const LOG_PORT: u32 = 9002;
 const IMAGE_MAGIC: &[u8; 8] = b"LMBDWASM";
 const DEFAULT_FUEL: u64 = 2_000_000_000;
+/// What the first read of the code disk takes: the header sector and up
+/// to 64 KiB of module after it.
+const READ_AHEAD_SECTORS: u64 = 128;
 /// Fuel between two deadline checks.
 const FUEL_SLICE: u64 = 20_000_000;
 
@@ -98,35 +101,38 @@ fn read_image(devices: &Devices) -> Result<FunctionImage, String> {
         .find(DEVICE_BLOCK)
         .ok_or("no code disk (virtio-blk)")?;
     let mut disk = BlockDevice::new(transport).map_err(|e| format!("code disk: {e}"))?;
-    let mut header = vec![0u8; SECTOR];
-    disk.read(0, &mut header)
+    // Each request is a round trip through the VMM's event loop: the
+    // header comes with up to 64 KiB after it, which holds a small module
+    // whole. Only the capacity's low half is read, a lower bound (one VM
+    // exit), so that the request stays on the disk. A module longer than
+    // the disk fails its read past the end.
+    let ahead = disk.sectors_at_least().clamp(1, READ_AHEAD_SECTORS) as usize;
+    let mut head = disk
+        .read_new(0, ahead * SECTOR)
         .map_err(|e| format!("code disk header: {e}"))?;
-    if &header[..8] != IMAGE_MAGIC {
+    if &head[..8] != IMAGE_MAGIC {
         return Err("code disk has no LMBDWASM header".into());
     }
-    let len = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
-    let fuel = u64::from_le_bytes(header[16..24].try_into().unwrap_or([0; 8]));
-    // The disk's capacity is not read (two VM exits): a module longer
-    // than the disk fails its reads past the end, and one longer than
-    // memory fails here.
-    let padded = usize::try_from(len)
-        .ok()
-        .filter(|&len| len > 0)
-        .and_then(|len| len.checked_next_multiple_of(SECTOR));
-    let mut module = Vec::new();
-    match padded {
-        Some(padded) if module.try_reserve_exact(padded).is_ok() => module.resize(padded, 0),
-        _ => {
-            return Err(format!(
-                "module length {len} does not fit the guest's memory"
-            ))
-        }
+    let len = u64::from_le_bytes(head[8..16].try_into().unwrap_or([0; 8]));
+    let fuel = u64::from_le_bytes(head[16..24].try_into().unwrap_or([0; 8]));
+    if len == 0 {
+        return Err("code disk holds an empty module".into());
     }
-    // One request for the whole module: each is a round trip through the
-    // VMM's event loop.
-    disk.read(1, &mut module)
-        .map_err(|e| format!("code disk read: {e}"))?;
-    module.truncate(len as usize);
+    let too_long = || format!("module length {len} does not fit the guest's memory");
+    let len = usize::try_from(len).map_err(|_| too_long())?;
+    let module = if len <= head.len() - SECTOR {
+        head.drain(..SECTOR);
+        head.truncate(len);
+        head
+    } else {
+        let padded = len.checked_next_multiple_of(SECTOR).ok_or_else(too_long)?;
+        let mut module = disk.read_new(1, padded).map_err(|e| match e {
+            BlockError::NoMemory(_) => too_long(),
+            e => format!("code disk read: {e}"),
+        })?;
+        module.truncate(len);
+        module
+    };
     Ok(FunctionImage {
         module,
         fuel: if fuel == 0 { DEFAULT_FUEL } else { fuel },

@@ -1,6 +1,7 @@
 //! virtio-blk, one request at a time.
 
 use alloc::boxed::Box;
+use alloc::vec::Vec;
 
 use super::mmio::{InitError, Transport};
 use super::queue::{Buffer, VirtQueue};
@@ -18,6 +19,8 @@ pub enum BlockError {
     Unaligned,
     /// One descriptor holds at most 4 GiB.
     TooLong(usize),
+    /// No memory for a buffer of this many bytes.
+    NoMemory(usize),
 }
 
 impl core::fmt::Display for BlockError {
@@ -27,6 +30,7 @@ impl core::fmt::Display for BlockError {
             BlockError::Status(s) => write!(f, "device status {s}"),
             BlockError::Unaligned => f.write_str("length is not a multiple of 512"),
             BlockError::TooLong(len) => write!(f, "{len} bytes in one request"),
+            BlockError::NoMemory(len) => write!(f, "no memory for {len} bytes"),
         }
     }
 }
@@ -56,6 +60,12 @@ impl BlockDevice {
     /// reads are two VM exits, and a read past the end fails anyway.
     pub fn capacity(&self) -> u64 {
         self.transport.config_u64(0) * SECTOR as u64
+    }
+
+    /// At least this many sectors exist: the capacity's low 32 bits, one
+    /// VM exit instead of two.
+    pub fn sectors_at_least(&self) -> u64 {
+        u64::from(self.transport.config_u32(0))
     }
 
     fn request(&mut self, kind: u32, sector: u64, data: Buffer) -> Result<(), BlockError> {
@@ -99,6 +109,25 @@ impl BlockDevice {
             writable: true,
         };
         self.request(T_IN, sector, data)
+    }
+
+    /// Reads `len` bytes into a new buffer that the guest never zeroes: its
+    /// first writer is the host, which costs a fresh page less than the
+    /// guest's first touch does (2 against 4.4 us on a PVM host).
+    pub fn read_new(&mut self, sector: u64, len: usize) -> Result<Vec<u8>, BlockError> {
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len)
+            .map_err(|_| BlockError::NoMemory(len))?;
+        let data = Buffer {
+            addr: buf.as_mut_ptr() as u64,
+            len: u32::try_from(len).map_err(|_| BlockError::TooLong(len))?,
+            writable: true,
+        };
+        self.request(T_IN, sector, data)?;
+        // SAFETY: the capacity is at least `len`, and the device wrote all
+        // `len` bytes: a read completes whole or fails.
+        unsafe { buf.set_len(len) };
+        Ok(buf)
     }
 
     pub fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
