@@ -57,6 +57,56 @@ impl Guest {
     }
 }
 
+enum Stop {
+    /// The runtime has reported an init error; the API stays open.
+    AfterReporting,
+    WhenTheApiCloses,
+}
+
+impl Guest {
+    /// Expects the runtime's init to fail with `error_type`, the body
+    /// naming `detail`.
+    async fn init_fails(&self, error_type: &str, detail: &str) {
+        match tokio::time::timeout(Duration::from_secs(30), self.api.ready()).await {
+            Ok(Err(InvokeError::InitFailed {
+                error_type: e,
+                body,
+            })) => {
+                assert_eq!(e, error_type);
+                assert!(body.contains(detail), "{body}");
+            }
+            other => panic!("expected {error_type}, got {other:?}"),
+        }
+    }
+
+    /// Expects the VM to stop cleanly, by itself or once the Runtime API
+    /// closes, which ends the runtime; removes the test's files.
+    async fn stops(self, how: Stop) {
+        let Guest {
+            dir,
+            api,
+            vmm,
+            console,
+            log: _,
+        } = self;
+        let why = match how {
+            Stop::AfterReporting => "the guest stops after reporting",
+            Stop::WhenTheApiCloses => {
+                drop(api);
+                "the VM stops once its Runtime API is gone"
+            }
+        };
+        let out = tokio::time::timeout(Duration::from_secs(30), vmm.wait_with_output())
+            .await
+            .expect(why)
+            .unwrap();
+        let console = console.await.unwrap();
+        assert!(!console.contains("panic"), "{console}");
+        assert_eq!(out.status.code(), Some(0), "{console}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_round_trip_and_traps_and_runaway_loops_are_function_errors() {
     let environ = encode([("GREETING", "hello"), ("AWS_REGION", "local")]).unwrap();
@@ -147,21 +197,10 @@ async fn a_malformed_environment_message_is_an_init_error_not_a_crash() {
     // A variable length far past the end of the message.
     garbage[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
     let guest = Guest::start("runtime-bad-environ", garbage).await;
-    match tokio::time::timeout(Duration::from_secs(30), guest.api.ready()).await {
-        Ok(Err(InvokeError::InitFailed { error_type, body })) => {
-            assert_eq!(error_type, "Runtime.InvalidEnvironment");
-            assert!(body.contains("runs past the end"), "{body}");
-        }
-        other => panic!("a malformed environment gave {other:?}"),
-    }
-    let out = tokio::time::timeout(Duration::from_secs(30), guest.vmm.wait_with_output())
-        .await
-        .expect("the guest stops after reporting")
-        .unwrap();
-    let console = guest.console.await.unwrap();
-    assert!(!console.contains("panic"), "{console}");
-    assert_eq!(out.status.code(), Some(0), "{console}");
-    std::fs::remove_dir_all(&guest.dir).unwrap();
+    guest
+        .init_fails("Runtime.InvalidEnvironment", "runs past the end")
+        .await;
+    guest.stops(Stop::AfterReporting).await;
 }
 
 /// The guest reads its code disk's header with up to 64 KiB after it;
@@ -178,15 +217,9 @@ async fn a_module_longer_than_the_first_read_arrives_whole_or_is_an_init_error()
         .await
         .unwrap();
     assert_eq!(outcome, Outcome::Response("{\"echo\":{}}".into()));
-    drop(guest.api);
-    let out = tokio::time::timeout(Duration::from_secs(30), guest.vmm.wait_with_output())
-        .await
-        .expect("the VM stops once its Runtime API is gone")
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
+    guest.stops(Stop::WhenTheApiCloses).await;
 
     // The same disk cut short: the header still claims 300 KiB.
-    std::fs::remove_dir_all(&guest.dir).unwrap();
     let dir = test_dir("runtime-cut-module");
     let image = padded_echo_code_disk(&dir, FUEL, 300 << 10);
     let file = std::fs::OpenOptions::new()
@@ -195,19 +228,10 @@ async fn a_module_longer_than_the_first_read_arrives_whole_or_is_an_init_error()
         .unwrap();
     file.set_len(100 << 10).unwrap();
     let guest = Guest::boot(dir, &image, encode([]).unwrap()).await;
-    match tokio::time::timeout(Duration::from_secs(30), guest.api.ready()).await {
-        Ok(Err(InvokeError::InitFailed { error_type, body })) => {
-            assert_eq!(error_type, "Runtime.InvalidFunction");
-            assert!(body.contains("code disk read"), "{body}");
-        }
-        other => panic!("a module past the end of its disk gave {other:?}"),
-    }
-    let out = tokio::time::timeout(Duration::from_secs(30), guest.vmm.wait_with_output())
-        .await
-        .expect("the guest stops after reporting")
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
-    std::fs::remove_dir_all(&guest.dir).unwrap();
+    guest
+        .init_fails("Runtime.InvalidFunction", "code disk read")
+        .await;
+    guest.stops(Stop::AfterReporting).await;
 }
 
 /// CPU time the process has used so far, all its threads together.
@@ -255,11 +279,5 @@ async fn an_environment_waiting_for_its_next_event_leaves_the_cpu_idle() {
         .await
         .unwrap();
     assert_eq!(outcome, Outcome::Response("{\"echo\":[]}".into()));
-    drop(guest.api);
-    let out = tokio::time::timeout(Duration::from_secs(30), guest.vmm.wait_with_output())
-        .await
-        .expect("the VM stops once its Runtime API is gone")
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
-    std::fs::remove_dir_all(&guest.dir).unwrap();
+    guest.stops(Stop::WhenTheApiCloses).await;
 }
