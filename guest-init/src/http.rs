@@ -98,6 +98,18 @@ impl<S: ByteStream> Connection<S> {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Response, HttpError> {
+        self.send(method, path, headers, body)?;
+        self.read_response()
+    }
+
+    /// Sends a request; [`Connection::read_response`] reads its answer.
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(), HttpError> {
         let mut head = String::new();
         head.push_str(method);
         head.push(' ');
@@ -116,7 +128,7 @@ impl<S: ByteStream> Connection<S> {
         if !body.is_empty() {
             self.stream.write_all(body)?;
         }
-        self.read_response()
+        Ok(())
     }
 
     fn fill(&mut self) -> Result<(), HttpError> {
@@ -129,7 +141,8 @@ impl<S: ByteStream> Connection<S> {
         Ok(())
     }
 
-    fn read_response(&mut self) -> Result<Response, HttpError> {
+    /// Reads the response to the oldest request not yet answered.
+    pub fn read_response(&mut self) -> Result<Response, HttpError> {
         let (status, headers, header_len) = loop {
             let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut parsed = httparse::Response::new(&mut slots);

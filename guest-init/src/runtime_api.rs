@@ -108,7 +108,23 @@ impl<S: ByteStream> RuntimeClient<S> {
 
     /// Waits for the next invocation.
     pub fn next_invocation(&mut self) -> Result<Invocation, RuntimeError> {
-        let r = expect(self.http.request("GET", NEXT, &[], &[])?, 200)?;
+        self.ask_next()?;
+        self.await_next()
+    }
+
+    /// Asks for the next invocation without waiting for it, so that the
+    /// runtime can work while the host answers; [`await_next`] takes the
+    /// answer, and no other request may come between.
+    ///
+    /// [`await_next`]: RuntimeClient::await_next
+    pub fn ask_next(&mut self) -> Result<(), RuntimeError> {
+        Ok(self.http.send("GET", NEXT, &[], &[])?)
+    }
+
+    /// Waits for the invocation [`ask_next`](RuntimeClient::ask_next)
+    /// asked for.
+    pub fn await_next(&mut self) -> Result<Invocation, RuntimeError> {
+        let r = expect(self.http.read_response()?, 200)?;
         let id = r
             .header("lambda-runtime-aws-request-id")
             .unwrap_or("")
@@ -223,6 +239,26 @@ mod tests {
         assert_eq!(inv.payload, b"{\"key\":\"v1\"}\n");
         let sent = String::from_utf8(c.http_stream_sent()).unwrap();
         assert!(sent.starts_with("GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn the_next_request_goes_out_before_its_answer_is_awaited() {
+        let mut c = client(
+            "HTTP/1.1 200 OK\r\nLambda-Runtime-Aws-Request-Id: r-1\r\nContent-Length: 2\r\n\r\n{}",
+        );
+        c.ask_next().unwrap();
+        let sent = String::from_utf8(c.http_stream_sent()).unwrap();
+        assert!(sent.starts_with("GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n"));
+        let inv = c.await_next().unwrap();
+        assert_eq!(
+            (inv.request_id.as_str(), inv.payload.as_slice()),
+            ("r-1", &b"{}"[..])
+        );
+        assert_eq!(
+            c.http_stream_sent().len(),
+            sent.len(),
+            "nothing more was sent"
+        );
     }
 
     #[test]
