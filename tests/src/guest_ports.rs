@@ -58,7 +58,13 @@ pub fn echo_code_disk(dir: &Path, fuel: u64) -> PathBuf {
 /// Writes the echo function's code disk into `dir`, its module grown by
 /// a custom section of `padding` bytes (none for 0), which Wasm ignores.
 pub fn padded_echo_code_disk(dir: &Path, fuel: u64, padding: usize) -> PathBuf {
-    let mut module = wat::parse_str(ECHO_WAT).unwrap();
+    wat_code_disk(dir, ECHO_WAT, fuel, padding)
+}
+
+/// Writes the code disk of the function `wat` into `dir`, padded as
+/// [`padded_echo_code_disk`] says.
+pub fn wat_code_disk(dir: &Path, wat: &str, fuel: u64, padding: usize) -> PathBuf {
+    let mut module = wat::parse_str(wat).unwrap();
     if padding > 0 {
         let name = b"padding";
         module.push(0); // custom section

@@ -8,7 +8,9 @@ use std::time::Duration;
 use guest_init::environ::encode;
 use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use microvm_tests::baremetal_guest;
-use microvm_tests::guest_ports::{padded_echo_code_disk, spawn_vmm, test_dir, GuestPorts};
+use microvm_tests::guest_ports::{
+    padded_echo_code_disk, spawn_vmm, test_dir, wat_code_disk, GuestPorts,
+};
 
 /// Fuel for the runaway-loop check: far more than an echo needs.
 const FUEL: u64 = 50_000_000;
@@ -232,6 +234,41 @@ async fn a_module_longer_than_the_first_read_arrives_whole_or_is_an_init_error()
         .init_fails("Runtime.InvalidFunction", "code disk read")
         .await;
     guest.stops(Stop::AfterReporting).await;
+}
+
+/// A module with a start function, as toolchains that run top-level code
+/// emit: it runs at instantiation, before `_start`, on the function's fuel.
+const STARTED_WAT: &str = r#"
+(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $started (mut i32) (i32.const 0))
+  (data (i32.const 16) "started\n")
+  (func $init (global.set $started (i32.const 1)))
+  (start $init)
+  (func (export "_start")
+    (if (global.get $started)
+      (then
+        (i32.store (i32.const 0) (i32.const 16))
+        (i32.store (i32.const 4) (i32.const 8))
+        (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_function_runs_before_each_event() {
+    let dir = test_dir("runtime-start-function");
+    let image = wat_code_disk(&dir, STARTED_WAT, FUEL, 0);
+    let guest = Guest::boot(dir, &image, encode([]).unwrap()).await;
+    for i in 0..2 {
+        let outcome = guest
+            .api
+            .invoke(&format!("start-{i}"), "{}".into(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Response("started\n".into()), "event {i}");
+    }
+    guest.stops(Stop::WhenTheApiCloses).await;
 }
 
 /// CPU time the process has used so far, all its threads together.

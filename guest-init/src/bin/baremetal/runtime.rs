@@ -241,18 +241,20 @@ fn invoke(
         environ: environ.clone(),
     };
     let mut store = Store::new(engine, io);
-    let instance = linker
-        .instantiate_and_start(&mut store, module)
-        .map_err(|e| fail("Runtime.InstantiationError", format!("{e}")))?;
-    let start = instance
-        .get_typed_func::<(), ()>(&store, "_start")
-        .map_err(|e| fail("Runtime.NoStart", format!("no _start export: {e}")))?;
+    // Fuel before instantiation: a module's start function runs there, on
+    // the first slice (it cannot be resumed, so that is all it gets).
     let mut budget = fuel;
     let mut slice = budget.min(FUEL_SLICE);
     budget -= slice;
     store
         .set_fuel(slice)
         .map_err(|e| fail("Runtime.FuelError", format!("{e}")))?;
+    let instance = linker
+        .instantiate_and_start(&mut store, module)
+        .map_err(|e| fail("Runtime.InstantiationError", format!("{e}")))?;
+    let start = instance
+        .get_typed_func::<(), ()>(&store, "_start")
+        .map_err(|e| fail("Runtime.NoStart", format!("no _start export: {e}")))?;
     let mut call = start
         .call_resumable(&mut store, ())
         .map_err(|e| fail("Runtime.Trap", format!("{e}")))?;
