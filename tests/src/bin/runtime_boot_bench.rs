@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use guest_init::environ::{encode, ENVIRON_PORT};
 use host_services::wasm_image;
+use microvm_tests::load::percentile;
 use microvm_tests::{baremetal_guest, boot_time_logged, hypervisor, vmm_binary, ECHO_WAT};
 use vmm::devices::boot_timer::monotonic_us;
 
@@ -80,20 +81,22 @@ impl Build {
     }
 
     /// Prints the figures; returns the median to the first `/next`.
-    fn report(&mut self) -> f64 {
+    fn report(&self) -> f64 {
+        let ms = |samples: &[Duration], p: f64| percentile(samples, p).as_secs_f64() * 1e3;
         println!("{}:", self.name);
         for (what, samples) in [
-            ("spawn -> VMM start:        ", &mut self.vmm_start),
-            ("spawn -> boot-timer write: ", &mut self.boot_timer),
-            ("spawn -> first /next:      ", &mut self.first_next),
+            ("spawn -> VMM start:        ", &self.vmm_start),
+            ("spawn -> boot-timer write: ", &self.boot_timer),
+            ("spawn -> first /next:      ", &self.first_next),
         ] {
-            let m = median(samples);
             println!(
-                "  {what}median {m:.2} ms, min {:.2} ms",
-                samples[0].as_secs_f64() * 1e3
+                "  {what}median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
+                ms(samples, 50.0),
+                ms(samples, 90.0),
+                ms(samples, 0.0)
             );
         }
-        median(&mut self.first_next)
+        ms(&self.first_next, 50.0)
     }
 }
 
@@ -167,11 +170,6 @@ fn boot_once(dir: &Path, image: &Path, build: &Build) -> Result<Sample, String> 
     })
 }
 
-fn median(samples: &mut [Duration]) -> f64 {
-    samples.sort();
-    samples[samples.len() / 2].as_secs_f64() * 1e3
-}
-
 fn main() {
     let (runs, options) = microvm_tests::bench_args("runtime_boot_bench", &["against"]);
     let mut builds = vec![Build::new(
@@ -224,7 +222,7 @@ fn main() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&image);
-    let medians: Vec<f64> = builds.iter_mut().map(Build::report).collect();
+    let medians: Vec<f64> = builds.iter().map(Build::report).collect();
     let next = medians[0];
     if let Some(other) = medians.get(1) {
         println!(
