@@ -52,17 +52,11 @@ impl GuestPorts {
 
 /// Writes the echo function's code disk into `dir`.
 pub fn echo_code_disk(dir: &Path, fuel: u64) -> PathBuf {
-    padded_echo_code_disk(dir, fuel, 0)
+    wat_code_disk(dir, ECHO_WAT, fuel, 0)
 }
 
-/// Writes the echo function's code disk into `dir`, its module grown by
-/// a custom section of `padding` bytes (none for 0), which Wasm ignores.
-pub fn padded_echo_code_disk(dir: &Path, fuel: u64, padding: usize) -> PathBuf {
-    wat_code_disk(dir, ECHO_WAT, fuel, padding)
-}
-
-/// Writes the code disk of the function `wat` into `dir`, padded as
-/// [`padded_echo_code_disk`] says.
+/// Writes the code disk of the function `wat` into `dir`, its module grown
+/// by a custom section of `padding` bytes (none for 0), which Wasm ignores.
 pub fn wat_code_disk(dir: &Path, wat: &str, fuel: u64, padding: usize) -> PathBuf {
     let mut module = wat::parse_str(wat).unwrap();
     if padding > 0 {

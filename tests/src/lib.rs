@@ -112,8 +112,6 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// A benchmark's one argument, `--runs N` (N > 0; 30 when not given);
-/// anything else ends the program with its usage.
 /// The boot timer's figures from a VMM's log: microseconds since the VMM
 /// started, and the CLOCK_MONOTONIC time of the guest's write.
 pub fn boot_time_logged(stderr: &str) -> Option<(u64, u64)> {
@@ -123,6 +121,8 @@ pub fn boot_time_logged(stderr: &str) -> Option<(u64, u64)> {
     Some((since_start.parse().ok()?, at.parse().ok()?))
 }
 
+/// A benchmark's one argument, `--runs N` (N > 0; 30 when not given);
+/// anything else ends the program with its usage.
 pub fn runs_arg(bench: &str) -> usize {
     bench_args(bench, &[]).0
 }

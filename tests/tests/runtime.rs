@@ -7,10 +7,8 @@ use std::time::Duration;
 
 use guest_init::environ::encode;
 use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
-use microvm_tests::baremetal_guest;
-use microvm_tests::guest_ports::{
-    padded_echo_code_disk, spawn_vmm, test_dir, wat_code_disk, GuestPorts,
-};
+use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, wat_code_disk, GuestPorts};
+use microvm_tests::{baremetal_guest, ECHO_WAT};
 
 /// Fuel for the runaway-loop check: far more than an echo needs.
 const FUEL: u64 = 50_000_000;
@@ -30,7 +28,7 @@ impl Guest {
     /// message.
     async fn start(name: &str, environ: Vec<u8>) -> Guest {
         let dir = test_dir(name);
-        let image = padded_echo_code_disk(&dir, FUEL, 0);
+        let image = echo_code_disk(&dir, FUEL);
         Self::boot(dir, &image, environ).await
     }
 
@@ -211,7 +209,7 @@ async fn a_malformed_environment_message_is_an_init_error_not_a_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_longer_than_the_first_read_arrives_whole_or_is_an_init_error() {
     let dir = test_dir("runtime-long-module");
-    let image = padded_echo_code_disk(&dir, FUEL, 300 << 10);
+    let image = wat_code_disk(&dir, ECHO_WAT, FUEL, 300 << 10);
     let guest = Guest::boot(dir, &image, encode([]).unwrap()).await;
     let outcome = guest
         .api
@@ -223,7 +221,7 @@ async fn a_module_longer_than_the_first_read_arrives_whole_or_is_an_init_error()
 
     // The same disk cut short: the header still claims 300 KiB.
     let dir = test_dir("runtime-cut-module");
-    let image = padded_echo_code_disk(&dir, FUEL, 300 << 10);
+    let image = wat_code_disk(&dir, ECHO_WAT, FUEL, 300 << 10);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(&image)

@@ -15,7 +15,7 @@ use core::cell::RefCell;
 use guest_init::environ;
 use guest_init::http::{ByteStream, StreamError};
 use guest_init::runtime_api::{Invocation, RuntimeClient};
-use wasmi::{Config, Engine, Linker, Module, Store, TypedResumableCall};
+use wasmi::{Config, Engine, Instance, Linker, Module, Store, TypedResumableCall};
 
 use crate::clock::Clock;
 use crate::virtio::blk::{BlockDevice, BlockError, SECTOR};
@@ -172,6 +172,21 @@ impl CompiledFunction {
             fuel: image.fuel,
         })
     }
+
+    /// A new instance in a store of its own holding `fuel`; the module's
+    /// start function runs here, on that fuel (it cannot be resumed, so
+    /// that is all it gets).
+    fn instantiate(&self, io: Io, fuel: u64) -> Result<(Store<Io>, Instance), Failure> {
+        let mut store = Store::new(&self.engine, io);
+        store
+            .set_fuel(fuel)
+            .map_err(|e| fail("Runtime.FuelError", format!("{e}")))?;
+        let instance = self
+            .linker
+            .instantiate_and_start(&mut store, &self.module)
+            .map_err(|e| fail("Runtime.InstantiationError", format!("{e}")))?;
+        Ok((store, instance))
+    }
 }
 
 /// The function, ready to run: compiled, with its environment.
@@ -189,22 +204,9 @@ impl Function {
     /// function traps before its first instruction: none of the
     /// function's code runs.
     fn warm_up(&self, clock: &Clock) {
-        let io = Io {
-            stdin: Vec::new(),
-            stdin_pos: 0,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            clock: *clock,
-            entropy: Rc::new(RefCell::new(Entropy::Absent)),
-            environ: self.environ.clone(),
-        };
-        let mut store = Store::new(&self.compiled.engine, io);
-        if store.set_fuel(0).is_ok() {
-            let _ = self
-                .compiled
-                .linker
-                .instantiate_and_start(&mut store, &self.compiled.module);
-        }
+        let entropy = Rc::new(RefCell::new(Entropy::Absent));
+        let io = Io::new(Vec::new(), *clock, entropy, self.environ.clone());
+        let _ = self.compiled.instantiate(io, 0);
     }
 }
 
@@ -215,43 +217,22 @@ fn invoke(
     clock: &Clock,
     stderr: &mut Vec<u8>,
 ) -> Result<Vec<u8>, Failure> {
-    let Function {
-        compiled:
-            CompiledFunction {
-                engine,
-                module,
-                linker,
-                fuel,
-            },
-        environ,
-        entropy,
-    } = function;
-    let fuel = *fuel;
+    let fuel = function.compiled.fuel;
     let deadline = invocation
         .remaining_ms
         .zip(clock.tsc_khz())
         .map(|(ms, khz)| clock.now() + ms.saturating_mul(khz));
-    let io = Io {
-        stdin: invocation.payload.clone(),
-        stdin_pos: 0,
-        stdout: Vec::new(),
-        stderr: Vec::new(),
-        clock: *clock,
-        entropy: entropy.clone(),
-        environ: environ.clone(),
-    };
-    let mut store = Store::new(engine, io);
-    // Fuel before instantiation: a module's start function runs there, on
-    // the first slice (it cannot be resumed, so that is all it gets).
+    let io = Io::new(
+        invocation.payload.clone(),
+        *clock,
+        function.entropy.clone(),
+        function.environ.clone(),
+    );
+    // The start function, if any, runs on the first slice.
     let mut budget = fuel;
     let mut slice = budget.min(FUEL_SLICE);
     budget -= slice;
-    store
-        .set_fuel(slice)
-        .map_err(|e| fail("Runtime.FuelError", format!("{e}")))?;
-    let instance = linker
-        .instantiate_and_start(&mut store, module)
-        .map_err(|e| fail("Runtime.InstantiationError", format!("{e}")))?;
+    let (mut store, instance) = function.compiled.instantiate(io, slice)?;
     let start = instance
         .get_typed_func::<(), ()>(&store, "_start")
         .map_err(|e| fail("Runtime.NoStart", format!("no _start export: {e}")))?;

@@ -37,6 +37,26 @@ pub struct Io {
     pub environ: Rc<Vec<Vec<u8>>>,
 }
 
+impl Io {
+    /// An invocation's I/O: `stdin` to read, nothing written yet.
+    pub fn new(
+        stdin: Vec<u8>,
+        clock: Clock,
+        entropy: Rc<RefCell<Entropy>>,
+        environ: Rc<Vec<Vec<u8>>>,
+    ) -> Self {
+        Io {
+            stdin,
+            stdin_pos: 0,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            clock,
+            entropy,
+            environ,
+        }
+    }
+}
+
 fn memory(caller: &Caller<'_, Io>) -> Option<Memory> {
     caller.get_export("memory").and_then(Extern::into_memory)
 }

@@ -105,7 +105,7 @@ impl BlockDevice {
     pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         let data = Buffer {
             addr: buf.as_mut_ptr() as u64,
-            len: descriptor_len(buf)?,
+            len: descriptor_len(buf.len())?,
             writable: true,
         };
         self.request(T_IN, sector, data)
@@ -120,7 +120,7 @@ impl BlockDevice {
             .map_err(|_| BlockError::NoMemory(len))?;
         let data = Buffer {
             addr: buf.as_mut_ptr() as u64,
-            len: u32::try_from(len).map_err(|_| BlockError::TooLong(len))?,
+            len: descriptor_len(len)?,
             writable: true,
         };
         self.request(T_IN, sector, data)?;
@@ -133,14 +133,14 @@ impl BlockDevice {
     pub fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
         let data = Buffer {
             addr: buf.as_ptr() as u64,
-            len: descriptor_len(buf)?,
+            len: descriptor_len(buf.len())?,
             writable: false,
         };
         self.request(T_OUT, sector, data)
     }
 }
 
-/// `buf`'s length as a descriptor holds it.
-fn descriptor_len(buf: &[u8]) -> Result<u32, BlockError> {
-    u32::try_from(buf.len()).map_err(|_| BlockError::TooLong(buf.len()))
+/// A buffer's length as a descriptor holds it.
+fn descriptor_len(len: usize) -> Result<u32, BlockError> {
+    u32::try_from(len).map_err(|_| BlockError::TooLong(len))
 }
