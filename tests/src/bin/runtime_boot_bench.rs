@@ -15,9 +15,10 @@
 //! turn are the only fair comparison of two builds. Two medians of 40 runs
 //! of the same binary differ by up to 0.3 ms here; a 300-run comparison of
 //! two builds agrees with itself to a few hundredths in quiet hours, and
-//! moves by up to 0.15 ms between runs in noisy ones. And copy both
-//! builds' binaries: one just written by the linker started 0.1 ms slower
-//! than a copy of itself.
+//! moves by up to 0.15 ms between runs in noisy ones, so the difference of
+//! the two medians comes with its 95 % interval, from resampling the pairs
+//! of boots. And copy both builds' binaries: one just written by the
+//! linker started 0.1 ms slower than a copy of itself.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
@@ -182,6 +183,38 @@ fn boot_once(dir: &Path, image: &Path, build: &Build) -> Result<Sample, String> 
     })
 }
 
+/// The 95 % interval of `median(a) - median(b)`, in ms, from resampling
+/// the boots in pairs (the two builds' i-th boots ran back to back): how
+/// far a difference of two medians holds on a host this noisy.
+fn median_difference_interval(a: &[Duration], b: &[Duration]) -> (f64, f64) {
+    const RESAMPLES: usize = 2000;
+    let n = a.len().min(b.len());
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    // xorshift64 with a fixed seed: the same boots give the same interval.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut pick = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let median_ms = |samples: &[Duration]| percentile(samples, 50.0).as_secs_f64() * 1e3;
+    let mut differences: Vec<f64> = (0..RESAMPLES)
+        .map(|_| {
+            let (resampled_a, resampled_b): (Vec<Duration>, Vec<Duration>) =
+                (0..n).map(|_| pick()).map(|i| (a[i], b[i])).unzip();
+            median_ms(&resampled_a) - median_ms(&resampled_b)
+        })
+        .collect();
+    differences.sort_by(f64::total_cmp);
+    (
+        differences[RESAMPLES * 25 / 1000],
+        differences[RESAMPLES * 975 / 1000],
+    )
+}
+
 fn main() {
     let (runs, options) = microvm_tests::bench_args("runtime_boot_bench", &["against"]);
     let mut builds = vec![Build::new(
@@ -236,9 +269,11 @@ fn main() {
     let _ = std::fs::remove_file(&image);
     let medians: Vec<(f64, f64)> = builds.iter().map(Build::report).collect();
     let (next, guest) = medians[0];
-    if let Some((other_next, other_guest)) = medians.get(1) {
+    if let (Some((other_next, other_guest)), [this, other]) = (medians.get(1), &builds[..]) {
+        let (next_low, next_high) = median_difference_interval(&this.first_next, &other.first_next);
+        let (guest_low, guest_high) = median_difference_interval(&this.in_guest, &other.in_guest);
         println!(
-            "this build against the other, first /next: {:+.2} ms ({:.2}x); boot-timer write -> /next: {:+.2} ms",
+            "this build against the other, first /next: {:+.2} ms ({:.2}x; 95 % interval {next_low:+.2} to {next_high:+.2}); boot-timer write -> /next: {:+.2} ms ({guest_low:+.2} to {guest_high:+.2})",
             next - other_next,
             next / other_next,
             guest - other_guest
