@@ -94,7 +94,6 @@ impl Build {
     /// Prints the figures; returns the medians to the first `/next`, from
     /// spawn and from the boot-timer write.
     fn report(&self) -> (f64, f64) {
-        let ms = |samples: &[Duration], p: f64| percentile(samples, p).as_secs_f64() * 1e3;
         println!("{}:", self.name);
         for (what, samples) in [
             ("spawn -> VMM start:        ", &self.vmm_start),
@@ -104,12 +103,15 @@ impl Build {
         ] {
             println!(
                 "  {what}median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
-                ms(samples, 50.0),
-                ms(samples, 90.0),
-                ms(samples, 0.0)
+                percentile_ms(samples, 50.0),
+                percentile_ms(samples, 90.0),
+                percentile_ms(samples, 0.0)
             );
         }
-        (ms(&self.first_next, 50.0), ms(&self.in_guest, 50.0))
+        (
+            percentile_ms(&self.first_next, 50.0),
+            percentile_ms(&self.in_guest, 50.0),
+        )
     }
 }
 
@@ -183,6 +185,11 @@ fn boot_once(dir: &Path, image: &Path, build: &Build) -> Result<Sample, String> 
     })
 }
 
+/// The `p`th percentile of `samples`, in ms.
+fn percentile_ms(samples: &[Duration], p: f64) -> f64 {
+    percentile(samples, p).as_secs_f64() * 1e3
+}
+
 /// The 95 % interval of `median(a) - median(b)`, in ms, from resampling
 /// the boots in pairs (the two builds' i-th boots ran back to back): how
 /// far a difference of two medians holds on a host this noisy.
@@ -200,12 +207,11 @@ fn median_difference_interval(a: &[Duration], b: &[Duration]) -> (f64, f64) {
         state ^= state << 17;
         (state % n as u64) as usize
     };
-    let median_ms = |samples: &[Duration]| percentile(samples, 50.0).as_secs_f64() * 1e3;
     let mut differences: Vec<f64> = (0..RESAMPLES)
         .map(|_| {
             let (resampled_a, resampled_b): (Vec<Duration>, Vec<Duration>) =
                 (0..n).map(|_| pick()).map(|i| (a[i], b[i])).unzip();
-            median_ms(&resampled_a) - median_ms(&resampled_b)
+            percentile_ms(&resampled_a, 50.0) - percentile_ms(&resampled_b, 50.0)
         })
         .collect();
     differences.sort_by(f64::total_cmp);
