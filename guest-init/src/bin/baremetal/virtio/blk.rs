@@ -103,9 +103,14 @@ impl BlockDevice {
     }
 
     pub fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.read_into(sector, buf.as_mut_ptr(), buf.len())
+    }
+
+    /// Reads `len` bytes at `sector` into guest memory at `addr`.
+    fn read_into(&mut self, sector: u64, addr: *mut u8, len: usize) -> Result<(), BlockError> {
         let data = Buffer {
-            addr: buf.as_mut_ptr() as u64,
-            len: descriptor_len(buf.len())?,
+            addr: addr as u64,
+            len: descriptor_len(len)?,
             writable: true,
         };
         self.request(T_IN, sector, data)
@@ -118,12 +123,7 @@ impl BlockDevice {
         let mut buf = Vec::new();
         buf.try_reserve_exact(len)
             .map_err(|_| BlockError::NoMemory(len))?;
-        let data = Buffer {
-            addr: buf.as_mut_ptr() as u64,
-            len: descriptor_len(len)?,
-            writable: true,
-        };
-        self.request(T_IN, sector, data)?;
+        self.read_into(sector, buf.as_mut_ptr(), len)?;
         // SAFETY: the capacity is at least `len`, and the device wrote all
         // `len` bytes: a read completes whole or fails.
         unsafe { buf.set_len(len) };
