@@ -136,6 +136,85 @@ mod tests {
         assert!(checked >= expected.len(), "only {checked} KVM ioctls named");
     }
 
+    /// Runs `program` on a `struct seccomp_data` as the kernel would, for
+    /// the instructions seccompiler and `build.rs` emit.
+    fn run_bpf(program: &[sock_filter], data: &[u8; 64]) -> u32 {
+        let (mut pc, mut a) = (0usize, 0u32);
+        loop {
+            let i = &program[pc];
+            let k = i.k;
+            pc += 1;
+            match i.code {
+                0x20 => {
+                    let at = k as usize;
+                    a = u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+                }
+                0x05 => pc += k as usize,
+                0x15 | 0x25 | 0x35 | 0x45 => {
+                    let taken = match i.code {
+                        0x15 => a == k,
+                        0x25 => a > k,
+                        0x35 => a >= k,
+                        _ => a & k != 0,
+                    };
+                    pc += usize::from(if taken { i.jt } else { i.jf });
+                }
+                0x06 => return k,
+                code => panic!("instruction {code:#x} not modelled"),
+            }
+        }
+    }
+
+    /// The filters `build.rs` lays out as a search over syscall numbers
+    /// decide every call as seccompiler's single chain of the same policy
+    /// does: every syscall number of both architectures the kernel asks
+    /// about, with each argument value the policy names, and without.
+    #[test]
+    fn the_searched_filters_decide_as_the_policy_compiled_as_one_chain() {
+        const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+        const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+        let policy = include_str!("../seccomp/x86_64.json");
+        let chains =
+            seccompiler::compile_from_json(policy.as_bytes(), seccompiler::TargetArch::x86_64)
+                .unwrap();
+        let json: serde_json::Value = serde_json::from_str(policy).unwrap();
+        for (kind, name) in [(ThreadKind::Vmm, "vmm"), (ThreadKind::Vcpu, "vcpu")] {
+            let searched = program(kind).unwrap();
+            let chain = &chains[name];
+            let mut args: Vec<(usize, u64)> = vec![(0, 0)];
+            for rule in json[name]["filter"].as_array().unwrap() {
+                for arg in rule["args"].as_array().into_iter().flatten() {
+                    let (index, val) =
+                        (arg["index"].as_u64().unwrap(), arg["val"].as_u64().unwrap());
+                    args.push((index as usize, val));
+                    args.push((index as usize, val | 1 << 32));
+                    args.push((index as usize, val + 1));
+                }
+            }
+            let numbers = (0..600u32).chain([0x4000_0000, 0x4000_0010, 0x4000_0200, u32::MAX]);
+            let mut allowed = 0;
+            for nr in numbers {
+                for arch in [AUDIT_ARCH_X86_64, AUDIT_ARCH_I386] {
+                    for &(index, val) in &args {
+                        let mut data = [0u8; 64];
+                        data[0..4].copy_from_slice(&nr.to_le_bytes());
+                        data[4..8].copy_from_slice(&arch.to_le_bytes());
+                        let at = 16 + 8 * index;
+                        data[at..at + 8].copy_from_slice(&val.to_le_bytes());
+                        let action = run_bpf(&searched, &data);
+                        assert_eq!(
+                            action,
+                            run_bpf(chain, &data),
+                            "{name}: nr {nr}, arch {arch:#x}, arg {index} = {val:#x}"
+                        );
+                        allowed += usize::from(action == 0x7fff_0000);
+                    }
+                }
+            }
+            assert!(allowed > 0, "{name}: nothing allowed, so nothing compared");
+        }
+    }
+
     #[test]
     fn both_filters_decode() {
         assert!(!program(ThreadKind::Vmm).unwrap().is_empty());
