@@ -13,6 +13,8 @@ use super::layout::{PDE_START, PDPTE_START, PML4_START};
 const PRESENT: u64 = 1 << 0;
 const WRITABLE: u64 = 1 << 1;
 const USER: u64 = 1 << 2;
+const ACCESSED: u64 = 1 << 5;
+const DIRTY: u64 = 1 << 6;
 const PAGE_SIZE_2M: u64 = 1 << 7;
 /// Page directories, one per GiB.
 pub const MAPPED_GIB: u64 = 4;
@@ -35,8 +37,14 @@ pub fn write_identity_page_tables(
     mem: &GuestMemoryMmap,
     privilege: Privilege,
 ) -> Result<u64, PagingError> {
+    // Accessed and dirty from the start, as Linux sets them in its own
+    // early tables: otherwise the first access through each entry has the
+    // MMU set the bit, and under shadow paging (PVM) KVM maps a 2 MiB page
+    // read-only until its first write sets the dirty bit, then maps every
+    // page of it again, writable, through a new shadow page.
     let flags = PRESENT
         | WRITABLE
+        | ACCESSED
         | match privilege {
             Privilege::Supervisor => 0,
             Privilege::User => USER,
@@ -50,7 +58,7 @@ pub fn write_identity_page_tables(
         write((PDE_START + gib * 0x1000) | flags, PDPTE_START + gib * 8)?;
     }
     let pds: Vec<u8> = (0..512 * MAPPED_GIB)
-        .flat_map(|i| ((i << 21) | PAGE_SIZE_2M | flags).to_le_bytes())
+        .flat_map(|i| ((i << 21) | PAGE_SIZE_2M | DIRTY | flags).to_le_bytes())
         .collect();
     mem.write_slice(&pds, GuestAddress(PDE_START))
         .map_err(PagingError::Write)?;
@@ -61,7 +69,8 @@ pub fn write_identity_page_tables(
 mod tests {
     use super::*;
 
-    /// Walks the tables by hand: (physical address, flags of the leaf).
+    /// Walks the tables by hand: (physical address, the flags every level
+    /// has, and the leaf's dirty bit).
     fn walk(mem: &GuestMemoryMmap, addr: u64) -> Option<(u64, u64)> {
         let entry = |table: u64, index: u64| -> u64 {
             mem.read_obj(GuestAddress((table & 0x000f_ffff_ffff_f000) + index * 8))
@@ -80,7 +89,10 @@ mod tests {
             return None;
         }
         let phys = (pde & 0x000f_ffff_ffe0_0000) | (addr & 0x1f_ffff);
-        Some((phys, pde & pml4e & pdpte & (WRITABLE | USER)))
+        Some((
+            phys,
+            (pde & pml4e & pdpte & (WRITABLE | USER | ACCESSED)) | (pde & DIRTY),
+        ))
     }
 
     #[test]
@@ -96,7 +108,11 @@ mod tests {
             0xd000_0000,
             0xfee0_0000,
         ] {
-            assert_eq!(walk(&mem, addr), Some((addr, WRITABLE)), "{addr:#x}");
+            assert_eq!(
+                walk(&mem, addr),
+                Some((addr, WRITABLE | ACCESSED | DIRTY)),
+                "{addr:#x}"
+            );
         }
         assert_eq!(walk(&mem, 4 << 30), None);
     }
@@ -106,7 +122,11 @@ mod tests {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         write_identity_page_tables(&mem, Privilege::User).unwrap();
         for addr in [0x10_0000u64, 0xd000_0000] {
-            assert_eq!(walk(&mem, addr), Some((addr, WRITABLE | USER)), "{addr:#x}");
+            assert_eq!(
+                walk(&mem, addr),
+                Some((addr, WRITABLE | USER | ACCESSED | DIRTY)),
+                "{addr:#x}"
+            );
         }
     }
 }
