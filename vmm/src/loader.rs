@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::arch::x86_64::boot_params::{initrd_address, InitrdRegion};
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use crate::arch::x86_64::regs::EntryMode;
+use crate::vstate::memory::fault_in_for_writing;
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const ELFCLASS64: u8 = 2;
@@ -260,6 +261,14 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
         KernelFormat::Elf => {
             let program = elf_program(&mut file).map_err(read_err("kernel", path))?;
             let pvm_user_entry = pvm_user_entry(&program.notes, path)?;
+            // Bounded by the file's size, which the segments must fit in.
+            let size = file.metadata().map_or(0, |m| m.len());
+            let loads: Vec<Range<u64>> = program
+                .loads
+                .iter()
+                .map(|r| r.start..r.end.min(r.start.saturating_add(size)))
+                .collect();
+            fault_in_for_writing(mem, &loads);
             let r =
                 Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
             let entry = match r.pvh_boot_cap {

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     GuestRegionMmap, MemoryRegionAddress,
 };
 
@@ -81,6 +81,22 @@ pub fn prefault_backwards(
                 return;
             }
             end = from;
+        }
+    }
+}
+
+/// Faults in the guest pages of `ranges` for writing, from user mode, by
+/// writing a zero to each: for pages the caller fills next, so their old
+/// contents do not matter. A page fault taken inside a system call, as a
+/// `read()` into fresh guest memory takes one per page, holds the
+/// process's mmap lock, and the main thread's `mmap()` calls and this
+/// thread's faults then wait for each other; a fault taken in user mode
+/// locks only its own mapping. Addresses outside guest memory are skipped.
+pub fn fault_in_for_writing(mem: &GuestMemoryMmap, ranges: &[Range<u64>]) {
+    let page = PAGE_SIZE as u64;
+    for range in ranges {
+        for addr in (range.start / page * page..range.end).step_by(PAGE_SIZE) {
+            let _ = mem.write_obj(0u8, GuestAddress(addr.max(range.start)));
         }
     }
 }
@@ -228,6 +244,26 @@ mod tests {
         // Past the end of guest memory: nothing, and no error.
         let outside = (16 << 20)..(17 << 20);
         prefault_backwards(&mem, std::slice::from_ref(&outside), || false);
+    }
+
+    #[test]
+    fn faulting_in_for_writing_makes_every_page_of_the_ranges_resident() {
+        let mem = create_guest_memory(8 << 20).unwrap();
+        let start = 1u64 << 20;
+        mem.write_slice(&[0xaa; 100], GuestAddress(start)).unwrap();
+        let range = start + 100..start + 5 * PAGE_SIZE as u64 + 1;
+        fault_in_for_writing(&mem, std::slice::from_ref(&range));
+        assert_eq!(
+            resident(&mem, start, 8 * PAGE_SIZE),
+            [true, true, true, true, true, true, false, false]
+        );
+        // The bytes before the range's start, on its first page, stay.
+        let mut head = [0u8; 100];
+        mem.read_slice(&mut head, GuestAddress(start)).unwrap();
+        assert_eq!(head, [0xaa; 100]);
+        // Past the end of guest memory: nothing, and no error.
+        let outside = (16 << 20)..(17 << 20);
+        fault_in_for_writing(&mem, std::slice::from_ref(&outside));
     }
 
     #[test]
