@@ -338,9 +338,9 @@ fn the_worker_starts_every_environment_through_the_jailer() {
     assert!(uids.iter().all(|u| u != "0"), "{uids:?}");
     assert_ne!(uids[0], uids[1], "two microVMs share a uid");
     // A clean stop takes the jails and their cgroups with it.
-    worker.stop();
+    let log = worker.stop();
     let left: Vec<_> = std::fs::read_dir(&jails).map_or(vec![], |d| d.flatten().collect());
-    assert!(left.is_empty(), "jails left behind: {left:?}");
+    assert!(left.is_empty(), "jails left behind: {left:?}\n{log}");
     for event in &events {
         let jail = event.jail.as_deref().unwrap();
         for hierarchy in ["", "memory/", "cpu/", "pids/"] {

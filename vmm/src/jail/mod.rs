@@ -244,7 +244,9 @@ impl Jail {
         )?;
         let result = self.spawn(&kvm, &exec, &cgroup);
         cgroup.remove();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!("cannot remove the jail {}: {e}", self.dir.display());
+        }
         result
     }
 
