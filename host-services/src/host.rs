@@ -38,6 +38,10 @@ struct Pools {
     by_version: HashMap<VersionKey, Pool>,
     /// Environments, idle, busy or starting.
     total: usize,
+    /// Environments taken out of `total` whose microVM is still being
+    /// stopped: a drain waits for them too, or a worker that exits would
+    /// drop their stop half done and leave their jails and cgroups behind.
+    destroying: usize,
 }
 
 impl Pools {
@@ -59,6 +63,7 @@ impl Pools {
             .map(|(k, i, _)| (k.clone(), i))?;
         let env = self.by_version.get_mut(&key)?.idle.swap_remove(index);
         self.total -= 1;
+        self.destroying += 1;
         Some(env)
     }
 }
@@ -123,9 +128,10 @@ impl WorkerHost {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Environments that exist now, idle, busy or starting.
+    /// Environments that exist now, idle, busy, starting or stopping.
     pub fn environment_count(&self) -> usize {
-        self.pools().total
+        let pools = self.pools();
+        pools.total + pools.destroying
     }
 
     /// Room for more environments, counting the idle on-demand ones that
@@ -259,25 +265,29 @@ impl WorkerHost {
         } else {
             None
         };
-        {
+        let doomed = {
             let mut pools = self.pools();
             let pool = pools.by_version.entry(env.key.clone()).or_default();
             pool.busy -= 1;
-            if reason.is_none() {
-                pool.idle.push(env);
-                drop(pools);
-                self.released.notify_waiters();
-                return;
+            match reason {
+                None => {
+                    pool.idle.push(env);
+                    None
+                }
+                Some(reason) => {
+                    if env.provisioned {
+                        pool.provisioned -= 1;
+                    }
+                    pools.total -= 1;
+                    pools.destroying += 1;
+                    Some((env, reason))
+                }
             }
-            if env.provisioned {
-                pool.provisioned -= 1;
-            }
-            pools.total -= 1;
+        };
+        match doomed {
+            Some((env, reason)) => self.destroy(env, reason).await,
+            None => self.released.notify_waiters(),
         }
-        if let Some(reason) = reason {
-            self.destroy(env, reason).await;
-        }
-        self.released.notify_waiters();
     }
 
     async fn destroy(&self, env: ExecutionEnvironment, reason: DestroyReason) {
@@ -301,6 +311,8 @@ impl WorkerHost {
             }
         }
         env.destroy().await;
+        self.pools().destroying -= 1;
+        self.released.notify_waiters();
     }
 
     /// Destroys idle environments that `pick` selects, for `reason`.
@@ -327,6 +339,7 @@ impl WorkerHost {
                 }
             }
             pools.total -= doomed.len();
+            pools.destroying += doomed.len();
             pools
                 .by_version
                 .retain(|_, p| p.busy > 0 || p.provisioned > 0 || !p.idle.is_empty());
