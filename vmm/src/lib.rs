@@ -5,6 +5,7 @@ pub mod control;
 pub mod devices;
 pub mod jail;
 pub mod loader;
+pub mod log;
 pub mod microvm;
 pub mod seccomp;
 pub mod snapshot;

@@ -7,7 +7,7 @@
 //! stdout flushed at the end, which `main` does itself.
 #![no_main]
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -141,17 +141,7 @@ extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> lib
 
 fn vmm_main(start: Instant) -> libc::c_int {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // A reader that went away must not take the process with it: the
-        // subscriber would otherwise report the failed write with
-        // `eprintln!`, which panics on a closed stderr.
-        .log_internal_errors(false)
-        .with_max_level(cli.log_level)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .without_time()
-        .init();
+    vmm::log::log_to_stderr(cli.log_level);
     match run(cli, start) {
         Ok(code) => libc::c_int::from(code as u8),
         Err(e) => {

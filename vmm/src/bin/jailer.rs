@@ -89,13 +89,7 @@ fn main() -> ExitCode {
     // What the jail's clean-up could not undo (a cgroup, the jail's
     // directory) is logged here; the VMM's own log follows on the same
     // stderr.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .log_internal_errors(false)
-        .with_target(false)
-        .with_ansi(false)
-        .without_time()
-        .init();
+    vmm::log::log_to_stderr(tracing::Level::INFO);
     match run(Cli::parse()) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
