@@ -45,6 +45,13 @@ struct Pools {
 }
 
 impl Pools {
+    /// Moves `n` environments from the live count to the stopping one:
+    /// [`WorkerHost::destroy`] takes each off when its microVM has stopped.
+    fn begin_destroying(&mut self, n: usize) {
+        self.total -= n;
+        self.destroying += n;
+    }
+
     /// Takes the least recently used idle on-demand environment of another
     /// version. Provisioned ones are not the worker's to give away.
     fn evict_lru(&mut self, except: &VersionKey) -> Option<ExecutionEnvironment> {
@@ -62,8 +69,7 @@ impl Pools {
             .min_by_key(|(_, _, used)| *used)
             .map(|(k, i, _)| (k.clone(), i))?;
         let env = self.by_version.get_mut(&key)?.idle.swap_remove(index);
-        self.total -= 1;
-        self.destroying += 1;
+        self.begin_destroying(1);
         Some(env)
     }
 }
@@ -278,8 +284,7 @@ impl WorkerHost {
                     if env.provisioned {
                         pool.provisioned -= 1;
                     }
-                    pools.total -= 1;
-                    pools.destroying += 1;
+                    pools.begin_destroying(1);
                     Some((env, reason))
                 }
             }
@@ -338,8 +343,7 @@ impl WorkerHost {
                     }
                 }
             }
-            pools.total -= doomed.len();
-            pools.destroying += doomed.len();
+            pools.begin_destroying(doomed.len());
             pools
                 .by_version
                 .retain(|_, p| p.busy > 0 || p.provisioned > 0 || !p.idle.is_empty());
