@@ -49,11 +49,16 @@ fn ours() -> Peer {
     }
 }
 
+/// Where the jailer builds this run's jails; each is removed when its VMM
+/// exits, so the directory is empty once the jailed runs are done.
+fn jail_base() -> PathBuf {
+    std::env::temp_dir().join(format!("boot-bench-jails-{}", std::process::id()))
+}
+
 /// This VMM through the jailer, with the limits the worker gives a
 /// function of the guest's size.
 fn jailed() -> Peer {
-    let (jailer, vmm) = (jailer_binary(), vmm_binary());
-    let base = std::env::temp_dir().join(format!("boot-bench-jails-{}", std::process::id()));
+    let (jailer, vmm, base) = (jailer_binary(), vmm_binary(), jail_base());
     Peer {
         name: "jailed vmm",
         clean_exit: 0,
@@ -312,7 +317,19 @@ fn main() {
     });
     print_summary("vmm", &ours);
     if is_root() {
-        match bench(&jailed(), runs, &boot_kernel, &idle_kernel) {
+        let jailed_runs = bench(&jailed(), runs, &boot_kernel, &idle_kernel);
+        let removed = std::fs::remove_dir(jail_base());
+        if let Some(e) = removed
+            .err()
+            .filter(|e| e.kind() != std::io::ErrorKind::NotFound)
+        {
+            eprintln!(
+                "jailed vmm: cannot remove {} (a jail left behind?): {e}",
+                jail_base().display()
+            );
+            std::process::exit(1);
+        }
+        match jailed_runs {
             Ok(j) => {
                 print_summary("jailed vmm", &j);
                 let added = |a: &[Duration], b: &[Duration]| {
