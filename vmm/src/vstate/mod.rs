@@ -3,6 +3,7 @@
 pub mod coalesced_mmio;
 pub mod guest_wake;
 pub mod memory;
+pub mod placement;
 pub mod vcpu;
 pub mod vcpu_thread;
 pub mod vm;

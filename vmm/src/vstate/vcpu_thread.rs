@@ -7,7 +7,8 @@
 //! work as a prelude: loading the kernel image, or for a restore, checking
 //! the snapshot's CPUID against KVM's. The thread sends the prelude's
 //! result back, installs its filter while the main thread finishes the VM,
-//! and then waits for its vCPU.
+//! and then waits for its vCPU. During the prelude it keeps off the main
+//! thread's CPU (see `placement`).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvError, Sender, TryRecvError};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::seccomp::{self, ThreadKind};
+use crate::vstate::placement::{self, AwayFrom};
 use crate::vstate::vcpu::{Vcpu, VcpuControl, VcpuStop};
 
 /// vCPU threads run guest code and device emulation; neither needs deep
@@ -63,11 +65,29 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
-    /// Starts vCPU `index`'s thread. It runs `prelude` first and sends the
-    /// result to the returned receiver; then, with `seccomp`, it installs
-    /// the vCPU filter; then it waits for [`VcpuThread::start`]. Dropped
-    /// unstarted, the thread ends.
+    /// Starts vCPU `index`'s thread. It runs `prelude` first, off the
+    /// calling thread's CPU if it can, and sends the result to the returned
+    /// receiver; then, with `seccomp`, it installs the vCPU filter; then it
+    /// waits for [`VcpuThread::start`]. Dropped unstarted, the thread ends.
     pub fn spawn<T, F>(
+        index: usize,
+        seccomp: bool,
+        prelude: F,
+    ) -> std::io::Result<(Self, Receiver<T>)>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        Self::spawn_away_from(placement::current_cpu(), index, seccomp, prelude)
+    }
+
+    /// Starts a thread with nothing to do before its vCPU.
+    pub fn spawn_idle(index: usize, seccomp: bool) -> std::io::Result<Self> {
+        Self::spawn_away_from(None, index, seccomp, || ()).map(|(thread, _)| thread)
+    }
+
+    fn spawn_away_from<T, F>(
+        spawner_cpu: Option<usize>,
         index: usize,
         seccomp: bool,
         prelude: F,
@@ -82,7 +102,9 @@ impl VcpuThread {
             .name(format!("vcpu{index}"))
             .stack_size(VCPU_STACK_SIZE)
             .spawn(move || {
+                let away = spawner_cpu.and_then(AwayFrom::cpu);
                 let _ = result.send(prelude());
+                drop(away);
                 let filtered = match seccomp {
                     true => seccomp::install(ThreadKind::Vcpu),
                     false => Ok(()),
@@ -108,11 +130,6 @@ impl VcpuThread {
                 let _ = start.stopped.write(1);
             })?;
         Ok((VcpuThread { start, thread }, result_rx))
-    }
-
-    /// Starts a thread with nothing to do before its vCPU.
-    pub fn spawn_idle(index: usize, seccomp: bool) -> std::io::Result<Self> {
-        Self::spawn(index, seccomp, || ()).map(|(thread, _)| thread)
     }
 
     /// Hands the thread its vCPU, which it runs until the vCPU stops.
