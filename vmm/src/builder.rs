@@ -5,7 +5,6 @@
 use std::fs::OpenOptions;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -46,9 +45,7 @@ use crate::microvm::{MicroVm, MicroVmParts, StatefulDevices, Subscriber, VcpuSet
 use crate::snapshot::{read_snapshot, MachineState, MicroVmState, SnapshotError};
 use crate::vstate::coalesced_mmio::QueuedWritesFirst;
 use crate::vstate::guest_wake::GuestWake;
-use crate::vstate::memory::{
-    create_guest_memory, map_memory_file, prefault_backwards, MemoryBacking, MemoryError,
-};
+use crate::vstate::memory::{create_guest_memory, map_memory_file, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vcpu_thread::{recv_soon, VcpuThread};
 use crate::vstate::vm::{HypervisorKind, KvmAccess, KvmMsiRouter, KvmSystem, Vm, VmError};
@@ -272,9 +269,9 @@ struct GuestImages {
     initrd: Option<InitrdRegion>,
 }
 
-/// Reads the kernel and initrd into guest memory: the slowest step of a
-/// boot (page faults on fresh guest memory, about 0.8 ms for a 1 MiB
-/// image), which needs nothing from KVM and so runs beside the VM's set-up.
+/// Reads the kernel and initrd into guest memory: a slow step of a boot
+/// (fresh guest memory), which needs nothing from KVM and so runs beside
+/// the VM's set-up.
 fn load_images(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<GuestImages, BuildError> {
     let kernel = loader::load_kernel(mem, &config.kernel)?;
     let initrd = config
@@ -565,27 +562,11 @@ pub fn build_microvm(
             for vcpu in &mut vcpus {
                 vcpu.configure(supported_cpuid.as_ref(), config.vcpus)?;
             }
-            Ok((vm, devices, vcpus, pvm_user, preview.image))
+            Ok((vm, devices, vcpus, pvm_user))
         });
-    // The load is the longer line: the main thread, done, fills the
-    // kernel's pages from the far end while vCPU 0's thread copies.
-    let mut loaded_early = None;
-    if let Ok((_, _, _, _, image)) = &kvm_side {
-        prefault_backwards(&mem, image, || match loaded.try_recv() {
-            Ok(images) => {
-                loaded_early = Some(images);
-                true
-            }
-            Err(TryRecvError::Empty) => false,
-            Err(TryRecvError::Disconnected) => true,
-        });
-    }
     // A bad kernel is the likelier mistake, and the one to report.
-    let images = match loaded_early {
-        Some(images) => images,
-        None => recv_soon(&loaded).map_err(|_| BuildError::VcpuThreadEnded)?,
-    }?;
-    let (vm, devices, mut vcpus, pvm_user, _) = kvm_side?;
+    let images = recv_soon(&loaded).map_err(|_| BuildError::VcpuThreadEnded)??;
+    let (vm, devices, mut vcpus, pvm_user) = kvm_side?;
     if pvm_user && images.kernel.pvm_user_entry.is_none() {
         return Err(BuildError::Loader(LoaderError::BadKernel {
             path: config.kernel.clone(),

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::arch::x86_64::boot_params::{initrd_address, InitrdRegion};
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use crate::arch::x86_64::regs::EntryMode;
-use crate::vstate::memory::fault_in_for_writing;
+use crate::vstate::memory::{advise_huge_pages, fault_in_for_writing};
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const ELFCLASS64: u8 = 2;
@@ -232,8 +232,6 @@ fn pvm_user_entry(notes: &[ElfNote], path: &Path) -> Result<Option<u64>, LoaderE
 #[derive(Debug, Default)]
 pub struct KernelPreview {
     pub pvm_user_entry: bool,
-    /// The guest memory its loadable file bytes go to (ELF only).
-    pub image: Vec<Range<u64>>,
 }
 
 pub fn preview_kernel(path: &Path) -> Result<KernelPreview, LoaderError> {
@@ -243,7 +241,6 @@ pub fn preview_kernel(path: &Path) -> Result<KernelPreview, LoaderError> {
             let program = elf_program(&mut file).map_err(read_err("kernel", path))?;
             Ok(KernelPreview {
                 pvm_user_entry: pvm_user_entry(&program.notes, path)?.is_some(),
-                image: program.loads,
             })
         }
         KernelFormat::BzImage => Ok(KernelPreview::default()),
@@ -268,6 +265,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
                 .iter()
                 .map(|r| r.start..r.end.min(r.start.saturating_add(size)))
                 .collect();
+            advise_huge_pages(mem, &loads);
             fault_in_for_writing(mem, &loads);
             let r =
                 Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
@@ -421,12 +419,8 @@ mod tests {
     }
 
     #[test]
-    fn a_preview_finds_the_pvm_note_and_where_the_segments_go() {
-        let with = preview(&elf(0x3000, true));
-        assert!(with.pvm_user_entry);
-        assert_eq!(with.image, std::slice::from_ref(&(0x10_0000..0x10_3000)));
-        let without = preview(&elf(0x2000, false));
-        assert!(!without.pvm_user_entry);
-        assert_eq!(without.image, std::slice::from_ref(&(0x10_0000..0x10_2000)));
+    fn a_preview_finds_the_pvm_note() {
+        assert!(preview(&elf(0x3000, true)).pvm_user_entry);
+        assert!(!preview(&elf(0x2000, false)).pvm_user_entry);
     }
 }

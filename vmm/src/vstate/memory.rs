@@ -49,39 +49,32 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError
     })
 }
 
-/// Faults in the guest pages of `ranges` for writing, from the last page
-/// backwards, 64 KiB at a time, until `done()`. A fresh page costs 2-4 us
-/// on a nested host: a thread that copies into the same ranges from the
-/// front finds the pages past their meeting point already there. Pages
-/// outside guest memory are left alone; so is everything on a kernel
-/// without `MADV_POPULATE_WRITE` (before 5.14).
-pub fn prefault_backwards(
-    mem: &GuestMemoryMmap,
-    ranges: &[Range<u64>],
-    mut done: impl FnMut() -> bool,
-) {
-    const CHUNK: u64 = 64 << 10;
-    let page = PAGE_SIZE as u64;
-    for range in ranges.iter().rev() {
-        let start = range.start / page * page;
-        let mut end = range.end.div_ceil(page) * page;
-        while end > start && !done() {
-            let from = end.saturating_sub(CHUNK).max(start);
-            let len = (end - from) as usize;
-            let Some(host) = mem
-                .get_slice(GuestAddress(from), len)
-                .ok()
-                .map(|slice| slice.ptr_guard_mut().as_ptr())
-            else {
-                break;
-            };
-            // SAFETY: `host..host + len` is mapped guest memory (checked
-            // by `get_slice`); populating it only faults its pages in.
-            if unsafe { libc::madvise(host.cast(), len, libc::MADV_POPULATE_WRITE) } != 0 {
-                return;
-            }
-            end = from;
-        }
+/// The size of a transparent huge page on x86_64.
+const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// Asks for transparent huge pages over the 2 MiB-aligned spans around
+/// `ranges`, before anything touches them: for a kernel image. Its first
+/// write then takes one 2 MiB fault instead of a fault per 4 KiB page
+/// (about 0.2 ms against 2-4 us a page on a nested host, for a 1 MiB
+/// image 0.5-0.9 ms), and KVM, finding the host page huge, maps a guest
+/// 2 MiB page with one shadow or stage-2 entry instead of a fault per 32
+/// KiB. Only a hint: without THP (or with `enabled=never`) nothing
+/// changes; with `defrag=madvise` a fragmented host may compact memory to
+/// find the page. Spans outside guest memory are skipped.
+pub fn advise_huge_pages(mem: &GuestMemoryMmap, ranges: &[Range<u64>]) {
+    for range in ranges.iter().filter(|r| !r.is_empty()) {
+        let start = range.start / HUGE_PAGE_SIZE * HUGE_PAGE_SIZE;
+        let end = range.end.next_multiple_of(HUGE_PAGE_SIZE);
+        let Some(host) = mem
+            .get_slice(GuestAddress(start), (end - start) as usize)
+            .ok()
+            .map(|slice| slice.ptr_guard_mut().as_ptr())
+        else {
+            continue;
+        };
+        // SAFETY: `host..host + (end - start)` is mapped guest memory
+        // (checked by `get_slice`); the advice changes no contents.
+        unsafe { libc::madvise(host.cast(), (end - start) as usize, libc::MADV_HUGEPAGE) };
     }
 }
 
@@ -217,33 +210,51 @@ mod tests {
         resident_pages(mem.get_host_address(GuestAddress(addr)).unwrap(), len).unwrap()
     }
 
-    #[test]
-    fn prefaulting_goes_backwards_until_told_to_stop() {
-        let mem = create_guest_memory(8 << 20).unwrap();
-        let (start, len) = (1u64 << 20, 256 << 10);
-        let mut rounds = 0;
-        let range = start..start + len as u64 - 100;
-        prefault_backwards(&mem, std::slice::from_ref(&range), || {
-            rounds += 1;
-            rounds > 2
-        });
-        let pages = resident(&mem, start, len);
-        let chunk = (64 << 10) / PAGE_SIZE;
-        assert!(
-            pages[pages.len() - 2 * chunk..].iter().all(|&p| p),
-            "{pages:?}"
-        );
-        assert!(
-            !pages[..pages.len() - 2 * chunk].iter().any(|&p| p),
-            "{pages:?}"
-        );
+    /// The host mapping containing `addr`, from /proc/self/smaps: its
+    /// range and whether THP may back it.
+    fn host_mapping(addr: u64) -> (Range<u64>, bool) {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut holding = None;
+        for line in smaps.lines() {
+            let header = line
+                .split_whitespace()
+                .next()
+                .and_then(|f| f.split_once('-'))
+                .and_then(|(lo, hi)| {
+                    Some((
+                        u64::from_str_radix(lo, 16).ok()?,
+                        u64::from_str_radix(hi, 16).ok()?,
+                    ))
+                });
+            if let Some((lo, hi)) = header {
+                holding = (lo..hi).contains(&addr).then_some(lo..hi);
+            } else if let (Some(range), Some(v)) = (&holding, line.strip_prefix("THPeligible:")) {
+                return (range.clone(), v.trim() == "1");
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
+    }
 
-        let range = start..start + len as u64;
-        prefault_backwards(&mem, std::slice::from_ref(&range), || false);
-        assert!(resident(&mem, start, len).iter().all(|&p| p));
-        // Past the end of guest memory: nothing, and no error.
-        let outside = (16 << 20)..(17 << 20);
-        prefault_backwards(&mem, std::slice::from_ref(&outside), || false);
+    #[test]
+    fn huge_pages_are_asked_for_over_the_aligned_span_around_a_range() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let host = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+        let image = (3u64 << 20) + 100..(3u64 << 20) + 300_000;
+        advise_huge_pages(&mem, &[image, (16 << 20)..(17 << 20)]);
+        let enabled = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+        if enabled.is_err() {
+            println!("SKIPPED: this kernel has no transparent huge pages");
+            return;
+        }
+        // The advice splits the mapping exactly at the span's ends.
+        let (span, eligible) = host_mapping(host(3 << 20));
+        assert_eq!(span, host(2 << 20)..host(4 << 20));
+        assert_eq!(host_mapping(host(4 << 20)).0.start, host(4 << 20));
+        assert!(host_mapping(host(1 << 20)).0.end <= host(2 << 20));
+        match enabled.unwrap().contains("[never]") {
+            true => println!("SKIPPED (eligibility): THP is disabled on this host"),
+            false => assert!(eligible, "THP may back the advised span"),
+        }
     }
 
     #[test]
