@@ -548,6 +548,7 @@ pub fn build_microvm(
         move || load_images(&config, &mem)
     })
     .map_err(BuildError::VcpuThread)?;
+    let mut loaded_early = None;
     let kvm_side = Vm::new(system, &mem)
         .map_err(BuildError::from)
         .and_then(|vm| {
@@ -555,9 +556,20 @@ pub fn build_microvm(
                 create_devices(&vm, &mem, config.vcpus, &config.devices, None, vmm_start)?;
             let mut vcpus = create_vcpus(&vm, config.vcpus, &devices, &mem)?;
             // Asking KVM for the CPUID it supports takes 0.3 ms on a PVM
-            // host, for a table a guest in PVM user mode never reads.
-            let preview = loader::preview_kernel(&config.kernel)?;
-            let pvm_user = vm.hypervisor() == HypervisorKind::Pvm && preview.pvm_user_entry;
+            // host, for a table a guest in PVM user mode never reads. The
+            // load, usually done by now, says whether the guest offers that
+            // mode; while a large kernel still loads, its headers say.
+            let offers_pvm_user = match loaded.try_recv() {
+                Ok(images) => {
+                    let offers = images
+                        .as_ref()
+                        .is_ok_and(|i| i.kernel.pvm_user_entry.is_some());
+                    loaded_early = Some(images);
+                    offers
+                }
+                Err(_) => loader::preview_kernel(&config.kernel)?.pvm_user_entry,
+            };
+            let pvm_user = vm.hypervisor() == HypervisorKind::Pvm && offers_pvm_user;
             let supported_cpuid = (!pvm_user).then(|| vm.supported_cpuid()).transpose()?;
             for vcpu in &mut vcpus {
                 vcpu.configure(supported_cpuid.as_ref(), config.vcpus)?;
@@ -565,7 +577,10 @@ pub fn build_microvm(
             Ok((vm, devices, vcpus, pvm_user))
         });
     // A bad kernel is the likelier mistake, and the one to report.
-    let images = recv_soon(&loaded).map_err(|_| BuildError::VcpuThreadEnded)??;
+    let images = match loaded_early {
+        Some(images) => images,
+        None => recv_soon(&loaded).map_err(|_| BuildError::VcpuThreadEnded)?,
+    }?;
     let (vm, devices, mut vcpus, pvm_user) = kvm_side?;
     if pvm_user && images.kernel.pvm_user_entry.is_none() {
         return Err(BuildError::Loader(LoaderError::BadKernel {
