@@ -4,10 +4,14 @@
 
 use std::fs::OpenOptions;
 use std::io::Read;
+use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use kvm_bindings::CpuId;
+use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -46,7 +50,7 @@ use crate::snapshot::{read_snapshot, MachineState, MicroVmState, SnapshotError};
 use crate::vstate::coalesced_mmio::QueuedWritesFirst;
 use crate::vstate::guest_wake::GuestWake;
 use crate::vstate::memory::{create_guest_memory, map_memory_file, MemoryBacking, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vcpu::{BareVcpu, Vcpu, VcpuError};
 use crate::vstate::vcpu_thread::{recv_soon, VcpuThread};
 use crate::vstate::vm::{HypervisorKind, KvmAccess, KvmMsiRouter, KvmSystem, Vm, VmError};
 use event_manager::MutEventSubscriber;
@@ -432,31 +436,39 @@ fn create_devices(
     })
 }
 
-fn create_vcpus(
-    vm: &Vm,
-    count: u8,
-    devices: &DeviceSet,
-    mem: &GuestMemoryMmap,
-) -> Result<Vec<Vcpu>, BuildError> {
+/// Creates the vCPUs `indices`, unconfigured.
+fn create_vcpus(vm: &Vm, indices: Range<u8>, count: u8) -> Result<Vec<BareVcpu>, BuildError> {
     if usize::from(count) > vm.max_vcpus() {
         return Err(BuildError::TooManyVcpus {
             requested: count,
             max: vm.max_vcpus(),
         });
     }
-    let mut vcpus = (0..count)
-        .map(|index| {
-            Vcpu::new(
-                vm.fd(),
-                index,
+    indices
+        .map(|index| BareVcpu::create(vm.fd(), index).map_err(BuildError::from))
+        .collect()
+}
+
+/// Attaches `vcpus`, in index order, to the devices' buses and the VM's
+/// coalesced MMIO ring.
+fn attach_vcpus(
+    vm: &Vm,
+    vcpus: Vec<BareVcpu>,
+    devices: &DeviceSet,
+    mem: &GuestMemoryMmap,
+) -> Result<Vec<Vcpu>, BuildError> {
+    let mut vcpus: Vec<Vcpu> = vcpus
+        .into_iter()
+        .map(|bare| {
+            Vcpu::attach(
+                bare,
                 devices.io_bus.clone(),
                 devices.mmio_bus.clone(),
                 mem.clone(),
                 devices.wake.clone(),
             )
-            .map_err(BuildError::from)
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect();
     if let Some(first) = vcpus.first().filter(|_| vm.has_coalesced_mmio()) {
         let ring = Arc::new(first.map_coalesced_mmio()?);
         for vcpu in &mut vcpus {
@@ -464,6 +476,27 @@ fn create_vcpus(
         }
     }
     Ok(vcpus)
+}
+
+/// Creates and configures the boot vCPU, on its own thread once the kernel
+/// is loaded. Asking KVM for the CPUID it supports takes 0.3 ms on a PVM
+/// host, for a table a guest in PVM user mode never reads; the table, when
+/// asked for, comes back for the other vCPUs.
+fn boot_vcpu(
+    vm: &VmFd,
+    system: &KvmSystem,
+    hypervisor: HypervisorKind,
+    images: &Result<GuestImages, BuildError>,
+    count: u8,
+) -> Result<(BareVcpu, Option<CpuId>), BuildError> {
+    let mut vcpu = BareVcpu::create(vm, 0)?;
+    let pvm_user = hypervisor == HypervisorKind::Pvm
+        && images
+            .as_ref()
+            .is_ok_and(|i| i.kernel.pvm_user_entry.is_some());
+    let supported_cpuid = (!pvm_user).then(|| system.supported_cpuid()).transpose()?;
+    vcpu.configure(supported_cpuid.as_ref(), count)?;
+    Ok((vcpu, supported_cpuid))
 }
 
 fn control_socket(config: &DeviceConfig) -> Result<Option<ControlSocket>, BuildError> {
@@ -541,53 +574,45 @@ pub fn build_microvm(
     let mem = create_guest_memory(config.mem_mib << 20)?;
     let system = Arc::new(KvmSystem::open(kvm)?);
     // Two lines of work that meet at the boot vCPU's entry point: vCPU 0's
-    // thread loads the kernel image; the main thread builds the VM, its
-    // devices and vCPUs, and configures the vCPUs.
-    let (vcpu0_thread, loaded) = VcpuThread::spawn(0, seccomp, {
-        let (mem, config) = (mem.clone(), config.clone());
-        move || load_images(&config, &mem)
+    // thread loads the kernel image, then creates and configures its vCPU
+    // in the VM the main thread made; the main thread builds the VM, its
+    // devices and any other vCPUs. The main thread's line is the longer.
+    let (vm_sender, vm_made) = sync_channel::<Option<(Arc<VmFd>, HypervisorKind)>>(1);
+    let (vcpu0_thread, prelude) = VcpuThread::spawn(0, seccomp, {
+        let (mem, config, system) = (mem.clone(), config.clone(), system.clone());
+        move || {
+            let images = load_images(&config, &mem);
+            let vcpu =
+                vm_made.recv().ok().flatten().map(|(vm, hypervisor)| {
+                    boot_vcpu(&vm, &system, hypervisor, &images, config.vcpus)
+                });
+            (images, vcpu)
+        }
     })
     .map_err(BuildError::VcpuThread)?;
-    let mut loaded_early = None;
-    let kvm_side = Vm::new(system, &mem)
-        .map_err(BuildError::from)
-        .and_then(|vm| {
-            let devices =
-                create_devices(&vm, &mem, config.vcpus, &config.devices, None, vmm_start)?;
-            let mut vcpus = create_vcpus(&vm, config.vcpus, &devices, &mem)?;
-            // Asking KVM for the CPUID it supports takes 0.3 ms on a PVM
-            // host, for a table a guest in PVM user mode never reads. The
-            // load, usually done by now, says whether the guest offers that
-            // mode; while a large kernel still loads, its headers say.
-            let offers_pvm_user = match loaded.try_recv() {
-                Ok(images) => {
-                    let offers = images
-                        .as_ref()
-                        .is_ok_and(|i| i.kernel.pvm_user_entry.is_some());
-                    loaded_early = Some(images);
-                    offers
-                }
-                Err(_) => loader::preview_kernel(&config.kernel)?.pvm_user_entry,
-            };
-            let pvm_user = vm.hypervisor() == HypervisorKind::Pvm && offers_pvm_user;
-            let supported_cpuid = (!pvm_user).then(|| vm.supported_cpuid()).transpose()?;
-            for vcpu in &mut vcpus {
-                vcpu.configure(supported_cpuid.as_ref(), config.vcpus)?;
-            }
-            Ok((vm, devices, vcpus, pvm_user))
-        });
+    let vm = Vm::new(system, &mem);
+    // Without a VM, vCPU 0's thread makes no vCPU.
+    let _ = vm_sender.send(
+        vm.as_ref()
+            .ok()
+            .map(|vm| (vm.fd().clone(), vm.hypervisor())),
+    );
+    let kvm_side = vm.map_err(BuildError::from).and_then(|vm| {
+        let devices = create_devices(&vm, &mem, config.vcpus, &config.devices, None, vmm_start)?;
+        let others = create_vcpus(&vm, 1..config.vcpus, config.vcpus)?;
+        Ok((vm, devices, others))
+    });
+    let (images, vcpu0) = recv_soon(&prelude).map_err(|_| BuildError::VcpuThreadEnded)?;
     // A bad kernel is the likelier mistake, and the one to report.
-    let images = match loaded_early {
-        Some(images) => images,
-        None => recv_soon(&loaded).map_err(|_| BuildError::VcpuThreadEnded)?,
-    }?;
-    let (vm, devices, mut vcpus, pvm_user) = kvm_side?;
-    if pvm_user && images.kernel.pvm_user_entry.is_none() {
-        return Err(BuildError::Loader(LoaderError::BadKernel {
-            path: config.kernel.clone(),
-            reason: "the file changed while it was loaded: it no longer declares its PVM user-mode entry".into(),
-        }));
+    let images = images?;
+    let (vm, devices, others) = kvm_side?;
+    let (vcpu0, supported_cpuid) = vcpu0.ok_or(BuildError::VcpuThreadEnded)??;
+    let mut bare = vec![vcpu0];
+    for mut vcpu in others {
+        vcpu.configure(supported_cpuid.as_ref(), config.vcpus)?;
+        bare.push(vcpu);
     }
+    let mut vcpus = attach_vcpus(&vm, bare, &devices, &mem)?;
     let tsc_khz = vcpus[0].tsc_khz();
     let (entry, cr3) = write_boot_structures(
         config,
@@ -638,7 +663,8 @@ fn restore_devices_and_vcpus(
     for (transport, saved) in devices.stateful.transports.iter().zip(&state.virtio) {
         lock(transport).restore(saved).map_err(restore_error)?;
     }
-    let mut vcpus = create_vcpus(vm, machine.vcpus, &devices, mem)?;
+    let vcpus = create_vcpus(vm, 0..machine.vcpus, machine.vcpus)?;
+    let mut vcpus = attach_vcpus(vm, vcpus, &devices, mem)?;
     for (vcpu, saved) in vcpus.iter_mut().zip(&state.vcpus) {
         vcpu.restore_state(saved)?;
     }

@@ -227,26 +227,6 @@ fn pvm_user_entry(notes: &[ElfNote], path: &Path) -> Result<Option<u64>, LoaderE
     }
 }
 
-/// What can be known of a kernel before it is loaded, from a few small
-/// reads of its headers.
-#[derive(Debug, Default)]
-pub struct KernelPreview {
-    pub pvm_user_entry: bool,
-}
-
-pub fn preview_kernel(path: &Path) -> Result<KernelPreview, LoaderError> {
-    let mut file = File::open(path).map_err(read_err("kernel", path))?;
-    match detect_format(&mut file, path)? {
-        KernelFormat::Elf => {
-            let program = elf_program(&mut file).map_err(read_err("kernel", path))?;
-            Ok(KernelPreview {
-                pvm_user_entry: pvm_user_entry(&program.notes, path)?.is_some(),
-            })
-        }
-        KernelFormat::BzImage => Ok(KernelPreview::default()),
-    }
-}
-
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
     let mut file = File::open(path).map_err(read_err("kernel", path))?;
     let format = detect_format(&mut file, path)?;
@@ -406,21 +386,21 @@ mod tests {
         out
     }
 
-    fn preview(bytes: &[u8]) -> KernelPreview {
-        let path = std::env::temp_dir().join(format!(
-            "loader-preview-{}-{}",
-            std::process::id(),
-            bytes.len()
-        ));
-        std::fs::write(&path, bytes).unwrap();
-        let preview = preview_kernel(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        preview
-    }
-
     #[test]
-    fn a_preview_finds_the_pvm_note() {
-        assert!(preview(&elf(0x3000, true)).pvm_user_entry);
-        assert!(!preview(&elf(0x2000, false)).pvm_user_entry);
+    fn the_load_finds_the_pvm_note() {
+        let mem = crate::vstate::memory::create_guest_memory(16 << 20).unwrap();
+        let load = |bytes: &[u8]| {
+            let path = std::env::temp_dir().join(format!(
+                "loader-note-{}-{}",
+                std::process::id(),
+                bytes.len()
+            ));
+            std::fs::write(&path, bytes).unwrap();
+            let loaded = load_kernel(&mem, &path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            loaded
+        };
+        assert_eq!(load(&elf(0x3000, true)).pvm_user_entry, Some(0x10_0040));
+        assert_eq!(load(&elf(0x2000, false)).pvm_user_entry, None);
     }
 }

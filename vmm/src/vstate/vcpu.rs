@@ -152,28 +152,18 @@ fn apply_queued_writes(ring: Option<&CoalescedMmio>, mmio_bus: &Bus) {
     }
 }
 
-pub struct Vcpu {
+/// A vCPU before its devices: created and configured, on whichever thread
+/// has the time (the boot vCPU's own, during a boot), and attached to the
+/// device buses by the builder.
+pub struct BareVcpu {
     fd: VcpuFd,
     index: u8,
     /// What `configure` or `restore` gave the vCPU, kept for snapshots.
     cpuid: Vec<kvm_cpuid_entry2>,
-    io_bus: Arc<Bus>,
-    mmio_bus: Arc<Bus>,
-    mem: GuestMemoryMmap,
-    /// The VM's queue of MMIO writes, applied each time `KVM_RUN` returns.
-    coalesced_mmio: Option<Arc<CoalescedMmio>>,
-    wake: GuestWake,
 }
 
-impl Vcpu {
-    pub fn new(
-        vm: &VmFd,
-        index: u8,
-        io_bus: Arc<Bus>,
-        mmio_bus: Arc<Bus>,
-        mem: GuestMemoryMmap,
-        wake: GuestWake,
-    ) -> Result<Self, VcpuError> {
+impl BareVcpu {
+    pub fn create(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|source| VcpuError::Create { index, source })?;
@@ -181,29 +171,7 @@ impl Vcpu {
             fd,
             index,
             cpuid: Vec::new(),
-            io_bus,
-            mmio_bus,
-            mem,
-            coalesced_mmio: None,
-            wake,
         })
-    }
-
-    /// Maps the VM's coalesced MMIO ring through this vCPU.
-    pub fn map_coalesced_mmio(&self) -> Result<CoalescedMmio, VcpuError> {
-        CoalescedMmio::map(&self.fd).map_err(VcpuError::CoalescedMmio)
-    }
-
-    pub fn use_coalesced_mmio(&mut self, ring: Arc<CoalescedMmio>) {
-        self.coalesced_mmio = Some(ring);
-    }
-
-    pub fn coalesced_mmio(&self) -> Option<&Arc<CoalescedMmio>> {
-        self.coalesced_mmio.as_ref()
-    }
-
-    pub fn index(&self) -> u8 {
-        self.index
     }
 
     /// The guest TSC rate KVM runs this vCPU at.
@@ -262,17 +230,76 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(self.setup_err("LAPIC"))?;
         Ok(())
     }
+}
+
+pub struct Vcpu {
+    bare: BareVcpu,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    mem: GuestMemoryMmap,
+    /// The VM's queue of MMIO writes, applied each time `KVM_RUN` returns.
+    coalesced_mmio: Option<Arc<CoalescedMmio>>,
+    wake: GuestWake,
+}
+
+impl Vcpu {
+    pub fn attach(
+        bare: BareVcpu,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        mem: GuestMemoryMmap,
+        wake: GuestWake,
+    ) -> Self {
+        Self {
+            bare,
+            io_bus,
+            mmio_bus,
+            mem,
+            coalesced_mmio: None,
+            wake,
+        }
+    }
+
+    /// The guest TSC rate KVM runs this vCPU at.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.bare.tsc_khz()
+    }
+
+    /// Maps the VM's coalesced MMIO ring through this vCPU.
+    pub fn map_coalesced_mmio(&self) -> Result<CoalescedMmio, VcpuError> {
+        CoalescedMmio::map(&self.bare.fd).map_err(VcpuError::CoalescedMmio)
+    }
+
+    pub fn use_coalesced_mmio(&mut self, ring: Arc<CoalescedMmio>) {
+        self.coalesced_mmio = Some(ring);
+    }
+
+    pub fn coalesced_mmio(&self) -> Option<&Arc<CoalescedMmio>> {
+        self.coalesced_mmio.as_ref()
+    }
+
+    pub fn index(&self) -> u8 {
+        self.bare.index
+    }
 
     /// Points the boot vCPU at the kernel's entry, in `mode`, with the
     /// page tables at `cr3`. After [`Vcpu::configure`]: KVM checks the
     /// control registers against the vCPU's CPUID.
     pub fn set_boot_entry(&mut self, mode: regs::EntryMode, cr3: u64) -> Result<(), VcpuError> {
-        self.fd
+        self.bare
+            .fd
             .set_regs(&regs::boot_regs(mode))
-            .map_err(self.setup_err("registers"))?;
-        let mut sregs = self.fd.get_sregs().map_err(self.setup_err("sregs"))?;
+            .map_err(self.bare.setup_err("registers"))?;
+        let mut sregs = self
+            .bare
+            .fd
+            .get_sregs()
+            .map_err(self.bare.setup_err("sregs"))?;
         regs::apply_boot_sregs(&mut sregs, mode, cr3);
-        self.fd.set_sregs(&sregs).map_err(self.setup_err("sregs"))
+        self.bare
+            .fd
+            .set_sregs(&sregs)
+            .map_err(self.bare.setup_err("sregs"))
     }
 
     /// Runs the guest until it stops, or until `stop` is set and the thread
@@ -280,7 +307,7 @@ impl Vcpu {
     /// While `control.pause` is set, the thread leaves `KVM_RUN` and
     /// serves `control`'s commands instead.
     pub fn run(mut self, stop: &AtomicBool, control: &VcpuControl) -> VcpuStop {
-        let immediate_exit = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
+        let immediate_exit = std::ptr::addr_of_mut!(self.bare.fd.get_kvm_run().immediate_exit);
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         let result = loop {
             if stop.load(Ordering::Acquire) {
@@ -305,9 +332,9 @@ impl Vcpu {
         // KVM finishes an emulated port or MMIO read on the next KVM_RUN;
         // with immediate_exit set that run does nothing else, so the
         // registers saved below hold the read's result.
-        self.fd.set_kvm_immediate_exit(1);
-        let _ = self.fd.run();
-        self.fd.set_kvm_immediate_exit(0);
+        self.bare.fd.set_kvm_immediate_exit(1);
+        let _ = self.bare.fd.run();
+        self.bare.fd.set_kvm_immediate_exit(0);
         apply_queued_writes(self.coalesced_mmio.as_deref(), &self.mmio_bus);
         control.replies.send(VcpuReply::Paused).map_err(|_| ())?;
         loop {
@@ -325,7 +352,7 @@ impl Vcpu {
     }
 
     fn save_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
-        let index = self.index;
+        let index = self.bare.index;
         move |source| VcpuError::Save {
             index,
             what,
@@ -337,19 +364,33 @@ impl Vcpu {
     /// read (absent on this CPU) are left out.
     pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
         Ok(VcpuState {
-            cpuid: self.cpuid.clone(),
+            cpuid: self.bare.cpuid.clone(),
             msrs: self.read_msrs(msr_indices)?,
-            regs: self.fd.get_regs().map_err(self.save_err("registers"))?,
-            sregs: self.fd.get_sregs().map_err(self.save_err("sregs"))?,
-            xsave: self.fd.get_xsave().map_err(self.save_err("XSAVE state"))?,
-            xcrs: self.fd.get_xcrs().map_err(self.save_err("XCRs"))?,
+            regs: self
+                .bare
+                .fd
+                .get_regs()
+                .map_err(self.save_err("registers"))?,
+            sregs: self.bare.fd.get_sregs().map_err(self.save_err("sregs"))?,
+            xsave: self
+                .bare
+                .fd
+                .get_xsave()
+                .map_err(self.save_err("XSAVE state"))?,
+            xcrs: self.bare.fd.get_xcrs().map_err(self.save_err("XCRs"))?,
             debugregs: self
+                .bare
                 .fd
                 .get_debug_regs()
                 .map_err(self.save_err("debug registers"))?,
-            lapic: self.fd.get_lapic().map_err(self.save_err("LAPIC"))?,
-            mp_state: self.fd.get_mp_state().map_err(self.save_err("MP state"))?,
+            lapic: self.bare.fd.get_lapic().map_err(self.save_err("LAPIC"))?,
+            mp_state: self
+                .bare
+                .fd
+                .get_mp_state()
+                .map_err(self.save_err("MP state"))?,
             events: self
+                .bare
                 .fd
                 .get_vcpu_events()
                 .map_err(self.save_err("pending events"))?,
@@ -369,11 +410,15 @@ impl Vcpu {
                 })
                 .collect();
             let mut msrs = Msrs::from_entries(&entries).map_err(|source| VcpuError::List {
-                index: self.index,
+                index: self.bare.index,
                 what: "MSR",
                 source,
             })?;
-            let read = self.fd.get_msrs(&mut msrs).map_err(self.save_err("MSRs"))?;
+            let read = self
+                .bare
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(self.save_err("MSRs"))?;
             saved.extend_from_slice(&msrs.as_slice()[..read.min(batch.len())]);
             // KVM stops at the first MSR it cannot read: skip that one.
             rest = &rest[(read + 1).min(rest.len())..];
@@ -388,52 +433,65 @@ impl Vcpu {
         // Empty for a guest that had none (see `configure`).
         if !state.cpuid.is_empty() {
             let cpuid = CpuId::from_entries(&state.cpuid).map_err(|source| VcpuError::List {
-                index: self.index,
+                index: self.bare.index,
                 what: "CPUID",
                 source,
             })?;
-            self.fd
+            self.bare
+                .fd
                 .set_cpuid2(&cpuid)
-                .map_err(self.setup_err("CPUID"))?;
+                .map_err(self.bare.setup_err("CPUID"))?;
         }
-        self.cpuid = state.cpuid.clone();
-        self.fd
+        self.bare.cpuid = state.cpuid.clone();
+        self.bare
+            .fd
             .set_mp_state(state.mp_state)
-            .map_err(self.setup_err("MP state"))?;
-        self.fd
+            .map_err(self.bare.setup_err("MP state"))?;
+        self.bare
+            .fd
             .set_regs(&state.regs)
-            .map_err(self.setup_err("registers"))?;
-        self.fd
+            .map_err(self.bare.setup_err("registers"))?;
+        self.bare
+            .fd
             .set_sregs(&state.sregs)
-            .map_err(self.setup_err("sregs"))?;
+            .map_err(self.bare.setup_err("sregs"))?;
         // SAFETY: the buffer is a whole kvm_xsave, as KVM_GET_XSAVE wrote
         // it; KVM validates its contents.
-        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.setup_err("XSAVE state"))?;
-        self.fd
+        unsafe { self.bare.fd.set_xsave(&state.xsave) }
+            .map_err(self.bare.setup_err("XSAVE state"))?;
+        self.bare
+            .fd
             .set_xcrs(&state.xcrs)
-            .map_err(self.setup_err("XCRs"))?;
-        self.fd
+            .map_err(self.bare.setup_err("XCRs"))?;
+        self.bare
+            .fd
             .set_debug_regs(&state.debugregs)
-            .map_err(self.setup_err("debug registers"))?;
-        self.fd
+            .map_err(self.bare.setup_err("debug registers"))?;
+        self.bare
+            .fd
             .set_lapic(&state.lapic)
-            .map_err(self.setup_err("LAPIC"))?;
+            .map_err(self.bare.setup_err("LAPIC"))?;
         let msrs = Msrs::from_entries(&state.msrs).map_err(|source| VcpuError::List {
-            index: self.index,
+            index: self.bare.index,
             what: "MSR",
             source,
         })?;
-        let set = self.fd.set_msrs(&msrs).map_err(self.setup_err("MSRs"))?;
+        let set = self
+            .bare
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.bare.setup_err("MSRs"))?;
         if set != state.msrs.len() {
             return Err(VcpuError::PartialRestoreMsrs {
-                index: self.index,
+                index: self.bare.index,
                 set,
                 total: state.msrs.len(),
             });
         }
-        self.fd
+        self.bare
+            .fd
             .set_vcpu_events(&state.events)
-            .map_err(self.setup_err("pending events"))
+            .map_err(self.bare.setup_err("pending events"))
     }
 
     /// The guest has nothing to do for up to `timeout` (see `guest_wake`).
@@ -450,8 +508,8 @@ impl Vcpu {
 
     /// One `KVM_RUN`; `Some` when the vCPU must not run again.
     fn run_once(&mut self) -> Option<VcpuStop> {
-        let index = self.index;
-        let exit = self.fd.run();
+        let index = self.bare.index;
+        let exit = self.bare.fd.run();
         // The queued writes came before the access that ended this run.
         apply_queued_writes(self.coalesced_mmio.as_deref(), &self.mmio_bus);
         match exit {
@@ -506,7 +564,7 @@ impl Vcpu {
                 "vCPU {index}: unexpected exit {other:?}"
             ))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.fd.set_kvm_immediate_exit(0);
+                self.bare.fd.set_kvm_immediate_exit(0);
                 None
             }
             Err(e) => Some(VcpuStop::Fault(format!("vCPU {index}: KVM_RUN failed: {e}"))),
@@ -516,7 +574,7 @@ impl Vcpu {
     /// Describes a `KVM_EXIT_INTERNAL_ERROR` with everything needed to
     /// tell what the guest was doing: suberror, RIP and the instruction.
     fn describe_internal_error(&mut self) -> String {
-        let run = self.fd.get_kvm_run();
+        let run = self.bare.fd.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
         // (and, for emulation failures, its `emulation_failure` view) is the
         // active member of the union.
@@ -543,7 +601,7 @@ impl Vcpu {
             4 => "unexpected exit reason",
             _ => "unknown",
         };
-        let rip = self.fd.get_regs().map(|r| r.rip).ok();
+        let rip = self.bare.fd.get_regs().map(|r| r.rip).ok();
         let bytes = kvm_bytes.or_else(|| rip.and_then(|rip| self.instruction_bytes(rip)));
         let rip = rip.map_or_else(|| "unknown".to_string(), |r| format!("{r:#x}"));
         let bytes = bytes.map_or_else(
@@ -562,7 +620,7 @@ impl Vcpu {
             .collect();
         format!(
             "vCPU {}: KVM internal error: exit reason KVM_EXIT_INTERNAL_ERROR, suberror {suberror} ({name}), RIP {rip}, instruction bytes at RIP: {bytes}, data: [{}]",
-            self.index,
+            self.bare.index,
             extra.join(", ")
         )
     }
@@ -570,7 +628,7 @@ impl Vcpu {
     /// Reads the bytes at a guest virtual address, through the guest's
     /// page tables.
     fn instruction_bytes(&self, rip: u64) -> Option<Vec<u8>> {
-        let gpa = match self.fd.translate_gva(rip) {
+        let gpa = match self.bare.fd.translate_gva(rip) {
             Ok(t) if t.valid != 0 => t.physical_address,
             _ => rip,
         };
