@@ -4,13 +4,14 @@
 //! 2. create the VMM's cgroup with its memory, CPU and process limits;
 //! 3. clone a child into new mount, PID, network, IPC and UTS
 //!    namespaces;
-//! 4. in the child: bind-mount only the files the VMM needs into an empty
-//!    root and `pivot_root` into it; then, once the parent has put it in
-//!    the cgroup, set resource limits, drop to the unprivileged uid and
-//!    gid, and exec the VMM from its descriptor with the KVM descriptor
-//!    inherited (`--kvm-fd`);
-//! 5. in the parent: put the child in the cgroup, let it go, wait for it,
-//!    report how it ended, and clean up.
+//! 4. in the child: join the cgroup (on v1; see `cgroup::SelfPlacement`),
+//!    bind-mount only the files the VMM needs into an empty root and
+//!    `pivot_root` into it; then, once the parent has written the PID file
+//!    (and on v2 put it in the cgroup), set resource limits, drop to the
+//!    unprivileged uid and gid, and exec the VMM from its descriptor with
+//!    the KVM descriptor inherited (`--kvm-fd`);
+//! 5. in the parent: on v2 put the child in the cgroup, let it go, wait
+//!    for it, report how it ended, and clean up.
 //!
 //! The child dies with the jailer (`PR_SET_PDEATHSIG`), so killing the
 //! jailer stops the microVM.
@@ -23,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cgroup::{Cgroup, CgroupError, CgroupLimits};
+use cgroup::{Cgroup, CgroupError, CgroupLimits, SelfPlacement};
 
 use crate::vstate::vm::HypervisorKind;
 
@@ -252,6 +253,7 @@ impl Jail {
 
     fn spawn(&self, kvm: &OwnedFd, exec: &OwnedFd, cgroup: &Cgroup) -> Result<VmmExit, JailError> {
         let argv = self.vmm_argv(kvm.as_raw_fd());
+        let mut placement = cgroup.self_placement()?;
         let mut go = [0 as RawFd; 2];
         // SAFETY: a two-element array for the pipe's ends.
         sys("pipe", unsafe {
@@ -272,7 +274,7 @@ impl Jail {
         if pid == 0 {
             // SAFETY: closes the child's copy of the write end.
             unsafe { libc::close(go[1]) };
-            let error = self.enter(go[0], exec.as_raw_fd(), &argv);
+            let error = self.enter(go[0], exec.as_raw_fd(), &argv, placement.as_ref());
             // Only reached when something failed before exec.
             eprintln!("jailer: {error}");
             // SAFETY: leaves the child without running the parent's
@@ -281,7 +283,12 @@ impl Jail {
         }
         // SAFETY: closes the parent's copy of the read end.
         unsafe { libc::close(go[0]) };
-        let placed = cgroup.add(pid as u32).and_then(|()| {
+        // The child joins a v1 group itself; the files' ends here close.
+        let added = match placement.take() {
+            Some(_) => Ok(()),
+            None => cgroup.add(pid as u32),
+        };
+        let placed = added.and_then(|()| {
             std::fs::write(self.pid_file(), pid.to_string()).map_err(|source| CgroupError::Io {
                 path: self.pid_file(),
                 source,
@@ -352,11 +359,20 @@ impl Jail {
 
     /// The child's side: builds the root, waits for its cgroup, drops
     /// privileges and execs. Returns only on failure.
-    fn enter(&self, go: RawFd, exec: RawFd, argv: &[CString]) -> JailError {
-        // The root is built while the parent moves this process into its
-        // cgroup: a cgroup migration can wait for an RCU grace period
-        // (about 10 ms on an otherwise idle host), and mounts need no
-        // limits. The VMM itself starts only inside the cgroup.
+    fn enter(
+        &self,
+        go: RawFd,
+        exec: RawFd,
+        argv: &[CString],
+        placement: Option<&SelfPlacement>,
+    ) -> JailError {
+        if let Some(Err(e)) = placement.map(SelfPlacement::join) {
+            return JailError::Sys("joining the cgroup", e);
+        }
+        // On v2 the root is built while the parent moves this process into
+        // its cgroup, which can wait for an RCU grace period (about 10 ms
+        // on an otherwise idle host); mounts need no limits. The VMM
+        // itself starts only inside the cgroup.
         if let Err(e) = self.build_root() {
             return e;
         }
