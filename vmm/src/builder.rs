@@ -663,11 +663,11 @@ fn restore_devices_and_vcpus(
     for (transport, saved) in devices.stateful.transports.iter().zip(&state.virtio) {
         lock(transport).restore(saved).map_err(restore_error)?;
     }
-    let vcpus = create_vcpus(vm, 0..machine.vcpus, machine.vcpus)?;
-    let mut vcpus = attach_vcpus(vm, vcpus, &devices, mem)?;
+    let mut vcpus = create_vcpus(vm, 0..machine.vcpus, machine.vcpus)?;
     for (vcpu, saved) in vcpus.iter_mut().zip(&state.vcpus) {
         vcpu.restore_state(saved)?;
     }
+    let vcpus = attach_vcpus(vm, vcpus, &devices, mem)?;
     Ok((devices, vcpus))
 }
 

@@ -230,6 +230,61 @@ impl BareVcpu {
         self.fd.set_lapic(&lapic).map_err(self.setup_err("LAPIC"))?;
         Ok(())
     }
+
+    /// Puts a saved state back, in the order KVM needs: CPUID before
+    /// anything that depends on it, the LAPIC before the MSRs (the TSC
+    /// deadline lives in both), pending events last.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        // Empty for a guest that had none (see `configure`).
+        if !state.cpuid.is_empty() {
+            let cpuid = CpuId::from_entries(&state.cpuid).map_err(|source| VcpuError::List {
+                index: self.index,
+                what: "CPUID",
+                source,
+            })?;
+            self.fd
+                .set_cpuid2(&cpuid)
+                .map_err(self.setup_err("CPUID"))?;
+        }
+        self.cpuid = state.cpuid.clone();
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(self.setup_err("MP state"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(self.setup_err("registers"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(self.setup_err("sregs"))?;
+        // SAFETY: the buffer is a whole kvm_xsave, as KVM_GET_XSAVE wrote
+        // it; KVM validates its contents.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.setup_err("XSAVE state"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(self.setup_err("XCRs"))?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(self.setup_err("debug registers"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(self.setup_err("LAPIC"))?;
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|source| VcpuError::List {
+            index: self.index,
+            what: "MSR",
+            source,
+        })?;
+        let set = self.fd.set_msrs(&msrs).map_err(self.setup_err("MSRs"))?;
+        if set != state.msrs.len() {
+            return Err(VcpuError::PartialRestoreMsrs {
+                index: self.index,
+                set,
+                total: state.msrs.len(),
+            });
+        }
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(self.setup_err("pending events"))
+    }
 }
 
 pub struct Vcpu {
@@ -363,35 +418,20 @@ impl Vcpu {
     /// Reads the vCPU's state. Of `msr_indices`, the MSRs KVM refuses to
     /// read (absent on this CPU) are left out.
     pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let fd = &self.bare.fd;
         Ok(VcpuState {
             cpuid: self.bare.cpuid.clone(),
             msrs: self.read_msrs(msr_indices)?,
-            regs: self
-                .bare
-                .fd
-                .get_regs()
-                .map_err(self.save_err("registers"))?,
-            sregs: self.bare.fd.get_sregs().map_err(self.save_err("sregs"))?,
-            xsave: self
-                .bare
-                .fd
-                .get_xsave()
-                .map_err(self.save_err("XSAVE state"))?,
-            xcrs: self.bare.fd.get_xcrs().map_err(self.save_err("XCRs"))?,
-            debugregs: self
-                .bare
-                .fd
+            regs: fd.get_regs().map_err(self.save_err("registers"))?,
+            sregs: fd.get_sregs().map_err(self.save_err("sregs"))?,
+            xsave: fd.get_xsave().map_err(self.save_err("XSAVE state"))?,
+            xcrs: fd.get_xcrs().map_err(self.save_err("XCRs"))?,
+            debugregs: fd
                 .get_debug_regs()
                 .map_err(self.save_err("debug registers"))?,
-            lapic: self.bare.fd.get_lapic().map_err(self.save_err("LAPIC"))?,
-            mp_state: self
-                .bare
-                .fd
-                .get_mp_state()
-                .map_err(self.save_err("MP state"))?,
-            events: self
-                .bare
-                .fd
+            lapic: fd.get_lapic().map_err(self.save_err("LAPIC"))?,
+            mp_state: fd.get_mp_state().map_err(self.save_err("MP state"))?,
+            events: fd
                 .get_vcpu_events()
                 .map_err(self.save_err("pending events"))?,
         })
@@ -424,74 +464,6 @@ impl Vcpu {
             rest = &rest[(read + 1).min(rest.len())..];
         }
         Ok(saved)
-    }
-
-    /// Puts a saved state back, in the order KVM needs: CPUID before
-    /// anything that depends on it, the LAPIC before the MSRs (the TSC
-    /// deadline lives in both), pending events last.
-    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
-        // Empty for a guest that had none (see `configure`).
-        if !state.cpuid.is_empty() {
-            let cpuid = CpuId::from_entries(&state.cpuid).map_err(|source| VcpuError::List {
-                index: self.bare.index,
-                what: "CPUID",
-                source,
-            })?;
-            self.bare
-                .fd
-                .set_cpuid2(&cpuid)
-                .map_err(self.bare.setup_err("CPUID"))?;
-        }
-        self.bare.cpuid = state.cpuid.clone();
-        self.bare
-            .fd
-            .set_mp_state(state.mp_state)
-            .map_err(self.bare.setup_err("MP state"))?;
-        self.bare
-            .fd
-            .set_regs(&state.regs)
-            .map_err(self.bare.setup_err("registers"))?;
-        self.bare
-            .fd
-            .set_sregs(&state.sregs)
-            .map_err(self.bare.setup_err("sregs"))?;
-        // SAFETY: the buffer is a whole kvm_xsave, as KVM_GET_XSAVE wrote
-        // it; KVM validates its contents.
-        unsafe { self.bare.fd.set_xsave(&state.xsave) }
-            .map_err(self.bare.setup_err("XSAVE state"))?;
-        self.bare
-            .fd
-            .set_xcrs(&state.xcrs)
-            .map_err(self.bare.setup_err("XCRs"))?;
-        self.bare
-            .fd
-            .set_debug_regs(&state.debugregs)
-            .map_err(self.bare.setup_err("debug registers"))?;
-        self.bare
-            .fd
-            .set_lapic(&state.lapic)
-            .map_err(self.bare.setup_err("LAPIC"))?;
-        let msrs = Msrs::from_entries(&state.msrs).map_err(|source| VcpuError::List {
-            index: self.bare.index,
-            what: "MSR",
-            source,
-        })?;
-        let set = self
-            .bare
-            .fd
-            .set_msrs(&msrs)
-            .map_err(self.bare.setup_err("MSRs"))?;
-        if set != state.msrs.len() {
-            return Err(VcpuError::PartialRestoreMsrs {
-                index: self.bare.index,
-                set,
-                total: state.msrs.len(),
-            });
-        }
-        self.bare
-            .fd
-            .set_vcpu_events(&state.events)
-            .map_err(self.bare.setup_err("pending events"))
     }
 
     /// The guest has nothing to do for up to `timeout` (see `guest_wake`).
