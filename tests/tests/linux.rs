@@ -516,13 +516,21 @@ async fn check_log_stream(log: tokio::task::JoinHandle<String>, console: &str) {
         "handling request event-1",
         "handling request failing",
         "function region Some(\"local\")",
-        "init: bootstrap exited with status",
     ] {
         assert!(
             log.contains(expected),
             "{expected:?} is not in the log stream:\n{log}\nconsole:\n{console}"
         );
     }
+    // The host's API goes away with the runtime waiting in /next: either
+    // the connection closes and the runtime exits, or the API answers 410
+    // ("shutting down") first, which lambda_runtime 0.14 reads as an event
+    // without a request ID and aborts on. Either way the init reports it.
+    assert!(
+        log.contains("init: bootstrap exited with status")
+            || log.contains("init: bootstrap was killed by signal"),
+        "no report of the runtime's end in the log stream:\n{log}\nconsole:\n{console}"
+    );
 }
 
 /// The Linux guest with the `lambda_runtime` function under this VMM,
