@@ -357,8 +357,9 @@ impl Jail {
         argv
     }
 
-    /// The child's side: builds the root, waits for its cgroup, drops
-    /// privileges and execs. Returns only on failure.
+    /// The child's side: joins its cgroup (v1), builds the root, waits for
+    /// the parent (which on v2 moves it into its cgroup), drops privileges
+    /// and execs. Returns only on failure.
     fn enter(
         &self,
         go: RawFd,

@@ -189,7 +189,7 @@ impl BareVcpu {
     }
 
     /// Programs CPUID, MSRs, FPU and LAPIC: everything but where the vCPU
-    /// starts, which needs the loaded kernel (see [`Vcpu::set_boot_entry`],
+    /// starts, which needs the loaded kernel (see [`BareVcpu::set_boot_entry`],
     /// for the boot vCPU only). Other vCPUs wait for INIT/SIPI, which the
     /// in-kernel LAPIC handles. Without `supported_cpuid` the vCPU gets no
     /// CPUID table, for a guest that cannot read one: at CPL 3 in PVM user
@@ -229,6 +229,18 @@ impl BareVcpu {
         set_lvt_delivery_mode(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
         self.fd.set_lapic(&lapic).map_err(self.setup_err("LAPIC"))?;
         Ok(())
+    }
+
+    /// Points the boot vCPU at the kernel's entry, in `mode`, with the
+    /// page tables at `cr3`. After [`BareVcpu::configure`]: KVM checks the
+    /// control registers against the vCPU's CPUID.
+    pub fn set_boot_entry(&mut self, mode: regs::EntryMode, cr3: u64) -> Result<(), VcpuError> {
+        self.fd
+            .set_regs(&regs::boot_regs(mode))
+            .map_err(self.setup_err("registers"))?;
+        let mut sregs = self.fd.get_sregs().map_err(self.setup_err("sregs"))?;
+        regs::apply_boot_sregs(&mut sregs, mode, cr3);
+        self.fd.set_sregs(&sregs).map_err(self.setup_err("sregs"))
     }
 
     /// Puts a saved state back, in the order KVM needs: CPUID before
@@ -315,11 +327,6 @@ impl Vcpu {
         }
     }
 
-    /// The guest TSC rate KVM runs this vCPU at.
-    pub fn tsc_khz(&self) -> Option<u32> {
-        self.bare.tsc_khz()
-    }
-
     /// Maps the VM's coalesced MMIO ring through this vCPU.
     pub fn map_coalesced_mmio(&self) -> Result<CoalescedMmio, VcpuError> {
         CoalescedMmio::map(&self.bare.fd).map_err(VcpuError::CoalescedMmio)
@@ -335,26 +342,6 @@ impl Vcpu {
 
     pub fn index(&self) -> u8 {
         self.bare.index
-    }
-
-    /// Points the boot vCPU at the kernel's entry, in `mode`, with the
-    /// page tables at `cr3`. After [`Vcpu::configure`]: KVM checks the
-    /// control registers against the vCPU's CPUID.
-    pub fn set_boot_entry(&mut self, mode: regs::EntryMode, cr3: u64) -> Result<(), VcpuError> {
-        self.bare
-            .fd
-            .set_regs(&regs::boot_regs(mode))
-            .map_err(self.bare.setup_err("registers"))?;
-        let mut sregs = self
-            .bare
-            .fd
-            .get_sregs()
-            .map_err(self.bare.setup_err("sregs"))?;
-        regs::apply_boot_sregs(&mut sregs, mode, cr3);
-        self.bare
-            .fd
-            .set_sregs(&sregs)
-            .map_err(self.bare.setup_err("sregs"))
     }
 
     /// Runs the guest until it stops, or until `stop` is set and the thread
