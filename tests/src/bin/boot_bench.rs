@@ -179,37 +179,38 @@ fn measure_idle_rss(peer: &Peer, kernel: &Path) -> Result<Rss, String> {
     // guest's size: one mapping, or several where the VMM asked for huge
     // pages over part of it.
     let guest_bytes = GUEST_MIB << 20;
-    // (start, end, anonymous, RSS in KiB) of each mapping, in address order.
-    let mut mappings: Vec<(u64, u64, bool, u64)> = Vec::new();
+    let mut total = 0u64;
+    // (start, end, RSS in KiB) of each run of adjacent anonymous mappings,
+    // in address order, and whether the mapping being read is in the last.
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    let mut in_run = false;
     for l in smaps.lines() {
         let mut fields = l.split_whitespace();
         let first = fields.next().unwrap_or("");
         if let Some((lo, hi)) = first.split_once('-') {
             if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
-                let anonymous = l.split_whitespace().nth(5).is_none();
-                mappings.push((lo, hi, anonymous, 0));
+                in_run = l.split_whitespace().nth(5).is_none();
+                match runs.last_mut() {
+                    Some(run) if in_run && run.1 == lo => run.1 = hi,
+                    _ if in_run => runs.push((lo, hi, 0)),
+                    _ => {}
+                }
                 continue;
             }
         }
-        if let (Some(last), "Rss:") = (mappings.last_mut(), first) {
-            last.3 += fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if first == "Rss:" {
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            total += kib;
+            if let Some(run) = runs.last_mut().filter(|_| in_run) {
+                run.2 += kib;
+            }
         }
     }
-    let total: u64 = mappings.iter().map(|m| m.3).sum();
-    let mut guest = 0u64;
-    let mut run = 0..0;
-    for i in 0..mappings.len() {
-        let (lo, _, anonymous, _) = mappings[i];
-        let joins = i > 0 && anonymous && mappings[i - 1].2 && mappings[i - 1].1 == lo;
-        run = if joins { run.start..i + 1 } else { i..i + 1 };
-        let ends = mappings
-            .get(i + 1)
-            .is_none_or(|next| !(next.2 && next.0 == mappings[i].1));
-        let size = mappings[i].1 - mappings[run.start].0;
-        if anonymous && ends && size >= guest_bytes && size <= guest_bytes + (4 << 20) {
-            guest += mappings[run.clone()].iter().map(|m| m.3).sum::<u64>();
-        }
-    }
+    let guest: u64 = runs
+        .iter()
+        .filter(|(lo, hi, _)| hi - lo >= guest_bytes && hi - lo <= guest_bytes + (4 << 20))
+        .map(|run| run.2)
+        .sum();
     let peak_kib = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
