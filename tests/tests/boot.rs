@@ -232,6 +232,16 @@ fn bad_input_fails_with_a_message_naming_field_and_value() {
             &["--initrd", "/nonexistent"],
             "invalid initrd \"/nonexistent\"",
         ),
+        // Host sockets are bound once the vCPUs run; one that cannot be
+        // made (procfs takes no sockets) still ends the VMM, naming it.
+        (
+            &["--vsock", "cid=3,uds=/proc/v.sock"],
+            "cannot listen on the vsock uds_path \"/proc/v.sock\"",
+        ),
+        (
+            &["--control-sock", "/proc/c.sock"],
+            "cannot listen on the control socket \"/proc/c.sock\"",
+        ),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["--kernel", kernel.to_str().unwrap()];

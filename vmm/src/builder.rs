@@ -27,7 +27,7 @@ use crate::arch::x86_64::paging::Privilege;
 use crate::arch::x86_64::regs::EntryMode;
 use crate::arch::x86_64::{cpuid, mptable, paging};
 use crate::config::{DeviceConfig, DriveConfig, FileSource, RestoreConfig, SerialConfig, VmConfig};
-use crate::control::{ControlError, ControlSocket};
+use crate::control::ControlSocket;
 use crate::devices::boot_timer::{BootTime, BootTimer};
 use crate::devices::bus::lock;
 use crate::devices::ioapic::Ioapic;
@@ -114,8 +114,6 @@ pub enum BuildError {
     VirtioDevice(std::io::Error),
     #[error("cannot register a virtio queue notification: {0}")]
     IoEvent(kvm_ioctls::Error),
-    #[error(transparent)]
-    Control(#[from] ControlError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("cannot restore: {0}")]
@@ -496,13 +494,8 @@ fn boot_vcpu(
     Ok((vcpu, supported_cpuid))
 }
 
-fn control_socket(config: &DeviceConfig) -> Result<Option<ControlSocket>, BuildError> {
-    config
-        .control_sock
-        .as_deref()
-        .map(ControlSocket::bind)
-        .transpose()
-        .map_err(BuildError::Control)
+fn control_socket(config: &DeviceConfig) -> Option<ControlSocket> {
+    config.control_sock.as_deref().map(ControlSocket::new)
 }
 
 fn machine_state(config: &DeviceConfig, mem_mib: u64, vcpus: u8, vm: &Vm) -> MachineState {
@@ -633,7 +626,7 @@ pub fn build_microvm(
         seccomp,
     };
     assemble(MicroVmParts {
-        control: control_socket(&config.devices)?,
+        control: control_socket(&config.devices),
         ..devices.into_parts(vm, mem, MemoryBacking::Anonymous, machine, vcpus)
     })
 }
@@ -768,7 +761,7 @@ pub fn restore_microvm(
         seccomp,
     };
     assemble(MicroVmParts {
-        control: control_socket(&config.devices)?,
+        control: control_socket(&config.devices),
         restored_since: Some(vmm_start),
         ..devices.into_parts(vm, mem, MemoryBacking::SnapshotFile, state.machine, vcpus)
     })

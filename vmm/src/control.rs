@@ -13,15 +13,13 @@
 //! events, so no device changes guest memory while it is saved.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::devices::watch::watch;
+use crate::devices::host_socket::HostSocket;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
-use vmm_sys_util::epoll::EventSet;
 
 /// A request line is never longer.
 const MAX_REQUEST: u64 = 4096;
@@ -44,33 +42,18 @@ pub struct SnapshotReport {
     pub memory_bytes: u64,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("invalid control socket {path:?}: {source}")]
-pub struct ControlError {
-    path: PathBuf,
-    source: std::io::Error,
-}
-
 pub struct ControlSocket {
-    path: PathBuf,
-    listener: UnixListener,
+    listener: HostSocket,
     pending: Option<(ControlRequest, UnixStream)>,
 }
 
 impl ControlSocket {
-    pub fn bind(path: &Path) -> Result<Self, ControlError> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
-            .and_then(|l| l.set_nonblocking(true).map(|_| l))
-            .map_err(|source| ControlError {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            listener,
+    /// The socket at `path`, bound once the event loop watches it.
+    pub fn new(path: &Path) -> Self {
+        Self {
+            listener: HostSocket::new(path, "the control socket"),
             pending: None,
-        })
+        }
     }
 
     /// The request read last, with the connection its reply goes to.
@@ -79,7 +62,7 @@ impl ControlSocket {
     }
 
     fn accept(&mut self) {
-        let Ok((stream, _)) = self.listener.accept() else {
+        let Ok(stream) = self.listener.accept() else {
             return;
         };
         match read_request(&stream) {
@@ -114,20 +97,13 @@ pub fn reply(mut stream: UnixStream, result: Result<SnapshotReport, String>) {
     let _ = stream.write_all(format!("{body}\n").as_bytes());
 }
 
-impl Drop for ControlSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 impl MutEventSubscriber for ControlSocket {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         self.accept();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let listener = Events::new_raw(self.listener.as_raw_fd(), EventSet::IN);
-        watch(ops, listener, "the control socket");
+        self.listener.listen(ops);
     }
 }
 

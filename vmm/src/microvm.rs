@@ -76,6 +76,8 @@ pub enum RunError {
     EventLoop(String),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error("{0}")]
+    Watch(String),
 }
 
 /// Watches for the end of the run: a vCPU that stopped, or an i8042 reset.
@@ -206,6 +208,9 @@ pub struct MicroVm {
     machine: MachineState,
     devices: StatefulDevices,
     event_manager: EventManager<Subscriber>,
+    /// The devices' and sockets' subscribers, which the run loop
+    /// registers once the vCPUs run: registering binds the host sockets.
+    unregistered: Vec<Subscriber>,
     exit_watcher: Arc<Mutex<ExitWatcher>>,
     control: Option<Arc<Mutex<ControlSocket>>>,
     vcpu_stopped: EventFd,
@@ -227,18 +232,16 @@ impl MicroVm {
             outcome: None,
         }));
         event_manager.add_subscriber(exit_watcher.clone());
-        for device in parts.subscribers {
-            event_manager.add_subscriber(device);
+        if let Some(failure) = watch::take_failures().into_iter().next() {
+            return Err(std::io::Error::other(failure));
         }
+        let mut unregistered = parts.subscribers;
         if let Some(serial) = parts.console {
-            event_manager.add_subscriber(Arc::new(Mutex::new(ConsoleInput { serial })));
+            unregistered.push(Arc::new(Mutex::new(ConsoleInput { serial })));
         }
         let control = parts.control.map(|c| Arc::new(Mutex::new(c)));
         if let Some(control) = &control {
-            event_manager.add_subscriber(control.clone());
-        }
-        if let Some(failure) = watch::take_failures().into_iter().next() {
-            return Err(std::io::Error::other(failure));
+            unregistered.push(control.clone());
         }
         Ok(Self {
             vcpus: parts.vcpus.vcpus,
@@ -250,6 +253,7 @@ impl MicroVm {
             machine: parts.machine,
             devices: parts.devices,
             event_manager,
+            unregistered,
             exit_watcher,
             control,
             vcpu_stopped,
@@ -297,6 +301,14 @@ impl MicroVm {
             }
         }
 
+        // Device events that came meanwhile wait in their eventfds.
+        for subscriber in std::mem::take(&mut self.unregistered) {
+            self.event_manager.add_subscriber(subscriber);
+        }
+        if let Some(failure) = watch::take_failures().into_iter().next() {
+            stop_vcpus(&stop, handles);
+            return Err(RunError::Watch(failure));
+        }
         if self.seccomp {
             if let Err(e) = seccomp::install(ThreadKind::Vmm) {
                 stop_vcpus(&stop, handles);

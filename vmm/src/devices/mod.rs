@@ -3,6 +3,7 @@
 
 pub mod boot_timer;
 pub mod bus;
+pub mod host_socket;
 pub mod ioapic;
 pub mod legacy;
 pub mod virtio;

@@ -3,8 +3,8 @@
 //! `MutEventSubscriber::init` cannot fail, but a microVM whose device or
 //! socket the event loop does not hear from hangs its guest or its host
 //! (a worker once waited forever on a control socket nobody watched). So
-//! a failed registration is kept, on the registering thread, for
-//! [`crate::microvm::MicroVm::new`] to turn into an error.
+//! a failed registration is kept, on the registering thread, for the
+//! microVM's run loop to turn into an error.
 
 use std::cell::RefCell;
 
@@ -17,8 +17,13 @@ thread_local! {
 /// Watches `events`; `what` names them in the error if that fails.
 pub fn watch(ops: &mut EventOps, events: Events, what: &str) {
     if let Err(e) = ops.add(events) {
-        FAILURES.with(|f| f.borrow_mut().push(format!("cannot watch {what}: {e:?}")));
+        record_failure(format!("cannot watch {what}: {e:?}"));
     }
+}
+
+/// Keeps a failure of a subscriber's set-up that has no error to return.
+pub fn record_failure(failure: String) {
+    FAILURES.with(|f| f.borrow_mut().push(failure));
 }
 
 /// The registrations that failed on this thread since the last call.

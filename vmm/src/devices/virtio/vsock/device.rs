@@ -4,8 +4,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -19,6 +19,7 @@ use super::packet::{
     OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 use super::HOST_CID;
+use crate::devices::host_socket::HostSocket;
 use crate::devices::virtio::{
     read_config_bytes, Interrupt, VirtioDevice, INTERRUPT_USED_RING, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
@@ -49,8 +50,6 @@ struct PendingConnect {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
-    #[error("invalid vsock uds_path {path:?}: {source}")]
-    Listen { path: PathBuf, source: io::Error },
     #[error("cannot create a vsock queue: {0}")]
     Queue(String),
     #[error("cannot create an eventfd: {0}")]
@@ -59,8 +58,9 @@ pub enum VsockError {
 
 pub struct Vsock {
     guest_cid: u64,
-    uds_path: PathBuf,
-    listener: UnixListener,
+    /// `uds_path`: host programs connect here, and guest connections to
+    /// port P go to `<uds_path>_P`.
+    listener: HostSocket,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
     acked_features: u64,
@@ -87,14 +87,6 @@ pub struct Vsock {
 
 impl Vsock {
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
-        // A stale socket from an earlier run is replaced.
-        let _ = std::fs::remove_file(uds_path);
-        let listener = UnixListener::bind(uds_path)
-            .and_then(|l| l.set_nonblocking(true).map(|_| l))
-            .map_err(|source| VsockError::Listen {
-                path: uds_path.to_path_buf(),
-                source,
-            })?;
         let queues = (0..3)
             .map(|_| Queue::new(QUEUE_SIZE).map_err(|e| VsockError::Queue(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
@@ -103,8 +95,7 @@ impl Vsock {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             guest_cid,
-            uds_path: uds_path.to_path_buf(),
-            listener,
+            listener: HostSocket::new(uds_path, "the vsock uds_path"),
             queues,
             queue_events,
             acked_features: 0,
@@ -253,7 +244,7 @@ impl Vsock {
             self.reset_connection(key, ops);
             return;
         }
-        let path = format!("{}_{}", self.uds_path.display(), key.0);
+        let path = format!("{}_{}", self.listener.path().display(), key.0);
         match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
             Ok(stream) => {
                 let mut conn = Connection::new(stream, State::Established);
@@ -281,7 +272,7 @@ impl Vsock {
     fn accept_host_connections(&mut self, ops: &mut EventOps) {
         loop {
             match self.listener.accept() {
-                Ok((stream, _)) => {
+                Ok(stream) => {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
@@ -562,12 +553,6 @@ impl Vsock {
     }
 }
 
-impl Drop for Vsock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
-    }
-}
-
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
@@ -637,13 +622,15 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         let set = events.event_set();
-        let listener = self.listener.as_raw_fd();
-        if self.active.is_some() && self.listener_paused {
+        let listener = self.listener.fd();
+        if let (Some(listener), true, true) =
+            (listener, self.active.is_some(), self.listener_paused)
+        {
             if ops.add(Events::new_raw(listener, EventSet::IN)).is_ok() {
                 self.listener_paused = false;
             }
-        } else if self.active.is_none() && fd == listener {
-            if ops.remove(Events::new_raw(listener, EventSet::IN)).is_ok() {
+        } else if self.active.is_none() && listener == Some(fd) {
+            if ops.remove(Events::new_raw(fd, EventSet::IN)).is_ok() {
                 self.listener_paused = true;
             }
             return;
@@ -656,7 +643,7 @@ impl MutEventSubscriber for Vsock {
         } else if fd == self.queue_events[EVT].as_raw_fd() {
             let _ = self.queue_events[EVT].read();
             self.deliver_reset();
-        } else if fd == listener {
+        } else if listener == Some(fd) {
             self.accept_host_connections(ops);
         } else if self.pending.contains_key(&fd) {
             self.read_connect_line(fd, ops);
@@ -668,21 +655,18 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let mut fds: Vec<RawFd> = self.queue_events.iter().map(|e| e.as_raw_fd()).collect();
-        fds.push(self.listener.as_raw_fd());
-        for fd in fds {
-            watch(
-                ops,
-                Events::new_raw(fd, EventSet::IN),
-                "a vsock queue or socket",
-            );
+        for event in &self.queue_events {
+            watch(ops, Events::new(event, EventSet::IN), "a vsock queue");
         }
+        self.listener.listen(ops);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
