@@ -51,7 +51,7 @@ use crate::vstate::coalesced_mmio::QueuedWritesFirst;
 use crate::vstate::guest_wake::GuestWake;
 use crate::vstate::memory::{create_guest_memory, map_memory_file, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{BareVcpu, Vcpu, VcpuError};
-use crate::vstate::vcpu_thread::{recv_soon, VcpuThread};
+use crate::vstate::vcpu_thread::{recv_soon, EarlyVcpuThread};
 use crate::vstate::vm::{HypervisorKind, KvmAccess, KvmMsiRouter, KvmSystem, Vm, VmError};
 use event_manager::MutEventSubscriber;
 
@@ -553,13 +553,14 @@ fn assemble(parts: MicroVmParts) -> Result<MicroVm, BuildError> {
     MicroVm::new(parts).map_err(|e| BuildError::EventManager(e.to_string()))
 }
 
-/// Builds the microVM of `config`; with `seccomp`, its threads will run
-/// under their filters.
+/// Builds the microVM of `config`, with `vcpu0` as vCPU 0's thread; with
+/// `seccomp`, its threads will run under their filters.
 pub fn build_microvm(
     config: &VmConfig,
     kvm: KvmAccess,
     vmm_start: Instant,
     seccomp: bool,
+    vcpu0: EarlyVcpuThread,
 ) -> Result<MicroVm, BuildError> {
     let mem = create_guest_memory(config.mem_mib << 20)?;
     let system = Arc::new(KvmSystem::open(kvm)?);
@@ -569,7 +570,7 @@ pub fn build_microvm(
     // thread made; the main thread builds the VM, its devices and any
     // other vCPUs.
     let (vm_sender, vm_made) = sync_channel::<Option<(Arc<VmFd>, HypervisorKind)>>(1);
-    let (vcpu0_thread, prelude) = VcpuThread::spawn(0, seccomp, {
+    let (vcpu0_thread, prelude) = vcpu0.begin(seccomp, {
         let (mem, config, system) = (mem.clone(), config.clone(), system.clone());
         move || {
             let images = load_images(&config, &mem);
@@ -583,8 +584,7 @@ pub fn build_microvm(
             };
             (images, vcpu)
         }
-    })
-    .map_err(BuildError::VcpuThread)?;
+    });
     let vm = Vm::new(system, &mem);
     let _ = vm_sender.send(
         vm.as_ref()
@@ -667,13 +667,15 @@ fn restore_devices_and_vcpus(
 /// Rebuilds the microVM a snapshot was taken of, with new host ends for
 /// its devices, and its memory mapped from the snapshot's memory file.
 /// Everything that can refuse the snapshot (its format, the machine it
-/// describes, this host's CPU) is checked before a vCPU runs. With
-/// `seccomp`, its threads will run under their filters.
+/// describes, this host's CPU) is checked before a vCPU runs. `vcpu0` is
+/// vCPU 0's thread; with `seccomp`, its threads will run under their
+/// filters.
 pub fn restore_microvm(
     config: &RestoreConfig,
     kvm: KvmAccess,
     vmm_start: Instant,
     seccomp: bool,
+    vcpu0: EarlyVcpuThread,
 ) -> Result<MicroVm, BuildError> {
     let state_name = PathBuf::from(config.state.to_string());
     let state_file = config.state.open().map_err(|source| {
@@ -728,7 +730,7 @@ pub fn restore_microvm(
     // KVM_GET_SUPPORTED_CPUID is slow (about 0.4 ms here): vCPU 0's thread
     // checks the snapshot's CPUID against it beside the devices' and vCPUs'
     // set-up, before any vCPU runs.
-    let (vcpu0_thread, cpuid_check) = VcpuThread::spawn(0, seccomp, {
+    let (vcpu0_thread, cpuid_check) = vcpu0.begin(seccomp, {
         let saved: Vec<_> = state.vcpus.iter().map(|v| v.cpuid.clone()).collect();
         let vcpu_count = machine.vcpus;
         let snapshot = format!("snapshot {:?}", config.state);
@@ -747,8 +749,7 @@ pub fn restore_microvm(
             }
             Ok::<(), BuildError>(())
         }
-    })
-    .map_err(BuildError::VcpuThread)?;
+    });
     let restored = restore_devices_and_vcpus(&vm, &mem, &state, config, vmm_start);
     cpuid_check
         .recv()

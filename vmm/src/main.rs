@@ -13,7 +13,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use vmm::builder::restore_microvm;
-use vmm::{build_microvm, VmConfigInput};
+use vmm::vstate::vcpu_thread::{EarlyVcpuThread, VcpuThread};
+use vmm::{build_microvm, BuildError, VmConfigInput};
 
 /// A KVM microVM monitor: boots a kernel with a serial console, an i8042
 /// reset line and a boot timer, or restores a snapshot of one.
@@ -80,7 +81,10 @@ struct Cli {
     log_level: tracing::Level,
 }
 
-fn run(cli: Cli, start: Instant) -> Result<i32, String> {
+fn run(cli: Cli, start: Instant, vcpu0: std::io::Result<EarlyVcpuThread>) -> Result<i32, String> {
+    let vcpu0 = vcpu0
+        .map_err(BuildError::VcpuThread)
+        .map_err(|e| e.to_string())?;
     let file = match &cli.config {
         Some(path) => VmConfigInput::from_json_file(path).map_err(|e| e.to_string())?,
         None => VmConfigInput::default(),
@@ -105,13 +109,14 @@ fn run(cli: Cli, start: Instant) -> Result<i32, String> {
             let config = config
                 .validate_restore(state, memory)
                 .map_err(|e| e.to_string())?;
-            restore_microvm(&config, kvm, start, !cli.no_seccomp)
+            restore_microvm(&config, kvm, start, !cli.no_seccomp, vcpu0)
         }
         _ => build_microvm(
             &config.validate().map_err(|e| e.to_string())?,
             kvm,
             start,
             !cli.no_seccomp,
+            vcpu0,
         ),
     }
     .map_err(|e| e.to_string())?;
@@ -140,9 +145,11 @@ extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> lib
 }
 
 fn vmm_main(start: Instant) -> libc::c_int {
+    // Before the command line is parsed: see EarlyVcpuThread.
+    let vcpu0 = VcpuThread::spawn_early(0);
     let cli = Cli::parse();
     vmm::log::log_to_stderr(cli.log_level);
-    match run(cli, start) {
+    match run(cli, start, vcpu0) {
         Ok(code) => libc::c_int::from(code as u8),
         Err(e) => {
             eprintln!("vmm: error: {e}");
