@@ -623,9 +623,9 @@ impl MutEventSubscriber for Vsock {
         let fd = events.fd();
         let set = events.event_set();
         let listener = self.listener.fd();
-        if let (Some(listener), true, true) =
-            (listener, self.active.is_some(), self.listener_paused)
-        {
+        // Only a bound listener is ever paused.
+        let to_resume = listener.filter(|_| self.active.is_some() && self.listener_paused);
+        if let Some(listener) = to_resume {
             if ops.add(Events::new_raw(listener, EventSet::IN)).is_ok() {
                 self.listener_paused = false;
             }
