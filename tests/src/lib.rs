@@ -3,6 +3,7 @@
 
 pub mod cpio;
 pub mod guest_ports;
+pub mod l1_machine;
 pub mod lambda_client;
 pub mod load;
 pub mod worker;
@@ -180,7 +181,9 @@ fn workspace_binary(package: &str, bin: &str, features: &[&str]) -> PathBuf {
     static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let target = target_dir();
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == bin) {
+    // In the L1 machine the tree is read-only and was built before it
+    // started (see on_hardware_kvm).
+    if !in_l1_machine() && !built.iter().any(|b| b == bin) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
@@ -329,15 +332,75 @@ pub fn hypervisor() -> HypervisorKind {
     HypervisorKind::detect()
 }
 
-/// Prints the line that marks a test as not run on this host, and returns
-/// true when the host cannot run it.
-pub fn skip_unless_hardware_kvm(test: &str) -> bool {
-    if hypervisor() == HypervisorKind::Pvm {
-        println!("SKIPPED: needs hardware KVM ({test})");
-        true
-    } else {
-        false
+/// Marks `test` as not run here, for `reason`: the line the test prints,
+/// and a line in the file `MICROVM_SKIP_LOG` names (the test script sets
+/// it and counts those lines as skipped, not passed, in its summary).
+pub fn skip(test: &str, reason: &str) {
+    println!("SKIPPED: {reason} ({test})");
+    if let Some(log) = std::env::var_os("MICROVM_SKIP_LOG") {
+        use std::io::Write;
+        let line = format!("{test}: {reason}\n");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            panic!(
+                "cannot record the skip in {}: {e}",
+                Path::new(&log).display()
+            );
+        }
     }
+}
+
+/// Whether this process is the test run inside the L1 machine.
+fn in_l1_machine() -> bool {
+    std::env::var_os("MICROVM_L1_INSIDE").is_some()
+}
+
+/// Runs `body`, the test named `test` (its path in this test binary), on
+/// hardware KVM: here if `/dev/kvm` is hardware KVM, else this very test
+/// again in the L1 test machine ([`l1_machine`]), where it is. Without an
+/// L1 machine the test is skipped, and says so.
+pub fn on_hardware_kvm(test: &str, body: impl FnOnce()) {
+    if hypervisor() == HypervisorKind::Hardware {
+        return body();
+    }
+    let machine = match l1_machine::L1Machine::find() {
+        Ok(machine) => machine,
+        Err(why) => return skip(test, &format!("needs hardware KVM; {why}")),
+    };
+    // L1 sees the host's files read-only: what the test runs must be built
+    // here first.
+    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    for binary in [vmm_binary(), linux_init_binary(), rust_function_bootstrap()] {
+        assert!(binary.exists(), "{}", binary.display());
+    }
+    let exe = std::env::current_exe().expect("this test binary's path");
+    let mut env = vec![
+        ("MICROVM_L1_INSIDE", "1".to_string()),
+        ("MICROVM_GUEST_KERNEL", kernel.display().to_string()),
+        ("RUST_BACKTRACE", "1".to_string()),
+    ];
+    for name in ["PATH", "HOME", "MICROVM_PYTHON"] {
+        if let Ok(value) = std::env::var(name) {
+            env.push((name, value));
+        }
+    }
+    let script = format!(
+        "exec '{}' --exact '{test}' --nocapture --test-threads=1",
+        exe.display()
+    );
+    println!("{test}: running in the L1 test machine (hardware KVM on emulated AMD SVM)");
+    let run = machine
+        .run(&script, &env, Duration::from_secs(900))
+        .unwrap_or_else(|e| panic!("{test} in L1: {e}"));
+    assert!(
+        run.code == 0 && run.output.contains("test result: ok. 1 passed"),
+        "{test} failed in the L1 machine (exit status {}); its output is above",
+        run.code
+    );
 }
 
 /// The guest kernel built by `kernel-config/build.sh`: from

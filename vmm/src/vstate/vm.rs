@@ -26,6 +26,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::region_mappings;
+use crate::arch::x86_64::cpuid;
 use crate::arch::x86_64::layout::{IOAPIC_PINS, KVM_TSS_ADDRESS};
 use crate::devices::ioapic::{MsiRoute, MsiRouter};
 
@@ -97,10 +98,21 @@ impl KvmSystem {
 
     /// KVM_GET_SUPPORTED_CPUID: slow (0.3-0.4 ms on a PVM host), and
     /// independent of any VM, so callers run it beside other set-up.
+    ///
+    /// KVM leaves out the TSC-deadline timer, which its in-kernel LAPIC
+    /// emulates, and has it announced by `KVM_CAP_TSC_DEADLINE_TIMER`
+    /// instead (Documentation/virt/kvm/api.rst). Without it and without a
+    /// PIT, Linux cannot calibrate its LAPIC timer and has no clock event
+    /// device: nothing that sleeps wakes.
     pub fn supported_cpuid(&self) -> Result<CpuId, VmError> {
-        self.kvm
+        let mut cpuid = self
+            .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(VmError::SupportedCpuid)
+            .map_err(VmError::SupportedCpuid)?;
+        if self.kvm.check_extension(Cap::TscDeadlineTimer) {
+            cpuid::offer_tsc_deadline_timer(&mut cpuid);
+        }
+        Ok(cpuid)
     }
 }
 

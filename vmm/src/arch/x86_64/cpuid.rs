@@ -4,7 +4,8 @@
 //! machine model really offers. The filter:
 //!
 //! * leaf 0x1: initial APIC ID and logical CPU count from the vCPU topology,
-//!   the hypervisor bit set, and the features that need a device or an MSR
+//!   the hypervisor bit set (and the TSC-deadline timer, which KVM offers
+//!   through a capability instead, added by [`offer_tsc_deadline_timer`]), and the features that need a device or an MSR
 //!   the VMM does not emulate hidden: DTES64, MONITOR/MWAIT, DS-CPL, VMX, SMX,
 //!   EST, TM2, xTPR, PDCM (ECX); DS, ACPI thermal, TM, PBE (EDX);
 //! * leaf 0x4: the cores-per-package field matches the vCPU count;
@@ -39,6 +40,18 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HIDDEN: u32 = (1 << 21) | (1 << 22) | (1 << 29) | (1 << 31);
 const EDX_HTT: u32 = 1 << 28;
 const EAX_ARAT: u32 = 1 << 2;
+
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Sets the TSC-deadline timer bit in leaf 0x1, which KVM's in-kernel
+/// LAPIC provides but `KVM_GET_SUPPORTED_CPUID` does not list.
+pub fn offer_tsc_deadline_timer(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice().iter_mut() {
+        if entry.function == LEAF_FEATURES {
+            entry.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
+}
 
 /// Bits needed to number `count` logical CPUs.
 fn id_bits(count: u8) -> u32 {
@@ -192,6 +205,30 @@ mod tests {
         assert_eq!(e.ecx & (1 << 3), 0, "MONITOR hidden");
         assert_eq!(e.ecx & (1 << 5), 0, "VMX hidden");
         assert_ne!(e.edx & EDX_HTT, 0);
+    }
+
+    #[test]
+    fn the_tsc_deadline_timer_is_offered_in_leaf_1_only() {
+        let mut cpuid = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 0x1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x7,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        offer_tsc_deadline_timer(&mut cpuid);
+        assert_eq!(cpuid.as_slice()[0].ecx, 1 << 24);
+        assert_eq!(cpuid.as_slice()[1].ecx, 0);
+        filter_cpuid(&mut cpuid, 0, 1);
+        assert_ne!(
+            cpuid.as_slice()[0].ecx & ECX_TSC_DEADLINE,
+            0,
+            "kept by the filter"
+        );
     }
 
     #[test]

@@ -1,0 +1,418 @@
+//! The L1 test machine: hardware KVM on a host that has only PVM.
+//!
+//! QEMU's TCG emulator implements AMD SVM with nested paging, so a Linux
+//! VM under it (`-cpu max`) loads the upstream `kvm_amd` module and offers
+//! a `/dev/kvm` that takes the hardware-KVM paths. This module boots such
+//! a VM (Debian's cloud kernel, prepared by `scripts/setup-l1.sh`), shares
+//! the host's root file system with it read-only over virtiofs, and runs
+//! one shell command there as root with a fresh tmpfs on `/tmp`: the test
+//! binaries, the VMM, the guest kernel and Python are all where the host
+//! has them, and nothing is copied. Its console streams back line by line;
+//! the command's exit status comes back as the last line of the init.
+//!
+//! Why virtiofs and not a hand-made initramfs with the files under test,
+//! or 9p: Debian's cloud kernel has no 9p, and an initramfs of a debug
+//! test binary (~100 MB) plus its libraries would be unpacked at TCG's
+//! speed on every boot. QEMU 7.2 ships a virtiofsd, and the cloud kernel
+//! has the virtiofs module. `virtme-ng` (PyPI) does the same with more
+//! machinery (its own init, a kernel of its choosing) than a test needs.
+//!
+//! Everything in L1 runs emulated: its timings are never figures.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::cpio;
+
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The line the init prints once the shared root is mounted.
+const READY: &str = "l1: root mounted";
+/// The line the init ends with: the command's exit status follows.
+const EXIT_STATUS: &str = "l1: exit status ";
+
+/// The L1 VM's first steps, as root of its initramfs (busybox `sh`).
+/// `/cmd` is the command as a script; it runs chrooted into the shared
+/// root with L1's own /proc, /sys, /dev and a tmpfs /tmp.
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules/order); do
+    insmod /modules/$m.ko || echo "l1: cannot load module $m"
+done
+[ -c /dev/kvm ] || echo "l1: no /dev/kvm: kvm_amd did not load"
+if ! mount -t virtiofs -o ro root /host; then
+    echo "l1: cannot mount the host's root over virtiofs"
+    poweroff -f
+fi
+mount -t tmpfs -o mode=1777 tmp /host/tmp
+mount -t proc proc /host/proc
+mount -t sysfs sys /host/sys
+mount -t devtmpfs dev /host/dev
+mkdir -p /host/dev/shm /host/dev/pts
+mount -t tmpfs shm /host/dev/shm
+mount -t devpts pts /host/dev/pts
+mount -t tmpfs run /host/run
+cp /cmd /host/tmp/l1-command
+echo "l1: root mounted"
+chroot /host /bin/sh /tmp/l1-command
+status=$?
+# A process killed by its seccomp filter leaves an audit record naming
+# the system call; without auditd the kernel log has it.
+dmesg | grep 'type=1326' | sed 's/^/l1: seccomp: /'
+echo "l1: exit status $status"
+poweroff -f
+"#;
+
+/// What a command in L1 printed (the whole console: the init's lines and
+/// the command's stdout and stderr) and its exit status.
+#[derive(Debug)]
+pub struct L1Run {
+    pub code: i32,
+    pub output: String,
+}
+
+/// A prepared L1 machine: the cloud kernel and the modules its init loads.
+pub struct L1Machine {
+    dir: PathBuf,
+}
+
+/// A process that is killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl L1Machine {
+    /// The machine `scripts/setup-l1.sh` prepared (`MICROVM_L1` names its
+    /// directory, as the test script sets it), or why there is none.
+    pub fn find() -> Result<Self, String> {
+        let dir = match std::env::var_os("MICROVM_L1") {
+            Some(dir) => PathBuf::from(dir),
+            None => {
+                let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/setup-l1.sh");
+                let out = Command::new(&script)
+                    .arg("--path")
+                    .output()
+                    .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+                if !out.status.success() {
+                    return Err(format!(
+                        "the L1 test machine is not prepared: run {} (scripts/test.sh does)",
+                        script.display()
+                    ));
+                }
+                PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+            }
+        };
+        for needed in [dir.join("vmlinuz"), dir.join("modules/order")] {
+            if !needed.exists() {
+                return Err(format!(
+                    "{} is missing: run scripts/setup-l1.sh",
+                    needed.display()
+                ));
+            }
+        }
+        for tool in [QEMU, VIRTIOFSD, BUSYBOX] {
+            if !Path::new(tool).exists() {
+                return Err(format!("{tool} is missing: run scripts/setup-l1.sh"));
+            }
+        }
+        // virtiofsd serves the whole root: it needs to be root to chroot
+        // into it and to read every file as its owner.
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("the L1 machine's virtiofsd needs root".into());
+        }
+        Ok(Self { dir })
+    }
+
+    /// Runs `script` (a POSIX shell script) in L1, in the host's current
+    /// directory with `env` set, and waits at most `timeout` for it. One
+    /// boot in about a dozen hangs before L1's init runs (TCG); such a
+    /// boot is retried once. Only one L1 machine runs at a time on this
+    /// host, across test processes: each wants both CPUs.
+    pub fn run(
+        &self,
+        script: &str,
+        env: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<L1Run, String> {
+        let _lock = HostLock::take(&std::env::temp_dir().join("lambda-microvm-l1.lock"))?;
+        match self.boot(script, env, timeout)? {
+            Boot::Ran(run) => Ok(run),
+            Boot::NotReady(output) => {
+                println!("l1: the machine did not come up; booting it again");
+                match self.boot(script, env, timeout)? {
+                    Boot::Ran(run) => Ok(run),
+                    Boot::NotReady(again) => Err(format!(
+                        "the L1 machine did not come up twice; first boot:\n{output}\nsecond:\n{again}"
+                    )),
+                }
+            }
+        }
+    }
+
+    fn boot(
+        &self,
+        script: &str,
+        env: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<Boot, String> {
+        static RUNS: AtomicUsize = AtomicUsize::new(0);
+        let work = std::env::temp_dir().join(format!(
+            "l1-{}-{}",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+        let result = self.boot_in(&work, script, env, timeout);
+        let _ = std::fs::remove_dir_all(&work);
+        result
+    }
+
+    fn boot_in(
+        &self,
+        work: &Path,
+        script: &str,
+        env: &[(&str, String)],
+        timeout: Duration,
+    ) -> Result<Boot, String> {
+        let initrd = work.join("initrd.cpio");
+        std::fs::write(&initrd, self.initramfs(&command_file(script, env)?)?)
+            .map_err(|e| format!("{}: {e}", initrd.display()))?;
+        let socket = work.join("virtiofs.sock");
+        let _virtiofsd = Killed(
+            Command::new(VIRTIOFSD)
+                .arg(format!("--socket-path={}", socket.display()))
+                .args([
+                    "-o",
+                    "source=/",
+                    "-o",
+                    "cache=always",
+                    "-o",
+                    "sandbox=chroot",
+                ])
+                .args(["-o", "log_level=err"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start {VIRTIOFSD}: {e}"))?,
+        );
+        let start = Instant::now();
+        while !socket.exists() {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err(format!("{VIRTIOFSD} made no socket in 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut qemu = Killed(
+            Command::new(QEMU)
+                .args(["-accel", "tcg", "-cpu", "max", "-M", "q35", "-smp", "2"])
+                .args(["-m", "2G", "-object"])
+                .arg("memory-backend-memfd,id=mem,size=2G,share=on")
+                .args(["-numa", "node,memdev=mem"])
+                .args(["-nodefaults", "-no-user-config", "-display", "none"])
+                .args(["-serial", "stdio", "-monitor", "none", "-no-reboot"])
+                .arg("-kernel")
+                .arg(self.dir.join("vmlinuz"))
+                .arg("-initrd")
+                .arg(&initrd)
+                .args(["-append", "console=ttyS0 quiet panic=-1"])
+                .arg("-chardev")
+                .arg(format!("socket,id=root,path={}", socket.display()))
+                .args(["-device", "vhost-user-fs-pci,chardev=root,tag=root"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot start {QEMU}: {e}"))?,
+        );
+        let console = qemu.0.stdout.take().expect("piped stdout");
+        let stderr = qemu.0.stderr.take().expect("piped stderr");
+        let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(console).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut { stderr }, &mut s);
+            s
+        });
+        let mut output = String::new();
+        let mut ready = false;
+        let mut code = None;
+        loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    // Streamed as it comes, so a slow run shows where it is.
+                    println!("l1| {line}");
+                    ready |= line.contains(READY);
+                    if let Some(status) = line.split(EXIT_STATUS).nth(1) {
+                        code = status.trim().parse().ok();
+                    }
+                    output.push_str(&line);
+                    output.push('\n');
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if !ready {
+                        return Ok(Boot::NotReady(output));
+                    }
+                    return Err(format!(
+                        "the L1 command was still running after {timeout:?}; its output:\n{output}"
+                    ));
+                }
+            }
+        }
+        let status = qemu.0.wait().map_err(|e| format!("wait for QEMU: {e}"))?;
+        match code {
+            Some(code) => Ok(Boot::Ran(L1Run { code, output })),
+            None if !ready => Ok(Boot::NotReady(output)),
+            None => Err(format!(
+                "the L1 machine ended ({status}) without the command's exit status; QEMU said:\n{}\noutput:\n{output}",
+                stderr.join().unwrap_or_default()
+            )),
+        }
+    }
+
+    /// busybox, the modules, the init and the command, as a newc archive.
+    fn initramfs(&self, command: &str) -> Result<Vec<u8>, String> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let busybox = read(Path::new(BUSYBOX))?;
+        let order = String::from_utf8_lossy(&read(&self.dir.join("modules/order"))?).to_string();
+        let modules = order
+            .lines()
+            .map(|m| {
+                Ok((
+                    format!("modules/{m}.ko"),
+                    read(&self.dir.join(format!("modules/{m}.ko")))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut entries = vec![
+            cpio::Entry::Dir {
+                path: "bin",
+                mode: 0o755,
+            },
+            cpio::Entry::Dir {
+                path: "modules",
+                mode: 0o755,
+            },
+        ];
+        for dir in ["proc", "sys", "dev", "host"] {
+            entries.push(cpio::Entry::Dir {
+                path: dir,
+                mode: 0o755,
+            });
+        }
+        entries.push(cpio::Entry::File {
+            path: "bin/busybox",
+            mode: 0o755,
+            data: &busybox,
+        });
+        entries.push(cpio::Entry::File {
+            path: "modules/order",
+            mode: 0o644,
+            data: order.as_bytes(),
+        });
+        for (path, data) in &modules {
+            entries.push(cpio::Entry::File {
+                path,
+                mode: 0o644,
+                data,
+            });
+        }
+        entries.push(cpio::Entry::File {
+            path: "init",
+            mode: 0o755,
+            data: INIT.as_bytes(),
+        });
+        entries.push(cpio::Entry::File {
+            path: "cmd",
+            mode: 0o755,
+            data: command.as_bytes(),
+        });
+        Ok(cpio::archive(&entries))
+    }
+}
+
+/// How a boot ended: the command ran, or the machine never got as far
+/// as the shared root (with what it printed).
+enum Boot {
+    Ran(L1Run),
+    NotReady(String),
+}
+
+/// `script` run from the host's current directory with `env` exported.
+fn command_file(script: &str, env: &[(&str, String)]) -> Result<String, String> {
+    let cwd = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+    let mut out = String::from("set -e\n");
+    for (name, value) in env {
+        out.push_str(&format!("export {name}={}\n", shell_quote(value)));
+    }
+    out.push_str(&format!(
+        "cd {}\nset +e\n{script}\n",
+        shell_quote(&cwd.to_string_lossy())
+    ));
+    Ok(out)
+}
+
+/// `value` as one shell word.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// An exclusive `flock` on a file, held until dropped (closed).
+struct HostLock {
+    _file: std::fs::File,
+}
+
+impl HostLock {
+    fn take(path: &Path) -> Result<Self, String> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(format!(
+                "flock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_is_one_shell_word() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}
