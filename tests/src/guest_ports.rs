@@ -105,9 +105,18 @@ pub fn spawn_vmm(
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let stdout = vmm.stdout.take().unwrap();
-    let console = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let console = echo_lines(vmm.stdout.take().unwrap(), prefix);
+    (vmm, console)
+}
+
+/// Echoes what `stream` says, line by line as `prefix: ...`, as it comes,
+/// and keeps it.
+pub fn echo_lines(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    prefix: &'static str,
+) -> JoinHandle<String> {
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stream).lines();
         let mut all = String::new();
         while let Ok(Some(line)) = lines.next_line().await {
             println!("{prefix}: {line}");
@@ -115,6 +124,5 @@ pub fn spawn_vmm(
             all.push('\n');
         }
         all
-    });
-    (vmm, console)
+    })
 }

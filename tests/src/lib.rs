@@ -312,8 +312,9 @@ pub fn run_binary(binary: &Path, args: &[&str], deadline: Duration) -> VmmRun {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "{} {args:?} still running after {deadline:?}; stderr so far: {}",
+                "{} {args:?} still running after {deadline:?}; stdout so far:\n{}\nstderr so far:\n{}",
                 binary.display(),
+                out_reader.join().unwrap_or_default(),
                 err_reader.join().unwrap_or_default()
             );
         }
@@ -434,6 +435,39 @@ pub fn marker_initramfs(tag: &str) -> PathBuf {
     }]);
     let path = std::env::temp_dir().join(format!("microvm-initramfs-{tag}-{}", std::process::id()));
     std::fs::write(&path, archive).expect("write initramfs");
+    path
+}
+
+/// An initramfs whose /init is `script`, run by Debian's static busybox
+/// (`busybox-static`, which scripts/setup-l1.sh installs) with every
+/// applet on the PATH and /proc, /sys and /dev mounted. Written to a
+/// temporary file named after `tag`.
+pub fn busybox_initramfs(tag: &str, script: &str) -> PathBuf {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("/bin/busybox: install busybox-static (scripts/setup-l1.sh does)");
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n{script}"
+    );
+    let mut entries = vec![];
+    for dir in ["bin", "proc", "sys", "dev"] {
+        entries.push(cpio::Entry::Dir {
+            path: dir,
+            mode: 0o755,
+        });
+    }
+    entries.push(cpio::Entry::File {
+        path: "bin/busybox",
+        mode: 0o755,
+        data: &busybox,
+    });
+    entries.push(cpio::Entry::File {
+        path: "init",
+        mode: 0o755,
+        data: init.as_bytes(),
+    });
+    let path = std::env::temp_dir().join(format!("busybox-initramfs-{tag}-{}", std::process::id()));
+    std::fs::write(&path, cpio::archive(&entries)).expect("write initramfs");
     path
 }
 

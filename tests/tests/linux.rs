@@ -13,11 +13,11 @@ use std::time::Duration;
 use guest_init::environ::encode;
 use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use host_services::vmm_process::request_snapshot;
-use microvm_tests::guest_ports::{spawn_vmm, test_dir, GuestPorts};
+use microvm_tests::guest_ports::{echo_lines, spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::{
-    cpio, fixture, guest_kernel, hypervisor, linux_init_binary, marker_initramfs, on_hardware_kvm,
-    run_vmm, rust_function_bootstrap, skip, vhost_device_vsock, HypervisorKind, VmmRun,
-    INIT_MARKER,
+    busybox_initramfs, cpio, fixture, guest_kernel, hypervisor, linux_init_binary,
+    marker_initramfs, on_hardware_kvm, run_vmm, rust_function_bootstrap, skip, vhost_device_vsock,
+    HypervisorKind, VmmRun, INIT_MARKER,
 };
 
 const CMDLINE: &str =
@@ -608,14 +608,15 @@ fn a_lambda_runtime_function_serves_events_through_the_init_under_this_vmm() {
     );
 }
 
-/// A Linux guest snapshotted at its runtime's first `/next` and restored:
-/// the init sees the vsock transport reset, reseeds the kernel's random
-/// generator, reconnects its log stream and the runtime's pending `/next`,
-/// and the clone answers.
+/// A Linux guest snapshotted at its runtime's first `/next` and restored
+/// ten times at once: in each clone the init sees the vsock transport
+/// reset, reseeds the kernel's random generator, reconnects its log
+/// stream and the runtime's pending `/next`, and the clone answers its own
+/// events, with randomness of its own.
 #[test]
-fn a_restored_linux_guest_reconnects_and_answers_under_this_vmm() {
+fn restored_linux_clones_reconnect_and_answer_with_their_own_randomness_under_this_vmm() {
     on_hardware_kvm(
-        "a_restored_linux_guest_reconnects_and_answers_under_this_vmm",
+        "restored_linux_clones_reconnect_and_answer_with_their_own_randomness_under_this_vmm",
         || {
             block_on(async {
                 let dir = test_dir("linux-vmm-restore");
@@ -625,7 +626,7 @@ fn a_restored_linux_guest_reconnects_and_answers_under_this_vmm() {
                     &["--control-sock".into(), control.display().to_string()],
                 )
                 .await;
-                tokio::time::timeout(Duration::from_secs(30), ports.api.ready())
+                tokio::time::timeout(Duration::from_secs(60), ports.api.ready())
                     .await
                     .expect("the runtime asks for work")
                     .unwrap();
@@ -633,39 +634,83 @@ fn a_restored_linux_guest_reconnects_and_answers_under_this_vmm() {
                 request_snapshot(&control, &state, &memory).await.unwrap();
                 original.kill().await.unwrap();
 
-                let clone_dir = dir.join("clone");
-                std::fs::create_dir_all(&clone_dir).unwrap();
-                let clone_ports = GuestPorts::bind(&clone_dir, None).await;
-                let (clone, console) = spawn_vmm(
-                    &[
-                        "--restore".into(),
-                        state.display().to_string(),
-                        "--restore-memory".into(),
-                        memory.display().to_string(),
-                        "--drive".into(),
-                        format!("{},ro", dir.join("code.erofs").display()),
-                        "--vsock".into(),
-                        format!("cid=4,uds={}", clone_ports.uds.display()),
-                    ],
-                    "clone",
+                let mut clones = tokio::task::JoinSet::new();
+                for clone in 0..10u32 {
+                    let dir = dir.clone();
+                    clones.spawn(async move { (clone, run_clone(&dir, clone).await) });
+                }
+                let mut randomness = std::collections::BTreeMap::new();
+                while let Some(done) = clones.join_next().await {
+                    let (clone, random) = done.unwrap();
+                    assert_eq!(random.len(), 32, "clone {clone}: {random}");
+                    randomness.insert(random, clone);
+                }
+                assert_eq!(
+                    randomness.len(),
+                    10,
+                    "clones shared randomness: {randomness:?}"
                 );
-                serve_three_events(&clone_ports.api, Duration::from_secs(30)).await;
-                drop(clone_ports.api);
-                let out = tokio::time::timeout(Duration::from_secs(30), clone.wait_with_output())
-                    .await
-                    .expect("the clone ends when the function does")
-                    .unwrap();
-                let console = console.await.unwrap();
-                assert!(console.contains("transport was reset"), "{console}");
-                assert!(
-                    !console.contains("reseeding the random generator failed"),
-                    "{console}"
-                );
-                assert_eq!(out.status.code(), Some(0), "{console}");
                 std::fs::remove_dir_all(&dir).unwrap();
             })
         },
     );
+}
+
+/// Restores clone number `clone` of the snapshot in `dir`, with a CID of
+/// its own: it serves the three events of [`serve_three_events`], then
+/// one asking for randomness, whose answer is returned; it ends when its
+/// Runtime API goes away.
+async fn run_clone(dir: &std::path::Path, clone: u32) -> String {
+    let clone_dir = dir.join(format!("clone-{clone}"));
+    std::fs::create_dir_all(&clone_dir).unwrap();
+    let ports = GuestPorts::bind(&clone_dir, None).await;
+    let (mut vmm, console) = spawn_vmm(
+        &[
+            "--restore".into(),
+            dir.join("vm.snap").display().to_string(),
+            "--restore-memory".into(),
+            dir.join("vm.mem").display().to_string(),
+            "--drive".into(),
+            format!("{},ro", dir.join("code.erofs").display()),
+            "--vsock".into(),
+            format!("cid={},uds={}", 10 + clone, ports.uds.display()),
+        ],
+        "clone",
+    );
+    let _log = echo_lines(vmm.stderr.take().unwrap(), "clone (vmm)");
+    let timeout = Duration::from_secs(120);
+    serve_three_events(&ports.api, timeout).await;
+    let random = match ports
+        .api
+        .invoke(
+            &format!("random-{clone}"),
+            r#"{"random":true}"#.into(),
+            timeout,
+        )
+        .await
+    {
+        Ok(Outcome::Response(body)) => {
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            body["random"].as_str().unwrap_or_default().to_string()
+        }
+        other => panic!("clone {clone}: the random event gave {other:?}"),
+    };
+    drop(ports.api);
+    let status = tokio::time::timeout(Duration::from_secs(60), vmm.wait())
+        .await
+        .expect("the clone ends when the function does")
+        .unwrap();
+    let console = console.await.unwrap();
+    assert!(
+        console.contains("transport was reset"),
+        "clone {clone}: {console}"
+    );
+    assert!(
+        !console.contains("reseeding the random generator failed"),
+        "clone {clone}: {console}"
+    );
+    assert_eq!(status.code(), Some(0), "clone {clone}: {console}");
+    random
 }
 
 /// Runs `test` on a two-thread tokio runtime of its own.
@@ -676,4 +721,122 @@ fn block_on(test: impl std::future::Future<Output = ()>) {
         .build()
         .unwrap()
         .block_on(test)
+}
+
+/// The busybox init's report on the machine it runs on: the CPUs online,
+/// the clock devices, one `sleep 1` on each CPU with the guest's uptime
+/// around it, the code disk's SHA-256, 32 bytes from the virtio-rng, and
+/// the virtio devices' interrupt counts; then it restarts the machine.
+fn machine_report_script(vcpus: u8) -> String {
+    format!(
+        r#"echo "guest: cpus online $(cat /sys/devices/system/cpu/online)"
+echo "guest: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+echo "guest: clockevent $(cat /sys/devices/system/clockevents/clockevent0/current_device)"
+for cpu in $(seq 0 {last}); do
+    taskset -c $cpu sh -c "a=\$(cut -d' ' -f1 /proc/uptime); sleep 1; b=\$(cut -d' ' -f1 /proc/uptime); echo guest: cpu $cpu slept from \$a to \$b"
+done
+echo "guest: disk $(sha256sum /dev/vda | cut -d' ' -f1)"
+echo "guest: rng $(head -c 32 /dev/hwrng | hexdump -v -e '/1 "%02x"')"
+grep virtio /proc/interrupts | sed 's/^/guest: irq /'
+reboot -f
+"#,
+        last = vcpus - 1
+    )
+}
+
+/// The sum of the per-CPU counts of a `/proc/interrupts` line.
+fn interrupt_count(line: &str) -> u64 {
+    line.split_whitespace()
+        .skip(1)
+        .map_while(|field| field.parse::<u64>().ok())
+        .sum()
+}
+
+/// Linux with 1, 2 and 4 vCPUs: every CPU comes online and keeps time
+/// (a `sleep 1` on each wakes after about a second of guest time, on the
+/// TSC-deadline LAPIC timer, with no PIT), and the virtio-mmio block and
+/// entropy devices answer through their interrupts, routed by the VMM's
+/// IOAPIC, not by polling.
+#[test]
+fn linux_keeps_time_on_every_vcpu_and_its_devices_interrupt_under_this_vmm() {
+    on_hardware_kvm(
+        "linux_keeps_time_on_every_vcpu_and_its_devices_interrupt_under_this_vmm",
+        || {
+            use sha2::Digest;
+            let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+            let dir = test_dir("linux-machine");
+            let disk = dir.join("disk.img");
+            let content: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+            std::fs::write(&disk, &content).unwrap();
+            let digest = hex::encode(sha2::Sha256::digest(&content));
+            for vcpus in [1u8, 2, 4] {
+                let initrd =
+                    busybox_initramfs(&format!("machine-{vcpus}"), &machine_report_script(vcpus));
+                let run = run_vmm(
+                    &[
+                        "--kernel",
+                        kernel.to_str().unwrap(),
+                        "--initrd",
+                        initrd.to_str().unwrap(),
+                        "--cmdline",
+                        "console=ttyS0 reboot=k panic=-1",
+                        "--mem-mib",
+                        "256",
+                        "--vcpus",
+                        &vcpus.to_string(),
+                        "--drive",
+                        &format!("{},ro", disk.display()),
+                    ],
+                    Duration::from_secs(300),
+                );
+                std::fs::remove_file(&initrd).unwrap();
+                let out = &run.stdout;
+                let report = |key: &str| -> Vec<&str> {
+                    out.lines()
+                        .filter_map(|l| l.split(&format!("guest: {key} ")).nth(1))
+                        .collect()
+                };
+                let online = if vcpus == 1 {
+                    "0".to_string()
+                } else {
+                    format!("0-{}", vcpus - 1)
+                };
+                assert_eq!(
+                    report("cpus online"),
+                    [online.as_str()],
+                    "{vcpus} vCPUs:\n{out}\n{}",
+                    run.stderr
+                );
+                assert_eq!(report("clockevent"), ["lapic-deadline"], "{out}");
+                for cpu in 0..vcpus {
+                    let slept = report(&format!("cpu {cpu} slept from"));
+                    let [line] = slept.as_slice() else {
+                        panic!(
+                            "CPU {cpu} of {vcpus} did not report its sleep:\n{out}\n{}",
+                            run.stderr
+                        );
+                    };
+                    let (from, to) = line.split_once(" to ").unwrap();
+                    let slept = to.trim().parse::<f64>().unwrap() - from.parse::<f64>().unwrap();
+                    assert!(
+                        (0.99..3.0).contains(&slept),
+                        "CPU {cpu} of {vcpus} slept {slept} s of guest time:\n{out}"
+                    );
+                }
+                assert_eq!(report("disk"), [digest.as_str()], "{out}");
+                let rng = report("rng");
+                assert!(
+                    rng.len() == 1 && rng[0].len() == 64 && rng[0].chars().any(|c| c != '0'),
+                    "{out}"
+                );
+                let irqs = report("irq");
+                assert_eq!(irqs.len(), 2, "block and entropy devices: {out}");
+                for line in irqs {
+                    assert!(interrupt_count(line) > 0, "no interrupts: {line}\n{out}");
+                }
+                assert_eq!(run.code, Some(0), "{vcpus} vCPUs: {}", run.stderr);
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        },
+    );
 }

@@ -653,12 +653,15 @@ fn restore_devices_and_vcpus(
     lock(&devices.stateful.ioapic)
         .restore(&state.ioapic)
         .map_err(restore_error)?;
-    for (transport, saved) in devices.stateful.transports.iter().zip(&state.virtio) {
-        lock(transport).restore(saved).map_err(restore_error)?;
-    }
     let mut vcpus = create_vcpus(vm, 0..machine.vcpus, machine.vcpus)?;
     for (vcpu, saved) in vcpus.iter_mut().zip(&state.vcpus) {
         vcpu.restore_state(saved)?;
+    }
+    // After the LAPICs: a restored device may interrupt at once (vsock's
+    // transport reset), and KVM_SET_LAPIC would overwrite the request an
+    // earlier interrupt left in the LAPIC; an edge lost so is never seen.
+    for (transport, saved) in devices.stateful.transports.iter().zip(&state.virtio) {
+        lock(transport).restore(saved).map_err(restore_error)?;
     }
     let vcpus = attach_vcpus(vm, vcpus, &devices, mem)?;
     Ok((devices, vcpus))

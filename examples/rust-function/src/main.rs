@@ -1,7 +1,8 @@
 //! A Lambda function on the official `lambda_runtime` crate, built as a
 //! static `bootstrap`: it echoes its event, logs a line on stdout and one
-//! on stderr per event, and fails with its own error type when the event
-//! asks it to.
+//! on stderr per event, fails with its own error type when the event
+//! asks it to, and answers `{"random": true}` with 16 bytes from the
+//! kernel's random generator (clones of one snapshot must differ).
 
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::{json, Value};
@@ -22,10 +23,23 @@ impl From<Refused> for Diagnostic {
 async fn handle(event: LambdaEvent<Value>) -> Result<Value, Refused> {
     println!("handling request {}", event.context.request_id);
     eprintln!("function region {:?}", std::env::var("AWS_REGION").ok());
+    if event.payload.get("random") == Some(&Value::Bool(true)) {
+        return Ok(json!({ "random": random_hex() }));
+    }
     match event.payload.get("fail").and_then(Value::as_str) {
         Some(reason) => Err(Refused(reason.to_string())),
         None => Ok(json!({ "echo": event.payload })),
     }
+}
+
+/// 16 bytes of /dev/urandom, in hex.
+fn random_hex() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
+        return format!("cannot read /dev/urandom: {e}");
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::main(flavor = "current_thread")]

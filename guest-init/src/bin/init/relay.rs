@@ -4,7 +4,10 @@
 //! client works. One poll loop; PID 1 has no threads.
 //!
 //! After a snapshot restore the VMM resets the vsock transport: every
-//! vsock stream fails with ECONNRESET, but the runtime's TCP connections
+//! vsock stream fails (Linux's driver closes it with ECONNRESET as its
+//! pending error, and reads and writes on it fail with ENOTCONN, which a
+//! stream the host closed in order never gives: its reads return 0), but
+//! the runtime's TCP connections
 //! inside the guest live on, one of them waiting in `/next`. The relay
 //! then reconnects to the host and sends again what the runtime sent
 //! since the host last answered (the pending request: the Runtime API is
@@ -61,6 +64,13 @@ pub fn listen_runtime_api() -> Result<i32, Errno> {
 /// payload limit and headers.
 const MAX_UNANSWERED: usize = 7 << 20;
 const ECONNRESET: i32 = 104;
+const ENOTCONN: i32 = 107;
+
+/// Whether an error on a vsock stream to the host means the transport
+/// was reset (see the module's comment).
+fn host_reset(e: Errno) -> bool {
+    matches!(e, Errno(ECONNRESET) | Errno(ENOTCONN))
+}
 
 /// A runtime's connection and its vsock twin to the host.
 struct Pair {
@@ -101,7 +111,7 @@ impl Pair {
                 }
                 match sys::write_all(self.host, &buf[..n]) {
                     Ok(()) => Pumped::Open,
-                    Err(Errno(ECONNRESET)) => Pumped::HostReset,
+                    Err(e) if host_reset(e) => Pumped::HostReset,
                     Err(_) => Pumped::Closed,
                 }
             }
@@ -123,7 +133,7 @@ impl Pair {
                 }
             }
             Err(Errno(4)) => Pumped::Open,
-            Err(Errno(ECONNRESET)) => Pumped::HostReset,
+            Err(e) if host_reset(e) => Pumped::HostReset,
             Err(_) => Pumped::Closed,
         }
     }
