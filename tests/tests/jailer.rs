@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use microvm_tests::worker::{client_runtime, data_dir, lifecycle, RunningWorker};
-use microvm_tests::{baremetal_guest, is_root, jailer_binary, run_binary, vmm_binary, ECHO_WAT};
+use microvm_tests::{
+    baremetal_guest, is_root, jailer_binary, run_binary, skip, vmm_binary, ECHO_WAT,
+};
 
 const NOBODY: u32 = 65534;
 const CGROUP_PARENT: &str = "lambda-microvm-test";
@@ -16,7 +18,7 @@ fn skip_unless_root(test: &str) -> bool {
     if is_root() {
         return false;
     }
-    println!("SKIPPED: needs root, to build namespaces and cgroups ({test})");
+    skip(test, "needs root, to build namespaces and cgroups");
     true
 }
 

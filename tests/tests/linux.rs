@@ -769,7 +769,9 @@ fn linux_keeps_time_on_every_vcpu_and_its_devices_interrupt_under_this_vmm() {
             let content: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
             std::fs::write(&disk, &content).unwrap();
             let digest = hex::encode(sha2::Sha256::digest(&content));
-            for vcpus in [1u8, 2, 4] {
+            // The last run ignores the ACPI tables: the MP table is what
+            // kernels built without ACPI find the CPUs and IOAPIC in.
+            for (vcpus, extra) in [(1u8, ""), (2, ""), (4, ""), (2, " acpi=off")] {
                 let initrd =
                     busybox_initramfs(&format!("machine-{vcpus}"), &machine_report_script(vcpus));
                 let run = run_vmm(
@@ -779,7 +781,7 @@ fn linux_keeps_time_on_every_vcpu_and_its_devices_interrupt_under_this_vmm() {
                         "--initrd",
                         initrd.to_str().unwrap(),
                         "--cmdline",
-                        "console=ttyS0 reboot=k panic=-1",
+                        &format!("console=ttyS0 reboot=k panic=-1{extra}"),
                         "--mem-mib",
                         "256",
                         "--vcpus",
@@ -837,6 +839,72 @@ fn linux_keeps_time_on_every_vcpu_and_its_devices_interrupt_under_this_vmm() {
                 assert_eq!(run.code, Some(0), "{vcpus} vCPUs: {}", run.stderr);
             }
             std::fs::remove_dir_all(&dir).unwrap();
+        },
+    );
+}
+
+/// Boots a busybox init running `script` with `cmdline`, 1 vCPU.
+fn run_busybox_guest(tag: &str, script: &str, cmdline: &str) -> VmmRun {
+    let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let initrd = busybox_initramfs(tag, script);
+    let run = run_vmm(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--mem-mib",
+            "256",
+        ],
+        Duration::from_secs(300),
+    );
+    std::fs::remove_file(&initrd).unwrap();
+    run
+}
+
+/// How a Linux guest ends is how the VMM ends: a reboot (through the
+/// i8042) and a power-off (through the ACPI sleep registers) with exit
+/// status 0, a kernel panic (told through pvpanic) with 2 and the panic's
+/// text on the console, whether the kernel then restarts (`panic=-1`) or
+/// hangs (`panic=0`).
+#[test]
+fn a_guest_reboot_power_off_and_panic_end_the_vmm_under_this_vmm() {
+    on_hardware_kvm(
+        "a_guest_reboot_power_off_and_panic_end_the_vmm_under_this_vmm",
+        || {
+            let cmdline = "console=ttyS0 reboot=k panic=-1 quiet";
+            for (action, why) in [
+                ("reboot -f", "guest reset (i8042 reset)"),
+                ("poweroff -f", "guest shut down (ACPI power-off)"),
+            ] {
+                let run = run_busybox_guest("exit", &format!("{action}\n"), cmdline);
+                assert_eq!(
+                    run.code,
+                    Some(0),
+                    "{action}: {}\n{}",
+                    run.stdout,
+                    run.stderr
+                );
+                assert!(run.stderr.contains(why), "{action}: {}", run.stderr);
+            }
+            for panic in ["panic=-1", "panic=0"] {
+                let cmdline = format!("console=ttyS0 reboot=k {panic} quiet");
+                let run = run_busybox_guest("panic", "echo guest: ending init\nexit 3\n", &cmdline);
+                assert_eq!(run.code, Some(2), "{panic}: {}\n{}", run.stdout, run.stderr);
+                assert!(
+                    run.stdout
+                        .contains("Kernel panic - not syncing: Attempted to kill init!"),
+                    "{panic}: {}",
+                    run.stdout
+                );
+                assert!(
+                    run.stderr.contains("the guest kernel panicked"),
+                    "{panic}: {}",
+                    run.stderr
+                );
+            }
         },
     );
 }

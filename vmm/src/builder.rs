@@ -21,15 +21,19 @@ use crate::arch::x86_64::boot_params::{
 use crate::arch::x86_64::gdt::BOOT_GDT;
 use crate::arch::x86_64::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_TIMER_MMIO_START, BOOT_TIMER_PORT, COM1_IRQ, COM1_PORT,
-    I8042_PORT, IOAPIC_SIZE, IOAPIC_START, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    I8042_PORT, IOAPIC_SIZE, IOAPIC_START, PM1_CONTROL_LEN, PM1_CONTROL_PORT, PM1_EVENT_PORT,
+    PVPANIC_PORT, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::paging::Privilege;
 use crate::arch::x86_64::regs::EntryMode;
-use crate::arch::x86_64::{cpuid, mptable, paging};
+use crate::arch::x86_64::{acpi, cpuid, mptable, paging};
 use crate::config::{DeviceConfig, DriveConfig, FileSource, RestoreConfig, SerialConfig, VmConfig};
 use crate::control::ControlSocket;
+use crate::devices::acpi::pm1::Pm1;
+use crate::devices::acpi::pvpanic::PvPanic;
 use crate::devices::boot_timer::{BootTime, BootTimer};
 use crate::devices::bus::lock;
+use crate::devices::guest_signals::GuestSignals;
 use crate::devices::ioapic::Ioapic;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SerialDevice, SerialOutput, SerialSnapshot};
@@ -69,6 +73,8 @@ pub enum BuildError {
     BootParams(#[from] boot_params::BootParamsError),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error(transparent)]
     Paging(#[from] paging::PagingError),
     #[error("cannot write the GDT to guest memory: {0}")]
@@ -315,11 +321,20 @@ fn write_boot_structures(
     }
     let cmdline_size = loader::load_cmdline(mem, &cmdline, &kernel)?;
     let e820 = boot_params::e820_map(config.mem_mib << 20);
+    // A guest in PVM user mode has no ACPI to read: it is not a PC.
+    let rsdp = match kernel.entry {
+        EntryMode::PvmUser { .. } => None,
+        _ => Some(acpi::write_acpi_tables(
+            mem,
+            config.vcpus,
+            mptable::ioapic_id(config.vcpus),
+        )?),
+    };
     match kernel.entry {
         EntryMode::Linux64 { .. } | EntryMode::PvmUser { .. } => {
-            write_linux_boot_params(mem, &e820, cmdline_size, initrd, kernel.setup_header)?
+            write_linux_boot_params(mem, &e820, cmdline_size, initrd, kernel.setup_header, rsdp)?
         }
-        EntryMode::Pvh { .. } => write_pvh_start_info(mem, &e820, initrd)?,
+        EntryMode::Pvh { .. } => write_pvh_start_info(mem, &e820, initrd, rsdp)?,
     }
     mem.write_obj(BOOT_GDT, GuestAddress(BOOT_GDT_START))
         .and_then(|_| mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)))
@@ -344,7 +359,7 @@ struct DeviceSet {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     wake: GuestWake,
-    reset: EventFd,
+    signals: GuestSignals,
     console: Option<Arc<Mutex<SerialDevice>>>,
     stateful: StatefulDevices,
     subscribers: Vec<Subscriber>,
@@ -381,11 +396,19 @@ fn create_devices(
     let serial = Arc::new(Mutex::new(serial));
     io_bus.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
 
-    let reset = eventfd()?;
-    let i8042 = I8042::new(EventFdTrigger::new(
-        reset.try_clone().map_err(BuildError::EventFd)?,
-    ));
+    let signals = GuestSignals::new().map_err(BuildError::EventFd)?;
+    let trigger = |signal| GuestSignals::trigger(signal).map_err(BuildError::EventFd);
+    let i8042 = I8042::new(trigger(&signals.reset)?);
     io_bus.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_PORT), 5)?;
+    let pm1 = Pm1::new(trigger(&signals.power_off)?);
+    let pm1_ports = u64::from(PM1_CONTROL_PORT - PM1_EVENT_PORT) + u64::from(PM1_CONTROL_LEN);
+    io_bus.insert(
+        Arc::new(Mutex::new(pm1)),
+        u64::from(PM1_EVENT_PORT),
+        pm1_ports,
+    )?;
+    let pvpanic = PvPanic::new(trigger(&signals.panic)?);
+    io_bus.insert(Arc::new(Mutex::new(pvpanic)), u64::from(PVPANIC_PORT), 1)?;
 
     let boot_timer = BootTimer::new(vmm_start);
     let boot_time = boot_timer.boot_time();
@@ -421,7 +444,7 @@ fn create_devices(
         io_bus: Arc::new(io_bus),
         mmio_bus: Arc::new(mmio_bus),
         wake,
-        reset,
+        signals,
         console: matches!(config.serial, SerialConfig::Stdout).then(|| serial.clone()),
         stateful: StatefulDevices {
             serial,
@@ -538,7 +561,7 @@ impl DeviceSet {
             backing,
             machine,
             vcpus,
-            reset: self.reset,
+            signals: self.signals,
             console: self.console,
             devices: self.stateful,
             subscribers,

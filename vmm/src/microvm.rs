@@ -16,10 +16,12 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::control::{self, ControlRequest, ControlSocket, SnapshotReport};
 use crate::devices::boot_timer::BootTime;
 use crate::devices::bus::lock;
+use crate::devices::guest_signals::GuestSignals;
 use crate::devices::ioapic::Ioapic;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -43,15 +45,19 @@ pub enum VmOutcome {
     /// The guest rebooted; for a microVM that means it is done.
     Reset(String),
     Shutdown(String),
+    /// The guest kernel panicked (it said so through pvpanic).
+    Panic,
     Fault(String),
 }
 
 impl VmOutcome {
-    /// 0 for a guest that rebooted or shut down, 1 for an error.
+    /// 0 for a guest that rebooted or shut down, 1 for an error, 2 for a
+    /// guest kernel panic.
     pub fn exit_code(&self) -> i32 {
         match self {
             VmOutcome::Reset(_) | VmOutcome::Shutdown(_) => 0,
             VmOutcome::Fault(_) => 1,
+            VmOutcome::Panic => 2,
         }
     }
 }
@@ -61,6 +67,7 @@ impl std::fmt::Display for VmOutcome {
         match self {
             VmOutcome::Reset(why) => write!(f, "guest reset ({why})"),
             VmOutcome::Shutdown(why) => write!(f, "guest shut down ({why})"),
+            VmOutcome::Panic => write!(f, "the guest kernel panicked (pvpanic)"),
             VmOutcome::Fault(why) => write!(f, "{why}"),
         }
     }
@@ -80,40 +87,89 @@ pub enum RunError {
     Watch(String),
 }
 
-/// Watches for the end of the run: a vCPU that stopped, or an i8042 reset.
+/// Watches for the end of the run: a vCPU that stopped, or a guest
+/// signal (reset, power-off, panic).
 struct ExitWatcher {
     vcpu_stopped: EventFd,
-    reset: EventFd,
+    signals: GuestSignals,
     stops: Receiver<VcpuStop>,
+    /// Armed by a panic: the run ends when it fires, or sooner when the
+    /// guest restarts (a kernel with `panic=N`).
+    panic_grace: TimerFd,
+    panicked: bool,
     outcome: Option<VmOutcome>,
 }
 
+/// How long a panicking guest gets, after telling the VMM, to finish
+/// printing: Linux notifies pvpanic before it flushes the console when
+/// another CPU held the console lock.
+const PANIC_GRACE: Duration = Duration::from_millis(500);
+
 impl ExitWatcher {
     fn record(&mut self, outcome: VmOutcome) {
+        let outcome = match outcome {
+            VmOutcome::Reset(_) | VmOutcome::Shutdown(_) if self.panicked => VmOutcome::Panic,
+            other => other,
+        };
         self.outcome.get_or_insert(outcome);
+    }
+
+    fn panic(&mut self, ops: &mut EventOps) {
+        if self.panicked {
+            return;
+        }
+        self.panicked = true;
+        let armed = self
+            .panic_grace
+            .reset(PANIC_GRACE, None)
+            .map_err(|e| format!("{e}"))
+            .and_then(|_| {
+                ops.add(Events::new(&self.panic_grace, EventSet::IN))
+                    .map_err(|e| format!("{e:?}"))
+            });
+        if let Err(e) = armed {
+            tracing::warn!("the guest panicked; ending the run now (no grace timer: {e})");
+            self.record(VmOutcome::Panic);
+        }
     }
 }
 
 impl MutEventSubscriber for ExitWatcher {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.reset.as_raw_fd() {
-            let _ = self.reset.read();
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.signals.reset.as_raw_fd() {
+            let _ = self.signals.reset.read();
             self.record(VmOutcome::Reset("i8042 reset".into()));
-            return;
-        }
-        let _ = self.vcpu_stopped.read();
-        while let Ok(stop) = self.stops.try_recv() {
-            match stop {
-                VcpuStop::Reset(why) => self.record(VmOutcome::Reset(why.into())),
-                VcpuStop::Shutdown(why) => self.record(VmOutcome::Shutdown(why.into())),
-                VcpuStop::Fault(why) => self.record(VmOutcome::Fault(why)),
-                VcpuStop::Kicked => {}
+        } else if fd == self.signals.power_off.as_raw_fd() {
+            let _ = self.signals.power_off.read();
+            self.record(VmOutcome::Shutdown("ACPI power-off".into()));
+        } else if fd == self.signals.panic.as_raw_fd() {
+            let _ = self.signals.panic.read();
+            self.panic(ops);
+        } else if fd == self.panic_grace.as_raw_fd() {
+            let _ = self.panic_grace.wait();
+            self.record(VmOutcome::Panic);
+        } else {
+            let _ = self.vcpu_stopped.read();
+            while let Ok(stop) = self.stops.try_recv() {
+                match stop {
+                    VcpuStop::Reset(why) => self.record(VmOutcome::Reset(why.into())),
+                    VcpuStop::Shutdown(why) => self.record(VmOutcome::Shutdown(why.into())),
+                    VcpuStop::Fault(why) => self.record(VmOutcome::Fault(why)),
+                    VcpuStop::Kicked => {}
+                }
             }
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [&self.vcpu_stopped, &self.reset] {
+        let signals = &self.signals;
+        for fd in [
+            &self.vcpu_stopped,
+            &signals.reset,
+            &signals.power_off,
+            &signals.panic,
+        ] {
             watch(ops, Events::new(fd, EventSet::IN), "for the end of the run");
         }
     }
@@ -178,7 +234,7 @@ pub struct MicroVmParts {
     pub backing: MemoryBacking,
     pub machine: MachineState,
     pub vcpus: VcpuSet,
-    pub reset: EventFd,
+    pub signals: GuestSignals,
     pub console: Option<Arc<Mutex<SerialDevice>>>,
     pub devices: StatefulDevices,
     pub subscribers: Vec<Subscriber>,
@@ -227,8 +283,10 @@ impl MicroVm {
         let (stops, stops_rx) = channel();
         let exit_watcher = Arc::new(Mutex::new(ExitWatcher {
             vcpu_stopped: vcpu_stopped.try_clone()?,
-            reset: parts.reset,
+            signals: parts.signals,
             stops: stops_rx,
+            panic_grace: TimerFd::new()?,
+            panicked: false,
             outcome: None,
         }));
         event_manager.add_subscriber(exit_watcher.clone());

@@ -115,13 +115,15 @@ pub struct InitrdRegion {
 }
 
 /// Writes the zero page for the Linux 64-bit boot protocol. `header` is the
-/// bzImage setup header, if the kernel had one.
+/// bzImage setup header, if the kernel had one; `rsdp` is where the ACPI
+/// tables start, if the guest has them.
 pub fn write_linux_boot_params(
     mem: &GuestMemoryMmap,
     e820: &[E820Entry],
     cmdline_size: usize,
     initrd: Option<InitrdRegion>,
     header: Option<setup_header>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootParamsError> {
     let mut params = boot_params::default();
     if e820.len() > params.e820_table.len() {
@@ -148,15 +150,18 @@ pub fn write_linux_boot_params(
         };
     }
     params.e820_entries = e820.len() as u8;
+    params.acpi_rsdp_addr = rsdp.unwrap_or(0);
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(BootParamsError::Write)
 }
 
-/// Writes `hvm_start_info`, its memory map and its module list for PVH.
+/// Writes `hvm_start_info`, its memory map and its module list for PVH,
+/// with `rsdp` where the ACPI tables start, if the guest has them.
 pub fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     e820: &[E820Entry],
     initrd: Option<InitrdRegion>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootParamsError> {
     if e820.len() > PVH_MEMMAP_MAX_ENTRIES {
         return Err(BootParamsError::TooManyE820Entries(e820.len()));
@@ -167,6 +172,7 @@ pub fn write_pvh_start_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: e820.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     for (i, entry) in e820.iter().enumerate() {
@@ -248,8 +254,9 @@ mod tests {
             addr: 0x300_0000,
             size: 0x1234,
         };
-        write_linux_boot_params(&m, &map, 42, Some(initrd), None).unwrap();
+        write_linux_boot_params(&m, &map, 42, Some(initrd), None, Some(0xe0000)).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!({ p.hdr.header }, 0x5372_6448);
         assert_eq!(p.hdr.type_of_loader, 0xff);
@@ -273,7 +280,7 @@ mod tests {
             setup_sects: 27,
             ..Default::default()
         };
-        write_linux_boot_params(&m, &e820_map(64 << 20), 10, None, Some(hdr)).unwrap();
+        write_linux_boot_params(&m, &e820_map(64 << 20), 10, None, Some(hdr), None).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!(({ p.hdr.version }, p.hdr.setup_sects), (0x020f, 27));
         assert_eq!(p.hdr.type_of_loader, 0xff);
@@ -287,8 +294,9 @@ mod tests {
             addr: 0x200_0000,
             size: 4096,
         };
-        write_pvh_start_info(&m, &map, Some(initrd)).unwrap();
+        write_pvh_start_info(&m, &map, Some(initrd), Some(0xe0000)).unwrap();
         let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(info.rsdp_paddr, 0xe0000);
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.version, 1);
         assert_eq!(info.memmap_entries, 3);

@@ -33,6 +33,10 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// Extended BIOS data area; the MP table lives here, where Linux scans for it.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables, from the RSDP on, in the BIOS area where Linux also scans
+/// for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
+pub const ACPI_END: u64 = 0x10_0000;
 /// Start of memory above the legacy hole; where kernels are loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 
@@ -58,6 +62,17 @@ pub const BOOT_TIMER_PORT: u16 = 0x3f0;
 /// A 32-bit write here idles the vCPU for at most that many microseconds
 /// (see `vstate::guest_wake`).
 pub const GUEST_IDLE_PORT: u16 = 0x3f1;
+
+/// QEMU's pvpanic port, which the DSDT names.
+pub const PVPANIC_PORT: u16 = 0x505;
+/// The ACPI PM1 event block (status and enable, two bytes each), then
+/// the PM1 control register (two bytes).
+pub const PM1_EVENT_PORT: u16 = 0x600;
+pub const PM1_EVENT_LEN: u8 = 4;
+pub const PM1_CONTROL_PORT: u16 = 0x604;
+pub const PM1_CONTROL_LEN: u8 = 2;
+/// The ACPI SCI's line, as on PCs; the VMM never raises it.
+pub const ACPI_SCI_IRQ: u16 = 9;
 
 /// Legacy interrupt lines.
 pub const COM1_IRQ: u32 = 4;

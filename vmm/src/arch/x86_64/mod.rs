@@ -2,6 +2,7 @@
 //! structures the Linux and PVH boot protocols expect to find in memory
 //! and in the vCPU registers.
 
+pub mod acpi;
 pub mod boot_params;
 pub mod cpuid;
 pub mod gdt;
