@@ -23,12 +23,6 @@ export MICROVM_L1
 step "Python with boto3"
 MICROVM_PYTHON="$(scripts/setup-python.sh)"
 export MICROVM_PYTHON
-# QEMU's guest reaches the host's vsock through this vhost-user backend
-# (about 2.5 minutes to build, once).
-if [[ ! -x "$HOME/.cargo/bin/vhost-device-vsock" ]]; then
-    step "installing vhost-device-vsock into ~/.cargo/bin (about 2.5 minutes, once)"
-    cargo install --locked --quiet vhost-device-vsock
-fi
 
 step "cargo fmt and clippy"
 cargo fmt --all --check

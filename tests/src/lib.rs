@@ -206,21 +206,6 @@ pub fn rust_function_bootstrap() -> PathBuf {
     workspace_binary("rust-function", "bootstrap", &[])
 }
 
-/// `vhost-device-vsock`, the vhost-user vsock backend QEMU's guest talks
-/// vsock through; scripts/test.sh installs it with cargo.
-pub fn vhost_device_vsock() -> PathBuf {
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    let installed = home.join(".cargo/bin/vhost-device-vsock");
-    assert!(
-        installed.exists(),
-        "{} is missing: scripts/test.sh installs it (cargo install --locked vhost-device-vsock)",
-        installed.display()
-    );
-    installed
-}
-
 /// Whether the tests run as root, as jailing takes.
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.

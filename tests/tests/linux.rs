@@ -1,11 +1,13 @@
 //! Boots the minimal Linux guest kernel from kernel-config/.
 //!
-//! Under this VMM on hardware KVM the kernel must reach the initramfs init.
-//! On a PVM host a stock kernel runs in KVM's instruction emulator and stops
-//! on an emulation failure a few seconds in (see shared/docs/pvm.md): there
-//! the test checks that the boot protocol worked (the banner and the exact
-//! command line) and that the VMM reports the failure precisely. The
-//! kernel config itself is proven to reach init under QEMU's TCG.
+//! Under this VMM on hardware KVM: the kernel reaches its init, keeps time
+//! on every vCPU, takes device interrupts, powers off, panics, and the
+//! no_std init serves a `lambda_runtime` function and survives snapshot
+//! restores. On a PVM host these tests run in the L1 test machine
+//! (docs/test-machine.md). On PVM itself a stock kernel runs in KVM's
+//! instruction emulator and stops a few seconds in (shared/docs/pvm.md):
+//! one test checks the VMM reports that precisely. The guest side alone
+//! (kernel config, init, layers) also runs under QEMU's TCG.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -16,8 +18,8 @@ use host_services::vmm_process::request_snapshot;
 use microvm_tests::guest_ports::{echo_lines, spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::{
     busybox_initramfs, cpio, fixture, guest_kernel, hypervisor, linux_init_binary,
-    marker_initramfs, on_hardware_kvm, run_vmm, rust_function_bootstrap, skip, vhost_device_vsock,
-    HypervisorKind, VmmRun, INIT_MARKER,
+    marker_initramfs, on_hardware_kvm, run_vmm, rust_function_bootstrap, skip, HypervisorKind,
+    VmmRun, INIT_MARKER,
 };
 
 const CMDLINE: &str =
@@ -111,7 +113,6 @@ fn qemu_tcg(
     initrd: &std::path::Path,
     cmdline: &str,
     disks: &[&std::path::Path],
-    machine: &str,
 ) -> Command {
     let qemu = "/usr/bin/qemu-system-x86_64";
     assert!(
@@ -122,7 +123,7 @@ fn qemu_tcg(
     command
         // Without ACPI, QEMU lists the virtio-mmio devices on the command
         // line, as this VMM does.
-        .args(["-M", machine, "-accel", "tcg", "-m", "256M"])
+        .args(["-M", "microvm,acpi=off", "-accel", "tcg", "-m", "256M"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio", "-monitor", "none", "-kernel"])
         .arg(kernel)
@@ -152,7 +153,7 @@ fn boot_under_qemu_tcg(
     cmdline: &str,
     disks: &[&std::path::Path],
 ) -> (String, String) {
-    let out = qemu_tcg(kernel, initrd, cmdline, disks, "microvm,acpi=off")
+    let out = qemu_tcg(kernel, initrd, cmdline, disks)
         .output()
         .expect("run qemu");
     std::fs::remove_file(initrd).unwrap();
@@ -298,106 +299,6 @@ fn the_no_std_init_sets_up_the_guest_under_qemu_tcg() {
     assert!(!stdout.contains("Kernel panic"), "{stdout}");
 }
 
-/// A Linux guest under QEMU TCG whose vsock reaches the host through
-/// `vhost-device-vsock` (Firecracker's Unix socket convention, as this
-/// VMM's), with `bootstrap` on its code disk and the host's side of its
-/// ports.
-struct QemuGuest {
-    dir: std::path::PathBuf,
-    initrd: std::path::PathBuf,
-    ports: GuestPorts,
-    qemu: tokio::process::Child,
-    console: tokio::task::JoinHandle<String>,
-    _backend: tokio::process::Child,
-}
-
-impl QemuGuest {
-    async fn start(name: &str, bootstrap: &std::path::Path, environ: Vec<u8>) -> QemuGuest {
-        let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
-        let dir = test_dir(name);
-        let initrd = no_std_init_initramfs(name);
-        let disk = dir.join("code.erofs");
-        let zip = zip_with_bootstrap(bootstrap);
-        std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
-        let ports = GuestPorts::bind(&dir, Some(environ)).await;
-        let vhost_socket = dir.join("vhost.sock");
-        let backend = tokio::process::Command::new(vhost_device_vsock())
-            .arg("--guest-cid")
-            .arg("3")
-            .arg("--socket")
-            .arg(&vhost_socket)
-            .arg("--uds-path")
-            .arg(&ports.uds)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        for _ in 0..200 {
-            if vhost_socket.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // vhost-user needs the guest's memory shared with the backend.
-        let mut qemu = qemu_tcg(
-            &kernel,
-            &initrd,
-            "console=ttyS0 reboot=t panic=-1 quiet",
-            &[&disk],
-            "microvm,acpi=off,memory-backend=mem",
-        );
-        qemu.args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-            .arg("-chardev")
-            .arg(format!("socket,id=vsock,path={}", vhost_socket.display()))
-            .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut qemu = tokio::process::Command::from(qemu)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let stdout = qemu.stdout.take().unwrap();
-        let console = tokio::spawn(async move {
-            let mut all = String::new();
-            let _ = tokio::io::AsyncReadExt::read_to_string(&mut { stdout }, &mut all).await;
-            all
-        });
-        QemuGuest {
-            dir,
-            initrd,
-            ports,
-            qemu,
-            console,
-            _backend: backend,
-        }
-    }
-
-    /// Closes the Runtime API (a runtime waiting in `/next` then exits),
-    /// waits for QEMU to end (the init restarts the machine once
-    /// bootstrap has ended), and returns the console and the log stream.
-    async fn finish(self) -> (String, tokio::task::JoinHandle<String>) {
-        let QemuGuest {
-            dir,
-            initrd,
-            ports,
-            mut qemu,
-            console,
-            _backend,
-        } = self;
-        drop(ports.api);
-        let status = tokio::time::timeout(Duration::from_secs(120), qemu.wait())
-            .await
-            .expect("QEMU ends when the function does")
-            .unwrap();
-        let console = console.await.unwrap();
-        println!("{console}");
-        assert!(!console.contains("Kernel panic"), "{console}");
-        assert!(status.success(), "{status}\n{console}");
-        std::fs::remove_dir_all(&dir).unwrap();
-        std::fs::remove_file(&initrd).unwrap();
-        (console, ports.log)
-    }
-}
-
 fn function_environ() -> Vec<u8> {
     encode([
         ("AWS_REGION", "local"),
@@ -409,40 +310,20 @@ fn function_environ() -> Vec<u8> {
     .unwrap()
 }
 
-/// The Linux guest as a function runtime: the init takes its variables
-/// from the host, relays 127.0.0.1:9001 to the host's Runtime API and
-/// forwards the function's output as its log stream. The function is
-/// built with the official `lambda_runtime` crate.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lambda_runtime_function_serves_events_through_the_init_under_qemu_tcg() {
-    let guest = QemuGuest::start(
-        "linux-vsock",
-        &rust_function_bootstrap(),
-        function_environ(),
-    )
-    .await;
-    // TCG boots the kernel, then runs an unoptimized tokio program.
-    serve_three_events(&guest.ports.api, Duration::from_secs(240)).await;
-    let (console, log) = guest.finish().await;
-    check_log_stream(log, &console).await;
-    assert!(
-        console.contains("init: 5 variables from the host"),
-        "{console}"
-    );
-}
-
-/// Starts a guest whose init must fail: it reports `error_type` (with
-/// `needle` in its message) to the host's Runtime API, and restarts the
-/// machine. Returns the console and the log stream, if the guest opened
-/// one.
+/// Starts a guest whose init must fail under this VMM: it reports
+/// `error_type` (with `needle` in its message) to the host's Runtime API,
+/// and restarts the machine. Returns the console and the log stream, if
+/// the guest opened one.
 async fn expect_init_failure(
     name: &str,
     environ: Vec<u8>,
     error_type: &str,
     needle: &str,
 ) -> (String, Option<String>) {
-    let guest = QemuGuest::start(name, &fixture("bootstrap"), environ).await;
-    match tokio::time::timeout(Duration::from_secs(240), guest.ports.api.ready()).await {
+    let dir = test_dir(name);
+    let (ports, vmm, console) =
+        linux_guest_under_this_vmm(&dir, &fixture("bootstrap"), environ, &[]).await;
+    match tokio::time::timeout(Duration::from_secs(60), ports.api.ready()).await {
         Ok(Err(InvokeError::InitFailed {
             error_type: reported,
             body,
@@ -452,36 +333,47 @@ async fn expect_init_failure(
         }
         other => panic!("{name}: expected {error_type}, got {other:?}"),
     }
-    let (console, log) = guest.finish().await;
-    let log = tokio::time::timeout(Duration::from_secs(5), log).await;
+    let status = tokio::time::timeout(Duration::from_secs(60), vmm.wait_with_output())
+        .await
+        .expect("the VMM ends when the init restarts the machine")
+        .unwrap()
+        .status;
+    let console = console.await.unwrap();
+    assert_eq!(status.code(), Some(0), "{console}");
+    let log = tokio::time::timeout(Duration::from_secs(5), ports.log).await;
+    std::fs::remove_dir_all(&dir).unwrap();
     (console, log.ok().map(Result::unwrap))
 }
 
 /// A bootstrap that exits (the `bootstrap.S` fixture, status 3) is
 /// reported to the host as an init error; a malformed start-up message
 /// is refused and reported, not a crash.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_are_reported_to_the_host_under_qemu_tcg() {
-    let (_, log) = expect_init_failure(
-        "linux-exit",
-        function_environ(),
-        "Runtime.ExitError",
-        "bootstrap exited with status 3",
-    )
-    .await;
-    let log = log.expect("the guest's log stream");
-    assert!(log.contains("hello from bootstrap"), "{log}");
+#[test]
+fn failures_are_reported_to_the_host_under_this_vmm() {
+    on_hardware_kvm("failures_are_reported_to_the_host_under_this_vmm", || {
+        block_on(async {
+            let (_, log) = expect_init_failure(
+                "linux-exit",
+                function_environ(),
+                "Runtime.ExitError",
+                "bootstrap exited with status 3",
+            )
+            .await;
+            let log = log.expect("the guest's log stream");
+            assert!(log.contains("hello from bootstrap"), "{log}");
 
-    let mut garbage = function_environ();
-    garbage[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
-    let (console, _) = expect_init_failure(
-        "linux-garbage",
-        garbage,
-        "Runtime.InvalidEnvironment",
-        "runs past the end",
-    )
-    .await;
-    assert!(!console.contains("function:"), "bootstrap ran: {console}");
+            let mut garbage = function_environ();
+            garbage[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+            let (console, _) = expect_init_failure(
+                "linux-garbage",
+                garbage,
+                "Runtime.InvalidEnvironment",
+                "runs past the end",
+            )
+            .await;
+            assert!(!console.contains("function:"), "bootstrap ran: {console}");
+        })
+    });
 }
 
 /// Two events answered, and one the function refuses with its own error
@@ -546,11 +438,14 @@ async fn check_log_stream(log: tokio::task::JoinHandle<String>, console: &str) {
     );
 }
 
-/// The Linux guest with the `lambda_runtime` function under this VMM,
-/// with its host ports in `dir` (whose name also names its initramfs,
-/// which the caller removes); `extra` adds VMM flags.
-async fn linux_function_under_this_vmm(
+/// A Linux guest under this VMM whose code disk holds `bootstrap` and
+/// whose init gets `environ` from the host, with its host ports in `dir`
+/// (whose name also names its initramfs, which goes there too); `extra`
+/// adds VMM flags.
+async fn linux_guest_under_this_vmm(
     dir: &std::path::Path,
+    bootstrap: &std::path::Path,
+    environ: Vec<u8>,
     extra: &[String],
 ) -> (
     GuestPorts,
@@ -559,13 +454,12 @@ async fn linux_function_under_this_vmm(
 ) {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let name = dir.file_name().unwrap_or_default().to_string_lossy();
-    // Moved into `dir`, which the caller removes.
     let initrd = dir.join("initrd.cpio");
     std::fs::rename(no_std_init_initramfs(&name), &initrd).unwrap();
     let disk = dir.join("code.erofs");
-    let zip = zip_with_bootstrap(&rust_function_bootstrap());
+    let zip = zip_with_bootstrap(bootstrap);
     std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
-    let ports = GuestPorts::bind(dir, Some(function_environ())).await;
+    let ports = GuestPorts::bind(dir, Some(environ)).await;
     let mut args: Vec<String> = vec![
         "--kernel".into(),
         kernel.display().to_string(),
@@ -583,6 +477,19 @@ async fn linux_function_under_this_vmm(
     args.extend_from_slice(extra);
     let (vmm, console) = spawn_vmm(&args, "guest");
     (ports, vmm, console)
+}
+
+/// The `lambda_runtime` function (`examples/rust-function`) as the guest's
+/// bootstrap, with the variables of [`function_environ`].
+async fn linux_function_under_this_vmm(
+    dir: &std::path::Path,
+    extra: &[String],
+) -> (
+    GuestPorts,
+    tokio::process::Child,
+    tokio::task::JoinHandle<String>,
+) {
+    linux_guest_under_this_vmm(dir, &rust_function_bootstrap(), function_environ(), extra).await
 }
 
 #[test]
