@@ -19,13 +19,15 @@
 //!
 //! Everything in L1 runs emulated: its timings are never figures.
 //!
-//! The emulated machine itself sometimes fails: about one boot in a dozen
-//! never reaches its init, and, rarely, its kernel reports a CPU stuck in
-//! KVM for minutes (a soft lockup) or stops keeping time. No guest can do
-//! that to a correct host kernel on real hardware, so such a run says
-//! nothing about the code under test: the harness tells it from a test
-//! failure (a missing heartbeat, the kernel's own lockup report), says so,
-//! and boots the machine once more. A test that fails is never retried.
+//! The L1 machine itself sometimes fails: about one boot in a dozen never
+//! reaches its init, and, rarely, its kernel reports a CPU stuck in KVM
+//! for minutes (a soft lockup) or the whole machine stops. Whether QEMU's
+//! SVM emulation or L1's 6.1 kernel is at fault is not known; neither a
+//! user process nor its guest can do that to a correct host kernel, so
+//! such a run says nothing about the code under test. The harness tells
+//! it from a test failure (no init, a missing heartbeat, L1's own lockup
+//! report), says so, and boots the machine once more. A test that fails is
+//! never retried.
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
@@ -172,7 +174,7 @@ impl L1Machine {
         match self.boot(script, env, timeout)? {
             Boot::Ran(run) => Ok(run),
             Boot::MachineFailed { why, output } => {
-                println!("l1: {why}: the emulated machine failed, not the test; booting it again");
+                println!("l1: {why}: the L1 machine failed, which says nothing of the test; booting it again");
                 match self.boot(script, env, timeout)? {
                     Boot::Ran(run) => Ok(run),
                     Boot::MachineFailed { why: again, output: second } => Err(format!(
