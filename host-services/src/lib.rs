@@ -1,30 +1,26 @@
-//! The host side of the serverless worker: Lambda's control plane and
-//! Invoke API ([`api`], [`control`]), the execution environments that run
-//! functions in microVMs ([`environment`]) on leased workers ([`host`]),
-//! the router that places invocations on them ([`router`]), the Runtime
-//! API each environment's runtime talks to ([`runtime_api`]), and the
-//! jailed VMM process behind each environment ([`vmm_process`]).
+//! The host side of the serverless worker, in layers; a module uses only
+//! the layers below its own (`tests/layering.rs` checks it):
+//!
+//! - [`api`]: the front end, Lambda's REST API and Invoke over HTTP.
+//! - [`data_plane`]: where invocations run: the [`data_plane::worker`]
+//!   service, the [`data_plane::router`] that places each invocation on an
+//!   execution environment ([`data_plane::environment`]) of a leased
+//!   worker host ([`data_plane::host`]), the Runtime API the guest talks
+//!   to, the jailed VMM process behind each environment, and snapshots.
+//! - [`control_plane`]: what functions are: the model, the store (redb),
+//!   functions, versions, aliases and provisioned configs, layers.
+//! - [`artifacts`]: function code at rest: ZIP checks, code disks (EROFS,
+//!   the bare-metal guest's Wasm image), sealed artifacts, OCI images and
+//!   their convergently sealed chunks.
+//! - [`security`]: accounts and SigV4, execution-role credentials, the key
+//!   service and its key files.
+//! - [`error`] and [`ids`]: Lambda's error shapes and the names every
+//!   layer uses.
 
 pub mod api;
 pub mod artifacts;
-pub mod auth;
-pub mod chunk_store;
-pub mod code;
-pub mod control;
-pub mod environment;
-pub mod erofs_image;
-pub mod host;
-pub mod key_file;
-pub mod key_service;
-pub mod layers;
-pub mod lifecycle;
-pub mod model;
-pub mod oci;
-pub mod role_credentials;
-pub mod router;
-pub mod runtime_api;
-pub mod snapshots;
-pub mod store;
-pub mod vmm_process;
-pub mod wasm_image;
-pub mod worker;
+pub mod control_plane;
+pub mod data_plane;
+pub mod error;
+pub mod ids;
+pub mod security;

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use guest_init::environ::ENVIRON_PORT;
-use host_services::runtime_api::RuntimeApi;
-use host_services::wasm_image;
+use host_services::artifacts::wasm_image;
+use host_services::data_plane::runtime_api::RuntimeApi;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use host_services::auth::{sign, AccessKey};
+use host_services::security::auth::{sign, AccessKey};
 use http_body_util::{BodyExt, Full};
 use hyper::header::HeaderValue;
 use hyper::{HeaderMap, Method, Request};

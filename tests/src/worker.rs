@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use host_services::lifecycle::LifecycleEvent;
+use host_services::data_plane::lifecycle::LifecycleEvent;
 
 use crate::lambda_client::LambdaClient;
 use crate::{baremetal_guest, is_root, jailer_binary, lambda_worker_binary, vmm_binary};

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use guest_init::environ::encode;
-use host_services::chunk_store::ChunkStore;
-use host_services::runtime_api::{InvokeError, Outcome};
-use host_services::wasm_image;
+use host_services::artifacts::chunk_store::ChunkStore;
+use host_services::artifacts::wasm_image;
+use host_services::data_plane::runtime_api::{InvokeError, Outcome};
 use microvm_tests::guest_ports::{spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::{baremetal_guest, ECHO_WAT};
 use vmm::devices::virtio::block::chunked::chunk_path;

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use host_services::lifecycle::{CreateReason, DestroyReason, LifecycleEvent};
+use host_services::data_plane::lifecycle::{CreateReason, DestroyReason, LifecycleEvent};
 use microvm_tests::lambda_client::LambdaClient;
 use microvm_tests::load;
 use microvm_tests::worker::{client_runtime, data_dir, lifecycle, RunningWorker};

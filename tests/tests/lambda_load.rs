@@ -46,7 +46,7 @@ fn invocations_per_environment(log: &str) -> HashMap<String, usize> {
 fn concurrent_invokes_use_one_environment_each_and_reuse_them() {
     const N: usize = 4;
     let data = data_dir("lambda-concurrency");
-    let worker = RunningWorker::start(&data, &[], "info,host_services::router=debug");
+    let worker = RunningWorker::start(&data, &[], "info,host_services::data_plane::router=debug");
     let client = worker.client();
     let wasm = wat::parse_str(ECHO_WAT).unwrap();
     client_runtime().block_on(async {

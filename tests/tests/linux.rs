@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use guest_init::environ::encode;
-use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
-use host_services::vmm_process::request_snapshot;
+use host_services::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
+use host_services::data_plane::vmm_process::request_snapshot;
 use microvm_tests::guest_ports::{echo_lines, spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::{
     busybox_initramfs, cpio, fixture, guest_kernel, hypervisor, linux_init_binary,
@@ -217,11 +217,15 @@ fn a_runtime_layers_bootstrap_runs_from_opt_under_qemu_tcg() {
     std::fs::create_dir_all(&dir).unwrap();
     let (code, layer) = (dir.join("code.erofs"), dir.join("layer.erofs"));
     let code_zip = zip_one_executable("handler.sh", b"#!/bin/sh\n");
-    std::fs::write(&code, host_services::erofs_image::build(&code_zip).unwrap()).unwrap();
+    std::fs::write(
+        &code,
+        host_services::artifacts::erofs_image::build(&code_zip).unwrap(),
+    )
+    .unwrap();
     let layer_zip = zip_with_bootstrap(&fixture("bootstrap"));
     std::fs::write(
         &layer,
-        host_services::erofs_image::build(&layer_zip).unwrap(),
+        host_services::artifacts::erofs_image::build(&layer_zip).unwrap(),
     )
     .unwrap();
     let (stdout, stderr) = boot_under_qemu_tcg(
@@ -278,7 +282,11 @@ fn the_no_std_init_sets_up_the_guest_under_qemu_tcg() {
     // stdout, one on stderr, exit status 3), as an EROFS image.
     let zip = zip_with_bootstrap(&fixture("bootstrap"));
     let disk = std::env::temp_dir().join(format!("no-std-init-code-{}", std::process::id()));
-    std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
+    std::fs::write(
+        &disk,
+        host_services::artifacts::erofs_image::build(&zip).unwrap(),
+    )
+    .unwrap();
     let (stdout, stderr) = boot_under_qemu_tcg(
         &kernel,
         &initrd,
@@ -458,7 +466,11 @@ async fn linux_guest_under_this_vmm(
     std::fs::rename(no_std_init_initramfs(&name), &initrd).unwrap();
     let disk = dir.join("code.erofs");
     let zip = zip_with_bootstrap(bootstrap);
-    std::fs::write(&disk, host_services::erofs_image::build(&zip).unwrap()).unwrap();
+    std::fs::write(
+        &disk,
+        host_services::artifacts::erofs_image::build(&zip).unwrap(),
+    )
+    .unwrap();
     let ports = GuestPorts::bind(dir, Some(environ)).await;
     let mut args: Vec<String> = vec![
         "--kernel".into(),

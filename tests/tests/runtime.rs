@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guest_init::environ::encode;
-use host_services::runtime_api::{InvokeError, Outcome, RuntimeApi};
+use host_services::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, wat_code_disk, GuestPorts};
 use microvm_tests::{baremetal_guest, ECHO_WAT};
 

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use guest_init::environ::encode;
-use host_services::runtime_api::{Outcome, RuntimeApi};
-use host_services::vmm_process::{control_request, request_snapshot};
+use host_services::data_plane::runtime_api::{Outcome, RuntimeApi};
+use host_services::data_plane::vmm_process::{control_request, request_snapshot};
 use microvm_tests::guest_ports::{echo_code_disk, spawn_vmm, test_dir, GuestPorts};
 use microvm_tests::worker::{client_runtime, data_dir, RunningWorker};
 use microvm_tests::{baremetal_guest, files_under, run_vmm};

@@ -8,9 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 
-use super::error::ApiError;
 use super::{function_ref, qualified, Caller, QueryParams};
-use crate::worker::{InvokeResult, Worker};
+use crate::data_plane::worker::{InvokeResult, Worker};
+use crate::error::ApiError;
 
 /// Lambda's limit on an asynchronous event.
 pub const MAX_EVENT_PAYLOAD: usize = 1024 * 1024;

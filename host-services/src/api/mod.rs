@@ -1,7 +1,6 @@
 //! The Lambda REST API over HTTP (axum): the control plane's calls and
 //! Invoke, at the paths and with the shapes AWS's SDKs use.
 
-pub mod error;
 mod invoke;
 
 use std::sync::Arc;
@@ -15,11 +14,12 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::auth::{AccountId, SignedRequest};
-use crate::control::ProvisionedConfig;
-use crate::model::*;
-use crate::worker::Worker;
-use error::ApiError;
+use crate::control_plane::functions::ProvisionedConfig;
+use crate::control_plane::model::*;
+use crate::data_plane::worker::Worker;
+use crate::error::ApiError;
+use crate::ids::AccountId;
+use crate::security::auth::SignedRequest;
 
 /// Room for a 50 MB ZIP as base64 in a JSON body.
 const MAX_CONTROL_BODY: usize = 70 * 1024 * 1024;
@@ -37,7 +37,7 @@ impl FromRequest<Arc<Worker>> for Caller {
     async fn from_request(req: Request, worker: &Arc<Worker>) -> Result<Self, ApiError> {
         let (parts, body) = req.into_parts();
         let limit = if parts.uri.path().ends_with("/invocations") {
-            crate::runtime_api::MAX_PAYLOAD
+            crate::data_plane::runtime_api::MAX_PAYLOAD
         } else {
             MAX_CONTROL_BODY
         };

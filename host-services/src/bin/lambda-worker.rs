@@ -9,18 +9,18 @@ use std::time::Duration;
 
 use clap::Parser;
 use host_services::api;
-use host_services::auth::Credentials;
-use host_services::control::ControlPlane;
-use host_services::environment::MicroVmImage;
-use host_services::host::HostLimits;
-use host_services::key_service::KeyService;
-use host_services::lifecycle::Lifecycle;
-use host_services::role_credentials::RoleCredentialIssuer;
-use host_services::router::{FleetConfig, InvokeRouter};
-use host_services::snapshots::SnapshotStore;
-use host_services::store::Store;
-use host_services::vmm_process::{JailIds, JailSettings};
-use host_services::worker::Worker;
+use host_services::control_plane::functions::ControlPlane;
+use host_services::control_plane::store::Store;
+use host_services::data_plane::environment::MicroVmImage;
+use host_services::data_plane::host::HostLimits;
+use host_services::data_plane::lifecycle::Lifecycle;
+use host_services::data_plane::router::{FleetConfig, InvokeRouter};
+use host_services::data_plane::snapshots::SnapshotStore;
+use host_services::data_plane::vmm_process::{JailIds, JailSettings};
+use host_services::data_plane::worker::Worker;
+use host_services::security::auth::Credentials;
+use host_services::security::key_service::KeyService;
+use host_services::security::role_credentials::RoleCredentialIssuer;
 
 #[derive(Parser, Debug)]
 #[command(about = "A Lambda-compatible worker that runs functions in microVMs")]

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use host_services::artifacts::ArtifactStore;
-use host_services::code::{self, MAX_ZIP_BYTES};
-use host_services::key_service::KeyService;
-use host_services::wasm_image;
+use host_services::artifacts::code::{self, MAX_ZIP_BYTES};
+use host_services::artifacts::sealed::ArtifactStore;
+use host_services::artifacts::wasm_image;
+use host_services::security::key_service::KeyService;
 use microvm_tests::lambda_client::zip_one;
 
 /// A wasm module whose data segment is `data`.

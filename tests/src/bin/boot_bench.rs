@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use host_services::vmm_process::VMM_OVERHEAD_MIB;
+use host_services::data_plane::vmm_process::VMM_OVERHEAD_MIB;
 use microvm_tests::{fixture, hypervisor, is_root, jailer_binary, vmm_binary};
 
 const GUEST_MIB: u64 = 128;

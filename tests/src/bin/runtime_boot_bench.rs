@@ -27,7 +27,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use guest_init::environ::{encode, ENVIRON_PORT};
-use host_services::wasm_image;
+use host_services::artifacts::wasm_image;
 use microvm_tests::load::percentile;
 use microvm_tests::{baremetal_guest, boot_time_logged, hypervisor, vmm_binary, ECHO_WAT};
 use vmm::devices::boot_timer::monotonic_us;

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use guest_init::environ::encode;
-use host_services::runtime_api::Outcome;
-use host_services::vmm_process::request_snapshot;
+use host_services::data_plane::runtime_api::Outcome;
+use host_services::data_plane::vmm_process::request_snapshot;
 use microvm_tests::guest_ports::{echo_code_disk, test_dir, GuestPorts};
 use microvm_tests::load::percentile;
 use microvm_tests::{baremetal_guest, hypervisor, vmm_binary};

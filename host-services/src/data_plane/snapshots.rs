@@ -27,9 +27,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::auth::AccountId;
-use crate::environment::VersionKey;
-use crate::key_service::{KeyError, KeyService};
+use crate::ids::AccountId;
+use crate::ids::VersionKey;
+use crate::security::key_service::{KeyError, KeyService};
 
 /// Opened snapshots kept in memory; each holds only the pages its guest
 /// had touched.
@@ -190,7 +190,7 @@ impl SnapshotStore {
         memory: &Path,
     ) -> Result<(PathBuf, PathBuf), SnapshotStoreError> {
         let staging = self.dir.join("staging");
-        let name: [u8; 8] = crate::key_service::random();
+        let name: [u8; 8] = crate::security::key_service::random();
         let name = hex::encode(name);
         let staged = (
             staging.join(format!("{name}.state")),

@@ -3,7 +3,7 @@
 
 use std::io::{Cursor, Read};
 
-use crate::api::error::ApiError;
+use crate::error::ApiError;
 
 /// Lambda's limit on a ZIP uploaded in the request.
 pub const MAX_ZIP_BYTES: usize = 50 * 1024 * 1024;

@@ -13,8 +13,10 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::api::error::ApiError;
-use crate::role_credentials::RoleCredentialIssuer;
+use crate::error::ApiError;
+use crate::ids::AccountId;
+use crate::security::key_file::hmac;
+use crate::security::role_credentials::RoleCredentialIssuer;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -22,16 +24,6 @@ type HmacSha256 = Hmac<Sha256>;
 /// allows.
 const MAX_CLOCK_SKEW_SECS: i64 = 15 * 60;
 const ALGORITHM: &str = "AWS4-HMAC-SHA256";
-
-/// A 12-digit AWS account id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AccountId(pub String);
-
-impl std::fmt::Display for AccountId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase", deny_unknown_fields)]
@@ -188,12 +180,6 @@ impl Credentials {
         })?;
         Ok(account)
     }
-}
-
-pub(crate) fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(data);
-    mac.finalize().into_bytes().to_vec()
 }
 
 /// A signature's credential scope: `DATE/REGION/SERVICE/aws4_request`.

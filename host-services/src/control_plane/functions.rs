@@ -9,15 +9,17 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::error::ApiError;
-use crate::artifacts::{ArtifactError, ArtifactStore, GrantedArtifact};
-use crate::auth::AccountId;
-use crate::code;
-use crate::environment::VersionKey;
-use crate::key_service::KeyService;
-use crate::model::*;
-use crate::store::{numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, PROVISIONED, VERSIONS};
-use crate::wasm_image;
+use crate::artifacts::code;
+use crate::artifacts::sealed::{ArtifactError, ArtifactStore, GrantedArtifact};
+use crate::artifacts::wasm_image;
+use crate::control_plane::model::*;
+use crate::control_plane::store::{
+    numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, PROVISIONED, VERSIONS,
+};
+use crate::error::ApiError;
+use crate::ids::AccountId;
+use crate::ids::VersionKey;
+use crate::security::key_service::KeyService;
 
 /// A function as stored: its `$LATEST` configuration and its settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]

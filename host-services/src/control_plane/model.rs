@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::error::ApiError;
-use crate::auth::AccountId;
+use crate::error::ApiError;
+use crate::ids::AccountId;
 
 pub const REGION: &str = "local";
 pub const LATEST: &str = "$LATEST";

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use vmm::devices::virtio::block::sealed::{ArtifactId, DataKey, NONCE_LEN, TAG_LEN};
 
-use crate::key_file::{self, KeyFileError};
+use crate::security::key_file::{self, KeyFileError};
 
 /// Binds a wrapped key to its purpose and artifact.
 const WRAP_CONTEXT: &[u8] = b"lambda-microvm data key v1";

@@ -20,8 +20,9 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use crate::auth::{hmac, AccountId};
-use crate::key_file::{self, KeyFileError, KEY_BYTES};
+use crate::ids::AccountId;
+use crate::security::key_file::hmac;
+use crate::security::key_file::{self, KeyFileError, KEY_BYTES};
 
 /// Temporary credentials, as the environment's variables carry them.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 type Docs = TableDefinition<'static, &'static str, &'static [u8]>;
 
-/// `ACCOUNT/NAME` → [`crate::control::FunctionRecord`].
+/// `ACCOUNT/NAME` → [`crate::control_plane::functions::FunctionRecord`].
 pub const FUNCTIONS: Docs = TableDefinition::new("functions");
 /// `ACCOUNT/NAME/VERSION(20 digits)` → a published configuration.
 pub const VERSIONS: Docs = TableDefinition::new("versions");
@@ -241,6 +241,12 @@ impl Store {
         Ok(Snapshot {
             tx: self.db.begin_read()?,
         })
+    }
+}
+
+impl From<StoreError> for crate::error::ApiError {
+    fn from(e: StoreError) -> Self {
+        crate::error::ApiError::Service(e.to_string())
     }
 }
 

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::code::MAX_UNZIPPED_BYTES;
+use crate::artifacts::code::MAX_UNZIPPED_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ErofsError {

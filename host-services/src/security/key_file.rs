@@ -1,11 +1,21 @@
 //! Secret keys kept in files: 32 random bytes, created once with mode 0600
-//! (never overwritten) and read back as they are.
+//! (never overwritten) and read back as they are; and the HMAC-SHA256
+//! every key derivation here is built from.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+
 pub const KEY_BYTES: usize = 32;
+
+pub(crate) fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {

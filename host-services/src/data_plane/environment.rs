@@ -2,7 +2,6 @@
 //! one invocation at a time, through the Runtime API on its vsock socket.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,31 +11,15 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::Notify;
 
-use crate::artifacts::{ArtifactError, GrantedArtifact};
-use crate::auth::AccountId;
-use crate::key_service::KeyService;
-use crate::runtime_api::{InvokeError, Outcome, RuntimeApi};
-use crate::snapshots::{self, SnapshotStore};
-use crate::vmm_process::{
+use crate::artifacts::sealed::{ArtifactError, GrantedArtifact};
+use crate::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
+use crate::data_plane::snapshots::{self, SnapshotStore};
+use crate::data_plane::vmm_process::{
     request_snapshot, GuestStart, JailSettings, VmmFiles, VmmProcess, VmmProcessError,
     CONTROL_SOCKET, SNAPSHOT_MEMORY, SNAPSHOT_STATE,
 };
-
-/// The only version an environment may serve: one function version of one
-/// account, at one code and configuration revision.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct VersionKey {
-    pub account: AccountId,
-    pub function: String,
-    pub version: String,
-    pub revision: String,
-}
-
-impl fmt::Display for VersionKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.account, self.function, self.version)
-    }
-}
+use crate::ids::VersionKey;
+use crate::security::key_service::KeyService;
 
 /// What starting an environment for a version takes.
 #[derive(Clone)]

@@ -42,7 +42,7 @@ pub enum OciError {
     #[error("the image holds more than {MAX_IMAGE_BYTES} bytes")]
     TooLarge,
     #[error(transparent)]
-    Erofs(#[from] crate::erofs_image::ErofsError),
+    Erofs(#[from] crate::artifacts::erofs_image::ErofsError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -208,7 +208,7 @@ pub fn flatten(layout: &Path, root: &Path) -> Result<Flattened, OciError> {
 /// image the guest mounts.
 pub fn filesystem_image(layout: &Path) -> Result<(Vec<u8>, Flattened), OciError> {
     let mut flattened = Flattened::default();
-    let image = crate::erofs_image::build_with(|root| {
+    let image = crate::artifacts::erofs_image::build_with(|root| {
         flattened = flatten(layout, root)?;
         Ok::<(), OciError>(())
     })?;

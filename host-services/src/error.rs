@@ -100,12 +100,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        ApiError::Service(e.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

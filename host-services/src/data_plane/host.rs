@@ -1,7 +1,7 @@
 //! One worker: the execution environments it hosts, within its capacity,
 //! for as long as its lease lasts. When the lease nears its end the worker
 //! drains: it takes no new invocations, lets the ones in flight finish,
-//! stops its microVMs and exits. [`crate::router::InvokeRouter`] decides
+//! stops its microVMs and exits. [`crate::data_plane::router::InvokeRouter`] decides
 //! which worker serves what.
 
 use std::collections::HashMap;
@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::environment::{
-    EnvironmentError, ExecutionEnvironment, InitializationType, Launch, MicroVmImage, VersionKey,
+use crate::data_plane::environment::{
+    EnvironmentError, ExecutionEnvironment, InitializationType, Launch, MicroVmImage,
 };
-use crate::lifecycle::{CreateReason, DestroyReason, Lifecycle};
+use crate::data_plane::lifecycle::{CreateReason, DestroyReason, Lifecycle};
+use crate::ids::VersionKey;
 
 #[derive(Debug, Clone)]
 pub struct HostLimits {

@@ -13,15 +13,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::api::error::ApiError;
-use crate::auth::AccountId;
-use crate::environment::{
-    ColdStart, EnvironmentError, ExecutionEnvironment, Invocation, Launch, MicroVmImage, VersionKey,
+use crate::control_plane::model::MAX_TIMEOUT_SECS;
+use crate::data_plane::environment::{
+    ColdStart, EnvironmentError, ExecutionEnvironment, Invocation, Launch, MicroVmImage,
 };
-use crate::host::{HostLimits, StartError, WorkerHost};
-use crate::lifecycle::{CreateReason, DestroyReason, Lifecycle};
-use crate::model::MAX_TIMEOUT_SECS;
-use crate::runtime_api::InvokeError;
+use crate::data_plane::host::{HostLimits, StartError, WorkerHost};
+use crate::data_plane::lifecycle::{CreateReason, DestroyReason, Lifecycle};
+use crate::data_plane::runtime_api::InvokeError;
+use crate::error::ApiError;
+use crate::ids::AccountId;
+use crate::ids::VersionKey;
 
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -236,7 +237,7 @@ impl InvokeRouter {
 
     /// Destroys the idle environments `retire` picks, on every worker.
     /// The snapshots environments restore, if snapshots are on.
-    pub fn snapshots(&self) -> Option<&Arc<crate::snapshots::SnapshotStore>> {
+    pub fn snapshots(&self) -> Option<&Arc<crate::data_plane::snapshots::SnapshotStore>> {
         self.image.snapshots.as_ref()
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmm::devices::virtio::block::sealed::{self, ArtifactId};
 
-use crate::key_service::{random, Grant, KeyError, KeyService, WrappedKey};
+use crate::security::key_service::{random, Grant, KeyError, KeyService, WrappedKey};
 
 /// Chunks of 64 KiB: a guest's reads are rarely larger, and a chunk's 28
 /// bytes of nonce and tag stay under 0.05 %.

@@ -12,16 +12,17 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::api::error::ApiError;
-use crate::auth::{AccountId, Credentials};
-use crate::control::{ControlPlane, ProvisionedConfig, Resolved};
-use crate::environment::{ColdStart, Launch, VersionKey};
-use crate::lifecycle::DestroyReason;
-use crate::model::{FunctionRef, LATEST, REGION};
-use crate::role_credentials::RoleCredentialIssuer;
-use crate::router::{InvokeRouter, RouteError};
-use crate::runtime_api::Outcome;
-use crate::store::EVENTS;
+use crate::control_plane::functions::{ControlPlane, ProvisionedConfig, Resolved};
+use crate::control_plane::model::{FunctionRef, LATEST, REGION};
+use crate::control_plane::store::EVENTS;
+use crate::data_plane::environment::{ColdStart, Launch};
+use crate::data_plane::lifecycle::DestroyReason;
+use crate::data_plane::router::{InvokeRouter, RouteError};
+use crate::data_plane::runtime_api::Outcome;
+use crate::error::ApiError;
+use crate::ids::{AccountId, VersionKey};
+use crate::security::auth::Credentials;
+use crate::security::role_credentials::RoleCredentialIssuer;
 
 /// Lambda retries a failed asynchronous event twice.
 const EVENT_ATTEMPTS: u32 = 3;

@@ -5,11 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::error::ApiError;
-use crate::auth::AccountId;
-use crate::control::{code_key, code_sha256, decode_zip, now_string, ControlPlane};
-use crate::model::{LayerRef, REGION};
-use crate::store::{numbered, Txn, CODE, LAYERS};
+use crate::control_plane::functions::{
+    code_key, code_sha256, decode_zip, now_string, ControlPlane,
+};
+use crate::control_plane::model::{LayerRef, REGION};
+use crate::control_plane::store::{numbered, Txn, CODE, LAYERS};
+use crate::error::ApiError;
+use crate::ids::AccountId;
 
 /// Lambda's limit on layers per function.
 pub const MAX_LAYERS: usize = 5;

@@ -14,7 +14,7 @@ use vmm::devices::virtio::block::chunked::{
     chunk_path, seal_chunk, ChunkKey, ChunkManifest, ChunkRef, CHUNK_SIZE,
 };
 
-use crate::key_file::{self, KeyFileError};
+use crate::security::key_file::{self, KeyFileError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkStoreError {
@@ -115,8 +115,8 @@ pub fn stored_fraction(images: &[&StoredImage]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::erofs_image::tests::mkfs_present;
-    use crate::oci::tests::{layer_tar, scratch, write_layout, Entry};
+    use crate::artifacts::erofs_image::tests::mkfs_present;
+    use crate::artifacts::oci::tests::{layer_tar, scratch, write_layout, Entry};
     use vmm::devices::virtio::block::chunked::ChunkedImage;
     use vmm::devices::virtio::block::BlockBackend;
 
@@ -143,7 +143,9 @@ mod tests {
         );
         let app_layer = layer_tar(&[Entry::File("var/task/function.wasm", app)]);
         write_layout(&dir.join("layout"), &[base_layer, app_layer]);
-        crate::oci::filesystem_image(&dir.join("layout")).unwrap().0
+        crate::artifacts::oci::filesystem_image(&dir.join("layout"))
+            .unwrap()
+            .0
     }
 
     #[test]

@@ -1,0 +1,8 @@
+//! What the functions are: their model and wire shapes, the redb store,
+//! functions, versions, aliases, concurrency and provisioned configs, and
+//! layers.
+
+pub mod functions;
+pub mod layers;
+pub mod model;
+pub mod store;
