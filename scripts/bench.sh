@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh qemu-system-x86
-cargo build --release -q -p vmm -p guest-init -p microvm-tests --bins
+echo "== release build (about 5 minutes the first time on 2 cores, seconds after)"
+cargo build --release -p vmm -p guest-init -p microvm-tests --bins
 target/x86_64-unknown-linux-gnu/release/boot_bench "$@"
 target/x86_64-unknown-linux-gnu/release/runtime_boot_bench "$@"
 target/x86_64-unknown-linux-gnu/release/snapshot_bench "$@"

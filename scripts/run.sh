@@ -8,8 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh wabt
 python=$(scripts/setup-python.sh)
-cargo build --release -q -p vmm -p host-services -p microvm-tests --bins
-cargo build --release -q -p guest-init --features baremetal --bin baremetal
+echo "== release build (about 6 minutes the first time on 2 cores, seconds after)"
+started=$(date +%s)
+cargo build --release -p vmm -p host-services -p microvm-tests --bins
+cargo build --release -p guest-init --features baremetal --bin baremetal
+echo "== built in $(( $(date +%s) - started ))s"
 bin=target/x86_64-unknown-linux-gnu/release
 
 data=$(mktemp -d /tmp/lambda-worker.XXXXXX)
