@@ -10,7 +10,8 @@ scripts/setup.sh wabt
 python=$(scripts/setup-python.sh)
 echo "== release build (about 6 minutes the first time on 2 cores, seconds after)"
 started=$(date +%s)
-cargo build --release -p vmm -p host-services -p microvm-tests --bins
+cargo build --release -p vmm -p microvm-tests --bins
+cargo build --config host-services/panic-unwind.toml --release -p host-services --bins
 cargo build --release -p guest-init --features baremetal --bin baremetal
 echo "== built in $(( $(date +%s) - started ))s"
 bin=target/x86_64-unknown-linux-gnu/release

@@ -37,7 +37,8 @@ MICROVM_SKIP_LOG=$(mktemp)
 export MICROVM_SKIP_LOG
 trap 'rm -f "$log" "$MICROVM_SKIP_LOG"' EXIT
 status=0
-cargo test --workspace 2>&1 | tee "$log" || status=$?
+# --no-fail-fast: a failure in one test binary must not hide the others.
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 
 step "fuzzing"
 [[ $status -ne 0 ]] || scripts/fuzz.sh 20 || status=$?

@@ -187,6 +187,11 @@ fn workspace_binary(package: &str, bin: &str, features: &[&str]) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
+        if package == "host-services" {
+            let flags =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../host-services/panic-unwind.toml");
+            cmd.arg("--config").arg(flags);
+        }
         for feature in features {
             cmd.args(["--features", feature]);
         }

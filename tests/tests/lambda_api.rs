@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use microvm_tests::worker::{data_dir, environments_of, RunningWorker, ACCOUNT_A, ACCOUNT_B};
+use microvm_tests::worker::{
+    client_runtime, data_dir, environments_of, RunningWorker, ACCOUNT_A, ACCOUNT_B,
+};
 use microvm_tests::{python, ECHO_WAT};
 
 fn boto3(endpoint: &str, wasm: &Path, extra: &[&str]) -> String {
@@ -38,8 +40,9 @@ fn boto3_drives_functions_versions_aliases_and_invokes_and_a_restart_loses_nothi
     let wasm = data.join("function.wasm");
     std::fs::write(&wasm, wat::parse_str(ECHO_WAT).unwrap()).unwrap();
 
-    let worker = RunningWorker::start(&data, &[], "info");
+    let worker = RunningWorker::start(&data, &["--backup-every", "1"], "info");
     let out = boto3(&worker.endpoint(), &wasm, &[]);
+    let changes_done = std::time::SystemTime::now();
     let event_id = out
         .lines()
         .find_map(|l| l.strip_prefix("event-id: "))
@@ -60,6 +63,8 @@ fn boto3_drives_functions_versions_aliases_and_invokes_and_a_restart_loses_nothi
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A backup begun after the last change holds all of it.
+    let backup = newest_backup_after(&data.join("backups"), changes_done);
     let log = worker.stop();
 
     let v1 = environments_of(&log, "111111111111:echo:1");
@@ -77,7 +82,49 @@ fn boto3_drives_functions_versions_aliases_and_invokes_and_a_restart_loses_nothi
     let worker = RunningWorker::start(&data, &[], "info");
     boto3(&worker.endpoint(), &wasm, &["after-restart"]);
     worker.stop();
+
+    // The backup restored into a new data directory serves it all: its
+    // state file and key files are all a restore takes.
+    let restored = data_dir("lambda-api-restored");
+    std::fs::copy(backup.join("state.redb"), restored.join("state.redb")).unwrap();
+    std::fs::create_dir_all(restored.join("keys")).unwrap();
+    for key in std::fs::read_dir(backup.join("keys")).unwrap() {
+        let key = key.unwrap().path();
+        std::fs::copy(&key, restored.join("keys").join(key.file_name().unwrap())).unwrap();
+    }
+    let worker = RunningWorker::start(&restored, &[], "info");
+    boto3(&worker.endpoint(), &wasm, &["after-restart"]);
+    worker.stop();
     std::fs::remove_dir_all(&data).unwrap();
+    std::fs::remove_dir_all(&restored).unwrap();
+}
+
+/// The newest complete backup in `backups` begun after `after` (its name
+/// is its start in milliseconds), waiting up to 10 s for one.
+fn newest_backup_after(backups: &Path, after: std::time::SystemTime) -> std::path::PathBuf {
+    let after_ms = after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let newest = std::fs::read_dir(backups)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|name| Some((name.parse::<u128>().ok()?, name)))
+            .filter(|(ms, _)| *ms > after_ms)
+            .max();
+        if let Some((_, name)) = newest {
+            return backups.join(name);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no backup in {}",
+            backups.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// SIGINT waits for requests in flight, but only for `--shutdown-grace`:
@@ -107,4 +154,64 @@ fn sigint_stops_the_worker_even_with_a_request_stuck_in_flight() {
     );
     drop(stuck);
     let _ = std::fs::remove_dir_all(&data);
+}
+
+/// A damaged state file, flipped byte by byte across its pages, never
+/// takes the worker down with a panic: it refuses to start with one line
+/// that names the file and leaves it as it was, or it starts and serves.
+#[test]
+fn a_damaged_state_file_is_refused_by_name_or_served_never_a_crash() {
+    let data = data_dir("damaged-state");
+    let worker = RunningWorker::start(&data, &[], "info");
+    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    let client = worker.client();
+    client_runtime().block_on(async {
+        for i in 0..40 {
+            let name = format!("f{i}");
+            client.create_wasm_function(&name, &wasm, 3).await.unwrap();
+            client.publish_version(&name).await.unwrap();
+        }
+    });
+    worker.stop();
+    let file = data.join("state.redb");
+    let pristine = std::fs::read(&file).unwrap();
+    let (mut refused, mut served) = (0, 0);
+    for offset in (0..pristine.len()).step_by(4096 * 3).map(|page| page + 100) {
+        let mut damaged = pristine.clone();
+        damaged[offset] ^= 0xa5;
+        std::fs::write(&file, &damaged).unwrap();
+        let out = Command::new(microvm_tests::lambda_worker_binary())
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", "192.0.2.1:9000", "--credentials"])
+            .arg(data.join("credentials.json"))
+            .arg("--vmm")
+            .arg(microvm_tests::vmm_binary())
+            .arg("--guest")
+            .arg(microvm_tests::baremetal_guest())
+            .arg("--no-jail")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().last().unwrap_or_default();
+        // 192.0.2.1 (TEST-NET-1) is no address of this host: a worker that
+        // got past its state stops there, with an error of its own.
+        if last.contains("--listen") {
+            served += 1;
+        } else {
+            assert_eq!(out.status.code(), Some(1), "byte {offset}: {stderr}");
+            assert!(
+                last.contains("the state file") && last.contains("state.redb is damaged"),
+                "byte {offset}: {stderr}"
+            );
+            assert!(
+                std::fs::read(&file).unwrap() == damaged,
+                "byte {offset}: the refused file was changed: {stderr}"
+            );
+            refused += 1;
+        }
+    }
+    println!("{refused} damaged copies refused by name, {served} started");
+    assert!(refused > 0, "no damage was noticed");
+    std::fs::remove_dir_all(&data).unwrap();
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use host_services::api;
+use host_services::control_plane::backup::spawn_backups;
 use host_services::control_plane::functions::ControlPlane;
 use host_services::control_plane::store::Store;
 use host_services::data_plane::environment::MicroVmImage;
@@ -86,6 +87,10 @@ struct Args {
     /// SIGINT ends the wait at once.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
+    /// Seconds between backups of the state and its keys into
+    /// DIR/backups (the newest 3 are kept); 0 writes none.
+    #[arg(long, default_value_t = 3600)]
+    backup_every: u64,
 }
 
 fn existing_file(what: &str, path: &std::path::Path) -> Result<(), String> {
@@ -165,6 +170,14 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .with_issuer(roles.clone());
     let store = Store::open(&args.data_dir).map_err(|e| e.to_string())?;
+    if args.backup_every > 0 {
+        spawn_backups(
+            store.clone(),
+            args.data_dir.join("keys"),
+            args.data_dir.join("backups"),
+            Duration::from_secs(args.backup_every),
+        );
+    }
     let keys = Arc::new(
         KeyService::open(&args.data_dir.join("keys"))
             .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,

@@ -1,7 +1,8 @@
 //! What the functions are: their model and wire shapes, the redb store,
 //! functions, versions, aliases, concurrency and provisioned configs, and
-//! layers.
+//! layers, and backups of the state.
 
+pub mod backup;
 pub mod functions;
 pub mod layers;
 pub mod model;

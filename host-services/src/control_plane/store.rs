@@ -4,10 +4,13 @@
 //! crash leaves either all of a call's changes or none.
 
 use std::ops::Bound;
-use std::path::Path;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    WriteTransaction,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -39,10 +42,22 @@ const ALL: [Docs; 7] = [
     PROVISIONED,
 ];
 
+/// The state file's name in the data directory.
+pub const STATE_FILE: &str = "state.redb";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
     Database(#[from] redb::Error),
+    #[error(
+        "the state file {path} is damaged ({what}); nothing was changed. Restore it from a backup \
+         (docs/worker.md, \"State and backups\"), or move it aside to start with no functions"
+    )]
+    Damaged { path: PathBuf, what: String },
+    /// redb gave up on a page while serving one call (it panics on some
+    /// damage it finds); the call fails, the worker goes on.
+    #[error("the state file could not be read ({0}); the call was not carried out")]
+    Unreadable(String),
     #[error("stored record {key:?} in {table} is corrupt: {source}")]
     Corrupt {
         table: String,
@@ -68,8 +83,10 @@ from_redb!(
     redb::CommitError
 );
 
+/// The state database; clones share it.
+#[derive(Clone)]
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
 }
 
 /// A key for records that sort by number: versions sort numerically.
@@ -82,6 +99,20 @@ fn decode<T: DeserializeOwned>(table: Docs, key: &str, bytes: &[u8]) -> Result<T
         table: table.to_string(),
         key: key.to_string(),
         source,
+    })
+}
+
+/// Runs one store operation, turning a panic inside redb into an error of
+/// this call alone.
+fn guarded<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic without a message");
+        tracing::error!("the state store failed inside redb: {what}");
+        Err(StoreError::Unreadable(what.to_string()))
     })
 }
 
@@ -126,7 +157,7 @@ impl Txn {
         table: Docs,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        get_in(table, &self.tx.open_table(table)?, key)
+        guarded(|| get_in(table, &self.tx.open_table(table)?, key))
     }
 
     pub fn scan<T: DeserializeOwned>(
@@ -134,7 +165,7 @@ impl Txn {
         table: Docs,
         prefix: &str,
     ) -> Result<Vec<(String, T)>, StoreError> {
-        scan_in(table, &self.tx.open_table(table)?, prefix)
+        guarded(|| scan_in(table, &self.tx.open_table(table)?, prefix))
     }
 
     pub fn put<T: Serialize>(&self, table: Docs, key: &str, value: &T) -> Result<(), StoreError> {
@@ -143,30 +174,38 @@ impl Txn {
     }
 
     pub fn put_bytes(&self, table: Docs, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        self.tx.open_table(table)?.insert(key, bytes)?;
-        Ok(())
+        guarded(|| {
+            self.tx.open_table(table)?.insert(key, bytes)?;
+            Ok(())
+        })
     }
 
     pub fn get_bytes(&self, table: Docs, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .tx
-            .open_table(table)?
-            .get(key)?
-            .map(|v| v.value().to_vec()))
+        guarded(|| {
+            Ok(self
+                .tx
+                .open_table(table)?
+                .get(key)?
+                .map(|v| v.value().to_vec()))
+        })
     }
 
     pub fn remove(&self, table: Docs, key: &str) -> Result<(), StoreError> {
-        self.tx.open_table(table)?.remove(key)?;
-        Ok(())
+        guarded(|| {
+            self.tx.open_table(table)?.remove(key)?;
+            Ok(())
+        })
     }
 
     /// Removes every record under `prefix/`.
     pub fn remove_prefix(&self, table: Docs, prefix: &str) -> Result<(), StoreError> {
-        let start = format!("{prefix}/");
-        self.tx
-            .open_table(table)?
-            .retain(|k, _| !k.starts_with(&start))?;
-        Ok(())
+        guarded(|| {
+            let start = format!("{prefix}/");
+            self.tx
+                .open_table(table)?
+                .retain(|k, _| !k.starts_with(&start))?;
+            Ok(())
+        })
     }
 }
 
@@ -181,7 +220,7 @@ impl Snapshot {
         table: Docs,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        get_in(table, &self.tx.open_table(table)?, key)
+        guarded(|| get_in(table, &self.tx.open_table(table)?, key))
     }
 
     pub fn scan<T: DeserializeOwned>(
@@ -189,39 +228,122 @@ impl Snapshot {
         table: Docs,
         prefix: &str,
     ) -> Result<Vec<(String, T)>, StoreError> {
-        scan_in(table, &self.tx.open_table(table)?, prefix)
+        guarded(|| scan_in(table, &self.tx.open_table(table)?, prefix))
     }
 
     pub fn get_bytes(&self, table: Docs, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .tx
-            .open_table(table)?
-            .get(key)?
-            .map(|v| v.value().to_vec()))
+        guarded(|| {
+            Ok(self
+                .tx
+                .open_table(table)?
+                .get(key)?
+                .map(|v| v.value().to_vec()))
+        })
     }
 
     /// Every record of `table`.
     pub fn all<T: DeserializeOwned>(&self, table: Docs) -> Result<Vec<(String, T)>, StoreError> {
-        let open = self.tx.open_table(table)?;
-        let mut out = Vec::new();
-        for entry in open.iter()? {
-            let (k, v) = entry?;
-            out.push((k.value().to_string(), decode(table, k.value(), v.value())?));
-        }
-        Ok(out)
+        guarded(|| {
+            let open = self.tx.open_table(table)?;
+            let mut out = Vec::new();
+            for entry in open.iter()? {
+                let (k, v) = entry?;
+                out.push((k.value().to_string(), decode(table, k.value(), v.value())?));
+            }
+            Ok(out)
+        })
     }
 }
 
 impl Store {
-    /// Opens (or creates) `dir/state.redb`.
+    /// Opens (or creates) `dir/state.redb`. An existing file is checked
+    /// first, every page (redb's integrity check) and every record: a
+    /// file redb cannot open or repair is refused with [`StoreError::Damaged`]
+    /// and left as it is; a record that does not decode is logged, and only
+    /// the calls that need it fail.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(dir.join("state.redb"))?;
-        let tx = db.begin_write()?;
-        for table in ALL {
-            tx.open_table(table)?;
+        let path = dir.join(STATE_FILE);
+        let existed = path.exists();
+        let damaged = |what: String| StoreError::Damaged {
+            path: path.clone(),
+            what,
+        };
+        if existed {
+            // redb writes while it opens and repairs; a file it then
+            // refuses must be left as the operator had it, so the check
+            // runs on a copy first.
+            let copy = dir.join(format!(".{STATE_FILE}.check"));
+            std::fs::copy(&path, &copy).map_err(|e| damaged(format!("cannot copy it: {e}")))?;
+            let checked = guarded(|| Ok(Database::create(&copy)?.check_integrity()?));
+            let _ = std::fs::remove_file(&copy);
+            match checked {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(
+                    "{}: redb's integrity check found damage it can repair; repairing",
+                    path.display()
+                ),
+                Err(e) => return Err(damaged(cause(&e))),
+            }
         }
-        tx.commit()?;
-        Ok(Store { db })
+        let mut db = guarded(|| Ok(Database::create(&path)?)).map_err(|e| damaged(cause(&e)))?;
+        if existed {
+            guarded(|| Ok(db.check_integrity()?)).map_err(|e| damaged(cause(&e)))?;
+        }
+        let store = Store { db: Arc::new(db) };
+        store
+            .write(|t| {
+                for table in ALL {
+                    t.tx.open_table(table)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .map_err(|e| damaged(cause(&e)))?;
+        if existed {
+            for (table, key, error) in store.undecodable().map_err(|e| damaged(cause(&e)))? {
+                tracing::error!(
+                    "{}: record {key:?} in {table} is corrupt ({error}); calls that need it will fail",
+                    path.display()
+                );
+            }
+        }
+        Ok(store)
+    }
+
+    /// Every record that does not decode: (table, key, why). Code blobs
+    /// are sealed bytes, checked by their own authentication when used.
+    fn undecodable(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let read = self.read()?;
+        guarded(|| {
+            let mut bad = Vec::new();
+            for table in ALL.into_iter().filter(|t| t.name() != CODE.name()) {
+                for entry in read.tx.open_table(table)?.iter()? {
+                    let (k, v) = entry?;
+                    if let Err(e) = serde_json::from_slice::<serde_json::Value>(v.value()) {
+                        bad.push((table.to_string(), k.value().to_string(), e.to_string()));
+                    }
+                }
+            }
+            Ok(bad)
+        })
+    }
+
+    /// Writes every table, as one read transaction sees it, into a new
+    /// database at `path`: a consistent copy while calls go on.
+    pub fn copy_to(&self, path: &Path) -> Result<(), StoreError> {
+        let read = self.read()?;
+        guarded(|| {
+            let copy = Database::create(path)?;
+            let tx = copy.begin_write()?;
+            for table in ALL {
+                let mut to = tx.open_table(table)?;
+                for entry in read.tx.open_table(table)?.iter()? {
+                    let (k, v) = entry?;
+                    to.insert(k.value(), v.value())?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Runs `f` in one write transaction, committed only if `f` succeeds.
@@ -230,17 +352,27 @@ impl Store {
         f: impl FnOnce(&Txn) -> Result<T, E>,
     ) -> Result<T, E> {
         let txn = Txn {
-            tx: self.db.begin_write().map_err(StoreError::from)?,
+            tx: guarded(|| Ok(self.db.begin_write()?))?,
         };
         let out = f(&txn)?;
-        txn.tx.commit().map_err(StoreError::from)?;
+        guarded(|| Ok(txn.tx.commit()?))?;
         Ok(out)
     }
 
     pub fn read(&self) -> Result<Snapshot, StoreError> {
-        Ok(Snapshot {
-            tx: self.db.begin_read()?,
+        guarded(|| {
+            Ok(Snapshot {
+                tx: self.db.begin_read()?,
+            })
         })
+    }
+}
+
+/// What went wrong, without the wrapping [`StoreError`]'s own words.
+fn cause(e: &StoreError) -> String {
+    match e {
+        StoreError::Database(e) => e.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -307,6 +439,99 @@ mod tests {
             .get::<String>(FUNCTIONS, "a/f")
             .unwrap_err();
         assert!(err.to_string().contains("\"a/f\" in functions"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A store with a few hundred records in several tables, closed.
+    fn written_store(dir: &Path) -> Vec<(Docs, String, String)> {
+        let store = Store::open(dir).unwrap();
+        let mut records = Vec::new();
+        for i in 0..300u64 {
+            let table = [FUNCTIONS, VERSIONS, EVENTS][i as usize % 3];
+            let key = numbered("111111111111/f", i);
+            let value = format!("record {i} {}", "x".repeat((i % 40) as usize * 10));
+            records.push((table, key, value));
+        }
+        store
+            .write(|t| {
+                for (table, key, value) in &records {
+                    t.put(*table, key, value)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        records
+    }
+
+    #[test]
+    fn a_flipped_byte_anywhere_is_refused_by_name_or_served_right_never_a_panic() {
+        let dir = temp_dir("flips");
+        let records = written_store(&dir);
+        let file = dir.join(STATE_FILE);
+        let pristine = std::fs::read(&file).unwrap();
+        let (mut refused, mut served, mut failed_calls) = (0, 0, 0);
+        let offsets: Vec<usize> = (0..pristine.len())
+            .step_by(4096)
+            .flat_map(|page| [page, page + 2048])
+            .filter(|&o| o < pristine.len())
+            .collect();
+        for &offset in &offsets {
+            let mut damaged = pristine.clone();
+            damaged[offset] ^= 0x5a;
+            std::fs::write(&file, &damaged).unwrap();
+            match Store::open(&dir) {
+                Err(e @ StoreError::Damaged { .. }) => {
+                    let text = e.to_string();
+                    assert!(text.contains(&file.display().to_string()), "{text}");
+                    assert!(text.contains("backup"), "{text}");
+                    refused += 1;
+                }
+                Err(e) => panic!("byte {offset}: not a named refusal: {e}"),
+                Ok(store) => {
+                    served += 1;
+                    let Ok(read) = store.read() else {
+                        failed_calls += 1;
+                        continue;
+                    };
+                    for (table, key, value) in &records {
+                        match read.get::<String>(*table, key) {
+                            Ok(Some(got)) => assert_eq!(&got, value, "byte {offset}: {key}"),
+                            Ok(None) => panic!("byte {offset}: {key} vanished without an error"),
+                            Err(_) => failed_calls += 1,
+                        }
+                    }
+                }
+            }
+        }
+        println!(
+            "{} flips: {refused} refused at start, {served} opened ({failed_calls} calls failed)",
+            offsets.len()
+        );
+        assert!(refused > 0, "no flip was noticed: is the check running?");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cut_or_foreign_state_file_is_refused_by_name() {
+        let dir = temp_dir("cut");
+        written_store(&dir);
+        let file = dir.join(STATE_FILE);
+        let whole = std::fs::read(&file).unwrap();
+        for damaged in [
+            &whole[..whole.len() / 2],
+            &whole[..100],
+            b"not a database at all",
+        ] {
+            std::fs::write(&file, damaged).unwrap();
+            let err = Store::open(&dir).err().expect("a damaged file opened");
+            assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+            assert!(err.to_string().contains("state.redb"), "{err}");
+            assert_eq!(
+                std::fs::read(&file).unwrap(),
+                damaged,
+                "the refused file was changed"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

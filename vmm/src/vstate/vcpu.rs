@@ -506,7 +506,12 @@ impl Vcpu {
             // Edge-triggered pins need no EOI handling.
             Ok(VcpuExit::IoapicEoi(_)) => None,
             Ok(VcpuExit::Hlt) => Some(VcpuStop::Shutdown("the guest halted")),
-            Ok(VcpuExit::Shutdown) => Some(VcpuStop::Reset("triple fault")),
+            Ok(VcpuExit::Shutdown) => {
+                // A reboot (Linux's reboot=t) or a crash: which one, the
+                // state at the fault tells.
+                tracing::info!("{}", self.describe_triple_fault());
+                Some(VcpuStop::Reset("triple fault"))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::Shutdown("system event: shutdown"),
                 KVM_SYSTEM_EVENT_RESET => VcpuStop::Reset("system event: reset"),
@@ -582,6 +587,27 @@ impl Vcpu {
             self.bare.index,
             extra.join(", ")
         )
+    }
+
+    /// Where the guest was when it triple-faulted: RIP, the mode it ran
+    /// in and the control registers.
+    fn describe_triple_fault(&self) -> String {
+        let index = self.bare.index;
+        match (self.bare.fd.get_regs(), self.bare.fd.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => format!(
+                "vCPU {index}: triple fault at RIP {:#x} (CS {:#x}, long mode {}), RSP {:#x}, CR0 {:#x}, CR2 {:#x}, CR3 {:#x}, CR4 {:#x}, EFER {:#x}",
+                regs.rip,
+                sregs.cs.selector,
+                sregs.cs.l,
+                regs.rsp,
+                sregs.cr0,
+                sregs.cr2,
+                sregs.cr3,
+                sregs.cr4,
+                sregs.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("vCPU {index}: triple fault (registers unreadable: {e})"),
+        }
     }
 
     /// Reads the bytes at a guest virtual address, through the guest's
