@@ -34,8 +34,9 @@ cargo clippy -p guest-init --features linux-init --all-targets -- -D warnings
 step "cargo test (the Linux tests boot the L1 machine, one at a time)"
 log=$(mktemp)
 MICROVM_SKIP_LOG=$(mktemp)
-export MICROVM_SKIP_LOG
-trap 'rm -f "$log" "$MICROVM_SKIP_LOG"' EXIT
+MICROVM_RETRY_LOG=$(mktemp)
+export MICROVM_SKIP_LOG MICROVM_RETRY_LOG
+trap 'rm -f "$log" "$MICROVM_SKIP_LOG" "$MICROVM_RETRY_LOG"' EXIT
 status=0
 # --no-fail-fast: a failure in one test binary must not hide the others.
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
@@ -46,6 +47,8 @@ step "fuzzing"
 # libtest counts a skipped test as passed; the skip log says which were.
 read -r ran failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p + 0, f + 0}' "$log")
 skipped=$(grep -c . "$MICROVM_SKIP_LOG" || true)
-echo "== test.sh: $((ran - skipped)) passed, $failed failed, $skipped skipped ($(( $(date +%s) - started ))s)"
+retried=$(grep -c . "$MICROVM_RETRY_LOG" || true)
+echo "== test.sh: $((ran - skipped)) passed ($retried on a second run in the emulated L1 machine), $failed failed, $skipped skipped ($(( $(date +%s) - started ))s)"
 sed 's/^/   skipped: /' "$MICROVM_SKIP_LOG"
+sed 's/^/   retried: /' "$MICROVM_RETRY_LOG"
 exit "$status"

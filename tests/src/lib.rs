@@ -328,19 +328,20 @@ pub fn hypervisor() -> HypervisorKind {
 /// it and counts those lines as skipped, not passed, in its summary).
 pub fn skip(test: &str, reason: &str) {
     println!("SKIPPED: {reason} ({test})");
-    if let Some(log) = std::env::var_os("MICROVM_SKIP_LOG") {
+    record("MICROVM_SKIP_LOG", &format!("{test}: {reason}"));
+}
+
+/// Appends `line` to the file the variable `log` names, if it is set.
+fn record(log: &str, line: &str) {
+    if let Some(path) = std::env::var_os(log) {
         use std::io::Write;
-        let line = format!("{test}: {reason}\n");
         let written = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
         if let Err(e) = written {
-            panic!(
-                "cannot record the skip in {}: {e}",
-                Path::new(&log).display()
-            );
+            panic!("cannot record in {}: {e}", Path::new(&path).display());
         }
     }
 }
@@ -384,14 +385,33 @@ pub fn on_hardware_kvm(test: &str, body: impl FnOnce()) {
         exe.display()
     );
     println!("{test}: running in the L1 test machine (hardware KVM on emulated AMD SVM)");
-    let run = machine
-        .run(&script, &env, Duration::from_secs(900))
-        .unwrap_or_else(|e| panic!("{test} in L1: {e}"));
-    assert!(
-        run.code == 0 && run.output.contains("test result: ok. 1 passed"),
-        "{test} failed in the L1 machine (exit status {}); its output is above",
-        run.code
-    );
+    let passed = || {
+        let run = machine
+            .run(&script, &env, Duration::from_secs(900))
+            .unwrap_or_else(|e| panic!("{test} in L1: {e}"));
+        (run.code == 0 && run.output.contains("test result: ok. 1 passed"))
+            .then_some(())
+            .ok_or(run.code)
+    };
+    // The emulator also fails inside L2 now and then (a triple fault or a
+    // hang during SMP bring-up, measured in docs/test-machine.md), which
+    // the harness cannot tell from a bug: such a test runs once more, and
+    // a pass on the second try is counted apart (MICROVM_RETRY_LOG), so it
+    // shows in the summary. A bug that fails every run still fails.
+    if let Err(first) = passed() {
+        println!(
+            "l1: {test} failed in the emulated machine (exit status {first}); running it once more"
+        );
+        if let Err(code) = passed() {
+            panic!(
+                "{test} failed twice in the L1 machine (exit status {code}); its output is above"
+            );
+        }
+        record(
+            "MICROVM_RETRY_LOG",
+            &format!("{test}: passed on its second run in L1"),
+        );
+    }
 }
 
 /// The guest kernel built by `kernel-config/build.sh`: from

@@ -50,6 +50,13 @@ impl RunningWorker {
     /// Starts the worker on `data` with `extra` flags; `log_filter` is its
     /// `RUST_LOG`. Returns once the API listens.
     pub fn start(data: &Path, extra: &[&str], log_filter: &str) -> Self {
+        Self::try_start(data, extra, log_filter)
+            .unwrap_or_else(|stderr| panic!("the worker never listened:\n{stderr}"))
+    }
+
+    /// [`RunningWorker::start`], or the worker's stderr if it exits (or
+    /// does not listen within 10 s) instead.
+    pub fn try_start(data: &Path, extra: &[&str], log_filter: &str) -> Result<Self, String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -94,19 +101,26 @@ impl RunningWorker {
         });
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
-                panic!(
-                    "the worker never listened:\n{}",
-                    stderr.lock().unwrap_or_else(|e| e.into_inner())
-                );
+            let exited = child.try_wait().ok().flatten().is_some();
+            if Instant::now() > deadline || exited {
+                let _ = child.kill();
+                let _ = child.wait();
+                // The reader thread has the last lines once the pipe closes.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(stderr.lock().unwrap_or_else(|e| e.into_inner()).clone());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        RunningWorker {
+        Ok(RunningWorker {
             child,
             address: format!("127.0.0.1:{port}"),
             stderr,
-        }
+        })
+    }
+
+    /// Whether the worker process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// A Rust client of the API, as account A.

@@ -13,8 +13,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block::{Block, BlockBackend};
+use super::mmio::MmioTransport;
 use super::vsock::packet::parse_tx;
 use super::{Interrupt, VirtioDevice};
+use crate::devices::bus::BusDevice;
 
 const MEM_SIZE: u64 = 1 << 20;
 /// Where the input's payload bytes land, for descriptors to point at.
@@ -132,6 +134,49 @@ pub fn vsock_tx_packets(input: &[u8]) {
     });
 }
 
+/// Register accesses to the virtio-mmio transport of a block device, as a
+/// driver (or a hostile guest) makes them: each 8 bytes of `input` is one
+/// read, write or queue notification, at any offset and width, with any
+/// value; the rest of the bytes are guest memory for the queues the
+/// accesses set up.
+pub fn mmio_register_accesses(input: &[u8]) {
+    const ACCESS_BYTES: usize = 8;
+    let (&count, rest) = input.split_first().unwrap_or((&0, &[]));
+    let count = usize::from(count).min(rest.len() / ACCESS_BYTES);
+    let (accesses, data) = rest.split_at(count * ACCESS_BYTES);
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]) else {
+        return;
+    };
+    let data = &data[..data.len().min((MEM_SIZE - DATA) as usize)];
+    let (Ok(()), Ok(block), Ok(irqfd)) = (
+        mem.write_slice(data, GuestAddress(DATA)),
+        Block::new(Box::new(MemoryImage(vec![0x5a; 64 << 10])), false, "fuzz"),
+        EventFd::new(libc::EFD_NONBLOCK),
+    ) else {
+        return;
+    };
+    let block = std::sync::Arc::new(std::sync::Mutex::new(block));
+    let mut transport = MmioTransport::new(mem, block.clone(), Interrupt::new(irqfd));
+    for access in accesses.chunks_exact(ACCESS_BYTES) {
+        // Registers and the first bytes of the configuration space.
+        let offset = u64::from(u16::from_le_bytes([access[1], access[2]]) % 0x180);
+        let width = [1, 2, 4, 8][usize::from(access[3] & 3)];
+        let mut value = [0u8; 8];
+        value[..4].copy_from_slice(&access[4..8]);
+        match access[0] % 3 {
+            0 => transport.read(offset, &mut value[..width]),
+            1 => transport.write(offset, &value[..width]),
+            // What the queue's ioeventfd starts in the event loop.
+            _ => {
+                let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
+                if block.is_activated() {
+                    block.process_queue();
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::collection::vec;
@@ -150,6 +195,11 @@ mod tests {
         #[test]
         fn vsock_tx_survives_any_queue(input in vec(any::<u8>(), 0..512)) {
             vsock_tx_packets(&input);
+        }
+
+        #[test]
+        fn the_mmio_transport_survives_any_register_accesses(input in vec(any::<u8>(), 0..1024)) {
+            mmio_register_accesses(&input);
         }
     }
 
