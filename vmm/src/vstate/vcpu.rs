@@ -271,9 +271,13 @@ impl BareVcpu {
         // SAFETY: the buffer is a whole kvm_xsave, as KVM_GET_XSAVE wrote
         // it; KVM validates its contents.
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.setup_err("XSAVE state"))?;
-        self.fd
-            .set_xcrs(&state.xcrs)
-            .map_err(self.setup_err("XCRs"))?;
+        // On a host without XSAVE, KVM saves no XCRs and refuses to set
+        // any (EINVAL), even none: every restore there failed.
+        if state.xcrs.nr_xcrs > 0 {
+            self.fd
+                .set_xcrs(&state.xcrs)
+                .map_err(self.setup_err("XCRs"))?;
+        }
         self.fd
             .set_debug_regs(&state.debugregs)
             .map_err(self.setup_err("debug registers"))?;
