@@ -48,7 +48,7 @@ step "fuzzing"
 read -r ran failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p + 0, f + 0}' "$log")
 skipped=$(grep -c . "$MICROVM_SKIP_LOG" || true)
 retried=$(grep -c . "$MICROVM_RETRY_LOG" || true)
-echo "== test.sh: $((ran - skipped)) passed ($retried on a second run in the emulated L1 machine), $failed failed, $skipped skipped ($(( $(date +%s) - started ))s)"
+echo "== test.sh: $((ran - skipped)) passed ($retried on a later run in the emulated L1 machine), $failed failed, $skipped skipped ($(( $(date +%s) - started ))s)"
 sed 's/^/   skipped: /' "$MICROVM_SKIP_LOG"
 sed 's/^/   retried: /' "$MICROVM_RETRY_LOG"
 exit "$status"

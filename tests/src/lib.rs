@@ -394,23 +394,29 @@ pub fn on_hardware_kvm(test: &str, body: impl FnOnce()) {
             .ok_or(run.code)
     };
     // The emulator also fails inside L2 now and then (a triple fault or a
-    // hang during SMP bring-up, measured in docs/test-machine.md), which
-    // the harness cannot tell from a bug: such a test runs once more, and
-    // a pass on the second try is counted apart (MICROVM_RETRY_LOG), so it
-    // shows in the summary. A bug that fails every run still fails.
-    if let Err(first) = passed() {
-        println!(
-            "l1: {test} failed in the emulated machine (exit status {first}); running it once more"
-        );
-        if let Err(code) = passed() {
-            panic!(
-                "{test} failed twice in the L1 machine (exit status {code}); its output is above"
-            );
+    // hang during SMP bring-up, in about one Linux boot of ten, measured in
+    // docs/test-machine.md), which the harness cannot tell from a bug: such
+    // a test runs again, up to three runs in all, and a pass on a later run
+    // is counted apart (MICROVM_RETRY_LOG), so it shows in the summary. A
+    // bug that fails every run still fails.
+    const RUNS: u32 = 3;
+    for attempt in 1..=RUNS {
+        match passed() {
+            Ok(()) if attempt == 1 => return,
+            Ok(()) => {
+                record(
+                    "MICROVM_RETRY_LOG",
+                    &format!("{test}: passed on run {attempt} of {RUNS} in L1"),
+                );
+                return;
+            }
+            Err(code) if attempt < RUNS => println!(
+                "l1: {test} failed in the emulated machine (run {attempt}, exit status {code}); running it again"
+            ),
+            Err(code) => panic!(
+                "{test} failed {RUNS} times in the L1 machine (last exit status {code}); its output is above"
+            ),
         }
-        record(
-            "MICROVM_RETRY_LOG",
-            &format!("{test}: passed on its second run in L1"),
-        );
     }
 }
 

@@ -671,94 +671,108 @@ fn interrupt_count(line: &str) -> u64 {
         .sum()
 }
 
-/// Linux with 1, 2 and 4 vCPUs: every CPU comes online and keeps time
-/// (a `sleep 1` on each wakes after about a second of guest time, on the
-/// TSC-deadline LAPIC timer, with no PIT), and the virtio-mmio block and
-/// entropy devices answer through their interrupts, routed by the VMM's
-/// IOAPIC, not by polling.
-#[test]
-fn linux_keeps_time_on_every_vcpu_and_its_devices_interrupt_under_this_vmm() {
-    on_hardware_kvm(
-        "linux_keeps_time_on_every_vcpu_and_its_devices_interrupt_under_this_vmm",
-        || {
-            use sha2::Digest;
-            let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
-            let dir = test_dir("linux-machine");
-            let disk = dir.join("disk.img");
-            let content: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
-            std::fs::write(&disk, &content).unwrap();
-            let digest = hex::encode(sha2::Sha256::digest(&content));
-            // The last run ignores the ACPI tables: the MP table is what
-            // kernels built without ACPI find the CPUs and IOAPIC in.
-            for (vcpus, extra) in [(1u8, ""), (2, ""), (4, ""), (2, " acpi=off")] {
-                let initrd =
-                    busybox_initramfs(&format!("machine-{vcpus}"), &machine_report_script(vcpus));
-                let run = run_vmm(
-                    &[
-                        "--kernel",
-                        kernel.to_str().unwrap(),
-                        "--initrd",
-                        initrd.to_str().unwrap(),
-                        "--cmdline",
-                        &format!("console=ttyS0 reboot=k panic=-1{extra}"),
-                        "--mem-mib",
-                        "256",
-                        "--vcpus",
-                        &vcpus.to_string(),
-                        "--drive",
-                        &format!("{},ro", disk.display()),
-                    ],
-                    Duration::from_secs(300),
-                );
-                std::fs::remove_file(&initrd).unwrap();
-                let out = &run.stdout;
-                let report = |key: &str| -> Vec<&str> {
-                    out.lines()
-                        .filter_map(|l| l.split(&format!("guest: {key} ")).nth(1))
-                        .collect()
-                };
-                let online = if vcpus == 1 {
-                    "0".to_string()
-                } else {
-                    format!("0-{}", vcpus - 1)
-                };
-                assert_eq!(
-                    report("cpus online"),
-                    [online.as_str()],
-                    "{vcpus} vCPUs:\n{out}\n{}",
-                    run.stderr
-                );
-                assert_eq!(report("clockevent"), ["lapic-deadline"], "{out}");
-                for cpu in 0..vcpus {
-                    let slept = report(&format!("cpu {cpu} slept from"));
-                    let [line] = slept.as_slice() else {
-                        panic!(
-                            "CPU {cpu} of {vcpus} did not report its sleep:\n{out}\n{}",
-                            run.stderr
-                        );
-                    };
-                    let (from, to) = line.split_once(" to ").unwrap();
-                    let slept = to.trim().parse::<f64>().unwrap() - from.parse::<f64>().unwrap();
-                    assert!(
-                        (0.99..3.0).contains(&slept),
-                        "CPU {cpu} of {vcpus} slept {slept} s of guest time:\n{out}"
+/// Linux with each of `machines` (vCPUs, extra command line): every CPU
+/// comes online and keeps time (a `sleep 1` on each wakes after about a
+/// second of guest time, on the TSC-deadline LAPIC timer, with no PIT),
+/// and the virtio-mmio block and entropy devices answer through their
+/// interrupts, routed by the VMM's IOAPIC, not by polling.
+fn check_machine_reports(test: &str, machines: &'static [(u8, &'static str)]) {
+    on_hardware_kvm(test, || {
+        use sha2::Digest;
+        let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+        let dir = test_dir(test);
+        let disk = dir.join("disk.img");
+        let content: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&disk, &content).unwrap();
+        let digest = hex::encode(sha2::Sha256::digest(&content));
+        for (index, &(vcpus, extra)) in machines.iter().enumerate() {
+            let initrd =
+                busybox_initramfs(&format!("{test}-{index}"), &machine_report_script(vcpus));
+            let run = run_vmm(
+                &[
+                    "--kernel",
+                    kernel.to_str().unwrap(),
+                    "--initrd",
+                    initrd.to_str().unwrap(),
+                    "--cmdline",
+                    &format!("console=ttyS0 reboot=k panic=-1{extra}"),
+                    "--mem-mib",
+                    "256",
+                    "--vcpus",
+                    &vcpus.to_string(),
+                    "--drive",
+                    &format!("{},ro", disk.display()),
+                ],
+                Duration::from_secs(300),
+            );
+            std::fs::remove_file(&initrd).unwrap();
+            let out = &run.stdout;
+            let report = |key: &str| -> Vec<&str> {
+                out.lines()
+                    .filter_map(|l| l.split(&format!("guest: {key} ")).nth(1))
+                    .collect()
+            };
+            let online = if vcpus == 1 {
+                "0".to_string()
+            } else {
+                format!("0-{}", vcpus - 1)
+            };
+            assert_eq!(
+                report("cpus online"),
+                [online.as_str()],
+                "{vcpus} vCPUs:\n{out}\n{}",
+                run.stderr
+            );
+            assert_eq!(report("clockevent"), ["lapic-deadline"], "{out}");
+            for cpu in 0..vcpus {
+                let slept = report(&format!("cpu {cpu} slept from"));
+                let [line] = slept.as_slice() else {
+                    panic!(
+                        "CPU {cpu} of {vcpus} did not report its sleep:\n{out}\n{}",
+                        run.stderr
                     );
-                }
-                assert_eq!(report("disk"), [digest.as_str()], "{out}");
-                let rng = report("rng");
+                };
+                let (from, to) = line.split_once(" to ").unwrap();
+                let slept = to.trim().parse::<f64>().unwrap() - from.parse::<f64>().unwrap();
                 assert!(
-                    rng.len() == 1 && rng[0].len() == 64 && rng[0].chars().any(|c| c != '0'),
-                    "{out}"
+                    (0.99..3.0).contains(&slept),
+                    "CPU {cpu} of {vcpus} slept {slept} s of guest time:\n{out}"
                 );
-                let irqs = report("irq");
-                assert_eq!(irqs.len(), 2, "block and entropy devices: {out}");
-                for line in irqs {
-                    assert!(interrupt_count(line) > 0, "no interrupts: {line}\n{out}");
-                }
-                assert_eq!(run.code, Some(0), "{vcpus} vCPUs: {}", run.stderr);
             }
-            std::fs::remove_dir_all(&dir).unwrap();
-        },
+            assert_eq!(report("disk"), [digest.as_str()], "{out}");
+            let rng = report("rng");
+            assert!(
+                rng.len() == 1 && rng[0].len() == 64 && rng[0].chars().any(|c| c != '0'),
+                "{out}"
+            );
+            let irqs = report("irq");
+            assert_eq!(irqs.len(), 2, "block and entropy devices: {out}");
+            for line in irqs {
+                assert!(interrupt_count(line) > 0, "no interrupts: {line}\n{out}");
+            }
+            assert_eq!(run.code, Some(0), "{vcpus} vCPUs: {}", run.stderr);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    });
+}
+
+#[test]
+fn linux_keeps_time_on_one_and_two_vcpus_and_its_devices_interrupt_under_this_vmm() {
+    check_machine_reports(
+        "linux_keeps_time_on_one_and_two_vcpus_and_its_devices_interrupt_under_this_vmm",
+        &[(1, ""), (2, "")],
+    );
+}
+
+/// Four vCPUs; and two with the ACPI tables ignored: the MP table is what
+/// kernels built without ACPI find the CPUs and IOAPIC in. Apart from the
+/// test above because SMP bring-up is where the emulated L1 machine fails
+/// now and then, and each test's runs are retried apart.
+#[test]
+fn linux_keeps_time_on_four_vcpus_and_with_acpi_off_under_this_vmm() {
+    check_machine_reports(
+        "linux_keeps_time_on_four_vcpus_and_with_acpi_off_under_this_vmm",
+        &[(4, ""), (2, " acpi=off")],
     );
 }
 
