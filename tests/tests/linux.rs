@@ -25,26 +25,27 @@ use microvm_tests::{
 const CMDLINE: &str =
     "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=1 noxsave microvm.test=linux-boot-42";
 
-/// Boots `kernel` with `initrd` (then removed) and 256 MiB under this VMM.
+/// Boots `kernel` with `initrd` (then removed) and 256 MiB under this VMM,
+/// with the VMM's `extra` flags.
 fn boot_under_this_vmm(
     kernel: &std::path::Path,
     initrd: &std::path::Path,
     cmdline: &str,
+    extra: &[&str],
     deadline_s: u64,
 ) -> VmmRun {
-    let run = run_vmm(
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "--mem-mib",
-            "256",
-        ],
-        Duration::from_secs(deadline_s),
-    );
+    let mut args = vec![
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "--mem-mib",
+        "256",
+    ];
+    args.extend_from_slice(extra);
+    let run = run_vmm(&args, Duration::from_secs(deadline_s));
     std::fs::remove_file(initrd).unwrap();
     run
 }
@@ -72,7 +73,7 @@ fn assert_booted_with_cmdline(run: &VmmRun) {
 fn linux_boots_to_init_under_this_vmm() {
     on_hardware_kvm("linux_boots_to_init_under_this_vmm", || {
         let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
-        let run = boot_under_this_vmm(&kernel, &marker_initramfs("vmm"), CMDLINE, 180);
+        let run = boot_under_this_vmm(&kernel, &marker_initramfs("vmm"), CMDLINE, &[], 180);
         assert_booted_with_cmdline(&run);
         assert!(run.stdout.contains(INIT_MARKER), "{}", run.stdout);
         assert_eq!(run.code, Some(0), "{}", run.stderr);
@@ -89,7 +90,7 @@ fn linux_stops_on_an_emulation_failure_reported_precisely_on_pvm() {
         return skip(TEST, "needs a PVM host");
     }
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
-    let run = boot_under_this_vmm(&kernel, &marker_initramfs("vmm-pvm"), CMDLINE, 180);
+    let run = boot_under_this_vmm(&kernel, &marker_initramfs("vmm-pvm"), CMDLINE, &[], 180);
     assert_booted_with_cmdline(&run);
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     let report = run
@@ -259,6 +260,7 @@ fn the_no_std_init_sets_up_the_guest_under_this_vmm() {
             &kernel,
             &no_std_init_initramfs("vmm"),
             "console=ttyS0 reboot=k panic=1 quiet",
+            &[],
             60,
         );
         for line in INIT_LINES {
@@ -688,24 +690,18 @@ fn check_machine_reports(test: &str, machines: &'static [(u8, &'static str)]) {
         for (index, &(vcpus, extra)) in machines.iter().enumerate() {
             let initrd =
                 busybox_initramfs(&format!("{test}-{index}"), &machine_report_script(vcpus));
-            let run = run_vmm(
+            let run = boot_under_this_vmm(
+                &kernel,
+                &initrd,
+                &format!("console=ttyS0 reboot=k panic=-1{extra}"),
                 &[
-                    "--kernel",
-                    kernel.to_str().unwrap(),
-                    "--initrd",
-                    initrd.to_str().unwrap(),
-                    "--cmdline",
-                    &format!("console=ttyS0 reboot=k panic=-1{extra}"),
-                    "--mem-mib",
-                    "256",
                     "--vcpus",
                     &vcpus.to_string(),
                     "--drive",
                     &format!("{},ro", disk.display()),
                 ],
-                Duration::from_secs(300),
+                300,
             );
-            std::fs::remove_file(&initrd).unwrap();
             let out = &run.stdout;
             let report = |key: &str| -> Vec<&str> {
                 out.lines()
@@ -779,22 +775,7 @@ fn linux_keeps_time_on_four_vcpus_and_with_acpi_off_under_this_vmm() {
 /// Boots a busybox init running `script` with `cmdline`, 1 vCPU.
 fn run_busybox_guest(tag: &str, script: &str, cmdline: &str) -> VmmRun {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
-    let initrd = busybox_initramfs(tag, script);
-    let run = run_vmm(
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "--mem-mib",
-            "256",
-        ],
-        Duration::from_secs(300),
-    );
-    std::fs::remove_file(&initrd).unwrap();
-    run
+    boot_under_this_vmm(&kernel, &busybox_initramfs(tag, script), cmdline, &[], 300)
 }
 
 /// How a Linux guest ends is how the VMM ends: a reboot (through the

@@ -146,28 +146,49 @@ where
     Ok(out)
 }
 
+/// The reads a write transaction and a read-only view share: both hold a
+/// redb transaction in `tx` whose tables are read the same way.
+macro_rules! record_reads {
+    ($holder:ty) => {
+        impl $holder {
+            pub fn get<T: DeserializeOwned>(
+                &self,
+                table: Docs,
+                key: &str,
+            ) -> Result<Option<T>, StoreError> {
+                guarded(|| get_in(table, &self.tx.open_table(table)?, key))
+            }
+
+            pub fn scan<T: DeserializeOwned>(
+                &self,
+                table: Docs,
+                prefix: &str,
+            ) -> Result<Vec<(String, T)>, StoreError> {
+                guarded(|| scan_in(table, &self.tx.open_table(table)?, prefix))
+            }
+
+            pub fn get_bytes(&self, table: Docs, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+                guarded(|| {
+                    Ok(self
+                        .tx
+                        .open_table(table)?
+                        .get(key)?
+                        .map(|v| v.value().to_vec()))
+                })
+            }
+        }
+    };
+}
+
+record_reads!(Txn);
+record_reads!(Snapshot);
+
 /// A write transaction: reads see its own writes.
 pub struct Txn {
     tx: WriteTransaction,
 }
 
 impl Txn {
-    pub fn get<T: DeserializeOwned>(
-        &self,
-        table: Docs,
-        key: &str,
-    ) -> Result<Option<T>, StoreError> {
-        guarded(|| get_in(table, &self.tx.open_table(table)?, key))
-    }
-
-    pub fn scan<T: DeserializeOwned>(
-        &self,
-        table: Docs,
-        prefix: &str,
-    ) -> Result<Vec<(String, T)>, StoreError> {
-        guarded(|| scan_in(table, &self.tx.open_table(table)?, prefix))
-    }
-
     pub fn put<T: Serialize>(&self, table: Docs, key: &str, value: &T) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).expect("records serialize");
         self.put_bytes(table, key, &bytes)
@@ -177,16 +198,6 @@ impl Txn {
         guarded(|| {
             self.tx.open_table(table)?.insert(key, bytes)?;
             Ok(())
-        })
-    }
-
-    pub fn get_bytes(&self, table: Docs, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        guarded(|| {
-            Ok(self
-                .tx
-                .open_table(table)?
-                .get(key)?
-                .map(|v| v.value().to_vec()))
         })
     }
 
@@ -215,32 +226,6 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn get<T: DeserializeOwned>(
-        &self,
-        table: Docs,
-        key: &str,
-    ) -> Result<Option<T>, StoreError> {
-        guarded(|| get_in(table, &self.tx.open_table(table)?, key))
-    }
-
-    pub fn scan<T: DeserializeOwned>(
-        &self,
-        table: Docs,
-        prefix: &str,
-    ) -> Result<Vec<(String, T)>, StoreError> {
-        guarded(|| scan_in(table, &self.tx.open_table(table)?, prefix))
-    }
-
-    pub fn get_bytes(&self, table: Docs, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        guarded(|| {
-            Ok(self
-                .tx
-                .open_table(table)?
-                .get(key)?
-                .map(|v| v.value().to_vec()))
-        })
-    }
-
     /// Every record of `table`.
     pub fn all<T: DeserializeOwned>(&self, table: Docs) -> Result<Vec<(String, T)>, StoreError> {
         guarded(|| {
