@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Fuzzes the parsers a guest feeds (fuzz/: the block device's requests, the
-# vsock TX packets, the virtio-mmio transport's registers) on the stable
-# toolchain (`-s none`: no sanitizer). Installs cargo-fuzz once, into
+# Fuzzes the parsers a guest or a caller feeds (fuzz/: the VMM's block
+# requests, vsock TX packets and virtio-mmio registers; the worker's
+# Runtime API, log stream, SigV4 checks and function ZIPs; the guest
+# init's start-up message) on the stable toolchain (`-s none`: no
+# sanitizer). Installs cargo-fuzz once, into
 # ~/.cargo/bin. CI runs the short form; the deep run is the scheduled one
 # (docs/fuzzing.md has its last figures).
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]     each target for a time (20 s)
@@ -17,7 +19,8 @@ elif [[ $# -gt 0 ]]; then
     shift
 fi
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(block_request vsock_packet mmio_transport)
+[[ ${#targets[@]} -gt 0 ]] || targets=(block_request vsock_packet mmio_transport
+    runtime_api_request log_stream signed_request function_zip environ_message)
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz" >&2
     cargo install --quiet --locked cargo-fuzz@0.13.2 >&2
@@ -25,17 +28,19 @@ fi
 log=$(mktemp)
 seeds=$(mktemp -d)
 trap 'rm -rf "$log" "$seeds"' EXIT
-# A driver's whole set-up and one read, from the unit test that checks it
-# reaches the disk: without it the fuzzer takes long to find the register
-# sequence that activates the device.
+# Seeds from the unit tests that check them (a driver's whole set-up and
+# one read, a runtime taking an event and answering, signed requests, a
+# function ZIP): from nothing, the fuzzer takes long to find such
+# sequences.
 (cd .. && MICROVM_FUZZ_SEED_DIR="$seeds" cargo test -q -p vmm --lib \
-    a_driver_set_up_through_the_registers_reads_the_disk > /dev/null)
+    a_driver_set_up_through_the_registers_reads_the_disk > /dev/null &&
+    MICROVM_FUZZ_SEED_DIR="$seeds" cargo test -q -p host-services --lib fuzzing > /dev/null)
 for target in "${targets[@]}"; do
     echo "fuzz: $target ($limit)"
     started=$(date +%s)
     mkdir -p "corpus/$target"
     corpora=("corpus/$target")
-    [[ $target != mmio_transport ]] || corpora+=("$seeds")
+    [[ ! -d "$seeds/$target" ]] || corpora+=("$seeds/$target")
     # The corpus stays in fuzz/corpus between runs; a crash fails the run
     # and leaves its input in fuzz/artifacts. libFuzzer reports its
     # progress on stderr every few seconds; the last report is shown.

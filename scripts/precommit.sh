@@ -6,6 +6,7 @@ cargo fmt --all --check
 cargo clippy -q --workspace --all-targets -- -D warnings
 cargo clippy -q -p guest-init --features baremetal --all-targets -- -D warnings
 cargo clippy -q -p guest-init --features linux-init --all-targets -- -D warnings
+cargo clippy -q -p vmm -p host-services --features vmm/fuzzing,host-services/fuzzing -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 if ! cargo test -q --workspace >"$log" 2>&1; then

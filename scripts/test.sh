@@ -30,6 +30,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The freestanding guest programs build on their own; see guest-init/Cargo.toml.
 cargo clippy -p guest-init --features baremetal --all-targets -- -D warnings
 cargo clippy -p guest-init --features linux-init --all-targets -- -D warnings
+cargo clippy -p vmm -p host-services --features vmm/fuzzing,host-services/fuzzing -- -D warnings
 
 step "cargo test (the Linux tests boot the L1 machine, one at a time)"
 log=$(mktemp)

@@ -16,11 +16,16 @@
 //!   service and its key files.
 //! - [`error`] and [`ids`]: Lambda's error shapes and the names every
 //!   layer uses.
+//!
+//! Above them all, `fuzzing` (tests and the `fuzzing` feature): harnesses
+//! for the parsers of bytes a guest or a caller chooses.
 
 pub mod api;
 pub mod artifacts;
 pub mod control_plane;
 pub mod data_plane;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod ids;
 pub mod security;

@@ -14,6 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["control_plane"],
     &["data_plane"],
     &["api"],
+    &["fuzzing"],
 ];
 
 type Graph = BTreeMap<String, BTreeSet<String>>;

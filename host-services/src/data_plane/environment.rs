@@ -1,17 +1,16 @@
 //! An execution environment: one microVM serving one function version,
 //! one invocation at a time, through the Runtime API on its vsock socket.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
-use tokio::sync::Notify;
 
 use crate::artifacts::sealed::{ArtifactError, GrantedArtifact};
+use crate::data_plane::log_stream::{read_lines, Lines};
 use crate::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use crate::data_plane::snapshots::{self, SnapshotStore};
 use crate::data_plane::vmm_process::{
@@ -98,130 +97,6 @@ pub enum EnvironmentError {
     Runtime(#[from] InvokeError),
     #[error("the function's environment cannot be sent: {0}")]
     Environ(String),
-}
-
-/// Lines a microVM sends: the function's log stream (its lines, and the
-/// `END RequestId:` line the guest writes before it posts each result), or
-/// the VMM's serial console and stderr, kept for error reports.
-#[derive(Default)]
-struct Lines {
-    lines: Mutex<LinesSoFar>,
-    changed: Notify,
-    is_log_stream: bool,
-}
-
-#[derive(Default)]
-struct LinesSoFar {
-    function: Vec<String>,
-    ended: Option<String>,
-    /// The last lines, for error reports.
-    tail: VecDeque<String>,
-}
-
-const TAIL_LINES: usize = 20;
-const END_PREFIX: &str = "END RequestId: ";
-/// Lambda cuts log lines at 256 KiB; so does the worker, so that a guest
-/// cannot make it buffer without bound.
-const MAX_LINE: usize = 256 << 10;
-/// How long the log may lag behind a result; the guest writes the END
-/// line before it posts, so this only covers the reader's scheduling.
-const LOG_LAG: Duration = Duration::from_millis(200);
-
-impl Lines {
-    fn log_stream() -> Self {
-        Lines {
-            is_log_stream: true,
-            ..Lines::default()
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LinesSoFar> {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn take_function_lines(&self) -> Vec<String> {
-        std::mem::take(&mut self.lock().function)
-    }
-
-    fn tail(&self) -> String {
-        self.lock()
-            .tail
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    async fn wait_for_end(&self, request_id: &str) {
-        let wait = async {
-            loop {
-                let notified = self.changed.notified();
-                if self.lock().ended.as_deref() == Some(request_id) {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        let _ = tokio::time::timeout(LOG_LAG, wait).await;
-    }
-
-    fn push(&self, line: String) {
-        let mut lines = self.lock();
-        if self.is_log_stream {
-            match line.strip_prefix(END_PREFIX) {
-                Some(id) => lines.ended = Some(id.trim().to_string()),
-                None => lines.function.push(line.clone()),
-            }
-        }
-        if lines.tail.len() == TAIL_LINES {
-            lines.tail.pop_front();
-        }
-        lines.tail.push_back(line);
-        drop(lines);
-        self.changed.notify_waiters();
-    }
-}
-
-/// Feeds `stream`'s lines to `sink`, lossily decoded, cut at `MAX_LINE`;
-/// with `log_as`, each line also goes to the worker's log under that name.
-fn read_lines(
-    stream: impl AsyncRead + Unpin + Send + 'static,
-    sink: Arc<Lines>,
-    log_as: Option<String>,
-) {
-    let push = move |line: String| {
-        if let Some(name) = &log_as {
-            tracing::warn!("{name}: {line}");
-        }
-        sink.push(line);
-    };
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(stream);
-        let mut line = Vec::new();
-        loop {
-            let chunk = match reader.fill_buf().await {
-                Ok([]) | Err(_) => break,
-                Ok(chunk) => chunk,
-            };
-            let (used, complete) = match chunk.iter().position(|&b| b == b'\n') {
-                Some(i) => (i + 1, true),
-                None => (chunk.len(), false),
-            };
-            let room = MAX_LINE.saturating_sub(line.len());
-            line.extend_from_slice(&chunk[..used.min(room)]);
-            reader.consume(used);
-            if complete || line.len() >= MAX_LINE {
-                while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    line.pop();
-                }
-                push(String::from_utf8_lossy(&line).into_owned());
-                line.clear();
-            }
-        }
-        if !line.is_empty() {
-            push(String::from_utf8_lossy(&line).into_owned());
-        }
-    });
 }
 
 /// What one invocation produced.

@@ -16,6 +16,7 @@ use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::Listener;
 use axum::Router;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -191,7 +192,15 @@ impl RuntimeApi {
     /// Serves the API on a new Unix socket at `path`.
     pub async fn bind(path: &Path, function_arn: &str) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
+        Ok(Self::serve(UnixListener::bind(path)?, function_arn))
+    }
+
+    /// Serves the API on the connections `listener` accepts.
+    pub fn serve<L>(listener: L, function_arn: &str) -> Self
+    where
+        L: Listener,
+        L::Addr: std::fmt::Debug,
+    {
         let (sender, receiver) = mpsc::channel(64);
         let (init_tx, init_rx) = watch::channel(None);
         let (ready_tx, ready_rx) = watch::channel(false);
@@ -217,12 +226,12 @@ impl RuntimeApi {
                 tracing::error!("runtime API server: {e}");
             }
         });
-        Ok(RuntimeApi {
+        RuntimeApi {
             sender,
             init_error: init_rx,
             ready: ready_rx,
             server,
-        })
+        }
     }
 
     /// Waits until the runtime has finished its init phase and asks for

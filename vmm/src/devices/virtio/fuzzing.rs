@@ -275,7 +275,9 @@ mod tests {
         assert_eq!(read(STATUS, 1), [0], "VIRTIO_BLK_S_OK");
         assert_eq!(read(BUFFER, 512), vec![0x5a; 512], "the image's bytes");
         if let Ok(dir) = std::env::var("MICROVM_FUZZ_SEED_DIR") {
-            std::fs::write(Path::new(&dir).join("driver-read"), &input).unwrap();
+            let dir = Path::new(&dir).join("mmio_transport");
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("driver-read"), &input).unwrap();
         }
     }
 
