@@ -36,7 +36,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::cpio;
+use host_services::artifacts::cpio;
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
@@ -69,6 +69,8 @@ for m in $(cat /modules/order); do
     insmod /modules/$m.ko || echo "l1: cannot load module $m"
 done
 [ -c /dev/kvm ] || echo "l1: no /dev/kvm: kvm_amd did not load"
+# The worker's tests talk to it on 127.0.0.1.
+ip link set lo up
 if ! mount -t virtiofs -o ro root /host; then
     echo "l1: cannot mount the host's root over virtiofs"
     poweroff -f
@@ -84,6 +86,8 @@ while read -r d; do
 done < /keep
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
+# The jailer's cgroups (v2: memory, cpu, pids).
+mount -t cgroup2 cgroup2 /host/sys/fs/cgroup
 mount -t devtmpfs dev /host/dev
 mkdir -p /host/dev/shm /host/dev/pts
 mount -t tmpfs shm /host/dev/shm

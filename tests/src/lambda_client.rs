@@ -271,3 +271,15 @@ pub fn zip_one(name: &str, data: &[u8]) -> Vec<u8> {
     zip.finish().expect("zip directory");
     out.into_inner()
 }
+
+/// A zip archive holding one executable file (mode 0755), as a
+/// `bootstrap` must be.
+pub fn zip_one_executable(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    let mut zip = zip::ZipWriter::new(&mut out);
+    let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+    zip.start_file(name, options).expect("zip entry");
+    zip.write_all(data).expect("zip data");
+    zip.finish().expect("zip directory");
+    out.into_inner()
+}

@@ -1,7 +1,6 @@
 //! Helpers for the end-to-end tests: where the fixture guests and the
 //! `vmm` binary are, and running the VMM with a deadline.
 
-pub mod cpio;
 pub mod guest_ports;
 pub mod l1_machine;
 pub mod lambda_client;
@@ -13,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use host_services::artifacts::cpio;
 
 pub use vmm::vstate::vm::HypervisorKind;
 
@@ -366,7 +367,13 @@ pub fn on_hardware_kvm(test: &str, body: impl FnOnce()) {
     // L1 sees the host's files read-only: what the test runs must be built
     // here first.
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
-    for binary in [vmm_binary(), linux_init_binary(), rust_function_bootstrap()] {
+    for binary in [
+        vmm_binary(),
+        linux_init_binary(),
+        rust_function_bootstrap(),
+        lambda_worker_binary(),
+        baremetal_guest(),
+    ] {
         assert!(binary.exists(), "{}", binary.display());
     }
     let exe = std::env::current_exe().expect("this test binary's path");

@@ -13,13 +13,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use guest_init::environ::encode;
+use host_services::artifacts::cpio;
 use host_services::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use host_services::data_plane::vmm_process::request_snapshot;
 use microvm_tests::guest_ports::{echo_lines, spawn_vmm, test_dir, GuestPorts};
+use microvm_tests::lambda_client::zip_one_executable;
 use microvm_tests::{
-    busybox_initramfs, cpio, fixture, guest_kernel, hypervisor, linux_init_binary,
-    marker_initramfs, on_hardware_kvm, run_vmm, rust_function_bootstrap, skip, HypervisorKind,
-    VmmRun, INIT_MARKER,
+    busybox_initramfs, fixture, guest_kernel, hypervisor, linux_init_binary, marker_initramfs,
+    on_hardware_kvm, run_vmm, rust_function_bootstrap, skip, HypervisorKind, VmmRun, INIT_MARKER,
 };
 
 const CMDLINE: &str =
@@ -190,18 +191,6 @@ fn no_std_init_initramfs(tag: &str) -> std::path::PathBuf {
     )
     .unwrap();
     initrd
-}
-
-/// A ZIP of one executable file.
-fn zip_one_executable(name: &str, data: &[u8]) -> Vec<u8> {
-    use std::io::Write;
-    let mut out = std::io::Cursor::new(Vec::new());
-    let mut zip = zip::ZipWriter::new(&mut out);
-    let options = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
-    zip.start_file(name, options).unwrap();
-    zip.write_all(data).unwrap();
-    zip.finish().unwrap();
-    out.into_inner()
 }
 
 /// A function's ZIP: `bootstrap`, executable, and nothing else.

@@ -12,7 +12,7 @@ use host_services::api;
 use host_services::control_plane::backup::spawn_backups;
 use host_services::control_plane::functions::ControlPlane;
 use host_services::control_plane::store::Store;
-use host_services::data_plane::environment::MicroVmImage;
+use host_services::data_plane::environment::{LinuxGuest, MicroVmImage};
 use host_services::data_plane::host::HostLimits;
 use host_services::data_plane::lifecycle::Lifecycle;
 use host_services::data_plane::router::{FleetConfig, InvokeRouter};
@@ -55,6 +55,15 @@ struct Args {
     /// The guest the wasi-preview1 runtime boots (guest-init's baremetal).
     #[arg(long)]
     guest: PathBuf,
+    /// The Linux kernel the provided.al2023 and provided.al2 runtimes
+    /// boot (kernel-config/build.sh builds it); without it those runtimes
+    /// are refused.
+    #[arg(long, value_name = "VMLINUX", requires = "linux_init")]
+    linux_kernel: Option<PathBuf>,
+    /// The Linux guest's PID 1 (guest-init's `init`), which the worker
+    /// packs into the guests' initramfs.
+    #[arg(long, value_name = "PATH", requires = "linux_kernel")]
+    linux_init: Option<PathBuf>,
     /// Environments on each worker, idle or busy.
     #[arg(long, default_value_t = 64)]
     max_environments: usize,
@@ -182,8 +191,13 @@ async fn run(args: Args) -> Result<(), String> {
         KeyService::open(&args.data_dir.join("keys"))
             .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
     );
-    let control = ControlPlane::new(store, &args.data_dir, keys.clone(), false)
-        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    let control = ControlPlane::new(
+        store,
+        &args.data_dir,
+        keys.clone(),
+        args.linux_kernel.is_some(),
+    )
+    .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
     if args.rotate_master_key {
         keys.rotate().map_err(|e| e.to_string())?;
         let moved = control
@@ -203,9 +217,17 @@ async fn run(args: Args) -> Result<(), String> {
         // and could not clean up.
         let _ = std::fs::remove_dir_all(&jail.chroot_base);
     }
+    let linux = match (&args.linux_kernel, &args.linux_init) {
+        (Some(kernel), Some(init)) => Some(
+            LinuxGuest::prepare(kernel, init, &run_dir)
+                .map_err(|e| format!("--linux-init: {e}"))?,
+        ),
+        _ => None,
+    };
     let image = MicroVmImage {
         vmm: args.vmm.clone(),
         guest_kernel: args.guest.clone(),
+        linux,
         run_dir,
         init_timeout: Duration::from_secs(args.init_timeout),
         jail,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::artifacts::code;
+use crate::artifacts::erofs_image;
 use crate::artifacts::sealed::{ArtifactError, ArtifactStore, GrantedArtifact};
 use crate::artifacts::wasm_image;
 use crate::control_plane::model::*;
@@ -728,8 +729,18 @@ impl ControlPlane {
         config: &FunctionConfiguration,
     ) -> Result<GrantedArtifact, ApiError> {
         let layers = self.layer_zips(account, &config.layers)?;
+        let linux = runtime::PROVIDED.contains(&config.runtime.as_str());
+        if linux && !layers.is_empty() {
+            return Err(ApiError::invalid(
+                "layers are not mounted at /opt for Linux runtimes on this worker yet",
+            ));
+        }
         let layer_shas: Vec<&str> = layers.iter().map(|(sha, _)| sha.as_str()).collect();
-        let id = hex::encode(Sha256::digest(
+        // A Linux code disk is the ZIP's files whatever the handler and
+        // timeout; the Wasm image holds the handler's module and its fuel.
+        let identity = if linux {
+            format!("erofs\0{}", config.code_sha256)
+        } else {
             format!(
                 "{}\0{}\0{}\0{}",
                 config.code_sha256,
@@ -737,8 +748,8 @@ impl ControlPlane {
                 config.timeout,
                 layer_shas.join(",")
             )
-            .as_bytes(),
-        ));
+        };
+        let id = hex::encode(Sha256::digest(identity.as_bytes()));
         let name = &id[..32];
         let artifact_error = |e: ArtifactError| ApiError::Service(e.to_string());
         let artifact = match self.artifacts.get(name).map_err(artifact_error)? {
@@ -749,13 +760,20 @@ impl ControlPlane {
                     ApiError::Service(format!("code {} is missing", config.code_sha256))
                 })?;
                 let zip = self.open_code(&key, &sealed)?;
-                let layer_zips: Vec<&[u8]> = layers.iter().map(|(_, zip)| zip.as_slice()).collect();
-                let module = code::extract_with_layers(&zip, &layer_zips, &config.handler)?;
-                // A budget no function needs within its timeout; the
-                // deadline is what stops it first.
-                let fuel = u64::from(config.timeout) * 2_000_000_000;
-                let image = wasm_image::build(&module, fuel)
-                    .map_err(|e| ApiError::invalid(format!("handler {:?}: {e}", config.handler)))?;
+                let image = if linux {
+                    erofs_image::build(&zip)
+                        .map_err(|e| ApiError::Service(format!("the code disk: {e}")))?
+                } else {
+                    let layer_zips: Vec<&[u8]> =
+                        layers.iter().map(|(_, zip)| zip.as_slice()).collect();
+                    let module = code::extract_with_layers(&zip, &layer_zips, &config.handler)?;
+                    // A budget no function needs within its timeout; the
+                    // deadline is what stops it first.
+                    let fuel = u64::from(config.timeout) * 2_000_000_000;
+                    wasm_image::build(&module, fuel).map_err(|e| {
+                        ApiError::invalid(format!("handler {:?}: {e}", config.handler))
+                    })?
+                };
                 // Concurrent first builds each seal an artifact of their
                 // own; the last record written wins.
                 self.artifacts.put(name, &image).map_err(artifact_error)?
@@ -785,9 +803,6 @@ impl ControlPlane {
     /// invocation does not pay for it. A handler that cannot run is not an
     /// error here: as on Lambda, the invocation reports it.
     fn optimize(&self, account: &AccountId, config: &FunctionConfiguration) {
-        if config.runtime != runtime::WASI {
-            return;
-        }
         if let Err(e) = self.code_artifact(account, config) {
             tracing::debug!("{}: code not optimized ahead: {e}", config.function_arn);
         }

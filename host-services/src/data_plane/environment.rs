@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 
+use crate::artifacts::cpio;
 use crate::artifacts::sealed::{ArtifactError, GrantedArtifact};
 use crate::data_plane::log_stream::{read_lines, Lines};
 use crate::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
@@ -32,6 +33,47 @@ pub struct Launch {
     /// The function's environment variables: the runtime's, the execution
     /// role's credentials and the user's.
     pub variables: Vec<(String, String)>,
+    pub guest: Guest,
+}
+
+/// The guest a runtime runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guest {
+    /// guest-init's bare-metal runtime: WebAssembly on no kernel at all.
+    BareMetal,
+    /// Linux with guest-init's PID 1, which runs the function's
+    /// `bootstrap` from the code disk at /var/task.
+    Linux,
+}
+
+/// What a Linux guest boots: the kernel, and an initramfs holding only
+/// guest-init's PID 1.
+#[derive(Debug, Clone)]
+pub struct LinuxGuest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl LinuxGuest {
+    /// Packs `init` into an initramfs in `dir`, for guests of `kernel`.
+    pub fn prepare(kernel: &Path, init: &Path, dir: &Path) -> std::io::Result<Self> {
+        let data = std::fs::read(init)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", init.display())))?;
+        std::fs::create_dir_all(dir)?;
+        let initrd = dir.join("linux-initrd.cpio");
+        std::fs::write(
+            &initrd,
+            cpio::archive(&[cpio::Entry::File {
+                path: "init",
+                mode: 0o755,
+                data: &data,
+            }]),
+        )?;
+        Ok(LinuxGuest {
+            kernel: kernel.to_path_buf(),
+            initrd,
+        })
+    }
 }
 
 /// Whether an environment was started for an invocation or ahead of them,
@@ -55,7 +97,10 @@ impl InitializationType {
 #[derive(Clone)]
 pub struct MicroVmImage {
     pub vmm: PathBuf,
+    /// The bare-metal guest.
     pub guest_kernel: PathBuf,
+    /// The Linux guest, where the worker has one.
+    pub linux: Option<LinuxGuest>,
     /// Where environments keep their sockets.
     pub run_dir: PathBuf,
     /// How long a runtime may take to reach its first `/next`.
@@ -97,6 +142,8 @@ pub enum EnvironmentError {
     Runtime(#[from] InvokeError),
     #[error("the function's environment cannot be sent: {0}")]
     Environ(String),
+    #[error("this worker has no Linux guest (lambda-worker --linux-kernel)")]
+    NoLinuxGuest,
 }
 
 /// What one invocation produced.
@@ -169,6 +216,13 @@ impl ExecutionEnvironment {
                 None
             })
         });
+        let (kernel, initrd, cmdline) = match launch.guest {
+            Guest::BareMetal => (&image.guest_kernel, None, GUEST_CMDLINE),
+            Guest::Linux => {
+                let linux = image.linux.as_ref().ok_or(EnvironmentError::NoLinuxGuest)?;
+                (&linux.kernel, Some(linux.initrd.as_path()), LINUX_CMDLINE)
+            }
+        };
         // The grant is checked first: a refused one leaves nothing behind.
         let code_key = launch.code.drive_key(&image.keys)?;
         let dir = image.run_dir.join(&id);
@@ -202,9 +256,7 @@ impl ExecutionEnvironment {
                 ))
                 .map_err(dir_error)?;
                 (
-                    GuestStart::Boot {
-                        cmdline: GUEST_CMDLINE,
-                    },
+                    GuestStart::Boot { cmdline, initrd },
                     Some(serve_environ(listener, environ)),
                 )
             }
@@ -214,7 +266,7 @@ impl ExecutionEnvironment {
             &id,
             &VmmFiles {
                 vmm: &image.vmm,
-                kernel: &image.guest_kernel,
+                kernel,
                 code_disk: &launch.code.artifact.path,
                 code_key: &code_key,
                 dir: &dir,
@@ -366,6 +418,8 @@ async fn take_snapshot(
 /// The console stays on for errors; `quiet` keeps the guest from
 /// spending milliseconds of VM exits on its boot banner.
 const GUEST_CMDLINE: &str = "console=ttyS0 quiet";
+/// A panicking Linux guest resets at once, which ends its VMM.
+const LINUX_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1";
 
 /// The vsock port of the function's log stream, as the guest knows it.
 const LOG_PORT: u32 = 9002;

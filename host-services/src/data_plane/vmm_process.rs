@@ -102,9 +102,13 @@ pub struct VmmFiles<'a> {
 
 /// How the VMM starts its guest.
 pub enum GuestStart<'a> {
-    /// Boots the kernel with this command line. The VMM takes snapshot
-    /// requests on [`CONTROL_SOCKET`] in the environment's directory.
-    Boot { cmdline: &'a str },
+    /// Boots the kernel, with this initramfs if any, and this command
+    /// line. The VMM takes snapshot requests on [`CONTROL_SOCKET`] in the
+    /// environment's directory.
+    Boot {
+        cmdline: &'a str,
+        initrd: Option<&'a Path>,
+    },
     /// Restores a snapshot from these read-only descriptors, which the
     /// VMM inherits as `fd:3` and `fd:4`.
     Restore { state: File, memory: File },
@@ -112,6 +116,7 @@ pub enum GuestStart<'a> {
 
 /// Where the jailed VMM sees its files.
 const JAIL_KERNEL: &str = "/kernel";
+const JAIL_INITRD: &str = "/initrd";
 const JAIL_CODE_DISK: &str = "/code.img";
 const JAIL_DIR: &str = "/run";
 /// The VMM's control socket, in the environment's directory.
@@ -181,11 +186,24 @@ impl VmmProcess {
             Some(_) => PathBuf::from(jailed),
             None => host.to_path_buf(),
         };
+        let boot_initrd = match &start {
+            GuestStart::Boot { initrd, .. } => *initrd,
+            GuestStart::Restore { .. } => None,
+        };
         let (mut vmm_args, restore_fds): (Vec<std::ffi::OsString>, _) = match &start {
-            GuestStart::Boot { cmdline } => (
-                vec![
+            GuestStart::Boot { cmdline, initrd } => (
+                [
                     "--kernel".into(),
                     seen(JAIL_KERNEL, files.kernel).into_os_string(),
+                ]
+                .into_iter()
+                .chain(initrd.iter().flat_map(|initrd| {
+                    [
+                        "--initrd".into(),
+                        seen(JAIL_INITRD, initrd).into_os_string(),
+                    ]
+                }))
+                .chain([
                     "--mem-mib".into(),
                     memory_mib.to_string().into(),
                     "--cmdline".into(),
@@ -194,7 +212,8 @@ impl VmmProcess {
                     seen(JAIL_DIR, files.dir)
                         .join(CONTROL_SOCKET)
                         .into_os_string(),
-                ],
+                ])
+                .collect(),
                 None,
             ),
             GuestStart::Restore { state, memory } => (
@@ -253,6 +272,12 @@ impl VmmProcess {
                     .arg("1")
                     .arg("--mount")
                     .arg(format!("{}:{JAIL_KERNEL}:ro", files.kernel.display()))
+                    .args(boot_initrd.iter().flat_map(|initrd| {
+                        [
+                            "--mount".into(),
+                            format!("{}:{JAIL_INITRD}:ro", initrd.display()),
+                        ]
+                    }))
                     .arg("--mount")
                     .arg(format!("{}:{JAIL_CODE_DISK}:ro", files.code_disk.display()))
                     .arg("--mount")

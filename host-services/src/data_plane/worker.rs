@@ -13,9 +13,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::control_plane::functions::{ControlPlane, ProvisionedConfig, Resolved};
-use crate::control_plane::model::{FunctionRef, LATEST, REGION};
+use crate::control_plane::model::{runtime, FunctionRef, LATEST, REGION};
 use crate::control_plane::store::EVENTS;
-use crate::data_plane::environment::{ColdStart, Launch};
+use crate::data_plane::environment::{ColdStart, Guest, Launch};
 use crate::data_plane::lifecycle::DestroyReason;
 use crate::data_plane::router::{InvokeRouter, RouteError};
 use crate::data_plane::runtime_api::Outcome;
@@ -162,6 +162,11 @@ impl Worker {
             memory_mib: config.memory_size,
             code: self.control.code_artifact(&resolved.key.account, config)?,
             variables,
+            guest: if runtime::PROVIDED.contains(&config.runtime.as_str()) {
+                Guest::Linux
+            } else {
+                Guest::BareMetal
+            },
         })
     }
 

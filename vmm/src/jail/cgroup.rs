@@ -87,6 +87,21 @@ fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
     std::fs::write(&path, value).map_err(io(&path))
 }
 
+/// Enables `wanted` in `dir`'s children, those it does not already.
+fn delegate(dir: &Path, wanted: &[&str]) -> Result<(), CgroupError> {
+    let path = dir.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    write(dir, "cgroup.subtree_control", &missing.join(" "))
+}
+
 impl Cgroup {
     /// Creates `parent/name` in each hierarchy and sets `limits` there.
     pub fn create(parent: &str, name: &str, limits: &CgroupLimits) -> Result<Self, CgroupError> {
@@ -103,10 +118,14 @@ impl Cgroup {
         if let Some(root) = unified(&wanted) {
             let parent_dir = root.join(parent);
             std::fs::create_dir_all(&parent_dir).map_err(io(&parent_dir))?;
-            // Children get only the controllers their parent delegates.
-            let enable: Vec<String> = wanted.iter().map(|c| format!("+{c}")).collect();
-            if !enable.is_empty() {
-                write(&parent_dir, "cgroup.subtree_control", &enable.join(" "))?;
+            // Children get only the controllers their parent delegates, so
+            // every level from the root down delegates them (a host without
+            // systemd delegates none at its root).
+            let mut level = root.clone();
+            delegate(&level, &wanted)?;
+            for part in Path::new(parent) {
+                level.push(part);
+                delegate(&level, &wanted)?;
             }
             let dir = parent_dir.join(name);
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -199,5 +218,26 @@ impl Cgroup {
                 tracing::warn!("cannot remove the cgroup {}: {e}", dir.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_level_is_asked_only_for_the_controllers_it_does_not_delegate_yet() {
+        let dir = std::env::temp_dir().join(format!("cgroup-delegate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let control = dir.join("cgroup.subtree_control");
+        std::fs::write(&control, "cpu pids\n").unwrap();
+        delegate(&dir, &["memory", "cpu", "pids"]).unwrap();
+        assert_eq!(std::fs::read_to_string(&control).unwrap(), "+memory");
+        std::fs::write(&control, "memory cpu\n").unwrap();
+        delegate(&dir, &["memory", "cpu"]).unwrap();
+        assert_eq!(std::fs::read_to_string(&control).unwrap(), "memory cpu\n");
+        let missing = delegate(&dir.join("absent"), &["memory"]).unwrap_err();
+        assert!(missing.to_string().contains("absent"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
