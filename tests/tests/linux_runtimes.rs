@@ -4,15 +4,18 @@
 //! each environment a Linux microVM (the project's kernel and no_std
 //! init). On a PVM host they run in the L1 machine.
 
+use std::path::PathBuf;
+
 use bytes::Bytes;
 use serde_json::{json, Value};
 
-use microvm_tests::lambda_client::zip_one_executable;
-use microvm_tests::worker::{client_runtime, data_dir, environments_of, RunningWorker};
+use host_services::data_plane::lifecycle::DestroyReason;
+use microvm_tests::lambda_client::{zip_one_executable, Invoked, LambdaClient};
+use microvm_tests::worker::{client_runtime, data_dir, environments_of, lifecycle, RunningWorker};
 use microvm_tests::{guest_kernel, linux_init_binary, on_hardware_kvm, rust_function_bootstrap};
 
 /// Starts a worker with the Linux guest; slow machines (L1) get time.
-fn linux_worker(name: &str, extra: &[&str]) -> RunningWorker {
+fn linux_worker(name: &str, extra: &[&str]) -> (RunningWorker, PathBuf) {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let init = linux_init_binary();
     let mut flags = vec![
@@ -26,15 +29,28 @@ fn linux_worker(name: &str, extra: &[&str]) -> RunningWorker {
     flags.extend_from_slice(extra);
     let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    RunningWorker::start(&data_dir(name), &flags, "info")
+    let data = data_dir(name);
+    (RunningWorker::start(&data, &flags, "info"), data)
 }
 
+async fn invoke_json(client: &LambdaClient, payload: Value) -> (Invoked, Value) {
+    let invoked = client
+        .invoke(FUNCTION, Bytes::from(payload.to_string()))
+        .await
+        .unwrap();
+    let body =
+        serde_json::from_slice(&invoked.body).unwrap_or_else(|e| panic!("{e}: {:?}", invoked.body));
+    (invoked, body)
+}
+
+const FUNCTION: &str = "linux-echo";
+
 #[test]
-fn a_provided_al2023_function_serves_events_through_the_worker() {
+fn a_provided_al2023_function_serves_events_restores_and_survives_a_crash_through_the_worker() {
     on_hardware_kvm(
-        "a_provided_al2023_function_serves_events_through_the_worker",
+        "a_provided_al2023_function_serves_events_restores_and_survives_a_crash_through_the_worker",
         || {
-            let worker = linux_worker("linux-runtime", &["--no-snapshots"]);
+            let (worker, data) = linux_worker("linux-runtime", &[]);
             let client = worker.client();
             let zip = zip_one_executable(
                 "bootstrap",
@@ -49,7 +65,7 @@ fn a_provided_al2023_function_serves_events_through_the_worker() {
                         "/2015-03-31/functions",
                         None,
                         json!({
-                            "FunctionName": "linux-echo",
+                            "FunctionName": FUNCTION,
                             "Runtime": "provided.al2023",
                             "Role": "arn:aws:iam::111111111111:role/linux",
                             "Handler": "bootstrap",
@@ -62,14 +78,10 @@ fn a_provided_al2023_function_serves_events_through_the_worker() {
                     .await
                     .unwrap_or_else(|e| panic!("{e}\n{}", worker.log()));
                 assert_eq!(created["Runtime"], "provided.al2023");
+
+                // One environment, booted once, serves events and errors.
                 for n in 0..3 {
-                    let invoked = client
-                        .invoke("linux-echo", Bytes::from(json!({ "n": n }).to_string()))
-                        .await
-                        .unwrap();
-                    let body: Value = serde_json::from_slice(&invoked.body).unwrap_or_else(|e| {
-                        panic!("{e}: {:?}\n{}", invoked.body, worker.log())
-                    });
+                    let (invoked, body) = invoke_json(&client, json!({ "n": n })).await;
                     assert_eq!(invoked.status, 200, "{body}\n{}", worker.log());
                     assert_eq!(invoked.function_error, None, "{body}");
                     assert_eq!(body, json!({ "echo": { "n": n } }));
@@ -85,20 +97,59 @@ fn a_provided_al2023_function_serves_events_through_the_worker() {
                         invoked.log_tail
                     );
                 }
-                let failed = client
-                    .invoke("linux-echo", Bytes::from(r#"{"fail":"no"}"#))
-                    .await
-                    .unwrap();
+                let (failed, error) = invoke_json(&client, json!({ "fail": "no" })).await;
                 assert_eq!(failed.function_error.as_deref(), Some("Unhandled"));
-                let error: Value = serde_json::from_slice(&failed.body).unwrap();
                 assert_eq!(error["errorType"], "Function.Refused", "{error}");
+
+                // Two at once: the busy environment's twin is restored from
+                // the snapshot the first boot left (sealed in the
+                // background: slow under emulation), and draws its own
+                // randomness.
+                let sealed = std::time::Instant::now();
+                while !worker.log().contains("snapshot taken at the first /next") {
+                    assert!(
+                        sealed.elapsed() < std::time::Duration::from_secs(300),
+                        "no snapshot:\n{}",
+                        worker.log()
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                let ((a, a_body), (b, b_body)) = tokio::join!(
+                    invoke_json(&client, json!({ "random": true })),
+                    invoke_json(&client, json!({ "random": true })),
+                );
+                assert_eq!((a.status, b.status), (200, 200), "{a_body} {b_body}");
+                assert_ne!(a_body["random"], b_body["random"], "clones draw distinct randomness");
+                let restored = [&a, &b]
+                    .iter()
+                    .filter(|i| i.log_tail.contains("Restore Duration"))
+                    .count();
+                assert_eq!(restored, 1, "{}\n{}\n{}", a.log_tail, b.log_tail, worker.log());
+
+                // A runtime that exits mid-invocation: Lambda's error, and
+                // a new environment for the next event.
+                let (crashed, error) = invoke_json(&client, json!({ "exit": 3 })).await;
+                assert_eq!(crashed.function_error.as_deref(), Some("Unhandled"), "{error}");
+                assert_eq!(error["errorType"], "Runtime.ExitError", "{error}");
+                let (after, body) = invoke_json(&client, json!({ "n": 9 })).await;
+                assert_eq!(after.status, 200, "{body}");
+                assert_eq!(body, json!({ "echo": { "n": 9 } }));
             });
             let log = worker.stop();
             let environments = environments_of(&log, "111111111111:linux-echo:$LATEST");
             assert_eq!(
                 environments.len(),
+                2,
+                "the first and its restored twin:\n{log}"
+            );
+            let failed: Vec<_> = lifecycle(&data)
+                .into_iter()
+                .filter(|e| e.destroyed == Some(DestroyReason::InvocationFailed))
+                .collect();
+            assert_eq!(
+                failed.len(),
                 1,
-                "one environment served them all:\n{log}"
+                "the crashed environment is replaced: {failed:?}"
             );
         },
     );

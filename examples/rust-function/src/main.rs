@@ -1,8 +1,9 @@
 //! A Lambda function on the official `lambda_runtime` crate, built as a
 //! static `bootstrap`: it echoes its event, logs a line on stdout and one
 //! on stderr per event, fails with its own error type when the event
-//! asks it to, and answers `{"random": true}` with 16 bytes from the
-//! kernel's random generator (clones of one snapshot must differ).
+//! asks it to, answers `{"random": true}` with 16 bytes from the
+//! kernel's random generator (clones of one snapshot must differ), and
+//! exits with status N on `{"exit": N}`, as a crashing runtime would.
 
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::{json, Value};
@@ -23,6 +24,9 @@ impl From<Refused> for Diagnostic {
 async fn handle(event: LambdaEvent<Value>) -> Result<Value, Refused> {
     println!("handling request {}", event.context.request_id);
     eprintln!("function region {:?}", std::env::var("AWS_REGION").ok());
+    if let Some(code) = event.payload.get("exit").and_then(Value::as_i64) {
+        std::process::exit(code as i32);
+    }
     if event.payload.get("random") == Some(&Value::Bool(true)) {
         return Ok(json!({ "random": random_hex() }));
     }
