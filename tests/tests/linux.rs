@@ -181,15 +181,7 @@ fn guest_kernel_config_reaches_init_under_qemu_tcg() {
 fn no_std_init_initramfs(tag: &str) -> std::path::PathBuf {
     let init = std::fs::read(linux_init_binary()).unwrap();
     let initrd = std::env::temp_dir().join(format!("no-std-init-{tag}-{}", std::process::id()));
-    std::fs::write(
-        &initrd,
-        cpio::archive(&[cpio::Entry::File {
-            path: "init",
-            mode: 0o755,
-            data: &init,
-        }]),
-    )
-    .unwrap();
+    std::fs::write(&initrd, cpio::init_only(&init)).unwrap();
     initrd
 }
 

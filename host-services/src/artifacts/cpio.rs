@@ -65,6 +65,16 @@ pub fn archive(entries: &[Entry]) -> Vec<u8> {
     out
 }
 
+/// An initramfs of one executable, `/init`: all a guest whose PID 1
+/// does the rest needs.
+pub fn init_only(init: &[u8]) -> Vec<u8> {
+    archive(&[Entry::File {
+        path: "init",
+        mode: 0o755,
+        data: init,
+    }])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,14 +61,7 @@ impl LinuxGuest {
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", init.display())))?;
         std::fs::create_dir_all(dir)?;
         let initrd = dir.join("linux-initrd.cpio");
-        std::fs::write(
-            &initrd,
-            cpio::archive(&[cpio::Entry::File {
-                path: "init",
-                mode: 0o755,
-                data: &data,
-            }]),
-        )?;
+        std::fs::write(&initrd, cpio::init_only(&data))?;
         Ok(LinuxGuest {
             kernel: kernel.to_path_buf(),
             initrd,
