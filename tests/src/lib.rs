@@ -392,13 +392,12 @@ pub fn on_hardware_kvm(test: &str, body: impl FnOnce()) {
         exe.display()
     );
     println!("{test}: running in the L1 test machine (hardware KVM on emulated AMD SVM)");
-    let passed = || {
-        let run = machine
-            .run(&script, &env, Duration::from_secs(900))
-            .unwrap_or_else(|e| panic!("{test} in L1: {e}"));
-        (run.code == 0 && run.output.contains("test result: ok. 1 passed"))
-            .then_some(())
-            .ok_or(run.code)
+    // An L1 machine that failed (reset without a word, its own kernel's
+    // oops) on both its boots is a failed run like a failed test.
+    let passed = || match machine.run(&script, &env, Duration::from_secs(900)) {
+        Ok(run) if run.code == 0 && run.output.contains("test result: ok. 1 passed") => Ok(()),
+        Ok(run) => Err(format!("exit status {}", run.code)),
+        Err(e) => Err(e.to_string()),
     };
     // The emulator also fails inside L2 now and then (a triple fault or a
     // hang during SMP bring-up, in about one Linux boot of ten, measured in
@@ -417,11 +416,11 @@ pub fn on_hardware_kvm(test: &str, body: impl FnOnce()) {
                 );
                 return;
             }
-            Err(code) if attempt < RUNS => println!(
-                "l1: {test} failed in the emulated machine (run {attempt}, exit status {code}); running it again"
+            Err(why) if attempt < RUNS => println!(
+                "l1: {test} failed in the emulated machine (run {attempt}: {why}); running it again"
             ),
-            Err(code) => panic!(
-                "{test} failed {RUNS} times in the L1 machine (last exit status {code}); its output is above"
+            Err(why) => panic!(
+                "{test} failed {RUNS} times in the L1 machine (last: {why}); its output is above"
             ),
         }
     }
