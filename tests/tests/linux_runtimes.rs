@@ -15,10 +15,10 @@ use microvm_tests::worker::{client_runtime, data_dir, environments_of, lifecycle
 use microvm_tests::{guest_kernel, linux_init_binary, on_hardware_kvm, rust_function_bootstrap};
 
 /// Starts a worker with the Linux guest; slow machines (L1) get time.
-fn linux_worker(name: &str, extra: &[&str]) -> (RunningWorker, PathBuf) {
+fn linux_worker(name: &str) -> (RunningWorker, PathBuf) {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let init = linux_init_binary();
-    let mut flags = vec![
+    let flags = [
         "--linux-kernel",
         kernel.to_str().unwrap(),
         "--linux-init",
@@ -26,9 +26,6 @@ fn linux_worker(name: &str, extra: &[&str]) -> (RunningWorker, PathBuf) {
         "--init-timeout",
         "240",
     ];
-    flags.extend_from_slice(extra);
-    let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let data = data_dir(name);
     (RunningWorker::start(&data, &flags, "info"), data)
 }
@@ -50,7 +47,7 @@ fn a_provided_al2023_function_serves_events_restores_and_survives_a_crash_throug
     on_hardware_kvm(
         "a_provided_al2023_function_serves_events_restores_and_survives_a_crash_through_the_worker",
         || {
-            let (worker, data) = linux_worker("linux-runtime", &[]);
+            let (worker, data) = linux_worker("linux-runtime");
             let client = worker.client();
             let zip = zip_one_executable(
                 "bootstrap",

@@ -155,7 +155,7 @@ impl ControlPlane {
             }
             return Ok(());
         }
-        if runtime::PROVIDED.contains(&runtime) {
+        if runtime::on_linux(runtime) {
             if self.linux_guest {
                 return Ok(());
             }
@@ -728,13 +728,13 @@ impl ControlPlane {
         account: &AccountId,
         config: &FunctionConfiguration,
     ) -> Result<GrantedArtifact, ApiError> {
-        let layers = self.layer_zips(account, &config.layers)?;
-        let linux = runtime::PROVIDED.contains(&config.runtime.as_str());
-        if linux && !layers.is_empty() {
+        let linux = runtime::on_linux(&config.runtime);
+        if linux && !config.layers.is_empty() {
             return Err(ApiError::invalid(
                 "layers are not mounted at /opt for Linux runtimes on this worker yet",
             ));
         }
+        let layers = self.layer_zips(account, &config.layers)?;
         let layer_shas: Vec<&str> = layers.iter().map(|(sha, _)| sha.as_str()).collect();
         // A Linux code disk is the ZIP's files whatever the handler and
         // timeout; the Wasm image holds the handler's module and its fuel.

@@ -23,6 +23,11 @@ pub mod runtime {
     pub const WASI: &str = "wasi-preview1";
     /// Custom runtimes on Linux: `bootstrap` in the code or a layer.
     pub const PROVIDED: [&str; 2] = ["provided.al2023", "provided.al2"];
+
+    /// Whether `runtime` runs in a Linux guest.
+    pub fn on_linux(runtime: &str) -> bool {
+        PROVIDED.contains(&runtime)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

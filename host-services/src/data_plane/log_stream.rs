@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 const TAIL_LINES: usize = 20;
 const END_PREFIX: &str = "END RequestId: ";
 /// Lambda cuts log lines at 256 KiB; so does the worker.
-pub const MAX_LINE: usize = 256 << 10;
+const MAX_LINE: usize = 256 << 10;
 /// How long the log may lag behind a result; the guest writes the END
 /// line before it posts, so this only covers the reader's scheduling.
 const LOG_LAG: Duration = Duration::from_millis(200);

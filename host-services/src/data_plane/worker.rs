@@ -162,7 +162,7 @@ impl Worker {
             memory_mib: config.memory_size,
             code: self.control.code_artifact(&resolved.key.account, config)?,
             variables,
-            guest: if runtime::PROVIDED.contains(&config.runtime.as_str()) {
+            guest: if runtime::on_linux(&config.runtime) {
                 Guest::Linux
             } else {
                 Guest::BareMetal
