@@ -115,6 +115,11 @@ expect_error("a non-zip is refused", "InvalidZipFileException",
 expect_error("a traversal zip is refused", "InvalidZipFileException",
              lambda: a.create_function(FunctionName="t", Runtime="wasi-preview1", Role=role,
                                        Handler="function.wasm", Code={"ZipFile": zipped("../x.wasm", wasm)}))
+refused = expect_error("a Linux runtime on a worker without --linux-kernel is refused",
+                       "InvalidParameterValueException",
+                       lambda: a.create_function(FunctionName="l", Runtime="provided.al2023", Role=role,
+                                                 Handler="bootstrap", Code={"ZipFile": code}))
+check("the refusal says a Linux guest is missing", refused and "needs a Linux guest" in str(refused), refused)
 
 r = a.invoke(FunctionName="echo", Payload=b'{"n":1}', LogType="Tail")
 body = r["Payload"].read()
