@@ -23,6 +23,9 @@ export MICROVM_L1
 step "Python with boto3"
 MICROVM_PYTHON="$(scripts/setup-python.sh)"
 export MICROVM_PYTHON
+step "python3.11 runtime image (Debian's Python and awslambdaric, built once)"
+MICROVM_PYTHON_RUNTIME="$(scripts/build-python-runtime.sh)"
+export MICROVM_PYTHON_RUNTIME
 
 step "cargo fmt and clippy"
 cargo fmt --all --check

@@ -367,6 +367,7 @@ pub fn on_hardware_kvm(test: &str, body: impl FnOnce()) {
     // L1 sees the host's files read-only: what the test runs must be built
     // here first.
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let python = python_runtime_image().unwrap_or_else(|e| panic!("{e}"));
     for binary in [
         vmm_binary(),
         linux_init_binary(),
@@ -380,6 +381,7 @@ pub fn on_hardware_kvm(test: &str, body: impl FnOnce()) {
     let mut env = vec![
         ("MICROVM_L1_INSIDE", "1".to_string()),
         ("MICROVM_GUEST_KERNEL", kernel.display().to_string()),
+        ("MICROVM_PYTHON_RUNTIME", python.display().to_string()),
         ("RUST_BACKTRACE", "1".to_string()),
     ];
     for name in ["PATH", "HOME", "MICROVM_PYTHON"] {
@@ -442,6 +444,23 @@ pub fn guest_kernel() -> Result<PathBuf, String> {
             "the guest kernel is not built: run {} (scripts/test.sh does)",
             script.display()
         ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The python3.11 runtime image (scripts/build-python-runtime.sh builds
+/// it, cached; scripts/test.sh exports its path).
+pub fn python_runtime_image() -> Result<PathBuf, String> {
+    if let Ok(path) = std::env::var("MICROVM_PYTHON_RUNTIME") {
+        return Ok(PathBuf::from(path));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-python-runtime.sh");
+    let out = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} failed", script.display()));
     }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }

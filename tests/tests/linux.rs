@@ -218,7 +218,7 @@ fn a_runtime_layers_bootstrap_runs_from_opt_under_qemu_tcg() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
     for line in [
-        "init: mounted the layers read-only at /opt (erofs)",
+        "init: mounted /dev/vdb read-only at /opt (erofs)",
         "function: hello from bootstrap",
         "init: bootstrap exited with status 3",
     ] {
@@ -278,7 +278,7 @@ fn the_no_std_init_sets_up_the_guest_under_qemu_tcg() {
     );
     std::fs::remove_file(&disk).unwrap();
     for line in INIT_LINES.iter().chain(&[
-        "init: mounted the code disk read-only at /var/task (erofs)",
+        "init: mounted /dev/vda read-only at /var/task (erofs)",
         "function: hello from bootstrap",
         "function: second line",
         "function: an error line",

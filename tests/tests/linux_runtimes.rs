@@ -2,7 +2,9 @@
 //! ZIP holds a `bootstrap` built on the official `lambda_runtime` crate,
 //! created and invoked through the Lambda API of a real `lambda-worker`,
 //! each environment a Linux microVM (the project's kernel and no_std
-//! init). On a PVM host they run in the L1 machine.
+//! init); and a `python3.11` function, its handler run by the official
+//! Runtime Interface Client (`awslambdaric`) in the project's Python
+//! runtime image. On a PVM host they run in the L1 machine.
 
 use std::path::PathBuf;
 
@@ -12,17 +14,27 @@ use serde_json::{json, Value};
 use host_services::data_plane::lifecycle::DestroyReason;
 use microvm_tests::lambda_client::{zip_one_executable, Invoked, LambdaClient};
 use microvm_tests::worker::{client_runtime, data_dir, environments_of, lifecycle, RunningWorker};
-use microvm_tests::{guest_kernel, linux_init_binary, on_hardware_kvm, rust_function_bootstrap};
+use microvm_tests::{
+    guest_kernel, linux_init_binary, on_hardware_kvm, python_runtime_image, rust_function_bootstrap,
+};
 
 /// Starts a worker with the Linux guest; slow machines (L1) get time.
 fn linux_worker(name: &str) -> (RunningWorker, PathBuf) {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let init = linux_init_binary();
+    let python = format!(
+        "python3.11={}",
+        python_runtime_image()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .display()
+    );
     let flags = [
         "--linux-kernel",
         kernel.to_str().unwrap(),
         "--linux-init",
         init.to_str().unwrap(),
+        "--linux-runtime",
+        &python,
         "--init-timeout",
         "240",
     ];
@@ -41,11 +53,12 @@ async fn invoke_json(client: &LambdaClient, payload: Value) -> (Invoked, Value) 
 }
 
 const FUNCTION: &str = "linux-echo";
+const LAYERED: &str = "linux-layered";
 
 #[test]
-fn a_provided_al2023_function_serves_events_restores_and_survives_a_crash_through_the_worker() {
+fn a_provided_al2023_function_serves_events_restores_survives_a_crash_and_runs_from_a_layer() {
     on_hardware_kvm(
-        "a_provided_al2023_function_serves_events_restores_and_survives_a_crash_through_the_worker",
+        "a_provided_al2023_function_serves_events_restores_survives_a_crash_and_runs_from_a_layer",
         || {
             let (worker, data) = linux_worker("linux-runtime");
             let client = worker.client();
@@ -131,6 +144,45 @@ fn a_provided_al2023_function_serves_events_restores_and_survives_a_crash_throug
                 let (after, body) = invoke_json(&client, json!({ "n": 9 })).await;
                 assert_eq!(after.status, 200, "{body}");
                 assert_eq!(body, json!({ "echo": { "n": 9 } }));
+
+                // A custom runtime in a layer: the function's ZIP has no
+                // bootstrap, the layer at /opt has.
+                let layer = client
+                    .call(
+                        hyper::Method::POST,
+                        "/2018-10-31/layers/rust-runtime/versions",
+                        None,
+                        json!({ "Content": { "ZipFile": base64::engine::general_purpose::STANDARD.encode(&zip) } }),
+                        201,
+                    )
+                    .await
+                    .unwrap();
+                let readme = microvm_tests::lambda_client::zip_one("README", b"code in a layer\n");
+                client
+                    .call(
+                        hyper::Method::POST,
+                        "/2015-03-31/functions",
+                        None,
+                        json!({
+                            "FunctionName": LAYERED,
+                            "Runtime": "provided.al2",
+                            "Role": "arn:aws:iam::111111111111:role/linux",
+                            "Handler": "unused",
+                            "MemorySize": 256,
+                            "Timeout": 120,
+                            "Layers": [layer["LayerVersionArn"]],
+                            "Code": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(&readme)},
+                        }),
+                        201,
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\n{}", worker.log()));
+                let invoked = client
+                    .invoke(LAYERED, Bytes::from(r#"{"from":"opt"}"#))
+                    .await
+                    .unwrap();
+                let body: Value = serde_json::from_slice(&invoked.body).unwrap();
+                assert_eq!(body, json!({ "echo": { "from": "opt" } }), "{}", worker.log());
             });
             let log = worker.stop();
             let environments = environments_of(&log, "111111111111:linux-echo:$LATEST");
@@ -147,6 +199,113 @@ fn a_provided_al2023_function_serves_events_restores_and_survives_a_crash_throug
                 failed.len(),
                 1,
                 "the crashed environment is replaced: {failed:?}"
+            );
+        },
+    );
+}
+
+const PYTHON_HANDLER: &str = r#"
+import sys
+
+def handler(event, context):
+    if event.get("fail"):
+        raise ValueError("asked to fail")
+    print("hello from python", event.get("n"))
+    return {
+        "n": event.get("n"),
+        "request_id": context.aws_request_id,
+        "function_arn": context.invoked_function_arn,
+        "remaining_ms": context.get_remaining_time_in_millis(),
+        "log_group": context.log_group_name,
+        "python": sys.version_info[:2],
+    }
+"#;
+
+#[test]
+fn a_python311_function_runs_its_handler_with_lambdas_context_log_and_error_shapes() {
+    on_hardware_kvm(
+        "a_python311_function_runs_its_handler_with_lambdas_context_log_and_error_shapes",
+        || {
+            let (worker, _data) = linux_worker("python-runtime");
+            let client = worker.client();
+            let zip = microvm_tests::lambda_client::zip_one("app.py", PYTHON_HANDLER.as_bytes());
+            let rt = client_runtime();
+            rt.block_on(async {
+                use base64::Engine as _;
+                let created = client
+                    .call(
+                        hyper::Method::POST,
+                        "/2015-03-31/functions",
+                        None,
+                        json!({
+                            "FunctionName": "python-app",
+                            "Runtime": "python3.11",
+                            "Role": "arn:aws:iam::111111111111:role/python",
+                            "Handler": "app.handler",
+                            "MemorySize": 256,
+                            "Timeout": 120,
+                            "Code": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(&zip)},
+                        }),
+                        201,
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\n{}", worker.log()));
+                let arn = created["FunctionArn"].as_str().unwrap().to_string();
+                for n in 0..2 {
+                    let invoked = client
+                        .invoke("python-app", Bytes::from(json!({ "n": n }).to_string()))
+                        .await
+                        .unwrap();
+                    let body: Value = serde_json::from_slice(&invoked.body)
+                        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", invoked.body, worker.log()));
+                    assert_eq!(invoked.status, 200, "{body}");
+                    assert_eq!(invoked.function_error, None, "{body}\n{}", worker.log());
+                    let request_id = body["request_id"].as_str().unwrap();
+                    assert!(
+                        invoked
+                            .log_tail
+                            .contains(&format!("START RequestId: {request_id}")),
+                        "the context's request id is the invocation's: {}",
+                        invoked.log_tail
+                    );
+                    assert!(
+                        invoked.log_tail.contains(&format!("hello from python {n}")),
+                        "print reaches the log: {}",
+                        invoked.log_tail
+                    );
+                    assert_eq!(body["n"], n);
+                    assert_eq!(body["function_arn"], arn.as_str());
+                    assert_eq!(body["log_group"], "/aws/lambda/python-app");
+                    assert_eq!(body["python"], json!([3, 11]));
+                    // The deadline is the host's wall clock; the guest
+                    // reads its own (kvmclock's, from boot), which the
+                    // emulated L1 machine lets drift by a fraction of a
+                    // second.
+                    let remaining = body["remaining_ms"].as_u64().unwrap();
+                    assert!(
+                        remaining > 60_000 && remaining <= 121_000,
+                        "remaining time within the 120 s timeout: {remaining}"
+                    );
+                }
+                let failed = client
+                    .invoke("python-app", Bytes::from(r#"{"fail":true}"#))
+                    .await
+                    .unwrap();
+                let error: Value = serde_json::from_slice(&failed.body).unwrap();
+                assert_eq!(failed.status, 200);
+                assert_eq!(failed.function_error.as_deref(), Some("Unhandled"), "{error}");
+                assert_eq!(error["errorType"], "ValueError", "{error}");
+                assert_eq!(error["errorMessage"], "asked to fail", "{error}");
+                assert!(
+                    error["stackTrace"].as_array().is_some_and(|t| !t.is_empty()),
+                    "{error}"
+                );
+            });
+            let log = worker.stop();
+            assert_eq!(
+                environments_of(&log, "111111111111:python-app:$LATEST").len(),
+                1,
+                "one environment served the events and the error:\n{log}"
             );
         },
     );

@@ -94,12 +94,20 @@ pub fn extract(zip: &[u8], name: &str) -> Result<Vec<u8>, ApiError> {
 
 /// The file `name` from the function's code, or else from the last of its
 /// layers that has it, as it would be found in `/var/task` then `/opt`.
-pub fn extract_with_layers(code: &[u8], layers: &[&[u8]], name: &str) -> Result<Vec<u8>, ApiError> {
+pub fn extract_with_layers(
+    code: &[u8],
+    layers: &[impl AsRef<[u8]>],
+    name: &str,
+) -> Result<Vec<u8>, ApiError> {
     if has_file(code, name) {
         return extract(code, name);
     }
-    match layers.iter().rev().find(|layer| has_file(layer, name)) {
-        Some(layer) => extract(layer, name),
+    match layers
+        .iter()
+        .rev()
+        .find(|layer| has_file(layer.as_ref(), name))
+    {
+        Some(layer) => extract(layer.as_ref(), name),
         None => Err(ApiError::invalid(format!(
             "the handler file {name:?} is in neither the code nor its layers"
         ))),

@@ -37,6 +37,16 @@ pub fn build(zip: &[u8]) -> Result<Vec<u8>, ErofsError> {
     build_with(|tree| extract_all(zip, tree))
 }
 
+/// Builds the image of a function's layers (each checked by
+/// `code::check_zip`), extracted in order into one tree: a later layer's
+/// file replaces an earlier one's, as in Lambda's /opt.
+pub fn build_layers(zips: &[impl AsRef<[u8]>]) -> Result<Vec<u8>, ErofsError> {
+    build_with(|tree| {
+        zips.iter()
+            .try_for_each(|zip| extract_all(zip.as_ref(), tree))
+    })
+}
+
 /// Builds an image of the tree `fill` writes into an empty directory. The
 /// files pass through a scratch directory in RAM when the host has one
 /// (`/dev/shm`), and it is removed before this returns.

@@ -1,6 +1,7 @@
 //! `lambda-worker`: one process serving Lambda's API and running each
 //! function in microVMs, with its state in a data directory.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use clap::Parser;
 use host_services::api;
 use host_services::control_plane::backup::spawn_backups;
 use host_services::control_plane::functions::ControlPlane;
+use host_services::control_plane::model::runtime;
 use host_services::control_plane::store::Store;
 use host_services::data_plane::environment::{LinuxGuest, MicroVmImage};
 use host_services::data_plane::host::HostLimits;
@@ -64,6 +66,18 @@ struct Args {
     /// packs into the guests' initramfs.
     #[arg(long, value_name = "PATH", requires = "linux_kernel")]
     linux_init: Option<PathBuf>,
+    /// A Linux runtime's root file system image, as NAME=IMAGE (repeat
+    /// for several): python3.11 runs only with its image
+    /// (scripts/build-python-runtime.sh builds it); provided.al2023 and
+    /// provided.al2 may take one, for bootstraps that load shared
+    /// libraries.
+    #[arg(
+        long = "linux-runtime",
+        value_name = "NAME=IMAGE",
+        requires = "linux_kernel",
+        value_parser = parse_linux_runtime
+    )]
+    linux_runtimes: Vec<(String, PathBuf)>,
     /// Environments on each worker, idle or busy.
     #[arg(long, default_value_t = 64)]
     max_environments: usize,
@@ -100,6 +114,20 @@ struct Args {
     /// DIR/backups (the newest 3 are kept); 0 writes none.
     #[arg(long, default_value_t = 3600)]
     backup_every: u64,
+}
+
+fn parse_linux_runtime(value: &str) -> Result<(String, PathBuf), String> {
+    let (name, image) = value
+        .split_once('=')
+        .ok_or_else(|| format!("{value:?}: expected NAME=IMAGE"))?;
+    if !runtime::on_linux(name) {
+        return Err(format!(
+            "{name:?} is not a Linux runtime ({}, {})",
+            runtime::MANAGED.join(", "),
+            runtime::PROVIDED.join(", ")
+        ));
+    }
+    Ok((name.to_string(), PathBuf::from(image)))
 }
 
 fn existing_file(what: &str, path: &std::path::Path) -> Result<(), String> {
@@ -191,13 +219,23 @@ async fn run(args: Args) -> Result<(), String> {
         KeyService::open(&args.data_dir.join("keys"))
             .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
     );
-    let control = ControlPlane::new(
-        store,
-        &args.data_dir,
-        keys.clone(),
-        args.linux_kernel.is_some(),
-    )
-    .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    let roots: BTreeMap<String, PathBuf> = args.linux_runtimes.iter().cloned().collect();
+    for image in roots.values() {
+        existing_file("linux-runtime", image)?;
+    }
+    // What CreateFunction accepts: the custom runtimes with a kernel, the
+    // managed ones with their images too.
+    let mut linux_runtimes: Vec<String> = Vec::new();
+    if args.linux_kernel.is_some() {
+        linux_runtimes.extend(runtime::PROVIDED.map(String::from));
+        for name in roots.keys() {
+            if !linux_runtimes.contains(name) {
+                linux_runtimes.push(name.clone());
+            }
+        }
+    }
+    let control = ControlPlane::new(store, &args.data_dir, keys.clone(), linux_runtimes)
+        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
     if args.rotate_master_key {
         keys.rotate().map_err(|e| e.to_string())?;
         let moved = control
@@ -219,7 +257,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let linux = match (&args.linux_kernel, &args.linux_init) {
         (Some(kernel), Some(init)) => Some(
-            LinuxGuest::prepare(kernel, init, &run_dir)
+            LinuxGuest::prepare(kernel, init, roots, &run_dir)
                 .map_err(|e| format!("--linux-init: {e}"))?,
         ),
         _ => None,
@@ -305,8 +343,7 @@ async fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -318,7 +355,19 @@ async fn main() {
         .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    if let Err(e) = run(Args::parse()).await {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("lambda-worker: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(run(Args::parse()));
+    // A snapshot still being sealed in the background (a minute and more
+    // of a large guest's memory on a slow host) is abandoned, not waited
+    // for: the next start discards what it staged.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if let Err(e) = result {
         eprintln!("lambda-worker: {e}");
         std::process::exit(1);
     }

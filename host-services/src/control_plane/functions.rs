@@ -55,13 +55,22 @@ pub struct Resolved {
     pub key: VersionKey,
 }
 
+/// The sealed disks of a version's code, and grants to read them.
+#[derive(Debug, Clone)]
+pub struct CodeDisks {
+    pub code: GrantedArtifact,
+    /// The function's layers, merged, for a Linux guest's /opt.
+    pub layers: Option<GrantedArtifact>,
+}
+
 pub struct ControlPlane {
     pub store: Store,
     artifacts: ArtifactStore,
     /// Seals uploaded code in the store.
     keys: Arc<KeyService>,
-    /// Whether a Linux guest is configured for `provided.*` runtimes.
-    linux_guest: bool,
+    /// The Linux runtimes this worker can start: `provided.*` with a
+    /// Linux guest, managed ones with their runtime images too.
+    linux_runtimes: Vec<String>,
 }
 
 fn function_key(account: &AccountId, name: &str) -> String {
@@ -135,13 +144,13 @@ impl ControlPlane {
         store: Store,
         data_dir: &Path,
         keys: Arc<KeyService>,
-        linux_guest: bool,
+        linux_runtimes: Vec<String>,
     ) -> Result<Self, ArtifactError> {
         Ok(ControlPlane {
             store,
             artifacts: ArtifactStore::open(&data_dir.join("artifacts"), keys.clone())?,
             keys,
-            linux_guest,
+            linux_runtimes,
         })
     }
 
@@ -155,18 +164,25 @@ impl ControlPlane {
             }
             return Ok(());
         }
-        if runtime::on_linux(runtime) {
-            if self.linux_guest {
-                return Ok(());
-            }
+        if self.linux_runtimes.iter().any(|r| r == runtime) {
+            return Ok(());
+        }
+        if runtime::PROVIDED.contains(&runtime) {
             return Err(ApiError::invalid(format!(
                 "runtime {runtime} needs a Linux guest, and this worker has none configured"
             )));
         }
+        if runtime::MANAGED.contains(&runtime) {
+            return Err(ApiError::invalid(format!(
+                "runtime {runtime} needs a Linux guest and its runtime image, and this worker \
+                 has no such image (lambda-worker --linux-runtime {runtime}=IMAGE)"
+            )));
+        }
+        let mut runs = vec![runtime::WASI.to_string()];
+        runs.extend(self.linux_runtimes.iter().cloned());
         Err(ApiError::invalid(format!(
-            "unsupported runtime {runtime:?}: this worker runs {} and {}",
-            runtime::WASI,
-            runtime::PROVIDED.join(", ")
+            "unsupported runtime {runtime:?}: this worker runs {}",
+            runs.join(", ")
         )))
     }
 
@@ -720,64 +736,89 @@ impl ControlPlane {
         Ok(configs.into_iter().map(|(_, c)| c).collect())
     }
 
-    /// The code disk the bare-metal guest boots with for `config`, and a
-    /// grant to read it: optimized once per code, handler and layers into
-    /// a sealed artifact, then shared by every environment.
-    pub fn code_artifact(
+    /// The disks a version's environments read its code from, sealed and
+    /// granted: for `wasi-preview1` one image of the handler's module (from
+    /// the code or a layer) and its fuel; for Linux runtimes the code as
+    /// EROFS for /var/task and, with layers, their merge for /opt. Each is
+    /// built once and kept.
+    pub fn code_disks(
         &self,
         account: &AccountId,
         config: &FunctionConfiguration,
-    ) -> Result<GrantedArtifact, ApiError> {
-        let linux = runtime::on_linux(&config.runtime);
-        if linux && !config.layers.is_empty() {
-            return Err(ApiError::invalid(
-                "layers are not mounted at /opt for Linux runtimes on this worker yet",
-            ));
-        }
-        let layers = self.layer_zips(account, &config.layers)?;
-        let layer_shas: Vec<&str> = layers.iter().map(|(sha, _)| sha.as_str()).collect();
-        // A Linux code disk is the ZIP's files whatever the handler and
-        // timeout; the Wasm image holds the handler's module and its fuel.
-        let identity = if linux {
-            format!("erofs\0{}", config.code_sha256)
-        } else {
-            format!(
+    ) -> Result<CodeDisks, ApiError> {
+        let layer_shas = self.layer_shas(account, &config.layers)?;
+        // Stored code is decrypted only to build a disk that is not built
+        // yet, not at every cold start.
+        let stored_zip = |sha: &str| -> Result<Vec<u8>, ApiError> {
+            let key = code_key(account, sha);
+            let sealed = self
+                .store
+                .read()?
+                .get_bytes(CODE, &key)?
+                .ok_or_else(|| ApiError::Service(format!("code {sha} is missing")))?;
+            self.open_code(&key, &sealed)
+        };
+        let layer_zips = || -> Result<Vec<Vec<u8>>, ApiError> {
+            layer_shas.iter().map(|sha| stored_zip(sha)).collect()
+        };
+        let erofs_error =
+            |e: erofs_image::ErofsError| ApiError::Service(format!("a code disk: {e}"));
+        if !runtime::on_linux(&config.runtime) {
+            let identity = format!(
                 "{}\0{}\0{}\0{}",
                 config.code_sha256,
                 config.handler,
                 config.timeout,
                 layer_shas.join(",")
+            );
+            let code = self.sealed_disk(&identity, || {
+                let module = code::extract_with_layers(
+                    &stored_zip(&config.code_sha256)?,
+                    &layer_zips()?,
+                    &config.handler,
+                )?;
+                // A budget no function needs within its timeout; the
+                // deadline is what stops it first.
+                let fuel = u64::from(config.timeout) * 2_000_000_000;
+                wasm_image::build(&module, fuel)
+                    .map_err(|e| ApiError::invalid(format!("handler {:?}: {e}", config.handler)))
+            })?;
+            return Ok(CodeDisks { code, layers: None });
+        }
+        // A Linux code disk is the ZIP's files whatever the handler.
+        let code = self.sealed_disk(&format!("erofs\0{}", config.code_sha256), || {
+            erofs_image::build(&stored_zip(&config.code_sha256)?).map_err(erofs_error)
+        })?;
+        let layers = if layer_shas.is_empty() {
+            None
+        } else {
+            Some(
+                self.sealed_disk(&format!("erofs-layers\0{}", layer_shas.join(",")), || {
+                    erofs_image::build_layers(&layer_zips()?).map_err(erofs_error)
+                })?,
             )
         };
+        Ok(CodeDisks { code, layers })
+    }
+
+    /// The artifact `identity` names, built by `build` if there is none
+    /// yet, and a grant to read it.
+    fn sealed_disk(
+        &self,
+        identity: &str,
+        build: impl FnOnce() -> Result<Vec<u8>, ApiError>,
+    ) -> Result<GrantedArtifact, ApiError> {
         let id = hex::encode(Sha256::digest(identity.as_bytes()));
         let name = &id[..32];
         let artifact_error = |e: ArtifactError| ApiError::Service(e.to_string());
         let artifact = match self.artifacts.get(name).map_err(artifact_error)? {
             Some(artifact) => artifact,
-            None => {
-                let key = code_key(account, &config.code_sha256);
-                let sealed = self.store.read()?.get_bytes(CODE, &key)?.ok_or_else(|| {
-                    ApiError::Service(format!("code {} is missing", config.code_sha256))
-                })?;
-                let zip = self.open_code(&key, &sealed)?;
-                let image = if linux {
-                    erofs_image::build(&zip)
-                        .map_err(|e| ApiError::Service(format!("the code disk: {e}")))?
-                } else {
-                    let layer_zips: Vec<&[u8]> =
-                        layers.iter().map(|(_, zip)| zip.as_slice()).collect();
-                    let module = code::extract_with_layers(&zip, &layer_zips, &config.handler)?;
-                    // A budget no function needs within its timeout; the
-                    // deadline is what stops it first.
-                    let fuel = u64::from(config.timeout) * 2_000_000_000;
-                    wasm_image::build(&module, fuel).map_err(|e| {
-                        ApiError::invalid(format!("handler {:?}: {e}", config.handler))
-                    })?
-                };
-                // Concurrent first builds each seal an artifact of their
-                // own; the last record written wins.
-                self.artifacts.put(name, &image).map_err(artifact_error)?
-            }
+            // Concurrent first builds each seal an artifact of their own;
+            // the last record written wins.
+            None => self
+                .artifacts
+                .put(name, &build()?)
+                .map_err(artifact_error)?,
         };
         self.artifacts.grant(artifact).map_err(artifact_error)
     }
@@ -803,7 +844,7 @@ impl ControlPlane {
     /// invocation does not pay for it. A handler that cannot run is not an
     /// error here: as on Lambda, the invocation reports it.
     fn optimize(&self, account: &AccountId, config: &FunctionConfiguration) {
-        if let Err(e) = self.code_artifact(account, config) {
+        if let Err(e) = self.code_disks(account, config) {
             tracing::debug!("{}: code not optimized ahead: {e}", config.function_arn);
         }
     }

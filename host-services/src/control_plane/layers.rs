@@ -9,7 +9,7 @@ use crate::control_plane::functions::{
     code_key, code_sha256, decode_zip, now_string, ControlPlane,
 };
 use crate::control_plane::model::{LayerRef, REGION};
-use crate::control_plane::store::{numbered, Txn, CODE, LAYERS};
+use crate::control_plane::store::{numbered, Txn, LAYERS};
 use crate::error::ApiError;
 use crate::ids::AccountId;
 
@@ -226,13 +226,13 @@ impl ControlPlane {
             .collect()
     }
 
-    /// The ZIPs of a function's layers, in the function's order, with
-    /// their hashes.
-    pub(crate) fn layer_zips(
+    /// The code SHA-256 of each layer a function names, read from the
+    /// metadata: a cold start with an optimized artifact needs no more.
+    pub(crate) fn layer_shas(
         &self,
         account: &AccountId,
         layers: &[LayerRef],
-    ) -> Result<Vec<(String, Vec<u8>)>, ApiError> {
+    ) -> Result<Vec<String>, ApiError> {
         let snap = self.store.read()?;
         layers
             .iter()
@@ -241,12 +241,7 @@ impl ControlPlane {
                 let layer: LayerVersion = snap
                     .get(LAYERS, &numbered(&layer_key(account, &name), version))?
                     .ok_or_else(|| ApiError::Service(format!("layer {} is missing", l.arn)))?;
-                let sha = layer.content.code_sha256;
-                let key = code_key(account, &sha);
-                let sealed = snap
-                    .get_bytes(CODE, &key)?
-                    .ok_or_else(|| ApiError::Service(format!("layer code {sha} is missing")))?;
-                Ok((sha, self.open_code(&key, &sealed)?))
+                Ok(layer.content.code_sha256)
             })
             .collect()
     }

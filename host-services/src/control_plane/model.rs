@@ -23,10 +23,13 @@ pub mod runtime {
     pub const WASI: &str = "wasi-preview1";
     /// Custom runtimes on Linux: `bootstrap` in the code or a layer.
     pub const PROVIDED: [&str; 2] = ["provided.al2023", "provided.al2"];
+    /// Managed runtimes on Linux: the handler runs in a language runtime
+    /// whose root file system image the worker is given.
+    pub const MANAGED: [&str; 1] = ["python3.11"];
 
     /// Whether `runtime` runs in a Linux guest.
     pub fn on_linux(runtime: &str) -> bool {
-        PROVIDED.contains(&runtime)
+        PROVIDED.contains(&runtime) || MANAGED.contains(&runtime)
     }
 }
 

@@ -1,6 +1,7 @@
 //! An execution environment: one microVM serving one function version,
 //! one invocation at a time, through the Runtime API on its vsock socket.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,7 +11,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 
 use crate::artifacts::cpio;
+use guest_init::disks::{self, Disk};
+
 use crate::artifacts::sealed::{ArtifactError, GrantedArtifact};
+use crate::control_plane::model::runtime;
 use crate::data_plane::log_stream::{read_lines, Lines};
 use crate::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use crate::data_plane::snapshots::{self, SnapshotStore};
@@ -30,33 +34,34 @@ pub struct Launch {
     pub memory_mib: u32,
     /// The function's code disk, sealed, and a grant to read it.
     pub code: GrantedArtifact,
+    /// A Linux guest's layers disk, for /opt.
+    pub layers: Option<GrantedArtifact>,
     /// The function's environment variables: the runtime's, the execution
     /// role's credentials and the user's.
     pub variables: Vec<(String, String)>,
-    pub guest: Guest,
+    /// The function's runtime, which says what guest boots.
+    pub runtime: String,
 }
 
-/// The guest a runtime runs in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Guest {
-    /// guest-init's bare-metal runtime: WebAssembly on no kernel at all.
-    BareMetal,
-    /// Linux with guest-init's PID 1, which runs the function's
-    /// `bootstrap` from the code disk at /var/task.
-    Linux,
-}
-
-/// What a Linux guest boots: the kernel, and an initramfs holding only
-/// guest-init's PID 1.
+/// What a Linux guest boots: the kernel, an initramfs holding only
+/// guest-init's PID 1, and the root file system images of the runtimes
+/// that have one.
 #[derive(Debug, Clone)]
 pub struct LinuxGuest {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    pub roots: BTreeMap<String, PathBuf>,
 }
 
 impl LinuxGuest {
-    /// Packs `init` into an initramfs in `dir`, for guests of `kernel`.
-    pub fn prepare(kernel: &Path, init: &Path, dir: &Path) -> std::io::Result<Self> {
+    /// Packs `init` into an initramfs in `dir`, for guests of `kernel`
+    /// with the runtimes' `roots`.
+    pub fn prepare(
+        kernel: &Path,
+        init: &Path,
+        roots: BTreeMap<String, PathBuf>,
+        dir: &Path,
+    ) -> std::io::Result<Self> {
         let data = std::fs::read(init)
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", init.display())))?;
         std::fs::create_dir_all(dir)?;
@@ -65,6 +70,7 @@ impl LinuxGuest {
         Ok(LinuxGuest {
             kernel: kernel.to_path_buf(),
             initrd,
+            roots,
         })
     }
 }
@@ -209,15 +215,37 @@ impl ExecutionEnvironment {
                 None
             })
         });
-        let (kernel, initrd, cmdline) = match launch.guest {
-            Guest::BareMetal => (&image.guest_kernel, None, GUEST_CMDLINE),
-            Guest::Linux => {
-                let linux = image.linux.as_ref().ok_or(EnvironmentError::NoLinuxGuest)?;
-                (&linux.kernel, Some(linux.initrd.as_path()), LINUX_CMDLINE)
-            }
+        let (kernel, initrd, cmdline, root) = if runtime::on_linux(&launch.runtime) {
+            let linux = image.linux.as_ref().ok_or(EnvironmentError::NoLinuxGuest)?;
+            let root = linux.roots.get(&launch.runtime);
+            // The disks in the order the VMM is given them.
+            let disks: Vec<&str> = [
+                Some(Disk::Task),
+                root.map(|_| Disk::Root),
+                launch.layers.as_ref().map(|_| Disk::Opt),
+            ]
+            .into_iter()
+            .flatten()
+            .map(Disk::name)
+            .collect();
+            (
+                &linux.kernel,
+                Some(linux.initrd.as_path()),
+                format!("{LINUX_CMDLINE} {}={}", disks::PARAM, disks.join(",")),
+                root,
+            )
+        } else {
+            (&image.guest_kernel, None, GUEST_CMDLINE.to_string(), None)
         };
         // The grant is checked first: a refused one leaves nothing behind.
         let code_key = launch.code.drive_key(&image.keys)?;
+        let layers = match &launch.layers {
+            Some(layers) => Some((
+                layers.artifact.path.as_path(),
+                layers.drive_key(&image.keys)?,
+            )),
+            None => None,
+        };
         let dir = image.run_dir.join(&id);
         let dir_error = |source| EnvironmentError::Directory {
             path: dir.clone(),
@@ -249,7 +277,10 @@ impl ExecutionEnvironment {
                 ))
                 .map_err(dir_error)?;
                 (
-                    GuestStart::Boot { cmdline, initrd },
+                    GuestStart::Boot {
+                        cmdline: &cmdline,
+                        initrd,
+                    },
                     Some(serve_environ(listener, environ)),
                 )
             }
@@ -262,6 +293,8 @@ impl ExecutionEnvironment {
                 kernel,
                 code_disk: &launch.code.artifact.path,
                 code_key: &code_key,
+                root_disk: root.map(PathBuf::as_path),
+                layers_disk: layers.as_ref().map(|(path, key)| (*path, key.as_str())),
                 dir: &dir,
             },
             launch.memory_mib,

@@ -103,6 +103,9 @@ async fn next(State(shared): State<Arc<Shared>>) -> Response {
             headers.insert(name, v);
         }
     };
+    // As Lambda's: runtime clients (awslambdaric) decode the event as
+    // JSON only when told it is.
+    set("content-type", "application/json".into());
     set("lambda-runtime-aws-request-id", p.request_id.clone());
     set(
         "lambda-runtime-deadline-ms",

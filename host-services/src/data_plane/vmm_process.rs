@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -95,6 +95,11 @@ pub struct VmmFiles<'a> {
     /// The code disk's artifact id and data key, as the VMM reads them
     /// from its standard input: never on its command line or on disk.
     pub code_key: &'a str,
+    /// A runtime's root file system image, public and read-only.
+    pub root_disk: Option<&'a Path>,
+    /// A sealed disk of the function's layers and its key line, which the
+    /// VMM reads from [`LAYERS_KEY_FD`].
+    pub layers_disk: Option<(&'a Path, &'a str)>,
     /// The environment's directory: the VMM makes its vsock socket here
     /// and connects to the worker's listeners next to it.
     pub dir: &'a Path,
@@ -118,6 +123,8 @@ pub enum GuestStart<'a> {
 const JAIL_KERNEL: &str = "/kernel";
 const JAIL_INITRD: &str = "/initrd";
 const JAIL_CODE_DISK: &str = "/code.img";
+const JAIL_ROOT_DISK: &str = "/root.img";
+const JAIL_LAYERS_DISK: &str = "/layers.img";
 const JAIL_DIR: &str = "/run";
 /// The VMM's control socket, in the environment's directory.
 pub const CONTROL_SOCKET: &str = "control";
@@ -127,6 +134,8 @@ pub const SNAPSHOT_MEMORY: &str = "snapshot.mem";
 /// The descriptors a restoring VMM finds its snapshot on.
 const RESTORE_STATE_FD: RawFd = 3;
 const RESTORE_MEMORY_FD: RawFd = 4;
+/// The descriptor a VMM reads its layers disk's key from.
+pub const LAYERS_KEY_FD: RawFd = 5;
 
 /// What a VMM needs beyond its guest's memory: its own text, heap and
 /// KVM's page tables, plus the page cache of the kernel and code disk
@@ -235,6 +244,25 @@ impl VmmProcess {
                 seen(JAIL_CODE_DISK, files.code_disk).display()
             )
             .into(),
+        ]);
+        // The order the guest's init is told (guest_init::disks).
+        if let Some(disk) = files.root_disk {
+            vmm_args.extend([
+                "--drive".into(),
+                format!("{},ro", seen(JAIL_ROOT_DISK, disk).display()).into(),
+            ]);
+        }
+        if let Some((disk, _)) = files.layers_disk {
+            vmm_args.extend([
+                "--drive".into(),
+                format!(
+                    "{},ro,key-fd={LAYERS_KEY_FD}",
+                    seen(JAIL_LAYERS_DISK, disk).display()
+                )
+                .into(),
+            ]);
+        }
+        vmm_args.extend([
             "--vsock".into(),
             format!(
                 "cid=3,uds={}",
@@ -272,6 +300,18 @@ impl VmmProcess {
                     .arg("1")
                     .arg("--mount")
                     .arg(format!("{}:{JAIL_KERNEL}:ro", files.kernel.display()))
+                    .args(files.root_disk.iter().flat_map(|disk| {
+                        [
+                            "--mount".into(),
+                            format!("{}:{JAIL_ROOT_DISK}:ro", disk.display()),
+                        ]
+                    }))
+                    .args(files.layers_disk.iter().flat_map(|(disk, _)| {
+                        [
+                            "--mount".into(),
+                            format!("{}:{JAIL_LAYERS_DISK}:ro", disk.display()),
+                        ]
+                    }))
                     .args(boot_initrd.iter().flat_map(|initrd| {
                         [
                             "--mount".into(),
@@ -304,8 +344,16 @@ impl VmmProcess {
         } else {
             libc::SIGKILL
         };
-        // SAFETY: setpriority and prctl are async-signal-safe and touch
-        // only the child, between fork and exec.
+        let layers_key = match files.layers_disk {
+            Some((_, key)) => Some(key_pipe(key).map_err(|source| VmmProcessError::Spawn {
+                program: files.vmm.to_path_buf(),
+                source,
+            })?),
+            None => None,
+        };
+        let layers_key_fd = layers_key.as_ref().map(AsRawFd::as_raw_fd);
+        // SAFETY: setpriority, prctl, fcntl and dup2 are async-signal-safe
+        // and touch only the child, between fork and exec.
         unsafe {
             command.pre_exec(move || {
                 // Guests that poll their devices spin while they wait for
@@ -328,6 +376,12 @@ impl VmmProcess {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                if let Some(key) = layers_key_fd {
+                    let key = libc::fcntl(key, libc::F_DUPFD_CLOEXEC, 10);
+                    if key < 0 || libc::dup2(key, LAYERS_KEY_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -338,6 +392,7 @@ impl VmmProcess {
         })?;
         // The child has its copies.
         drop(start);
+        drop(layers_key);
         // 97 bytes fit in a pipe's buffer: the write cannot block.
         if let Some(stdin) = child.stdin.take() {
             let mut stdin = stdin
@@ -520,6 +575,22 @@ pub async fn request_snapshot(
         return Err(format!("the VMM refused the snapshot: {}", reply["error"]));
     }
     Ok(reply)
+}
+
+/// A pipe holding `line` and then its end: the read side, for a VMM to
+/// read a sealed drive's key from. A key line fits in a pipe's buffer.
+fn key_pipe(line: &str) -> std::io::Result<OwnedFd> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors it creates, which are then
+    // owned here.
+    let (read, write) = unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    std::fs::File::from(write).write_all(line.as_bytes())?;
+    Ok(read)
 }
 
 /// Gives the environment's directory and the worker's sockets in it to

@@ -13,9 +13,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::control_plane::functions::{ControlPlane, ProvisionedConfig, Resolved};
-use crate::control_plane::model::{runtime, FunctionRef, LATEST, REGION};
+use crate::control_plane::model::{FunctionRef, LATEST, REGION};
 use crate::control_plane::store::EVENTS;
-use crate::data_plane::environment::{ColdStart, Guest, Launch};
+use crate::data_plane::environment::{ColdStart, Launch};
 use crate::data_plane::lifecycle::DestroyReason;
 use crate::data_plane::router::{InvokeRouter, RouteError};
 use crate::data_plane::runtime_api::Outcome;
@@ -156,17 +156,15 @@ impl Worker {
         if let Some(env) = &config.environment {
             variables.extend(env.variables.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
+        let disks = self.control.code_disks(&resolved.key.account, config)?;
         Ok(Launch {
             key: resolved.key.clone(),
             function_arn: config.function_arn.clone(),
             memory_mib: config.memory_size,
-            code: self.control.code_artifact(&resolved.key.account, config)?,
+            code: disks.code,
+            layers: disks.layers,
             variables,
-            guest: if runtime::on_linux(&config.runtime) {
-                Guest::Linux
-            } else {
-                Guest::BareMetal
-            },
+            runtime: config.runtime.clone(),
         })
     }
 

@@ -64,7 +64,7 @@ fn main() {
     let start = Instant::now();
     code::check_zip(&zip).expect("a valid ZIP");
     let checked = start.elapsed();
-    let module = code::extract_with_layers(&zip, &[], "function.wasm").expect("the handler");
+    let module = code::extract(&zip, "function.wasm").expect("the handler");
     let extracted = start.elapsed();
     let image = wasm_image::build(&module, 1 << 40).expect("a code disk");
     let built = start.elapsed();

@@ -12,6 +12,8 @@ use core::ffi::CStr;
 use crate::sys::{self, Errno};
 
 pub const BOOTSTRAP: &CStr = c"/var/task/bootstrap";
+/// A managed runtime's, from its root file system.
+pub const RUNTIME_BOOTSTRAP: &CStr = c"/var/runtime/bootstrap";
 /// A runtime layer's.
 pub const LAYER_BOOTSTRAP: &CStr = c"/opt/bootstrap";
 const TASK_ROOT: &CStr = c"/var/task";

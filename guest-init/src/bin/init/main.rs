@@ -20,6 +20,7 @@ mod sys;
 
 extern crate alloc;
 
+use alloc::ffi::CString;
 use alloc::vec::Vec;
 
 use linked_list_allocator::LockedHeap;
@@ -34,6 +35,8 @@ static mut HEAP_SPACE: [u8; HEAP_SIZE] = [0; HEAP_SIZE];
 use core::arch::global_asm;
 use core::ffi::CStr;
 use core::fmt::Write;
+
+use guest_init::disks::{self, Disk};
 
 // The process entry: the kernel leaves argc at the stack pointer, which
 // the System V ABI wants 16-byte aligned before a call.
@@ -123,6 +126,7 @@ fn mount_all() -> Result<(), (&'static str, sys::Errno)> {
 const ENOENT: i32 = 2;
 const ENXIO: i32 = 6;
 const X_OK: i32 = 1;
+const F_OK: i32 = 0;
 
 /// Mounts the virtio-blk disk `device` (EROFS) read-only at `dir`;
 /// Ok(false) when there is no such disk.
@@ -136,6 +140,66 @@ fn mount_disk(device: &CStr, dir: &CStr) -> Result<bool, sys::Errno> {
         Err(sys::Errno(ENOENT | ENXIO)) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// Where a runtime's root file system is mounted.
+const ROOT_DISK: &CStr = c"/runtime";
+
+/// Makes a runtime's root file system the guest's: its top-level
+/// directories (Debian's, /bin and /lib being links into /usr) and its
+/// /var/runtime, linked from the init's own root, which has none of them.
+fn link_root() {
+    for name in ["usr", "bin", "sbin", "lib", "lib64", "etc", "var/runtime"] {
+        let target = CString::new(alloc::format!("{}/{name}", text(ROOT_DISK)));
+        let link = CString::new(alloc::format!("/{name}"));
+        let (Ok(target), Ok(link)) = (target, link) else {
+            continue;
+        };
+        if sys::access(&target, F_OK).is_err() {
+            continue;
+        }
+        if let Err(e) = sys::symlink(&target, &link) {
+            say!(
+                "init: linking /{name} into {} failed: errno {}",
+                text(ROOT_DISK),
+                e.0
+            );
+        }
+    }
+}
+
+/// A path for the console.
+fn text(path: &CStr) -> &str {
+    path.to_str().unwrap_or("(not UTF-8)")
+}
+
+/// The value of `name` in the environment the kernel started PID 1 with:
+/// the command line's parameters that the kernel does not know.
+fn kernel_env(stack: *const usize, name: &str) -> Option<&'static str> {
+    // SAFETY: `stack` is the kernel's initial stack: argc, that many
+    // argument pointers and a null, then environment pointers up to a
+    // null, each to a NUL-terminated string that lives as long as PID 1.
+    unsafe {
+        let argc = *stack;
+        let mut entry = stack.add(argc + 2);
+        while *entry != 0 {
+            // By hand: CStr::from_ptr calls strlen, and there is no libc.
+            let start = *entry as *const u8;
+            let mut len = 0;
+            while *start.add(len) != 0 {
+                len += 1;
+            }
+            let bytes = core::slice::from_raw_parts(start, len);
+            if let Some(value) = bytes
+                .strip_prefix(name.as_bytes())
+                .and_then(|rest| rest.strip_prefix(b"="))
+            {
+                return core::str::from_utf8(value).ok();
+            }
+            entry = entry.add(1);
+        }
+    }
+    None
 }
 
 const SIOCGIFFLAGS: usize = 0x8913;
@@ -214,7 +278,7 @@ fn loopback_up() -> Result<(), sys::Errno> {
     result.map(drop)
 }
 
-extern "C" fn init_main(_stack: *const usize) -> ! {
+extern "C" fn init_main(stack: *const usize) -> ! {
     // SAFETY: the heap's memory is a static only the allocator uses, given
     // to it once, before any allocation.
     unsafe {
@@ -237,30 +301,66 @@ extern "C" fn init_main(_stack: *const usize) -> ! {
         Err(e) => say!("init: bringing up lo failed: errno {}", e.0),
     }
     let _ = sys::mkdir(c"/var", 0o755);
-    // The function's code, then its layers (merged into one disk).
-    match mount_disk(c"/dev/vda", c"/var/task") {
-        Ok(true) => {
-            say!("init: mounted the code disk read-only at /var/task (erofs)");
-            match mount_disk(c"/dev/vdb", c"/opt") {
-                Ok(true) => say!("init: mounted the layers read-only at /opt (erofs)"),
-                Ok(false) => {}
-                Err(e) => say!("init: mounting /dev/vdb at /opt failed: errno {}", e.0),
-            }
-            // A runtime layer's bootstrap serves when the code has none.
-            match [function::BOOTSTRAP, function::LAYER_BOOTSTRAP]
-                .into_iter()
-                .find(|path| sys::access(path, X_OK).is_ok())
-            {
-                Some(bootstrap) => run_function(bootstrap),
-                None => {
-                    let message = "no executable bootstrap in /var/task or /opt";
-                    say!("init: {message}");
-                    report("Runtime.InvalidEntrypoint", message);
+    let named = kernel_env(stack, disks::PARAM);
+    let Some((disks, count)) = disks::parse(named.unwrap_or(disks::DEFAULT)) else {
+        let message = "the kernel command line names unknown disks";
+        say!("init: {message}: {}={:?}", disks::PARAM, named);
+        report("Runtime.InvalidEntrypoint", message);
+        halt();
+    };
+    let mut code = false;
+    for (index, disk) in disks[..count].iter().flatten().enumerate() {
+        let device = disks::device(index);
+        let Ok(device) = CStr::from_bytes_with_nul(&device) else {
+            continue;
+        };
+        let dir = match disk {
+            Disk::Task => c"/var/task",
+            Disk::Root => ROOT_DISK,
+            Disk::Opt => c"/opt",
+        };
+        match mount_disk(device, dir) {
+            Ok(true) => {
+                say!(
+                    "init: mounted {} read-only at {} (erofs)",
+                    text(device),
+                    text(dir)
+                );
+                match disk {
+                    Disk::Task => code = true,
+                    Disk::Root => link_root(),
+                    Disk::Opt => {}
                 }
             }
+            Ok(false) => say!("init: no disk {} for {}", text(device), text(dir)),
+            Err(e) => say!(
+                "init: mounting {} at {} failed: errno {}",
+                text(device),
+                text(dir),
+                e.0
+            ),
         }
-        Ok(false) => say!("init: no code disk (/dev/vda)"),
-        Err(e) => say!("init: mounting /dev/vda at /var/task failed: errno {}", e.0),
+    }
+    if code {
+        // A managed runtime's bootstrap, else the code's, else a runtime
+        // layer's.
+        match [
+            function::RUNTIME_BOOTSTRAP,
+            function::BOOTSTRAP,
+            function::LAYER_BOOTSTRAP,
+        ]
+        .into_iter()
+        .find(|path| sys::access(path, X_OK).is_ok())
+        {
+            Some(bootstrap) => run_function(bootstrap),
+            None => {
+                let message = "no executable bootstrap in /var/task or /opt";
+                say!("init: {message}");
+                report("Runtime.InvalidEntrypoint", message);
+            }
+        }
+    } else {
+        say!("init: no code disk");
     }
     say!("init: restarting the machine");
     halt();

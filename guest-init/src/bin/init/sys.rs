@@ -37,6 +37,7 @@ const PIPE2: usize = 293;
 const DUP2: usize = 33;
 const EXIT_GROUP: usize = 231;
 const MKDIR: usize = 83;
+const SYMLINK: usize = 88;
 const MOUNT: usize = 165;
 const REBOOT: usize = 169;
 const IOPERM: usize = 173;
@@ -126,6 +127,18 @@ pub fn dup2(old: i32, new: i32) -> Result<()> {
 pub fn mkdir(path: &CStr, mode: u32) -> Result<()> {
     // SAFETY: a NUL-terminated path.
     check(unsafe { syscall(MKDIR, [path.as_ptr() as usize, mode as usize, 0, 0, 0]) }).map(drop)
+}
+
+/// Makes `link` a symbolic link to `target`.
+pub fn symlink(target: &CStr, link: &CStr) -> Result<()> {
+    // SAFETY: NUL-terminated paths.
+    check(unsafe {
+        syscall(
+            SYMLINK,
+            [target.as_ptr() as usize, link.as_ptr() as usize, 0, 0, 0],
+        )
+    })
+    .map(drop)
 }
 
 pub fn mount(source: &CStr, target: &CStr, fstype: &CStr, flags: usize, data: &CStr) -> Result<()> {
