@@ -206,10 +206,20 @@ fn a_provided_al2023_function_serves_events_restores_survives_a_crash_and_runs_f
 
 const PYTHON_HANDLER: &str = r#"
 import sys
+import time
 
 def handler(event, context):
     if event.get("fail"):
         raise ValueError("asked to fail")
+    if event.get("sleep"):
+        time.sleep(event["sleep"])
+    if event.get("hog"):
+        # Touched pages, 16 MiB at a time, until the kernel's OOM killer
+        # ends it: one allocation larger than memory would only raise
+        # MemoryError.
+        held = []
+        while True:
+            held.append(b"x" * (16 << 20))
     print("hello from python", event.get("n"))
     return {
         "n": event.get("n"),
@@ -222,34 +232,41 @@ def handler(event, context):
 "#;
 
 #[test]
-fn a_python311_function_runs_its_handler_with_lambdas_context_log_and_error_shapes() {
+fn a_python311_function_runs_its_handler_with_lambdas_context_and_errors_timeouts_and_oom() {
     on_hardware_kvm(
-        "a_python311_function_runs_its_handler_with_lambdas_context_log_and_error_shapes",
+        "a_python311_function_runs_its_handler_with_lambdas_context_and_errors_timeouts_and_oom",
         || {
-            let (worker, _data) = linux_worker("python-runtime");
+            let (worker, data) = linux_worker("python-runtime");
             let client = worker.client();
             let zip = microvm_tests::lambda_client::zip_one("app.py", PYTHON_HANDLER.as_bytes());
             let rt = client_runtime();
             rt.block_on(async {
                 use base64::Engine as _;
-                let created = client
-                    .call(
-                        hyper::Method::POST,
-                        "/2015-03-31/functions",
-                        None,
-                        json!({
-                            "FunctionName": "python-app",
-                            "Runtime": "python3.11",
-                            "Role": "arn:aws:iam::111111111111:role/python",
-                            "Handler": "app.handler",
-                            "MemorySize": 256,
-                            "Timeout": 120,
-                            "Code": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(&zip)},
-                        }),
-                        201,
-                    )
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}\n{}", worker.log()));
+                let create = |name: &'static str, timeout: u32| {
+                    let request = json!({
+                        "FunctionName": name,
+                        "Runtime": "python3.11",
+                        "Role": "arn:aws:iam::111111111111:role/python",
+                        "Handler": "app.handler",
+                        "MemorySize": 256,
+                        "Timeout": timeout,
+                        "Code": {"ZipFile": base64::engine::general_purpose::STANDARD.encode(&zip)},
+                    });
+                    let (client, worker) = (&client, &worker);
+                    async move {
+                        client
+                            .call(
+                                hyper::Method::POST,
+                                "/2015-03-31/functions",
+                                None,
+                                request,
+                                201,
+                            )
+                            .await
+                            .unwrap_or_else(|e| panic!("{e}\n{}", worker.log()))
+                    }
+                };
+                let created = create("python-app", 120).await;
                 let arn = created["FunctionArn"].as_str().unwrap().to_string();
                 for n in 0..2 {
                     let invoked = client
@@ -293,11 +310,48 @@ fn a_python311_function_runs_its_handler_with_lambdas_context_log_and_error_shap
                     .unwrap();
                 let error: Value = serde_json::from_slice(&failed.body).unwrap();
                 assert_eq!(failed.status, 200);
-                assert_eq!(failed.function_error.as_deref(), Some("Unhandled"), "{error}");
+                assert_eq!(
+                    failed.function_error.as_deref(),
+                    Some("Unhandled"),
+                    "{error}"
+                );
                 assert_eq!(error["errorType"], "ValueError", "{error}");
                 assert_eq!(error["errorMessage"], "asked to fail", "{error}");
                 assert!(
-                    error["stackTrace"].as_array().is_some_and(|t| !t.is_empty()),
+                    error["stackTrace"]
+                        .as_array()
+                        .is_some_and(|t| !t.is_empty()),
+                    "{error}"
+                );
+
+                // Out of memory: the guest's OOM killer ends the runtime,
+                // the init tells it from other deaths.
+                let hog = client
+                    .invoke("python-app", Bytes::from(r#"{"hog":true}"#))
+                    .await
+                    .unwrap();
+                let error: Value = serde_json::from_slice(&hog.body).unwrap();
+                assert_eq!(hog.function_error.as_deref(), Some("Unhandled"), "{error}");
+                assert_eq!(
+                    error["errorType"],
+                    "Runtime.OutOfMemory",
+                    "{error}\n{}",
+                    worker.log()
+                );
+
+                // Past its timeout: Lambda's Sandbox.Timedout.
+                create("python-slow", 5).await;
+                let slow = client
+                    .invoke("python-slow", Bytes::from(r#"{"sleep":60}"#))
+                    .await
+                    .unwrap();
+                let error: Value = serde_json::from_slice(&slow.body).unwrap();
+                assert_eq!(slow.function_error.as_deref(), Some("Unhandled"), "{error}");
+                assert_eq!(error["errorType"], "Sandbox.Timedout", "{error}");
+                assert!(
+                    error["errorMessage"]
+                        .as_str()
+                        .is_some_and(|m| m.ends_with("Task timed out after 5.00 seconds")),
                     "{error}"
                 );
             });
@@ -305,7 +359,17 @@ fn a_python311_function_runs_its_handler_with_lambdas_context_log_and_error_shap
             assert_eq!(
                 environments_of(&log, "111111111111:python-app:$LATEST").len(),
                 1,
-                "one environment served the events and the error:\n{log}"
+                "one environment served the events and the error, until the OOM:\n{log}"
+            );
+            let ended: Vec<_> = lifecycle(&data)
+                .into_iter()
+                .filter(|e| e.destroyed == Some(DestroyReason::InvocationFailed))
+                .map(|e| e.destroyed)
+                .collect();
+            assert_eq!(
+                ended.len(),
+                2,
+                "the OOM-killed and the timed-out environments are replaced: {ended:?}"
             );
         },
     );

@@ -168,6 +168,23 @@ fn link_root() {
     }
 }
 
+const SIGKILL: i32 = 9;
+
+/// How many processes the kernel's OOM killer has killed since boot
+/// (`oom_kill` in /proc/vmstat); `None` where the kernel does not count.
+fn oom_kills() -> Option<u64> {
+    let fd = sys::open(c"/proc/vmstat", O_RDONLY).ok()?;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = sys::read(fd, &mut buf) {
+        text.extend_from_slice(&buf[..n]);
+    }
+    let _ = sys::close(fd);
+    text.split(|&b| b == b'\n')
+        .find_map(|line| line.strip_prefix(b"oom_kill "))
+        .and_then(|count| core::str::from_utf8(count).ok()?.parse().ok())
+}
+
 /// A path for the console.
 fn text(path: &CStr) -> &str {
     path.to_str().unwrap_or("(not UTF-8)")
@@ -401,6 +418,7 @@ fn run_function(bootstrap: &'static CStr) {
     let listener = relay::listen_runtime_api()
         .map_err(|e| say!("init: cannot listen on 127.0.0.1:9001: errno {}", e.0))
         .ok();
+    let oom_kills_before = oom_kills();
     let process = match function::spawn(bootstrap, &variables) {
         Ok(p) => p,
         Err((what, e)) => return say!("init: {what} failed: errno {}", e.0),
@@ -435,8 +453,15 @@ fn run_function(bootstrap: &'static CStr) {
         },
     );
     let log = log.take();
+    let mut error_type = "Runtime.ExitError";
     let message = match function::reap(process.pid) {
         Ok(function::Ended::Exited(code)) => alloc::format!("bootstrap exited with status {code}"),
+        // The guest runs nothing else: an OOM kill since the start was
+        // the function's.
+        Ok(function::Ended::Killed(SIGKILL)) if oom_kills() > oom_kills_before => {
+            error_type = "Runtime.OutOfMemory";
+            alloc::format!("bootstrap was killed by signal {SIGKILL}: out of memory")
+        }
         Ok(function::Ended::Killed(signal)) => {
             alloc::format!("bootstrap was killed by signal {signal}")
         }
@@ -448,7 +473,7 @@ fn run_function(bootstrap: &'static CStr) {
         let _ = sys::close(fd);
     }
     if !variables.is_empty() {
-        report("Runtime.ExitError", &message);
+        report(error_type, &message);
     }
 }
 
