@@ -34,6 +34,9 @@ pub enum ApiError {
     AccessDenied(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A method and path that name no operation of this API.
+    #[error("{0}")]
+    UnknownOperation(String),
     /// The worker failed on its side; the message is logged, the caller
     /// gets a generic one.
     #[error("{0}")]
@@ -62,6 +65,7 @@ impl ApiError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "UnsupportedMediaTypeException",
             ),
+            UnknownOperation(_) => (StatusCode::NOT_FOUND, "UnknownOperationException"),
             Service(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
         }
     }

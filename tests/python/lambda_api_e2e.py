@@ -257,11 +257,62 @@ expect_error("another account's layer is refused", "AccessDeniedException",
                                        Code={"ZipFile": zipped("README", b"x")}, Layers=[layer["LayerVersionArn"]]))
 
 a.put_function_concurrency(FunctionName="echo", ReservedConcurrentExecutions=0)
+check("get_function_concurrency reads the reservation",
+      a.get_function_concurrency(FunctionName="echo").get("ReservedConcurrentExecutions") == 0)
 expect_error("reserved concurrency 0 throttles", "TooManyRequestsException",
              lambda: a.invoke(FunctionName="echo", Payload=b"{}"))
 a.delete_function_concurrency(FunctionName="echo")
 check("removing the reservation lets it run again",
       a.invoke(FunctionName="echo", Payload=b"{}")["StatusCode"] == 200)
+check("and get_function_concurrency then has none",
+      "ReservedConcurrentExecutions" not in a.get_function_concurrency(FunctionName="echo"))
+
+# Every List call pages: MaxItems and Marker in, NextMarker out, and
+# boto3's paginators read each item once.
+for i in range(3):
+    a.create_function(FunctionName=f"page-{i}", Runtime="wasi-preview1", Role=role, Handler="function.wasm",
+                      Code={"ZipFile": code})
+first = a.list_functions(MaxItems=1)
+check("ListFunctions(MaxItems=1) gives one function and a NextMarker",
+      len(first["Functions"]) == 1 and first.get("NextMarker"), first)
+second = a.list_functions(MaxItems=1, Marker=first["NextMarker"])
+check("and its NextMarker the next one", second["Functions"][0]["FunctionName"] > first["Functions"][0]["FunctionName"],
+      (first, second))
+names = [f["FunctionName"] for page in a.get_paginator("list_functions").paginate(PaginationConfig={"PageSize": 2})
+         for f in page["Functions"]]
+check("a paginator reads every function once, in order",
+      names == sorted(set(names)) and {"echo", "layered", "page-0", "page-1", "page-2"} == set(names), names)
+versions = [v["Version"] for page in a.get_paginator("list_versions_by_function").paginate(
+    FunctionName="echo", PaginationConfig={"PageSize": 1}) for v in page["Versions"]]
+check("versions page one at a time", versions == ["$LATEST", "1", "2"], versions)
+listed = [v["Version"] for page in a.get_paginator("list_layer_versions").paginate(
+    LayerName="wasm-runtime", PaginationConfig={"PageSize": 1}) for v in page["LayerVersions"]]
+check("layer versions page newest first", listed == [2, 1], listed)
+expect_error("a Marker this API did not give is refused", "InvalidParameterValueException",
+             lambda: a.list_functions(Marker="%%%"))
+expect_error("MaxItems over ListLayerVersions' 50 is refused", "InvalidParameterValueException",
+             lambda: a_unchecked.list_layer_versions(LayerName="wasm-runtime", MaxItems=51))
+
+a.create_alias(FunctionName="echo", Name="canary", FunctionVersion="1")
+aliases = [x["Name"] for x in a.list_aliases(FunctionName="echo")["Aliases"]]
+check("list_aliases", aliases == ["canary", "prod"], aliases)
+aliases = [x["Name"] for x in a.list_aliases(FunctionName="echo", FunctionVersion="2")["Aliases"]]
+check("list_aliases of one version", aliases == ["prod"], aliases)
+page = a.list_aliases(FunctionName="echo", MaxItems=1)
+check("list_aliases pages", len(page["Aliases"]) == 1 and page.get("NextMarker"), page)
+a.delete_alias(FunctionName="echo", Name="canary")
+expect_error("a deleted alias is gone", "ResourceNotFoundException",
+             lambda: a.get_alias(FunctionName="echo", Name="canary"))
+check("and no longer listed", [x["Name"] for x in a.list_aliases(FunctionName="echo")["Aliases"]] == ["prod"])
+
+settings = a.get_account_settings()
+check("get_account_settings counts the account's functions and code",
+      settings["AccountUsage"]["FunctionCount"] == 5 and settings["AccountUsage"]["TotalCodeSize"] > 5 * len(code)
+      and settings["AccountLimit"]["ConcurrentExecutions"] >= 1
+      and settings["AccountLimit"]["CodeSizeZipped"] == 50 * 1024 * 1024, settings)
+check("another account's usage is its own", b.get_account_settings()["AccountUsage"]["FunctionCount"] == 0)
+expect_error("an operation this worker does not serve is UnknownOperationException", "UnknownOperationException",
+             lambda: a.list_function_url_configs(FunctionName="echo"))
 
 got = a.get_function(FunctionName="echo")
 check("get_function", got["Configuration"]["FunctionName"] == "echo" and got["Configuration"]["Timeout"] == 6, got)

@@ -2,6 +2,7 @@
 //! Invoke, at the paths and with the shapes AWS's SDKs use.
 
 mod invoke;
+mod pagination;
 
 use std::sync::Arc;
 
@@ -14,12 +15,15 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::artifacts::code;
 use crate::control_plane::functions::ProvisionedConfig;
+use crate::control_plane::layers::LayerVersion;
 use crate::control_plane::model::*;
 use crate::data_plane::worker::Worker;
 use crate::error::ApiError;
 use crate::ids::AccountId;
 use crate::security::auth::SignedRequest;
+use pagination::{page, version_key, PageQuery, LONG_LISTS, SHORT_LISTS};
 
 /// Room for a 50 MB ZIP as base64 in a JSON body.
 const MAX_CONTROL_BODY: usize = 70 * 1024 * 1024;
@@ -104,6 +108,26 @@ pub struct Query {
     qualifier: Option<String>,
     /// `ALL` lists a function's provisioned concurrency configs.
     list: Option<String>,
+    /// ListAliases: only the aliases of this version.
+    function_version: Option<String>,
+    #[serde(flatten)]
+    page: PageQuery,
+}
+
+/// A List call's answer: the page under `field`, and `NextMarker` while
+/// more remain.
+fn listed<T: serde::Serialize>(field: &str, (items, next): (Vec<T>, Option<String>)) -> Response {
+    let mut body = json!({ field: items });
+    if let Some(next) = next {
+        body["NextMarker"] = json!(next);
+    }
+    Json(body).into_response()
+}
+
+/// The listing key of a function version: `$LATEST` first, then by
+/// number.
+fn version_order(config: &FunctionConfiguration) -> String {
+    version_key(config.version.parse().unwrap_or(0))
 }
 
 type QueryParams = axum::extract::Query<Query>;
@@ -114,9 +138,17 @@ async fn create_function(state: Shared, caller: Caller) -> Result<Response, ApiE
     Ok((StatusCode::CREATED, Json(config)).into_response())
 }
 
-async fn list_functions(state: Shared, caller: Caller) -> Result<Response, ApiError> {
+async fn list_functions(
+    state: Shared,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
     let functions = state.control.list_functions(&caller.account)?;
-    Ok(Json(json!({ "Functions": functions })).into_response())
+    let key = |f: &FunctionConfiguration| f.function_name.clone();
+    Ok(listed(
+        "Functions",
+        page(functions, key, &query.page, LONG_LISTS)?,
+    ))
 }
 
 async fn get_function(
@@ -211,11 +243,49 @@ async fn publish_version(
 async fn list_versions(
     state: Shared,
     Path(name): Path<String>,
+    query: QueryParams,
     caller: Caller,
 ) -> Result<Response, ApiError> {
     let reference = function_ref(&name, &caller)?;
     let versions = state.control.list_versions(&caller.account, &reference)?;
-    Ok(Json(json!({ "Versions": versions })).into_response())
+    Ok(listed(
+        "Versions",
+        page(versions, version_order, &query.page, LONG_LISTS)?,
+    ))
+}
+
+async fn list_aliases(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let aliases = state.control.list_aliases(
+        &caller.account,
+        &reference,
+        query.function_version.as_deref(),
+    )?;
+    let key = |a: &AliasConfiguration| a.name.clone();
+    Ok(listed(
+        "Aliases",
+        page(aliases, key, &query.page, LONG_LISTS)?,
+    ))
+}
+
+async fn delete_alias(
+    state: Shared,
+    Path((name, alias)): Path<(String, String)>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    if let Some(provisioned) = state
+        .control
+        .delete_alias(&caller.account, &reference, &alias)?
+    {
+        state.provisioned_changed(&provisioned);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn create_alias(
@@ -278,6 +348,42 @@ async fn put_concurrency(
         Json(json!({ "ReservedConcurrentExecutions": req.reserved_concurrent_executions }))
             .into_response(),
     )
+}
+
+async fn get_concurrency(
+    state: Shared,
+    Path(name): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let body = match state
+        .control
+        .reserved_concurrency(&caller.account, &reference)?
+    {
+        Some(n) => json!({ "ReservedConcurrentExecutions": n }),
+        None => json!({}),
+    };
+    Ok(Json(body).into_response())
+}
+
+async fn get_account_settings(state: Shared, caller: Caller) -> Result<Response, ApiError> {
+    let usage = state.control.account_usage(&caller.account)?;
+    let capacity = state.capacity() as u64;
+    Ok(Json(json!({
+        "AccountLimit": {
+            // Lambda's default quota for code storage, 75 GB.
+            "TotalCodeSize": 80_530_636_800u64,
+            "CodeSizeUnzipped": code::MAX_UNZIPPED_BYTES,
+            "CodeSizeZipped": code::MAX_ZIP_BYTES,
+            "ConcurrentExecutions": capacity,
+            "UnreservedConcurrentExecutions": capacity.saturating_sub(usage.reserved_concurrency),
+        },
+        "AccountUsage": {
+            "TotalCodeSize": usage.total_code_size,
+            "FunctionCount": usage.function_count,
+        },
+    }))
+    .into_response())
 }
 
 async fn delete_concurrency(
@@ -354,7 +460,7 @@ async fn get_provisioned(
         let configs = state
             .control
             .list_provisioned(&caller.account, &reference.name)?;
-        let listed: Vec<serde_json::Value> = configs
+        let listed_configs: Vec<serde_json::Value> = configs
             .iter()
             .map(|c| {
                 let mut body = provisioned_json(&state, c);
@@ -366,7 +472,11 @@ async fn get_provisioned(
                 body
             })
             .collect();
-        return Ok(Json(json!({ "ProvisionedConcurrencyConfigs": listed })).into_response());
+        let key = |c: &serde_json::Value| c["FunctionArn"].as_str().unwrap_or_default().to_string();
+        return Ok(listed(
+            "ProvisionedConcurrencyConfigs",
+            page(listed_configs, key, &query.page, SHORT_LISTS)?,
+        ));
     }
     let config = state.control.get_provisioned(&caller.account, &reference)?;
     Ok(Json(provisioned_json(&state, &config)).into_response())
@@ -402,10 +512,16 @@ async fn publish_layer_version(
 async fn list_layer_versions(
     state: Shared,
     Path(name): Path<String>,
+    query: QueryParams,
     caller: Caller,
 ) -> Result<Response, ApiError> {
     let versions = state.control.list_layer_versions(&caller.account, &name)?;
-    Ok(Json(json!({ "LayerVersions": versions })).into_response())
+    // Newest first.
+    let key = |v: &LayerVersion| version_key(u64::MAX - v.version);
+    Ok(listed(
+        "LayerVersions",
+        page(versions, key, &query.page, SHORT_LISTS)?,
+    ))
 }
 
 async fn get_layer_version(
@@ -424,8 +540,11 @@ async fn get_layer_version(
     .into_response())
 }
 
-async fn not_found() -> ApiError {
-    ApiError::ResourceNotFound("no such operation on this worker".into())
+async fn unknown_operation(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::UnknownOperation(format!(
+        "{method} {}: no operation of the Lambda API this worker serves",
+        uri.path()
+    ))
 }
 
 /// Lambda's routes.
@@ -447,15 +566,22 @@ pub fn router(worker: Arc<Worker>) -> Router {
             &format!("{f}/{{name}}/versions"),
             post(publish_version).get(list_versions),
         )
-        .route(&format!("{f}/{{name}}/aliases"), post(create_alias))
+        .route(
+            &format!("{f}/{{name}}/aliases"),
+            post(create_alias).get(list_aliases),
+        )
         .route(
             &format!("{f}/{{name}}/aliases/{{alias}}"),
-            get(get_alias).put(update_alias),
+            get(get_alias).put(update_alias).delete(delete_alias),
         )
         .route(&format!("{f}/{{name}}/invocations"), post(invoke::invoke))
         .route(
             "/2017-10-31/functions/{name}/concurrency",
             put(put_concurrency).delete(delete_concurrency),
+        )
+        .route(
+            "/2019-09-30/functions/{name}/concurrency",
+            get(get_concurrency),
         )
         .route(
             "/2019-09-30/functions/{name}/provisioned-concurrency",
@@ -471,6 +597,9 @@ pub fn router(worker: Arc<Worker>) -> Router {
             "/2018-10-31/layers/{name}/versions/{version}",
             get(get_layer_version),
         )
-        .fallback(not_found)
+        .route("/2016-08-19/account-settings", get(get_account_settings))
+        .route("/2016-08-19/account-settings/", get(get_account_settings))
+        .fallback(unknown_operation)
+        .method_not_allowed_fallback(unknown_operation)
         .with_state(worker)
 }

@@ -13,9 +13,10 @@ use crate::artifacts::code;
 use crate::artifacts::erofs_image;
 use crate::artifacts::sealed::{ArtifactError, ArtifactStore, GrantedArtifact};
 use crate::artifacts::wasm_image;
+use crate::control_plane::layers::LayerVersion;
 use crate::control_plane::model::*;
 use crate::control_plane::store::{
-    numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, PROVISIONED, VERSIONS,
+    numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, LAYERS, PROVISIONED, VERSIONS,
 };
 use crate::error::ApiError;
 use crate::ids::AccountId;
@@ -28,6 +29,15 @@ pub struct FunctionRecord {
     pub latest: FunctionConfiguration,
     pub last_version: u64,
     pub reserved_concurrency: Option<u32>,
+}
+
+/// An account's use of the worker, as GetAccountSettings reports it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AccountUsage {
+    pub function_count: u64,
+    /// Bytes of code in functions, their versions and layers.
+    pub total_code_size: u64,
+    pub reserved_concurrency: u64,
 }
 
 /// A provisioned concurrency config as stored.
@@ -627,6 +637,81 @@ impl ControlPlane {
             t.put(ALIASES, &key, &a)?;
             Ok(a)
         })
+    }
+
+    /// A function's aliases, by name; with `version`, only those that
+    /// point at it.
+    pub fn list_aliases(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        version: Option<&str>,
+    ) -> Result<Vec<AliasConfiguration>, ApiError> {
+        let snap = self.store.read()?;
+        let key = function_key(account, &reference.name);
+        if snap.get::<FunctionRecord>(FUNCTIONS, &key)?.is_none() {
+            return Err(ApiError::not_found(function_arn(account, &reference.name)));
+        }
+        Ok(snap
+            .scan::<AliasConfiguration>(ALIASES, &key)?
+            .into_iter()
+            .map(|(_, a)| a)
+            .filter(|a| version.is_none_or(|v| a.function_version == v))
+            .collect())
+    }
+
+    /// Deletes an alias, and the provisioned concurrency config on it,
+    /// which is returned. Deleting an alias that is not there succeeds,
+    /// as on Lambda.
+    pub fn delete_alias(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+        alias: &str,
+    ) -> Result<Option<ProvisionedConfig>, ApiError> {
+        validate_alias_name(alias)?;
+        let key = format!("{}/{alias}", function_key(account, &reference.name));
+        self.store.write(|t| {
+            get_record(t, account, &reference.name)?;
+            t.remove(ALIASES, &key)?;
+            let provisioned = t.get::<ProvisionedConfig>(PROVISIONED, &key)?;
+            t.remove(PROVISIONED, &key)?;
+            Ok(provisioned)
+        })
+    }
+
+    /// What `account` stores and reserves, for GetAccountSettings.
+    pub fn account_usage(&self, account: &AccountId) -> Result<AccountUsage, ApiError> {
+        let snap = self.store.read()?;
+        let records: Vec<(String, FunctionRecord)> = snap.scan(FUNCTIONS, &account.0)?;
+        let mut usage = AccountUsage {
+            function_count: records.len() as u64,
+            ..AccountUsage::default()
+        };
+        for (key, record) in &records {
+            usage.total_code_size += record.latest.code_size;
+            usage.reserved_concurrency += u64::from(record.reserved_concurrency.unwrap_or(0));
+            for (_, version) in snap.scan::<FunctionConfiguration>(VERSIONS, key)? {
+                usage.total_code_size += version.code_size;
+            }
+        }
+        for (_, layer) in snap.scan::<LayerVersion>(LAYERS, &account.0)? {
+            usage.total_code_size += layer.content.code_size;
+        }
+        Ok(usage)
+    }
+
+    /// A function's reserved concurrency, if it has one.
+    pub fn reserved_concurrency(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+    ) -> Result<Option<u32>, ApiError> {
+        let snap = self.store.read()?;
+        let record: FunctionRecord = snap
+            .get(FUNCTIONS, &function_key(account, &reference.name))?
+            .ok_or_else(|| ApiError::not_found(function_arn(account, &reference.name)))?;
+        Ok(record.reserved_concurrency)
     }
 
     pub fn put_reserved_concurrency(
