@@ -305,9 +305,53 @@ expect_error("a deleted alias is gone", "ResourceNotFoundException",
              lambda: a.get_alias(FunctionName="echo", Name="canary"))
 check("and no longer listed", [x["Name"] for x in a.list_aliases(FunctionName="echo")["Aliases"]] == ["prod"])
 
+# A weighted alias: invocations split between two versions by weight,
+# ExecutedVersion says which ran, provisioned concurrency follows the
+# weights. A function of its own, never invoked on demand, so that every
+# invocation below lands on a provisioned environment.
+a.create_function(FunctionName="canary", Runtime="wasi-preview1", Role=role, Handler="function.wasm",
+                  Code={"ZipFile": code})
+a.publish_version(FunctionName="canary")
+a.update_function_configuration(FunctionName="canary", Timeout=4)
+a.publish_version(FunctionName="canary")
+weighted = a.create_alias(FunctionName="canary", Name="live", FunctionVersion="1",
+                          RoutingConfig={"AdditionalVersionWeights": {"2": 0.5}})
+check("an alias takes a routing config", weighted["RoutingConfig"]["AdditionalVersionWeights"] == {"2": 0.5},
+      weighted)
+for bad, config in [("a weight over 1", {"2": 1.5}), ("its own version", {"1": 0.5}),
+                    ("a missing version", {"9": 0.5}), ("two versions", {"2": 0.1, "3": 0.1})]:
+    expect_error(f"a routing config with {bad} is refused",
+                 "ResourceNotFoundException" if bad == "a missing version" else "InvalidParameterValueException",
+                 lambda: a.update_alias(FunctionName="canary", Name="live",
+                                        RoutingConfig={"AdditionalVersionWeights": config}))
+a.put_provisioned_concurrency_config(FunctionName="canary", Qualifier="live", ProvisionedConcurrentExecutions=2)
+deadline = time.time() + 30
+while (got := a.get_provisioned_concurrency_config(FunctionName="canary", Qualifier="live"))["Status"] != "READY" \
+        and time.time() < deadline:
+    time.sleep(0.05)
+check("provisioned concurrency on the weighted alias becomes READY",
+      got["Status"] == "READY" and got["AllocatedProvisionedConcurrentExecutions"] == 2, got)
+ran = {}
+for i in range(40):
+    r = a.invoke(FunctionName="canary", Qualifier="live", Payload=b'"env"')
+    e = dict(line.split("=", 1) for line in r["Payload"].read().decode().splitlines())
+    check(f"the alias's invocation {i} runs the version it reports",
+          e["AWS_LAMBDA_FUNCTION_VERSION"] == r["ExecutedVersion"], (e, r))
+    check(f"on that version's provisioned environment ({i})",
+          e["AWS_LAMBDA_INITIALIZATION_TYPE"] == "provisioned-concurrency", e)
+    ran[r["ExecutedVersion"]] = ran.get(r["ExecutedVersion"], 0) + 1
+# At weight 0.5, fewer than 8 of 40 on either side has odds under 1 in 10^5.
+check("a 50/50 alias runs both versions about equally", ran.get("1", 0) >= 8 and ran.get("2", 0) >= 8, ran)
+a.update_alias(FunctionName="canary", Name="live", RoutingConfig={"AdditionalVersionWeights": {}})
+versions = {a.invoke(FunctionName="canary", Qualifier="live", Payload=b"{}")["ExecutedVersion"] for _ in range(10)}
+check("an emptied routing config runs the alias's version only", versions == {"1"}, versions)
+check("and the alias no longer shows one",
+      "RoutingConfig" not in a.get_alias(FunctionName="canary", Name="live")
+      or not a.get_alias(FunctionName="canary", Name="live")["RoutingConfig"].get("AdditionalVersionWeights"))
+
 settings = a.get_account_settings()
 check("get_account_settings counts the account's functions and code",
-      settings["AccountUsage"]["FunctionCount"] == 5 and settings["AccountUsage"]["TotalCodeSize"] > 5 * len(code)
+      settings["AccountUsage"]["FunctionCount"] == 6 and settings["AccountUsage"]["TotalCodeSize"] > 5 * len(code)
       and settings["AccountLimit"]["ConcurrentExecutions"] >= 1
       and settings["AccountLimit"]["CodeSizeZipped"] == 50 * 1024 * 1024, settings)
 check("another account's usage is its own", b.get_account_settings()["AccountUsage"]["FunctionCount"] == 0)

@@ -296,7 +296,7 @@ impl ControlPlane {
             .ok_or_else(|| ApiError::not_found(function_arn(account, &reference.name)))?;
         let version = match reference.qualifier.as_deref() {
             None | Some(LATEST) => return Ok((record.latest, record.reserved_concurrency)),
-            Some(q) if q.chars().all(|c| c.is_ascii_digit()) => q.to_string(),
+            Some(q) if is_version_number(q) => q.to_string(),
             Some(alias) => {
                 let a: AliasConfiguration = snap
                     .get(
@@ -332,7 +332,60 @@ impl ControlPlane {
         Ok((config, record.reserved_concurrency))
     }
 
+    /// What an invocation of `reference` runs: the version it names, or
+    /// for a weighted alias one of its two versions, drawn by weight.
     pub fn resolve(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+    ) -> Result<Resolved, ApiError> {
+        let targets = self.resolve_weighted(account, reference)?;
+        let mut draw = unit_draw();
+        let count = targets.len();
+        for (i, (resolved, share)) in targets.into_iter().enumerate() {
+            if draw < share || i + 1 == count {
+                return Ok(resolved);
+            }
+            draw -= share;
+        }
+        Err(ApiError::Service(format!(
+            "{} resolves to no version",
+            reference.name
+        )))
+    }
+
+    /// The versions invocations of `reference` run, each with its share:
+    /// one version at 1.0, or a weighted alias's version and its
+    /// additional one.
+    pub fn resolve_weighted(
+        &self,
+        account: &AccountId,
+        reference: &FunctionRef,
+    ) -> Result<Vec<(Resolved, f64)>, ApiError> {
+        let primary = self.resolve_version(account, reference)?;
+        let routing = match reference.qualifier.as_deref() {
+            Some(alias) if alias != LATEST && !is_version_number(alias) => {
+                self.get_alias(account, reference, alias)?.routing_config
+            }
+            _ => None,
+        };
+        let Some((version, weight)) =
+            routing.and_then(|r| r.additional_version_weights.into_iter().next())
+        else {
+            return Ok(vec![(primary, 1.0)]);
+        };
+        let additional = self.resolve_version(
+            account,
+            &FunctionRef {
+                name: reference.name.clone(),
+                qualifier: Some(version),
+            },
+        )?;
+        Ok(vec![(primary, 1.0 - weight), (additional, weight)])
+    }
+
+    /// The version `reference` names itself (an alias's primary one).
+    fn resolve_version(
         &self,
         account: &AccountId,
         reference: &FunctionRef,
@@ -561,6 +614,48 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// An alias's routing config, checked as Lambda checks it: at most
+    /// one additional version, published, other than the alias's own
+    /// (which must be published too), with a weight from 0 to 1. An
+    /// empty one is none.
+    fn check_routing(
+        &self,
+        t: &Txn,
+        account: &AccountId,
+        name: &str,
+        version: &str,
+        routing: Option<AliasRoutingConfig>,
+    ) -> Result<Option<AliasRoutingConfig>, ApiError> {
+        let Some(routing) = routing.filter(|r| !r.additional_version_weights.is_empty()) else {
+            return Ok(None);
+        };
+        let weights = &routing.additional_version_weights;
+        if weights.len() > 1 {
+            return Err(ApiError::invalid(
+                "RoutingConfig: an alias routes to at most one additional version",
+            ));
+        }
+        if version == LATEST {
+            return Err(ApiError::invalid(
+                "RoutingConfig: an alias of $LATEST cannot route to other versions",
+            ));
+        }
+        for (other, weight) in weights {
+            if other == version || !is_version_number(other) {
+                return Err(ApiError::invalid(format!(
+                    "RoutingConfig: {other:?} must be a published version other than {version}"
+                )));
+            }
+            if !(0.0..=1.0).contains(weight) {
+                return Err(ApiError::invalid(format!(
+                    "RoutingConfig: the weight of version {other}, {weight}, is not from 0.0 to 1.0"
+                )));
+            }
+            self.check_alias_target(t, account, name, other)?;
+        }
+        Ok(Some(routing))
+    }
+
     pub fn create_alias(
         &self,
         account: &AccountId,
@@ -578,12 +673,20 @@ impl ControlPlane {
                     req.name
                 )));
             }
+            let routing_config = self.check_routing(
+                t,
+                account,
+                &reference.name,
+                &req.function_version,
+                req.routing_config.clone(),
+            )?;
             let alias = AliasConfiguration {
                 alias_arn: format!("{}:{}", function_arn(account, &reference.name), req.name),
                 name: req.name.clone(),
                 function_version: req.function_version.clone(),
                 description: req.description.clone().unwrap_or_default(),
                 revision_id: revision(),
+                routing_config,
             };
             t.put(ALIASES, &key, &alias)?;
             Ok(alias)
@@ -633,6 +736,9 @@ impl ControlPlane {
             if let Some(d) = &req.description {
                 a.description = d.clone();
             }
+            let routing = req.routing_config.clone().or(a.routing_config.take());
+            a.routing_config =
+                self.check_routing(t, account, &reference.name, &a.function_version, routing)?;
             a.revision_id = revision();
             t.put(ALIASES, &key, &a)?;
             Ok(a)
@@ -935,6 +1041,30 @@ impl ControlPlane {
     }
 }
 
+fn is_version_number(qualifier: &str) -> bool {
+    qualifier.chars().all(|c| c.is_ascii_digit())
+}
+
+/// A uniform draw from [0, 1).
+fn unit_draw() -> f64 {
+    // 53 random bits, as many as an f64's mantissa holds. Without the
+    // OS generator every draw is 0: the primary version runs.
+    (getrandom::u64().unwrap_or(0) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// How `requested` environments split across versions by their shares:
+/// each additional version its rounded share, the first one the rest.
+pub fn split_by_share(requested: u32, shares: &[f64]) -> Vec<u32> {
+    let mut split: Vec<u32> = shares
+        .iter()
+        .map(|share| (f64::from(requested) * share).round() as u32)
+        .collect();
+    if let Some((first, rest)) = split.split_first_mut() {
+        *first = requested.saturating_sub(rest.iter().sum());
+    }
+    split
+}
+
 fn check_revision(expected: Option<&str>, actual: &str) -> Result<(), ApiError> {
     match expected {
         Some(e) if e != actual => Err(ApiError::invalid(format!(
@@ -991,4 +1121,33 @@ fn same_function(a: &FunctionConfiguration, b: &FunctionConfiguration) -> bool {
         && a.role == b.role
         && a.environment == b.environment
         && a.layers == b.layers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provisioned_environments_split_by_weight_and_add_up() {
+        assert_eq!(split_by_share(2, &[1.0]), vec![2]);
+        assert_eq!(split_by_share(2, &[0.5, 0.5]), vec![1, 1]);
+        assert_eq!(split_by_share(10, &[0.9, 0.1]), vec![9, 1]);
+        assert_eq!(split_by_share(3, &[0.75, 0.25]), vec![2, 1]);
+        assert_eq!(split_by_share(1, &[1.0, 0.0]), vec![1, 0]);
+        for requested in 0..20 {
+            for tenth in 0..=10 {
+                let w = f64::from(tenth) / 10.0;
+                let split = split_by_share(requested, &[1.0 - w, w]);
+                assert_eq!(split.iter().sum::<u32>(), requested, "{requested} at {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn draws_are_in_the_unit_interval() {
+        for _ in 0..1000 {
+            let d = unit_draw();
+            assert!((0.0..1.0).contains(&d), "{d}");
+        }
+    }
 }

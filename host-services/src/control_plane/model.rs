@@ -137,7 +137,7 @@ pub struct PublishVersionRequest {
     pub revision_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "PascalCase")]
 pub struct AliasConfiguration {
     pub alias_arn: String,
@@ -145,6 +145,16 @@ pub struct AliasConfiguration {
     pub function_version: String,
     pub description: String,
     pub revision_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing_config: Option<AliasRoutingConfig>,
+}
+
+/// A weighted alias: this share of invocations runs the other version.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct AliasRoutingConfig {
+    #[serde(default)]
+    pub additional_version_weights: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +163,7 @@ pub struct CreateAliasRequest {
     pub name: String,
     pub function_version: String,
     pub description: Option<String>,
+    pub routing_config: Option<AliasRoutingConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -161,6 +172,7 @@ pub struct UpdateAliasRequest {
     pub function_version: Option<String>,
     pub description: Option<String>,
     pub revision_id: Option<String>,
+    pub routing_config: Option<AliasRoutingConfig>,
 }
 
 #[derive(Debug, Deserialize)]

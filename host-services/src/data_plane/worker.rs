@@ -12,7 +12,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::control_plane::functions::{ControlPlane, ProvisionedConfig, Resolved};
+use crate::control_plane::functions::{split_by_share, ControlPlane, ProvisionedConfig, Resolved};
 use crate::control_plane::model::{FunctionRef, LATEST, REGION};
 use crate::control_plane::store::EVENTS;
 use crate::data_plane::environment::{ColdStart, Launch};
@@ -364,19 +364,21 @@ impl Worker {
             if self.failures().contains_key(&id) {
                 continue;
             }
-            let reference = FunctionRef {
-                name: config.function_name.clone(),
-                qualifier: Some(config.qualifier.clone()),
-            };
-            let launch = self
-                .control
-                .resolve(&AccountId(config.account.clone()), &reference)
-                .and_then(|resolved| self.launch(&resolved));
-            match launch {
-                Ok(launch) => {
-                    configs_of.entry(launch.key.clone()).or_default().push(id);
-                    targets.entry(launch.key.clone()).or_insert((launch, 0)).1 +=
-                        config.requested as usize;
+            let launches = self.provisioned_targets(&config).and_then(|versions| {
+                versions
+                    .iter()
+                    .map(|(resolved, n)| Ok((self.launch(resolved)?, *n)))
+                    .collect::<Result<Vec<_>, ApiError>>()
+            });
+            match launches {
+                Ok(launches) => {
+                    for (launch, n) in launches {
+                        configs_of
+                            .entry(launch.key.clone())
+                            .or_default()
+                            .push(id.clone());
+                        targets.entry(launch.key.clone()).or_insert((launch, 0)).1 += n;
+                    }
                 }
                 Err(e) => {
                     tracing::warn!("provisioned concurrency for {id}: {e}");
@@ -397,6 +399,28 @@ impl Worker {
         }
     }
 
+    /// The versions a provisioned config keeps environments of, and how
+    /// many of each: a weighted alias's split by its weights.
+    fn provisioned_targets(
+        &self,
+        config: &ProvisionedConfig,
+    ) -> Result<Vec<(Resolved, usize)>, ApiError> {
+        let reference = FunctionRef {
+            name: config.function_name.clone(),
+            qualifier: Some(config.qualifier.clone()),
+        };
+        let versions = self
+            .control
+            .resolve_weighted(&AccountId(config.account.clone()), &reference)?;
+        let shares: Vec<f64> = versions.iter().map(|(_, share)| *share).collect();
+        let split = split_by_share(config.requested, &shares);
+        Ok(versions
+            .into_iter()
+            .zip(split)
+            .map(|((resolved, _), n)| (resolved, n as usize))
+            .collect())
+    }
+
     /// Wakes the provisioner after a config changed; a config put again
     /// gets a fresh try.
     pub fn provisioned_changed(&self, config: &ProvisionedConfig) {
@@ -412,15 +436,12 @@ impl Worker {
                 reason: Some(reason.clone()),
             };
         }
-        let reference = FunctionRef {
-            name: config.function_name.clone(),
-            qualifier: Some(config.qualifier.clone()),
-        };
-        let allocated = self
-            .control
-            .resolve(&AccountId(config.account.clone()), &reference)
-            .map_or(0, |r| self.router.provisioned(&r.key))
-            .min(config.requested as usize) as u32;
+        let allocated = self.provisioned_targets(config).map_or(0, |versions| {
+            versions
+                .iter()
+                .map(|(resolved, n)| self.router.provisioned(&resolved.key).min(*n))
+                .sum::<usize>()
+        }) as u32;
         ProvisionedStatus {
             allocated,
             status: if allocated >= config.requested {
