@@ -78,6 +78,9 @@ if sys.argv[3:] == ["after-restart"]:
     versions = [v["Version"] for v in a.list_versions_by_function(FunctionName="echo")["Versions"]]
     check("its versions survived", versions == ["$LATEST", "1", "2"], versions)
     check("its alias survived", a.get_alias(FunctionName="echo", Name="prod")["FunctionVersion"] == "2")
+    check("tags survived", a.get_function(FunctionName="tagged")["Tags"] == {"stage": "prod"})
+    weights = a.get_alias(FunctionName="canary", Name="live").get("RoutingConfig", {})
+    check("a routing config's change survived", not weights.get("AdditionalVersionWeights"), weights)
     got = wait_until_ready("prod")
     check("provisioned concurrency is back after the restart", got["Status"] == "READY", got)
     r = a.invoke(FunctionName="echo", Qualifier="prod", Payload=b'{"after":1}', LogType="Tail")
@@ -349,9 +352,28 @@ check("and the alias no longer shows one",
       "RoutingConfig" not in a.get_alias(FunctionName="canary", Name="live")
       or not a.get_alias(FunctionName="canary", Name="live")["RoutingConfig"].get("AdditionalVersionWeights"))
 
+# Tags: on CreateFunction, TagResource, UntagResource, ListTags, and in
+# GetFunction.
+tagged = a.create_function(FunctionName="tagged", Runtime="wasi-preview1", Role=role, Handler="function.wasm",
+                           Code={"ZipFile": code}, Tags={"team": "platform"})
+arn = tagged["FunctionArn"]
+check("CreateFunction's tags are listed", a.list_tags(Resource=arn)["Tags"] == {"team": "platform"})
+a.tag_resource(Resource=arn, Tags={"stage": "prod", "cost-center": "42"})
+check("tag_resource adds tags", a.list_tags(Resource=arn)["Tags"]
+      == {"team": "platform", "stage": "prod", "cost-center": "42"})
+a.untag_resource(Resource=arn, TagKeys=["team", "cost-center"])
+check("untag_resource removes the keys it names", a.list_tags(Resource=arn)["Tags"] == {"stage": "prod"})
+check("get_function shows them", a.get_function(FunctionName="tagged")["Tags"] == {"stage": "prod"})
+expect_error("an aws: tag key is refused", "InvalidParameterValueException",
+             lambda: a.tag_resource(Resource=arn, Tags={"aws:owner": "me"}))
+expect_error("tags on a qualified ARN are refused", "InvalidParameterValueException",
+             lambda: a.tag_resource(Resource=arn + ":1", Tags={"k": "v"}))
+expect_error("another account cannot tag it", "ResourceNotFoundException",
+             lambda: b.tag_resource(Resource=arn, Tags={"k": "v"}))
+
 settings = a.get_account_settings()
 check("get_account_settings counts the account's functions and code",
-      settings["AccountUsage"]["FunctionCount"] == 6 and settings["AccountUsage"]["TotalCodeSize"] > 5 * len(code)
+      settings["AccountUsage"]["FunctionCount"] == 7 and settings["AccountUsage"]["TotalCodeSize"] > 5 * len(code)
       and settings["AccountLimit"]["ConcurrentExecutions"] >= 1
       and settings["AccountLimit"]["CodeSizeZipped"] == 50 * 1024 * 1024, settings)
 check("another account's usage is its own", b.get_account_settings()["AccountUsage"]["FunctionCount"] == 0)

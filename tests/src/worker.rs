@@ -140,6 +140,20 @@ impl RunningWorker {
             .clone()
     }
 
+    /// Waits until the worker's log holds `needle`, for at most `limit`
+    /// (the log says what happened instead).
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the worker's log within {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops the worker as an operator would (SIGINT), checks that it
     /// exited cleanly, and returns its log.
     pub fn stop(self) -> String {

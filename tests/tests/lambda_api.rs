@@ -232,12 +232,14 @@ fn a_flipped_byte_in_any_data_file_gets_a_clear_error_or_the_right_answer() {
     let client = worker.client();
     client_runtime().block_on(async {
         client.create_wasm_function("f", &wasm, 3).await.unwrap();
-        // The first boots and leaves a snapshot; the second restores it.
+        // The first boots and leaves a snapshot, sealed in the background.
         for _ in 0..2 {
             let r = client.invoke("f", payload.clone()).await.unwrap();
             assert_eq!((r.status, &r.body[..]), (200, expected));
         }
     });
+    // A worker that stops abandons a snapshot still being sealed.
+    worker.wait_for_log("snapshot taken at the first /next", Duration::from_secs(60));
     worker.stop();
     let files = data_files(&data, &data);
     for kind in ["keys/", "issuer.key", "artifacts/", "snapshots/"] {

@@ -115,15 +115,10 @@ fn a_provided_al2023_function_serves_events_restores_survives_a_crash_and_runs_f
                 // the snapshot the first boot left (sealed in the
                 // background: slow under emulation), and draws its own
                 // randomness.
-                let sealed = std::time::Instant::now();
-                while !worker.log().contains("snapshot taken at the first /next") {
-                    assert!(
-                        sealed.elapsed() < std::time::Duration::from_secs(300),
-                        "no snapshot:\n{}",
-                        worker.log()
-                    );
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
+                worker.wait_for_log(
+                    "snapshot taken at the first /next",
+                    std::time::Duration::from_secs(300),
+                );
                 let ((a, a_body), (b, b_body)) = tokio::join!(
                     invoke_json(&client, json!({ "random": true })),
                     invoke_json(&client, json!({ "random": true })),

@@ -159,10 +159,13 @@ async fn get_function(
 ) -> Result<Response, ApiError> {
     let reference = qualified(function_ref(&name, &caller)?, &query)?;
     let (config, reserved) = state.control.configuration(&caller.account, &reference)?;
+    let tags = state
+        .control
+        .function_tags(&caller.account, &reference.name)?;
     let mut body = json!({
         "Configuration": config,
         "Code": { "RepositoryType": "Local", "Location": format!("worker://{}", config.code_sha256) },
-        "Tags": {},
+        "Tags": tags,
     });
     if let Some(r) = reserved {
         body["Concurrency"] = json!({ "ReservedConcurrentExecutions": r });
@@ -364,6 +367,51 @@ async fn get_concurrency(
         None => json!({}),
     };
     Ok(Json(body).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TagResourceRequest {
+    tags: std::collections::BTreeMap<String, String>,
+}
+
+async fn tag_resource(
+    state: Shared,
+    Path(resource): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let req: TagResourceRequest = parse(&caller.body)?;
+    state
+        .control
+        .tag_resource(&caller.account, &resource, req.tags)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn untag_resource(
+    state: Shared,
+    Path(resource): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<Vec<(String, String)>>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    // `tagKeys` repeats, once per key.
+    let keys: Vec<String> = query
+        .into_iter()
+        .filter(|(name, _)| name == "tagKeys")
+        .map(|(_, key)| key)
+        .collect();
+    state
+        .control
+        .untag_resource(&caller.account, &resource, &keys)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_tags(
+    state: Shared,
+    Path(resource): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let tags = state.control.list_tags(&caller.account, &resource)?;
+    Ok(Json(json!({ "Tags": tags })).into_response())
 }
 
 async fn get_account_settings(state: Shared, caller: Caller) -> Result<Response, ApiError> {
@@ -596,6 +644,10 @@ pub fn router(worker: Arc<Worker>) -> Router {
         .route(
             "/2018-10-31/layers/{name}/versions/{version}",
             get(get_layer_version),
+        )
+        .route(
+            "/2017-03-31/tags/{resource}",
+            post(tag_resource).get(list_tags).delete(untag_resource),
         )
         .route("/2016-08-19/account-settings", get(get_account_settings))
         .route("/2016-08-19/account-settings/", get(get_account_settings))

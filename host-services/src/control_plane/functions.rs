@@ -2,6 +2,7 @@
 //! of each account, kept in the [`Store`]. HTTP lives in [`crate::api`];
 //! this module holds the rules.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use crate::control_plane::model::*;
 use crate::control_plane::store::{
     numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, LAYERS, PROVISIONED, VERSIONS,
 };
+use crate::control_plane::tags::validate_tags;
 use crate::error::ApiError;
 use crate::ids::AccountId;
 use crate::ids::VersionKey;
@@ -29,6 +31,8 @@ pub struct FunctionRecord {
     pub latest: FunctionConfiguration,
     pub last_version: u64,
     pub reserved_concurrency: Option<u32>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// An account's use of the worker, as GetAccountSettings reports it.
@@ -83,7 +87,7 @@ pub struct ControlPlane {
     linux_runtimes: Vec<String>,
 }
 
-fn function_key(account: &AccountId, name: &str) -> String {
+pub(crate) fn function_key(account: &AccountId, name: &str) -> String {
     format!("{account}/{name}")
 }
 
@@ -140,7 +144,11 @@ fn provisioned_qualifier(reference: &FunctionRef) -> Result<&str, ApiError> {
     }
 }
 
-fn get_record(t: &Txn, account: &AccountId, name: &str) -> Result<FunctionRecord, ApiError> {
+pub(crate) fn get_record(
+    t: &Txn,
+    account: &AccountId,
+    name: &str,
+) -> Result<FunctionRecord, ApiError> {
     t.get(FUNCTIONS, &function_key(account, name))?
         .ok_or_else(|| ApiError::not_found(function_arn(account, name)))
 }
@@ -220,6 +228,7 @@ impl ControlPlane {
             .ok_or_else(|| ApiError::invalid("Handler is required for a Zip function"))?;
         self.check_runtime(&runtime, &handler)?;
         validate_role(&req.role, account)?;
+        validate_tags(&req.tags)?;
         let memory_size = req.memory_size.unwrap_or(128);
         validate_memory(memory_size)?;
         let timeout = req.timeout.unwrap_or(3);
@@ -271,6 +280,7 @@ impl ControlPlane {
                     latest: config.clone(),
                     last_version: 0,
                     reserved_concurrency: None,
+                    tags: req.tags.clone(),
                 };
                 let out = if req.publish {
                     publish(t, &mut record, account, None)?

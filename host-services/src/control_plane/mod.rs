@@ -7,3 +7,4 @@ pub mod functions;
 pub mod layers;
 pub mod model;
 pub mod store;
+pub mod tags;

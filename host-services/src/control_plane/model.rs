@@ -102,6 +102,8 @@ pub struct CreateFunctionRequest {
     pub layers: Vec<String>,
     pub package_type: Option<String>,
     pub architectures: Option<Vec<String>>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
