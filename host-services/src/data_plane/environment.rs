@@ -412,6 +412,8 @@ impl ExecutionEnvironment {
 /// Asks the VMM for a snapshot of its guest, which waits at its first
 /// `/next`, and has the store seal it in the background; the guest runs
 /// on. The files leave the environment's directory before this returns.
+/// While another environment's snapshot of the version is being taken,
+/// this one takes none.
 async fn take_snapshot(
     store: &Arc<SnapshotStore>,
     key: &VersionKey,
@@ -419,6 +421,9 @@ async fn take_snapshot(
     vmm: &VmmProcess,
     dir: &Path,
 ) -> Result<(), String> {
+    let Some(claim) = store.claim(key) else {
+        return Ok(());
+    };
     let reply = request_snapshot(
         &dir.join(CONTROL_SOCKET),
         &vmm.path_in_vmm(dir, SNAPSHOT_STATE),
@@ -429,15 +434,16 @@ async fn take_snapshot(
         .stage(&dir.join(SNAPSHOT_STATE), &dir.join(SNAPSHOT_MEMORY))
         .map_err(|e| e.to_string())?;
     let (store, key) = (store.clone(), key.clone());
-    tokio::task::spawn_blocking(
-        move || match store.put(&key, fingerprint, &state, &memory) {
+    tokio::task::spawn_blocking(move || {
+        match store.put(&key, fingerprint, &state, &memory) {
             Ok(()) => tracing::info!(
                 "{key}: snapshot taken at the first /next ({} us paused)",
                 reply["paused_us"]
             ),
             Err(e) => tracing::warn!("{key}: snapshot not kept: {e}"),
-        },
-    );
+        }
+        drop(claim);
+    });
     Ok(())
 }
 

@@ -16,7 +16,7 @@
 //! pages copy-on-write through a read-only descriptor, so clones share
 //! what they only read and none can change another's.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -78,6 +78,23 @@ pub struct SnapshotStore {
     dir: PathBuf,
     keys: Arc<KeyService>,
     opened: Mutex<VecDeque<(VersionKey, Arc<OpenedSnapshot>)>>,
+    /// Versions whose snapshot is being taken. Environments of a version
+    /// that boot together would otherwise each pause, dump and seal the
+    /// same snapshot, and race to rename it into place.
+    taking: Mutex<HashSet<VersionKey>>,
+}
+
+/// The right to take a version's snapshot, held until it is sealed.
+pub struct SnapshotClaim {
+    store: Arc<SnapshotStore>,
+    key: VersionKey,
+}
+
+impl Drop for SnapshotClaim {
+    fn drop(&mut self) {
+        let mut taking = self.store.taking.lock().unwrap_or_else(|e| e.into_inner());
+        taking.remove(&self.key);
+    }
 }
 
 /// The fingerprint of an environment's start-up variables.
@@ -104,6 +121,17 @@ impl SnapshotStore {
             dir: dir.to_path_buf(),
             keys,
             opened: Mutex::new(VecDeque::new()),
+            taking: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Claims the taking of `key`'s snapshot; `None` while another
+    /// environment's is being taken.
+    pub fn claim(self: &Arc<Self>, key: &VersionKey) -> Option<SnapshotClaim> {
+        let mut taking = self.taking.lock().unwrap_or_else(|e| e.into_inner());
+        taking.insert(key.clone()).then(|| SnapshotClaim {
+            store: self.clone(),
+            key: key.clone(),
         })
     }
 
@@ -364,6 +392,18 @@ mod tests {
         let mut v = Vec::new();
         f.read_to_end(&mut v).unwrap();
         v
+    }
+
+    #[test]
+    fn one_environment_at_a_time_takes_a_versions_snapshot() {
+        let dir = dir("claims");
+        let keys = Arc::new(KeyService::open(&dir.join("keys")).unwrap());
+        let store = Arc::new(SnapshotStore::open(&dir.join("snapshots"), keys).unwrap());
+        let first = store.claim(&key("1")).expect("the first claim");
+        assert!(store.claim(&key("1")).is_none(), "a second while the first holds");
+        assert!(store.claim(&key("2")).is_some(), "another version's is free");
+        drop(first);
+        assert!(store.claim(&key("1")).is_some(), "free again once sealed");
     }
 
     #[test]
