@@ -20,7 +20,7 @@ export MICROVM_GUEST_KERNEL
 step "L1 test machine (Debian's cloud kernel, downloaded once)"
 MICROVM_L1="$(scripts/setup-l1.sh)"
 export MICROVM_L1
-step "Python with boto3"
+step "Python with boto3 and the AWS CLI"
 MICROVM_PYTHON="$(scripts/setup-python.sh)"
 export MICROVM_PYTHON
 step "python3.11 runtime image (Debian's Python and awslambdaric, built once)"

@@ -291,6 +291,15 @@ check("versions page one at a time", versions == ["$LATEST", "1", "2"], versions
 listed = [v["Version"] for page in a.get_paginator("list_layer_versions").paginate(
     LayerName="wasm-runtime", PaginationConfig={"PageSize": 1}) for v in page["LayerVersions"]]
 check("layer versions page newest first", listed == [2, 1], listed)
+a.publish_layer_version(LayerName="other-runtime", Content={"ZipFile": zipped("x.wasm", wasm)},
+                        CompatibleRuntimes=["provided.al2023"])
+layers = a.list_layers()["Layers"]
+check("list_layers gives each layer with its newest version",
+      [(l["LayerName"], l["LatestMatchingVersion"]["Version"]) for l in layers]
+      == [("other-runtime", 1), ("wasm-runtime", 2)], layers)
+layers = a.list_layers(CompatibleRuntime="wasi-preview1")["Layers"]
+check("list_layers by runtime gives the newest compatible version",
+      [(l["LayerName"], l["LatestMatchingVersion"]["Version"]) for l in layers] == [("wasm-runtime", 1)], layers)
 expect_error("a Marker this API did not give is refused", "InvalidParameterValueException",
              lambda: a.list_functions(Marker="%%%"))
 expect_error("MaxItems over ListLayerVersions' 50 is refused", "InvalidParameterValueException",

@@ -11,9 +11,17 @@ use microvm_tests::worker::{
 use microvm_tests::{python, ECHO_WAT};
 
 fn boto3(endpoint: &str, wasm: &Path, extra: &[&str]) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/lambda_api_e2e.py");
+    client_script("lambda_api_e2e.py", endpoint, wasm, extra)
+}
+
+/// Runs `tests/python/SCRIPT ENDPOINT WASM EXTRA...` with the two
+/// accounts' keys; its output, once it says every check passed.
+fn client_script(script: &str, endpoint: &str, wasm: &Path, extra: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
     let out = Command::new(python())
-        .arg(script)
+        .arg(&script)
         .arg(endpoint)
         .arg(wasm)
         .args(extra)
@@ -27,11 +35,23 @@ fn boto3(endpoint: &str, wasm: &Path, extra: &[&str]) -> String {
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "boto3 checks failed:\n{stdout}\n{}",
+        "{} failed:\n{stdout}\n{}",
+        script.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
     stdout
+}
+
+#[test]
+fn the_aws_cli_drives_the_api_unchanged() {
+    let data = data_dir("lambda-api-cli");
+    let wasm = data.join("function.wasm");
+    std::fs::write(&wasm, wat::parse_str(ECHO_WAT).unwrap()).unwrap();
+    let worker = RunningWorker::start(&data, &[], "info");
+    client_script("aws_cli_e2e.py", &worker.endpoint(), &wasm, &[]);
+    worker.stop();
+    std::fs::remove_dir_all(&data).unwrap();
 }
 
 #[test]

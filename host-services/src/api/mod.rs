@@ -110,6 +110,8 @@ pub struct Query {
     list: Option<String>,
     /// ListAliases: only the aliases of this version.
     function_version: Option<String>,
+    /// ListLayers: only layers with a version compatible with it.
+    compatible_runtime: Option<String>,
     #[serde(flatten)]
     page: PageQuery,
 }
@@ -572,6 +574,42 @@ async fn list_layer_versions(
     ))
 }
 
+async fn list_layers(
+    state: Shared,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let layers = state
+        .control
+        .list_layers(&caller.account, query.compatible_runtime.as_deref())?;
+    let items: Vec<serde_json::Value> = layers
+        .into_iter()
+        .map(|(name, newest)| {
+            let mut latest = json!({
+                "LayerVersionArn": newest.layer_version_arn,
+                "Version": newest.version,
+                "Description": newest.description,
+                "CreatedDate": newest.created_date,
+                "CompatibleRuntimes": newest.compatible_runtimes,
+                "CompatibleArchitectures": newest.compatible_architectures,
+            });
+            if let Some(license) = newest.license_info {
+                latest["LicenseInfo"] = json!(license);
+            }
+            json!({
+                "LayerName": name,
+                "LayerArn": newest.layer_arn,
+                "LatestMatchingVersion": latest,
+            })
+        })
+        .collect();
+    let key = |l: &serde_json::Value| l["LayerName"].as_str().unwrap_or_default().to_string();
+    Ok(listed(
+        "Layers",
+        page(items, key, &query.page, SHORT_LISTS)?,
+    ))
+}
+
 async fn get_layer_version(
     state: Shared,
     Path((name, version)): Path<(String, String)>,
@@ -637,6 +675,7 @@ pub fn router(worker: Arc<Worker>) -> Router {
                 .get(get_provisioned)
                 .delete(delete_provisioned),
         )
+        .route("/2018-10-31/layers", get(list_layers))
         .route(
             "/2018-10-31/layers/{name}/versions",
             post(publish_layer_version).get(list_layer_versions),

@@ -182,6 +182,33 @@ impl ControlPlane {
             })
     }
 
+    /// The account's layers by name, each with its newest version (of
+    /// those compatible with `runtime`, if given), as ListLayers
+    /// returns them.
+    pub fn list_layers(
+        &self,
+        account: &AccountId,
+        runtime: Option<&str>,
+    ) -> Result<Vec<(String, LayerVersion)>, ApiError> {
+        let versions = self
+            .store
+            .read()?
+            .scan::<LayerVersion>(LAYERS, &account.0)?;
+        let mut layers: Vec<(String, LayerVersion)> = Vec::new();
+        // Keys sort by layer name, then by version number.
+        for (key, version) in versions {
+            if runtime.is_some_and(|r| !version.compatible_runtimes.iter().any(|c| c == r)) {
+                continue;
+            }
+            let name = key.split('/').nth(1).unwrap_or_default().to_string();
+            match layers.last_mut() {
+                Some((last, newest)) if *last == name => *newest = version,
+                _ => layers.push((name, version)),
+            }
+        }
+        Ok(layers)
+    }
+
     /// A layer's versions, newest first, as ListLayerVersions orders them.
     pub fn list_layer_versions(
         &self,

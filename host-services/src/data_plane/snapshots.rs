@@ -400,8 +400,14 @@ mod tests {
         let keys = Arc::new(KeyService::open(&dir.join("keys")).unwrap());
         let store = Arc::new(SnapshotStore::open(&dir.join("snapshots"), keys).unwrap());
         let first = store.claim(&key("1")).expect("the first claim");
-        assert!(store.claim(&key("1")).is_none(), "a second while the first holds");
-        assert!(store.claim(&key("2")).is_some(), "another version's is free");
+        assert!(
+            store.claim(&key("1")).is_none(),
+            "a second while the first holds"
+        );
+        assert!(
+            store.claim(&key("2")).is_some(),
+            "another version's is free"
+        );
         drop(first);
         assert!(store.claim(&key("1")).is_some(), "free again once sealed");
     }
