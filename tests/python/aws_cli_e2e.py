@@ -118,6 +118,19 @@ check("list-layer-versions", [v["Version"] for v in aws("list-layer-versions", "
                               ["LayerVersions"]] == [1])
 check("list-layers", [l["LayerName"] for l in aws("list-layers")["Layers"]] == ["cli-layer"])
 
+config = aws("put-function-event-invoke-config", "--function-name", "cli", "--maximum-retry-attempts", "1",
+             "--destination-config", json.dumps({"OnFailure": {"Destination": arn.replace(":cli", ":cli-2")}}))
+check("put-function-event-invoke-config", config["MaximumRetryAttempts"] == 1, config)
+config = aws("update-function-event-invoke-config", "--function-name", "cli", "--maximum-event-age-in-seconds",
+             "120")
+check("update-function-event-invoke-config", config["MaximumEventAgeInSeconds"] == 120
+      and config["MaximumRetryAttempts"] == 1, config)
+check("get-function-event-invoke-config", aws("get-function-event-invoke-config", "--function-name", "cli")
+      ["DestinationConfig"]["OnFailure"]["Destination"].endswith(":cli-2"))
+check("list-function-event-invoke-configs", len(aws("list-function-event-invoke-configs", "--function-name", "cli")
+                                                ["FunctionEventInvokeConfigs"]) == 1)
+aws("delete-function-event-invoke-config", "--function-name", "cli")
+
 settings = aws("get-account-settings")
 check("get-account-settings", settings["AccountUsage"]["FunctionCount"] == 3, settings)
 

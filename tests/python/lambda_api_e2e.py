@@ -380,9 +380,42 @@ expect_error("tags on a qualified ARN are refused", "InvalidParameterValueExcept
 expect_error("another account cannot tag it", "ResourceNotFoundException",
              lambda: b.tag_resource(Resource=arn, Tags={"k": "v"}))
 
+# Asynchronous invocation configs: retries, event age, and destination
+# functions for records of events that succeeded or failed for good.
+dest = {}
+for name in ["successes", "failures"]:
+    dest[name] = a.create_function(FunctionName=name, Runtime="wasi-preview1", Role=role,
+                                   Handler="function.wasm", Code={"ZipFile": code})["FunctionArn"]
+put = a.put_function_event_invoke_config(
+    FunctionName="echo", MaximumRetryAttempts=0, MaximumEventAgeInSeconds=600,
+    DestinationConfig={"OnSuccess": {"Destination": dest["successes"]},
+                       "OnFailure": {"Destination": dest["failures"]}})
+check("put_function_event_invoke_config", put["MaximumRetryAttempts"] == 0
+      and put["FunctionArn"].endswith(":echo:$LATEST")
+      and put["DestinationConfig"]["OnFailure"]["Destination"] == dest["failures"], put)
+updated = a.update_function_event_invoke_config(FunctionName="echo", MaximumRetryAttempts=1)
+check("update keeps what it does not name", updated["MaximumRetryAttempts"] == 1
+      and updated["MaximumEventAgeInSeconds"] == 600
+      and updated["DestinationConfig"]["OnSuccess"]["Destination"] == dest["successes"], updated)
+check("get_function_event_invoke_config",
+      a.get_function_event_invoke_config(FunctionName="echo")["MaximumRetryAttempts"] == 1)
+listed = a.list_function_event_invoke_configs(FunctionName="echo")["FunctionEventInvokeConfigs"]
+check("list_function_event_invoke_configs", [c["FunctionArn"] for c in listed] == [put["FunctionArn"]], listed)
+expect_error("MaximumRetryAttempts over 2 is refused", "InvalidParameterValueException",
+             lambda: a_unchecked.put_function_event_invoke_config(FunctionName="echo", MaximumRetryAttempts=5))
+expect_error("a destination in another account is refused", "InvalidParameterValueException",
+             lambda: a.put_function_event_invoke_config(FunctionName="echo", DestinationConfig={
+                 "OnFailure": {"Destination": "arn:aws:lambda:local:222222222222:function:x"}}))
+expect_error("a config of a function without one is not found", "ResourceNotFoundException",
+             lambda: a.get_function_event_invoke_config(FunctionName="successes"))
+r = a.invoke(FunctionName="echo", InvocationType="Event", Payload=b'"trap"')
+print("failed-event-id:", r["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"])
+r = a.invoke(FunctionName="echo", InvocationType="Event", Payload=b'{"fine":true}')
+print("succeeded-event-id:", r["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"])
+
 settings = a.get_account_settings()
 check("get_account_settings counts the account's functions and code",
-      settings["AccountUsage"]["FunctionCount"] == 7 and settings["AccountUsage"]["TotalCodeSize"] > 5 * len(code)
+      settings["AccountUsage"]["FunctionCount"] == 9 and settings["AccountUsage"]["TotalCodeSize"] > 5 * len(code)
       and settings["AccountLimit"]["ConcurrentExecutions"] >= 1
       and settings["AccountLimit"]["CodeSizeZipped"] == 50 * 1024 * 1024, settings)
 check("another account's usage is its own", b.get_account_settings()["AccountUsage"]["FunctionCount"] == 0)

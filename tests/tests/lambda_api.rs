@@ -83,6 +83,40 @@ fn boto3_drives_functions_versions_aliases_and_invokes_and_a_restart_loses_nothi
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Each configured event's record reaches its destination function as
+    // an event of its own, which runs.
+    for (line, condition, destination) in [
+        ("failed-event-id: ", "RetriesExhausted", "failures"),
+        ("succeeded-event-id: ", "Success", "successes"),
+    ] {
+        let id = out
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .expect("the script prints the event's id");
+        let prefix = format!("event {id}: {condition}; its record went to ");
+        worker.wait_for_log(&prefix, Duration::from_secs(60));
+        let log = worker.log();
+        let record_id = log
+            .lines()
+            .find_map(|l| l.split(&prefix).nth(1))
+            .and_then(|rest| rest.split(" as event ").nth(1))
+            .expect("the record's event id")
+            .trim()
+            .to_string();
+        let destination_log = data.join(format!("logs/111111111111/{destination}/LATEST.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&destination_log)
+            .unwrap_or_default()
+            .contains(&format!("START RequestId: {record_id} "))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the record of {id} never ran in {destination}:\n{}",
+                worker.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     // A backup begun after the last change holds all of it.
     let backup = newest_backup_after(&data.join("backups"), changes_done);
     let log = worker.stop();

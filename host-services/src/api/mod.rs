@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::artifacts::code;
+use crate::control_plane::event_config::config_qualifier;
 use crate::control_plane::functions::ProvisionedConfig;
 use crate::control_plane::layers::LayerVersion;
 use crate::control_plane::model::*;
@@ -416,6 +417,91 @@ async fn list_tags(
     Ok(Json(json!({ "Tags": tags })).into_response())
 }
 
+async fn put_event_invoke_config(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    save_event_invoke_config(&state, &name, &query, &caller, false)
+}
+
+async fn update_event_invoke_config(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    save_event_invoke_config(&state, &name, &query, &caller, true)
+}
+
+fn save_event_invoke_config(
+    state: &Worker,
+    name: &str,
+    query: &Query,
+    caller: &Caller,
+    merge: bool,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(name, caller)?, query)?;
+    let config = state.control.put_event_invoke_config(
+        &caller.account,
+        &reference,
+        parse_or_default(&caller.body)?,
+        merge,
+    )?;
+    Ok(Json(config).into_response())
+}
+
+async fn get_event_invoke_config(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    match state
+        .control
+        .event_invoke_config(&caller.account, &reference)?
+    {
+        Some(config) => Ok(Json(config).into_response()),
+        None => Err(ApiError::ResourceNotFound(format!(
+            "The function {}:{} doesn't have an EventInvokeConfig",
+            function_arn(&caller.account, &reference.name),
+            config_qualifier(&reference)
+        ))),
+    }
+}
+
+async fn delete_event_invoke_config(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    state
+        .control
+        .delete_event_invoke_config(&caller.account, &reference)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_event_invoke_configs(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = function_ref(&name, &caller)?;
+    let configs = state
+        .control
+        .event_invoke_configs(&caller.account, &reference.name)?;
+    let key = |c: &EventInvokeConfig| c.function_arn.clone();
+    Ok(listed(
+        "FunctionEventInvokeConfigs",
+        page(configs, key, &query.page, SHORT_LISTS)?,
+    ))
+}
+
 async fn get_account_settings(state: Shared, caller: Caller) -> Result<Response, ApiError> {
     let usage = state.control.account_usage(&caller.account)?;
     let capacity = state.capacity() as u64;
@@ -687,6 +773,17 @@ pub fn router(worker: Arc<Worker>) -> Router {
         .route(
             "/2017-03-31/tags/{resource}",
             post(tag_resource).get(list_tags).delete(untag_resource),
+        )
+        .route(
+            "/2019-09-25/functions/{name}/event-invoke-config",
+            put(put_event_invoke_config)
+                .post(update_event_invoke_config)
+                .get(get_event_invoke_config)
+                .delete(delete_event_invoke_config),
+        )
+        .route(
+            "/2019-09-25/functions/{name}/event-invoke-config/list",
+            get(list_event_invoke_configs),
         )
         .route("/2016-08-19/account-settings", get(get_account_settings))
         .route("/2016-08-19/account-settings/", get(get_account_settings))

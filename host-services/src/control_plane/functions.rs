@@ -14,12 +14,10 @@ use crate::artifacts::code;
 use crate::artifacts::erofs_image;
 use crate::artifacts::sealed::{ArtifactError, ArtifactStore, GrantedArtifact};
 use crate::artifacts::wasm_image;
-use crate::control_plane::layers::LayerVersion;
 use crate::control_plane::model::*;
 use crate::control_plane::store::{
-    numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, LAYERS, PROVISIONED, VERSIONS,
+    numbered, Store, Txn, ALIASES, CODE, FUNCTIONS, PROVISIONED, VERSIONS,
 };
-use crate::control_plane::tags::validate_tags;
 use crate::error::ApiError;
 use crate::ids::AccountId;
 use crate::ids::VersionKey;
@@ -33,15 +31,9 @@ pub struct FunctionRecord {
     pub reserved_concurrency: Option<u32>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-}
-
-/// An account's use of the worker, as GetAccountSettings reports it.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct AccountUsage {
-    pub function_count: u64,
-    /// Bytes of code in functions, their versions and layers.
-    pub total_code_size: u64,
-    pub reserved_concurrency: u64,
+    /// Asynchronous invocation configs, by qualifier.
+    #[serde(default)]
+    pub event_invoke_configs: BTreeMap<String, EventInvokeConfig>,
 }
 
 /// A provisioned concurrency config as stored.
@@ -281,6 +273,7 @@ impl ControlPlane {
                     last_version: 0,
                     reserved_concurrency: None,
                     tags: req.tags.clone(),
+                    event_invoke_configs: BTreeMap::new(),
                 };
                 let out = if req.publish {
                     publish(t, &mut record, account, None)?
@@ -796,38 +789,27 @@ impl ControlPlane {
         })
     }
 
-    /// What `account` stores and reserves, for GetAccountSettings.
-    pub fn account_usage(&self, account: &AccountId) -> Result<AccountUsage, ApiError> {
-        let snap = self.store.read()?;
-        let records: Vec<(String, FunctionRecord)> = snap.scan(FUNCTIONS, &account.0)?;
-        let mut usage = AccountUsage {
-            function_count: records.len() as u64,
-            ..AccountUsage::default()
-        };
-        for (key, record) in &records {
-            usage.total_code_size += record.latest.code_size;
-            usage.reserved_concurrency += u64::from(record.reserved_concurrency.unwrap_or(0));
-            for (_, version) in snap.scan::<FunctionConfiguration>(VERSIONS, key)? {
-                usage.total_code_size += version.code_size;
-            }
-        }
-        for (_, layer) in snap.scan::<LayerVersion>(LAYERS, &account.0)? {
-            usage.total_code_size += layer.content.code_size;
-        }
-        Ok(usage)
-    }
-
     /// A function's reserved concurrency, if it has one.
     pub fn reserved_concurrency(
         &self,
         account: &AccountId,
         reference: &FunctionRef,
     ) -> Result<Option<u32>, ApiError> {
-        let snap = self.store.read()?;
-        let record: FunctionRecord = snap
-            .get(FUNCTIONS, &function_key(account, &reference.name))?
-            .ok_or_else(|| ApiError::not_found(function_arn(account, &reference.name)))?;
-        Ok(record.reserved_concurrency)
+        Ok(self
+            .read_record(account, &reference.name)?
+            .reserved_concurrency)
+    }
+
+    /// A function's record, read outside a write.
+    pub(crate) fn read_record(
+        &self,
+        account: &AccountId,
+        name: &str,
+    ) -> Result<FunctionRecord, ApiError> {
+        self.store
+            .read()?
+            .get(FUNCTIONS, &function_key(account, name))?
+            .ok_or_else(|| ApiError::not_found(function_arn(account, name)))
     }
 
     pub fn put_reserved_concurrency(

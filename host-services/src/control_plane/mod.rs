@@ -2,7 +2,9 @@
 //! functions, versions, aliases, concurrency and provisioned configs, and
 //! layers, and backups of the state.
 
+pub mod account;
 pub mod backup;
+pub mod event_config;
 pub mod functions;
 pub mod layers;
 pub mod model;

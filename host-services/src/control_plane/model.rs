@@ -355,9 +355,115 @@ pub fn validate_environment(env: &Environment) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Lambda's ranges and defaults.
+pub const MAX_RETRY_ATTEMPTS: u32 = 2;
+pub const MIN_EVENT_AGE_SECS: u32 = 60;
+pub const MAX_EVENT_AGE_SECS: u32 = 21_600;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct Destination {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct DestinationConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_success: Option<Destination>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<Destination>,
+}
+
+/// What a Put or Update call sends.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EventInvokeConfigRequest {
+    pub maximum_retry_attempts: Option<u32>,
+    pub maximum_event_age_in_seconds: Option<u32>,
+    pub destination_config: Option<DestinationConfig>,
+}
+
+/// A qualifier's config, as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "PascalCase")]
+pub struct EventInvokeConfig {
+    pub function_arn: String,
+    /// Seconds since the epoch, as Lambda's timestamps go.
+    pub last_modified: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_retry_attempts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maximum_event_age_in_seconds: Option<u32>,
+    #[serde(default)]
+    pub destination_config: DestinationConfig,
+}
+
+impl EventInvokeConfig {
+    /// Attempts an event gets in all: the first and its retries.
+    pub fn attempts(config: Option<&Self>) -> u32 {
+        1 + config
+            .and_then(|c| c.maximum_retry_attempts)
+            .unwrap_or(MAX_RETRY_ATTEMPTS)
+    }
+
+    pub fn max_age_secs(config: Option<&Self>) -> u32 {
+        config
+            .and_then(|c| c.maximum_event_age_in_seconds)
+            .unwrap_or(MAX_EVENT_AGE_SECS)
+    }
+}
+
+/// Lambda's limits: 50 tags, keys of 1-128 characters, values of at most
+/// 256, and no key of AWS's own `aws:` prefix.
+const MAX_TAGS: usize = 50;
+const MAX_KEY: usize = 128;
+const MAX_VALUE: usize = 256;
+
+pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if tags.len() > MAX_TAGS {
+        return Err(ApiError::invalid(format!(
+            "{} tags; a function may have at most {MAX_TAGS}",
+            tags.len()
+        )));
+    }
+    for (key, value) in tags {
+        if key.is_empty() || key.chars().count() > MAX_KEY {
+            return Err(ApiError::invalid(format!(
+                "tag key {key:?}: 1 to {MAX_KEY} characters"
+            )));
+        }
+        if key.to_ascii_lowercase().starts_with("aws:") {
+            return Err(ApiError::invalid(format!(
+                "tag key {key:?}: the aws: prefix is AWS's own"
+            )));
+        }
+        if value.chars().count() > MAX_VALUE {
+            return Err(ApiError::invalid(format!(
+                "the value of tag {key:?}: at most {MAX_VALUE} characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_are_checked_against_lambdas_limits() {
+        let one = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert!(validate_tags(&one("team", "lambda")).is_ok());
+        assert!(validate_tags(&one("", "x")).is_err());
+        assert!(validate_tags(&one(&"k".repeat(129), "x")).is_err());
+        assert!(validate_tags(&one("AWS:owner", "x")).is_err());
+        assert!(validate_tags(&one("k", &"v".repeat(257))).is_err());
+        let many: BTreeMap<String, String> =
+            (0..51).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(validate_tags(&many).is_err());
+    }
 
     fn account() -> AccountId {
         AccountId("111111111111".into())

@@ -3,44 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::control_plane::functions::{function_key, get_record, ControlPlane, FunctionRecord};
-use crate::control_plane::model::{function_arn, FunctionRef};
+use crate::control_plane::functions::{function_key, get_record, ControlPlane};
+use crate::control_plane::model::{validate_tags, FunctionRef};
 use crate::control_plane::store::FUNCTIONS;
 use crate::error::ApiError;
 use crate::ids::AccountId;
-
-/// Lambda's limits: 50 tags, keys of 1-128 characters, values of at most
-/// 256, and no key of AWS's own `aws:` prefix.
-const MAX_TAGS: usize = 50;
-const MAX_KEY: usize = 128;
-const MAX_VALUE: usize = 256;
-
-pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
-    if tags.len() > MAX_TAGS {
-        return Err(ApiError::invalid(format!(
-            "{} tags; a function may have at most {MAX_TAGS}",
-            tags.len()
-        )));
-    }
-    for (key, value) in tags {
-        if key.is_empty() || key.chars().count() > MAX_KEY {
-            return Err(ApiError::invalid(format!(
-                "tag key {key:?}: 1 to {MAX_KEY} characters"
-            )));
-        }
-        if key.to_ascii_lowercase().starts_with("aws:") {
-            return Err(ApiError::invalid(format!(
-                "tag key {key:?}: the aws: prefix is AWS's own"
-            )));
-        }
-        if value.chars().count() > MAX_VALUE {
-            return Err(ApiError::invalid(format!(
-                "the value of tag {key:?}: at most {MAX_VALUE} characters"
-            )));
-        }
-    }
-    Ok(())
-}
 
 /// The function a tagging call's resource ARN names: tags belong to the
 /// function, not to a version or alias.
@@ -104,28 +71,7 @@ impl ControlPlane {
         account: &AccountId,
         name: &str,
     ) -> Result<BTreeMap<String, String>, ApiError> {
-        let snap = self.store.read()?;
-        let record: FunctionRecord = snap
-            .get(FUNCTIONS, &function_key(account, name))?
-            .ok_or_else(|| ApiError::not_found(function_arn(account, name)))?;
+        let record = self.read_record(account, name)?;
         Ok(record.tags)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tags_are_checked_against_lambdas_limits() {
-        let one = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
-        assert!(validate_tags(&one("team", "lambda")).is_ok());
-        assert!(validate_tags(&one("", "x")).is_err());
-        assert!(validate_tags(&one(&"k".repeat(129), "x")).is_err());
-        assert!(validate_tags(&one("AWS:owner", "x")).is_err());
-        assert!(validate_tags(&one("k", &"v".repeat(257))).is_err());
-        let many: BTreeMap<String, String> =
-            (0..51).map(|i| (format!("k{i}"), String::new())).collect();
-        assert!(validate_tags(&many).is_err());
     }
 }

@@ -12,8 +12,9 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::control_plane::event_config::{destination_function, destination_record, EventOutcome};
 use crate::control_plane::functions::{split_by_share, ControlPlane, ProvisionedConfig, Resolved};
-use crate::control_plane::model::{FunctionRef, LATEST, REGION};
+use crate::control_plane::model::{function_arn, EventInvokeConfig, FunctionRef, LATEST, REGION};
 use crate::control_plane::store::EVENTS;
 use crate::data_plane::environment::{ColdStart, Launch};
 use crate::data_plane::lifecycle::DestroyReason;
@@ -25,7 +26,6 @@ use crate::security::auth::Credentials;
 use crate::security::role_credentials::RoleCredentialIssuer;
 
 /// Lambda retries a failed asynchronous event twice.
-const EVENT_ATTEMPTS: u32 = 3;
 const EVENT_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Where the runtime finds the Runtime API, inside the guest.
@@ -75,6 +75,16 @@ struct QueuedEvent {
     qualifier: Option<String>,
     payload: String,
     attempts: u32,
+    /// When it was accepted, in ms since the epoch (none in events queued
+    /// before the field existed: their age is not known).
+    #[serde(default)]
+    accepted_ms: Option<u64>,
+}
+
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn error_body(error_type: &str, message: &str) -> Bytes {
@@ -468,6 +478,7 @@ impl Worker {
             qualifier: reference.qualifier.clone(),
             payload: base64::engine::general_purpose::STANDARD.encode(payload),
             attempts: 0,
+            accepted_ms: Some(epoch_ms()),
         };
         self.control.store.write(|t| t.put(EVENTS, id, &event))?;
         let _ = self.events.send(id.to_string());
@@ -514,9 +525,30 @@ impl Worker {
         let payload = base64::engine::general_purpose::STANDARD
             .decode(&event.payload)
             .unwrap_or_default();
-        let result = match self.control.resolve(&account, &reference) {
-            Ok(resolved) => self.invoke(&resolved, &id, payload.into()).await,
-            Err(e) => Err(e),
+        let config = self
+            .control
+            .event_invoke_config(&account, &reference)
+            .unwrap_or(None);
+        let age_ms = event
+            .accepted_ms
+            .map_or(0, |at| epoch_ms().saturating_sub(at));
+        if age_ms > u64::from(EventInvokeConfig::max_age_secs(config.as_ref())) * 1000 {
+            self.finish_event(
+                &id,
+                &event,
+                &payload,
+                config.as_ref(),
+                "EventAgeExceeded",
+                None,
+            );
+            return;
+        }
+        let (executed, result) = match self.control.resolve(&account, &reference) {
+            Ok(resolved) => (
+                resolved.config.version.clone(),
+                self.invoke(&resolved, &id, payload.clone().into()).await,
+            ),
+            Err(e) => (String::new(), Err(e)),
         };
         let attempts = event.attempts + 1;
         let done = match &result {
@@ -524,36 +556,109 @@ impl Worker {
             // The function is gone: nothing left to retry against.
             Err(ApiError::ResourceNotFound(_)) => true,
             Err(ApiError::TooManyRequests { .. }) => false,
-            _ => attempts >= EVENT_ATTEMPTS,
+            _ => attempts >= EventInvokeConfig::attempts(config.as_ref()),
         };
-        let outcome = if done {
-            self.control.store.write(|t| t.remove(EVENTS, &id))
-        } else {
-            let retry = QueuedEvent {
-                attempts: if matches!(result, Err(ApiError::TooManyRequests { .. })) {
-                    event.attempts
-                } else {
-                    attempts
-                },
-                ..event
+        if done {
+            let event = QueuedEvent { attempts, ..event };
+            let (condition, response) = match &result {
+                Ok(r) => (
+                    if r.status_error.is_none() {
+                        "Success"
+                    } else {
+                        "RetriesExhausted"
+                    },
+                    Some((executed.as_str(), r.status_error, &r.body[..])),
+                ),
+                Err(_) => ("RetriesExhausted", None),
             };
-            self.control.store.write(|t| t.put(EVENTS, &id, &retry))
-        };
-        if let Err(e) = outcome {
-            tracing::error!("event {id}: {e}");
+            if condition != "Success" {
+                tracing::warn!("event {id} failed after {attempts} attempts");
+            }
+            self.finish_event(&id, &event, &payload, config.as_ref(), condition, response);
             return;
         }
-        if !done {
-            tokio::time::sleep(EVENT_RETRY_DELAY).await;
-            let _ = self.events.send(id);
-        } else if !matches!(
-            result,
-            Ok(InvokeResult {
-                status_error: None,
-                ..
-            })
-        ) {
-            tracing::warn!("event {id} failed after {attempts} attempts; dropped");
+        let retry = QueuedEvent {
+            attempts: if matches!(result, Err(ApiError::TooManyRequests { .. })) {
+                event.attempts
+            } else {
+                attempts
+            },
+            ..event
+        };
+        if let Err(e) = self.control.store.write(|t| t.put(EVENTS, &id, &retry)) {
+            return tracing::error!("event {id}: {e}");
+        }
+        tokio::time::sleep(EVENT_RETRY_DELAY).await;
+        let _ = self.events.send(id);
+    }
+
+    /// Ends an event: its record goes to the destination its config
+    /// names for how it ended, as a new event, in the same write that
+    /// takes the event off the queue, so that a restart neither loses nor
+    /// repeats it.
+    fn finish_event(
+        &self,
+        id: &str,
+        event: &QueuedEvent,
+        payload: &[u8],
+        config: Option<&EventInvokeConfig>,
+        condition: &str,
+        response: Option<(&str, Option<&str>, &[u8])>,
+    ) {
+        let account = AccountId(event.account.clone());
+        let destinations = config.map(|c| &c.destination_config);
+        let destination = if condition == "Success" {
+            destinations.and_then(|d| d.on_success.as_ref())
+        } else {
+            destinations.and_then(|d| d.on_failure.as_ref())
+        }
+        .and_then(|d| d.destination.as_deref());
+        let delivery = destination.map(|arn| {
+            let function_arn = format!(
+                "{}:{}",
+                function_arn(&account, &event.function),
+                event.qualifier.as_deref().unwrap_or(LATEST)
+            );
+            let record = destination_record(&EventOutcome {
+                request_id: id,
+                function_arn: &function_arn,
+                condition,
+                attempts: event.attempts,
+                payload,
+                response,
+            });
+            (arn, record)
+        });
+        let delivered = self.control.store.write(|t| {
+            t.remove(EVENTS, id)?;
+            let Some((arn, record)) = &delivery else {
+                return Ok(None);
+            };
+            let target = destination_function(&account, arn)?;
+            let record_id = uuid::Uuid::new_v4().to_string();
+            t.put(
+                EVENTS,
+                &record_id,
+                &QueuedEvent {
+                    account: account.0.clone(),
+                    function: target.name,
+                    qualifier: target.qualifier,
+                    payload: base64::engine::general_purpose::STANDARD.encode(record.to_string()),
+                    attempts: 0,
+                    accepted_ms: Some(epoch_ms()),
+                },
+            )?;
+            Ok::<_, ApiError>(Some((arn, record_id)))
+        });
+        match delivered {
+            Ok(Some((arn, record_id))) => {
+                tracing::info!(
+                    "event {id}: {condition}; its record went to {arn} as event {record_id}"
+                );
+                let _ = self.events.send(record_id);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!("event {id}: {e}"),
         }
     }
 }
