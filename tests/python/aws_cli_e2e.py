@@ -131,6 +131,13 @@ check("list-function-event-invoke-configs", len(aws("list-function-event-invoke-
                                                 ["FunctionEventInvokeConfigs"]) == 1)
 aws("delete-function-event-invoke-config", "--function-name", "cli")
 
+added = aws("add-permission", "--function-name", "cli", "--statement-id", "partner", "--action",
+            "lambda:InvokeFunction", "--principal", "222222222222")
+check("add-permission", json.loads(added["Statement"])["Sid"] == "partner", added)
+policy = json.loads(aws("get-policy", "--function-name", "cli")["Policy"])
+check("get-policy", [st["Sid"] for st in policy["Statement"]] == ["partner"], policy)
+aws("remove-permission", "--function-name", "cli", "--statement-id", "partner")
+
 settings = aws("get-account-settings")
 check("get-account-settings", settings["AccountUsage"]["FunctionCount"] == 3, settings)
 

@@ -228,8 +228,45 @@ check("... with status 413", e.response["ResponseMetadata"]["HTTPStatusCode"] ==
 
 expect_error("account B cannot see account A's function", "ResourceNotFoundException",
              lambda: b.get_function(FunctionName=created["FunctionArn"]))
-expect_error("account B cannot invoke it by ARN", "ResourceNotFoundException",
+expect_error("account B cannot invoke it by ARN without a policy", "AccessDeniedException",
              lambda: b.invoke(FunctionName=created["FunctionArn"], Payload=b"{}"))
+expect_error("nor a function that does not exist (denied alike)", "AccessDeniedException",
+             lambda: b.invoke(FunctionName=created["FunctionArn"] + "-nope", Payload=b"{}"))
+
+# A resource-based policy lets account B invoke: on the alias only, then
+# on the function; in A's environments, with A's role.
+account_b = env["ACCOUNT_B"]
+added = a.add_permission(FunctionName="echo", Qualifier="prod", StatementId="b-prod",
+                         Action="lambda:InvokeFunction", Principal=account_b)
+statement = json.loads(added["Statement"])
+check("add_permission returns the statement", statement["Sid"] == "b-prod"
+      and statement["Principal"]["AWS"] == f"arn:aws:iam::{account_b}:root"
+      and statement["Resource"] == created["FunctionArn"] + ":prod", statement)
+r = b.invoke(FunctionName=created["FunctionArn"] + ":prod", Payload=b'{"from":"b"}')
+check("account B invokes the alias the policy names",
+      r["StatusCode"] == 200 and r["Payload"].read() == b'{"echo":{"from":"b"}}', r)
+expect_error("but not the function unqualified", "AccessDeniedException",
+             lambda: b.invoke(FunctionName=created["FunctionArn"], Payload=b"{}"))
+a.add_permission(FunctionName="echo", StatementId="b-all", Action="lambda:InvokeFunction", Principal=account_b)
+r = b.invoke(FunctionName=created["FunctionArn"], Payload=b'"env"')
+e = dict(line.split("=", 1) for line in r["Payload"].read().decode().splitlines())
+check("with a function-level statement it runs as A's function",
+      e["AWS_LAMBDA_FUNCTION_NAME"] == "echo" and e["AWS_LAMBDA_FUNCTION_VERSION"] == "$LATEST", e)
+as_role = client(e["AWS_ACCESS_KEY_ID"], e["AWS_SECRET_ACCESS_KEY"], token=e["AWS_SESSION_TOKEN"])
+check("with A's execution role", "echo" in [f["FunctionName"] for f in as_role.list_functions()["Functions"]])
+policy = json.loads(a.get_policy(FunctionName="echo")["Policy"])
+check("get_policy lists the function's statements", [s["Sid"] for s in policy["Statement"]] == ["b-all"], policy)
+expect_error("a statement id twice is a conflict", "ResourceConflictException",
+             lambda: a.add_permission(FunctionName="echo", StatementId="b-all", Action="lambda:InvokeFunction",
+                                      Principal=account_b))
+expect_error("a policy on $LATEST is refused", "InvalidParameterValueException",
+             lambda: a.add_permission(FunctionName="echo", Qualifier="$LATEST", StatementId="x",
+                                      Action="lambda:InvokeFunction", Principal=account_b))
+a.remove_permission(FunctionName="echo", StatementId="b-all")
+a.remove_permission(FunctionName="echo", Qualifier="prod", StatementId="b-prod")
+expect_error("once removed, account B is denied again", "AccessDeniedException",
+             lambda: b.invoke(FunctionName=created["FunctionArn"], Payload=b"{}"))
+expect_error("and the policy is gone", "ResourceNotFoundException", lambda: a.get_policy(FunctionName="echo"))
 check("account B lists nothing", b.list_functions()["Functions"] == [])
 bad = client(env["KEY_A"], "wrong-secret")
 expect_error("a wrong secret is refused", "InvalidSignatureException", lambda: bad.list_functions())

@@ -29,6 +29,7 @@ fn client_script(script: &str, endpoint: &str, wasm: &Path, extra: &[&str]) -> S
         .env("SECRET_A", ACCOUNT_A.1)
         .env("KEY_B", ACCOUNT_B.0)
         .env("SECRET_B", ACCOUNT_B.1)
+        .env("ACCOUNT_B", ACCOUNT_B.2)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

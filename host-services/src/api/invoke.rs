@@ -8,7 +8,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 
-use super::{function_ref, qualified, Caller, QueryParams};
+use super::{qualified, Caller, QueryParams};
+use crate::control_plane::model::FunctionRef;
 use crate::data_plane::worker::{InvokeResult, Worker};
 use crate::error::ApiError;
 
@@ -49,7 +50,15 @@ pub async fn invoke(
     headers: HeaderMap,
     caller: Caller,
 ) -> Result<Response, ApiError> {
-    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    // Another account's function runs, in its owner's environments and
+    // with its owner's role, when its policy lets the caller invoke it.
+    let (owner, reference) = FunctionRef::parse_owned(&name, &caller.account)?;
+    let reference = qualified(reference, &query)?;
+    if owner != caller.account {
+        worker
+            .control
+            .check_invoke_permission(&owner, &reference, &caller.account)?;
+    }
     let kind = match header(&headers, "x-amz-invocation-type")? {
         None | Some("RequestResponse") => InvocationType::RequestResponse,
         Some("Event") => InvocationType::Event,
@@ -76,7 +85,7 @@ pub async fn invoke(
             "Could not parse request body into json: the payload is not JSON".into(),
         ));
     }
-    let resolved = worker.control.resolve(&caller.account, &reference)?;
+    let resolved = worker.control.resolve(&owner, &reference)?;
     let request_id = uuid::Uuid::new_v4().to_string();
     let mut response = match kind {
         InvocationType::DryRun => StatusCode::NO_CONTENT.into_response(),
@@ -87,7 +96,7 @@ pub async fn invoke(
                     caller.body.len()
                 )));
             }
-            worker.enqueue_event(&request_id, &caller.account, &reference, &caller.body)?;
+            worker.enqueue_event(&request_id, &owner, &reference, &caller.body)?;
             StatusCode::ACCEPTED.into_response()
         }
         InvocationType::RequestResponse => {

@@ -502,6 +502,48 @@ async fn list_event_invoke_configs(
     ))
 }
 
+async fn add_permission(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    let statement =
+        state
+            .control
+            .add_permission(&caller.account, &reference, parse(&caller.body)?)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "Statement": statement.to_string() })),
+    )
+        .into_response())
+}
+
+async fn get_policy(
+    state: Shared,
+    Path(name): Path<String>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    let (policy, revision) = state.control.get_policy(&caller.account, &reference)?;
+    Ok(Json(json!({ "Policy": policy.to_string(), "RevisionId": revision })).into_response())
+}
+
+async fn remove_permission(
+    state: Shared,
+    Path((name, sid)): Path<(String, String)>,
+    query: QueryParams,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let reference = qualified(function_ref(&name, &caller)?, &query)?;
+    state
+        .control
+        .remove_permission(&caller.account, &reference, &sid)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 async fn get_account_settings(state: Shared, caller: Caller) -> Result<Response, ApiError> {
     let usage = state.control.account_usage(&caller.account)?;
     let capacity = state.capacity() as u64;
@@ -747,6 +789,14 @@ pub fn router(worker: Arc<Worker>) -> Router {
             get(get_alias).put(update_alias).delete(delete_alias),
         )
         .route(&format!("{f}/{{name}}/invocations"), post(invoke::invoke))
+        .route(
+            &format!("{f}/{{name}}/policy"),
+            post(add_permission).get(get_policy),
+        )
+        .route(
+            &format!("{f}/{{name}}/policy/{{sid}}"),
+            axum::routing::delete(remove_permission),
+        )
         .route(
             "/2017-10-31/functions/{name}/concurrency",
             put(put_concurrency).delete(delete_concurrency),

@@ -34,6 +34,9 @@ pub struct FunctionRecord {
     /// Asynchronous invocation configs, by qualifier.
     #[serde(default)]
     pub event_invoke_configs: BTreeMap<String, EventInvokeConfig>,
+    /// The resource-based policy's statements.
+    #[serde(default)]
+    pub policy: Vec<PolicyStatement>,
 }
 
 /// A provisioned concurrency config as stored.
@@ -274,6 +277,7 @@ impl ControlPlane {
                     reserved_concurrency: None,
                     tags: req.tags.clone(),
                     event_invoke_configs: BTreeMap::new(),
+                    policy: Vec::new(),
                 };
                 let out = if req.publish {
                     publish(t, &mut record, account, None)?

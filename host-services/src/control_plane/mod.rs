@@ -8,5 +8,6 @@ pub mod event_config;
 pub mod functions;
 pub mod layers;
 pub mod model;
+pub mod policy;
 pub mod store;
 pub mod tags;

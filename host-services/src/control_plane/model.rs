@@ -205,6 +205,19 @@ impl FunctionRef {
     /// Resolves `reference` for `account`; an ARN of another account or
     /// region is not found, never served.
     pub fn parse(reference: &str, account: &AccountId) -> Result<Self, ApiError> {
+        let (owner, parsed) = Self::parse_owned(reference, account)?;
+        if owner != *account {
+            return Err(ApiError::not_found(function_arn(&owner, &parsed.name)));
+        }
+        Ok(parsed)
+    }
+
+    /// Resolves `reference` and the account that owns the function: the
+    /// ARN's, or `account` for a bare name.
+    pub fn parse_owned(
+        reference: &str,
+        account: &AccountId,
+    ) -> Result<(AccountId, Self), ApiError> {
         let parts: Vec<&str> = reference.split(':').collect();
         let (owner, name, qualifier) = match parts.as_slice() {
             [name] => (None, *name, None),
@@ -225,20 +238,18 @@ impl FunctionRef {
                 )))
             }
         };
-        if owner.is_some_and(|o| o != account.0) {
-            return Err(ApiError::not_found(function_arn(
-                &AccountId(owner.unwrap_or_default().into()),
-                name,
-            )));
-        }
         validate_name(name)?;
         if let Some(q) = qualifier {
             validate_qualifier(q)?;
         }
-        Ok(FunctionRef {
-            name: name.to_string(),
-            qualifier: qualifier.map(str::to_string),
-        })
+        let owner = owner.map_or_else(|| account.clone(), |o| AccountId(o.to_string()));
+        Ok((
+            owner,
+            FunctionRef {
+                name: name.to_string(),
+                qualifier: qualifier.map(str::to_string),
+            },
+        ))
     }
 }
 
@@ -446,6 +457,27 @@ pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// A statement of a function's resource-based policy, on the function
+/// (no qualifier) or on one of its versions or aliases.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PolicyStatement {
+    pub qualifier: Option<String>,
+    /// The statement as GetPolicy shows it.
+    pub statement: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct AddPermissionRequest {
+    pub statement_id: String,
+    pub action: String,
+    pub principal: String,
+    pub source_arn: Option<String>,
+    pub source_account: Option<String>,
+    #[serde(rename = "PrincipalOrgID")]
+    pub principal_org_id: Option<String>,
 }
 
 #[cfg(test)]
