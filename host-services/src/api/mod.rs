@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::artifacts::code;
-use crate::control_plane::event_config::config_qualifier;
+use crate::control_plane::event_config::{config_qualifier, no_event_invoke_config};
 use crate::control_plane::functions::ProvisionedConfig;
 use crate::control_plane::layers::LayerVersion;
 use crate::control_plane::model::*;
@@ -464,11 +464,11 @@ async fn get_event_invoke_config(
         .event_invoke_config(&caller.account, &reference)?
     {
         Some(config) => Ok(Json(config).into_response()),
-        None => Err(ApiError::ResourceNotFound(format!(
-            "The function {}:{} doesn't have an EventInvokeConfig",
-            function_arn(&caller.account, &reference.name),
-            config_qualifier(&reference)
-        ))),
+        None => Err(no_event_invoke_config(
+            &caller.account,
+            &reference.name,
+            config_qualifier(&reference),
+        )),
     }
 }
 

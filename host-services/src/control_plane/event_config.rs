@@ -3,14 +3,21 @@
 //! old an event may get, and where its record goes when it succeeds or
 //! fails for good. Kept per qualifier in the function's record.
 
-use crate::control_plane::functions::{function_key, get_record, ControlPlane};
+use crate::control_plane::functions::ControlPlane;
 use crate::control_plane::model::{
     function_arn, EventInvokeConfig, EventInvokeConfigRequest, FunctionRef, LATEST,
     MAX_EVENT_AGE_SECS, MAX_RETRY_ATTEMPTS, MIN_EVENT_AGE_SECS,
 };
-use crate::control_plane::store::FUNCTIONS;
 use crate::error::ApiError;
 use crate::ids::AccountId;
+
+/// The error for a qualifier without a config.
+pub fn no_event_invoke_config(account: &AccountId, name: &str, qualifier: &str) -> ApiError {
+    ApiError::ResourceNotFound(format!(
+        "The function {}:{qualifier} doesn't have an EventInvokeConfig",
+        function_arn(account, name)
+    ))
+}
 
 /// The qualifier an event's config is kept under: `$LATEST` for an
 /// unqualified name, as on Lambda.
@@ -80,14 +87,10 @@ impl ControlPlane {
         check_request(account, &req)?;
         self.configuration(account, reference)?;
         let qualifier = config_qualifier(reference).to_string();
-        self.store.write(|t| {
-            let mut record = get_record(t, account, &reference.name)?;
+        self.update_record(account, &reference.name, |record| {
             let old = record.event_invoke_configs.get(&qualifier).cloned();
             if merge && old.is_none() {
-                return Err(ApiError::ResourceNotFound(format!(
-                    "The function {}:{qualifier} doesn't have an EventInvokeConfig",
-                    function_arn(account, &reference.name)
-                )));
+                return Err(no_event_invoke_config(account, &reference.name, &qualifier));
             }
             let keep = old.filter(|_| merge);
             let config = EventInvokeConfig {
@@ -108,7 +111,6 @@ impl ControlPlane {
             record
                 .event_invoke_configs
                 .insert(qualifier.clone(), config.clone());
-            t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
             Ok(config)
         })
     }
@@ -141,15 +143,10 @@ impl ControlPlane {
         reference: &FunctionRef,
     ) -> Result<(), ApiError> {
         let qualifier = config_qualifier(reference).to_string();
-        self.store.write(|t| {
-            let mut record = get_record(t, account, &reference.name)?;
+        self.update_record(account, &reference.name, |record| {
             if record.event_invoke_configs.remove(&qualifier).is_none() {
-                return Err(ApiError::ResourceNotFound(format!(
-                    "The function {}:{qualifier} doesn't have an EventInvokeConfig",
-                    function_arn(account, &reference.name)
-                )));
+                return Err(no_event_invoke_config(account, &reference.name, &qualifier));
             }
-            t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
             Ok(())
         })
     }

@@ -82,7 +82,7 @@ pub struct ControlPlane {
     linux_runtimes: Vec<String>,
 }
 
-pub(crate) fn function_key(account: &AccountId, name: &str) -> String {
+fn function_key(account: &AccountId, name: &str) -> String {
     format!("{account}/{name}")
 }
 
@@ -139,11 +139,7 @@ fn provisioned_qualifier(reference: &FunctionRef) -> Result<&str, ApiError> {
     }
 }
 
-pub(crate) fn get_record(
-    t: &Txn,
-    account: &AccountId,
-    name: &str,
-) -> Result<FunctionRecord, ApiError> {
+fn get_record(t: &Txn, account: &AccountId, name: &str) -> Result<FunctionRecord, ApiError> {
     t.get(FUNCTIONS, &function_key(account, name))?
         .ok_or_else(|| ApiError::not_found(function_arn(account, name)))
 }
@@ -822,11 +818,25 @@ impl ControlPlane {
         reference: &FunctionRef,
         reserved: Option<u32>,
     ) -> Result<(), ApiError> {
-        self.store.write(|t| {
-            let mut record = get_record(t, account, &reference.name)?;
+        self.update_record(account, &reference.name, |record| {
             record.reserved_concurrency = reserved;
-            t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
             Ok(())
+        })
+    }
+
+    /// Changes a function's record in one write; `change` may refuse, and
+    /// then nothing is written.
+    pub(crate) fn update_record<T>(
+        &self,
+        account: &AccountId,
+        name: &str,
+        change: impl FnOnce(&mut FunctionRecord) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.store.write(|t| {
+            let mut record = get_record(t, account, name)?;
+            let out = change(&mut record)?;
+            t.put(FUNCTIONS, &function_key(account, name), &record)?;
+            Ok(out)
         })
     }
 

@@ -4,11 +4,10 @@
 
 use serde_json::json;
 
-use crate::control_plane::functions::{function_key, get_record, ControlPlane};
+use crate::control_plane::functions::ControlPlane;
 use crate::control_plane::model::{
     function_arn, AddPermissionRequest, FunctionRef, PolicyStatement, LATEST,
 };
-use crate::control_plane::store::FUNCTIONS;
 use crate::error::ApiError;
 use crate::ids::AccountId;
 
@@ -128,8 +127,7 @@ impl ControlPlane {
             resource = format!("{resource}:{q}");
         }
         let statement = statement(&req, &resource);
-        self.store.write(|t| {
-            let mut record = get_record(t, account, &reference.name)?;
+        self.update_record(account, &reference.name, |record| {
             if record.policy.iter().any(|s| {
                 s.qualifier == reference.qualifier && s.statement["Sid"] == req.statement_id
             }) {
@@ -142,7 +140,6 @@ impl ControlPlane {
                 qualifier: reference.qualifier.clone(),
                 statement: statement.clone(),
             });
-            t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
             Ok(statement.clone())
         })
     }
@@ -178,8 +175,7 @@ impl ControlPlane {
         reference: &FunctionRef,
         sid: &str,
     ) -> Result<(), ApiError> {
-        self.store.write(|t| {
-            let mut record = get_record(t, account, &reference.name)?;
+        self.update_record(account, &reference.name, |record| {
             let before = record.policy.len();
             record
                 .policy
@@ -189,7 +185,6 @@ impl ControlPlane {
                     "Statement {sid} is not found in resource policy."
                 )));
             }
-            t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
             Ok(())
         })
     }

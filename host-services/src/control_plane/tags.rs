@@ -3,9 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::control_plane::functions::{function_key, get_record, ControlPlane};
+use crate::control_plane::functions::ControlPlane;
 use crate::control_plane::model::{validate_tags, FunctionRef};
-use crate::control_plane::store::FUNCTIONS;
 use crate::error::ApiError;
 use crate::ids::AccountId;
 
@@ -30,12 +29,9 @@ impl ControlPlane {
     ) -> Result<(), ApiError> {
         let name = tagged_function(resource, account)?;
         validate_tags(&tags)?;
-        self.store.write(|t| {
-            let mut record = get_record(t, account, &name)?;
-            record.tags.extend(tags.clone());
-            validate_tags(&record.tags)?;
-            t.put(FUNCTIONS, &function_key(account, &name), &record)?;
-            Ok(())
+        self.update_record(account, &name, |record| {
+            record.tags.extend(tags);
+            validate_tags(&record.tags)
         })
     }
 
@@ -46,12 +42,10 @@ impl ControlPlane {
         keys: &[String],
     ) -> Result<(), ApiError> {
         let name = tagged_function(resource, account)?;
-        self.store.write(|t| {
-            let mut record = get_record(t, account, &name)?;
+        self.update_record(account, &name, |record| {
             for key in keys {
                 record.tags.remove(key);
             }
-            t.put(FUNCTIONS, &function_key(account, &name), &record)?;
             Ok(())
         })
     }
