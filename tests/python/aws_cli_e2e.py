@@ -117,6 +117,8 @@ check("get-layer-version", aws("get-layer-version", "--layer-name", "cli-layer",
 check("list-layer-versions", [v["Version"] for v in aws("list-layer-versions", "--layer-name", "cli-layer")
                               ["LayerVersions"]] == [1])
 check("list-layers", [l["LayerName"] for l in aws("list-layers")["Layers"]] == ["cli-layer"])
+aws("delete-layer-version", "--layer-name", "cli-layer", "--version-number", "1")
+check("delete-layer-version", aws("list-layer-versions", "--layer-name", "cli-layer")["LayerVersions"] == [])
 
 config = aws("put-function-event-invoke-config", "--function-name", "cli", "--maximum-retry-attempts", "1",
              "--destination-config", json.dumps({"OnFailure": {"Destination": arn.replace(":cli", ":cli-2")}}))

@@ -342,6 +342,30 @@ expect_error("a Marker this API did not give is refused", "InvalidParameterValue
 expect_error("MaxItems over ListLayerVersions' 50 is refused", "InvalidParameterValueException",
              lambda: a_unchecked.list_layer_versions(LayerName="wasm-runtime", MaxItems=51))
 
+# DeleteLayerVersion: the versions are gone from the API, their numbers
+# are not given again, and the function that uses one keeps working.
+for n in [1, 2]:
+    r = a.delete_layer_version(LayerName="wasm-runtime", VersionNumber=n)
+    check(f"delete_layer_version {n} is 204", r["ResponseMetadata"]["HTTPStatusCode"] == 204, r)
+a.delete_layer_version(LayerName="wasm-runtime", VersionNumber=1)
+print("ok   deleting a deleted layer version again does nothing")
+expect_error("a deleted layer version cannot be read", "ResourceNotFoundException",
+             lambda: a.get_layer_version(LayerName="wasm-runtime", VersionNumber=1))
+check("nor is it listed", a.list_layer_versions(LayerName="wasm-runtime")["LayerVersions"] == [])
+expect_error("nor added to a function", "InvalidParameterValueException",
+             lambda: a.update_function_configuration(FunctionName="layered", Layers=[layer["LayerVersionArn"]]))
+# A new configuration: the next invocation is a cold start, which reads
+# the deleted layer's code.
+a.update_function_configuration(FunctionName="layered", Description="after the layer's deletion")
+r = a.invoke(FunctionName="layered", Payload=b'{"deleted":"layer"}', LogType="Tail")
+log = base64.b64decode(r["LogResult"]).decode()
+check("a function using a deleted layer version still cold-starts and runs",
+      r["Payload"].read() == b'{"echo":{"deleted":"layer"}}' and "Init Duration" in log, log)
+check("and still lists it", [l["Arn"] for l in a.get_function(FunctionName="layered")["Configuration"]["Layers"]]
+      == [layer["LayerVersionArn"]])
+again = a.publish_layer_version(LayerName="wasm-runtime", Content={"ZipFile": zipped("layered.wasm", wasm)})
+check("the next version after deleted ones takes a new number", again["Version"] == 3, again)
+
 a.create_alias(FunctionName="echo", Name="canary", FunctionVersion="1")
 aliases = [x["Name"] for x in a.list_aliases(FunctionName="echo")["Aliases"]]
 check("list_aliases", aliases == ["canary", "prod"], aliases)

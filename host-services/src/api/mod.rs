@@ -738,20 +738,36 @@ async fn list_layers(
     ))
 }
 
+fn layer_version_number(version: &str) -> Result<u64, ApiError> {
+    version
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("invalid layer version {version:?}")))
+}
+
 async fn get_layer_version(
     state: Shared,
     Path((name, version)): Path<(String, String)>,
     caller: Caller,
 ) -> Result<Response, ApiError> {
-    let version = version
-        .parse()
-        .map_err(|_| ApiError::invalid(format!("invalid layer version {version:?}")))?;
+    let version = layer_version_number(&version)?;
     Ok(Json(
         state
             .control
             .get_layer_version(&caller.account, &name, version)?,
     )
     .into_response())
+}
+
+async fn delete_layer_version(
+    state: Shared,
+    Path((name, version)): Path<(String, String)>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let version = layer_version_number(&version)?;
+    state
+        .control
+        .delete_layer_version(&caller.account, &name, version)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn unknown_operation(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
@@ -818,7 +834,7 @@ pub fn router(worker: Arc<Worker>) -> Router {
         )
         .route(
             "/2018-10-31/layers/{name}/versions/{version}",
-            get(get_layer_version),
+            get(get_layer_version).delete(delete_layer_version),
         )
         .route(
             "/2017-03-31/tags/{resource}",

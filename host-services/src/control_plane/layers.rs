@@ -9,7 +9,7 @@ use crate::control_plane::functions::{
     code_key, code_sha256, decode_zip, now_string, ControlPlane,
 };
 use crate::control_plane::model::{LayerRef, REGION};
-use crate::control_plane::store::{numbered, Txn, LAYERS};
+use crate::control_plane::store::{numbered, Txn, DELETED_LAYERS, LAYERS};
 use crate::error::ApiError;
 use crate::ids::AccountId;
 
@@ -137,10 +137,13 @@ impl ControlPlane {
         let sha = code_sha256(&zip);
         let key = layer_key(account, name);
         self.store.write(|t| {
-            let last = t
-                .scan::<LayerVersion>(LAYERS, &key)?
-                .last()
-                .map_or(0, |(_, v)| v.version);
+            // Version numbers are never reused, deleted ones included.
+            let mut last = 0;
+            for table in [LAYERS, DELETED_LAYERS] {
+                if let Some((_, v)) = t.scan::<LayerVersion>(table, &key)?.last() {
+                    last = last.max(v.version);
+                }
+            }
             let version = last + 1;
             let arn = layer_arn(account, name);
             let layer = LayerVersion {
@@ -180,6 +183,27 @@ impl ControlPlane {
                     layer_arn(account, name)
                 ))
             })
+    }
+
+    /// Deletes a layer version: it can no longer be read, listed or
+    /// added to a function, and its number is not given again. Functions
+    /// that use it keep working, as on Lambda, so its record moves aside
+    /// with its code. Deleting a version that is not there does nothing.
+    pub fn delete_layer_version(
+        &self,
+        account: &AccountId,
+        name: &str,
+        version: u64,
+    ) -> Result<(), ApiError> {
+        validate_layer_name(name)?;
+        let key = numbered(&layer_key(account, name), version);
+        self.store.write(|t| {
+            if let Some(layer) = t.get::<LayerVersion>(LAYERS, &key)? {
+                t.put(DELETED_LAYERS, &key, &layer)?;
+                t.remove(LAYERS, &key)?;
+            }
+            Ok(())
+        })
     }
 
     /// The account's layers by name, each with its newest version (of
@@ -265,9 +289,13 @@ impl ControlPlane {
             .iter()
             .map(|l| {
                 let (name, version) = parse_version_arn(account, &l.arn)?;
-                let layer: LayerVersion = snap
-                    .get(LAYERS, &numbered(&layer_key(account, &name), version))?
-                    .ok_or_else(|| ApiError::Service(format!("layer {} is missing", l.arn)))?;
+                let key = numbered(&layer_key(account, &name), version);
+                let layer: LayerVersion = match snap.get(LAYERS, &key)? {
+                    Some(layer) => layer,
+                    None => snap
+                        .get(DELETED_LAYERS, &key)?
+                        .ok_or_else(|| ApiError::Service(format!("layer {} is missing", l.arn)))?,
+                };
                 Ok(layer.content.code_sha256)
             })
             .collect()

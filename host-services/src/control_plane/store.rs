@@ -25,6 +25,9 @@ pub const VERSIONS: Docs = TableDefinition::new("versions");
 pub const ALIASES: Docs = TableDefinition::new("aliases");
 /// `ACCOUNT/LAYER/VERSION(20 digits)` → layer version.
 pub const LAYERS: Docs = TableDefinition::new("layers");
+/// Same keys → a deleted layer version, kept for the functions that
+/// still use it (Lambda keeps a copy until none refers to it).
+pub const DELETED_LAYERS: Docs = TableDefinition::new("deleted_layers");
 /// `ACCOUNT/SHA256` → the code ZIP as uploaded.
 pub const CODE: Docs = TableDefinition::new("code");
 /// Event id → an accepted asynchronous invocation not yet done.
@@ -32,11 +35,12 @@ pub const EVENTS: Docs = TableDefinition::new("events");
 /// `ACCOUNT/NAME/QUALIFIER` → a provisioned concurrency config.
 pub const PROVISIONED: Docs = TableDefinition::new("provisioned");
 
-const ALL: [Docs; 7] = [
+const ALL: [Docs; 8] = [
     FUNCTIONS,
     VERSIONS,
     ALIASES,
     LAYERS,
+    DELETED_LAYERS,
     CODE,
     EVENTS,
     PROVISIONED,
