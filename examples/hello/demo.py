@@ -1,5 +1,6 @@
 """Deploys the hello function to a lambda-worker with boto3 and invokes
-it: one cold start, warm invokes, then through provisioned concurrency.
+it: one cold start, warm invokes, then through provisioned concurrency
+and a SnapStart version's restored cold start.
 Prints each response and the timings: the client's round trip and the
 REPORT line the worker logs.
 
@@ -51,5 +52,14 @@ while aws.get_provisioned_concurrency_config(FunctionName="hello", Qualifier=ver
 print(f"provisioned concurrency READY on version {version}")
 provisioned = invoke("provisioned", Payload=b'{"n":6}', Qualifier=version)
 
+# SnapStart: the next version is initialized and snapshotted when it is
+# published; its cold starts restore the snapshot.
+aws.update_function_configuration(FunctionName="hello", SnapStart={"ApplyOn": "PublishedVersions"})
+version = aws.publish_version(FunctionName="hello")["Version"]
+while (state := aws.get_function_configuration(FunctionName="hello", Qualifier=version)["State"]) == "Pending":
+    time.sleep(0.01)
+print(f"SnapStart version {version} is {state}")
+restored = invoke("SnapStart", Payload=b'{"n":7}', Qualifier=version)
+
 print(f"\ncold start {cold:.2f} ms, warm median {warm[len(warm) // 2]:.2f} ms, "
-      f"provisioned {provisioned:.2f} ms (round trips through boto3)")
+      f"provisioned {provisioned:.2f} ms, SnapStart cold start {restored:.2f} ms (round trips through boto3)")

@@ -26,6 +26,9 @@ pub enum ApiError {
     },
     #[error("{0}")]
     ProvisionedConcurrencyConfigNotFound(String),
+    /// A SnapStart version whose snapshot is still being made.
+    #[error("{0}")]
+    SnapStartNotReady(String),
     #[error("{0}")]
     UnrecognizedClient(String),
     #[error("{0}")]
@@ -58,6 +61,7 @@ impl ApiError {
                 StatusCode::NOT_FOUND,
                 "ProvisionedConcurrencyConfigNotFoundException",
             ),
+            SnapStartNotReady(_) => (StatusCode::CONFLICT, "SnapStartNotReadyException"),
             UnrecognizedClient(_) => (StatusCode::FORBIDDEN, "UnrecognizedClientException"),
             InvalidSignature(_) => (StatusCode::FORBIDDEN, "InvalidSignatureException"),
             AccessDenied(_) => (StatusCode::FORBIDDEN, "AccessDeniedException"),

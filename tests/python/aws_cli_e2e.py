@@ -140,6 +140,16 @@ policy = json.loads(aws("get-policy", "--function-name", "cli")["Policy"])
 check("get-policy", [st["Sid"] for st in policy["Statement"]] == ["partner"], policy)
 aws("remove-permission", "--function-name", "cli", "--statement-id", "partner")
 
+snap = aws("update-function-configuration", "--function-name", "cli", "--snap-start", "ApplyOn=PublishedVersions")
+check("update-function-configuration --snap-start", snap["SnapStart"]["ApplyOn"] == "PublishedVersions", snap)
+version = aws("publish-version", "--function-name", "cli")["Version"]
+aws("wait", "published-version-active", "--function-name", "cli", "--qualifier", version)
+got = aws("get-function-configuration", "--function-name", "cli", "--qualifier", version)
+check("wait published-version-active: the SnapStart version is Active and optimized",
+      got["State"] == "Active" and got["SnapStart"]["OptimizationStatus"] == "On", got)
+r = aws("invoke", "--function-name", "cli", "--qualifier", version, "--payload", "{}", "--log-type", "Tail", out)
+check("and restores", "Restore Duration" in base64.b64decode(r["LogResult"]).decode(), r)
+
 settings = aws("get-account-settings")
 check("get-account-settings", settings["AccountUsage"]["FunctionCount"] == 3, settings)
 

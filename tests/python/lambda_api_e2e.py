@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import botocore
@@ -422,6 +423,71 @@ check("and the alias no longer shows one",
       "RoutingConfig" not in a.get_alias(FunctionName="canary", Name="live")
       or not a.get_alias(FunctionName="canary", Name="live")["RoutingConfig"].get("AdditionalVersionWeights"))
 
+# SnapStart: a function's published versions are initialized and
+# snapshotted when published (Pending until then) and their cold starts
+# restore; $LATEST and functions without it boot every environment.
+def tail(r):
+    return base64.b64decode(r["LogResult"]).decode()
+
+
+def two_at_once(**kw):
+    """Two invocations at once: the second needs an environment of its own."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda _: tail(a.invoke(Payload=b'"spin"', LogType="Tail", **kw)), range(2)))
+
+
+check("a function without SnapStart says so",
+      a.get_function_configuration(FunctionName="echo")["SnapStart"] == {"ApplyOn": "None", "OptimizationStatus": "Off"})
+a.create_function(FunctionName="plain", Runtime="wasi-preview1", Role=role, Handler="function.wasm",
+                  Code={"ZipFile": code})
+a.publish_version(FunctionName="plain")
+check("a version without SnapStart boots", "Init Duration" in tail(a.invoke(FunctionName="plain", Qualifier="1",
+                                                                            Payload=b"{}", LogType="Tail")))
+time.sleep(1)  # time enough to seal a snapshot, were one taken
+cold = [log for log in two_at_once(FunctionName="plain", Qualifier="1") if "Duration: " in log
+        and ("Init Duration" in log or "Restore Duration" in log)]
+check("and boots its next environment too (no snapshot of it)", len(cold) == 1 and "Init Duration" in cold[0], cold)
+
+snap = a.create_function(FunctionName="snap", Runtime="wasi-preview1", Role=role, Handler="function.wasm",
+                         Code={"ZipFile": code}, SnapStart={"ApplyOn": "PublishedVersions"})
+check("CreateFunction takes SnapStart; $LATEST is not optimized",
+      snap["SnapStart"] == {"ApplyOn": "PublishedVersions", "OptimizationStatus": "Off"}, snap)
+expect_error("an unknown ApplyOn is refused", "InvalidParameterValueException",
+             lambda: a.update_function_configuration(FunctionName="snap", SnapStart={"ApplyOn": "Always"}))
+v = a.publish_version(FunctionName="snap")
+check("its published version is optimized, Pending until its snapshot is taken",
+      v["SnapStart"] == {"ApplyOn": "PublishedVersions", "OptimizationStatus": "On"}
+      and v["State"] in ("Pending", "Active"), v)
+a.get_waiter("published_version_active").wait(FunctionName="snap", Qualifier="1",
+                                              WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+got = a.get_function_configuration(FunctionName="snap", Qualifier="1")
+check("then Active", got["State"] == "Active" and "StateReason" not in got, got)
+r = a.invoke(FunctionName="snap", Qualifier="1", Payload=b'"env"', LogType="Tail")
+log = tail(r)
+check("its first invocation restores the snapshot", "Restore Duration" in log and "Init Duration" not in log, log)
+e = dict(line.split("=", 1) for line in r["Payload"].read().decode().splitlines())
+check("in an environment that says snap-start", e["AWS_LAMBDA_INITIALIZATION_TYPE"] == "snap-start"
+      and e["AWS_LAMBDA_FUNCTION_VERSION"] == "1", e)
+cold = [log for log in two_at_once(FunctionName="snap", Qualifier="1") if "Restore Duration" in log
+        or "Init Duration" in log]
+check("a second environment of it restores too", len(cold) == 1 and "Restore Duration" in cold[0], cold)
+check("$LATEST boots", "Init Duration" in tail(a.invoke(FunctionName="snap", Payload=b"{}", LogType="Tail")))
+expect_error("provisioned concurrency on a SnapStart version is refused", "InvalidParameterValueException",
+             lambda: a.put_provisioned_concurrency_config(FunctionName="snap", Qualifier="1",
+                                                          ProvisionedConcurrentExecutions=1))
+a.update_function_code(FunctionName="snap", ZipFile=zipped("function.wasm", b"\0asm not a module"))
+broken = a.publish_version(FunctionName="snap")
+try:
+    a.get_waiter("published_version_active").wait(FunctionName="snap", Qualifier=broken["Version"],
+                                                  WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+except botocore.exceptions.WaiterError:
+    pass
+got = a.get_function_configuration(FunctionName="snap", Qualifier=broken["Version"])
+check("a version whose init fails ends Failed, saying why", got["State"] == "Failed"
+      and "Runtime.InvalidFunction" in got.get("StateReason", "") and got["StateReasonCode"] == "FunctionError", got)
+expect_error("and cannot be invoked", "ResourceConflictException",
+             lambda: a.invoke(FunctionName="snap", Qualifier=broken["Version"], Payload=b"{}"))
+
 # Tags: on CreateFunction, TagResource, UntagResource, ListTags, and in
 # GetFunction.
 tagged = a.create_function(FunctionName="tagged", Runtime="wasi-preview1", Role=role, Handler="function.wasm",
@@ -476,7 +542,7 @@ print("succeeded-event-id:", r["ResponseMetadata"]["HTTPHeaders"]["x-amzn-reques
 
 settings = a.get_account_settings()
 check("get_account_settings counts the account's functions and code",
-      settings["AccountUsage"]["FunctionCount"] == 9 and settings["AccountUsage"]["TotalCodeSize"] > 5 * len(code)
+      settings["AccountUsage"]["FunctionCount"] == 11 and settings["AccountUsage"]["TotalCodeSize"] > 5 * len(code)
       and settings["AccountLimit"]["ConcurrentExecutions"] >= 1
       and settings["AccountLimit"]["CodeSizeZipped"] == 50 * 1024 * 1024, settings)
 check("another account's usage is its own", b.get_account_settings()["AccountUsage"]["FunctionCount"] == 0)

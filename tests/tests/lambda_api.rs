@@ -283,7 +283,9 @@ fn a_flipped_byte_in_any_data_file_gets_a_clear_error_or_the_right_answer() {
     let wasm = wat::parse_str(ECHO_WAT).unwrap();
     let payload = bytes::Bytes::from_static(br#"{"n":1}"#);
     let expected: &[u8] = br#"{"echo":{"n":1}}"#;
-    let worker = RunningWorker::start(&data, &[], "info");
+    // Every version snapshotted, so that the copies' cold starts restore.
+    let flags = ["--snapshots", "every-version"];
+    let worker = RunningWorker::start(&data, &flags, "info");
     let client = worker.client();
     client_runtime().block_on(async {
         client.create_wasm_function("f", &wasm, 3).await.unwrap();
@@ -316,7 +318,7 @@ fn a_flipped_byte_in_any_data_file_gets_a_clear_error_or_the_right_answer() {
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0x20;
         std::fs::write(copy.join(file), &bytes).unwrap();
-        let outcome = match RunningWorker::try_start(&copy, &[], "info") {
+        let outcome = match RunningWorker::try_start(&copy, &flags, "info") {
             Err(stderr) => {
                 let last = stderr.lines().last().unwrap_or_default();
                 let name = std::path::Path::new(file)

@@ -37,6 +37,10 @@ fn linux_worker(name: &str) -> (RunningWorker, PathBuf) {
         &python,
         "--init-timeout",
         "240",
+        // The provided.al2023 test restores a clone of the version's
+        // first boot.
+        "--snapshots",
+        "every-version",
     ];
     let data = data_dir(name);
     (RunningWorker::start(&data, &flags, "info"), data)

@@ -236,14 +236,16 @@ fn refuses_bad_snapshots(dir: &Path, state: &Path, memory: &Path, image: &Path) 
     );
 }
 
-/// The worker snapshots a version's first on-demand environment and
-/// restores it for the version's later cold starts (the idle timeout of 0
-/// reaps every idle environment, so each invocation here starts one). A
-/// configuration change makes a new revision: its cold start boots again.
+/// With `--snapshots every-version` the worker snapshots a version's
+/// first on-demand environment and restores it for the version's later
+/// cold starts (the idle timeout of 0 reaps every idle environment, so
+/// each invocation here starts one). A configuration change makes a new
+/// revision: its cold start boots again.
 #[test]
 fn the_worker_restores_a_versions_snapshot_for_its_later_cold_starts() {
     let data = data_dir("lambda-snapshots");
-    let worker = RunningWorker::start(&data, &["--idle-timeout", "0"], "info");
+    let flags = ["--idle-timeout", "0", "--snapshots", "every-version"];
+    let worker = RunningWorker::start(&data, &flags, "info");
     let client = worker.client();
     let wasm = wat::parse_str(microvm_tests::ECHO_WAT).unwrap();
     let reaped = Duration::from_millis(400);

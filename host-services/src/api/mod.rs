@@ -138,6 +138,7 @@ type QueryParams = axum::extract::Query<Query>;
 async fn create_function(state: Shared, caller: Caller) -> Result<Response, ApiError> {
     let req: CreateFunctionRequest = parse(&caller.body)?;
     let config = state.control.create_function(&caller.account, req)?;
+    state.published();
     Ok((StatusCode::CREATED, Json(config)).into_response())
 }
 
@@ -210,6 +211,7 @@ async fn update_code(
     let config = state
         .control
         .update_code(&caller.account, &reference, parse(&caller.body)?)?;
+    state.published();
     state
         .retire_function(&caller.account, &reference.name)
         .await;
@@ -243,6 +245,7 @@ async fn publish_version(
         &reference,
         parse_or_default(&caller.body)?,
     )?;
+    state.published();
     Ok((StatusCode::CREATED, Json(config)).into_response())
 }
 

@@ -25,6 +25,14 @@ use host_services::security::auth::Credentials;
 use host_services::security::key_service::KeyService;
 use host_services::security::role_credentials::RoleCredentialIssuer;
 
+/// `--snapshots`: which cold starts restore snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SnapshotMode {
+    SnapStart,
+    EveryVersion,
+    Off,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "A Lambda-compatible worker that runs functions in microVMs")]
 struct Args {
@@ -101,11 +109,14 @@ struct Args {
     /// Seconds a runtime may take to reach its first /next.
     #[arg(long, default_value_t = 10)]
     init_timeout: u64,
-    /// Boots every environment. By default a version's first on-demand
-    /// environment is snapshotted at its runtime's first /next, and later
-    /// on-demand cold starts of the version restore that snapshot.
-    #[arg(long)]
-    no_snapshots: bool,
+    /// Which cold starts restore a snapshot taken at the runtime's first
+    /// /next: `snap-start`, the published versions of functions with
+    /// SnapStart (snapshotted when published), as on Lambda; `every-version`,
+    /// those and every other version too (snapshotted by its first
+    /// on-demand boot), for functions that keep no per-environment state
+    /// from their init; `off`, none.
+    #[arg(long, value_enum, default_value_t = SnapshotMode::SnapStart)]
+    snapshots: SnapshotMode,
     /// Seconds in-flight requests get to finish after SIGINT; a second
     /// SIGINT ends the wait at once.
     #[arg(long, default_value_t = 30)]
@@ -262,6 +273,9 @@ async fn run(args: Args) -> Result<(), String> {
         ),
         _ => None,
     };
+    if args.snapshots == SnapshotMode::Off {
+        tracing::info!("--snapshots off: every environment boots, SnapStart versions fail");
+    }
     let image = MicroVmImage {
         vmm: args.vmm.clone(),
         guest_kernel: args.guest.clone(),
@@ -269,8 +283,7 @@ async fn run(args: Args) -> Result<(), String> {
         run_dir,
         init_timeout: Duration::from_secs(args.init_timeout),
         jail,
-        snapshots: if args.no_snapshots {
-            tracing::info!("--no-snapshots: every environment boots");
+        snapshots: if args.snapshots == SnapshotMode::Off {
             None
         } else {
             Some(Arc::new(
@@ -278,6 +291,7 @@ async fn run(args: Args) -> Result<(), String> {
                     .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
             ))
         },
+        snapshot_every_version: args.snapshots == SnapshotMode::EveryVersion,
         keys,
     };
     let logs = args.data_dir.join("logs");

@@ -228,6 +228,12 @@ impl ControlPlane {
             validate_environment(env)?;
         }
         only_zip_code(&req.code.s3_bucket, &req.code.image_uri)?;
+        let snap_start = req.snap_start.map_or(
+            Ok(SnapStart {
+                apply_on: snap_start::NONE.into(),
+            }),
+            SnapStart::validated,
+        )?;
         let zip = decode_zip(
             req.code
                 .zip_file
@@ -255,6 +261,12 @@ impl ControlPlane {
             package_type: "Zip".into(),
             architectures: vec!["x86_64".into()],
             layers: Vec::new(),
+            snap_start: SnapStartResponse {
+                apply_on: snap_start.apply_on,
+                optimization_status: snap_start::OFF.into(),
+            },
+            state_reason: None,
+            state_reason_code: None,
         };
         self.store
             .write(|t| {
@@ -488,6 +500,11 @@ impl ControlPlane {
         if let Some(env) = &req.environment {
             validate_environment(env)?;
         }
+        let snap_start = req
+            .snap_start
+            .clone()
+            .map(SnapStart::validated)
+            .transpose()?;
         self.update_latest(
             account,
             reference,
@@ -518,6 +535,9 @@ impl ControlPlane {
                 latest.timeout = req.timeout.unwrap_or(latest.timeout);
                 if let Some(env) = &req.environment {
                     latest.environment = Some(env.clone());
+                }
+                if let Some(s) = snap_start {
+                    latest.snap_start.apply_on = s.apply_on;
                 }
                 Ok(())
             },
@@ -571,6 +591,57 @@ impl ControlPlane {
             let out = publish(t, &mut record, account, req.description)?;
             t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
             Ok(out)
+        })
+    }
+
+    /// The published versions waiting for their SnapStart snapshot, in
+    /// every account: (account, function, version).
+    pub fn pending_snap_starts(&self) -> Result<Vec<(AccountId, String, String)>, ApiError> {
+        Ok(self
+            .store
+            .read()?
+            .all::<FunctionConfiguration>(VERSIONS)?
+            .into_iter()
+            .filter(|(_, c)| c.snap_start_on() && c.state == "Pending")
+            .filter_map(|(key, c)| {
+                let account = key.split('/').next()?.to_string();
+                Some((AccountId(account), c.function_name, c.version))
+            })
+            .collect())
+    }
+
+    /// Ends a version's SnapStart optimization: Active with its snapshot
+    /// taken, or Failed with the reason its init failed.
+    pub fn finish_snap_start(
+        &self,
+        account: &AccountId,
+        name: &str,
+        version: &str,
+        result: Result<(), String>,
+    ) -> Result<(), ApiError> {
+        let n: u64 = version.parse().map_err(|_| {
+            ApiError::Service(format!("SnapStart of {name}:{version}: not a version"))
+        })?;
+        let key = numbered(&function_key(account, name), n);
+        self.store.write(|t| {
+            // A version deleted with its function meanwhile has nothing to end.
+            let Some(mut config) = t.get::<FunctionConfiguration>(VERSIONS, &key)? else {
+                return Ok(());
+            };
+            match result {
+                Ok(()) => {
+                    config.state = "Active".into();
+                    config.state_reason = None;
+                    config.state_reason_code = None;
+                }
+                Err(reason) => {
+                    config.state = "Failed".into();
+                    config.state_reason = Some(reason);
+                    config.state_reason_code = Some("FunctionError".into());
+                }
+            }
+            t.put(VERSIONS, &key, &config)?;
+            Ok(())
         })
     }
 
@@ -854,7 +925,15 @@ impl ControlPlane {
                 "ProvisionedConcurrentExecutions must be at least 1",
             ));
         }
-        self.configuration(account, reference)?;
+        let (config, _) = self.configuration(account, reference)?;
+        if config.snap_start_on() {
+            // As on Lambda: a SnapStart version's cold starts restore; it
+            // keeps no environments initialized ahead.
+            return Err(ApiError::invalid(format!(
+                "{}: provisioned concurrency is not supported on a version with SnapStart",
+                config.function_arn
+            )));
+        }
         let key = function_key(account, &reference.name);
         self.store.write(|t| {
             let record = get_record(t, account, &reference.name)?;
@@ -1114,6 +1193,18 @@ fn publish(
     if let Some(d) = description {
         version.description = d;
     }
+    if version.snap_start.apply_on == snap_start::PUBLISHED_VERSIONS {
+        // Lambda runs the new version's init and snapshots it before the
+        // version can be invoked; the worker's SnapStart task does that
+        // and makes it Active.
+        version.snap_start.optimization_status = snap_start::ON.into();
+        version.state = "Pending".into();
+        version.state_reason = Some(
+            "Lambda is creating a snapshot of the version's initialized execution environment."
+                .into(),
+        );
+        version.state_reason_code = Some("Creating".into());
+    }
     t.put(VERSIONS, &numbered(&key, n), &version)?;
     Ok(version)
 }
@@ -1127,6 +1218,7 @@ fn same_function(a: &FunctionConfiguration, b: &FunctionConfiguration) -> bool {
         && a.role == b.role
         && a.environment == b.environment
         && a.layers == b.layers
+        && a.snap_start.apply_on == b.snap_start.apply_on
 }
 
 #[cfg(test)]

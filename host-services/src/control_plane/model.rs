@@ -73,6 +73,83 @@ pub struct FunctionConfiguration {
     pub architectures: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub layers: Vec<LayerRef>,
+    #[serde(default)]
+    pub snap_start: SnapStartResponse,
+    /// Why the version is `Pending` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason_code: Option<String>,
+}
+
+impl FunctionConfiguration {
+    /// Whether this version restores from its SnapStart snapshot.
+    pub fn snap_start_on(&self) -> bool {
+        self.snap_start.optimization_status == snap_start::ON
+    }
+
+    /// A version can be invoked once Active: a SnapStart version is
+    /// Pending until its snapshot is taken, Failed if its init failed.
+    pub fn check_invocable(&self) -> Result<(), ApiError> {
+        match self.state.as_str() {
+            "Pending" => Err(ApiError::SnapStartNotReady(format!(
+                "Lambda is initializing {} for SnapStart. It can be invoked once its state is Active.",
+                self.function_arn
+            ))),
+            "Failed" => Err(ApiError::ResourceConflict(format!(
+                "The operation cannot be performed at this time. The function is currently in \
+                 the following state: Failed ({})",
+                self.state_reason.as_deref().unwrap_or("no reason recorded")
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// SnapStart, as Lambda exposes it: on a function, `ApplyOn:
+/// PublishedVersions` has each version snapshotted when it is published
+/// (the version is `Pending` until then) and its cold starts restore that
+/// snapshot; `$LATEST` and functions without it boot.
+pub mod snap_start {
+    pub const PUBLISHED_VERSIONS: &str = "PublishedVersions";
+    pub const NONE: &str = "None";
+    pub const ON: &str = "On";
+    pub const OFF: &str = "Off";
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct SnapStart {
+    pub apply_on: String,
+}
+
+impl SnapStart {
+    pub fn validated(self) -> Result<Self, ApiError> {
+        if [snap_start::PUBLISHED_VERSIONS, snap_start::NONE].contains(&self.apply_on.as_str()) {
+            Ok(self)
+        } else {
+            Err(ApiError::invalid(format!(
+                "SnapStart.ApplyOn {:?}: PublishedVersions or None",
+                self.apply_on
+            )))
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct SnapStartResponse {
+    pub apply_on: String,
+    pub optimization_status: String,
+}
+
+impl Default for SnapStartResponse {
+    fn default() -> Self {
+        SnapStartResponse {
+            apply_on: snap_start::NONE.into(),
+            optimization_status: snap_start::OFF.into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +181,7 @@ pub struct CreateFunctionRequest {
     pub architectures: Option<Vec<String>>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    pub snap_start: Option<SnapStart>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +207,7 @@ pub struct UpdateFunctionConfigurationRequest {
     pub environment: Option<Environment>,
     pub layers: Option<Vec<String>>,
     pub revision_id: Option<String>,
+    pub snap_start: Option<SnapStart>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -41,6 +41,9 @@ pub struct Launch {
     pub variables: Vec<(String, String)>,
     /// The function's runtime, which says what guest boots.
     pub runtime: String,
+    /// A SnapStart version: its cold starts restore the snapshot taken
+    /// when it was published.
+    pub snap_start: bool,
 }
 
 /// What a Linux guest boots: the kernel, an initramfs holding only
@@ -81,6 +84,9 @@ impl LinuxGuest {
 pub enum InitializationType {
     OnDemand,
     ProvisionedConcurrency,
+    /// A SnapStart version's environments: the one its publication
+    /// snapshots, and every clone of that snapshot.
+    SnapStart,
 }
 
 impl InitializationType {
@@ -88,6 +94,7 @@ impl InitializationType {
         match self {
             InitializationType::OnDemand => "on-demand",
             InitializationType::ProvisionedConcurrency => "provisioned-concurrency",
+            InitializationType::SnapStart => "snap-start",
         }
     }
 }
@@ -111,6 +118,9 @@ pub struct MicroVmImage {
     /// Snapshots of initialized versions, which on-demand cold starts
     /// restore; None boots every environment.
     pub snapshots: Option<Arc<SnapshotStore>>,
+    /// Snapshot every version at its first on-demand boot, not only
+    /// SnapStart versions.
+    pub snapshot_every_version: bool,
 }
 
 /// How an environment came to be ready, and how long it took: Lambda's
@@ -169,6 +179,9 @@ pub struct ExecutionEnvironment {
     pub fresh: bool,
     /// Kept ready for a provisioned concurrency config.
     pub provisioned: bool,
+    /// The snapshot this environment's boot took, being sealed: it
+    /// answers whether it was kept.
+    pub snapshot_sealing: Option<tokio::task::JoinHandle<Result<(), String>>>,
     vmm: VmmProcess,
     api: RuntimeApi,
     log: Arc<Lines>,
@@ -182,9 +195,11 @@ pub struct ExecutionEnvironment {
 
 impl ExecutionEnvironment {
     /// Starts a microVM for `launch` and waits for its runtime to be
-    /// ready. An on-demand start restores the version's snapshot when
-    /// there is one for the same start-up variables; otherwise it boots,
-    /// and then snapshots the guest at its first `/next` for the next.
+    /// ready. A start of a version that is snapshotted (SnapStart, or
+    /// every version if the worker says so), other than a provisioned
+    /// one, restores the version's snapshot when there is one for the
+    /// same start-up variables; otherwise it boots, and then snapshots
+    /// the guest at its first `/next` for the next.
     pub async fn start(
         image: &MicroVmImage,
         launch: &Launch,
@@ -205,10 +220,10 @@ impl ExecutionEnvironment {
             guest_init::environ::encode(variables.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .map_err(|e| EnvironmentError::Environ(e.to_string()))?;
         let fingerprint = snapshots::fingerprint(&variables);
-        let snapshots = image
-            .snapshots
-            .as_ref()
-            .filter(|_| initialization == InitializationType::OnDemand);
+        let snapshots = image.snapshots.as_ref().filter(|_| {
+            initialization != InitializationType::ProvisionedConcurrency
+                && (launch.snap_start || image.snapshot_every_version)
+        });
         let snapshot = snapshots.and_then(|store| {
             store.get(&launch.key, &fingerprint).unwrap_or_else(|e| {
                 tracing::warn!("{}: snapshot unusable, booting instead: {e}", launch.key);
@@ -335,9 +350,11 @@ impl ExecutionEnvironment {
             Some(_) => ColdStart::Restore(now - started),
             None => ColdStart::Init(now - started),
         };
+        let mut snapshot_sealing = None;
         if let (Some(store), ColdStart::Init(_)) = (snapshots, cold_start) {
-            if let Err(e) = take_snapshot(store, &launch.key, fingerprint, &vmm, &dir).await {
-                tracing::warn!("environment {id}: no snapshot of {}: {e}", launch.key);
+            match take_snapshot(store, &launch.key, fingerprint, &vmm, &dir).await {
+                Ok(sealing) => snapshot_sealing = sealing,
+                Err(e) => tracing::warn!("environment {id}: no snapshot of {}: {e}", launch.key),
             }
         }
         vmm.freeze(true);
@@ -350,6 +367,7 @@ impl ExecutionEnvironment {
             cold_start,
             fresh: true,
             provisioned: false,
+            snapshot_sealing,
             vmm,
             api,
             log,
@@ -410,19 +428,19 @@ impl ExecutionEnvironment {
 }
 
 /// Asks the VMM for a snapshot of its guest, which waits at its first
-/// `/next`, and has the store seal it in the background; the guest runs
-/// on. The files leave the environment's directory before this returns.
-/// While another environment's snapshot of the version is being taken,
-/// this one takes none.
+/// `/next`, and has the store seal it in the background, whose task this
+/// returns; the guest runs on. The files leave the environment's
+/// directory before this returns. While another environment's snapshot
+/// of the version is being taken, this one takes none.
 async fn take_snapshot(
     store: &Arc<SnapshotStore>,
     key: &VersionKey,
     fingerprint: [u8; 32],
     vmm: &VmmProcess,
     dir: &Path,
-) -> Result<(), String> {
+) -> Result<Option<tokio::task::JoinHandle<Result<(), String>>>, String> {
     let Some(claim) = store.claim(key) else {
-        return Ok(());
+        return Ok(None);
     };
     let reply = request_snapshot(
         &dir.join(CONTROL_SOCKET),
@@ -434,17 +452,23 @@ async fn take_snapshot(
         .stage(&dir.join(SNAPSHOT_STATE), &dir.join(SNAPSHOT_MEMORY))
         .map_err(|e| e.to_string())?;
     let (store, key) = (store.clone(), key.clone());
-    tokio::task::spawn_blocking(move || {
-        match store.put(&key, fingerprint, &state, &memory) {
-            Ok(()) => tracing::info!(
-                "{key}: snapshot taken at the first /next ({} us paused)",
-                reply["paused_us"]
-            ),
-            Err(e) => tracing::warn!("{key}: snapshot not kept: {e}"),
-        }
+    Ok(Some(tokio::task::spawn_blocking(move || {
+        let kept = store.put(&key, fingerprint, &state, &memory);
         drop(claim);
-    });
-    Ok(())
+        match kept {
+            Ok(()) => {
+                tracing::info!(
+                    "{key}: snapshot taken at the first /next ({} us paused)",
+                    reply["paused_us"]
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!("{key}: snapshot not kept: {e}");
+                Err(e.to_string())
+            }
+        }
+    })))
 }
 
 /// The console stays on for errors; `quiet` keeps the guest from

@@ -206,6 +206,28 @@ impl WorkerHost {
         Ok(())
     }
 
+    /// Initializes a SnapStart version in an environment of its own and
+    /// snapshots it at its first `/next`; the environment is gone when
+    /// the snapshot is sealed. The error says why there is none.
+    pub async fn snap_start(&self, launch: &Launch) -> Result<(), SnapStartError> {
+        let mut env = self.boot(launch, CreateReason::SnapStart).await?;
+        let sealed = match env.snapshot_sealing.take() {
+            Some(sealing) => sealing.await.unwrap_or_else(|e| Err(e.to_string())),
+            None => {
+                Err("no snapshot was taken (snapshots are off, or another is being taken)".into())
+            }
+        };
+        {
+            let mut pools = self.pools();
+            if let Some(pool) = pools.by_version.get_mut(&launch.key) {
+                pool.busy -= 1;
+            }
+            pools.begin_destroying(1);
+        }
+        self.destroy(env, DestroyReason::SnapshotTaken).await;
+        sealed.map_err(SnapStartError::Snapshot)
+    }
+
     /// Boots an environment in a slot of its own, busy. Evicts the least
     /// recently used idle environment of another version when the worker
     /// is full.
@@ -236,10 +258,11 @@ impl WorkerHost {
             self.id,
             self.next_environment.fetch_add(1, Ordering::Relaxed)
         );
-        let initialization = if reason == CreateReason::NewInvocation {
-            InitializationType::OnDemand
-        } else {
-            InitializationType::ProvisionedConcurrency
+        let initialization = match reason {
+            CreateReason::SnapStart => InitializationType::SnapStart,
+            CreateReason::NewInvocation if launch.snap_start => InitializationType::SnapStart,
+            CreateReason::NewInvocation => InitializationType::OnDemand,
+            _ => InitializationType::ProvisionedConcurrency,
         };
         match ExecutionEnvironment::start(&self.image, launch, id, initialization).await {
             Ok(env) => {
@@ -416,4 +439,12 @@ pub enum StartError {
     Full,
     #[error(transparent)]
     Environment(#[from] EnvironmentError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapStartError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("its snapshot: {0}")]
+    Snapshot(String),
 }

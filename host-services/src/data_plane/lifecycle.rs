@@ -23,6 +23,9 @@ pub enum CreateReason {
     WorkerLeaseExpired,
     /// Replaces a provisioned environment that failed an invocation.
     EnvironmentFailed,
+    /// Initializes a SnapStart version when it is published, to snapshot
+    /// it.
+    SnapStart,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +44,8 @@ pub enum DestroyReason {
     /// An invocation timed out or the microVM failed.
     InvocationFailed,
     WorkerShutdown,
+    /// Its SnapStart snapshot is taken; cold starts restore that.
+    SnapshotTaken,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -17,7 +17,7 @@ use crate::control_plane::model::MAX_TIMEOUT_SECS;
 use crate::data_plane::environment::{
     ColdStart, EnvironmentError, ExecutionEnvironment, Invocation, Launch, MicroVmImage,
 };
-use crate::data_plane::host::{HostLimits, StartError, WorkerHost};
+use crate::data_plane::host::{HostLimits, SnapStartError, StartError, WorkerHost};
 use crate::data_plane::lifecycle::{CreateReason, DestroyReason, Lifecycle};
 use crate::data_plane::runtime_api::InvokeError;
 use crate::error::ApiError;
@@ -316,6 +316,20 @@ impl InvokeRouter {
             }
         }
         failures
+    }
+
+    /// Initializes and snapshots a SnapStart version on the worker with
+    /// the most room.
+    pub async fn snap_start(&self, launch: &Launch) -> Result<(), SnapStartError> {
+        let mut hosts = self.active_hosts();
+        hosts.sort_by_key(|h| Reverse(h.free_capacity()));
+        for host in hosts {
+            match host.snap_start(launch).await {
+                Err(SnapStartError::Start(StartError::Full)) => continue,
+                done => return done,
+            }
+        }
+        Err(StartError::Full.into())
     }
 
     /// Reaps idle environments, and drains each worker whose lease is

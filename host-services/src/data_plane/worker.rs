@@ -17,6 +17,7 @@ use crate::control_plane::functions::{split_by_share, ControlPlane, ProvisionedC
 use crate::control_plane::model::{function_arn, EventInvokeConfig, FunctionRef, LATEST, REGION};
 use crate::control_plane::store::EVENTS;
 use crate::data_plane::environment::{ColdStart, Launch};
+use crate::data_plane::host::{SnapStartError, StartError};
 use crate::data_plane::lifecycle::DestroyReason;
 use crate::data_plane::router::{InvokeRouter, RouteError};
 use crate::data_plane::runtime_api::Outcome;
@@ -44,6 +45,8 @@ pub struct Worker {
     events: tokio::sync::mpsc::UnboundedSender<String>,
     /// Wakes the provisioner when a config changes.
     provisioner: tokio::sync::Notify,
+    /// Wakes the SnapStart task when a version may have been published.
+    snap_starter: tokio::sync::Notify,
     /// Provisioned concurrency configs whose environments failed to
     /// start, with the reason; retried when the config is put again.
     provisioning_failures: std::sync::Mutex<HashMap<String, String>>,
@@ -116,10 +119,12 @@ impl Worker {
             capacity,
             events,
             provisioner: tokio::sync::Notify::new(),
+            snap_starter: tokio::sync::Notify::new(),
             provisioning_failures: Default::default(),
         });
         worker.clone().spawn_event_processor(queue);
         worker.clone().spawn_provisioner();
+        worker.clone().spawn_snap_starter();
         Ok(worker)
     }
 
@@ -175,6 +180,7 @@ impl Worker {
             layers: disks.layers,
             variables,
             runtime: config.runtime.clone(),
+            snap_start: config.snap_start_on(),
         })
     }
 
@@ -186,6 +192,7 @@ impl Worker {
         payload: Bytes,
     ) -> Result<InvokeResult, ApiError> {
         let config = &resolved.config;
+        config.check_invocable()?;
         let launch = match self.launch(resolved) {
             Ok(launch) => launch,
             Err(ApiError::InvalidParameterValue(m) | ApiError::InvalidZipFile(m)) => {
@@ -347,6 +354,75 @@ impl Worker {
 
     /// Reconciles provisioned concurrency at start (configs survive a
     /// restart), on every change and every [`PROVISIONER_PERIOD`].
+    /// Tells the SnapStart task that a version may have been published.
+    pub fn published(&self) {
+        self.snap_starter.notify_one();
+    }
+
+    /// Takes the snapshot of each SnapStart version waiting for one (also
+    /// those a previous run of the worker left waiting).
+    fn spawn_snap_starter(self: Arc<Self>) {
+        tokio::spawn(async move {
+            loop {
+                if self.snap_start_pending().await {
+                    let _ = tokio::time::timeout(PROVISIONER_PERIOD, self.snap_starter.notified())
+                        .await;
+                } else {
+                    self.snap_starter.notified().await;
+                }
+            }
+        });
+    }
+
+    /// Snapshots the pending SnapStart versions, one at a time; each
+    /// becomes Active, or Failed with the reason. Returns whether some
+    /// are left to retry (the workers were full).
+    async fn snap_start_pending(&self) -> bool {
+        let pending = match self.control.pending_snap_starts() {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::error!("cannot read the versions waiting for SnapStart: {e}");
+                return true;
+            }
+        };
+        let mut retry = false;
+        for (account, name, version) in pending {
+            let reference = FunctionRef {
+                name: name.clone(),
+                qualifier: Some(version.clone()),
+            };
+            let launch = match self.control.resolve(&account, &reference) {
+                Ok(resolved) => self.launch(&resolved),
+                Err(e) => Err(e),
+            };
+            let result = match launch {
+                Ok(launch) => match self.router.snap_start(&launch).await {
+                    Ok(()) => Ok(()),
+                    Err(SnapStartError::Start(StartError::Full)) => {
+                        retry = true;
+                        continue;
+                    }
+                    Err(e) => Err(format!("the version's init failed: {e}")),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            match &result {
+                Ok(()) => {
+                    tracing::info!("{account}/{name}:{version}: SnapStart snapshot taken; Active")
+                }
+                Err(e) => tracing::warn!("{account}/{name}:{version}: SnapStart failed: {e}"),
+            }
+            if let Err(e) = self
+                .control
+                .finish_snap_start(&account, &name, &version, result)
+            {
+                tracing::error!("{account}/{name}:{version}: cannot record its SnapStart: {e}");
+                retry = true;
+            }
+        }
+        retry
+    }
+
     fn spawn_provisioner(self: Arc<Self>) {
         tokio::spawn(async move {
             loop {

@@ -135,7 +135,7 @@ async fn cold_starts_after_reaping(
         .copied()
         .collect();
     let worker = RunningWorker::start(&data, &flags, "warn");
-    let restores = !extra.contains(&"--no-snapshots");
+    let restores = extra.contains(&"every-version");
     let result = async {
         let client = client_of(&worker);
         let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
@@ -173,15 +173,16 @@ async fn restore_vs_boot(n: usize, jailed: bool) -> Result<(), String> {
     let p50 = |v: &[Duration]| percentile(v, 50.0).as_secs_f64() * 1e3;
     let jail: &[&str] = if jailed { &[] } else { &["--no-jail"] };
     let label = if jailed { "jailed" } else { "unjailed" };
-    let (restored, restore) = cold_starts_after_reaping(n, jail).await?;
-    let boot_flags: Vec<&str> = jail.iter().chain(&["--no-snapshots"]).copied().collect();
+    let with = |mode| -> Vec<&str> { jail.iter().chain(&["--snapshots", mode]).copied().collect() };
+    let (restored, restore) = cold_starts_after_reaping(n, &with("every-version")).await?;
+    let boot_flags = with("off");
     let (booted, init) = cold_starts_after_reaping(n, &boot_flags).await?;
     summary(
         &format!("{label} cold start, snapshot restore, Invoke -> answer"),
         &restored,
     );
     summary(
-        &format!("{label} cold start, boot (--no-snapshots), Invoke -> answer"),
+        &format!("{label} cold start, boot (--snapshots off), Invoke -> answer"),
         &booted,
     );
     println!(
