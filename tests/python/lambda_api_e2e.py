@@ -283,6 +283,8 @@ check("layer versions are listed newest first", listed == [2, 1], listed)
 got = a.get_layer_version(LayerName="wasm-runtime", VersionNumber=1)
 check("get_layer_version", got["Description"] == "the echo module"
       and got["Content"]["CodeSha256"] == layer["Content"]["CodeSha256"], got)
+got = a.get_layer_version_by_arn(Arn=layer["LayerVersionArn"])
+check("get_layer_version_by_arn", got["Version"] == 1 and got["LayerVersionArn"] == layer["LayerVersionArn"], got)
 layered = a.create_function(FunctionName="layered", Runtime="wasi-preview1", Role=role, Handler="layered.wasm",
                             Code={"ZipFile": zipped("README", b"the module is in the layer")},
                             Layers=[layer["LayerVersionArn"]])

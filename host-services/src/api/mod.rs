@@ -113,6 +113,11 @@ pub struct Query {
     function_version: Option<String>,
     /// ListLayers: only layers with a version compatible with it.
     compatible_runtime: Option<String>,
+    /// `LayerVersion` with `Arn`: GetLayerVersionByArn, which shares
+    /// ListLayers' path.
+    #[serde(rename = "find")]
+    find: Option<String>,
+    arn: Option<String>,
     #[serde(flatten)]
     page: PageQuery,
 }
@@ -710,6 +715,18 @@ async fn list_layers(
     query: QueryParams,
     caller: Caller,
 ) -> Result<Response, ApiError> {
+    if query.find.as_deref() == Some("LayerVersion") {
+        let arn = query
+            .arn
+            .as_deref()
+            .ok_or_else(|| ApiError::invalid("GetLayerVersionByArn needs Arn"))?;
+        return Ok(Json(
+            state
+                .control
+                .get_layer_version_by_arn(&caller.account, arn)?,
+        )
+        .into_response());
+    }
     let layers = state
         .control
         .list_layers(&caller.account, query.compatible_runtime.as_deref())?;

@@ -185,6 +185,16 @@ impl ControlPlane {
             })
     }
 
+    /// The layer version a version ARN names.
+    pub fn get_layer_version_by_arn(
+        &self,
+        account: &AccountId,
+        arn: &str,
+    ) -> Result<LayerVersion, ApiError> {
+        let (name, version) = parse_version_arn(account, arn)?;
+        self.get_layer_version(account, &name, version)
+    }
+
     /// Deletes a layer version: it can no longer be read, listed or
     /// added to a function, and its number is not given again. Functions
     /// that use it keep working, as on Lambda, so its record moves aside
