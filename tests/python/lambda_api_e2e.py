@@ -263,6 +263,9 @@ expect_error("a statement id twice is a conflict", "ResourceConflictException",
 expect_error("a policy on $LATEST is refused", "InvalidParameterValueException",
              lambda: a.add_permission(FunctionName="echo", Qualifier="$LATEST", StatementId="x",
                                       Action="lambda:InvokeFunction", Principal=account_b))
+expect_error("account B cannot add a statement to A's function", "ResourceNotFoundException",
+             lambda: b.add_permission(FunctionName=created["FunctionArn"], StatementId="self-grant",
+                                      Action="lambda:InvokeFunction", Principal=account_b))
 a.remove_permission(FunctionName="echo", StatementId="b-all")
 a.remove_permission(FunctionName="echo", Qualifier="prod", StatementId="b-prod")
 expect_error("once removed, account B is denied again", "AccessDeniedException",
@@ -325,6 +328,8 @@ names = [f["FunctionName"] for page in a.get_paginator("list_functions").paginat
          for f in page["Functions"]]
 check("a paginator reads every function once, in order",
       names == sorted(set(names)) and {"echo", "layered", "page-0", "page-1", "page-2"} == set(names), names)
+last = a.list_functions(MaxItems=50)
+check("the last page has no NextMarker", "NextMarker" not in last and len(last["Functions"]) == len(names), last)
 versions = [v["Version"] for page in a.get_paginator("list_versions_by_function").paginate(
     FunctionName="echo", PaginationConfig={"PageSize": 1}) for v in page["Versions"]]
 check("versions page one at a time", versions == ["$LATEST", "1", "2"], versions)
