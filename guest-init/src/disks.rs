@@ -20,6 +20,8 @@ pub enum Disk {
     Root,
     /// The function's layers, merged, for /opt.
     Opt,
+    /// A container image's file system: the function's root.
+    Image,
 }
 
 impl Disk {
@@ -28,11 +30,12 @@ impl Disk {
             Disk::Task => "task",
             Disk::Root => "root",
             Disk::Opt => "opt",
+            Disk::Image => "image",
         }
     }
 
     fn from_name(name: &str) -> Option<Disk> {
-        [Disk::Task, Disk::Root, Disk::Opt]
+        [Disk::Task, Disk::Root, Disk::Opt, Disk::Image]
             .into_iter()
             .find(|d| d.name() == name)
     }

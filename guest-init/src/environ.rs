@@ -13,6 +13,13 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
+/// For a container image, the variables that tell the init what to run
+/// (the image's command line, `IMAGE_ARG` + 0, 1, ..., and its working
+/// directory); the init keeps them from the function. A user's variable
+/// cannot start with `_`.
+pub const IMAGE_ARG: &str = "_LAMBDA_IMAGE_ARG_";
+pub const IMAGE_WORKDIR: &str = "_LAMBDA_IMAGE_WORKDIR";
+
 /// The host's vsock port for the start-up message.
 pub const ENVIRON_PORT: u32 = 9003;
 pub const MAGIC: &[u8; 8] = b"LMBDENV1";

@@ -373,3 +373,247 @@ fn a_python311_function_runs_its_handler_with_lambdas_context_and_errors_timeout
         },
     );
 }
+
+/// A container image layer: `files` (made executable) under their parent
+/// directories.
+fn layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _) in files {
+        let mut parent = std::path::Path::new(path).parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(dir.to_path_buf());
+            parent = dir.parent();
+        }
+    }
+    let header = |kind, size| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o755);
+        h.set_mtime(0);
+        h
+    };
+    for dir in dirs {
+        let mut h = header(tar::EntryType::Directory, 0);
+        builder.append_data(&mut h, dir, &[][..]).unwrap();
+    }
+    for (path, data) in files {
+        let mut h = header(tar::EntryType::Regular, data.len() as u64);
+        builder.append_data(&mut h, path, *data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// Deterministic bytes that do not compress: what a base image's
+/// libraries look like to the chunk store.
+fn noise(len: usize) -> Vec<u8> {
+    use sha2::Digest;
+    (0..len.div_ceil(32) as u64)
+        .flat_map(|block| sha2::Sha256::digest(block.to_le_bytes()))
+        .take(len)
+        .collect()
+}
+
+/// `image ... as N chunks, M of them new` from the worker's log, per image
+/// imported.
+fn imported_chunks(log: &str) -> Vec<(usize, usize)> {
+    log.lines()
+        .filter_map(|line| {
+            let rest = line.split(" bytes as ").nth(1)?;
+            let total = rest.split(' ').next()?.parse().ok()?;
+            let new = rest
+                .split("chunks, ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((total, new))
+        })
+        .collect()
+}
+
+#[test]
+fn container_images_run_as_lambda_runs_them_and_share_their_base_chunks() {
+    on_hardware_kvm(
+        "container_images_run_as_lambda_runs_them_and_share_their_base_chunks",
+        || {
+            use host_services::artifacts::oci::{write_layout, ImageRunConfig};
+            let (worker, data) = linux_worker("image-runtime");
+            let client = worker.client();
+            let handler = std::fs::read(rust_function_bootstrap()).unwrap();
+            // The base layer both images share: the function's runtime and
+            // 8 MiB of libraries. Each image's own files sort after it.
+            let libraries = noise(8 << 20);
+            let base = layer(&[
+                ("usr/local/bin/handler", &handler),
+                ("usr/lib/libbig.so", &libraries),
+            ]);
+            let run = |greeting: &str| ImageRunConfig {
+                entrypoint: Some(vec!["handler".into()]),
+                cmd: Some(vec!["app.handler".into()]),
+                env: Some(vec![
+                    "PATH=/usr/local/bin:/usr/bin:/bin".into(),
+                    format!("GREETING={greeting}"),
+                ]),
+                working_dir: Some("/var/task".into()),
+            };
+            let (a, b) = (data.join("image-a"), data.join("image-b"));
+            let a_layer = layer(&[("var/task/a.txt", b"a")]);
+            write_layout(&a, &[base.clone(), a_layer], &run("from image a")).unwrap();
+            let b_layer = layer(&[("var/task/b.txt", b"bb")]);
+            write_layout(&b, &[base, b_layer], &run("from image b")).unwrap();
+            // The second as a tar archive of its layout.
+            let b_tar = data.join("image-b.tar");
+            let mut archive = tar::Builder::new(std::fs::File::create(&b_tar).unwrap());
+            archive.append_dir_all(".", &b).unwrap();
+            archive.finish().unwrap();
+            let rt = client_runtime();
+            rt.block_on(async {
+                let create = |name: &str, extra: Value| {
+                    let mut body = json!({
+                        "FunctionName": name,
+                        "PackageType": "Image",
+                        "Role": "arn:aws:iam::111111111111:role/image",
+                        "MemorySize": 256,
+                        "Timeout": 120,
+                    });
+                    body.as_object_mut()
+                        .unwrap()
+                        .extend(extra.as_object().unwrap().clone());
+                    let client = &client;
+                    async move {
+                        client
+                            .call(
+                                hyper::Method::POST,
+                                "/2015-03-31/functions",
+                                None,
+                                body,
+                                201,
+                            )
+                            .await
+                    }
+                };
+                let describe = |name: &'static str| {
+                    let client = &client;
+                    async move {
+                        let invoked = client
+                            .invoke(name, Bytes::from_static(br#"{"describe":true}"#))
+                            .await
+                            .unwrap();
+                        assert_eq!(invoked.status, 200, "{invoked:?}");
+                        let body: Value = serde_json::from_slice(&invoked.body).unwrap();
+                        body
+                    }
+                };
+
+                let created = create(
+                    "image-a",
+                    json!({"Code": {"ImageUri": a.display().to_string()}}),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", worker.log()));
+                assert_eq!(created["PackageType"], "Image", "{created}");
+                assert!(created.get("Runtime").is_none(), "{created}");
+                let described = describe("image-a").await;
+                assert_eq!(
+                    described,
+                    json!({
+                        "args": ["handler", "app.handler"],
+                        "cwd": "/var/task",
+                        "handler": "app.handler",
+                        "greeting": "from image a",
+                    }),
+                    "the image's ENTRYPOINT with CMD, WORKDIR and ENV\n{}",
+                    worker.log()
+                );
+                let echo = client
+                    .invoke("image-a", Bytes::from_static(br#"{"n":1}"#))
+                    .await
+                    .unwrap();
+                assert_eq!(&echo.body[..], br#"{"echo":{"n":1}}"#);
+
+                create(
+                    "image-b",
+                    json!({
+                        "Code": {"ImageUri": format!("file://{}", b_tar.display())},
+                        "Environment": {"Variables": {"GREETING": "from the function"}},
+                        "ImageConfig": {
+                            "EntryPoint": ["/usr/local/bin/handler"],
+                            "Command": ["other.handler"],
+                            "WorkingDirectory": "/usr",
+                        },
+                    }),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", worker.log()));
+                assert_eq!(
+                    describe("image-b").await,
+                    json!({
+                        "args": ["/usr/local/bin/handler", "other.handler"],
+                        "cwd": "/usr",
+                        "handler": "other.handler",
+                        "greeting": "from the function",
+                    }),
+                    "ImageConfig and the function's variables win\n{}",
+                    worker.log()
+                );
+                let got = client
+                    .call(
+                        hyper::Method::GET,
+                        "/2015-03-31/functions/image-b",
+                        None,
+                        json!({}),
+                        200,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(got["Code"]["RepositoryType"], "ECR", "{got}");
+                assert!(
+                    got["Code"]["ImageUri"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with("image-b.tar"),
+                    "{got}"
+                );
+                assert_eq!(
+                    got["Configuration"]["ImageConfigResponse"]["ImageConfig"]["WorkingDirectory"],
+                    "/usr"
+                );
+
+                for (uri, what) in [
+                    ("relative/layout", "absolute path"),
+                    ("/nonexistent/layout", "/nonexistent/layout"),
+                ] {
+                    let refused = create("bad-image", json!({"Code": {"ImageUri": uri}}))
+                        .await
+                        .unwrap_err();
+                    assert!(
+                        refused.contains("InvalidParameterValueException")
+                            && refused.contains(what),
+                        "{refused}"
+                    );
+                }
+            });
+            let imported = imported_chunks(&worker.log());
+            assert_eq!(imported.len(), 2, "{}", worker.log());
+            let (referenced, stored) = imported
+                .iter()
+                .fold((0, 0), |(r, s), (total, new)| (r + total, s + new));
+            println!(
+                "two images sharing an 8 MiB base layer: {referenced} chunks referenced, {stored} stored (dedup ratio {:.2})",
+                referenced as f64 / stored as f64
+            );
+            assert_eq!(imported[0].0, imported[0].1, "the first image stores all");
+            assert!(
+                imported[1].1 * 2 < imported[1].0,
+                "the second image stored {} of {} chunks",
+                imported[1].1,
+                imported[1].0
+            );
+            worker.stop();
+            std::fs::remove_dir_all(&data).unwrap();
+        },
+    );
+}

@@ -2,8 +2,11 @@
 //! static `bootstrap`: it echoes its event, logs a line on stdout and one
 //! on stderr per event, fails with its own error type when the event
 //! asks it to, answers `{"random": true}` with 16 bytes from the
-//! kernel's random generator (clones of one snapshot must differ), and
-//! exits with status N on `{"exit": N}`, as a crashing runtime would.
+//! kernel's random generator (clones of one snapshot must differ),
+//! describes how it was started on `{"describe": true}` (its arguments,
+//! working directory, `_HANDLER` and `GREETING`: what a container image
+//! and its ImageConfig decide), and exits with status N on `{"exit": N}`,
+//! as a crashing runtime would.
 
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::{json, Value};
@@ -29,6 +32,14 @@ async fn handle(event: LambdaEvent<Value>) -> Result<Value, Refused> {
     }
     if event.payload.get("random") == Some(&Value::Bool(true)) {
         return Ok(json!({ "random": random_hex() }));
+    }
+    if event.payload.get("describe") == Some(&Value::Bool(true)) {
+        return Ok(json!({
+            "args": std::env::args().collect::<Vec<_>>(),
+            "cwd": std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default(),
+            "handler": std::env::var("_HANDLER").ok(),
+            "greeting": std::env::var("GREETING").ok(),
+        }));
     }
     match event.payload.get("fail").and_then(Value::as_str) {
         Some(reason) => Err(Refused(reason.to_string())),

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::artifacts::code;
 use crate::control_plane::event_config::{config_qualifier, no_event_invoke_config};
-use crate::control_plane::functions::ProvisionedConfig;
+use crate::control_plane::functions::{ProvisionedConfig, IMAGE};
 use crate::control_plane::layers::LayerVersion;
 use crate::control_plane::model::*;
 use crate::data_plane::worker::Worker;
@@ -171,9 +171,19 @@ async fn get_function(
     let tags = state
         .control
         .function_tags(&caller.account, &reference.name)?;
+    let code = if config.package_type == IMAGE {
+        let uri = state.control.image_uri(&caller.account, &config)?;
+        json!({
+            "RepositoryType": "ECR",
+            "ImageUri": uri,
+            "ResolvedImageUri": format!("{uri}@sha256:{}", config.code_sha256),
+        })
+    } else {
+        json!({ "RepositoryType": "Local", "Location": format!("worker://{}", config.code_sha256) })
+    };
     let mut body = json!({
         "Configuration": config,
-        "Code": { "RepositoryType": "Local", "Location": format!("worker://{}", config.code_sha256) },
+        "Code": code,
         "Tags": tags,
     });
     if let Some(r) = reserved {

@@ -6,6 +6,7 @@
 
 pub mod chunk_store;
 pub mod code;
+pub mod container_image;
 pub mod cpio;
 pub mod erofs_image;
 pub mod oci;

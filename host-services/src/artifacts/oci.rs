@@ -78,7 +78,30 @@ struct Index {
 
 #[derive(Deserialize)]
 struct Manifest {
+    config: Option<Descriptor>,
     layers: Vec<Descriptor>,
+}
+
+/// What the image says to run, from its config blob's `config`: Lambda
+/// runs ENTRYPOINT with CMD as its arguments, in WORKDIR, with ENV under
+/// the function's own variables.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageRunConfig {
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: Option<Vec<String>>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ImageConfigBlob {
+    #[serde(default)]
+    config: Option<ImageRunConfig>,
 }
 
 /// The layout's files: from its directory, or read out of its tarball.
@@ -166,6 +189,9 @@ pub struct Flattened {
     pub layers: usize,
     pub bytes: u64,
     pub skipped_devices: usize,
+    /// The image manifest's digest (`sha256:...`): the image's identity.
+    pub digest: String,
+    pub run: ImageRunConfig,
 }
 
 /// Flattens the image layout at `layout` into the empty directory `root`.
@@ -179,7 +205,17 @@ pub fn flatten(layout: &Path, root: &Path) -> Result<Flattened, OciError> {
         descriptor = pick(nested.manifests)?;
     }
     let manifest: Manifest = json("the image manifest", &layout.blob(&descriptor.digest)?)?;
-    let mut flattened = Flattened::default();
+    let run = match &manifest.config {
+        Some(config) => json::<ImageConfigBlob>("the image config", &layout.blob(&config.digest)?)?
+            .config
+            .unwrap_or_default(),
+        None => ImageRunConfig::default(),
+    };
+    let mut flattened = Flattened {
+        digest: descriptor.digest.clone(),
+        run,
+        ..Flattened::default()
+    };
     for (i, layer) in manifest.layers.iter().enumerate() {
         let gzip = match layer.media_type.as_deref() {
             Some("application/vnd.oci.image.layer.v1.tar") => false,
@@ -204,15 +240,75 @@ pub fn flatten(layout: &Path, root: &Path) -> Result<Flattened, OciError> {
     Ok(flattened)
 }
 
+/// Where the guest mounts its own file systems over a read-only image
+/// root: a container runtime makes these if the image has none.
+const MOUNT_POINTS: [&str; 3] = ["proc", "dev", "tmp"];
+
 /// The image at `layout`, flattened and made the read-only filesystem
 /// image the guest mounts.
 pub fn filesystem_image(layout: &Path) -> Result<(Vec<u8>, Flattened), OciError> {
     let mut flattened = Flattened::default();
     let image = crate::artifacts::erofs_image::build_with(|root| {
         flattened = flatten(layout, root)?;
+        for dir in MOUNT_POINTS {
+            let path = root.join(dir);
+            if std::fs::symlink_metadata(&path).is_err() {
+                std::fs::create_dir(&path).map_err(io(&path))?;
+            }
+        }
         Ok::<(), OciError>(())
     })?;
     Ok((image, flattened))
+}
+
+/// Writes an OCI image layout to `dir`: one gzip-compressed layer per tar
+/// archive in `layers`, and an image config with `run`. Tests and tools
+/// build images with it.
+pub fn write_layout(dir: &Path, layers: &[Vec<u8>], run: &ImageRunConfig) -> std::io::Result<()> {
+    use std::io::Write;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let put = |data: &[u8]| -> std::io::Result<(String, usize)> {
+        let hex = hex::encode(Sha256::digest(data));
+        std::fs::write(blobs.join(&hex), data)?;
+        Ok((format!("sha256:{hex}"), data.len()))
+    };
+    let mut descriptors = Vec::new();
+    for layer in layers {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(layer)?;
+        let (digest, size) = put(&gz.finish()?)?;
+        descriptors.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": digest,
+            "size": size,
+        }));
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": run,
+        "rootfs": {"type": "layers", "diff_ids": []},
+    });
+    let (config, config_size) = put(config.to_string().as_bytes())?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size},
+        "layers": descriptors,
+    });
+    let (manifest, manifest_size) = put(manifest.to_string().as_bytes())?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest,
+            "size": manifest_size,
+            "platform": {"architecture": "amd64", "os": "linux"},
+        }],
+    });
+    std::fs::write(dir.join("index.json"), index.to_string())?;
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
 }
 
 /// The linux/amd64 manifest, or the only one.
@@ -366,7 +462,6 @@ fn apply_layer(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::io::Write;
 
     /// One layer entry.
     pub enum Entry<'a> {
@@ -408,55 +503,8 @@ pub(crate) mod tests {
         builder.into_inner().unwrap()
     }
 
-    pub fn gzip(data: &[u8]) -> Vec<u8> {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(data).unwrap();
-        gz.finish().unwrap()
-    }
-
-    fn digest(data: &[u8]) -> String {
-        format!("sha256:{}", hex::encode(Sha256::digest(data)))
-    }
-
-    /// Writes an OCI layout with these layers (gzip-compressed) to `dir`.
     pub fn write_layout(dir: &Path, layers: &[Vec<u8>]) {
-        let blobs = dir.join("blobs/sha256");
-        std::fs::create_dir_all(&blobs).unwrap();
-        let put = |data: &[u8]| {
-            let d = digest(data);
-            std::fs::write(blobs.join(&d[7..]), data).unwrap();
-            d
-        };
-        let layers: Vec<serde_json::Value> = layers
-            .iter()
-            .map(|l| {
-                let gz = gzip(l);
-                serde_json::json!({
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": put(&gz),
-                    "size": gz.len(),
-                })
-            })
-            .collect();
-        let config = put(b"{}");
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
-            "layers": layers,
-        })
-        .to_string();
-        let manifest = put(manifest.as_bytes());
-        let index = serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": manifest,
-                "platform": {"architecture": "amd64", "os": "linux"},
-            }],
-        });
-        std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
-        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        super::write_layout(dir, layers, &ImageRunConfig::default()).unwrap();
     }
 
     pub fn scratch(name: &str) -> PathBuf {
@@ -464,6 +512,26 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn the_image_config_says_what_to_run_and_the_manifest_digest_names_the_image() {
+        let dir = scratch("run-config");
+        let run = ImageRunConfig {
+            entrypoint: Some(vec!["/bin/serve".into()]),
+            cmd: Some(vec!["app.handler".into()]),
+            env: Some(vec!["PATH=/bin".into()]),
+            working_dir: Some("/srv".into()),
+        };
+        let layer = layer_tar(&[Entry::File("bin/serve", b"#!")]);
+        super::write_layout(&dir.join("layout"), &[layer], &run).unwrap();
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        let flattened = flatten(&dir.join("layout"), &dir.join("root")).unwrap();
+        assert_eq!(flattened.run, run);
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("layout/index.json")).unwrap()).unwrap();
+        assert_eq!(flattened.digest, index["manifests"][0]["digest"]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -10,6 +10,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::artifacts::chunk_store::{ChunkStore, ChunkStoreError};
 use crate::artifacts::code;
 use crate::artifacts::erofs_image;
 use crate::artifacts::sealed::{ArtifactError, ArtifactStore, GrantedArtifact};
@@ -64,22 +65,44 @@ pub struct Resolved {
     pub key: VersionKey,
 }
 
-/// The sealed disks of a version's code, and grants to read them.
-#[derive(Debug, Clone)]
+/// The disks of a version's code, and what reads them.
 pub struct CodeDisks {
-    pub code: GrantedArtifact,
+    pub code: CodeDrive,
     /// The function's layers, merged, for a Linux guest's /opt.
     pub layers: Option<GrantedArtifact>,
+}
+
+/// A version's code disk.
+#[derive(Clone)]
+pub enum CodeDrive {
+    /// A sealed disk, and a grant to read it.
+    Sealed(GrantedArtifact),
+    /// A container image: the chunk store, the image's chunk manifest
+    /// (which holds the chunks' keys) and what the image runs.
+    Image {
+        store: std::path::PathBuf,
+        launch: crate::artifacts::container_image::ImageLaunch,
+    },
 }
 
 pub struct ControlPlane {
     pub store: Store,
     artifacts: ArtifactStore,
+    /// Container images' chunks.
+    pub(crate) chunks: ChunkStore,
     /// Seals uploaded code in the store.
     keys: Arc<KeyService>,
     /// The Linux runtimes this worker can start: `provided.*` with a
     /// Linux guest, managed ones with their runtime images too.
     linux_runtimes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Artifacts(#[from] ArtifactError),
+    #[error(transparent)]
+    Chunks(#[from] ChunkStoreError),
 }
 
 fn function_key(account: &AccountId, name: &str) -> String {
@@ -112,18 +135,45 @@ pub(crate) fn code_key(account: &AccountId, sha: &str) -> String {
     format!("{account}/{}", hex::encode(sha.as_bytes()))
 }
 
-fn only_zip_code(s3: &Option<String>, image: &Option<String>) -> Result<(), ApiError> {
+fn no_s3_code(s3: &Option<String>) -> Result<(), ApiError> {
     if s3.is_some() {
         return Err(ApiError::invalid(
-            "S3 code locations are not supported by this worker; send ZipFile",
-        ));
-    }
-    if image.is_some() {
-        return Err(ApiError::invalid(
-            "container images are not supported yet; send ZipFile",
+            "S3 code locations are not supported by this worker; send ZipFile, or ImageUri for an image",
         ));
     }
     Ok(())
+}
+
+/// The code a function gets: a ZIP, or a container image read from its
+/// URI (slow: done before the store's transaction).
+enum NewCode {
+    Zip(Vec<u8>),
+    Image(crate::artifacts::container_image::ImportedImage),
+}
+
+impl NewCode {
+    fn sha256(&self) -> String {
+        match self {
+            NewCode::Zip(zip) => code_sha256(zip),
+            NewCode::Image(image) => image.digest.clone(),
+        }
+    }
+
+    /// Lambda reports no size for an image.
+    fn size(&self) -> u64 {
+        match self {
+            NewCode::Zip(zip) => zip.len() as u64,
+            NewCode::Image(_) => 0,
+        }
+    }
+}
+
+pub const ZIP: &str = "Zip";
+pub const IMAGE: &str = "Image";
+
+/// Lambda's refusal of what an image function cannot have.
+fn image_takes_none() -> ApiError {
+    ApiError::invalid("an Image function takes no Runtime, Handler or Layers: the image has them")
 }
 
 /// Provisioned concurrency applies to a published version or an alias.
@@ -154,13 +204,59 @@ impl ControlPlane {
         data_dir: &Path,
         keys: Arc<KeyService>,
         linux_runtimes: Vec<String>,
-    ) -> Result<Self, ArtifactError> {
+    ) -> Result<Self, OpenError> {
+        let images = data_dir.join("images");
         Ok(ControlPlane {
             store,
             artifacts: ArtifactStore::open(&data_dir.join("artifacts"), keys.clone())?,
+            chunks: ChunkStore::open(&images.join("chunks"), &images.join("convergence.key"))?,
             keys,
             linux_runtimes,
         })
+    }
+
+    /// An image runs in the Linux guest.
+    fn check_image_support(&self) -> Result<(), ApiError> {
+        if self
+            .linux_runtimes
+            .iter()
+            .any(|r| runtime::PROVIDED.contains(&r.as_str()))
+        {
+            Ok(())
+        } else {
+            Err(ApiError::invalid(
+                "PackageType Image needs a Linux guest, and this worker has none configured \
+                 (lambda-worker --linux-kernel)",
+            ))
+        }
+    }
+
+    /// The code a ZIP or an image URI gives, whichever the package type
+    /// takes; `field` prefixes the request's field names in errors.
+    fn new_code(
+        &self,
+        package_type: &str,
+        zip: Option<&str>,
+        image_uri: Option<&str>,
+        field: &str,
+    ) -> Result<NewCode, ApiError> {
+        match (package_type == IMAGE, zip, image_uri) {
+            (false, Some(zip), None) => Ok(NewCode::Zip(decode_zip(zip)?)),
+            (true, None, Some(uri)) => Ok(NewCode::Image(self.import_image(uri)?)),
+            (false, _, _) => Err(ApiError::invalid(format!(
+                "a Zip function takes {field}ZipFile and no {field}ImageUri"
+            ))),
+            (true, _, _) => Err(ApiError::invalid(format!(
+                "an Image function takes {field}ImageUri and no {field}ZipFile"
+            ))),
+        }
+    }
+
+    fn store_code(&self, t: &Txn, account: &AccountId, code: &NewCode) -> Result<(), ApiError> {
+        match code {
+            NewCode::Zip(zip) => self.put_code(t, &code_key(account, &code_sha256(zip)), zip),
+            NewCode::Image(image) => self.put_image(t, account, image),
+        }
     }
 
     fn check_runtime(&self, runtime: &str, handler: &str) -> Result<(), ApiError> {
@@ -201,8 +297,11 @@ impl ControlPlane {
         req: CreateFunctionRequest,
     ) -> Result<FunctionConfiguration, ApiError> {
         validate_name(&req.function_name)?;
-        if req.package_type.as_deref().is_some_and(|p| p != "Zip") {
-            return Err(ApiError::invalid("only PackageType Zip is supported yet"));
+        let package_type = req.package_type.clone().unwrap_or_else(|| ZIP.into());
+        if package_type != ZIP && package_type != IMAGE {
+            return Err(ApiError::invalid(format!(
+                "PackageType {package_type:?}: Zip or Image"
+            )));
         }
         if let Some(archs) = &req.architectures {
             if archs.iter().any(|a| a != "x86_64") {
@@ -211,13 +310,26 @@ impl ControlPlane {
                 )));
             }
         }
-        let runtime = req
-            .runtime
-            .ok_or_else(|| ApiError::invalid("Runtime is required for a Zip function"))?;
-        let handler = req
-            .handler
-            .ok_or_else(|| ApiError::invalid("Handler is required for a Zip function"))?;
-        self.check_runtime(&runtime, &handler)?;
+        let (runtime, handler) = if package_type == IMAGE {
+            if req.runtime.is_some() || req.handler.is_some() || !req.layers.is_empty() {
+                return Err(image_takes_none());
+            }
+            self.check_image_support()?;
+            (String::new(), String::new())
+        } else {
+            if req.image_config.is_some() {
+                return Err(ApiError::invalid("ImageConfig is for PackageType Image"));
+            }
+            let runtime = req
+                .runtime
+                .ok_or_else(|| ApiError::invalid("Runtime is required for a Zip function"))?;
+            let handler = req
+                .handler
+                .ok_or_else(|| ApiError::invalid("Handler is required for a Zip function"))?;
+            self.check_runtime(&runtime, &handler)?;
+            (runtime, handler)
+        };
+        let image_config = req.image_config.map(ImageConfig::validated).transpose()?;
         validate_role(&req.role, account)?;
         validate_tags(&req.tags)?;
         let memory_size = req.memory_size.unwrap_or(128);
@@ -227,27 +339,27 @@ impl ControlPlane {
         if let Some(env) = &req.environment {
             validate_environment(env)?;
         }
-        only_zip_code(&req.code.s3_bucket, &req.code.image_uri)?;
+        no_s3_code(&req.code.s3_bucket)?;
         let snap_start = req.snap_start.map_or(
             Ok(SnapStart {
                 apply_on: snap_start::NONE.into(),
             }),
             SnapStart::validated,
         )?;
-        let zip = decode_zip(
-            req.code
-                .zip_file
-                .as_deref()
-                .ok_or_else(|| ApiError::invalid("Code.ZipFile is required"))?,
+        let code = self.new_code(
+            &package_type,
+            req.code.zip_file.as_deref(),
+            req.code.image_uri.as_deref(),
+            "Code.",
         )?;
-        let sha = code_sha256(&zip);
+        let sha = code.sha256();
         let mut config = FunctionConfiguration {
             function_name: req.function_name.clone(),
             function_arn: function_arn(account, &req.function_name),
             runtime,
             role: req.role,
             handler,
-            code_size: zip.len() as u64,
+            code_size: code.size(),
             description: req.description.unwrap_or_default(),
             timeout,
             memory_size,
@@ -258,7 +370,7 @@ impl ControlPlane {
             revision_id: revision(),
             state: "Active".into(),
             last_update_status: "Successful".into(),
-            package_type: "Zip".into(),
+            package_type,
             architectures: vec!["x86_64".into()],
             layers: Vec::new(),
             snap_start: SnapStartResponse {
@@ -267,6 +379,8 @@ impl ControlPlane {
             },
             state_reason: None,
             state_reason_code: None,
+            image_config_response: image_config
+                .map(|image_config| ImageConfigResponse { image_config }),
         };
         self.store
             .write(|t| {
@@ -278,7 +392,7 @@ impl ControlPlane {
                     )));
                 }
                 config.layers = self.resolve_layers(t, account, &req.layers)?;
-                self.put_code(t, &code_key(account, &sha), &zip)?;
+                self.store_code(t, account, &code)?;
                 let mut record = FunctionRecord {
                     latest: config.clone(),
                     last_version: 0,
@@ -460,22 +574,29 @@ impl ControlPlane {
         reference: &FunctionRef,
         req: UpdateFunctionCodeRequest,
     ) -> Result<FunctionConfiguration, ApiError> {
-        only_zip_code(&req.s3_bucket, &req.image_uri)?;
-        let zip = decode_zip(
-            req.zip_file
-                .as_deref()
-                .ok_or_else(|| ApiError::invalid("ZipFile is required"))?,
+        no_s3_code(&req.s3_bucket)?;
+        let (current, _) = self.configuration(account, reference)?;
+        let code = self.new_code(
+            &current.package_type,
+            req.zip_file.as_deref(),
+            req.image_uri.as_deref(),
+            "",
         )?;
-        let sha = code_sha256(&zip);
+        let sha = code.sha256();
         self.update_latest(
             account,
             reference,
             req.revision_id.as_deref(),
             req.publish,
             |t, latest| {
-                self.put_code(t, &code_key(account, &sha), &zip)?;
+                if latest.package_type != current.package_type {
+                    return Err(ApiError::ResourceConflict(
+                        "the function's package type changed during the update".into(),
+                    ));
+                }
+                self.store_code(t, account, &code)?;
                 latest.code_sha256 = sha.clone();
-                latest.code_size = zip.len() as u64;
+                latest.code_size = code.size();
                 Ok(())
             },
         )
@@ -505,26 +626,43 @@ impl ControlPlane {
             .clone()
             .map(SnapStart::validated)
             .transpose()?;
+        let image_config = req
+            .image_config
+            .clone()
+            .map(ImageConfig::validated)
+            .transpose()?;
         self.update_latest(
             account,
             reference,
             req.revision_id.as_deref(),
             false,
             |t, latest| {
-                if let Some(arns) = &req.layers {
-                    latest.layers = self.resolve_layers(t, account, arns)?;
+                if latest.package_type == IMAGE {
+                    if req.runtime.is_some() || req.handler.is_some() || req.layers.is_some() {
+                        return Err(image_takes_none());
+                    }
+                    if let Some(image_config) = image_config {
+                        latest.image_config_response = Some(ImageConfigResponse { image_config });
+                    }
+                } else {
+                    if image_config.is_some() {
+                        return Err(ApiError::invalid("ImageConfig is for PackageType Image"));
+                    }
+                    if let Some(arns) = &req.layers {
+                        latest.layers = self.resolve_layers(t, account, arns)?;
+                    }
+                    let runtime = req
+                        .runtime
+                        .clone()
+                        .unwrap_or_else(|| latest.runtime.clone());
+                    let handler = req
+                        .handler
+                        .clone()
+                        .unwrap_or_else(|| latest.handler.clone());
+                    self.check_runtime(&runtime, &handler)?;
+                    latest.runtime = runtime;
+                    latest.handler = handler;
                 }
-                let runtime = req
-                    .runtime
-                    .clone()
-                    .unwrap_or_else(|| latest.runtime.clone());
-                let handler = req
-                    .handler
-                    .clone()
-                    .unwrap_or_else(|| latest.handler.clone());
-                self.check_runtime(&runtime, &handler)?;
-                latest.runtime = runtime;
-                latest.handler = handler;
                 if let Some(role) = &req.role {
                     latest.role = role.clone();
                 }
@@ -1022,6 +1160,15 @@ impl ControlPlane {
         account: &AccountId,
         config: &FunctionConfiguration,
     ) -> Result<CodeDisks, ApiError> {
+        if config.package_type == IMAGE {
+            return Ok(CodeDisks {
+                code: CodeDrive::Image {
+                    store: self.chunks.dir().to_path_buf(),
+                    launch: self.image_launch(account, config)?,
+                },
+                layers: None,
+            });
+        }
         let layer_shas = self.layer_shas(account, &config.layers)?;
         // Stored code is decrypted only to build a disk that is not built
         // yet, not at every cold start.
@@ -1059,7 +1206,10 @@ impl ControlPlane {
                 wasm_image::build(&module, fuel)
                     .map_err(|e| ApiError::invalid(format!("handler {:?}: {e}", config.handler)))
             })?;
-            return Ok(CodeDisks { code, layers: None });
+            return Ok(CodeDisks {
+                code: CodeDrive::Sealed(code),
+                layers: None,
+            });
         }
         // A Linux code disk is the ZIP's files whatever the handler.
         let code = self.sealed_disk(&format!("erofs\0{}", config.code_sha256), || {
@@ -1074,7 +1224,10 @@ impl ControlPlane {
                 })?,
             )
         };
-        Ok(CodeDisks { code, layers })
+        Ok(CodeDisks {
+            code: CodeDrive::Sealed(code),
+            layers,
+        })
     }
 
     /// The artifact `identity` names, built by `build` if there is none
@@ -1219,6 +1372,7 @@ fn same_function(a: &FunctionConfiguration, b: &FunctionConfiguration) -> bool {
         && a.environment == b.environment
         && a.layers == b.layers
         && a.snap_start.apply_on == b.snap_start.apply_on
+        && a.image_config_response == b.image_config_response
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod account;
 pub mod backup;
 pub mod event_config;
 pub mod functions;
+pub mod images;
 pub mod layers;
 pub mod model;
 pub mod policy;

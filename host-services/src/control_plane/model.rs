@@ -54,8 +54,11 @@ pub struct LayerRef {
 pub struct FunctionConfiguration {
     pub function_name: String,
     pub function_arn: String,
+    /// Empty for a container image, which has none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub runtime: String,
     pub role: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub handler: String,
     pub code_size: u64,
     pub description: String,
@@ -75,6 +78,9 @@ pub struct FunctionConfiguration {
     pub layers: Vec<LayerRef>,
     #[serde(default)]
     pub snap_start: SnapStartResponse,
+    /// A container image's overrides of its ENTRYPOINT, CMD and WORKDIR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_config_response: Option<ImageConfigResponse>,
     /// Why the version is `Pending` or `Failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_reason: Option<String>,
@@ -104,6 +110,53 @@ impl FunctionConfiguration {
             _ => Ok(()),
         }
     }
+}
+
+/// A container image function's `ImageConfig`: what replaces the image's
+/// ENTRYPOINT, CMD and WORKDIR.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_directory: Option<String>,
+}
+
+impl ImageConfig {
+    /// Lambda's limits: 1,500 entries and at most 1,000 characters for
+    /// the working directory, which must be absolute.
+    pub fn validated(self) -> Result<Self, ApiError> {
+        for (what, list) in [
+            ("EntryPoint", &self.entry_point),
+            ("Command", &self.command),
+        ] {
+            if list
+                .as_ref()
+                .is_some_and(|l| l.len() > 1500 || l.iter().any(|a| a.contains('\0')))
+            {
+                return Err(ApiError::invalid(format!(
+                    "ImageConfig.{what}: at most 1,500 entries, none with a NUL"
+                )));
+            }
+        }
+        if let Some(dir) = &self.working_directory {
+            if !dir.starts_with('/') || dir.len() > 1000 || dir.contains('\0') {
+                return Err(ApiError::invalid(format!(
+                    "ImageConfig.WorkingDirectory {dir:?}: an absolute path of at most 1,000 characters"
+                )));
+            }
+        }
+        Ok(self)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "PascalCase")]
+pub struct ImageConfigResponse {
+    pub image_config: ImageConfig,
 }
 
 /// SnapStart, as Lambda exposes it: on a function, `ApplyOn:
@@ -182,6 +235,7 @@ pub struct CreateFunctionRequest {
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
     pub snap_start: Option<SnapStart>,
+    pub image_config: Option<ImageConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +262,7 @@ pub struct UpdateFunctionConfigurationRequest {
     pub layers: Option<Vec<String>>,
     pub revision_id: Option<String>,
     pub snap_start: Option<SnapStart>,
+    pub image_config: Option<ImageConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -14,12 +14,13 @@ use crate::artifacts::cpio;
 use guest_init::disks::{self, Disk};
 
 use crate::artifacts::sealed::{ArtifactError, GrantedArtifact};
+use crate::control_plane::functions::CodeDrive;
 use crate::control_plane::model::runtime;
 use crate::data_plane::log_stream::{read_lines, Lines};
 use crate::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use crate::data_plane::snapshots::{self, SnapshotStore};
 use crate::data_plane::vmm_process::{
-    request_snapshot, GuestStart, JailSettings, VmmFiles, VmmProcess, VmmProcessError,
+    request_snapshot, CodeDisk, GuestStart, JailSettings, VmmFiles, VmmProcess, VmmProcessError,
     CONTROL_SOCKET, SNAPSHOT_MEMORY, SNAPSHOT_STATE,
 };
 use crate::ids::VersionKey;
@@ -32,8 +33,8 @@ pub struct Launch {
     /// The version's ARN, as the runtime sees it.
     pub function_arn: String,
     pub memory_mib: u32,
-    /// The function's code disk, sealed, and a grant to read it.
-    pub code: GrantedArtifact,
+    /// The function's code disk, and what reads it.
+    pub code: CodeDrive,
     /// A Linux guest's layers disk, for /opt.
     pub layers: Option<GrantedArtifact>,
     /// The function's environment variables: the runtime's, the execution
@@ -230,12 +231,13 @@ impl ExecutionEnvironment {
                 None
             })
         });
-        let (kernel, initrd, cmdline, root) = if runtime::on_linux(&launch.runtime) {
+        let container = matches!(launch.code, CodeDrive::Image { .. });
+        let (kernel, initrd, cmdline, root) = if container || runtime::on_linux(&launch.runtime) {
             let linux = image.linux.as_ref().ok_or(EnvironmentError::NoLinuxGuest)?;
             let root = linux.roots.get(&launch.runtime);
             // The disks in the order the VMM is given them.
             let disks: Vec<&str> = [
-                Some(Disk::Task),
+                Some(if container { Disk::Image } else { Disk::Task }),
                 root.map(|_| Disk::Root),
                 launch.layers.as_ref().map(|_| Disk::Opt),
             ]
@@ -253,7 +255,20 @@ impl ExecutionEnvironment {
             (&image.guest_kernel, None, GUEST_CMDLINE.to_string(), None)
         };
         // The grant is checked first: a refused one leaves nothing behind.
-        let code_key = launch.code.drive_key(&image.keys)?;
+        let code_key;
+        let code = match &launch.code {
+            CodeDrive::Sealed(code) => {
+                code_key = code.drive_key(&image.keys)?;
+                CodeDisk::Sealed {
+                    path: &code.artifact.path,
+                    key: &code_key,
+                }
+            }
+            CodeDrive::Image { store, launch } => CodeDisk::Chunked {
+                store,
+                manifest: &launch.manifest,
+            },
+        };
         let layers = match &launch.layers {
             Some(layers) => Some((
                 layers.artifact.path.as_path(),
@@ -306,8 +321,7 @@ impl ExecutionEnvironment {
             &VmmFiles {
                 vmm: &image.vmm,
                 kernel,
-                code_disk: &launch.code.artifact.path,
-                code_key: &code_key,
+                code,
                 root_disk: root.map(PathBuf::as_path),
                 layers_disk: layers.as_ref().map(|(path, key)| (*path, key.as_str())),
                 dir: &dir,

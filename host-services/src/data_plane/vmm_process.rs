@@ -86,15 +86,23 @@ impl Drop for JailId {
     }
 }
 
+/// A microVM's code disk.
+pub enum CodeDisk<'a> {
+    /// Sealed: the VMM decrypts it as the guest reads it, with the
+    /// artifact id and data key it reads from its standard input: never
+    /// on its command line or on disk.
+    Sealed { path: &'a Path, key: &'a str },
+    /// A container image in the chunk store: the VMM fetches a chunk when
+    /// the guest first reads it, with the keys in the image's manifest,
+    /// which it reads from [`MANIFEST_FD`].
+    Chunked { store: &'a Path, manifest: &'a [u8] },
+}
+
 /// One microVM's files, as the host sees them.
 pub struct VmmFiles<'a> {
     pub vmm: &'a Path,
     pub kernel: &'a Path,
-    /// Sealed: the VMM decrypts it as the guest reads it.
-    pub code_disk: &'a Path,
-    /// The code disk's artifact id and data key, as the VMM reads them
-    /// from its standard input: never on its command line or on disk.
-    pub code_key: &'a str,
+    pub code: CodeDisk<'a>,
     /// A runtime's root file system image, public and read-only.
     pub root_disk: Option<&'a Path>,
     /// A sealed disk of the function's layers and its key line, which the
@@ -123,6 +131,7 @@ pub enum GuestStart<'a> {
 const JAIL_KERNEL: &str = "/kernel";
 const JAIL_INITRD: &str = "/initrd";
 const JAIL_CODE_DISK: &str = "/code.img";
+const JAIL_CHUNKS: &str = "/chunks";
 const JAIL_ROOT_DISK: &str = "/root.img";
 const JAIL_LAYERS_DISK: &str = "/layers.img";
 const JAIL_DIR: &str = "/run";
@@ -136,6 +145,8 @@ const RESTORE_STATE_FD: RawFd = 3;
 const RESTORE_MEMORY_FD: RawFd = 4;
 /// The descriptor a VMM reads its layers disk's key from.
 pub const LAYERS_KEY_FD: RawFd = 5;
+/// The descriptor a VMM reads a chunked code disk's manifest from.
+pub const MANIFEST_FD: RawFd = 6;
 
 /// What a VMM needs beyond its guest's memory: its own text, heap and
 /// KVM's page tables, plus the page cache of the kernel and code disk
@@ -235,15 +246,24 @@ impl VmmProcess {
                 Some((state.as_raw_fd(), memory.as_raw_fd())),
             ),
         };
+        let code_drive = match files.code {
+            CodeDisk::Sealed { path, .. } => {
+                format!("{},ro,key-fd=0", seen(JAIL_CODE_DISK, path).display())
+            }
+            CodeDisk::Chunked { store, .. } => format!(
+                "{},ro,manifest=fd:{MANIFEST_FD}",
+                seen(JAIL_CHUNKS, store).display()
+            ),
+        };
+        let code_mount = match files.code {
+            CodeDisk::Sealed { path, .. } => format!("{}:{JAIL_CODE_DISK}:ro", path.display()),
+            CodeDisk::Chunked { store, .. } => format!("{}:{JAIL_CHUNKS}:ro", store.display()),
+        };
         vmm_args.extend([
             "--log-level".into(),
             "warn".into(),
             "--drive".into(),
-            format!(
-                "{},ro,key-fd=0",
-                seen(JAIL_CODE_DISK, files.code_disk).display()
-            )
-            .into(),
+            code_drive.into(),
         ]);
         // The order the guest's init is told (guest_init::disks).
         if let Some(disk) = files.root_disk {
@@ -319,7 +339,7 @@ impl VmmProcess {
                         ]
                     }))
                     .arg("--mount")
-                    .arg(format!("{}:{JAIL_CODE_DISK}:ro", files.code_disk.display()))
+                    .arg(&code_mount)
                     .arg("--mount")
                     .arg(format!("{}:{JAIL_DIR}", files.dir.display()))
                     .arg("--");
@@ -344,14 +364,26 @@ impl VmmProcess {
         } else {
             libc::SIGKILL
         };
+        let spawn_error = |source| VmmProcessError::Spawn {
+            program: files.vmm.to_path_buf(),
+            source,
+        };
         let layers_key = match files.layers_disk {
-            Some((_, key)) => Some(key_pipe(key).map_err(|source| VmmProcessError::Spawn {
-                program: files.vmm.to_path_buf(),
-                source,
-            })?),
+            Some((_, key)) => Some(secret_file(key.as_bytes()).map_err(spawn_error)?),
             None => None,
         };
-        let layers_key_fd = layers_key.as_ref().map(AsRawFd::as_raw_fd);
+        let manifest = match files.code {
+            CodeDisk::Chunked { manifest, .. } => Some(secret_file(manifest).map_err(spawn_error)?),
+            CodeDisk::Sealed { .. } => None,
+        };
+        // Descriptors the VMM finds at the numbers it is told.
+        let passed: Vec<(RawFd, RawFd)> = [
+            layers_key.as_ref().map(|f| (f.as_raw_fd(), LAYERS_KEY_FD)),
+            manifest.as_ref().map(|f| (f.as_raw_fd(), MANIFEST_FD)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         // SAFETY: setpriority, prctl, fcntl and dup2 are async-signal-safe
         // and touch only the child, between fork and exec.
         unsafe {
@@ -376,9 +408,9 @@ impl VmmProcess {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                if let Some(key) = layers_key_fd {
-                    let key = libc::fcntl(key, libc::F_DUPFD_CLOEXEC, 10);
-                    if key < 0 || libc::dup2(key, LAYERS_KEY_FD) < 0 {
+                for &(fd, number) in &passed {
+                    let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                    if copy < 0 || libc::dup2(copy, number) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -393,6 +425,7 @@ impl VmmProcess {
         // The child has its copies.
         drop(start);
         drop(layers_key);
+        drop(manifest);
         // 97 bytes fit in a pipe's buffer: the write cannot block.
         if let Some(stdin) = child.stdin.take() {
             let mut stdin = stdin
@@ -402,9 +435,11 @@ impl VmmProcess {
                     program: program.clone(),
                     source,
                 })?;
-            stdin
-                .write_all(files.code_key.as_bytes())
-                .map_err(|source| VmmProcessError::Spawn { program, source })?;
+            if let CodeDisk::Sealed { key, .. } = files.code {
+                stdin
+                    .write_all(key.as_bytes())
+                    .map_err(|source| VmmProcessError::Spawn { program, source })?;
+            }
         }
         let vmm_pid = if jailed.is_none() { child.id() } else { None };
         Ok(VmmProcess {
@@ -577,20 +612,22 @@ pub async fn request_snapshot(
     Ok(reply)
 }
 
-/// A pipe holding `line` and then its end: the read side, for a VMM to
-/// read a sealed drive's key from. A key line fits in a pipe's buffer.
-fn key_pipe(line: &str) -> std::io::Result<OwnedFd> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two descriptors it creates, which are then
-    // owned here.
-    let (read, write) = unsafe {
-        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+/// A file in memory holding `bytes`, at its start, for a VMM to read a
+/// key or a manifest from: never on disk, and of any size (a pipe's
+/// buffer would hold 64 KiB before its reader runs).
+fn secret_file(bytes: &[u8]) -> std::io::Result<File> {
+    // SAFETY: memfd_create with a NUL-terminated name; the descriptor it
+    // returns is owned here.
+    let mut file = unsafe {
+        let fd = libc::memfd_create(c"vmm-secret".as_ptr(), libc::MFD_CLOEXEC);
+        if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        File::from(OwnedFd::from_raw_fd(fd))
     };
-    std::fs::File::from(write).write_all(line.as_bytes())?;
-    Ok(read)
+    file.write_all(bytes)?;
+    std::io::Seek::rewind(&mut file)?;
+    Ok(file)
 }
 
 /// Gives the environment's directory and the worker's sockets in it to

@@ -10,10 +10,13 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use guest_init::environ;
 use serde::{Deserialize, Serialize};
 
 use crate::control_plane::event_config::{destination_function, destination_record, EventOutcome};
-use crate::control_plane::functions::{split_by_share, ControlPlane, ProvisionedConfig, Resolved};
+use crate::control_plane::functions::{
+    split_by_share, CodeDrive, ControlPlane, ProvisionedConfig, Resolved,
+};
 use crate::control_plane::model::{function_arn, EventInvokeConfig, FunctionRef, LATEST, REGION};
 use crate::control_plane::store::EVENTS;
 use crate::data_plane::environment::{ColdStart, Launch};
@@ -136,10 +139,16 @@ impl Worker {
     /// What starting an environment for `resolved` takes.
     fn launch(&self, resolved: &Resolved) -> Result<Launch, ApiError> {
         let config = &resolved.config;
+        let disks = self.control.code_disks(&resolved.key.account, config)?;
+        let image = match &disks.code {
+            CodeDrive::Image { launch, .. } => Some(launch),
+            CodeDrive::Sealed(_) => None,
+        };
         let role =
             self.roles
                 .credentials(&resolved.key.account, &config.role, self.environment_lease);
-        let mut variables: Vec<(String, String)> = [
+        let handler = image.map_or(config.handler.clone(), |i| i.handler.clone());
+        let ours: Vec<(String, String)> = [
             ("AWS_LAMBDA_FUNCTION_NAME", config.function_name.clone()),
             ("AWS_LAMBDA_FUNCTION_VERSION", config.version.clone()),
             (
@@ -157,7 +166,7 @@ impl Worker {
                 format!("AWS_Lambda_{}", config.runtime),
             ),
             ("AWS_LAMBDA_RUNTIME_API", RUNTIME_API_ADDRESS.into()),
-            ("_HANDLER", config.handler.clone()),
+            ("_HANDLER", handler),
             ("LAMBDA_TASK_ROOT", "/var/task".into()),
             ("LAMBDA_RUNTIME_DIR", "/var/runtime".into()),
             ("TZ", ":UTC".into()),
@@ -168,10 +177,28 @@ impl Worker {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        if let Some(env) = &config.environment {
-            variables.extend(env.variables.iter().map(|(k, v)| (k.clone(), v.clone())));
+        // Lambda names no runtime for an image.
+        let ours = ours
+            .into_iter()
+            .filter(|(k, _)| k != "AWS_EXECUTION_ENV" || !config.runtime.is_empty());
+        // An image's ENV first: Lambda's variables and then the user's
+        // replace what it sets.
+        let mut variables: Vec<(String, String)> = image.map(|i| i.env.clone()).unwrap_or_default();
+        let user = config.environment.iter().flat_map(|e| e.variables.clone());
+        for (k, v) in ours.into_iter().chain(user) {
+            variables.retain(|(key, _)| *key != k);
+            variables.push((k, v));
         }
-        let disks = self.control.code_disks(&resolved.key.account, config)?;
+        if let Some(image) = image {
+            variables.push((environ::IMAGE_WORKDIR.into(), image.working_dir.clone()));
+            variables.extend(
+                image
+                    .argv
+                    .iter()
+                    .enumerate()
+                    .map(|(i, arg)| (format!("{}{i}", environ::IMAGE_ARG), arg.clone())),
+            );
+        }
         Ok(Launch {
             key: resolved.key.clone(),
             function_arn: config.function_arn.clone(),

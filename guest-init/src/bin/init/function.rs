@@ -1,9 +1,11 @@
 //! The function's process: `bootstrap` (the code's, or a runtime
-//! layer's), started with Lambda's standard environment and the host's
-//! variables in /var/task, its stdout and
-//! stderr split into lines, and reaped. Lines longer than [`MAX_LINE`]
-//! are cut, as Lambda cuts them.
+//! layer's) in /var/task, or a container image's command line in the
+//! image's root and working directory, started with Lambda's standard
+//! environment and the host's variables, its stdout and stderr split
+//! into lines, and reaped. Lines longer than [`MAX_LINE`] are cut, as
+//! Lambda cuts them.
 
+use alloc::ffi::CString;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -30,6 +32,9 @@ const ENVIRONMENT: [&str; 6] = [
     "TZ=:UTC",
 ];
 
+/// The `PATH` a function gets when nothing sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/opt/bin";
+
 /// How `bootstrap` ended.
 pub enum Ended {
     Exited(i32),
@@ -42,9 +47,31 @@ pub struct Process {
     pub output: i32,
 }
 
-/// Starts `bootstrap` with `variables` over the standard environment.
+/// What the function's process runs: an executable, its arguments, the
+/// root it sees (a container image's, or the guest's) and its working
+/// directory there.
+pub struct Program {
+    pub path: CString,
+    pub argv: Vec<CString>,
+    pub root: Option<&'static CStr>,
+    pub cwd: CString,
+}
+
+impl Program {
+    /// A `bootstrap`, run in /var/task.
+    pub fn bootstrap(path: &CStr) -> Program {
+        Program {
+            path: path.into(),
+            argv: alloc::vec![c"bootstrap".into()],
+            root: None,
+            cwd: TASK_ROOT.into(),
+        }
+    }
+}
+
+/// Starts `program` with `variables` over the standard environment.
 pub fn spawn(
-    bootstrap: &CStr,
+    program: &Program,
     variables: &[(String, String)],
 ) -> Result<Process, (&'static str, Errno)> {
     let mut environment: Vec<Vec<u8>> = variables
@@ -60,7 +87,7 @@ pub fn spawn(
     let (read_end, write_end) = sys::pipe().map_err(|e| ("pipe", e))?;
     let pid = sys::fork().map_err(|e| ("fork", e))?;
     if pid == 0 {
-        exec_bootstrap(bootstrap, write_end, &environment);
+        exec(program, write_end, &environment);
     }
     let _ = sys::close(write_end);
     Ok(Process {
@@ -114,21 +141,36 @@ impl Lines {
     }
 }
 
-/// The child's side: its output into the pipe, then exec. Never returns.
-fn exec_bootstrap(bootstrap: &CStr, output: i32, environment: &[Vec<u8>]) -> ! {
+/// The child's side: its output into the pipe, into its root, then
+/// exec. Never returns.
+fn exec(program: &Program, output: i32, environment: &[Vec<u8>]) -> ! {
     let _ = sys::dup2(output, 1);
     let _ = sys::dup2(output, 2);
-    let _ = sys::chdir(TASK_ROOT);
-    let argv = [c"bootstrap".as_ptr().cast(), core::ptr::null()];
+    let fail = |what: &str, Errno(e)| -> ! {
+        let _ = core::fmt::write(
+            &mut crate::Console,
+            format_args!("init: cannot run {:?}: {what}: errno {e}\n", program.path),
+        );
+        sys::exit(127)
+    };
+    if let Some(root) = program.root {
+        if let Err(e) = sys::chroot(root) {
+            fail("chroot", e);
+        }
+    }
+    if let Err(e) = sys::chdir(&program.cwd) {
+        fail("chdir to its working directory", e);
+    }
+    let argv: Vec<*const u8> = program
+        .argv
+        .iter()
+        .map(|a| a.as_ptr().cast())
+        .chain([core::ptr::null()])
+        .collect();
     let envp: Vec<*const u8> = environment
         .iter()
         .map(|v| v.as_ptr())
         .chain([core::ptr::null()])
         .collect();
-    let Errno(e) = sys::execve(bootstrap, &argv, &envp);
-    let _ = core::fmt::write(
-        &mut crate::Console,
-        format_args!("init: cannot run {bootstrap:?}: errno {e}\n"),
-    );
-    sys::exit(127)
+    fail("execve", sys::execve(&program.path, &argv, &envp))
 }

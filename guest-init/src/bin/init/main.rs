@@ -37,6 +37,7 @@ use core::ffi::CStr;
 use core::fmt::Write;
 
 use guest_init::disks::{self, Disk};
+use guest_init::environ;
 
 // The process entry: the kernel leaves argc at the stack pointer, which
 // the System V ABI wants 16-byte aligned before a call.
@@ -78,6 +79,8 @@ const MS_RDONLY: usize = 1;
 const MS_NOSUID: usize = 2;
 const MS_NODEV: usize = 4;
 const MS_NOEXEC: usize = 8;
+const MS_BIND: usize = 4096;
+const MS_REC: usize = 16384;
 
 /// The boot timer's port and magic byte (Firecracker's convention).
 const BOOT_TIMER_PORT: u16 = 0x3f0;
@@ -144,6 +147,92 @@ fn mount_disk(device: &CStr, dir: &CStr) -> Result<bool, sys::Errno> {
 
 /// Where a runtime's root file system is mounted.
 const ROOT_DISK: &CStr = c"/runtime";
+/// Where a container image is mounted: the function's root.
+const IMAGE_ROOT: &CStr = c"/image";
+
+/// Gives a container image's root the guest's /dev, /proc and /tmp (the
+/// worker makes their mount points in every image it builds).
+fn mount_into_image() -> Result<(), (&'static str, sys::Errno)> {
+    for (from, to) in [
+        (c"/dev", c"/image/dev"),
+        (c"/proc", c"/image/proc"),
+        (c"/tmp", c"/image/tmp"),
+    ] {
+        sys::mount(from, to, c"", MS_BIND | MS_REC, c"").map_err(|e| (text(to), e))?;
+    }
+    Ok(())
+}
+
+/// Where the function's process starts: a container image's command line
+/// (from the host's variables), or a `bootstrap`.
+enum Target {
+    Image,
+    Bootstrap(&'static CStr),
+}
+
+/// The image's command line and working directory, taken out of the
+/// host's `variables`, and its executable found in the image's root (by
+/// `PATH` when it names no directory, as a shell would).
+fn image_program(
+    variables: &mut Vec<(alloc::string::String, alloc::string::String)>,
+) -> Result<function::Program, alloc::string::String> {
+    let mut args: Vec<(usize, alloc::string::String)> = Vec::new();
+    let mut cwd = alloc::string::String::from("/");
+    variables.retain(|(k, v)| {
+        if let Some(n) = k.strip_prefix(environ::IMAGE_ARG) {
+            if let Ok(n) = n.parse() {
+                args.push((n, v.clone()));
+            }
+            false
+        } else if k == environ::IMAGE_WORKDIR {
+            cwd = v.clone();
+            false
+        } else {
+            true
+        }
+    });
+    args.sort_by_key(|(n, _)| *n);
+    let argv: Vec<CString> = args
+        .into_iter()
+        .map(|(_, a)| {
+            CString::new(a).map_err(|_| alloc::string::String::from("an argument holds a NUL"))
+        })
+        .collect::<Result<_, _>>()?;
+    let first = argv
+        .first()
+        .ok_or_else(|| alloc::string::String::from("the image gives no command to run"))?
+        .to_str()
+        .map_err(|_| alloc::string::String::from("the command is not UTF-8"))?;
+    let path = if first.contains('/') {
+        alloc::string::String::from(first)
+    } else {
+        let search = variables
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map_or(function::DEFAULT_PATH, |(_, v)| v.as_str());
+        search
+            .split(':')
+            .map(|dir| alloc::format!("{dir}/{first}"))
+            .find(|candidate| {
+                CString::new(alloc::format!("{}{candidate}", text(IMAGE_ROOT)))
+                    .is_ok_and(|p| sys::access(&p, X_OK).is_ok())
+            })
+            .ok_or_else(|| alloc::format!("{first:?} is in none of the image's PATH ({search})"))?
+    };
+    let in_root = CString::new(alloc::format!("{}{path}", text(IMAGE_ROOT)))
+        .map_err(|_| alloc::string::String::from("the command holds a NUL"))?;
+    if sys::access(&in_root, X_OK).is_err() {
+        return Err(alloc::format!("{path} is not an executable in the image"));
+    }
+    Ok(function::Program {
+        path: CString::new(path)
+            .map_err(|_| alloc::string::String::from("the command holds a NUL"))?,
+        argv,
+        root: Some(IMAGE_ROOT),
+        cwd: CString::new(cwd)
+            .map_err(|_| alloc::string::String::from("the working directory holds a NUL"))?,
+    })
+}
 
 /// Makes a runtime's root file system the guest's: its top-level
 /// directories (Debian's, /bin and /lib being links into /usr) and its
@@ -325,7 +414,7 @@ extern "C" fn init_main(stack: *const usize) -> ! {
         report("Runtime.InvalidEntrypoint", message);
         halt();
     };
-    let mut code = false;
+    let (mut code, mut image) = (false, false);
     for (index, disk) in disks[..count].iter().flatten().enumerate() {
         let device = disks::device(index);
         let Ok(device) = CStr::from_bytes_with_nul(&device) else {
@@ -335,6 +424,7 @@ extern "C" fn init_main(stack: *const usize) -> ! {
             Disk::Task => c"/var/task",
             Disk::Root => ROOT_DISK,
             Disk::Opt => c"/opt",
+            Disk::Image => IMAGE_ROOT,
         };
         match mount_disk(device, dir) {
             Ok(true) => {
@@ -347,6 +437,10 @@ extern "C" fn init_main(stack: *const usize) -> ! {
                     Disk::Task => code = true,
                     Disk::Root => link_root(),
                     Disk::Opt => {}
+                    Disk::Image => match mount_into_image() {
+                        Ok(()) => image = true,
+                        Err((what, e)) => say!("init: mounting {what} failed: errno {}", e.0),
+                    },
                 }
             }
             Ok(false) => say!("init: no disk {} for {}", text(device), text(dir)),
@@ -358,7 +452,9 @@ extern "C" fn init_main(stack: *const usize) -> ! {
             ),
         }
     }
-    if code {
+    if image {
+        run_function(Target::Image);
+    } else if code {
         // A managed runtime's bootstrap, else the code's, else a runtime
         // layer's.
         match [
@@ -369,7 +465,7 @@ extern "C" fn init_main(stack: *const usize) -> ! {
         .into_iter()
         .find(|path| sys::access(path, X_OK).is_ok())
         {
-            Some(bootstrap) => run_function(bootstrap),
+            Some(bootstrap) => run_function(Target::Bootstrap(bootstrap)),
             None => {
                 let message = "no executable bootstrap in /var/task or /opt";
                 say!("init: {message}");
@@ -390,11 +486,11 @@ fn report(error_type: &str, message: &str) {
     }
 }
 
-/// Runs the function's bootstrap with the host's variables, its lines to
+/// Runs the function's process with the host's variables, its lines to
 /// the host's log stream (the console when there is no host), its
 /// Runtime API relayed, until it ends; then says how it ended.
-fn run_function(bootstrap: &'static CStr) {
-    let (variables, log) = match host::read_environ() {
+fn run_function(target: Target) {
+    let (mut variables, log) = match host::read_environ() {
         Ok(variables) => {
             say!("init: {} variables from the host", variables.len());
             let log = host::connect(host::LOG_PORT)
@@ -418,8 +514,18 @@ fn run_function(bootstrap: &'static CStr) {
     let listener = relay::listen_runtime_api()
         .map_err(|e| say!("init: cannot listen on 127.0.0.1:9001: errno {}", e.0))
         .ok();
+    let program = match target {
+        Target::Bootstrap(path) => function::Program::bootstrap(path),
+        Target::Image => match image_program(&mut variables) {
+            Ok(program) => program,
+            Err(message) => {
+                say!("init: {message}");
+                return report("Runtime.InvalidEntrypoint", &message);
+            }
+        },
+    };
     let oom_kills_before = oom_kills();
-    let process = match function::spawn(bootstrap, &variables) {
+    let process = match function::spawn(&program, &variables) {
         Ok(p) => p,
         Err((what, e)) => return say!("init: {what} failed: errno {}", e.0),
     };

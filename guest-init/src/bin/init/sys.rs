@@ -33,6 +33,7 @@ const FORK: usize = 57;
 const EXECVE: usize = 59;
 const WAIT4: usize = 61;
 const CHDIR: usize = 80;
+const CHROOT: usize = 161;
 const PIPE2: usize = 293;
 const DUP2: usize = 33;
 const EXIT_GROUP: usize = 231;
@@ -176,6 +177,11 @@ pub fn fork() -> Result<i32> {
 pub fn chdir(path: &CStr) -> Result<()> {
     // SAFETY: a NUL-terminated path.
     check(unsafe { syscall(CHDIR, [path.as_ptr() as usize, 0, 0, 0, 0]) }).map(drop)
+}
+
+pub fn chroot(path: &CStr) -> Result<()> {
+    // SAFETY: a NUL-terminated path.
+    check(unsafe { syscall(CHROOT, [path.as_ptr() as usize, 0, 0, 0, 0]) }).map(drop)
 }
 
 /// Runs `path` with `argv` and `envp`, NUL-terminated strings in

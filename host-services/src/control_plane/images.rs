@@ -1,0 +1,146 @@
+//! Container image functions (`PackageType: Image`): the image named by
+//! `ImageUri`, an OCI image layout (a directory or a tar archive of one)
+//! on the worker's host, is flattened once into a read-only EROFS file
+//! system, cut into convergently sealed 512 KiB chunks in the chunk store
+//! (chunks two images share are stored once) and recorded, sealed, with
+//! its chunk manifest and what it says to run. Environments boot the
+//! Linux guest on the chunked drive, which fetches a chunk when the
+//! guest first reads it.
+
+use crate::artifacts::chunk_store::StoredImage;
+use crate::artifacts::container_image::{ImageLaunch, ImageRecord, ImportedImage};
+use crate::artifacts::oci;
+use crate::control_plane::functions::{code_key, ControlPlane};
+use crate::control_plane::model::{FunctionConfiguration, ImageConfig};
+use crate::control_plane::store::{Txn, CODE};
+use crate::error::ApiError;
+use crate::ids::AccountId;
+
+/// The local path an `ImageUri` names: a path, or a `file://` URL.
+fn image_path(uri: &str) -> Result<&std::path::Path, ApiError> {
+    let path = uri.strip_prefix("file://").unwrap_or(uri);
+    if !path.starts_with('/') {
+        return Err(ApiError::invalid(format!(
+            "ImageUri {uri:?}: this worker takes an OCI image layout on its host, \
+             by absolute path (a directory or a tar archive of one)"
+        )));
+    }
+    Ok(std::path::Path::new(path))
+}
+
+impl ControlPlane {
+    /// Reads, flattens and chunks the image `uri` names. Slow for a large
+    /// image; nothing is recorded until [`Self::put_image`].
+    pub(crate) fn import_image(&self, uri: &str) -> Result<ImportedImage, ApiError> {
+        let path = image_path(uri)?;
+        let (filesystem, flattened) = oci::filesystem_image(path)
+            .map_err(|e| ApiError::invalid(format!("ImageUri {uri:?}: {e}")))?;
+        let StoredImage {
+            manifest,
+            new_chunks,
+        } = self
+            .chunks
+            .put(&filesystem)
+            .map_err(|e| ApiError::Service(e.to_string()))?;
+        tracing::info!(
+            "image {uri} ({}): {} layers, {} bytes as {} chunks, {new_chunks} of them new",
+            flattened.digest,
+            flattened.layers,
+            filesystem.len(),
+            manifest.chunks.len()
+        );
+        Ok(ImportedImage {
+            digest: flattened
+                .digest
+                .strip_prefix("sha256:")
+                .unwrap_or(&flattened.digest)
+                .to_string(),
+            record: ImageRecord {
+                uri: uri.to_string(),
+                manifest: manifest.encode(),
+                run: flattened.run,
+            },
+        })
+    }
+
+    /// Records an imported image for `account`, sealed.
+    pub(crate) fn put_image(
+        &self,
+        t: &Txn,
+        account: &AccountId,
+        image: &ImportedImage,
+    ) -> Result<(), ApiError> {
+        let record = serde_json::to_vec(&image.record)
+            .map_err(|e| ApiError::Service(format!("an image record: {e}")))?;
+        self.put_code(t, &code_key(account, &image.digest), &record)
+    }
+
+    fn image_record(&self, account: &AccountId, digest: &str) -> Result<ImageRecord, ApiError> {
+        let key = code_key(account, digest);
+        let sealed = self
+            .store
+            .read()?
+            .get_bytes(CODE, &key)?
+            .ok_or_else(|| ApiError::Service(format!("image {digest} is missing")))?;
+        serde_json::from_slice(&self.open_code(&key, &sealed)?)
+            .map_err(|e| ApiError::Service(format!("image {digest}'s record: {e}")))
+    }
+
+    /// The `ImageUri` a version's image came from.
+    pub fn image_uri(
+        &self,
+        account: &AccountId,
+        config: &FunctionConfiguration,
+    ) -> Result<String, ApiError> {
+        Ok(self.image_record(account, &config.code_sha256)?.uri)
+    }
+
+    /// What an environment of the image function `config` runs, as
+    /// Lambda runs an image: its `ImageConfig` over the image's ENTRYPOINT,
+    /// CMD and WORKDIR (`/` without either), and the image's ENV.
+    pub(crate) fn image_launch(
+        &self,
+        account: &AccountId,
+        config: &FunctionConfiguration,
+    ) -> Result<ImageLaunch, ApiError> {
+        let record = self.image_record(account, &config.code_sha256)?;
+        let run = record.run;
+        let overrides = config
+            .image_config_response
+            .as_ref()
+            .map(|r| r.image_config.clone())
+            .unwrap_or_default();
+        let ImageConfig {
+            entry_point,
+            command,
+            working_directory,
+        } = overrides;
+        let command = command.or(run.cmd).unwrap_or_default();
+        let handler = command.first().cloned().unwrap_or_default();
+        let mut argv = entry_point.or(run.entrypoint).unwrap_or_default();
+        argv.extend(command);
+        if argv.is_empty() {
+            return Err(ApiError::invalid(
+                "the image has no ENTRYPOINT or CMD, and ImageConfig gives neither",
+            ));
+        }
+        let env = run
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect();
+        Ok(ImageLaunch {
+            manifest: record.manifest,
+            argv,
+            working_dir: working_directory
+                .or(run.working_dir.filter(|d| !d.is_empty()))
+                .unwrap_or_else(|| "/".into()),
+            handler,
+            env,
+        })
+    }
+}
