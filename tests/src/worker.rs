@@ -219,3 +219,32 @@ pub fn environments_of(log: &str, version_key: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Runs `tests/python/SCRIPT ARGS...` with the two accounts' keys
+/// (`KEY_A`, `SECRET_A`, `KEY_B`, `SECRET_B`, `ACCOUNT_B`); its output,
+/// once it says every check passed.
+pub fn client_script(script: &str, args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script);
+    let out = std::process::Command::new(crate::python())
+        .arg(&script)
+        .args(args)
+        .env("KEY_A", ACCOUNT_A.0)
+        .env("SECRET_A", ACCOUNT_A.1)
+        .env("KEY_B", ACCOUNT_B.0)
+        .env("SECRET_B", ACCOUNT_B.1)
+        .env("ACCOUNT_B", ACCOUNT_B.2)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{} failed:\n{stdout}\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    stdout
+}

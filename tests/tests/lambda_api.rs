@@ -6,42 +6,17 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use microvm_tests::worker::{
-    client_runtime, data_dir, environments_of, RunningWorker, ACCOUNT_A, ACCOUNT_B,
+    client_runtime, client_script, data_dir, environments_of, RunningWorker,
 };
-use microvm_tests::{python, ECHO_WAT};
+use microvm_tests::ECHO_WAT;
 
 fn boto3(endpoint: &str, wasm: &Path, extra: &[&str]) -> String {
-    client_script("lambda_api_e2e.py", endpoint, wasm, extra)
-}
-
-/// Runs `tests/python/SCRIPT ENDPOINT WASM EXTRA...` with the two
-/// accounts' keys; its output, once it says every check passed.
-fn client_script(script: &str, endpoint: &str, wasm: &Path, extra: &[&str]) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join(script);
-    let out = Command::new(python())
-        .arg(&script)
-        .arg(endpoint)
-        .arg(wasm)
-        .args(extra)
-        .env("KEY_A", ACCOUNT_A.0)
-        .env("SECRET_A", ACCOUNT_A.1)
-        .env("KEY_B", ACCOUNT_B.0)
-        .env("SECRET_B", ACCOUNT_B.1)
-        .env("ACCOUNT_B", ACCOUNT_B.2)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{} failed:\n{stdout}\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("all checks passed"), "{stdout}");
-    stdout
+    let wasm = wasm.display().to_string();
+    let args: Vec<&str> = [endpoint, &wasm]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    client_script("lambda_api_e2e.py", &args)
 }
 
 #[test]
@@ -50,7 +25,10 @@ fn the_aws_cli_drives_the_api_unchanged() {
     let wasm = data.join("function.wasm");
     std::fs::write(&wasm, wat::parse_str(ECHO_WAT).unwrap()).unwrap();
     let worker = RunningWorker::start(&data, &[], "info");
-    client_script("aws_cli_e2e.py", &worker.endpoint(), &wasm, &[]);
+    client_script(
+        "aws_cli_e2e.py",
+        &[&worker.endpoint(), &wasm.display().to_string()],
+    );
     worker.stop();
     std::fs::remove_dir_all(&data).unwrap();
 }

@@ -2,9 +2,10 @@
 //! ZIP holds a `bootstrap` built on the official `lambda_runtime` crate,
 //! created and invoked through the Lambda API of a real `lambda-worker`,
 //! each environment a Linux microVM (the project's kernel and no_std
-//! init); and a `python3.11` function, its handler run by the official
+//! init); a `python3.11` function, its handler run by the official
 //! Runtime Interface Client (`awslambdaric`) in the project's Python
-//! runtime image. On a PVM host they run in the L1 machine.
+//! runtime image; container image functions; all of them through boto3
+//! too. On a PVM host they run in the L1 machine.
 
 use std::path::PathBuf;
 
@@ -13,13 +14,16 @@ use serde_json::{json, Value};
 
 use host_services::data_plane::lifecycle::DestroyReason;
 use microvm_tests::lambda_client::{zip_one_executable, Invoked, LambdaClient};
-use microvm_tests::worker::{client_runtime, data_dir, environments_of, lifecycle, RunningWorker};
+use microvm_tests::worker::{
+    client_runtime, client_script, data_dir, environments_of, lifecycle, RunningWorker,
+};
 use microvm_tests::{
     guest_kernel, linux_init_binary, on_hardware_kvm, python_runtime_image, rust_function_bootstrap,
 };
 
-/// Starts a worker with the Linux guest; slow machines (L1) get time.
-fn linux_worker(name: &str) -> (RunningWorker, PathBuf) {
+/// Starts a worker with the Linux guest and `extra` flags; slow machines
+/// (L1) get time.
+fn linux_worker(name: &str, extra: &[&str]) -> (RunningWorker, PathBuf) {
     let kernel = guest_kernel().unwrap_or_else(|e| panic!("{e}"));
     let init = linux_init_binary();
     let python = format!(
@@ -37,11 +41,8 @@ fn linux_worker(name: &str) -> (RunningWorker, PathBuf) {
         &python,
         "--init-timeout",
         "240",
-        // The provided.al2023 test restores a clone of the version's
-        // first boot.
-        "--snapshots",
-        "every-version",
     ];
+    let flags: Vec<&str> = flags.iter().chain(extra).copied().collect();
     let data = data_dir(name);
     (RunningWorker::start(&data, &flags, "info"), data)
 }
@@ -64,7 +65,8 @@ fn a_provided_al2023_function_serves_events_restores_survives_a_crash_and_runs_f
     on_hardware_kvm(
         "a_provided_al2023_function_serves_events_restores_survives_a_crash_and_runs_from_a_layer",
         || {
-            let (worker, data) = linux_worker("linux-runtime");
+            // A clone of the version's first boot restores.
+            let (worker, data) = linux_worker("linux-runtime", &["--snapshots", "every-version"]);
             let client = worker.client();
             let zip = zip_one_executable(
                 "bootstrap",
@@ -235,7 +237,7 @@ fn a_python311_function_runs_its_handler_with_lambdas_context_and_errors_timeout
     on_hardware_kvm(
         "a_python311_function_runs_its_handler_with_lambdas_context_and_errors_timeouts_and_oom",
         || {
-            let (worker, data) = linux_worker("python-runtime");
+            let (worker, data) = linux_worker("python-runtime", &[]);
             let client = worker.client();
             let zip = microvm_tests::lambda_client::zip_one("app.py", PYTHON_HANDLER.as_bytes());
             let rt = client_runtime();
@@ -405,14 +407,25 @@ fn layer(files: &[(&str, &[u8])]) -> Vec<u8> {
     builder.into_inner().unwrap()
 }
 
-/// Deterministic bytes that do not compress: what a base image's
-/// libraries look like to the chunk store.
-fn noise(len: usize) -> Vec<u8> {
-    use sha2::Digest;
-    (0..len.div_ceil(32) as u64)
-        .flat_map(|block| sha2::Sha256::digest(block.to_le_bytes()))
-        .take(len)
-        .collect()
+/// Writes an image layout of the `lambda_runtime` test function to `dir`:
+/// a base layer any two such images share (the function, 6 MB, run by
+/// name from PATH), then a layer with `own` file (sorted after the
+/// base's, so that the base's chunks stay aligned), with `GREETING` set to
+/// `greeting`, CMD `app.handler` and WORKDIR /var/task.
+fn function_image(dir: &std::path::Path, own: (&str, &[u8]), greeting: &str) {
+    use host_services::artifacts::oci::{write_layout, ImageRunConfig};
+    let handler = std::fs::read(rust_function_bootstrap()).unwrap();
+    let base = layer(&[("usr/local/bin/handler", &handler)]);
+    let run = ImageRunConfig {
+        entrypoint: Some(vec!["handler".into()]),
+        cmd: Some(vec!["app.handler".into()]),
+        env: Some(vec![
+            "PATH=/usr/local/bin:/usr/bin:/bin".into(),
+            format!("GREETING={greeting}"),
+        ]),
+        working_dir: Some("/var/task".into()),
+    };
+    write_layout(dir, &[base, layer(&[own])], &run).unwrap();
 }
 
 /// `image ... as N chunks, M of them new` from the worker's log, per image
@@ -434,175 +447,39 @@ fn imported_chunks(log: &str) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// boto3 against Linux functions of every kind, in one L1 machine: the
+/// script's checks, then the chunk store's sharing of the two images'
+/// base layer.
 #[test]
-fn container_images_run_as_lambda_runs_them_and_share_their_base_chunks() {
+fn boto3_drives_linux_functions_cold_warm_and_restored_across_zip_python_and_image() {
     on_hardware_kvm(
-        "container_images_run_as_lambda_runs_them_and_share_their_base_chunks",
+        "boto3_drives_linux_functions_cold_warm_and_restored_across_zip_python_and_image",
         || {
-            use host_services::artifacts::oci::{write_layout, ImageRunConfig};
-            let (worker, data) = linux_worker("image-runtime");
-            let client = worker.client();
-            let handler = std::fs::read(rust_function_bootstrap()).unwrap();
-            // The base layer both images share: the function's runtime and
-            // 8 MiB of libraries. Each image's own files sort after it.
-            let libraries = noise(8 << 20);
-            let base = layer(&[
-                ("usr/local/bin/handler", &handler),
-                ("usr/lib/libbig.so", &libraries),
-            ]);
-            let run = |greeting: &str| ImageRunConfig {
-                entrypoint: Some(vec!["handler".into()]),
-                cmd: Some(vec!["app.handler".into()]),
-                env: Some(vec![
-                    "PATH=/usr/local/bin:/usr/bin:/bin".into(),
-                    format!("GREETING={greeting}"),
-                ]),
-                working_dir: Some("/var/task".into()),
-            };
-            let (a, b) = (data.join("image-a"), data.join("image-b"));
-            let a_layer = layer(&[("var/task/a.txt", b"a")]);
-            write_layout(&a, &[base.clone(), a_layer], &run("from image a")).unwrap();
-            let b_layer = layer(&[("var/task/b.txt", b"bb")]);
-            write_layout(&b, &[base, b_layer], &run("from image b")).unwrap();
+            let (worker, data) = linux_worker("linux-boto3", &[]);
+            let (image, other) = (data.join("image"), data.join("other-image"));
+            function_image(&image, ("var/task/a.txt", b"a"), "from the image");
+            function_image(&other, ("var/task/b.txt", b"bb"), "from the other image");
             // The second as a tar archive of its layout.
-            let b_tar = data.join("image-b.tar");
-            let mut archive = tar::Builder::new(std::fs::File::create(&b_tar).unwrap());
-            archive.append_dir_all(".", &b).unwrap();
+            let other_tar = data.join("other-image.tar");
+            let mut archive = tar::Builder::new(std::fs::File::create(&other_tar).unwrap());
+            archive.append_dir_all(".", &other).unwrap();
             archive.finish().unwrap();
-            let rt = client_runtime();
-            rt.block_on(async {
-                let create = |name: &str, extra: Value| {
-                    let mut body = json!({
-                        "FunctionName": name,
-                        "PackageType": "Image",
-                        "Role": "arn:aws:iam::111111111111:role/image",
-                        "MemorySize": 256,
-                        "Timeout": 120,
-                    });
-                    body.as_object_mut()
-                        .unwrap()
-                        .extend(extra.as_object().unwrap().clone());
-                    let client = &client;
-                    async move {
-                        client
-                            .call(
-                                hyper::Method::POST,
-                                "/2015-03-31/functions",
-                                None,
-                                body,
-                                201,
-                            )
-                            .await
-                    }
-                };
-                let describe = |name: &'static str| {
-                    let client = &client;
-                    async move {
-                        let invoked = client
-                            .invoke(name, Bytes::from_static(br#"{"describe":true}"#))
-                            .await
-                            .unwrap();
-                        assert_eq!(invoked.status, 200, "{invoked:?}");
-                        let body: Value = serde_json::from_slice(&invoked.body).unwrap();
-                        body
-                    }
-                };
-
-                let created = create(
-                    "image-a",
-                    json!({"Code": {"ImageUri": a.display().to_string()}}),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("{e}\n{}", worker.log()));
-                assert_eq!(created["PackageType"], "Image", "{created}");
-                assert!(created.get("Runtime").is_none(), "{created}");
-                let described = describe("image-a").await;
-                assert_eq!(
-                    described,
-                    json!({
-                        "args": ["handler", "app.handler"],
-                        "cwd": "/var/task",
-                        "handler": "app.handler",
-                        "greeting": "from image a",
-                    }),
-                    "the image's ENTRYPOINT with CMD, WORKDIR and ENV\n{}",
-                    worker.log()
-                );
-                let echo = client
-                    .invoke("image-a", Bytes::from_static(br#"{"n":1}"#))
-                    .await
-                    .unwrap();
-                assert_eq!(&echo.body[..], br#"{"echo":{"n":1}}"#);
-
-                create(
-                    "image-b",
-                    json!({
-                        "Code": {"ImageUri": format!("file://{}", b_tar.display())},
-                        "Environment": {"Variables": {"GREETING": "from the function"}},
-                        "ImageConfig": {
-                            "EntryPoint": ["/usr/local/bin/handler"],
-                            "Command": ["other.handler"],
-                            "WorkingDirectory": "/usr",
-                        },
-                    }),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("{e}\n{}", worker.log()));
-                assert_eq!(
-                    describe("image-b").await,
-                    json!({
-                        "args": ["/usr/local/bin/handler", "other.handler"],
-                        "cwd": "/usr",
-                        "handler": "other.handler",
-                        "greeting": "from the function",
-                    }),
-                    "ImageConfig and the function's variables win\n{}",
-                    worker.log()
-                );
-                let got = client
-                    .call(
-                        hyper::Method::GET,
-                        "/2015-03-31/functions/image-b",
-                        None,
-                        json!({}),
-                        200,
-                    )
-                    .await
-                    .unwrap();
-                assert_eq!(got["Code"]["RepositoryType"], "ECR", "{got}");
-                assert!(
-                    got["Code"]["ImageUri"]
-                        .as_str()
-                        .unwrap()
-                        .ends_with("image-b.tar"),
-                    "{got}"
-                );
-                assert_eq!(
-                    got["Configuration"]["ImageConfigResponse"]["ImageConfig"]["WorkingDirectory"],
-                    "/usr"
-                );
-
-                for (uri, what) in [
-                    ("relative/layout", "absolute path"),
-                    ("/nonexistent/layout", "/nonexistent/layout"),
-                ] {
-                    let refused = create("bad-image", json!({"Code": {"ImageUri": uri}}))
-                        .await
-                        .unwrap_err();
-                    assert!(
-                        refused.contains("InvalidParameterValueException")
-                            && refused.contains(what),
-                        "{refused}"
-                    );
-                }
-            });
+            client_script(
+                "linux_e2e.py",
+                &[
+                    &worker.endpoint(),
+                    &rust_function_bootstrap().display().to_string(),
+                    &image.display().to_string(),
+                    &other_tar.display().to_string(),
+                ],
+            );
             let imported = imported_chunks(&worker.log());
             assert_eq!(imported.len(), 2, "{}", worker.log());
             let (referenced, stored) = imported
                 .iter()
                 .fold((0, 0), |(r, s), (total, new)| (r + total, s + new));
             println!(
-                "two images sharing an 8 MiB base layer: {referenced} chunks referenced, {stored} stored (dedup ratio {:.2})",
+                "two images sharing a base layer: {referenced} chunks referenced, {stored} stored (dedup ratio {:.2})",
                 referenced as f64 / stored as f64
             );
             assert_eq!(imported[0].0, imported[0].1, "the first image stores all");

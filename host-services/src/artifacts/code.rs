@@ -114,6 +114,18 @@ pub fn extract_with_layers(
     }
 }
 
+/// A custom runtime's `bootstrap`, at the root of the code or of a layer
+/// (`/var/task/bootstrap` or `/opt/bootstrap`); refused as Lambda words it.
+pub fn check_bootstrap(code: &[u8], layers: &[impl AsRef<[u8]>]) -> Result<(), ApiError> {
+    if has_file(code, "bootstrap") || layers.iter().any(|l| has_file(l.as_ref(), "bootstrap")) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "Couldn't find valid bootstrap(s): [/var/task/bootstrap /opt/bootstrap]",
+        ))
+    }
+}
+
 fn has_file(zip: &[u8], name: &str) -> bool {
     zip::ZipArchive::new(Cursor::new(zip)).is_ok_and(|a| a.index_for_name(name).is_some())
 }
@@ -131,6 +143,22 @@ mod tests {
             w.write_all(data).unwrap();
         }
         w.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn a_custom_runtime_needs_a_bootstrap_in_its_code_or_a_layer() {
+        let none: [Vec<u8>; 0] = [];
+        let with = zip_of(&[("bootstrap", b"#!")]);
+        let without = zip_of(&[("main.sh", b"#!"), ("bin/bootstrap", b"#!")]);
+        assert!(check_bootstrap(&with, &none).is_ok());
+        assert!(check_bootstrap(&without, &[with.clone()]).is_ok());
+        let refused = check_bootstrap(&without, &[without.clone()]).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("Couldn't find valid bootstrap(s)"),
+            "{refused}"
+        );
     }
 
     #[test]

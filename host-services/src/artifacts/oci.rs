@@ -102,6 +102,8 @@ pub struct ImageRunConfig {
 struct ImageConfigBlob {
     #[serde(default)]
     config: Option<ImageRunConfig>,
+    architecture: Option<String>,
+    os: Option<String>,
 }
 
 /// The layout's files: from its directory, or read out of its tarball.
@@ -206,9 +208,21 @@ pub fn flatten(layout: &Path, root: &Path) -> Result<Flattened, OciError> {
     }
     let manifest: Manifest = json("the image manifest", &layout.blob(&descriptor.digest)?)?;
     let run = match &manifest.config {
-        Some(config) => json::<ImageConfigBlob>("the image config", &layout.blob(&config.digest)?)?
-            .config
-            .unwrap_or_default(),
+        Some(config) => {
+            let blob: ImageConfigBlob = json("the image config", &layout.blob(&config.digest)?)?;
+            // An index may name no platform; the config does.
+            for (what, got, want) in [
+                ("architecture", &blob.architecture, "amd64"),
+                ("os", &blob.os, "linux"),
+            ] {
+                if got.as_deref().is_some_and(|g| g != want) {
+                    return Err(OciError::Layout(format!(
+                        "the image is for {what} {got:?}; this worker runs linux/amd64"
+                    )));
+                }
+            }
+            blob.config.unwrap_or_default()
+        }
         None => ImageRunConfig::default(),
     };
     let mut flattened = Flattened {
@@ -512,6 +526,54 @@ pub(crate) mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn an_image_for_another_architecture_is_refused_naming_it() {
+        let dir = scratch("arm64");
+        let layer = layer_tar(&[Entry::File("bin/serve", b"#!")]);
+        let layout = dir.join("layout");
+        super::write_layout(&layout, &[layer], &ImageRunConfig::default()).unwrap();
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        let refused = |layout: &Path| flatten(layout, &dir.join("root")).unwrap_err().to_string();
+        // The index names only an arm64 manifest.
+        let index = std::fs::read_to_string(layout.join("index.json")).unwrap();
+        std::fs::write(layout.join("index.json"), index.replace("amd64", "arm64")).unwrap();
+        assert!(refused(&layout).contains("none of the 1 manifests is for linux/amd64"));
+        // The index names no platform, the config says arm64.
+        let mut index: serde_json::Value = serde_json::from_str(&index).unwrap();
+        index["manifests"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("platform");
+        std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+        let manifest_hex = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(layout.join("blobs/sha256").join(&manifest_hex)).unwrap(),
+        )
+        .unwrap();
+        let config_path = layout
+            .join("blobs/sha256")
+            .join(&manifest["config"]["digest"].as_str().unwrap()[7..]);
+        let config = std::fs::read_to_string(&config_path)
+            .unwrap()
+            .replace("amd64", "arm64");
+        // Stored under its new digest, named by a manifest and index anew.
+        let put = |data: &[u8]| {
+            let hex = hex::encode(Sha256::digest(data));
+            std::fs::write(layout.join("blobs/sha256").join(&hex), data).unwrap();
+            format!("sha256:{hex}")
+        };
+        let mut manifest = manifest;
+        manifest["config"]["digest"] = put(config.as_bytes()).into();
+        index["manifests"][0]["digest"] = put(manifest.to_string().as_bytes()).into();
+        std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+        let message = refused(&layout);
+        assert!(
+            message.contains("architecture") && message.contains("arm64"),
+            "{message}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1213,7 +1213,11 @@ impl ControlPlane {
         }
         // A Linux code disk is the ZIP's files whatever the handler.
         let code = self.sealed_disk(&format!("erofs\0{}", config.code_sha256), || {
-            erofs_image::build(&stored_zip(&config.code_sha256)?).map_err(erofs_error)
+            let zip = stored_zip(&config.code_sha256)?;
+            if runtime::PROVIDED.contains(&config.runtime.as_str()) {
+                code::check_bootstrap(&zip, &layer_zips()?)?;
+            }
+            erofs_image::build(&zip).map_err(erofs_error)
         })?;
         let layers = if layer_shas.is_empty() {
             None

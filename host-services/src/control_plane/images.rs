@@ -9,7 +9,7 @@
 
 use crate::artifacts::chunk_store::StoredImage;
 use crate::artifacts::container_image::{ImageLaunch, ImageRecord, ImportedImage};
-use crate::artifacts::oci;
+use crate::artifacts::oci::{self, ImageRunConfig};
 use crate::control_plane::functions::{code_key, ControlPlane};
 use crate::control_plane::model::{FunctionConfiguration, ImageConfig};
 use crate::control_plane::store::{Txn, CODE};
@@ -95,52 +95,29 @@ impl ControlPlane {
         Ok(self.image_record(account, &config.code_sha256)?.uri)
     }
 
-    /// What an environment of the image function `config` runs, as
-    /// Lambda runs an image: its `ImageConfig` over the image's ENTRYPOINT,
-    /// CMD and WORKDIR (`/` without either), and the image's ENV.
+    /// What an environment of the image function `config` runs: its
+    /// `ImageConfig` over what the image says.
     pub(crate) fn image_launch(
         &self,
         account: &AccountId,
         config: &FunctionConfiguration,
     ) -> Result<ImageLaunch, ApiError> {
         let record = self.image_record(account, &config.code_sha256)?;
-        let run = record.run;
-        let overrides = config
-            .image_config_response
-            .as_ref()
-            .map(|r| r.image_config.clone())
-            .unwrap_or_default();
         let ImageConfig {
             entry_point,
             command,
             working_directory,
-        } = overrides;
-        let command = command.or(run.cmd).unwrap_or_default();
-        let handler = command.first().cloned().unwrap_or_default();
-        let mut argv = entry_point.or(run.entrypoint).unwrap_or_default();
-        argv.extend(command);
-        if argv.is_empty() {
-            return Err(ApiError::invalid(
-                "the image has no ENTRYPOINT or CMD, and ImageConfig gives neither",
-            ));
-        }
-        let env = run
-            .env
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|kv| {
-                let (k, v) = kv.split_once('=')?;
-                Some((k.to_string(), v.to_string()))
-            })
-            .collect();
-        Ok(ImageLaunch {
-            manifest: record.manifest,
-            argv,
-            working_dir: working_directory
-                .or(run.working_dir.filter(|d| !d.is_empty()))
-                .unwrap_or_else(|| "/".into()),
-            handler,
-            env,
-        })
+        } = config
+            .image_config_response
+            .as_ref()
+            .map(|r| r.image_config.clone())
+            .unwrap_or_default();
+        let overrides = ImageRunConfig {
+            entrypoint: entry_point,
+            cmd: command,
+            env: None,
+            working_dir: working_directory,
+        };
+        ImageLaunch::resolve(record.manifest, record.run, overrides).map_err(ApiError::invalid)
     }
 }
