@@ -151,7 +151,7 @@ mod tests {
         let with = zip_of(&[("bootstrap", b"#!")]);
         let without = zip_of(&[("main.sh", b"#!"), ("bin/bootstrap", b"#!")]);
         assert!(check_bootstrap(&with, &none).is_ok());
-        assert!(check_bootstrap(&without, &[with.clone()]).is_ok());
+        assert!(check_bootstrap(&without, std::slice::from_ref(&with)).is_ok());
         let refused = check_bootstrap(&without, &[without.clone()]).unwrap_err();
         assert!(
             refused
