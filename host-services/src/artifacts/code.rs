@@ -152,7 +152,7 @@ mod tests {
         let without = zip_of(&[("main.sh", b"#!"), ("bin/bootstrap", b"#!")]);
         assert!(check_bootstrap(&with, &none).is_ok());
         assert!(check_bootstrap(&without, std::slice::from_ref(&with)).is_ok());
-        let refused = check_bootstrap(&without, &[without.clone()]).unwrap_err();
+        let refused = check_bootstrap(&without, std::slice::from_ref(&without)).unwrap_err();
         assert!(
             refused
                 .to_string()
