@@ -193,3 +193,43 @@ proptest! {
         })?;
     }
 }
+
+/// SnapStart's hook point: a runtime initialized for a snapshot asks
+/// `/restore/next`, which ends its init phase; the answer waits until the
+/// environment resumes (its snapshot taken), then the runtime goes on.
+#[tokio::test]
+async fn restore_next_ends_the_init_phase_and_is_answered_once_the_environment_resumes() {
+    let dir = std::env::temp_dir().join(format!("restore-next-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("api.sock");
+    let api = RuntimeApi::bind(&socket, "arn:aws:lambda:local:111111111111:function:f")
+        .await
+        .unwrap();
+    let waiting = {
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            request(
+                &socket,
+                b"GET /2018-06-01/runtime/restore/next HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            )
+            .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(5), api.ready())
+        .await
+        .expect("restore/next ends the init phase")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished(),
+        "answered before the environment resumed"
+    );
+    api.resume();
+    let reply = waiting.await.unwrap().expect("an answer once resumed");
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,7 +1,7 @@
 """Drives Linux functions with boto3, as any AWS user would, on a worker
 that has the Linux guest: a provided.al2023 function on the official
-lambda_runtime crate (cold, warm, a SnapStart version restored), a
-python3.11 function run by awslambdaric, and two container image
+lambda_runtime crate and a python3.11 function run by awslambdaric (each
+cold, warm, and a SnapStart version restored), and two container image
 functions (a layout directory, and a tar archive with ImageConfig), each
 cold then warm; another account reaches none of them.
 
@@ -85,8 +85,13 @@ def snap_start(name, payload, expected):
     a.update_function_configuration(FunctionName=name, SnapStart={"ApplyOn": "PublishedVersions"})
     version = a.publish_version(FunctionName=name)["Version"]
     # Initialized and sealed under emulation: minutes, not milliseconds.
-    a.get_waiter("published_version_active").wait(FunctionName=name, Qualifier=version,
-                                                  WaiterConfig={"Delay": 2, "MaxAttempts": 300})
+    try:
+        a.get_waiter("published_version_active").wait(FunctionName=name, Qualifier=version,
+                                                      WaiterConfig={"Delay": 2, "MaxAttempts": 300})
+    except botocore.exceptions.WaiterError:
+        got = a.get_function_configuration(FunctionName=name, Qualifier=version)
+        check(f"{name}: its SnapStart version {version} becomes Active", False,
+              f"{got['State']}: {got.get('StateReason')}")
     with ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda _: invoke(name, payload, Qualifier=version), range(2)))
     restored = [(body, log) for _, body, log in answers if "Restore Duration" in log]
@@ -127,6 +132,7 @@ cold_then_warm("py", {"n": 2}, {"python": {"n": 2}, "function": "py", "version":
 r, body, log = invoke("py", {"raise": "no"})
 check("py: an exception is Lambda's error JSON", r.get("FunctionError") == "Unhandled"
       and body["errorType"] == "ValueError" and body["errorMessage"] == "no" and "python got" in log, (body, log))
+snap_start("py", {"n": 5}, {"python": {"n": 5}, "function": "py", "version": "1"})
 a.create_function(FunctionName="py-missing", Runtime="python3.11", Role=role, Handler="nothing.handler",
                   Timeout=120, Code={"ZipFile": zipped([("app.py", app, 0o644)])})
 r, body, _ = invoke("py-missing", {})

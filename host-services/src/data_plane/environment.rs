@@ -371,6 +371,7 @@ impl ExecutionEnvironment {
                 Err(e) => tracing::warn!("environment {id}: no snapshot of {}: {e}", launch.key),
             }
         }
+        api.resume();
         vmm.freeze(true);
         Ok(ExecutionEnvironment {
             id,

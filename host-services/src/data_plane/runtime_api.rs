@@ -61,8 +61,12 @@ struct Shared {
     in_flight: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
     function_arn: String,
     init_error: watch::Sender<InitError>,
-    /// Set by the runtime's first `/next`: the end of its init phase.
+    /// Set by the runtime's first `/next`, or its `/restore/next`: the end
+    /// of its init phase.
     ready: watch::Sender<bool>,
+    /// Set once the environment's snapshot step is over: a runtime
+    /// waiting in `/restore/next` goes on.
+    resumed: watch::Receiver<bool>,
 }
 
 /// One environment's Runtime API: the server task and the invoking side.
@@ -70,6 +74,7 @@ pub struct RuntimeApi {
     sender: mpsc::Sender<Pending>,
     init_error: watch::Receiver<InitError>,
     ready: watch::Receiver<bool>,
+    resumed: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -128,6 +133,21 @@ async fn next(State(shared): State<Arc<Shared>>) -> Response {
         .unwrap_or_else(|e| e.into_inner())
         .insert(p.request_id, p.reply);
     (StatusCode::OK, headers, p.payload).into_response()
+}
+
+/// SnapStart's hook point: a runtime initialized for a snapshot
+/// (`AWS_LAMBDA_INITIALIZATION_TYPE=snap-start`, as awslambdaric does)
+/// asks here once its before-snapshot hooks ran. The snapshot is taken
+/// while it waits; the answer comes once the environment goes on (in a
+/// clone, its replayed request is answered at once), and the runtime runs
+/// its after-restore hooks before its first `/next`.
+async fn restore_next(State(shared): State<Arc<Shared>>) -> Response {
+    shared.ready.send_replace(true);
+    let mut resumed = shared.resumed.clone();
+    if resumed.wait_for(|r| *r).await.is_err() {
+        return (StatusCode::GONE, "the environment is shutting down").into_response();
+    }
+    StatusCode::OK.into_response()
 }
 
 fn complete(shared: &Shared, id: &str, outcome: Outcome) -> Response {
@@ -207,12 +227,14 @@ impl RuntimeApi {
         let (sender, receiver) = mpsc::channel(64);
         let (init_tx, init_rx) = watch::channel(None);
         let (ready_tx, ready_rx) = watch::channel(false);
+        let (resumed_tx, resumed_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             queue: tokio::sync::Mutex::new(receiver),
             in_flight: Mutex::new(HashMap::new()),
             function_arn: function_arn.to_string(),
             init_error: init_tx,
             ready: ready_tx,
+            resumed: resumed_rx,
         });
         let router = Router::new()
             .route("/2018-06-01/runtime/invocation/next", get(next))
@@ -222,6 +244,10 @@ impl RuntimeApi {
             )
             .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
             .route("/2018-06-01/runtime/init/error", post(init_error))
+            .route("/2018-06-01/runtime/restore/next", get(restore_next))
+            // A failed after-restore hook ends the environment as a
+            // failed init does.
+            .route("/2018-06-01/runtime/restore/error", post(init_error))
             .layer(DefaultBodyLimit::max(MAX_PAYLOAD))
             .with_state(shared);
         let server = tokio::spawn(async move {
@@ -233,8 +259,15 @@ impl RuntimeApi {
             sender,
             init_error: init_rx,
             ready: ready_rx,
+            resumed: resumed_tx,
             server,
         }
+    }
+
+    /// Lets a runtime waiting in `/restore/next` go on: the environment's
+    /// snapshot, if it takes one, is taken.
+    pub fn resume(&self) {
+        self.resumed.send_replace(true);
     }
 
     /// Waits until the runtime has finished its init phase and asks for
