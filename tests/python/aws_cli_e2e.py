@@ -16,6 +16,8 @@ import tempfile
 import time
 import zipfile
 
+from checks import check
+
 endpoint, wasm_path = sys.argv[1], sys.argv[2]
 aws_command = os.path.join(os.path.dirname(sys.executable), "aws")
 env = dict(os.environ, AWS_ACCESS_KEY_ID=os.environ["KEY_A"], AWS_SECRET_ACCESS_KEY=os.environ["SECRET_A"],
@@ -23,11 +25,6 @@ env = dict(os.environ, AWS_ACCESS_KEY_ID=os.environ["KEY_A"], AWS_SECRET_ACCESS_
 work = tempfile.mkdtemp()
 
 
-def check(name, cond, detail=""):
-    if not cond:
-        print(f"FAIL {name}: {detail}")
-        sys.exit(1)
-    print(f"ok   {name}")
 
 
 def aws(*args, expect_failure=False):

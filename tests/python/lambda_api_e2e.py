@@ -17,6 +17,8 @@ import boto3
 import botocore
 from botocore.config import Config
 
+from checks import check, expect_error
+
 endpoint, wasm_path = sys.argv[1], sys.argv[2]
 env = __import__("os").environ
 
@@ -47,21 +49,8 @@ def zipped(name, data):
     return buf.getvalue()
 
 
-def check(name, cond, detail=""):
-    if not cond:
-        print(f"FAIL {name}: {detail}")
-        sys.exit(1)
-    print(f"ok   {name}")
 
 
-def expect_error(name, code, fn):
-    try:
-        fn()
-    except botocore.exceptions.ClientError as e:
-        got = e.response["Error"]["Code"]
-        check(name, got == code, f"got {got}: {e}")
-        return e
-    check(name, False, "no error")
 
 
 def wait_until_ready(qualifier):

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import sys
-import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,8 +22,9 @@ import boto3
 import botocore
 from botocore.config import Config
 
+from checks import check, expect_error
+
 endpoint, bootstrap_path, image_layout, image_tar = sys.argv[1:5]
-started = time.time()
 env = os.environ
 
 
@@ -39,21 +39,8 @@ b = client(env["KEY_B"], env["SECRET_B"])
 role = "arn:aws:iam::111111111111:role/linux"
 
 
-def check(name, cond, detail=""):
-    if not cond:
-        print(f"FAIL {name}: {detail}")
-        sys.exit(1)
-    print(f"ok   {name} ({time.time() - started:.0f} s)", flush=True)
 
 
-def expect_error(name, code, fn):
-    try:
-        fn()
-    except botocore.exceptions.ClientError as e:
-        got = e.response["Error"]["Code"]
-        check(name, got == code, f"got {got}: {e}")
-        return
-    check(name, False, "no error")
 
 
 def zipped(files):

@@ -449,11 +449,12 @@ fn imported_chunks(log: &str) -> Vec<(usize, usize)> {
 
 /// boto3 against Linux functions of every kind, in one L1 machine: the
 /// script's checks, then the chunk store's sharing of the two images'
-/// base layer.
+/// base layer. Named to sort first: the longest of these tests starts
+/// first when they run two at a time.
 #[test]
-fn boto3_drives_linux_functions_cold_warm_and_restored_across_zip_python_and_image() {
+fn a_boto3_user_runs_zip_python_and_image_functions_cold_warm_and_restored() {
     on_hardware_kvm(
-        "boto3_drives_linux_functions_cold_warm_and_restored_across_zip_python_and_image",
+        "a_boto3_user_runs_zip_python_and_image_functions_cold_warm_and_restored",
         || {
             let (worker, data) = linux_worker("linux-boto3", &[]);
             let (image, other) = (data.join("image"), data.join("other-image"));

@@ -1172,15 +1172,7 @@ impl ControlPlane {
         let layer_shas = self.layer_shas(account, &config.layers)?;
         // Stored code is decrypted only to build a disk that is not built
         // yet, not at every cold start.
-        let stored_zip = |sha: &str| -> Result<Vec<u8>, ApiError> {
-            let key = code_key(account, sha);
-            let sealed = self
-                .store
-                .read()?
-                .get_bytes(CODE, &key)?
-                .ok_or_else(|| ApiError::Service(format!("code {sha} is missing")))?;
-            self.open_code(&key, &sealed)
-        };
+        let stored_zip = |sha: &str| self.stored_code(account, sha);
         let layer_zips = || -> Result<Vec<Vec<u8>>, ApiError> {
             layer_shas.iter().map(|sha| stored_zip(sha)).collect()
         };
@@ -1259,6 +1251,17 @@ impl ControlPlane {
     /// Stores uploaded code sealed, bound to its key.
     pub(crate) fn put_code(&self, t: &Txn, key: &str, zip: &[u8]) -> Result<(), ApiError> {
         Ok(t.put_bytes(CODE, key, &self.keys.seal_blob(key, zip))?)
+    }
+
+    /// The code (or image record) `account` stored under `sha`, opened.
+    pub(crate) fn stored_code(&self, account: &AccountId, sha: &str) -> Result<Vec<u8>, ApiError> {
+        let key = code_key(account, sha);
+        let sealed = self
+            .store
+            .read()?
+            .get_bytes(CODE, &key)?
+            .ok_or_else(|| ApiError::Service(format!("code {sha} is missing")))?;
+        self.open_code(&key, &sealed)
     }
 
     /// Code [`Self::put_code`] stored; an altered record is an error.

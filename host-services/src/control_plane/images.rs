@@ -12,7 +12,7 @@ use crate::artifacts::container_image::{ImageLaunch, ImageRecord, ImportedImage}
 use crate::artifacts::oci::{self, ImageRunConfig};
 use crate::control_plane::functions::{code_key, ControlPlane};
 use crate::control_plane::model::{FunctionConfiguration, ImageConfig};
-use crate::control_plane::store::{Txn, CODE};
+use crate::control_plane::store::Txn;
 use crate::error::ApiError;
 use crate::ids::AccountId;
 
@@ -76,13 +76,7 @@ impl ControlPlane {
     }
 
     fn image_record(&self, account: &AccountId, digest: &str) -> Result<ImageRecord, ApiError> {
-        let key = code_key(account, digest);
-        let sealed = self
-            .store
-            .read()?
-            .get_bytes(CODE, &key)?
-            .ok_or_else(|| ApiError::Service(format!("image {digest} is missing")))?;
-        serde_json::from_slice(&self.open_code(&key, &sealed)?)
+        serde_json::from_slice(&self.stored_code(account, digest)?)
             .map_err(|e| ApiError::Service(format!("image {digest}'s record: {e}")))
     }
 
