@@ -37,21 +37,49 @@ trap 'rm -rf "$log" "$seeds"' EXIT
 # features differently and compile much of the tree a second time.
 (cd .. && MICROVM_FUZZ_SEED_DIR="$seeds" cargo test -q --workspace --lib -- \
     a_driver_set_up_through_the_registers_reads_the_disk fuzzing > /dev/null)
-for target in "${targets[@]}"; do
-    echo "fuzz: $target ($limit)"
+# All targets are built in one go; then they run two at a time, one per
+# core here, each with its own output, reported in order.
+echo "fuzz: building ${#targets[@]} targets" >&2
+cargo fuzz build -s none > "$log" 2>&1 || {
+    tail -40 "$log"
+    echo "fuzz: building the targets failed" >&2
+    exit 1
+}
+outputs=$(mktemp -d)
+trap 'rm -rf "$log" "$seeds" "$outputs"' EXIT
+fuzz_one() {
+    local target=$1 out="$outputs/$1"
+    local started
     started=$(date +%s)
     mkdir -p "corpus/$target"
-    corpora=("corpus/$target")
+    local corpora=("corpus/$target")
     [[ ! -d "$seeds/$target" ]] || corpora+=("$seeds/$target")
     # The corpus stays in fuzz/corpus between runs; a crash fails the run
     # and leaves its input in fuzz/artifacts. libFuzzer reports its
     # progress on stderr every few seconds; the last report is shown.
-    if ! cargo fuzz run "$target" -s none "${corpora[@]}" -- "$limit" -print_final_stats=1 > "$log" 2>&1; then
-        tail -40 "$log"
-        echo "fuzz: $target failed" >&2
-        exit 1
+    if ! cargo fuzz run "$target" -s none "${corpora[@]}" -- "$limit" -print_final_stats=1 > "$out.log" 2>&1; then
+        { tail -40 "$out.log"; echo "fuzz: $target failed"; } > "$out.result"
+        return 1
     fi
-    last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
-    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
-    echo "fuzz: $target: ${runs:-?} executions in $(( $(date +%s) - started ))s, no crash; last report: $last"
+    local last runs
+    last=$(grep -E '^#[0-9]+' "$out.log" | tail -1 || true)
+    runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out.log")
+    echo "fuzz: $target: ${runs:-?} executions in $(( $(date +%s) - started ))s, no crash; last report: $last" > "$out.result"
+}
+pending=()
+for target in "${targets[@]}"; do
+    echo "fuzz: $target ($limit)"
+    fuzz_one "$target" &
+    pending+=($!)
+    if [[ ${#pending[@]} -ge 2 ]]; then
+        wait "${pending[0]}" || true
+        pending=("${pending[@]:1}")
+    fi
 done
+wait || true
+failed=0
+for target in "${targets[@]}"; do
+    cat "$outputs/$target.result" 2>/dev/null || echo "fuzz: $target left no result"
+    grep -q ", no crash;" "$outputs/$target.result" 2>/dev/null || failed=1
+done
+[[ $failed -eq 0 ]] || { echo "fuzz: a target failed (above)" >&2; exit 1; }

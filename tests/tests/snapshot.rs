@@ -326,5 +326,24 @@ fn the_worker_restores_a_versions_snapshot_for_its_later_cold_starts() {
     });
     let log = worker.stop();
     assert!(log.contains("snapshot taken at the first /next"), "{log}");
+    // Each invocation that met a new environment left its trace: a boot's
+    // has the start-up message, a restore's does not.
+    let traces: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" cold_start: "))
+        .collect();
+    let boot = traces
+        .iter()
+        .find(|l| l.contains("start-up message sent"))
+        .unwrap_or_else(|| panic!("no boot's trace in {log}"));
+    let restore = traces
+        .iter()
+        .find(|l| !l.contains("start-up message sent"))
+        .unwrap_or_else(|| panic!("no restore's trace in {log}"));
+    for trace in [boot, restore] {
+        for step in ["vmm spawned", "first /next", "event delivered", "answered"] {
+            assert!(trace.contains(step), "{step} missing from {trace}");
+        }
+    }
     std::fs::remove_dir_all(&data).unwrap();
 }

@@ -50,6 +50,7 @@ pub async fn invoke(
     headers: HeaderMap,
     caller: Caller,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     // Another account's function runs, in its owner's environments and
     // with its owner's role, when its policy lets the caller invoke it.
     let (owner, reference) = FunctionRef::parse_owned(&name, &caller.account)?;
@@ -105,7 +106,7 @@ pub async fn invoke(
                 body,
                 log,
             } = worker
-                .invoke(&resolved, &request_id, caller.body.clone())
+                .invoke(&resolved, &request_id, caller.body.clone(), arrived)
                 .await?;
             let mut response = (StatusCode::OK, body).into_response();
             let h = response.headers_mut();

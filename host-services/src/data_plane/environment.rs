@@ -19,6 +19,7 @@ use crate::control_plane::model::runtime;
 use crate::data_plane::log_stream::{read_lines, Lines};
 use crate::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
 use crate::data_plane::snapshots::{self, SnapshotStore};
+use crate::data_plane::start_trace::StartTrace;
 use crate::data_plane::vmm_process::{
     request_snapshot, CodeDisk, GuestStart, JailSettings, VmmFiles, VmmProcess, VmmProcessError,
     CONTROL_SOCKET, SNAPSHOT_MEMORY, SNAPSHOT_STATE,
@@ -166,6 +167,9 @@ pub struct Invocation {
     /// The microVM's peak resident memory: what the guest touched, plus
     /// the VMM's own.
     pub max_memory_mib: Option<u64>,
+    /// When the runtime took the event, and when its answer came.
+    pub delivered: Option<Instant>,
+    pub answered: Instant,
 }
 
 pub struct ExecutionEnvironment {
@@ -178,6 +182,8 @@ pub struct ExecutionEnvironment {
     pub cold_start: ColdStart,
     /// Set until the first invocation reports it.
     pub fresh: bool,
+    /// When each step of its start ended.
+    pub trace: StartTrace,
     /// Kept ready for a provisioned concurrency config.
     pub provisioned: bool,
     /// The snapshot this environment's boot took, being sealed: it
@@ -208,6 +214,8 @@ impl ExecutionEnvironment {
         initialization: InitializationType,
     ) -> Result<Self, EnvironmentError> {
         let started = Instant::now();
+        let mut trace = StartTrace::default();
+        trace.mark_at("environment begun", started);
         let variables: Vec<(String, String)> = launch
             .variables
             .iter()
@@ -231,6 +239,7 @@ impl ExecutionEnvironment {
                 None
             })
         });
+        trace.mark("snapshot looked up");
         let container = matches!(launch.code, CodeDrive::Image { .. });
         let (kernel, initrd, cmdline, root) = if container || runtime::on_linux(&launch.runtime) {
             let linux = image.linux.as_ref().ok_or(EnvironmentError::NoLinuxGuest)?;
@@ -276,6 +285,7 @@ impl ExecutionEnvironment {
             )),
             None => None,
         };
+        trace.mark("keys unwrapped");
         let dir = image.run_dir.join(&id);
         let dir_error = |source| EnvironmentError::Directory {
             path: dir.clone(),
@@ -294,6 +304,7 @@ impl ExecutionEnvironment {
             UnixListener::bind(format!("{}_{LOG_PORT}", uds.display())).map_err(dir_error)?,
             log.clone(),
         );
+        let environ_sent = Arc::new(std::sync::OnceLock::new());
         let (start, environ_listener) = match &snapshot {
             Some(snapshot) => {
                 let (state, memory) = snapshot.read_only().map_err(dir_error)?;
@@ -311,10 +322,11 @@ impl ExecutionEnvironment {
                         cmdline: &cmdline,
                         initrd,
                     },
-                    Some(serve_environ(listener, environ)),
+                    Some(serve_environ(listener, environ, environ_sent.clone())),
                 )
             }
         };
+        trace.mark("sockets bound");
         let mut vmm = VmmProcess::spawn(
             image.jail.as_ref(),
             &id,
@@ -329,6 +341,7 @@ impl ExecutionEnvironment {
             launch.memory_mib,
             start,
         )?;
+        trace.mark("vmm spawned");
         let child = vmm.child();
         let diagnostics = Arc::new(Lines::default());
         if let Some(out) = child.stdout.take() {
@@ -360,6 +373,10 @@ impl ExecutionEnvironment {
             return Err(e);
         }
         let now = Instant::now();
+        if let Some(sent) = environ_sent.get() {
+            trace.mark_at("start-up message sent", *sent);
+        }
+        trace.mark_at("first /next", now);
         let cold_start = match snapshot {
             Some(_) => ColdStart::Restore(now - started),
             None => ColdStart::Init(now - started),
@@ -370,6 +387,7 @@ impl ExecutionEnvironment {
                 Ok(sealing) => snapshot_sealing = sealing,
                 Err(e) => tracing::warn!("environment {id}: no snapshot of {}: {e}", launch.key),
             }
+            trace.mark("snapshot taken");
         }
         api.resume();
         vmm.freeze(true);
@@ -381,6 +399,7 @@ impl ExecutionEnvironment {
             last_used: now,
             cold_start,
             fresh: true,
+            trace,
             provisioned: false,
             snapshot_sealing,
             vmm,
@@ -413,7 +432,8 @@ impl ExecutionEnvironment {
                 return Err(InvokeError::EnvironmentGone);
             }
         };
-        let duration = started.elapsed();
+        let answered = Instant::now();
+        let duration = answered - started;
         self.log.wait_for_end(request_id).await;
         self.vmm.freeze(true);
         self.last_used = Instant::now();
@@ -422,6 +442,8 @@ impl ExecutionEnvironment {
             log: self.log.take_function_lines(),
             duration,
             max_memory_mib: self.vmm.peak_rss_mib(),
+            delivered: self.api.handed_out(),
+            answered,
         })
     }
 
@@ -508,12 +530,19 @@ fn accept_log_stream(listener: UnixListener, log: Arc<Lines>) -> AbortOnDrop {
 
 /// Sends the start-up message to the guest's first connection. It holds
 /// credentials, so it goes to one connection only.
-fn serve_environ(listener: UnixListener, message: Vec<u8>) -> AbortOnDrop {
+fn serve_environ(
+    listener: UnixListener,
+    message: Vec<u8>,
+    sent: Arc<std::sync::OnceLock<Instant>>,
+) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         if let Ok((mut stream, _)) = listener.accept().await {
             drop(listener);
-            if let Err(e) = stream.write_all(&message).await {
-                tracing::warn!("sending the environment to the guest: {e}");
+            match stream.write_all(&message).await {
+                Ok(()) => {
+                    let _ = sent.set(Instant::now());
+                }
+                Err(e) => tracing::warn!("sending the environment to the guest: {e}"),
             }
             let _ = stream.shutdown().await;
         }

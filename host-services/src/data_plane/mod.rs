@@ -11,5 +11,6 @@ pub mod log_stream;
 pub mod router;
 pub mod runtime_api;
 pub mod snapshots;
+pub mod start_trace;
 pub mod vmm_process;
 pub mod worker;

@@ -20,6 +20,7 @@ use crate::data_plane::environment::{
 use crate::data_plane::host::{HostLimits, SnapStartError, StartError, WorkerHost};
 use crate::data_plane::lifecycle::{CreateReason, DestroyReason, Lifecycle};
 use crate::data_plane::runtime_api::InvokeError;
+use crate::data_plane::start_trace::StartTrace;
 use crate::error::ApiError;
 use crate::ids::AccountId;
 use crate::ids::VersionKey;
@@ -40,6 +41,8 @@ pub struct Routed {
     pub environment: String,
     /// Set for the invocation that met a freshly started environment.
     pub cold_start: Option<ColdStart>,
+    /// That environment's start, step by step.
+    pub trace: Option<StartTrace>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +207,7 @@ impl InvokeRouter {
         let _slot = self.take_concurrency(&launch.key, reserved)?;
         let (host, mut env) = self.acquire(launch).await?;
         let cold_start = env.fresh.then_some(env.cold_start);
+        let trace = env.fresh.then(|| env.trace.clone());
         env.fresh = false;
         tracing::debug!("invocation {request_id} begins in {}", env.id);
         let result = env.invoke(request_id, payload, timeout).await;
@@ -216,6 +220,7 @@ impl InvokeRouter {
                     invocation,
                     environment,
                     cold_start,
+                    trace,
                 })
             }
             Err(e) => {

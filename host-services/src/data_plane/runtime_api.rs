@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
@@ -67,6 +67,8 @@ struct Shared {
     /// Set once the environment's snapshot step is over: a runtime
     /// waiting in `/restore/next` goes on.
     resumed: watch::Receiver<bool>,
+    /// When `/next` last handed out an event.
+    handed_out: Arc<Mutex<Option<Instant>>>,
 }
 
 /// One environment's Runtime API: the server task and the invoking side.
@@ -75,6 +77,7 @@ pub struct RuntimeApi {
     init_error: watch::Receiver<InitError>,
     ready: watch::Receiver<bool>,
     resumed: watch::Sender<bool>,
+    handed_out: Arc<Mutex<Option<Instant>>>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -127,6 +130,7 @@ async fn next(State(shared): State<Arc<Shared>>) -> Response {
     // A guest without a wall clock cannot turn the deadline into a
     // duration; this project's guests read this instead.
     set("x-microvm-remaining-ms", remaining.to_string());
+    *shared.handed_out.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     shared
         .in_flight
         .lock()
@@ -228,6 +232,7 @@ impl RuntimeApi {
         let (init_tx, init_rx) = watch::channel(None);
         let (ready_tx, ready_rx) = watch::channel(false);
         let (resumed_tx, resumed_rx) = watch::channel(false);
+        let handed_out = Arc::new(Mutex::new(None));
         let shared = Arc::new(Shared {
             queue: tokio::sync::Mutex::new(receiver),
             in_flight: Mutex::new(HashMap::new()),
@@ -235,6 +240,7 @@ impl RuntimeApi {
             init_error: init_tx,
             ready: ready_tx,
             resumed: resumed_rx,
+            handed_out: handed_out.clone(),
         });
         let router = Router::new()
             .route("/2018-06-01/runtime/invocation/next", get(next))
@@ -260,8 +266,14 @@ impl RuntimeApi {
             init_error: init_rx,
             ready: ready_rx,
             resumed: resumed_tx,
+            handed_out,
             server,
         }
+    }
+
+    /// When `/next` last handed out an event.
+    pub fn handed_out(&self) -> Option<Instant> {
+        *self.handed_out.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Lets a runtime waiting in `/restore/next` go on: the environment's

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -211,12 +211,14 @@ impl Worker {
         })
     }
 
-    /// Runs one synchronous invocation of `resolved`.
+    /// Runs one synchronous invocation of `resolved`, whose request
+    /// `arrived` then (the origin of a cold start's trace).
     pub async fn invoke(
         &self,
         resolved: &Resolved,
         request_id: &str,
         payload: Bytes,
+        arrived: Instant,
     ) -> Result<InvokeResult, ApiError> {
         let config = &resolved.config;
         config.check_invocable()?;
@@ -249,7 +251,19 @@ impl Worker {
             )
             .await;
         let (status_error, body, lines, report) = match routed {
-            Ok(r) => {
+            Ok(mut r) => {
+                if let Some(trace) = &mut r.trace {
+                    if let Some(delivered) = r.invocation.delivered {
+                        trace.mark_at("event delivered", delivered);
+                    }
+                    trace.mark_at("answered", r.invocation.answered);
+                    tracing::info!(
+                        target: "cold_start",
+                        "{request_id} in {}: {}",
+                        r.environment,
+                        trace.line(arrived)
+                    );
+                }
                 let report = Report {
                     duration: r.invocation.duration,
                     max_memory_mib: r.invocation.max_memory_mib,
@@ -649,7 +663,8 @@ impl Worker {
         let (executed, result) = match self.control.resolve(&account, &reference) {
             Ok(resolved) => (
                 resolved.config.version.clone(),
-                self.invoke(&resolved, &id, payload.clone().into()).await,
+                self.invoke(&resolved, &id, payload.clone().into(), Instant::now())
+                    .await,
             ),
             Err(e) => (String::new(), Err(e)),
         };

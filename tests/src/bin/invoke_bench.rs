@@ -45,6 +45,67 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+/// The workers' log filter: warnings, and each cold start's trace.
+const LOG_FILTER: &str = "warn,cold_start=info";
+
+/// Where cold starts' time goes, from the traces in a worker's `log`:
+/// each step's end (ms after the Invoke handler began) and its own time
+/// (from the step before), medians, for boots and restores apart.
+fn breakdown(what: &str, log: &str) {
+    let traces: Vec<Vec<(&str, f64)>> = log
+        .lines()
+        .filter(|line| line.contains(" cold_start: "))
+        .filter_map(|line| {
+            let steps = line.splitn(3, ": ").nth(2)?;
+            steps
+                .split(", ")
+                .map(|step| {
+                    let (name, ms) = step.rsplit_once(' ')?;
+                    Some((name, ms.parse().ok()?))
+                })
+                .collect()
+        })
+        .collect();
+    for (kind, restored) in [("boot", false), ("restore", true)] {
+        let of_kind: Vec<&Vec<(&str, f64)>> = traces
+            .iter()
+            .filter(|t| t.iter().all(|(name, _)| *name != "start-up message sent") == restored)
+            .collect();
+        if of_kind.is_empty() {
+            continue;
+        }
+        let mut names: Vec<&str> = Vec::new();
+        let mut ends: std::collections::HashMap<&str, (Vec<f64>, Vec<f64>)> = Default::default();
+        for trace in &of_kind {
+            let mut previous = 0.0;
+            for (name, ms) in trace.iter() {
+                if !names.contains(name) {
+                    names.push(name);
+                }
+                let (at, took) = ends.entry(name).or_default();
+                at.push(*ms);
+                took.push(ms - previous);
+                previous = *ms;
+            }
+        }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        names.sort_by(|a, b| median(&ends[a].0).total_cmp(&median(&ends[b].0)));
+        println!(
+            "{what}, {kind}: where the time goes ({} cold starts; ms after the Invoke handler began, medians)",
+            of_kind.len()
+        );
+        println!("  | step | ends at | takes |");
+        for name in names {
+            let (at, took) = &ends[name];
+            println!("  | {name} | {:.3} | {:.3} |", median(at), median(took));
+        }
+    }
+}
+
 fn summary(what: &str, samples: &[Duration]) {
     println!(
         "{what}: {} invokes, p50 {:.2} ms, p99 {:.2} ms",
@@ -84,6 +145,7 @@ async fn bench(worker: &RunningWorker, args: &Args) -> Result<Vec<Duration>, Str
     let client = client_of(worker);
     let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
     let (cold, init) = cold_starts(&client, args.cold).await?;
+    breakdown("cold start of a new function", &worker.log());
     summary("cold start of a new function, Invoke -> answer", &cold);
     summary(
         "cold start of a new function, Init Duration (VMM spawn -> first /next)",
@@ -134,7 +196,7 @@ async fn cold_starts_after_reaping(
         .chain(extra)
         .copied()
         .collect();
-    let worker = RunningWorker::start(&data, &flags, "warn");
+    let worker = RunningWorker::start(&data, &flags, LOG_FILTER);
     let restores = extra.contains(&"every-version");
     let result = async {
         let client = client_of(&worker);
@@ -144,6 +206,7 @@ async fn cold_starts_after_reaping(
         let (mut cold, mut start) = (Vec::new(), Vec::new());
         for _ in 0..2 * n + 20 {
             if cold.len() == n {
+                breakdown(&format!("cold starts with {extra:?}"), &worker.log());
                 return Ok((cold, start));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -216,7 +279,7 @@ fn main() {
         }
     };
     let data = data_dir("invoke-bench");
-    let worker = RunningWorker::start(&data, &[], "warn");
+    let worker = RunningWorker::start(&data, &[], LOG_FILTER);
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
