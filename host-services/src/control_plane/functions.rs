@@ -171,9 +171,20 @@ impl NewCode {
 pub const ZIP: &str = "Zip";
 pub const IMAGE: &str = "Image";
 
-/// Lambda's refusal of what an image function cannot have.
-fn image_takes_none() -> ApiError {
-    ApiError::invalid("an Image function takes no Runtime, Handler or Layers: the image has them")
+/// What a package type's function cannot take: an image no Runtime,
+/// Handler or Layers (the image has them), a ZIP no ImageConfig.
+fn check_package_fields(
+    package_type: &str,
+    zip_fields: bool,
+    image_config: bool,
+) -> Result<(), ApiError> {
+    match package_type {
+        IMAGE if zip_fields => Err(ApiError::invalid(
+            "an Image function takes no Runtime, Handler or Layers: the image has them",
+        )),
+        ZIP if image_config => Err(ApiError::invalid("ImageConfig is for PackageType Image")),
+        _ => Ok(()),
+    }
 }
 
 /// Provisioned concurrency applies to a published version or an alias.
@@ -310,16 +321,15 @@ impl ControlPlane {
                 )));
             }
         }
+        check_package_fields(
+            &package_type,
+            req.runtime.is_some() || req.handler.is_some() || !req.layers.is_empty(),
+            req.image_config.is_some(),
+        )?;
         let (runtime, handler) = if package_type == IMAGE {
-            if req.runtime.is_some() || req.handler.is_some() || !req.layers.is_empty() {
-                return Err(image_takes_none());
-            }
             self.check_image_support()?;
             (String::new(), String::new())
         } else {
-            if req.image_config.is_some() {
-                return Err(ApiError::invalid("ImageConfig is for PackageType Image"));
-            }
             let runtime = req
                 .runtime
                 .ok_or_else(|| ApiError::invalid("Runtime is required for a Zip function"))?;
@@ -637,17 +647,15 @@ impl ControlPlane {
             req.revision_id.as_deref(),
             false,
             |t, latest| {
-                if latest.package_type == IMAGE {
-                    if req.runtime.is_some() || req.handler.is_some() || req.layers.is_some() {
-                        return Err(image_takes_none());
-                    }
-                    if let Some(image_config) = image_config {
-                        latest.image_config_response = Some(ImageConfigResponse { image_config });
-                    }
-                } else {
-                    if image_config.is_some() {
-                        return Err(ApiError::invalid("ImageConfig is for PackageType Image"));
-                    }
+                check_package_fields(
+                    &latest.package_type,
+                    req.runtime.is_some() || req.handler.is_some() || req.layers.is_some(),
+                    image_config.is_some(),
+                )?;
+                if let Some(image_config) = image_config {
+                    latest.image_config_response = Some(ImageConfigResponse { image_config });
+                }
+                if latest.package_type != IMAGE {
                     if let Some(arns) = &req.layers {
                         latest.layers = self.resolve_layers(t, account, arns)?;
                     }

@@ -217,14 +217,7 @@ impl WorkerHost {
                 Err("no snapshot was taken (snapshots are off, or another is being taken)".into())
             }
         };
-        {
-            let mut pools = self.pools();
-            if let Some(pool) = pools.by_version.get_mut(&launch.key) {
-                pool.busy -= 1;
-            }
-            pools.begin_destroying(1);
-        }
-        self.destroy(env, DestroyReason::SnapshotTaken).await;
+        self.destroy_busy(env, DestroyReason::SnapshotTaken).await;
         sealed.map_err(SnapStartError::Snapshot)
     }
 
@@ -295,28 +288,32 @@ impl WorkerHost {
         } else {
             None
         };
-        let doomed = {
+        match reason {
+            Some(reason) => self.destroy_busy(env, reason).await,
+            None => {
+                let mut pools = self.pools();
+                let pool = pools.by_version.entry(env.key.clone()).or_default();
+                pool.busy -= 1;
+                pool.idle.push(env);
+                drop(pools);
+                self.released.notify_waiters();
+            }
+        }
+    }
+
+    /// Takes a busy environment out of its pool and the live count, and
+    /// stops it.
+    async fn destroy_busy(&self, env: ExecutionEnvironment, reason: DestroyReason) {
+        {
             let mut pools = self.pools();
             let pool = pools.by_version.entry(env.key.clone()).or_default();
             pool.busy -= 1;
-            match reason {
-                None => {
-                    pool.idle.push(env);
-                    None
-                }
-                Some(reason) => {
-                    if env.provisioned {
-                        pool.provisioned -= 1;
-                    }
-                    pools.begin_destroying(1);
-                    Some((env, reason))
-                }
+            if env.provisioned {
+                pool.provisioned -= 1;
             }
-        };
-        match doomed {
-            Some((env, reason)) => self.destroy(env, reason).await,
-            None => self.released.notify_waiters(),
+            pools.begin_destroying(1);
         }
+        self.destroy(env, reason).await;
     }
 
     async fn destroy(&self, env: ExecutionEnvironment, reason: DestroyReason) {

@@ -246,18 +246,19 @@ impl VmmProcess {
                 Some((state.as_raw_fd(), memory.as_raw_fd())),
             ),
         };
-        let code_drive = match files.code {
-            CodeDisk::Sealed { path, .. } => {
-                format!("{},ro,key-fd=0", seen(JAIL_CODE_DISK, path).display())
-            }
-            CodeDisk::Chunked { store, .. } => format!(
-                "{},ro,manifest=fd:{MANIFEST_FD}",
-                seen(JAIL_CHUNKS, store).display()
+        // The drive as the VMM is told it, and the jail's mount of it.
+        let (code_drive, code_mount) = match files.code {
+            CodeDisk::Sealed { path, .. } => (
+                format!("{},ro,key-fd=0", seen(JAIL_CODE_DISK, path).display()),
+                format!("{}:{JAIL_CODE_DISK}:ro", path.display()),
             ),
-        };
-        let code_mount = match files.code {
-            CodeDisk::Sealed { path, .. } => format!("{}:{JAIL_CODE_DISK}:ro", path.display()),
-            CodeDisk::Chunked { store, .. } => format!("{}:{JAIL_CHUNKS}:ro", store.display()),
+            CodeDisk::Chunked { store, .. } => (
+                format!(
+                    "{},ro,manifest=fd:{MANIFEST_FD}",
+                    seen(JAIL_CHUNKS, store).display()
+                ),
+                format!("{}:{JAIL_CHUNKS}:ro", store.display()),
+            ),
         };
         vmm_args.extend([
             "--log-level".into(),

@@ -393,8 +393,6 @@ impl Worker {
             .await;
     }
 
-    /// Reconciles provisioned concurrency at start (configs survive a
-    /// restart), on every change and every [`PROVISIONER_PERIOD`].
     /// Tells the SnapStart task that a version may have been published.
     pub fn published(&self) {
         self.snap_starter.notify_one();
@@ -432,10 +430,10 @@ impl Worker {
                 name: name.clone(),
                 qualifier: Some(version.clone()),
             };
-            let launch = match self.control.resolve(&account, &reference) {
-                Ok(resolved) => self.launch(&resolved),
-                Err(e) => Err(e),
-            };
+            let launch = self
+                .control
+                .resolve(&account, &reference)
+                .and_then(|resolved| self.launch(&resolved));
             let result = match launch {
                 Ok(launch) => match self.router.snap_start(&launch).await {
                     Ok(()) => Ok(()),
@@ -464,6 +462,8 @@ impl Worker {
         retry
     }
 
+    /// Reconciles provisioned concurrency at start (configs survive a
+    /// restart), on every change and every [`PROVISIONER_PERIOD`].
     fn spawn_provisioner(self: Arc<Self>) {
         tokio::spawn(async move {
             loop {
