@@ -21,6 +21,7 @@ mod sys;
 extern crate alloc;
 
 use alloc::ffi::CString;
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use linked_list_allocator::LockedHeap;
@@ -173,11 +174,9 @@ enum Target {
 /// The image's command line and working directory, taken out of the
 /// host's `variables`, and its executable found in the image's root (by
 /// `PATH` when it names no directory, as a shell would).
-fn image_program(
-    variables: &mut Vec<(alloc::string::String, alloc::string::String)>,
-) -> Result<function::Program, alloc::string::String> {
-    let mut args: Vec<(usize, alloc::string::String)> = Vec::new();
-    let mut cwd = alloc::string::String::from("/");
+fn image_program(variables: &mut Vec<(String, String)>) -> Result<function::Program, String> {
+    let mut args: Vec<(usize, String)> = Vec::new();
+    let mut cwd = String::from("/");
     variables.retain(|(k, v)| {
         if let Some(n) = k.strip_prefix(environ::IMAGE_ARG) {
             if let Ok(n) = n.parse() {
@@ -192,45 +191,44 @@ fn image_program(
         }
     });
     args.sort_by_key(|(n, _)| *n);
-    let argv: Vec<CString> = args
-        .into_iter()
-        .map(|(_, a)| {
-            CString::new(a).map_err(|_| alloc::string::String::from("an argument holds a NUL"))
-        })
-        .collect::<Result<_, _>>()?;
-    let first = argv
+    let c_string =
+        |s: String, what: &str| CString::new(s).map_err(|_| alloc::format!("{what} holds a NUL"));
+    let first = args
         .first()
-        .ok_or_else(|| alloc::string::String::from("the image gives no command to run"))?
-        .to_str()
-        .map_err(|_| alloc::string::String::from("the command is not UTF-8"))?;
-    let path = if first.contains('/') {
-        alloc::string::String::from(first)
+        .map(|(_, a)| a.clone())
+        .ok_or_else(|| String::from("the image gives no command to run"))?;
+    let search = variables
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map_or(function::DEFAULT_PATH, |(_, v)| v.as_str());
+    let candidates: Vec<String> = if first.contains('/') {
+        alloc::vec![first.clone()]
     } else {
-        let search = variables
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map_or(function::DEFAULT_PATH, |(_, v)| v.as_str());
         search
             .split(':')
             .map(|dir| alloc::format!("{dir}/{first}"))
-            .find(|candidate| {
-                CString::new(alloc::format!("{}{candidate}", text(IMAGE_ROOT)))
-                    .is_ok_and(|p| sys::access(&p, X_OK).is_ok())
-            })
-            .ok_or_else(|| alloc::format!("{first:?} is in none of the image's PATH ({search})"))?
+            .collect()
     };
-    let in_root = CString::new(alloc::format!("{}{path}", text(IMAGE_ROOT)))
-        .map_err(|_| alloc::string::String::from("the command holds a NUL"))?;
-    if sys::access(&in_root, X_OK).is_err() {
-        return Err(alloc::format!("{path} is not an executable in the image"));
-    }
+    let executable = |path: &String| {
+        CString::new(alloc::format!("{}{path}", text(IMAGE_ROOT)))
+            .is_ok_and(|p| sys::access(&p, X_OK).is_ok())
+    };
+    let path =
+        candidates
+            .into_iter()
+            .find(executable)
+            .ok_or_else(|| match first.contains('/') {
+                true => alloc::format!("{first} is not an executable in the image"),
+                false => alloc::format!("{first:?} is in none of the image's PATH ({search})"),
+            })?;
     Ok(function::Program {
-        path: CString::new(path)
-            .map_err(|_| alloc::string::String::from("the command holds a NUL"))?,
-        argv,
+        path: c_string(path, "the command")?,
+        argv: args
+            .into_iter()
+            .map(|(_, a)| c_string(a, "an argument"))
+            .collect::<Result<_, _>>()?,
         root: Some(IMAGE_ROOT),
-        cwd: CString::new(cwd)
-            .map_err(|_| alloc::string::String::from("the working directory holds a NUL"))?,
+        cwd: c_string(cwd, "the working directory")?,
     })
 }
 
