@@ -35,7 +35,9 @@ fn run_guest(args: &[&str]) -> VmmRun {
 }
 
 /// Sends `data` on `stream` while reading the echo back; returns the echo.
-fn echo_through(mut stream: UnixStream, data: Vec<u8>) -> Vec<u8> {
+/// Sends `data` and reads the echo; a reader that `pauses_after` so many
+/// bytes stops a while, as a busy host program would.
+fn echo_through(mut stream: UnixStream, data: Vec<u8>, pauses_after: Option<usize>) -> Vec<u8> {
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut writer = stream.try_clone().unwrap();
     let sender = std::thread::spawn(move || {
@@ -43,6 +45,13 @@ fn echo_through(mut stream: UnixStream, data: Vec<u8>) -> Vec<u8> {
         writer.shutdown(std::net::Shutdown::Write).unwrap();
     });
     let mut echoed = Vec::new();
+    if let Some(n) = pauses_after {
+        (&mut stream)
+            .take(n as u64)
+            .read_to_end(&mut echoed)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
     stream.read_to_end(&mut echoed).unwrap();
     sender.join().unwrap();
     echoed
@@ -56,7 +65,9 @@ fn vsock_guest_to_host_connection_echoes_1_mib() {
     let expected = data.clone();
     let host = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        echo_through(stream, data)
+        // The guest sends its last bytes, and exits, while the reader
+        // pauses: the VMM must still hand them over.
+        echo_through(stream, data, Some(768 << 10))
     });
     let vsock = format!("cid=3,uds={}", uds.display());
     let run = run_guest(&[
@@ -112,7 +123,7 @@ fn vsock_host_to_guest_connection_echoes_1_mib() {
     let line = String::from_utf8(line).unwrap();
     assert!(line.starts_with("OK ") && line.ends_with('\n'), "{line:?}");
     let data = pattern(1 << 20, 2);
-    let echoed = echo_through(s, data.clone());
+    let echoed = echo_through(s, data.clone(), None);
     let run = guest.join().unwrap();
     assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
     assert!(

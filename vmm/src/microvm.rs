@@ -105,6 +105,10 @@ struct ExitWatcher {
 /// another CPU held the console lock.
 const PANIC_GRACE: Duration = Duration::from_millis(500);
 
+/// How long the host's readers get, once the guest ended, to take what
+/// the guest had sent them.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+
 impl ExitWatcher {
     fn record(&mut self, outcome: VmOutcome) {
         let outcome = match outcome {
@@ -395,7 +399,37 @@ impl MicroVm {
             }
         };
         stop_vcpus(&stop, handles);
+        self.deliver_last_output();
         Ok(outcome)
+    }
+
+    /// Hands the host what the guest sent before it ended: packets still
+    /// in its queues and bytes buffered for a slow reader, which would
+    /// be lost with the process.
+    fn deliver_last_output(&mut self) {
+        let deadline = Instant::now() + OUTPUT_GRACE;
+        // Events already signalled (a queue's last notification) first.
+        let mut timeout = Duration::ZERO;
+        loop {
+            if self
+                .event_manager
+                .run_with_timeout(timeout.as_millis() as i32)
+                .is_err()
+            {
+                return;
+            }
+            let transports = &self.devices.transports;
+            if !transports.iter().any(|t| lock(t).has_undelivered_output()) {
+                return;
+            }
+            timeout = deadline.saturating_duration_since(Instant::now());
+            if timeout.is_zero() {
+                tracing::warn!(
+                    "guest output the host did not read within {OUTPUT_GRACE:?} of the end is lost"
+                );
+                return;
+            }
+        }
     }
 
     /// Runs `vcpu` on `thread`, started during the build, or on a thread

@@ -117,6 +117,10 @@ impl MmioTransport {
         Ok(())
     }
 
+    pub fn has_undelivered_output(&self) -> bool {
+        lock(&self.device).has_undelivered_output()
+    }
+
     pub fn state(&self) -> VirtioState {
         let device = lock(&self.device);
         VirtioState {

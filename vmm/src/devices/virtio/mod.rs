@@ -152,6 +152,13 @@ pub trait VirtioDevice: Send {
     /// Called once a restored device is active again, in a VM that runs
     /// on as a clone of the one snapshotted.
     fn restored(&mut self) {}
+    /// Whether the device holds guest data the host has not taken yet (a
+    /// vsock stream's bytes waiting for a slow reader): the VMM keeps its
+    /// event loop going a little after the guest ended, so that a guest's
+    /// last words reach the host.
+    fn has_undelivered_output(&self) -> bool {
+        false
+    }
 }
 
 /// Reads a little-endian config space from a byte image, bounds-checked:

@@ -70,6 +70,9 @@ pub struct Vsock {
     /// Event interest registered for each connection's socket.
     interest: HashMap<RawFd, EventSet>,
     pending: HashMap<RawFd, PendingConnect>,
+    /// Connections the guest closed while their last bytes still waited
+    /// for the host's reader, by socket.
+    closing: HashMap<RawFd, Connection>,
     /// Control packets (op, flags) for a connection, waiting for RX buffers.
     control: VecDeque<(Key, u16, u32)>,
     next_local_port: u32,
@@ -104,6 +107,7 @@ impl Vsock {
             by_fd: HashMap::new(),
             interest: HashMap::new(),
             pending: HashMap::new(),
+            closing: HashMap::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             rx_starved: false,
@@ -136,13 +140,36 @@ impl Vsock {
         }
     }
 
-    fn remove_connection(&mut self, key: Key, ops: &mut EventOps) {
-        if let Some(conn) = self.connections.remove(&key) {
+    fn remove_connection(&mut self, key: Key, ops: &mut EventOps) -> Option<Connection> {
+        let conn = self.connections.remove(&key)?;
+        let fd = conn.stream.as_raw_fd();
+        self.by_fd.remove(&fd);
+        if let Some(events) = self.interest.remove(&fd) {
+            let _ = ops.remove(Events::new_raw(fd, events));
+        }
+        Some(conn)
+    }
+
+    /// The guest closed both directions: it gets its reset now, and the
+    /// host socket closes once it has taken what the guest sent before.
+    fn close_connection(&mut self, key: Key, ops: &mut EventOps) {
+        if let Some(conn) = self.remove_connection(key, ops) {
             let fd = conn.stream.as_raw_fd();
-            self.by_fd.remove(&fd);
-            if let Some(events) = self.interest.remove(&fd) {
-                let _ = ops.remove(Events::new_raw(fd, events));
+            if conn.has_pending_tx() && ops.add(Events::new_raw(fd, EventSet::OUT)).is_ok() {
+                self.closing.insert(fd, conn);
             }
+        }
+        self.queue_control(key, OP_RST, 0);
+    }
+
+    /// A closing connection's socket can take more of its last bytes.
+    fn flush_closing(&mut self, fd: RawFd, ops: &mut EventOps) {
+        let Some(conn) = self.closing.get_mut(&fd) else {
+            return;
+        };
+        if conn.flush_tx().is_err() || !conn.has_pending_tx() {
+            let _ = ops.remove(Events::new_raw(fd, EventSet::OUT));
+            self.closing.remove(&fd);
         }
     }
 
@@ -227,10 +254,12 @@ impl Vsock {
                 conn.peer_shutdown |= header.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
                 let _ = conn.flush_tx();
                 if conn.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    self.reset_connection(key, ops);
+                    self.close_connection(key, ops);
                 }
             }
-            OP_RST => self.remove_connection(key, ops),
+            OP_RST => {
+                self.remove_connection(key, ops);
+            }
             op => {
                 tracing::warn!("vsock: unexpected op {op} on {key:?}; reset");
                 self.reset_connection(key, ops);
@@ -616,6 +645,13 @@ impl VirtioDevice for Vsock {
         self.reset_pending = true;
         self.deliver_reset();
     }
+
+    fn has_undelivered_output(&self) -> bool {
+        self.connections
+            .values()
+            .chain(self.closing.values())
+            .any(Connection::has_pending_tx)
+    }
 }
 
 impl MutEventSubscriber for Vsock {
@@ -649,6 +685,8 @@ impl MutEventSubscriber for Vsock {
             self.read_connect_line(fd, ops);
         } else if let Some(&key) = self.by_fd.get(&fd) {
             self.handle_socket(key, set, ops);
+        } else if self.closing.contains_key(&fd) {
+            self.flush_closing(fd, ops);
         }
         self.deliver_rx(ops);
         self.refresh_interest(ops);
@@ -868,6 +906,51 @@ mod tests {
         // no longer wakes the event loop while the guest keeps its end.
         assert_eq!(g.manager.run_with_timeout(0).unwrap(), 0);
         let _ = std::fs::remove_file(format!("{}_5000", g.uds.display()));
+    }
+
+    #[test]
+    fn a_guest_that_closes_before_the_host_reads_loses_nothing() {
+        let mem = memory();
+        let mut g = Guest::new(&mem, "close");
+        let host = UnixListener::bind(format!("{}_5001", g.uds.display())).unwrap();
+        for _ in 0..4 {
+            g.give_rx_buffer(4096);
+        }
+        g.send(OP_REQUEST, 1026, 5001, 0, &[]);
+        assert_eq!(ops(&g.received()), vec![OP_RESPONSE]);
+        let (mut server, _) = host.accept().unwrap();
+        // More than the socket holds: the rest waits in the device.
+        let sent: Vec<u8> = (0..384 << 10).map(|i| (i % 251) as u8).collect();
+        for chunk in sent.chunks(32 << 10) {
+            g.send(OP_RW, 1026, 5001, 0, chunk);
+        }
+        g.send(OP_SHUTDOWN, 1026, 5001, SHUTDOWN_RCV | SHUTDOWN_SEND, &[]);
+        g.pump();
+        {
+            // The guest is let go (its reset waits behind the credit
+            // updates for RX buffers); the bytes are not.
+            let device = g.device.lock().unwrap();
+            assert!(device.connections.is_empty());
+            assert!(device.control.contains(&((5001, 1026), OP_RST, 0)));
+            assert!(device.has_undelivered_output());
+        }
+        let reader = std::thread::spawn(move || {
+            server
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).unwrap();
+            got
+        });
+        while !reader.is_finished() {
+            g.pump();
+        }
+        assert!(
+            reader.join().unwrap() == sent,
+            "every byte, then end of file"
+        );
+        assert!(!g.device.lock().unwrap().has_undelivered_output());
+        let _ = std::fs::remove_file(format!("{}_5001", g.uds.display()));
     }
 
     #[test]
