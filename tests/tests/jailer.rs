@@ -1,7 +1,9 @@
 //! The jailer, as root on this machine: what a jailed VMM can see and do.
 //! It is observed from outside, through /proc, while it runs.
 
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::chown;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -354,4 +356,183 @@ fn the_worker_starts_every_environment_through_the_jailer() {
         }
     }
     std::fs::remove_dir_all(&data).unwrap();
+}
+
+/// A `SOCK_SEQPACKET` pair: the test's end, and the jailer's (inherited).
+fn launch_socket_pair() -> (UnixStream, UnixStream) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills the array; checked.
+    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: two new descriptors, owned here; only the jailer's end is
+    // left to be inherited.
+    unsafe {
+        libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC);
+        (
+            UnixStream::from_raw_fd(fds[0]),
+            UnixStream::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// Starts a jailer that builds jail `id` and waits for its launch; with
+/// the socket to launch it on, and how /proc names the jailer's end.
+fn jail_made_ahead(id: &str, base: &Path) -> (JailerProcess, UnixStream, PathBuf) {
+    let (ours, theirs) = launch_socket_pair();
+    let theirs_name = std::fs::read_link(format!("/proc/self/fd/{}", theirs.as_raw_fd())).unwrap();
+    let jailer = Command::new(jailer_binary())
+        .args([
+            "--id",
+            id,
+            "--exec-file",
+            &vmm_binary().display().to_string(),
+            "--uid",
+            &NOBODY.to_string(),
+            "--gid",
+            &NOBODY.to_string(),
+            "--chroot-base",
+            &base.join("jails").display().to_string(),
+            "--cgroup-parent",
+            CGROUP_PARENT,
+            "--launch-fd",
+            &theirs.as_raw_fd().to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (JailerProcess(jailer), ours, theirs_name)
+}
+
+/// The memory limit of process `pid`'s memory cgroup, in bytes.
+fn memory_limit_of(pid: u32) -> u64 {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let (dir, file) = match groups.lines().find_map(|l| l.split_once(":memory:")) {
+        Some((_, path)) => (
+            format!("/sys/fs/cgroup/memory{path}"),
+            "memory.limit_in_bytes",
+        ),
+        None => {
+            let path = groups.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+            let root = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+                .into_iter()
+                .find(|r| Path::new(&format!("{r}{path}")).join("memory.max").exists())
+                .unwrap();
+            (format!("{root}{path}"), "memory.max")
+        }
+    };
+    std::fs::read_to_string(Path::new(&dir).join(file))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_jail_made_ahead_waits_for_its_launch_and_places_its_descriptors() {
+    if skip_unless_root("jails made ahead") {
+        return;
+    }
+    let base = scratch("jail-ahead");
+    // Never launched: its owner closes the socket, and it removes the jail.
+    let idle_id = format!("ahead-idle-{}", std::process::id());
+    let (mut idle, socket, _) = jail_made_ahead(&idle_id, &base);
+    let waiting = wait_for_pid(
+        &base.join("jails").join(&idle_id).join("vmm.pid"),
+        &mut idle.0,
+    );
+    // Its namespaces are built before any launch.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_link("/proc/self/ns/net").unwrap()
+        == std::fs::read_link(format!("/proc/{waiting}/ns/net")).unwrap()
+    {
+        assert!(Instant::now() < deadline, "no network namespace");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(socket);
+    let status = idle.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(!base.join("jails").join(&idle_id).exists());
+
+    // Launched: its mounts, memory limit and descriptors, and nothing of
+    // the socket it came on.
+    let id = format!("ahead-run-{}", std::process::id());
+    let (mut jailer, socket, jailer_end) = jail_made_ahead(&id, &base);
+    let run = base.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
+    let pid = wait_for_pid(&base.join("jails").join(&id).join("vmm.pid"), &mut jailer.0);
+    let marker = tempfile_with("the launch's descriptor");
+    let launch = vmm::jail::Launch {
+        mounts: vec![
+            format!("{}:/kernel:ro", baremetal_guest().display())
+                .parse()
+                .unwrap(),
+            format!("{}:/run", run.display()).parse().unwrap(),
+        ],
+        memory_max: Some(96 << 20),
+        vmm_args: [
+            "--kernel",
+            "/kernel",
+            "--mem-mib",
+            "32",
+            "--vsock",
+            "cid=3,uds=/run/vsock",
+            "--serial",
+            "off",
+            "--cmdline",
+            "baremetal.run=vsock-serve:5000",
+        ]
+        .map(str::to_string)
+        .to_vec(),
+        fds: vec![9],
+    };
+    launch.send(&socket, &[marker.as_raw_fd()]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !run.join("vsock").exists() {
+        assert!(Instant::now() < deadline, "the VMM never made its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The same open file: /proc names it alike for both.
+    let link = |path: String| std::fs::read_link(path).unwrap();
+    assert_eq!(
+        link(format!("/proc/{pid}/fd/9")),
+        link(format!("/proc/self/fd/{}", marker.as_raw_fd()))
+    );
+    let held: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect();
+    assert!(
+        !held.contains(&jailer_end),
+        "the VMM holds the launch socket: {held:?}"
+    );
+    assert_eq!(uids_of(pid), ["65534"; 4]);
+    assert_eq!(memory_limit_of(pid), 96 << 20);
+
+    // SAFETY: signals the child process this test spawned.
+    unsafe { libc::kill(jailer.0.id() as i32, libc::SIGTERM) };
+    jailer.0.wait().unwrap();
+    assert!(!base.join("jails").join(&id).exists());
+
+    // A launch that is not one is named, and the jail still removed.
+    let bad_id = format!("ahead-bad-{}", std::process::id());
+    let (mut bad, socket, _) = jail_made_ahead(&bad_id, &base);
+    std::io::Write::write_all(&mut &socket, b"{\"mounts\": 7}").unwrap();
+    let stderr = bad.0.stderr.take().unwrap();
+    let status = bad.0.wait().unwrap();
+    let said = std::io::read_to_string(stderr).unwrap();
+    assert_eq!(status.code(), Some(125), "{said}");
+    assert!(said.contains("a malformed launch"), "{said}");
+    assert!(!base.join("jails").join(&bad_id).exists());
+    std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// A file in the scratch directory holding `text`, open for reading.
+fn tempfile_with(text: &str) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("jail-marker-{}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file
 }

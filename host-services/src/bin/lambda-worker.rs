@@ -19,7 +19,7 @@ use host_services::data_plane::host::HostLimits;
 use host_services::data_plane::lifecycle::Lifecycle;
 use host_services::data_plane::router::{FleetConfig, InvokeRouter};
 use host_services::data_plane::snapshots::SnapshotStore;
-use host_services::data_plane::vmm_process::{JailIds, JailSettings};
+use host_services::data_plane::vmm_process::{JailIds, JailPool, JailSettings};
 use host_services::data_plane::worker::Worker;
 use host_services::security::auth::Credentials;
 use host_services::security::key_service::KeyService;
@@ -62,6 +62,11 @@ struct Args {
     /// The cgroup jailed VMMs are grouped under.
     #[arg(long, default_value = "lambda-microvm")]
     cgroup_parent: String,
+    /// How many jails wait, made ahead of time, for a cold start's VMM
+    /// (each a jailer with its namespaces, cgroup and root built); 0
+    /// makes each jail when its VMM starts.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    jail_pool: usize,
     /// The guest the wasi-preview1 runtime boots (guest-init's baremetal).
     #[arg(long)]
     guest: PathBuf,
@@ -179,6 +184,7 @@ fn jail_settings(args: &Args) -> Result<Option<JailSettings>, String> {
         chroot_base: args.data_dir.join("jails"),
         cgroup_parent: args.cgroup_parent.clone(),
         id_prefix: format!("{}-", std::process::id()),
+        pool: JailPool::new(args.jail_pool, &args.vmm),
     };
     tracing::info!(
         "environments start through the jailer {}: each as a uid of its own in {:?}, roots under {}, cgroup {}",
@@ -265,6 +271,7 @@ async fn run(args: Args) -> Result<(), String> {
         // Jails left behind by a worker whose jailers were killed outright
         // and could not clean up.
         let _ = std::fs::remove_dir_all(&jail.chroot_base);
+        jail.refill();
     }
     let linux = match (&args.linux_kernel, &args.linux_init) {
         (Some(kernel), Some(init)) => Some(

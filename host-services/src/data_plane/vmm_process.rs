@@ -5,16 +5,20 @@
 //! cgroup sized from the function's memory.
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
+use vmm::jail::{JailMount, Launch, MAX_LAUNCH_FDS};
 
 /// How the worker jails its VMMs.
 #[derive(Debug, Clone)]
@@ -28,6 +32,228 @@ pub struct JailSettings {
     /// Prefixes jail names, so that workers sharing a host (and its
     /// cgroup tree) never pick the same one.
     pub id_prefix: String,
+    pub pool: Arc<JailPool>,
+}
+
+/// Jails made ahead of time, each a jailer that has built its namespaces,
+/// cgroup and root and waits for its VMM's [`Launch`]: a cold start then
+/// skips the jailer's start and the namespaces' creation (about 2.5 ms).
+#[derive(Debug)]
+pub struct JailPool {
+    /// How many wait.
+    size: usize,
+    /// The VMM binary they exec.
+    vmm: PathBuf,
+    idle: Mutex<Vec<IdleJail>>,
+    /// Numbers the jails.
+    made: AtomicU64,
+    /// A refill is under way: cold starts that end together ask for one
+    /// each, and would otherwise each fill the pool.
+    refilling: AtomicBool,
+}
+
+/// A jailer waiting for its launch. Dropped, its socket closes, and the
+/// jailer removes its jail and cgroup and ends.
+#[derive(Debug)]
+struct IdleJail {
+    child: Child,
+    launch: UnixStream,
+    jailed: Jailed,
+}
+
+impl JailPool {
+    /// A pool of `size` jails for the VMM binary `vmm`, empty until
+    /// [`JailSettings::refill`]ed.
+    pub fn new(size: usize, vmm: &Path) -> Arc<Self> {
+        Arc::new(JailPool {
+            size,
+            vmm: vmm.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+            made: AtomicU64::new(0),
+            refilling: AtomicBool::new(false),
+        })
+    }
+
+    fn take(&self, vmm: &Path) -> Option<IdleJail> {
+        if vmm != self.vmm {
+            return None;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // One whose jailer died meanwhile (killed by hand, say) is passed
+        // over.
+        while let Some(mut jail) = idle.pop() {
+            if matches!(jail.child.try_wait(), Ok(None)) {
+                return Some(jail);
+            }
+        }
+        None
+    }
+
+    fn idle(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl JailSettings {
+    /// Makes jails until the pool is full. Each costs a jailer's start,
+    /// so this runs off a cold start's path.
+    pub fn refill(&self) {
+        if self.pool.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.fill();
+        self.pool.refilling.store(false, Ordering::Release);
+    }
+
+    fn fill(&self) {
+        while self.pool.idle() < self.pool.size {
+            match self.make_jail(&self.pool.vmm, true) {
+                Ok(jail) => self
+                    .pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(jail),
+                Err(e) => {
+                    tracing::warn!("no jail made ahead: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Starts a jailer that builds a jail for `vmm` and waits for its
+    /// launch; `ahead` of need at `SCHED_IDLE`, so that making it never
+    /// slows the microVMs that run (the jail's VMM runs at the normal
+    /// policy).
+    fn make_jail(&self, vmm: &Path, ahead: bool) -> Result<IdleJail, VmmProcessError> {
+        let uid = self
+            .ids
+            .take()
+            .ok_or_else(|| VmmProcessError::NoFreeJailId(self.ids.range()))?;
+        let n = self.pool.made.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}j{n}", self.id_prefix);
+        let spawn_error = |source| VmmProcessError::Spawn {
+            program: self.jailer.clone(),
+            source,
+        };
+        let (launch, theirs) = seqpacket_pair().map_err(spawn_error)?;
+        let mut command = Command::new(&self.jailer);
+        command
+            .arg("--id")
+            .arg(&id)
+            .arg("--exec-file")
+            .arg(vmm)
+            .arg("--uid")
+            .arg(uid.id.to_string())
+            .arg("--gid")
+            .arg(uid.id.to_string())
+            .arg("--chroot-base")
+            .arg(&self.chroot_base)
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            // One vCPU, and the device thread beside it.
+            .arg("--cpus")
+            .arg("1")
+            .arg("--launch-fd")
+            .arg(LAUNCH_FD.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Asked to stop instead (see VmmProcess's Drop), it still
+            // removes its jail and cgroup.
+            .kill_on_drop(false);
+        let theirs_fd = theirs.as_raw_fd();
+        // SAFETY: async-signal-safe calls on the child between fork and
+        // exec (see `child_setup`).
+        unsafe {
+            command.pre_exec(move || {
+                child_setup(libc::SIGTERM, &[(theirs_fd, LAUNCH_FD)])?;
+                if ahead {
+                    set_policy(0, libc::SCHED_IDLE)?;
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(spawn_error)?;
+        Ok(IdleJail {
+            child,
+            launch,
+            jailed: Jailed {
+                pid_file: self.chroot_base.join(&id).join("vmm.pid"),
+                id,
+                uid,
+            },
+        })
+    }
+}
+
+/// Sets process `pid`'s (0: this one's) scheduling policy, keeping its
+/// nice value.
+fn set_policy(pid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a plain system call with a local parameter block.
+    if unsafe { libc::sched_setscheduler(pid, policy, &param) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A connected `SOCK_SEQPACKET` pair: messages keep their bounds, and
+/// the jailer sees its end close. Held as `UnixStream`s, whose reads,
+/// writes and descriptor passing work on it alike.
+fn seqpacket_pair() -> std::io::Result<(UnixStream, UnixStream)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills the two-element array; checked.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: two new descriptors, owned here.
+    Ok(unsafe {
+        (
+            UnixStream::from_raw_fd(fds[0]),
+            UnixStream::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// In a VMM's or jailer's child, between fork and exec: below the host's
+/// own threads, the VMM's guests (which poll their devices and spin while
+/// they wait for the host) cannot starve the worker that answers them;
+/// the child dies with the worker (`death_signal`); and each `(fd,
+/// number)` is placed at its number, through a copy above them all in
+/// case one sits at another's number.
+fn child_setup(death_signal: libc::c_int, fds: &[(RawFd, RawFd)]) -> std::io::Result<()> {
+    // SAFETY: setpriority, prctl, fcntl and dup2 are async-signal-safe
+    // and touch only this process.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, VMM_NICE);
+        libc::prctl(libc::PR_SET_PDEATHSIG, death_signal);
+        let mut copies = [-1; MAX_LAUNCH_FDS];
+        if fds.len() > copies.len() {
+            return Err(std::io::ErrorKind::InvalidInput.into());
+        }
+        for (copy, &(fd, _)) in copies.iter_mut().zip(fds) {
+            *copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+            if *copy < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        for (&copy, &(_, number)) in copies.iter().zip(fds) {
+            if libc::dup2(copy, number) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gives each jailed VMM a uid, and a gid of the same number, of its own
@@ -89,8 +315,8 @@ impl Drop for JailId {
 /// A microVM's code disk.
 pub enum CodeDisk<'a> {
     /// Sealed: the VMM decrypts it as the guest reads it, with the
-    /// artifact id and data key it reads from its standard input: never
-    /// on its command line or on disk.
+    /// artifact id and data key it reads from [`CODE_KEY_FD`]: never on
+    /// its command line or on disk.
     Sealed { path: &'a Path, key: &'a str },
     /// A container image in the chunk store: the VMM fetches a chunk when
     /// the guest first reads it, with the keys in the image's manifest,
@@ -147,6 +373,10 @@ const RESTORE_MEMORY_FD: RawFd = 4;
 pub const LAYERS_KEY_FD: RawFd = 5;
 /// The descriptor a VMM reads a chunked code disk's manifest from.
 pub const MANIFEST_FD: RawFd = 6;
+/// The descriptor a VMM reads its sealed code disk's key from.
+pub const CODE_KEY_FD: RawFd = 7;
+/// Where a jailer made ahead of time finds the socket its launch comes on.
+const LAUNCH_FD: RawFd = 3;
 
 /// What a VMM needs beyond its guest's memory: its own text, heap and
 /// KVM's page tables, plus the page cache of the kernel and code disk
@@ -168,6 +398,8 @@ pub enum VmmProcessError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the VMM argument {0:?} is not UTF-8, which a jail's launch needs")]
+    NotUtf8(OsString),
     #[error("cannot start {program}: {source}")]
     Spawn {
         program: PathBuf,
@@ -176,13 +408,14 @@ pub enum VmmProcessError {
 }
 
 /// What a jailed VMM holds while it runs.
+#[derive(Debug)]
 struct Jailed {
     /// The jail's name.
     id: String,
     /// Where the jailer writes the VMM's pid.
     pid_file: PathBuf,
     /// The uid and gid the VMM runs as; given back once it ended.
-    _uid: JailId,
+    uid: JailId,
 }
 
 pub struct VmmProcess {
@@ -193,260 +426,186 @@ pub struct VmmProcess {
 }
 
 impl VmmProcess {
-    /// Starts the VMM for environment `id`, with its stdout and stderr
-    /// piped.
+    /// Starts the VMM, with its stdout and stderr piped: jailed, in a jail
+    /// from the pool or, when none waits, one made now.
     pub fn spawn(
         jail: Option<&JailSettings>,
-        id: &str,
         files: &VmmFiles<'_>,
         memory_mib: u32,
         start: GuestStart<'_>,
     ) -> Result<Self, VmmProcessError> {
-        let seen = |jailed: &'static str, host: &Path| match jail {
+        let seen = |jailed: &str, host: &Path| match jail {
             Some(_) => PathBuf::from(jailed),
             None => host.to_path_buf(),
-        };
-        let boot_initrd = match &start {
-            GuestStart::Boot { initrd, .. } => *initrd,
-            GuestStart::Restore { .. } => None,
-        };
-        let (mut vmm_args, restore_fds): (Vec<std::ffi::OsString>, _) = match &start {
-            GuestStart::Boot { cmdline, initrd } => (
-                [
-                    "--kernel".into(),
-                    seen(JAIL_KERNEL, files.kernel).into_os_string(),
-                ]
-                .into_iter()
-                .chain(initrd.iter().flat_map(|initrd| {
-                    [
-                        "--initrd".into(),
-                        seen(JAIL_INITRD, initrd).into_os_string(),
-                    ]
-                }))
-                .chain([
-                    "--mem-mib".into(),
-                    memory_mib.to_string().into(),
-                    "--cmdline".into(),
-                    (*cmdline).into(),
-                    "--control-sock".into(),
-                    seen(JAIL_DIR, files.dir)
-                        .join(CONTROL_SOCKET)
-                        .into_os_string(),
-                ])
-                .collect(),
-                None,
-            ),
-            GuestStart::Restore { state, memory } => (
-                vec![
-                    "--restore".into(),
-                    format!("fd:{RESTORE_STATE_FD}").into(),
-                    "--restore-memory".into(),
-                    format!("fd:{RESTORE_MEMORY_FD}").into(),
-                ],
-                Some((state.as_raw_fd(), memory.as_raw_fd())),
-            ),
-        };
-        // The drive as the VMM is told it, and the jail's mount of it.
-        let (code_drive, code_mount) = match files.code {
-            CodeDisk::Sealed { path, .. } => (
-                format!("{},ro,key-fd=0", seen(JAIL_CODE_DISK, path).display()),
-                format!("{}:{JAIL_CODE_DISK}:ro", path.display()),
-            ),
-            CodeDisk::Chunked { store, .. } => (
-                format!(
-                    "{},ro,manifest=fd:{MANIFEST_FD}",
-                    seen(JAIL_CHUNKS, store).display()
-                ),
-                format!("{}:{JAIL_CHUNKS}:ro", store.display()),
-            ),
-        };
-        vmm_args.extend([
-            "--log-level".into(),
-            "warn".into(),
-            "--drive".into(),
-            code_drive.into(),
-        ]);
-        // The order the guest's init is told (guest_init::disks).
-        if let Some(disk) = files.root_disk {
-            vmm_args.extend([
-                "--drive".into(),
-                format!("{},ro", seen(JAIL_ROOT_DISK, disk).display()).into(),
-            ]);
-        }
-        if let Some((disk, _)) = files.layers_disk {
-            vmm_args.extend([
-                "--drive".into(),
-                format!(
-                    "{},ro,key-fd={LAYERS_KEY_FD}",
-                    seen(JAIL_LAYERS_DISK, disk).display()
-                )
-                .into(),
-            ]);
-        }
-        vmm_args.extend([
-            "--vsock".into(),
-            format!(
-                "cid=3,uds={}",
-                seen(JAIL_DIR, files.dir).join("vsock").display()
-            )
-            .into(),
-        ]);
-        let (mut command, jailed) = match jail {
-            None => (Command::new(files.vmm), None),
-            Some(jail) => {
-                let uid = jail
-                    .ids
-                    .take()
-                    .ok_or_else(|| VmmProcessError::NoFreeJailId(jail.ids.range()))?;
-                hand_over(files.dir, uid.id)?;
-                let jail_id = format!("{}{id}", jail.id_prefix);
-                let mut command = Command::new(&jail.jailer);
-                command
-                    .arg("--id")
-                    .arg(&jail_id)
-                    .arg("--exec-file")
-                    .arg(files.vmm)
-                    .arg("--uid")
-                    .arg(uid.id.to_string())
-                    .arg("--gid")
-                    .arg(uid.id.to_string())
-                    .arg("--chroot-base")
-                    .arg(&jail.chroot_base)
-                    .arg("--cgroup-parent")
-                    .arg(&jail.cgroup_parent)
-                    .arg("--memory-mib")
-                    .arg((u64::from(memory_mib) + VMM_OVERHEAD_MIB).to_string())
-                    // One vCPU, and the device thread beside it.
-                    .arg("--cpus")
-                    .arg("1")
-                    .arg("--mount")
-                    .arg(format!("{}:{JAIL_KERNEL}:ro", files.kernel.display()))
-                    .args(files.root_disk.iter().flat_map(|disk| {
-                        [
-                            "--mount".into(),
-                            format!("{}:{JAIL_ROOT_DISK}:ro", disk.display()),
-                        ]
-                    }))
-                    .args(files.layers_disk.iter().flat_map(|(disk, _)| {
-                        [
-                            "--mount".into(),
-                            format!("{}:{JAIL_LAYERS_DISK}:ro", disk.display()),
-                        ]
-                    }))
-                    .args(boot_initrd.iter().flat_map(|initrd| {
-                        [
-                            "--mount".into(),
-                            format!("{}:{JAIL_INITRD}:ro", initrd.display()),
-                        ]
-                    }))
-                    .arg("--mount")
-                    .arg(&code_mount)
-                    .arg("--mount")
-                    .arg(format!("{}:{JAIL_DIR}", files.dir.display()))
-                    .arg("--");
-                let jailed = Jailed {
-                    pid_file: jail.chroot_base.join(&jail_id).join("vmm.pid"),
-                    id: jail_id,
-                    _uid: uid,
-                };
-                (command, Some(jailed))
-            }
-        };
-        command
-            .args(vmm_args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        // A worker that dies takes its microVMs with it; a jailer is asked
-        // to stop, so that it still removes its jail and cgroup.
-        let parent_death_signal = if jail.is_some() {
-            libc::SIGTERM
-        } else {
-            libc::SIGKILL
         };
         let spawn_error = |source| VmmProcessError::Spawn {
             program: files.vmm.to_path_buf(),
             source,
         };
-        let layers_key = match files.layers_disk {
-            Some((_, key)) => Some(secret_file(key.as_bytes()).map_err(spawn_error)?),
-            None => None,
-        };
-        let manifest = match files.code {
-            CodeDisk::Chunked { manifest, .. } => Some(secret_file(manifest).map_err(spawn_error)?),
-            CodeDisk::Sealed { .. } => None,
+        let mut vmm_args: Vec<OsString> = vec!["--log-level".into(), "warn".into()];
+        // What the jail shows the VMM.
+        let mut mounts = Vec::new();
+        let mut mount = |source: &Path, target: &str, read_only: bool| {
+            mounts.push(JailMount {
+                source: source.to_path_buf(),
+                target: target.into(),
+                read_only,
+            })
         };
         // Descriptors the VMM finds at the numbers it is told.
-        let passed: Vec<(RawFd, RawFd)> = [
-            layers_key.as_ref().map(|f| (f.as_raw_fd(), LAYERS_KEY_FD)),
-            manifest.as_ref().map(|f| (f.as_raw_fd(), MANIFEST_FD)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        // SAFETY: setpriority, prctl, fcntl and dup2 are async-signal-safe
-        // and touch only the child, between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                // Guests that poll their devices spin while they wait for
-                // the host; below the host's own threads, they cannot
-                // starve the worker that answers them. The jailer's VMM
-                // inherits the priority.
-                libc::setpriority(libc::PRIO_PROCESS, 0, VMM_NICE);
-                libc::prctl(libc::PR_SET_PDEATHSIG, parent_death_signal);
-                // The snapshot's descriptors at the numbers the VMM is
-                // told, through copies above them in case they sit there
-                // already; dup2 leaves the targets open across exec.
-                if let Some((state, memory)) = restore_fds {
-                    let state = libc::fcntl(state, libc::F_DUPFD_CLOEXEC, 10);
-                    let memory = libc::fcntl(memory, libc::F_DUPFD_CLOEXEC, 10);
-                    if state < 0
-                        || memory < 0
-                        || libc::dup2(state, RESTORE_STATE_FD) < 0
-                        || libc::dup2(memory, RESTORE_MEMORY_FD) < 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
+        let mut passed: Vec<(File, RawFd)> = Vec::new();
+        match start {
+            GuestStart::Boot { cmdline, initrd } => {
+                vmm_args.extend(["--kernel".into(), seen(JAIL_KERNEL, files.kernel).into()]);
+                mount(files.kernel, JAIL_KERNEL, true);
+                if let Some(initrd) = initrd {
+                    vmm_args.extend(["--initrd".into(), seen(JAIL_INITRD, initrd).into()]);
+                    mount(initrd, JAIL_INITRD, true);
                 }
-                for &(fd, number) in &passed {
-                    let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-                    if copy < 0 || libc::dup2(copy, number) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let program = jail.map_or(files.vmm, |j| &j.jailer).to_path_buf();
-        let mut child = command.spawn().map_err(|source| VmmProcessError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
-        // The child has its copies.
-        drop(start);
-        drop(layers_key);
-        drop(manifest);
-        // 97 bytes fit in a pipe's buffer: the write cannot block.
-        if let Some(stdin) = child.stdin.take() {
-            let mut stdin = stdin
-                .into_owned_fd()
-                .map(std::fs::File::from)
-                .map_err(|source| VmmProcessError::Spawn {
-                    program: program.clone(),
-                    source,
-                })?;
-            if let CodeDisk::Sealed { key, .. } = files.code {
-                stdin
-                    .write_all(key.as_bytes())
-                    .map_err(|source| VmmProcessError::Spawn { program, source })?;
+                vmm_args.extend([
+                    "--mem-mib".into(),
+                    memory_mib.to_string().into(),
+                    "--cmdline".into(),
+                    cmdline.into(),
+                    "--control-sock".into(),
+                    seen(JAIL_DIR, files.dir).join(CONTROL_SOCKET).into(),
+                ]);
+            }
+            GuestStart::Restore { state, memory } => {
+                vmm_args.extend([
+                    "--restore".into(),
+                    format!("fd:{RESTORE_STATE_FD}").into(),
+                    "--restore-memory".into(),
+                    format!("fd:{RESTORE_MEMORY_FD}").into(),
+                ]);
+                passed.extend([(state, RESTORE_STATE_FD), (memory, RESTORE_MEMORY_FD)]);
             }
         }
-        let vmm_pid = if jailed.is_none() { child.id() } else { None };
+        match files.code {
+            CodeDisk::Sealed { path, key } => {
+                let drive = seen(JAIL_CODE_DISK, path);
+                vmm_args.extend([
+                    "--drive".into(),
+                    format!("{},ro,key-fd={CODE_KEY_FD}", drive.display()).into(),
+                ]);
+                mount(path, JAIL_CODE_DISK, true);
+                passed.push((
+                    secret_file(key.as_bytes()).map_err(spawn_error)?,
+                    CODE_KEY_FD,
+                ));
+            }
+            CodeDisk::Chunked { store, manifest } => {
+                let drive = seen(JAIL_CHUNKS, store);
+                vmm_args.extend([
+                    "--drive".into(),
+                    format!("{},ro,manifest=fd:{MANIFEST_FD}", drive.display()).into(),
+                ]);
+                mount(store, JAIL_CHUNKS, true);
+                passed.push((secret_file(manifest).map_err(spawn_error)?, MANIFEST_FD));
+            }
+        }
+        // The order the guest's init is told (guest_init::disks).
+        if let Some(disk) = files.root_disk {
+            let drive = seen(JAIL_ROOT_DISK, disk);
+            vmm_args.extend(["--drive".into(), format!("{},ro", drive.display()).into()]);
+            mount(disk, JAIL_ROOT_DISK, true);
+        }
+        if let Some((disk, key)) = files.layers_disk {
+            let drive = seen(JAIL_LAYERS_DISK, disk);
+            vmm_args.extend([
+                "--drive".into(),
+                format!("{},ro,key-fd={LAYERS_KEY_FD}", drive.display()).into(),
+            ]);
+            mount(disk, JAIL_LAYERS_DISK, true);
+            passed.push((
+                secret_file(key.as_bytes()).map_err(spawn_error)?,
+                LAYERS_KEY_FD,
+            ));
+        }
+        let vsock = seen(JAIL_DIR, files.dir).join("vsock");
+        vmm_args.extend([
+            "--vsock".into(),
+            format!("cid=3,uds={}", vsock.display()).into(),
+        ]);
+        mount(files.dir, JAIL_DIR, false);
+        match jail {
+            None => Self::spawn_unjailed(files.vmm, vmm_args, &passed),
+            Some(jail) => Self::launch_jailed(jail, files, memory_mib, vmm_args, mounts, &passed),
+        }
+    }
+
+    fn spawn_unjailed(
+        vmm: &Path,
+        vmm_args: Vec<OsString>,
+        passed: &[(File, RawFd)],
+    ) -> Result<Self, VmmProcessError> {
+        let mut command = Command::new(vmm);
+        command
+            .args(vmm_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A worker that dies takes its microVMs with it.
+            .kill_on_drop(true);
+        let fds: Vec<(RawFd, RawFd)> = passed.iter().map(|(f, n)| (f.as_raw_fd(), *n)).collect();
+        // SAFETY: async-signal-safe calls on the child between fork and
+        // exec (see `child_setup`).
+        unsafe {
+            command.pre_exec(move || child_setup(libc::SIGKILL, &fds));
+        }
+        let child = command.spawn().map_err(|source| VmmProcessError::Spawn {
+            program: vmm.to_path_buf(),
+            source,
+        })?;
         Ok(VmmProcess {
+            vmm_pid: child.id(),
             child,
-            jailed,
-            vmm_pid,
+            jailed: None,
+        })
+    }
+
+    fn launch_jailed(
+        jail: &JailSettings,
+        files: &VmmFiles<'_>,
+        memory_mib: u32,
+        vmm_args: Vec<OsString>,
+        mounts: Vec<JailMount>,
+        passed: &[(File, RawFd)],
+    ) -> Result<Self, VmmProcessError> {
+        let (ready, from_pool) = match jail.pool.take(files.vmm) {
+            Some(ready) => (ready, true),
+            None => (jail.make_jail(files.vmm, false)?, false),
+        };
+        hand_over(files.dir, ready.jailed.uid.id)?;
+        let launch = Launch {
+            mounts,
+            memory_max: Some((u64::from(memory_mib) + VMM_OVERHEAD_MIB) << 20),
+            vmm_args: vmm_args
+                .into_iter()
+                .map(|a| a.into_string().map_err(VmmProcessError::NotUtf8))
+                .collect::<Result<_, _>>()?,
+            fds: passed.iter().map(|(_, number)| *number).collect(),
+        };
+        let fds: Vec<RawFd> = passed.iter().map(|(f, _)| f.as_raw_fd()).collect();
+        // Queued whole before the socket closes here: the jailer reads the
+        // launch, then the end.
+        launch
+            .send(&ready.launch, &fds)
+            .map_err(|source| VmmProcessError::Spawn {
+                program: jail.jailer.clone(),
+                source,
+            })?;
+        if let (true, Some(pid)) = (from_pool, ready.child.id()) {
+            // The jailer reports its VMM's end; its child, the VMM, leaves
+            // SCHED_IDLE itself once launched.
+            if let Err(e) = set_policy(pid as libc::pid_t, libc::SCHED_OTHER) {
+                tracing::warn!("the jailer {pid} stays at SCHED_IDLE: {e}");
+            }
+        }
+        Ok(VmmProcess {
+            child: ready.child,
+            jailed: Some(ready.jailed),
+            vmm_pid: None,
         })
     }
 
@@ -540,6 +699,17 @@ impl VmmProcess {
             format!("{status}: its seccomp filter killed the VMM for a forbidden system call")
         } else {
             status.to_string()
+        }
+    }
+}
+
+impl Drop for VmmProcess {
+    /// A jailer, which is not killed on drop, is asked to stop: it kills
+    /// its VMM and removes the jail and cgroup.
+    fn drop(&mut self) {
+        if let (Some(_), Some(pid)) = (&self.jailed, self.child.id()) {
+            // SAFETY: signals the jailer, a child not yet reaped.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         }
     }
 }

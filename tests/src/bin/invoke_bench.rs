@@ -141,7 +141,7 @@ fn client_of(worker: &RunningWorker) -> Arc<LambdaClient> {
     Arc::new(LambdaClient::new(&worker.address, ACCOUNT_A.0, ACCOUNT_A.1))
 }
 
-async fn bench(worker: &RunningWorker, args: &Args) -> Result<Vec<Duration>, String> {
+async fn bench(worker: &RunningWorker, args: &Args) -> Result<(), String> {
     let client = client_of(worker);
     let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
     let (cold, init) = cold_starts(&client, args.cold).await?;
@@ -178,7 +178,7 @@ async fn bench(worker: &RunningWorker, args: &Args) -> Result<Vec<Duration>, Str
             report.failures.first()
         ));
     }
-    Ok(init)
+    Ok(())
 }
 
 /// `n` cold starts of one version, one at a time, on a worker (with
@@ -260,14 +260,75 @@ async fn restore_vs_boot(n: usize, jailed: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// The same cold starts on a worker that does not jail its VMMs.
-async fn unjailed_cold_starts(n: usize) -> Result<Vec<Duration>, String> {
-    let data = data_dir("invoke-bench-unjailed");
-    let worker = RunningWorker::start(&data, &["--no-jail"], "warn");
-    let result = cold_starts(&client_of(&worker), n).await;
-    worker.stop();
-    let _ = std::fs::remove_dir_all(&data);
-    Ok(result?.1)
+/// Cold starts of new functions on workers that differ in how they jail
+/// their VMMs, taken in turn so that the host's slow spells fall on all
+/// of them alike: Invoke -> answer and Init Duration p50 of each, and the
+/// breakdown of its traces.
+async fn jail_comparison(n: usize) -> Result<(), String> {
+    let kinds: [(&str, &[&str]); 3] = [
+        ("jailed, from the pool of jails made ahead", &[]),
+        (
+            "jailed, each jail made at its start (--jail-pool 0)",
+            &["--jail-pool", "0"],
+        ),
+        ("unjailed (--no-jail)", &["--no-jail"]),
+    ];
+    let workers: Vec<(RunningWorker, std::path::PathBuf)> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, (_, flags))| {
+            let data = data_dir(&format!("invoke-bench-jail-{i}"));
+            (RunningWorker::start(&data, flags, LOG_FILTER), data)
+        })
+        .collect();
+    let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
+    let clients: Vec<_> = workers.iter().map(|(w, _)| client_of(w)).collect();
+    let mut cold = vec![Vec::new(); kinds.len()];
+    let mut init = vec![Vec::new(); kinds.len()];
+    let result = async {
+        for i in 0..n {
+            for (k, client) in clients.iter().enumerate() {
+                let name = format!("jail-{i}");
+                client.create_wasm_function(&name, &wasm, 5).await?;
+                // The pool refills after a cold start, off its path, as it
+                // would between a real worker's cold starts.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let r = client.invoke(&name, "{}".into()).await?;
+                let ms = r
+                    .init_duration_ms()
+                    .ok_or(format!("{name}: no cold start"))?;
+                init[k].push(Duration::from_secs_f64(ms / 1e3));
+                cold[k].push(r.latency);
+            }
+        }
+        Ok::<(), String>(())
+    }
+    .await;
+    for (k, (label, _)) in kinds.iter().enumerate() {
+        if result.is_ok() {
+            breakdown(
+                &format!("cold start of a new function, {label}"),
+                &workers[k].0.log(),
+            );
+            summary(&format!("{label}: Invoke -> answer"), &cold[k]);
+            summary(&format!("{label}: Init Duration"), &init[k]);
+        }
+    }
+    for (worker, data) in workers {
+        worker.stop();
+        let _ = std::fs::remove_dir_all(&data);
+    }
+    result?;
+    let p50 = |v: &[Duration]| percentile(v, 50.0).as_secs_f64() * 1e3;
+    println!(
+        "the jail adds {:+.2} ms to the median Init Duration with the pool, {:+.2} ms without ({:.2} / {:.2} / {:.2} ms)",
+        p50(&init[0]) - p50(&init[2]),
+        p50(&init[1]) - p50(&init[2]),
+        p50(&init[0]),
+        p50(&init[1]),
+        p50(&init[2])
+    );
+    Ok(())
 }
 
 fn main() {
@@ -286,20 +347,12 @@ fn main() {
         .build()
         .map_err(|e| e.to_string())
         .and_then(|rt| {
-            let jailed = rt.block_on(bench(&worker, &args))?;
+            rt.block_on(bench(&worker, &args))?;
             if !is_root() {
-                println!("unjailed comparison: SKIPPED: the worker above ran unjailed (not root)");
+                println!("jail comparison: SKIPPED: the worker above ran unjailed (not root)");
                 return Ok(());
             }
-            let unjailed = rt.block_on(unjailed_cold_starts(args.cold))?;
-            summary("cold start, Init Duration, unjailed (--no-jail)", &unjailed);
-            let p50 = |v: &[Duration]| percentile(v, 50.0).as_secs_f64() * 1e3;
-            println!(
-                "the jailer adds {:+.2} ms to the median Init Duration ({:.2} ms jailed, {:.2} ms unjailed)",
-                p50(&jailed) - p50(&unjailed),
-                p50(&jailed),
-                p50(&unjailed)
-            );
+            rt.block_on(jail_comparison(args.cold))?;
             Ok(())
         });
     worker.stop();

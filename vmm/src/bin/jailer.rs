@@ -2,12 +2,14 @@
 //! See `vmm::jail` for what it does, in order.
 
 use std::ffi::OsString;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::jail::cgroup::CgroupLimits;
-use vmm::jail::{Jail, JailConfig, JailMount};
+use vmm::jail::{Jail, JailConfig, JailMount, Launch, LaunchSource};
 
 #[derive(Debug, Parser)]
 #[command(name = "jailer", version, about = "Runs the VMM in a jail")]
@@ -29,6 +31,12 @@ struct Cli {
     /// TARGET. Nothing else of the host is visible.
     #[arg(long = "mount", value_name = "SRC:DEST[:ro]")]
     mounts: Vec<JailMount>,
+    /// Builds the jail now and waits for its launch (mounts, memory, the
+    /// VMM's arguments and descriptors, as `vmm::jail::Launch` sends it)
+    /// on this `SOCK_SEQPACKET` socket, so that a VMM starts in a jail
+    /// made ahead of time. The jail has the memory controller.
+    #[arg(long, value_name = "FD", conflicts_with_all = ["mounts", "memory_mib", "vmm_args"])]
+    launch_fd: Option<RawFd>,
     /// The parent cgroup.
     #[arg(long, default_value = "lambda-microvm")]
     cgroup_parent: String,
@@ -60,22 +68,37 @@ fn run(cli: Cli) -> Result<i32, String> {
         Some(c) => return Err(format!("--cpus {c}: must be a positive number of cores")),
         None => None,
     };
+    let launch = match cli.launch_fd {
+        Some(fd) => LaunchSource::Socket(launch_socket(fd)?),
+        None => LaunchSource::Given(Launch {
+            mounts: cli.mounts,
+            memory_max: cli.memory_mib.map(|m| m << 20),
+            vmm_args: cli
+                .vmm_args
+                .into_iter()
+                .map(|a| {
+                    a.into_string()
+                        .map_err(|a| format!("the VMM argument {a:?} is not UTF-8"))
+                })
+                .collect::<Result<_, _>>()?,
+            fds: Vec::new(),
+        }),
+    };
     let jail = Jail::new(JailConfig {
         id: cli.id,
         exec_file: cli.exec_file,
         chroot_base: cli.chroot_base,
         uid: cli.uid,
         gid: cli.gid,
-        mounts: cli.mounts,
         cgroup_parent: cli.cgroup_parent,
         limits: CgroupLimits {
-            memory_max: cli.memory_mib.map(|m| m << 20),
+            memory: cli.memory_mib.is_some() || cli.launch_fd.is_some(),
             cpu_max,
             pids_max: Some(cli.pids_max),
         },
         max_open_files: cli.max_open_files,
         max_processes: cli.max_processes,
-        vmm_args: cli.vmm_args,
+        launch,
     })
     .map_err(|e| e.to_string())?;
     let exit = jail.run().map_err(|e| e.to_string())?;
@@ -83,6 +106,20 @@ fn run(cli: Cli) -> Result<i32, String> {
         eprintln!("jailer: the VMM {exit}");
     }
     Ok(exit.code())
+}
+
+/// Takes `--launch-fd`, which the VMM must not inherit.
+fn launch_socket(fd: RawFd) -> Result<UnixStream, String> {
+    // SAFETY: F_GETFD then F_SETFD on a number; a closed one is refused.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(format!(
+            "--launch-fd {fd}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: an open descriptor the jailer's owner handed over for this.
+    Ok(unsafe { UnixStream::from_raw_fd(fd) })
 }
 
 fn main() -> ExitCode {

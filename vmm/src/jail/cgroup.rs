@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
 pub struct CgroupLimits {
-    /// Bytes of memory, page cache included.
-    pub memory_max: Option<u64>,
+    /// A memory controller group, whose limit the launch sets (see
+    /// [`MemoryLimit`]).
+    pub memory: bool,
     /// CPU time per period: (quota, period), in microseconds.
     pub cpu_max: Option<(u64, u64)>,
     pub pids_max: Option<u64>,
@@ -38,7 +39,39 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
 /// cgroup v2).
 pub struct Cgroup {
     dirs: Vec<PathBuf>,
+    /// The memory controller's group.
+    memory: Option<PathBuf>,
     unified: bool,
+}
+
+/// The group's memory limit files, open: a jail made ahead of time learns
+/// its VMM's size only when it is launched, after its root was pivoted
+/// away from `/sys/fs/cgroup`.
+pub struct MemoryLimit {
+    /// The limit, then on v1 the memory+swap limit (which must not fall
+    /// below it), or on v2 the swap limit.
+    files: Vec<(OwnedFd, PathBuf)>,
+    unified: bool,
+}
+
+impl MemoryLimit {
+    /// Caps memory, page cache included, at `bytes`, with no swap.
+    pub fn set(&self, bytes: u64) -> Result<(), CgroupError> {
+        for (index, (fd, path)) in self.files.iter().enumerate() {
+            let value = if self.unified && index == 1 {
+                "0".to_string()
+            } else {
+                bytes.to_string()
+            };
+            // SAFETY: writes a local buffer to an open descriptor.
+            let written =
+                unsafe { libc::write(fd.as_raw_fd(), value.as_ptr().cast(), value.len()) };
+            if written != value.len() as isize {
+                return Err(io(path)(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The v1 groups' `tasks` files, open for a process to move itself in.
@@ -106,7 +139,7 @@ impl Cgroup {
     /// Creates `parent/name` in each hierarchy and sets `limits` there.
     pub fn create(parent: &str, name: &str, limits: &CgroupLimits) -> Result<Self, CgroupError> {
         let mut wanted = Vec::new();
-        if limits.memory_max.is_some() {
+        if limits.memory {
             wanted.push("memory");
         }
         if limits.cpu_max.is_some() {
@@ -129,10 +162,6 @@ impl Cgroup {
             }
             let dir = parent_dir.join(name);
             std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-            if let Some(bytes) = limits.memory_max {
-                write(&dir, "memory.max", &bytes.to_string())?;
-                write(&dir, "memory.swap.max", "0").ok();
-            }
             if let Some((quota, period)) = limits.cpu_max {
                 write(&dir, "cpu.max", &format!("{quota} {period}"))?;
             }
@@ -140,11 +169,13 @@ impl Cgroup {
                 write(&dir, "pids.max", &n.to_string())?;
             }
             return Ok(Cgroup {
+                memory: limits.memory.then(|| dir.clone()),
                 dirs: vec![dir],
                 unified: true,
             });
         }
         let mut dirs = Vec::new();
+        let mut memory = None;
         let mut group = |controller: &'static str| -> Result<PathBuf, CgroupError> {
             let hierarchy = Path::new(ROOT).join(controller);
             if !hierarchy.join("cgroup.procs").exists() {
@@ -155,11 +186,8 @@ impl Cgroup {
             dirs.push(dir.clone());
             Ok(dir)
         };
-        if let Some(bytes) = limits.memory_max {
-            let dir = group("memory")?;
-            write(&dir, "memory.limit_in_bytes", &bytes.to_string())?;
-            // Without swap accounting this file is absent; nothing to cap.
-            write(&dir, "memory.memsw.limit_in_bytes", &bytes.to_string()).ok();
+        if limits.memory {
+            memory = Some(group("memory")?);
         }
         if let Some((quota, period)) = limits.cpu_max {
             let dir = group("cpu")?;
@@ -172,8 +200,36 @@ impl Cgroup {
         }
         Ok(Cgroup {
             dirs,
+            memory,
             unified: false,
         })
+    }
+
+    /// The memory limit's files, if the group has the memory controller.
+    pub fn memory_limit(&self) -> Result<Option<MemoryLimit>, CgroupError> {
+        let Some(dir) = &self.memory else {
+            return Ok(None);
+        };
+        let names: &[&str] = if self.unified {
+            &["memory.max", "memory.swap.max"]
+        } else {
+            &["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+        };
+        let mut files = Vec::new();
+        for (index, name) in names.iter().enumerate() {
+            let path = dir.join(name);
+            match OpenOptions::new().write(true).open(&path) {
+                Ok(file) => files.push((OwnedFd::from(file), path)),
+                // Without swap accounting the second file is absent;
+                // nothing to cap.
+                Err(e) if index == 1 && e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        Ok(Some(MemoryLimit {
+            files,
+            unified: self.unified,
+        }))
     }
 
     /// On cgroup v1, the groups' `tasks` files, for the jailed process to

@@ -1,35 +1,44 @@
 //! The jailer: starts the VMM with nothing around it that a guest escape
 //! could use. In order:
 //! 1. open `/dev/kvm` and the VMM binary, while still root;
-//! 2. create the VMM's cgroup with its memory, CPU and process limits;
+//! 2. create the VMM's cgroup with its CPU and process limits;
 //! 3. clone a child into new mount, PID, network, IPC and UTS
 //!    namespaces;
 //! 4. in the child: join the cgroup (on v1; see `cgroup::SelfPlacement`),
-//!    bind-mount only the files the VMM needs into an empty root and
-//!    `pivot_root` into it; then, once the parent has written the PID file
-//!    (and on v2 put it in the cgroup), set resource limits, drop to the
-//!    unprivileged uid and gid, and exec the VMM from its descriptor with
-//!    the KVM descriptor inherited (`--kvm-fd`);
-//! 5. in the parent: on v2 put the child in the cgroup, let it go, wait
-//!    for it, report how it ended, and clean up.
+//!    make its mounts private and its root a mount point, and wait for
+//!    the parent to write the PID file (and on v2 put it in the cgroup);
+//! 5. in the child, with its [`Launch`]: set the memory limit, bind-mount
+//!    only the files the VMM needs into the empty root and `pivot_root`
+//!    into it, set resource limits, drop to the unprivileged uid and gid,
+//!    place the launch's descriptors, and exec the VMM from its
+//!    descriptor with the KVM descriptor inherited (`--kvm-fd`);
+//! 6. in the parent: wait for the child, report how it ended, and clean
+//!    up.
+//!
+//! The launch is on the command line, or, for a jail made ahead of time,
+//! comes later on a socket (`--launch-fd`): steps 1-4 (about 3 ms, the
+//! namespaces' creation the most of it) are then off a cold start's path.
 //!
 //! The child dies with the jailer (`PR_SET_PDEATHSIG`), so killing the
 //! jailer stops the microVM.
 
 pub mod cgroup;
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cgroup::{Cgroup, CgroupError, CgroupLimits, SelfPlacement};
+use cgroup::{Cgroup, CgroupError, CgroupLimits, MemoryLimit, SelfPlacement};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::vstate::vm::HypervisorKind;
 
 /// A host path made visible inside the jail.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JailMount {
     pub source: PathBuf,
     /// Absolute, inside the jail.
@@ -62,7 +71,96 @@ impl std::str::FromStr for JailMount {
     }
 }
 
-#[derive(Debug, Clone)]
+/// What one VMM is given in its jail.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    pub mounts: Vec<JailMount>,
+    /// Bytes of memory, page cache included; needs a jail made with the
+    /// memory controller.
+    pub memory_max: Option<u64>,
+    /// Arguments for the VMM, after the ones the jailer adds.
+    pub vmm_args: Vec<String>,
+    /// The numbers at which the VMM finds the descriptors sent with the
+    /// launch, in their order.
+    pub fds: Vec<RawFd>,
+}
+
+/// The most descriptors one launch passes.
+pub const MAX_LAUNCH_FDS: usize = 8;
+/// The largest launch message.
+const MAX_LAUNCH_BYTES: usize = 64 << 10;
+/// Received descriptors go above this before they are placed, clear of
+/// every number a launch may name.
+const FD_FLOOR: RawFd = 64;
+
+impl Launch {
+    /// Sends the launch and its descriptors (`fds[i]` goes to
+    /// `self.fds[i]`) to a jail waiting on the other end of `socket`, a
+    /// `SOCK_SEQPACKET` pair's end.
+    pub fn send(&self, socket: &UnixStream, fds: &[RawFd]) -> std::io::Result<()> {
+        if fds.len() != self.fds.len() || fds.len() > MAX_LAUNCH_FDS {
+            return Err(std::io::Error::other(format!(
+                "{} descriptors for {} numbers (at most {MAX_LAUNCH_FDS})",
+                fds.len(),
+                self.fds.len()
+            )));
+        }
+        let message = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        if message.len() > MAX_LAUNCH_BYTES {
+            return Err(std::io::Error::other(format!(
+                "a launch of {} bytes (at most {MAX_LAUNCH_BYTES})",
+                message.len()
+            )));
+        }
+        socket
+            .send_with_fds(&[message.as_slice()], fds)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        Ok(())
+    }
+
+    /// Waits for a launch on `socket`; `None` when its sender closed it
+    /// without sending one (a pool of jails shrinking).
+    fn receive(socket: &UnixStream) -> Result<Option<(Launch, Vec<OwnedFd>)>, JailError> {
+        let mut buf = vec![0u8; MAX_LAUNCH_BYTES];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        let mut raw = [-1 as RawFd; MAX_LAUNCH_FDS];
+        // SAFETY: the iovec covers `buf`, alive and writable; the
+        // descriptors received are owned below.
+        let (len, count) = unsafe { socket.recv_with_fds(&mut iov, &mut raw) }
+            .map_err(|e| JailError::Launch(format!("reading the launch: {e}")))?;
+        // SAFETY: descriptors this process just received and owns.
+        let fds: Vec<OwnedFd> = raw[..count]
+            .iter()
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        if len == 0 && count == 0 {
+            return Ok(None);
+        }
+        let launch: Launch = serde_json::from_slice(&buf[..len])
+            .map_err(|e| JailError::Launch(format!("a malformed launch: {e}")))?;
+        if launch.fds.len() != fds.len() {
+            return Err(JailError::Launch(format!(
+                "the launch names {} descriptors but carries {}",
+                launch.fds.len(),
+                fds.len()
+            )));
+        }
+        Ok(Some((launch, fds)))
+    }
+}
+
+/// Where the jail's launch comes from.
+#[derive(Debug)]
+pub enum LaunchSource {
+    Given(Launch),
+    /// A `SOCK_SEQPACKET` socket the owner sends it on, once.
+    Socket(UnixStream),
+}
+
+#[derive(Debug)]
 pub struct JailConfig {
     /// Names the jail directory and the cgroup.
     pub id: String,
@@ -71,13 +169,11 @@ pub struct JailConfig {
     pub chroot_base: PathBuf,
     pub uid: u32,
     pub gid: u32,
-    pub mounts: Vec<JailMount>,
     pub cgroup_parent: String,
     pub limits: CgroupLimits,
     pub max_open_files: u64,
     pub max_processes: u64,
-    /// Arguments for the VMM, after the ones the jailer adds.
-    pub vmm_args: Vec<OsString>,
+    pub launch: LaunchSource,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +199,8 @@ pub enum JailError {
     Cgroup(#[from] CgroupError),
     #[error("{0}: {1}")]
     Sys(&'static str, std::io::Error),
+    #[error("launch: {0}")]
+    Launch(String),
 }
 
 fn sys(what: &'static str, result: libc::c_int) -> Result<libc::c_int, JailError> {
@@ -132,6 +230,45 @@ fn open(what: &'static str, path: &Path, flags: libc::c_int) -> Result<OwnedFd, 
     }
     // SAFETY: a descriptor this process just opened and owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Moves `fd` to the lowest free number at or above [`FD_FLOOR`].
+fn relocate(fd: OwnedFd, cloexec: bool) -> Result<OwnedFd, JailError> {
+    let command = if cloexec {
+        libc::F_DUPFD_CLOEXEC
+    } else {
+        libc::F_DUPFD
+    };
+    // SAFETY: duplicates a descriptor this process owns.
+    let moved = sys("moving a descriptor", unsafe {
+        libc::fcntl(fd.as_raw_fd(), command, FD_FLOOR)
+    })?;
+    // SAFETY: the new descriptor is this process's own.
+    Ok(unsafe { OwnedFd::from_raw_fd(moved) })
+}
+
+/// Puts `fds[i]` at number `numbers[i]`, where the exec'd VMM finds it.
+/// Through copies above every target first, so that placing one never
+/// closes another still to be placed.
+fn place_fds(fds: Vec<OwnedFd>, numbers: &[RawFd]) -> std::io::Result<()> {
+    let copies = fds
+        .into_iter()
+        .map(|fd| relocate(fd, true).map_err(|e| std::io::Error::other(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (copy, &number) in copies.iter().zip(numbers) {
+        if !(0..FD_FLOOR).contains(&number) {
+            return Err(std::io::Error::other(format!(
+                "descriptor number {number} (0 to {} only)",
+                FD_FLOOR - 1
+            )));
+        }
+        // SAFETY: dup2 onto a number the launch chose; the target stays
+        // open across exec.
+        if unsafe { libc::dup2(copy.as_raw_fd(), number) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -223,11 +360,18 @@ impl Jail {
                 libc::sigaction(signal, &action, std::ptr::null_mut());
             }
         }
-        let kvm = open("/dev/kvm", Path::new("/dev/kvm"), libc::O_RDWR)?;
-        let exec = open(
-            "--exec-file",
-            &self.config.exec_file,
-            libc::O_RDONLY | libc::O_CLOEXEC,
+        // Above every number a launch places descriptors at.
+        let kvm = relocate(
+            open("/dev/kvm", Path::new("/dev/kvm"), libc::O_RDWR)?,
+            false,
+        )?;
+        let exec = relocate(
+            open(
+                "--exec-file",
+                &self.config.exec_file,
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )?,
+            true,
         )?;
         let root = self.root();
         let jail_dir = |source| JailError::JailDir {
@@ -243,7 +387,10 @@ impl Jail {
             &self.config.id,
             &self.config.limits,
         )?;
-        let result = self.spawn(&kvm, &exec, &cgroup);
+        let result = cgroup
+            .memory_limit()
+            .map_err(JailError::from)
+            .and_then(|memory| self.spawn(&kvm, &exec, &cgroup, memory.as_ref()));
         cgroup.remove();
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!("cannot remove the jail {}: {e}", self.dir.display());
@@ -251,8 +398,15 @@ impl Jail {
         result
     }
 
-    fn spawn(&self, kvm: &OwnedFd, exec: &OwnedFd, cgroup: &Cgroup) -> Result<VmmExit, JailError> {
-        let argv = self.vmm_argv(kvm.as_raw_fd());
+    fn spawn(
+        &self,
+        kvm: &OwnedFd,
+        exec: &OwnedFd,
+        cgroup: &Cgroup,
+        memory: Option<&MemoryLimit>,
+    ) -> Result<VmmExit, JailError> {
+        // Read from the host's /sys, which the child leaves behind.
+        let hypervisor = HypervisorKind::detect();
         let mut placement = cgroup.self_placement()?;
         let mut go = [0 as RawFd; 2];
         // SAFETY: a two-element array for the pipe's ends.
@@ -274,7 +428,14 @@ impl Jail {
         if pid == 0 {
             // SAFETY: closes the child's copy of the write end.
             unsafe { libc::close(go[1]) };
-            let error = self.enter(go[0], exec.as_raw_fd(), &argv, placement.as_ref());
+            let error = self.enter(
+                go[0],
+                kvm.as_raw_fd(),
+                exec.as_raw_fd(),
+                placement.as_ref(),
+                memory,
+                hypervisor,
+            );
             // Only reached when something failed before exec.
             eprintln!("jailer: {error}");
             // SAFETY: leaves the child without running the parent's
@@ -331,7 +492,12 @@ impl Jail {
         })
     }
 
-    fn vmm_argv(&self, kvm_fd: RawFd) -> Vec<CString> {
+    fn vmm_argv(
+        &self,
+        kvm_fd: RawFd,
+        hypervisor: HypervisorKind,
+        vmm_args: &[String],
+    ) -> Vec<CString> {
         let name = self
             .config
             .exec_file
@@ -342,39 +508,42 @@ impl Jail {
             c"--kvm-fd".into(),
             CString::new(kvm_fd.to_string()).unwrap_or_default(),
             c"--hypervisor".into(),
-            CString::new(match HypervisorKind::detect() {
+            CString::new(match hypervisor {
                 HypervisorKind::Pvm => "pvm",
                 HypervisorKind::Hardware => "hardware",
             })
             .unwrap_or_default(),
         ];
         argv.extend(
-            self.config
-                .vmm_args
+            vmm_args
                 .iter()
                 .map(|a| CString::new(a.as_bytes()).unwrap_or_default()),
         );
         argv
     }
 
-    /// The child's side: joins its cgroup (v1), builds the root, waits for
-    /// the parent (which on v2 moves it into its cgroup), drops privileges
-    /// and execs. Returns only on failure.
+    /// The child's side: joins its cgroup (v1), makes its root a mount
+    /// point, waits for the parent (which on v2 moves it into its cgroup)
+    /// and for its launch, then finishes the root, drops privileges and
+    /// execs. Returns only on failure; exits 0 when its owner closed the
+    /// launch socket without launching.
     fn enter(
         &self,
         go: RawFd,
+        kvm: RawFd,
         exec: RawFd,
-        argv: &[CString],
         placement: Option<&SelfPlacement>,
+        memory: Option<&MemoryLimit>,
+        hypervisor: HypervisorKind,
     ) -> JailError {
         if let Some(Err(e)) = placement.map(SelfPlacement::join) {
             return JailError::Sys("joining the cgroup", e);
         }
-        // On v2 the root is built while the parent moves this process into
+        // On v2 the root is begun while the parent moves this process into
         // its cgroup, which can wait for an RCU grace period (about 10 ms
         // on an otherwise idle host); mounts need no limits. The VMM
         // itself starts only inside the cgroup.
-        if let Err(e) = self.build_root() {
+        if let Err(e) = self.prepare_root() {
             return e;
         }
         let mut byte = [0u8; 1];
@@ -382,9 +551,38 @@ impl Jail {
         if unsafe { libc::read(go, byte.as_mut_ptr().cast(), 1) } != 1 {
             return JailError::Sys("waiting for the cgroup", std::io::Error::last_os_error());
         }
+        let (launch, fds) = match &self.config.launch {
+            LaunchSource::Given(launch) => (launch.clone(), Vec::new()),
+            LaunchSource::Socket(socket) => match Launch::receive(socket) {
+                Ok(Some(received)) => {
+                    // A jail made ahead of time may have waited at
+                    // SCHED_IDLE; its VMM runs at the normal policy (and
+                    // the nice value it was given).
+                    let param = libc::sched_param { sched_priority: 0 };
+                    // SAFETY: a plain system call on this process.
+                    if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } < 0 {
+                        return JailError::Sys(
+                            "leaving SCHED_IDLE",
+                            std::io::Error::last_os_error(),
+                        );
+                    }
+                    received
+                }
+                // SAFETY: leaves without running the parent's destructors.
+                Ok(None) => unsafe { libc::_exit(0) },
+                Err(e) => return e,
+            },
+        };
+        if let Err(e) = self.finish_root(&launch, memory) {
+            return e;
+        }
         if let Err(e) = self.drop_privileges() {
             return e;
         }
+        if let Err(e) = place_fds(fds, &launch.fds) {
+            return JailError::Sys("placing the launch's descriptors", e);
+        }
+        let argv = self.vmm_argv(kvm, hypervisor, &launch.vmm_args);
         let mut pointers: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         pointers.push(std::ptr::null());
         let env: [*const libc::c_char; 1] = [std::ptr::null()];
@@ -403,7 +601,26 @@ impl Jail {
         JailError::Sys("execveat", std::io::Error::last_os_error())
     }
 
-    fn build_root(&self) -> Result<(), JailError> {
+    /// Sets the launch's memory limit and mounts its files in the root,
+    /// then pivots into it.
+    fn finish_root(&self, launch: &Launch, memory: Option<&MemoryLimit>) -> Result<(), JailError> {
+        match (launch.memory_max, memory) {
+            (Some(bytes), Some(limit)) => limit.set(bytes)?,
+            (Some(_), None) => {
+                return Err(JailError::Launch(
+                    "a memory limit for a jail made without the memory controller".into(),
+                ))
+            }
+            (None, _) => {}
+        }
+        for m in &launch.mounts {
+            self.bind(m)?;
+        }
+        self.pivot()
+    }
+
+    /// Makes the child's mounts private and its root a mount point.
+    fn prepare_root(&self) -> Result<(), JailError> {
         let root = self.root();
         let c_root = c_path(&root);
         // SAFETY: mount(2) with NUL-terminated strings; results checked.
@@ -431,12 +648,17 @@ impl Jail {
                 ),
             )?;
         }
-        for m in &self.config.mounts {
-            self.bind(m)?;
-        }
-        let old = root.join(".old-root");
-        std::fs::create_dir_all(&old).map_err(|e| JailError::Sys("creating .old-root", e))?;
-        let c_old = c_path(&old);
+        std::fs::create_dir_all(root.join(".old-root"))
+            .map_err(|e| JailError::Sys("creating .old-root", e))?;
+        // SAFETY: a static NUL-terminated name.
+        unsafe { libc::sethostname(c"microvm".as_ptr(), 7) };
+        Ok(())
+    }
+
+    fn pivot(&self) -> Result<(), JailError> {
+        let root = self.root();
+        let c_root = c_path(&root);
+        let c_old = c_path(&root.join(".old-root"));
         // SAFETY: pivot_root/umount2/chdir with NUL-terminated paths.
         unsafe {
             sys(
@@ -449,10 +671,7 @@ impl Jail {
                 libc::umount2(c"/.old-root".as_ptr(), libc::MNT_DETACH),
             )?;
         }
-        std::fs::remove_dir("/.old-root").map_err(|e| JailError::Sys("removing .old-root", e))?;
-        // SAFETY: a static NUL-terminated name.
-        unsafe { libc::sethostname(c"microvm".as_ptr(), 7) };
-        Ok(())
+        std::fs::remove_dir("/.old-root").map_err(|e| JailError::Sys("removing .old-root", e))
     }
 
     /// Bind-mounts `m.source` at `m.target` inside the (not yet pivoted)
