@@ -57,6 +57,10 @@ pub enum RouteError {
     TimedOut(Duration),
     #[error("the execution environment stopped during the invocation")]
     EnvironmentFailed,
+    /// What an environment of the version needs could not be put
+    /// together (its code or its image record).
+    #[error("{0}")]
+    Launch(ApiError),
 }
 
 fn start_failure(key: &VersionKey, e: EnvironmentError) -> RouteError {
@@ -172,21 +176,24 @@ impl InvokeRouter {
         })
     }
 
-    /// An idle environment of `launch.key` on any worker, else a new one
-    /// on the worker with the most room.
+    /// An idle environment of `key` on any worker, else a new one, of
+    /// what `launch` puts together (only then), on the worker with the
+    /// most room.
     async fn acquire(
         &self,
-        launch: &Launch,
+        key: &VersionKey,
+        launch: impl FnOnce() -> Result<Launch, ApiError>,
     ) -> Result<(Arc<WorkerHost>, ExecutionEnvironment), RouteError> {
         let mut hosts = self.active_hosts();
         for host in &hosts {
-            if let Some(env) = host.take_idle(&launch.key) {
+            if let Some(env) = host.take_idle(key) {
                 return Ok((host.clone(), env));
             }
         }
+        let launch = launch().map_err(RouteError::Launch)?;
         hosts.sort_by_key(|h| Reverse(h.free_capacity()));
         for host in hosts {
-            match host.start_for_invocation(launch).await {
+            match host.start_for_invocation(&launch).await {
                 Ok(env) => return Ok((host, env)),
                 Err(StartError::Full) => continue,
                 Err(StartError::Environment(e)) => return Err(start_failure(&launch.key, e)),
@@ -195,17 +202,19 @@ impl InvokeRouter {
         Err(too_many("ConcurrentInvocationLimitExceeded").into())
     }
 
-    /// Runs one invocation of `launch.key` in an environment of its own.
+    /// Runs one invocation of `key` in an environment of its own; one
+    /// started for it is made of what `launch` puts together.
     pub async fn invoke(
         &self,
-        launch: &Launch,
+        key: &VersionKey,
+        launch: impl FnOnce() -> Result<Launch, ApiError>,
         reserved: Option<u32>,
         request_id: &str,
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Routed, RouteError> {
-        let _slot = self.take_concurrency(&launch.key, reserved)?;
-        let (host, mut env) = self.acquire(launch).await?;
+        let _slot = self.take_concurrency(key, reserved)?;
+        let (host, mut env) = self.acquire(key, launch).await?;
         let cold_start = env.fresh.then_some(env.cold_start);
         let trace = env.fresh.then(|| env.trace.clone());
         env.fresh = false;

@@ -222,28 +222,12 @@ impl Worker {
     ) -> Result<InvokeResult, ApiError> {
         let config = &resolved.config;
         config.check_invocable()?;
-        let launch = match self.launch(resolved) {
-            Ok(launch) => launch,
-            Err(ApiError::InvalidParameterValue(m) | ApiError::InvalidZipFile(m)) => {
-                let log = self.log(
-                    resolved,
-                    request_id,
-                    &[format!("Runtime.InvalidEntrypoint: {m}")],
-                    None,
-                );
-                return Ok(InvokeResult {
-                    status_error: Some("Unhandled"),
-                    body: error_body("Runtime.InvalidEntrypoint", &m),
-                    log,
-                });
-            }
-            Err(e) => return Err(e),
-        };
         let timeout = Duration::from_secs(config.timeout.into());
         let routed = self
             .router
             .invoke(
-                &launch,
+                &resolved.key,
+                || self.launch(resolved),
                 resolved.reserved_concurrency,
                 request_id,
                 payload,
@@ -276,7 +260,22 @@ impl Worker {
                     }
                 }
             }
-            Err(RouteError::Api(e)) => return Err(e),
+            Err(RouteError::Launch(
+                ApiError::InvalidParameterValue(m) | ApiError::InvalidZipFile(m),
+            )) => {
+                let log = self.log(
+                    resolved,
+                    request_id,
+                    &[format!("Runtime.InvalidEntrypoint: {m}")],
+                    None,
+                );
+                return Ok(InvokeResult {
+                    status_error: Some("Unhandled"),
+                    body: error_body("Runtime.InvalidEntrypoint", &m),
+                    log,
+                });
+            }
+            Err(RouteError::Api(e) | RouteError::Launch(e)) => return Err(e),
             Err(RouteError::TimedOut(t)) => {
                 let message = format!(
                     "{request_id} Task timed out after {:.2} seconds",
