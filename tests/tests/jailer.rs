@@ -358,6 +358,50 @@ fn the_worker_starts_every_environment_through_the_jailer() {
     std::fs::remove_dir_all(&data).unwrap();
 }
 
+#[test]
+fn a_full_worker_evicts_its_least_recently_used_environment() {
+    if skip_unless_root("the worker's jailer") {
+        return;
+    }
+    let data = data_dir("lambda-evicts");
+    let worker = RunningWorker::start(&data, &["--max-environments", "1"], "info");
+    let client = worker.client();
+    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    client_runtime().block_on(async {
+        for function in ["full-a", "full-b"] {
+            client
+                .create_wasm_function(function, &wasm, 10)
+                .await
+                .unwrap();
+        }
+        // a, then b in a's place, then a again: three cold starts.
+        for function in ["full-a", "full-b", "full-a"] {
+            let r = client.invoke(function, r#""x""#.into()).await.unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            assert!(r.cold_start_ms().is_some(), "{function} was warm: {r:?}");
+        }
+    });
+    let log = worker.stop();
+    let events = lifecycle(&data);
+    let made: Vec<_> = events.iter().filter(|e| e.created.is_some()).collect();
+    assert_eq!(made.len(), 3, "{events:?}");
+    let evicted: Vec<&str> = events
+        .iter()
+        .filter(|e| format!("{:?}", e.destroyed) == "Some(Rebalancing)")
+        .map(|e| e.environment.as_str())
+        .collect();
+    // The first two environments each made room for the next.
+    assert_eq!(
+        evicted,
+        [made[0].environment.as_str(), made[1].environment.as_str()],
+        "{events:?}"
+    );
+    let left: Vec<_> =
+        std::fs::read_dir(data.join("jails")).map_or(vec![], |d| d.flatten().collect());
+    assert!(left.is_empty(), "jails left behind: {left:?}\n{log}");
+    std::fs::remove_dir_all(&data).unwrap();
+}
+
 /// A `SOCK_SEQPACKET` pair: the test's end, and the jailer's (inherited).
 fn launch_socket_pair() -> (UnixStream, UnixStream) {
     let mut fds = [0; 2];

@@ -265,6 +265,7 @@ async fn run(args: Args) -> Result<(), String> {
         );
     }
     let jail = jail_settings(&args)?;
+    let jail_pool = jail.clone();
     let run_dir = args.data_dir.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
     if let Some(jail) = &jail {
@@ -361,6 +362,9 @@ async fn run(args: Args) -> Result<(), String> {
         } => tracing::warn!("stopping with requests still in flight"),
     }
     router.shutdown().await;
+    if let Some(jail) = jail_pool {
+        jail.empty_pool().await;
+    }
     Ok(())
 }
 

@@ -185,14 +185,18 @@ impl WorkerHost {
     /// Starts an environment for an invocation that found none idle. It
     /// is busy for the caller.
     pub async fn start_for_invocation(
-        &self,
+        self: &Arc<Self>,
         launch: &Launch,
     ) -> Result<ExecutionEnvironment, StartError> {
         self.boot(launch, CreateReason::NewInvocation).await
     }
 
     /// Starts a provisioned environment for `launch`, idle and ready.
-    pub async fn provision(&self, launch: &Launch, reason: CreateReason) -> Result<(), StartError> {
+    pub async fn provision(
+        self: &Arc<Self>,
+        launch: &Launch,
+        reason: CreateReason,
+    ) -> Result<(), StartError> {
         let mut env = self.boot(launch, reason).await?;
         // Initialized ahead of any invocation, which therefore reports no
         // Init Duration.
@@ -209,7 +213,7 @@ impl WorkerHost {
     /// Initializes a SnapStart version in an environment of its own and
     /// snapshots it at its first `/next`; the environment is gone when
     /// the snapshot is sealed. The error says why there is none.
-    pub async fn snap_start(&self, launch: &Launch) -> Result<(), SnapStartError> {
+    pub async fn snap_start(self: &Arc<Self>, launch: &Launch) -> Result<(), SnapStartError> {
         let mut env = self.boot(launch, CreateReason::SnapStart).await?;
         let sealed = match env.snapshot_sealing.take() {
             Some(sealing) => sealing.await.unwrap_or_else(|e| Err(e.to_string())),
@@ -225,7 +229,7 @@ impl WorkerHost {
     /// recently used idle environment of another version when the worker
     /// is full.
     async fn boot(
-        &self,
+        self: &Arc<Self>,
         launch: &Launch,
         reason: CreateReason,
     ) -> Result<ExecutionEnvironment, StartError> {
@@ -244,7 +248,14 @@ impl WorkerHost {
             evicted
         };
         if let Some(old) = evicted {
-            self.destroy(old, DestroyReason::Rebalancing).await;
+            self.lifecycle
+                .destroyed(&old.id, &self.id, &old.key, DestroyReason::Rebalancing);
+            // Its microVM's teardown (KVM's destruction of the VM, the
+            // jail's removal: milliseconds) goes on beside this start; it
+            // counts as destroying until it ends, and a worker that stops
+            // waits for it.
+            let host = self.clone();
+            tokio::spawn(async move { host.tear_down(old).await });
         }
         let id = format!(
             "{}-env-{}",
@@ -336,6 +347,11 @@ impl WorkerHost {
                     });
             }
         }
+        self.tear_down(env).await;
+    }
+
+    /// Stops an environment already counted as destroying.
+    async fn tear_down(&self, env: ExecutionEnvironment) {
         env.destroy().await;
         self.pools().destroying -= 1;
         self.released.notify_waiters();

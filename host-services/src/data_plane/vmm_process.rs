@@ -105,6 +105,27 @@ impl JailSettings {
         self.pool.refilling.store(false, Ordering::Release);
     }
 
+    /// Lets the jails waiting in the pool go, each removing its jail and
+    /// cgroup, and waits for them: a worker that stops leaves none behind.
+    pub async fn empty_pool(&self) {
+        // No refill starts from now on.
+        self.pool.refilling.store(true, Ordering::Release);
+        let idle = std::mem::take(&mut *self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        for IdleJail {
+            mut child, launch, ..
+        } in idle
+        {
+            // Its socket closed without a launch, the jailer cleans up.
+            drop(launch);
+            if tokio::time::timeout(JAILER_STOP_TIMEOUT, child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
     fn fill(&self) {
         while self.pool.idle() < self.pool.size {
             match self.make_jail(&self.pool.vmm, true) {

@@ -3,7 +3,11 @@
 //!
 //! For each VMM it measures, over `--runs` runs (after warm-up):
 //! * spawn -> the guest's first serial byte on the VMM's stdout;
-//! * spawn -> process exit (the guest reboots right after printing);
+//! * spawn -> process exit (the guest reboots right after printing), and
+//!   apart from it the guest's last serial byte -> exit: the reset's
+//!   handling and the VMM's teardown. (The fixture prints about 170 bytes
+//!   at two VM exits each, which under PVM's emulation is most of
+//!   spawn -> exit.)
 //! * for an idle 128 MiB guest, the VMM's resident memory without the
 //!   guest RAM mapping, and its peak RSS (VmHWM) with it.
 //!
@@ -119,6 +123,8 @@ fn qemu(binary: PathBuf) -> Peer {
 struct BootSample {
     first_byte: Duration,
     exit: Duration,
+    /// From the last serial byte to the exit.
+    teardown: Duration,
 }
 
 fn spawn(peer: &Peer, kernel: &Path) -> (Instant, Child) {
@@ -141,14 +147,21 @@ fn boot_once(peer: &Peer, kernel: &Path) -> Result<BootSample, String> {
         .read_exact(&mut first)
         .map_err(|e| format!("{}: no serial output: {e}", peer.name))?;
     let first_byte = start.elapsed();
-    let mut rest = Vec::new();
-    let _ = stdout.read_to_end(&mut rest);
+    let mut last_byte = first_byte;
+    let mut rest = [0u8; 4096];
+    while let Ok(1..) = stdout.read(&mut rest) {
+        last_byte = start.elapsed();
+    }
     let status = child.wait().map_err(|e| e.to_string())?;
     let exit = start.elapsed();
     if status.code() != Some(peer.clean_exit) {
         return Err(format!("{} exited with {status}", peer.name));
     }
-    Ok(BootSample { first_byte, exit })
+    Ok(BootSample {
+        first_byte,
+        exit,
+        teardown: exit - last_byte,
+    })
 }
 
 /// RSS of a process in KiB: all of it, the part that is not guest RAM, and
@@ -236,6 +249,7 @@ fn ms(d: Duration) -> f64 {
 struct Summary {
     first_byte: Vec<Duration>,
     exit: Vec<Duration>,
+    teardown: Vec<Duration>,
     rss: Option<Rss>,
 }
 
@@ -250,13 +264,16 @@ fn bench(
     }
     let mut first_byte = Vec::with_capacity(runs);
     let mut exit = Vec::with_capacity(runs);
+    let mut teardown = Vec::with_capacity(runs);
     for _ in 0..runs {
         let s = boot_once(peer, boot_kernel)?;
         first_byte.push(s.first_byte);
         exit.push(s.exit);
+        teardown.push(s.teardown);
     }
     first_byte.sort();
     exit.sort();
+    teardown.sort();
     let rss = if peer.measure_rss {
         Some(measure_idle_rss(peer, idle_kernel)?)
     } else {
@@ -265,6 +282,7 @@ fn bench(
     Ok(Summary {
         first_byte,
         exit,
+        teardown,
         rss,
     })
 }
@@ -281,6 +299,12 @@ fn print_summary(name: &str, s: &Summary) {
         ms(percentile(&s.exit, 0.5)),
         ms(percentile(&s.exit, 0.9)),
         ms(s.exit[0]),
+    );
+    println!(
+        "{name:<20} last serial byte->exit:   median {:7.2} ms  p90 {:7.2} ms  min {:7.2} ms",
+        ms(percentile(&s.teardown, 0.5)),
+        ms(percentile(&s.teardown, 0.9)),
+        ms(s.teardown[0]),
     );
     if let Some(rss) = &s.rss {
         println!(
@@ -372,9 +396,10 @@ fn main() {
             let ratio =
                 |a: &[Duration], b: &[Duration]| ms(percentile(b, 0.5)) / ms(percentile(a, 0.5));
             println!(
-                "ratio (qemu / vmm, medians): first serial byte {:.1}x, exit {:.1}x",
+                "ratio (qemu / vmm, medians): first serial byte {:.1}x, exit {:.1}x, last serial byte->exit {:.1}x",
                 ratio(&ours.first_byte, &q.first_byte),
                 ratio(&ours.exit, &q.exit),
+                ratio(&ours.teardown, &q.teardown),
             );
             if let (Some(a), Some(b)) = (&ours.rss, &q.rss) {
                 println!(

@@ -169,6 +169,7 @@ async fn bench(worker: &RunningWorker, args: &Args) -> Result<(), String> {
         }
     }
     summary("warm, one at a time", &warm);
+    full_worker_cold_starts(args.cold).await?;
     let report = load::run(client, "echo", args.total, args.concurrency).await;
     report.print();
     if !report.failures.is_empty() || !report.not_exactly_once.is_empty() {
@@ -258,6 +259,41 @@ async fn restore_vs_boot(n: usize, jailed: bool) -> Result<(), String> {
         p50(&booted) / p50(&restored)
     );
     Ok(())
+}
+
+/// Cold starts on a full worker (`--max-environments 1`), two functions
+/// in turn, so that each start evicts the other's environment: Invoke ->
+/// answer p50, to set beside a new function's cold start on a worker
+/// with room.
+async fn full_worker_cold_starts(n: usize) -> Result<(), String> {
+    let data = data_dir("invoke-bench-full");
+    let worker = RunningWorker::start(&data, &["--max-environments", "1"], LOG_FILTER);
+    let result = async {
+        let client = client_of(&worker);
+        let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
+        for name in ["full-a", "full-b"] {
+            client.create_wasm_function(name, &wasm, 5).await?;
+        }
+        let mut cold = Vec::new();
+        for i in 0..n + 1 {
+            let name = ["full-a", "full-b"][i % 2];
+            let r = client.invoke(name, "{}".into()).await?;
+            r.init_duration_ms().ok_or(format!("{name}: no cold start"))?;
+            // The first found the worker empty.
+            if i > 0 {
+                cold.push(r.latency);
+            }
+        }
+        summary(
+            "cold start on a full worker (each evicts the other function's environment), Invoke -> answer",
+            &cold,
+        );
+        Ok(())
+    }
+    .await;
+    worker.stop();
+    let _ = std::fs::remove_dir_all(&data);
+    result
 }
 
 /// Cold starts of new functions on workers that differ in how they jail
