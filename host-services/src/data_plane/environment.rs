@@ -366,11 +366,6 @@ impl ExecutionEnvironment {
             }
             _ = tokio::time::sleep(image.init_timeout) => Err(EnvironmentError::InitTimeout(image.init_timeout)),
         };
-        if let Some(jail) = &image.jail {
-            // The next cold start finds a jail made meanwhile.
-            let jail = jail.clone();
-            tokio::spawn(async move { jail.refill() });
-        }
         if let Err(e) = ready {
             vmm.stop().await;
             let _ = std::fs::remove_dir_all(&dir);

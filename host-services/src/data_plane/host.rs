@@ -191,6 +191,16 @@ impl WorkerHost {
         self.boot(launch, CreateReason::NewInvocation).await
     }
 
+    /// Makes jails ahead for the next cold starts, in the background.
+    /// Called once a cold start is over (its first event answered), since
+    /// the kernel's work of making one slowed the event it overlapped.
+    pub fn refill_jails(&self) {
+        if let Some(jail) = &self.image.jail {
+            let jail = jail.clone();
+            tokio::spawn(async move { jail.refill() });
+        }
+    }
+
     /// Starts a provisioned environment for `launch`, idle and ready.
     pub async fn provision(
         self: &Arc<Self>,
@@ -198,6 +208,7 @@ impl WorkerHost {
         reason: CreateReason,
     ) -> Result<(), StartError> {
         let mut env = self.boot(launch, reason).await?;
+        self.refill_jails();
         // Initialized ahead of any invocation, which therefore reports no
         // Init Duration.
         env.provisioned = true;
@@ -215,6 +226,7 @@ impl WorkerHost {
     /// the snapshot is sealed. The error says why there is none.
     pub async fn snap_start(self: &Arc<Self>, launch: &Launch) -> Result<(), SnapStartError> {
         let mut env = self.boot(launch, CreateReason::SnapStart).await?;
+        self.refill_jails();
         let sealed = match env.snapshot_sealing.take() {
             Some(sealing) => sealing.await.unwrap_or_else(|e| Err(e.to_string())),
             None => {

@@ -220,6 +220,9 @@ impl InvokeRouter {
         env.fresh = false;
         tracing::debug!("invocation {request_id} begins in {}", env.id);
         let result = env.invoke(request_id, payload, timeout).await;
+        if cold_start.is_some() {
+            host.refill_jails();
+        }
         tracing::debug!("invocation {request_id} ends in {}", env.id);
         let environment = env.id.clone();
         match result {
