@@ -31,9 +31,10 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// The jailer's arguments for `id` under `base`, up to and with `--`.
-fn jail_args(id: &str, base: &Path, memory_mib: u64, mounts: &[String]) -> Vec<String> {
-    let mut args: Vec<String> = [
+/// The jailer's arguments that name jail `id` under `base`, its VMM and
+/// its uid and cgroup.
+fn site_args(id: &str, base: &Path) -> Vec<String> {
+    [
         "--id",
         id,
         "--exec-file",
@@ -46,13 +47,20 @@ fn jail_args(id: &str, base: &Path, memory_mib: u64, mounts: &[String]) -> Vec<S
         &base.join("jails").display().to_string(),
         "--cgroup-parent",
         CGROUP_PARENT,
-        "--memory-mib",
-        &memory_mib.to_string(),
-        "--mount",
-        &format!("{}:/kernel:ro", baremetal_guest().display()),
     ]
     .map(str::to_string)
-    .to_vec();
+    .to_vec()
+}
+
+/// The jailer's arguments for `id` under `base`, up to and with `--`.
+fn jail_args(id: &str, base: &Path, memory_mib: u64, mounts: &[String]) -> Vec<String> {
+    let mut args = site_args(id, base);
+    args.extend([
+        "--memory-mib".to_string(),
+        memory_mib.to_string(),
+        "--mount".to_string(),
+        format!("{}:/kernel:ro", baremetal_guest().display()),
+    ]);
     for m in mounts {
         args.extend(["--mount".to_string(), m.clone()]);
     }
@@ -425,22 +433,8 @@ fn jail_made_ahead(id: &str, base: &Path) -> (JailerProcess, UnixStream, PathBuf
     let (ours, theirs) = launch_socket_pair();
     let theirs_name = std::fs::read_link(format!("/proc/self/fd/{}", theirs.as_raw_fd())).unwrap();
     let jailer = Command::new(jailer_binary())
-        .args([
-            "--id",
-            id,
-            "--exec-file",
-            &vmm_binary().display().to_string(),
-            "--uid",
-            &NOBODY.to_string(),
-            "--gid",
-            &NOBODY.to_string(),
-            "--chroot-base",
-            &base.join("jails").display().to_string(),
-            "--cgroup-parent",
-            CGROUP_PARENT,
-            "--launch-fd",
-            &theirs.as_raw_fd().to_string(),
-        ])
+        .args(site_args(id, base))
+        .args(["--launch-fd".to_string(), theirs.as_raw_fd().to_string()])
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
