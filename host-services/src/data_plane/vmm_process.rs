@@ -37,7 +37,7 @@ pub struct JailSettings {
 
 /// Jails made ahead of time, each a jailer that has built its namespaces,
 /// cgroup and root and waits for its VMM's [`Launch`]: a cold start then
-/// skips the jailer's start and the namespaces' creation (about 2.5 ms).
+/// skips the jailer's start and the namespaces' creation (3-7 ms here).
 #[derive(Debug)]
 pub struct JailPool {
     /// How many wait.
