@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
-use vmm::jail::{JailMount, Launch, MAX_LAUNCH_FDS};
+use vmm::jail::{place_fds, set_policy, JailMount, Launch};
 
 /// How the worker jails its VMMs.
 #[derive(Debug, Clone)]
@@ -209,17 +209,6 @@ impl JailSettings {
     }
 }
 
-/// Sets process `pid`'s (0: this one's) scheduling policy, keeping its
-/// nice value.
-fn set_policy(pid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: a plain system call with a local parameter block.
-    if unsafe { libc::sched_setscheduler(pid, policy, &param) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// A connected `SOCK_SEQPACKET` pair: messages keep their bounds, and
 /// the jailer sees its end close. Held as `UnixStream`s, whose reads,
 /// writes and descriptor passing work on it alike.
@@ -250,31 +239,15 @@ fn seqpacket_pair() -> std::io::Result<(UnixStream, UnixStream)> {
 /// own threads, the VMM's guests (which poll their devices and spin while
 /// they wait for the host) cannot starve the worker that answers them;
 /// the child dies with the worker (`death_signal`); and each `(fd,
-/// number)` is placed at its number, through a copy above them all in
-/// case one sits at another's number.
+/// number)` is placed at its number.
 fn child_setup(death_signal: libc::c_int, fds: &[(RawFd, RawFd)]) -> std::io::Result<()> {
-    // SAFETY: setpriority, prctl, fcntl and dup2 are async-signal-safe
-    // and touch only this process.
+    // SAFETY: setpriority and prctl are async-signal-safe and touch only
+    // this process.
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, 0, VMM_NICE);
         libc::prctl(libc::PR_SET_PDEATHSIG, death_signal);
-        let mut copies = [-1; MAX_LAUNCH_FDS];
-        if fds.len() > copies.len() {
-            return Err(std::io::ErrorKind::InvalidInput.into());
-        }
-        for (copy, &(fd, _)) in copies.iter_mut().zip(fds) {
-            *copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-            if *copy < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        for (&copy, &(_, number)) in copies.iter().zip(fds) {
-            if libc::dup2(copy, number) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
     }
-    Ok(())
+    place_fds(fds)
 }
 
 /// Gives each jailed VMM a uid, and a gid of the same number, of its own
@@ -502,46 +475,40 @@ impl VmmProcess {
                 passed.extend([(state, RESTORE_STATE_FD), (memory, RESTORE_MEMORY_FD)]);
             }
         }
+        // The drives, in the order the guest's init is told
+        // (guest_init::disks): the host's file, where the jail shows it,
+        // and the options after `ro`.
+        let mut drives: Vec<(&Path, &str, String)> = Vec::new();
         match files.code {
             CodeDisk::Sealed { path, key } => {
-                let drive = seen(JAIL_CODE_DISK, path);
-                vmm_args.extend([
-                    "--drive".into(),
-                    format!("{},ro,key-fd={CODE_KEY_FD}", drive.display()).into(),
-                ]);
-                mount(path, JAIL_CODE_DISK, true);
+                drives.push((path, JAIL_CODE_DISK, format!(",key-fd={CODE_KEY_FD}")));
                 passed.push((
                     secret_file(key.as_bytes()).map_err(spawn_error)?,
                     CODE_KEY_FD,
                 ));
             }
             CodeDisk::Chunked { store, manifest } => {
-                let drive = seen(JAIL_CHUNKS, store);
-                vmm_args.extend([
-                    "--drive".into(),
-                    format!("{},ro,manifest=fd:{MANIFEST_FD}", drive.display()).into(),
-                ]);
-                mount(store, JAIL_CHUNKS, true);
+                drives.push((store, JAIL_CHUNKS, format!(",manifest=fd:{MANIFEST_FD}")));
                 passed.push((secret_file(manifest).map_err(spawn_error)?, MANIFEST_FD));
             }
         }
-        // The order the guest's init is told (guest_init::disks).
         if let Some(disk) = files.root_disk {
-            let drive = seen(JAIL_ROOT_DISK, disk);
-            vmm_args.extend(["--drive".into(), format!("{},ro", drive.display()).into()]);
-            mount(disk, JAIL_ROOT_DISK, true);
+            drives.push((disk, JAIL_ROOT_DISK, String::new()));
         }
         if let Some((disk, key)) = files.layers_disk {
-            let drive = seen(JAIL_LAYERS_DISK, disk);
-            vmm_args.extend([
-                "--drive".into(),
-                format!("{},ro,key-fd={LAYERS_KEY_FD}", drive.display()).into(),
-            ]);
-            mount(disk, JAIL_LAYERS_DISK, true);
+            drives.push((disk, JAIL_LAYERS_DISK, format!(",key-fd={LAYERS_KEY_FD}")));
             passed.push((
                 secret_file(key.as_bytes()).map_err(spawn_error)?,
                 LAYERS_KEY_FD,
             ));
+        }
+        for (host, jailed, options) in drives {
+            let drive = seen(jailed, host);
+            vmm_args.extend([
+                "--drive".into(),
+                format!("{},ro{options}", drive.display()).into(),
+            ]);
+            mount(host, jailed, true);
         }
         let vsock = seen(JAIL_DIR, files.dir).join("vsock");
         vmm_args.extend([

@@ -25,7 +25,7 @@
 pub mod cgroup;
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -148,6 +148,12 @@ impl Launch {
                 fds.len()
             )));
         }
+        if let Some(number) = launch.fds.iter().find(|n| !(0..FD_FLOOR).contains(*n)) {
+            return Err(JailError::Launch(format!(
+                "descriptor number {number} (0 to {} only)",
+                FD_FLOOR - 1
+            )));
+        }
         Ok(Some((launch, fds)))
     }
 }
@@ -247,26 +253,44 @@ fn relocate(fd: OwnedFd, cloexec: bool) -> Result<OwnedFd, JailError> {
     Ok(unsafe { OwnedFd::from_raw_fd(moved) })
 }
 
-/// Puts `fds[i]` at number `numbers[i]`, where the exec'd VMM finds it.
-/// Through copies above every target first, so that placing one never
-/// closes another still to be placed.
-fn place_fds(fds: Vec<OwnedFd>, numbers: &[RawFd]) -> std::io::Result<()> {
-    let copies = fds
-        .into_iter()
-        .map(|fd| relocate(fd, true).map_err(|e| std::io::Error::other(e.to_string())))
-        .collect::<Result<Vec<_>, _>>()?;
-    for (copy, &number) in copies.iter().zip(numbers) {
-        if !(0..FD_FLOOR).contains(&number) {
-            return Err(std::io::Error::other(format!(
-                "descriptor number {number} (0 to {} only)",
-                FD_FLOOR - 1
-            )));
-        }
-        // SAFETY: dup2 onto a number the launch chose; the target stays
-        // open across exec.
-        if unsafe { libc::dup2(copy.as_raw_fd(), number) } < 0 {
+/// Puts each `(fd, number)`'s descriptor at `number`, where the program
+/// about to be exec'd finds it: first a close-on-exec copy of each above
+/// [`FD_FLOOR`] with the original closed, then the copies placed, so that
+/// placing one never closes another still to be placed. System calls
+/// only, no allocation: for a child between fork and exec. The numbers
+/// must be below [`FD_FLOOR`].
+pub fn place_fds(fds: &[(RawFd, RawFd)]) -> std::io::Result<()> {
+    let mut copies = [-1; MAX_LAUNCH_FDS];
+    if fds.len() > copies.len() {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    }
+    for (copy, &(fd, _)) in copies.iter_mut().zip(fds) {
+        // SAFETY: duplicates, then closes, a descriptor the caller handed
+        // over.
+        *copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, FD_FLOOR) };
+        if *copy < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        // SAFETY: as above.
+        unsafe { libc::close(fd) };
+    }
+    for (&copy, &(_, number)) in copies.iter().zip(fds) {
+        // SAFETY: dup2 onto a number below the copies; the target stays
+        // open across exec.
+        if unsafe { libc::dup2(copy, number) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sets process `pid`'s (0: this one's) scheduling policy, keeping its
+/// nice value. A system call only, for a child between fork and exec too.
+pub fn set_policy(pid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a plain system call with a local parameter block.
+    if unsafe { libc::sched_setscheduler(pid, policy, &param) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -558,13 +582,8 @@ impl Jail {
                     // A jail made ahead of time may have waited at
                     // SCHED_IDLE; its VMM runs at the normal policy (and
                     // the nice value it was given).
-                    let param = libc::sched_param { sched_priority: 0 };
-                    // SAFETY: a plain system call on this process.
-                    if unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) } < 0 {
-                        return JailError::Sys(
-                            "leaving SCHED_IDLE",
-                            std::io::Error::last_os_error(),
-                        );
+                    if let Err(e) = set_policy(0, libc::SCHED_OTHER) {
+                        return JailError::Sys("leaving SCHED_IDLE", e);
                     }
                     received
                 }
@@ -579,7 +598,12 @@ impl Jail {
         if let Err(e) = self.drop_privileges() {
             return e;
         }
-        if let Err(e) = place_fds(fds, &launch.fds) {
+        let placed: Vec<(RawFd, RawFd)> = fds
+            .into_iter()
+            .map(IntoRawFd::into_raw_fd)
+            .zip(launch.fds.iter().copied())
+            .collect();
+        if let Err(e) = place_fds(&placed) {
             return JailError::Sys("placing the launch's descriptors", e);
         }
         let argv = self.vmm_argv(kvm, hypervisor, &launch.vmm_args);
