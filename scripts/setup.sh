@@ -3,7 +3,9 @@
 # lack. Skips apt entirely when everything is there.
 #   scripts/setup.sh [extra packages...]
 set -euo pipefail
-packages=(gcc binutils "$@")
+# protoc and its well-known types build etcd-client's gRPC code; openssl
+# makes a fleet's certificates (scripts/fleet-certs.sh).
+packages=(gcc binutils protobuf-compiler libprotobuf-dev openssl "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -25,6 +25,7 @@ pub mod artifacts;
 pub mod control_plane;
 pub mod data_plane;
 pub mod error;
+pub mod fleet;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod ids;

@@ -13,6 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["artifacts"],
     &["control_plane"],
     &["data_plane"],
+    &["fleet"],
     &["api"],
     &["fuzzing"],
 ];

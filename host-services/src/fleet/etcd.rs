@@ -1,0 +1,183 @@
+//! The fleet's connection to etcd. With the fleet's TLS every gRPC
+//! connection to etcd is mutual TLS 1.3 with AES-256-GCM, dialled by this
+//! module (tonic's own TLS cannot be held to one cipher suite); endpoints
+//! are tried in turn when one does not answer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Channel, Client, ConnectOptions};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Endpoint, Uri};
+
+use crate::fleet::tls::{server_name, FleetTls};
+
+/// Where the fleet keeps its records in etcd.
+pub const ROOT: &str = "/lambda-microvm/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd endpoint {0:?} is not HOST:PORT")]
+    BadEndpoint(String),
+    #[error("etcd: {0}")]
+    Client(#[from] etcd_client::Error),
+    #[error("etcd ({0}): {1}")]
+    Transport(String, tonic::transport::Error),
+}
+
+/// An etcd endpoint: `HOST:PORT`, where HOST is also the name its
+/// certificate carries when the fleet uses TLS.
+#[derive(Debug, Clone)]
+struct EtcdEndpoint {
+    host: String,
+    port: u16,
+}
+
+fn parse(endpoint: &str) -> Result<EtcdEndpoint, EtcdError> {
+    let bad = || EtcdError::BadEndpoint(endpoint.to_string());
+    let bare = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .unwrap_or(endpoint);
+    let (host, port) = bare.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(EtcdEndpoint {
+        host: host.to_string(),
+        port: port.parse().map_err(|_| bad())?,
+    })
+}
+
+/// How long etcd may take to answer one call before the fleet counts it
+/// as unreachable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connects to etcd at `endpoints` (`HOST:PORT`, the first that answers),
+/// over the fleet's TLS when `tls` is given. The connection is made at
+/// the first call and made again after a failure.
+pub async fn connect(endpoints: &[String], tls: Option<&FleetTls>) -> Result<Client, EtcdError> {
+    let endpoints: Arc<Vec<EtcdEndpoint>> = Arc::new(
+        endpoints
+            .iter()
+            .map(|e| parse(e))
+            .collect::<Result<_, _>>()?,
+    );
+    let Some(first) = endpoints.first() else {
+        return Err(EtcdError::BadEndpoint(String::new()));
+    };
+    let uri = format!("http://{}:{}", first.host, first.port);
+    let endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|e| EtcdError::Transport(uri.clone(), e))?
+        .connect_timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .tcp_nodelay(true);
+    let connector = tls.map(|tls| TlsConnector::from(tls.client_with_alpn(&[b"h2"])));
+    let next = Arc::new(AtomicUsize::new(0));
+    // The URI tonic passes is the first endpoint's; the dialler picks
+    // the endpoint itself, moving on to the next after each failure.
+    let dial = tower::service_fn(move |_: Uri| {
+        let endpoints = endpoints.clone();
+        let connector = connector.clone();
+        let next = next.clone();
+        async move {
+            let mut last = None;
+            for _ in 0..endpoints.len() {
+                let at = next.load(Ordering::Relaxed) % endpoints.len();
+                let endpoint = &endpoints[at];
+                match dial_one(endpoint, connector.as_ref()).await {
+                    Ok(io) => return Ok(io),
+                    Err(e) => {
+                        tracing::warn!("etcd {}:{}: {e}", endpoint.host, endpoint.port);
+                        next.store(at + 1, Ordering::Relaxed);
+                        last = Some(e);
+                    }
+                }
+            }
+            Err(last.unwrap_or_else(|| std::io::Error::other("no etcd endpoint")))
+        }
+    });
+    let channel = endpoint.connect_with_connector_lazy(dial);
+    Ok(Client::from_channel(Channel::Tonic(channel), Some(ConnectOptions::new())).await?)
+}
+
+/// A TCP (or TLS over TCP) connection to one etcd endpoint.
+async fn dial_one(
+    endpoint: &EtcdEndpoint,
+    tls: Option<&TlsConnector>,
+) -> std::io::Result<TokioIo<Box<dyn Stream>>> {
+    let tcp = tokio::time::timeout(
+        CALL_TIMEOUT,
+        TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting"))??;
+    tcp.set_nodelay(true)?;
+    let stream: Box<dyn Stream> = match tls {
+        None => Box::new(tcp),
+        Some(tls) => {
+            let name = server_name(&endpoint.host).map_err(std::io::Error::other)?;
+            Box::new(tls.connect(name, tcp).await?)
+        }
+    };
+    Ok(TokioIo::new(stream))
+}
+
+/// A byte stream to etcd, plain or TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::testing::EtcdServer;
+    use crate::fleet::tls::tests::{fleet_certs, tempfile_dir};
+
+    #[test]
+    fn endpoints_are_host_and_port() {
+        assert_eq!(parse("http://10.0.0.1:2379").unwrap().port, 2379);
+        assert_eq!(parse("etcd:2379").unwrap().host, "etcd");
+        for bad in ["10.0.0.1", ":2379", "etcd:port", "etcd:99999"] {
+            let error = parse(bad).err().unwrap().to_string();
+            assert!(error.contains(&format!("{bad:?}")), "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn etcd_over_the_fleets_tls_serves_members_only() {
+        let dir = tempfile_dir("etcd-tls");
+        fleet_certs(&dir.join("fleet"), &["etcd=127.0.0.1", "h1"]);
+        fleet_certs(&dir.join("other"), &["h1"]);
+        let etcd = EtcdServer::start(Some(&dir.join("fleet")));
+        let h1 = FleetTls::load(&dir.join("fleet"), "h1").unwrap();
+        let mut member = etcd.client(Some(&h1)).await;
+        member.put("k", "v", None).await.unwrap();
+        let read = member.get("k", None).await.unwrap();
+        assert_eq!(read.kvs()[0].value(), b"v");
+
+        let endpoints = std::slice::from_ref(&etcd.endpoint);
+        let stranger = FleetTls::load(&dir.join("other"), "h1").unwrap();
+        let mut outsider = connect(endpoints, Some(&stranger)).await.unwrap();
+        assert!(outsider.get("k", None).await.is_err());
+        let mut plain = connect(endpoints, None).await.unwrap();
+        assert!(plain.get("k", None).await.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dead_endpoint_is_passed_over() {
+        let etcd = EtcdServer::start(None);
+        let _ready = etcd.client(None).await;
+        // A port nothing listens on any more, as a stopped etcd leaves.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let mut client = connect(&[dead, etcd.endpoint.clone()], None).await.unwrap();
+        client.put("k", "v", None).await.unwrap();
+    }
+}

@@ -1,0 +1,12 @@
+//! A fleet of hosts: front ends that take the Lambda API and route each
+//! invocation to a worker host on another machine, worker hosts that run
+//! the execution environments, and etcd between them for membership and
+//! leases. Every connection between hosts is mutual TLS 1.3 with
+//! AES-256-GCM, etcd's included.
+
+pub mod etcd;
+pub mod membership;
+#[cfg(test)]
+pub mod testing;
+pub mod tls;
+pub mod transport;
