@@ -9,11 +9,11 @@ use std::path::Path;
 /// The layers, lowest first; a module's layer is its first path segment.
 const LAYERS: &[&[&str]] = &[
     &["ids", "error"],
+    &["fleet"],
     &["security"],
     &["artifacts"],
     &["control_plane"],
     &["data_plane"],
-    &["fleet"],
     &["api"],
     &["fuzzing"],
 ];

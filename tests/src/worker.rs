@@ -99,8 +99,19 @@ impl RunningWorker {
                 s.push('\n');
             }
         });
+        // A fleet's worker host serves no API: it is ready when it serves
+        // the fleet.
+        let ready_port = match extra.iter().position(|a| *a == "worker-host") {
+            Some(_) => extra
+                .iter()
+                .position(|a| *a == "--fleet-listen")
+                .and_then(|i| extra.get(i + 1))
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .map_or(port, |a| a.port()),
+            None => port,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", ready_port)).is_err() {
             let exited = child.try_wait().ok().flatten().is_some();
             if Instant::now() > deadline || exited {
                 let _ = child.kill();
@@ -116,6 +127,12 @@ impl RunningWorker {
             address: format!("127.0.0.1:{port}"),
             stderr,
         })
+    }
+
+    /// Kills the worker outright (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Whether the worker process is still running.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmm::devices::virtio::block::sealed::{self, ArtifactId};
 
-use crate::security::key_service::{random, Grant, KeyError, KeyService, WrappedKey};
+use crate::security::key_service::{random, ArtifactKeys, Grant, KeyError, KeyService, WrappedKey};
 
 /// Chunks of 64 KiB: a guest's reads are rarely larger, and a chunk's 28
 /// bytes of nonce and tag stay under 0.05 %.
@@ -63,7 +63,7 @@ impl Artifact {
 
 /// What starting a microVM on an artifact takes: the artifact and a
 /// grant to read it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GrantedArtifact {
     pub artifact: Artifact,
     pub grant: Grant,
@@ -72,9 +72,9 @@ pub struct GrantedArtifact {
 impl GrantedArtifact {
     /// The line the VMM reads for a sealed drive: the artifact id and its
     /// data key, unwrapped by the key service for this grant.
-    pub fn drive_key(&self, keys: &KeyService) -> Result<String, ArtifactError> {
+    pub async fn drive_key(&self, keys: &dyn ArtifactKeys) -> Result<String, ArtifactError> {
         let id = self.artifact.id_bytes()?;
-        let key = keys.data_key(&self.grant, &id, &self.artifact.key)?;
+        let key = keys.data_key(&self.grant, &id, &self.artifact.key).await?;
         Ok(sealed::key_line(&id, &key))
     }
 }
@@ -94,6 +94,11 @@ impl ArtifactStore {
             dir: dir.to_path_buf(),
             keys,
         })
+    }
+
+    /// Where the sealed files are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn record_path(&self, name: &str) -> PathBuf {
@@ -218,10 +223,19 @@ mod tests {
         (store, keys, dir)
     }
 
+    /// The VMM's key line for `granted`, from the local key service.
+    fn drive_key(granted: &GrantedArtifact, keys: &KeyService) -> String {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(granted.drive_key(keys))
+            .unwrap()
+    }
+
     /// The whole image, read through the VMM's sealed backend with the
     /// key `granted` unwraps.
     fn read_back(granted: &GrantedArtifact, keys: &KeyService) -> Vec<u8> {
-        let (id, key) = parse_key_line(&granted.drive_key(keys).unwrap()).unwrap();
+        let (id, key) = parse_key_line(&drive_key(granted, keys)).unwrap();
         let file = std::fs::File::open(&granted.artifact.path).unwrap();
         let mut img = SealedImage::open(file, &id, &key).unwrap();
         let mut back = vec![0u8; img.size() as usize];
@@ -267,7 +281,7 @@ mod tests {
         let current = store.put("code", &[2u8; 5000]).unwrap();
         std::fs::copy(&old.path, &current.path).unwrap();
         let granted = store.grant(current).unwrap();
-        let (id, key) = parse_key_line(&granted.drive_key(&keys).unwrap()).unwrap();
+        let (id, key) = parse_key_line(&drive_key(&granted, &keys)).unwrap();
         let file = std::fs::File::open(&granted.artifact.path).unwrap();
         let err = SealedImage::open(file, &id, &key).err().unwrap();
         assert!(

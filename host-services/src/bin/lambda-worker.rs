@@ -1,10 +1,12 @@
 //! `lambda-worker`: one process serving Lambda's API and running each
-//! function in microVMs, with its state in a data directory.
+//! function in microVMs, with its state in a data directory; or one role
+//! of a fleet on etcd: a front end (the API, placing invocations on worker
+//! hosts) or a worker host (the microVMs).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,15 +17,35 @@ use host_services::control_plane::functions::ControlPlane;
 use host_services::control_plane::model::runtime;
 use host_services::control_plane::store::Store;
 use host_services::data_plane::environment::{LinuxGuest, MicroVmImage};
+use host_services::data_plane::fleet_router::{front_end_endpoints, FleetRouter};
 use host_services::data_plane::host::HostLimits;
+use host_services::data_plane::host_service::{FleetKeys, HostService};
 use host_services::data_plane::lifecycle::Lifecycle;
+use host_services::data_plane::placement::Placement;
 use host_services::data_plane::router::{FleetConfig, InvokeRouter};
 use host_services::data_plane::snapshots::SnapshotStore;
 use host_services::data_plane::vmm_process::{JailIds, JailPool, JailSettings};
 use host_services::data_plane::worker::Worker;
+use host_services::fleet::etcd as fleet_etcd;
+use host_services::fleet::membership::{HostRecord, Members, Registration, Role};
+use host_services::fleet::peers::PeerSet;
+use host_services::fleet::tls::FleetTls;
+use host_services::fleet::transport as fleet_transport;
 use host_services::security::auth::Credentials;
-use host_services::security::key_service::KeyService;
+use host_services::security::key_service::{ArtifactKeys, KeyService};
 use host_services::security::role_credentials::RoleCredentialIssuer;
+
+/// `--role`: what this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RoleArg {
+    /// The API and the microVMs in one process, state in redb.
+    All,
+    /// A fleet's front end: the Lambda API, invocations placed on the
+    /// fleet's worker hosts.
+    FrontEnd,
+    /// A fleet's worker host: runs the invocations front ends send it.
+    WorkerHost,
+}
 
 /// `--snapshots`: which cold starts restore snapshots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -39,15 +61,20 @@ struct Args {
     /// Where functions, versions, code and logs are kept.
     #[arg(long)]
     data_dir: PathBuf,
+    /// `all` (one process, the default), or a fleet's `front-end` or
+    /// `worker-host` (docs/fleet.md).
+    #[arg(long, value_enum, default_value_t = RoleArg::All)]
+    role: RoleArg,
     /// The address the Lambda API listens on.
     #[arg(long, default_value = "127.0.0.1:9000")]
     listen: SocketAddr,
-    /// JSON array of {"AccessKeyId", "SecretAccessKey", "AccountId"}.
+    /// JSON array of {"AccessKeyId", "SecretAccessKey", "AccountId"}
+    /// (not for a worker host).
     #[arg(long)]
-    credentials: PathBuf,
-    /// The `vmm` binary.
+    credentials: Option<PathBuf>,
+    /// The `vmm` binary (not for a front end).
     #[arg(long)]
-    vmm: PathBuf,
+    vmm: Option<PathBuf>,
     /// The `jailer` that starts each VMM; by default the one beside --vmm.
     #[arg(long, value_name = "PATH")]
     jailer: Option<PathBuf>,
@@ -67,9 +94,10 @@ struct Args {
     /// makes each jail when its VMM starts.
     #[arg(long, default_value_t = 2, value_name = "N")]
     jail_pool: usize,
-    /// The guest the wasi-preview1 runtime boots (guest-init's baremetal).
+    /// The guest the wasi-preview1 runtime boots (guest-init's baremetal;
+    /// not for a front end).
     #[arg(long)]
-    guest: PathBuf,
+    guest: Option<PathBuf>,
     /// The Linux kernel the provided.al2023 and provided.al2 runtimes
     /// boot (kernel-config/build.sh builds it); without it those runtimes
     /// are refused.
@@ -130,6 +158,30 @@ struct Args {
     /// DIR/backups (the newest 3 are kept); 0 writes none.
     #[arg(long, default_value_t = 3600)]
     backup_every: u64,
+    #[command(flatten)]
+    fleet: FleetArgs,
+}
+
+/// What a front end or a worker host needs to join its fleet.
+#[derive(clap::Args, Debug)]
+struct FleetArgs {
+    /// etcd's client endpoints, HOST:PORT (repeat for several), reached
+    /// over the fleet's TLS; `http://HOST:PORT` reaches one without TLS.
+    #[arg(long = "etcd", value_name = "HOST:PORT")]
+    etcd: Vec<String>,
+    /// This host's name in the fleet: its certificate's DNS name.
+    #[arg(long, value_name = "NAME")]
+    host_name: Option<String>,
+    /// The fleet's certificates: ca.pem, NAME.pem and NAME.key
+    /// (scripts/fleet-certs.sh makes them).
+    #[arg(long, value_name = "DIR")]
+    fleet_tls: Option<PathBuf>,
+    /// Where this host serves the fleet's other hosts (mutual TLS).
+    #[arg(long, value_name = "ADDR")]
+    fleet_listen: Option<SocketAddr>,
+    /// The address other hosts reach --fleet-listen at, if not that one.
+    #[arg(long, value_name = "ADDR")]
+    fleet_advertise: Option<SocketAddr>,
 }
 
 fn parse_linux_runtime(value: &str) -> Result<(String, PathBuf), String> {
@@ -158,14 +210,14 @@ fn existing_file(what: &str, path: &std::path::Path) -> Result<(), String> {
 const JAIL_IDS: u32 = 65536;
 
 /// How VMMs are jailed, from the flags; says so in the log.
-fn jail_settings(args: &Args) -> Result<Option<JailSettings>, String> {
+fn jail_settings(args: &Args, vmm: &Path) -> Result<Option<JailSettings>, String> {
     if args.no_jail {
         tracing::warn!("--no-jail: environments start WITHOUT the jailer, as this worker's uid");
         return Ok(None);
     }
     let jailer = match &args.jailer {
         Some(path) => path.clone(),
-        None => args.vmm.with_file_name("jailer"),
+        None => vmm.with_file_name("jailer"),
     };
     existing_file("jailer", &jailer)?;
     // SAFETY: geteuid cannot fail.
@@ -184,7 +236,7 @@ fn jail_settings(args: &Args) -> Result<Option<JailSettings>, String> {
         chroot_base: args.data_dir.join("jails"),
         cgroup_parent: args.cgroup_parent.clone(),
         id_prefix: format!("{}-", std::process::id()),
-        pool: JailPool::new(args.jail_pool, &args.vmm),
+        pool: JailPool::new(args.jail_pool, vmm),
     };
     tracing::info!(
         "environments start through the jailer {}: each as a uid of its own in {:?}, roots under {}, cgroup {}",
@@ -196,9 +248,111 @@ fn jail_settings(args: &Args) -> Result<Option<JailSettings>, String> {
     Ok(Some(settings))
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    existing_file("vmm", &args.vmm)?;
-    existing_file("guest", &args.guest)?;
+/// A fleet host's connection to its fleet: its certificates, etcd, and
+/// the hosts it sees.
+struct FleetMember {
+    tls: FleetTls,
+    etcd: etcd_client::Client,
+    peers: Arc<PeerSet>,
+    listen: SocketAddr,
+    advertise: SocketAddr,
+}
+
+async fn join_fleet(fleet: &FleetArgs) -> Result<FleetMember, String> {
+    let name = fleet
+        .host_name
+        .as_deref()
+        .ok_or("a fleet host needs --host-name")?;
+    let dir = fleet
+        .fleet_tls
+        .as_deref()
+        .ok_or("a fleet host needs --fleet-tls")?;
+    let listen = fleet
+        .fleet_listen
+        .ok_or("a fleet host needs --fleet-listen")?;
+    if fleet.etcd.is_empty() {
+        return Err("a fleet host needs --etcd".into());
+    }
+    let tls = FleetTls::load(dir, name).map_err(|e| format!("--fleet-tls: {e}"))?;
+    let plain = fleet.etcd.iter().all(|e| e.starts_with("http://"));
+    if !plain && fleet.etcd.iter().any(|e| e.starts_with("http://")) {
+        return Err("--etcd: all endpoints over TLS, or all (http://) without".into());
+    }
+    if plain {
+        tracing::warn!("--etcd http://...: etcd is reached WITHOUT TLS");
+    }
+    let etcd = fleet_etcd::connect(&fleet.etcd, (!plain).then_some(&tls))
+        .await
+        .map_err(|e| format!("--etcd: {e}"))?;
+    let members = Members::follow(&etcd)
+        .await
+        .map_err(|e| format!("--etcd {}: {e}", fleet.etcd.join(",")))?;
+    tracing::info!(
+        "fleet host {name}: etcd at {}, {} hosts in the fleet",
+        fleet.etcd.join(","),
+        members.hosts().len()
+    );
+    Ok(FleetMember {
+        peers: Arc::new(PeerSet::new(tls.clone(), members)),
+        tls,
+        etcd,
+        listen,
+        advertise: fleet.fleet_advertise.unwrap_or(listen),
+    })
+}
+
+impl FleetMember {
+    /// Serves `endpoints` to the fleet and registers as `role`.
+    async fn serve(
+        &self,
+        role: Role,
+        capacity: usize,
+        endpoints: axum::Router,
+    ) -> Result<Registration, String> {
+        let listener = tokio::net::TcpListener::bind(self.listen)
+            .await
+            .map_err(|e| format!("--fleet-listen {}: {e}", self.listen))?;
+        fleet_transport::serve(listener, &self.tls, endpoints)
+            .map_err(|e| format!("--fleet-listen {}: {e}", self.listen))?;
+        let record = HostRecord {
+            name: self.tls.name.clone(),
+            role,
+            address: self.advertise,
+            capacity,
+        };
+        let registration = Registration::join(&self.etcd, record)
+            .await
+            .map_err(|e| format!("joining the fleet: {e}"))?;
+        tracing::info!(
+            "joined the fleet as {} ({role:?}), serving it on {}",
+            self.tls.name,
+            self.listen
+        );
+        Ok(registration)
+    }
+}
+
+/// The microVM side: the VMM, guests, jails and leased workers.
+struct Environments {
+    router: Arc<InvokeRouter>,
+    jail: Option<JailSettings>,
+}
+
+fn start_environments(
+    args: &Args,
+    keys: Arc<KeyService>,
+    artifact_keys: Arc<dyn ArtifactKeys>,
+) -> Result<Environments, String> {
+    let vmm = args
+        .vmm
+        .as_deref()
+        .ok_or("--vmm is needed to run microVMs")?;
+    let guest = args
+        .guest
+        .as_deref()
+        .ok_or("--guest is needed to run microVMs")?;
+    existing_file("vmm", vmm)?;
+    existing_file("guest", guest)?;
     if args.max_environments == 0 {
         return Err("--max-environments must be at least 1".into());
     }
@@ -208,64 +362,11 @@ async fn run(args: Args) -> Result<(), String> {
     if args.worker_lease == 0 {
         return Err("--worker-lease must be at least 1 second".into());
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
-    let environment_lease = Duration::from_secs(args.environment_lease);
-    // Role credentials last an hour beyond the longest environment, so
-    // that one set serves every environment started within that hour.
-    let roles = Arc::new(
-        RoleCredentialIssuer::open(
-            &args.data_dir.join("issuer.key"),
-            environment_lease + Duration::from_secs(3600),
-        )
-        .map_err(|e| e.to_string())?,
-    );
-    let credentials = Credentials::load(&args.credentials)
-        .map_err(|e| e.to_string())?
-        .with_issuer(roles.clone());
-    let store = Store::open(&args.data_dir).map_err(|e| e.to_string())?;
-    if args.backup_every > 0 {
-        spawn_backups(
-            store.clone(),
-            args.data_dir.join("keys"),
-            args.data_dir.join("backups"),
-            Duration::from_secs(args.backup_every),
-        );
-    }
-    let keys = Arc::new(
-        KeyService::open(&args.data_dir.join("keys"))
-            .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
-    );
     let roots: BTreeMap<String, PathBuf> = args.linux_runtimes.iter().cloned().collect();
     for image in roots.values() {
         existing_file("linux-runtime", image)?;
     }
-    // What CreateFunction accepts: the custom runtimes with a kernel, the
-    // managed ones with their images too.
-    let mut linux_runtimes: Vec<String> = Vec::new();
-    if args.linux_kernel.is_some() {
-        linux_runtimes.extend(runtime::PROVIDED.map(String::from));
-        for name in roots.keys() {
-            if !linux_runtimes.contains(name) {
-                linux_runtimes.push(name.clone());
-            }
-        }
-    }
-    let control = ControlPlane::new(store, &args.data_dir, keys.clone(), linux_runtimes)
-        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
-    if args.rotate_master_key {
-        keys.rotate().map_err(|e| e.to_string())?;
-        let moved = control
-            .artifacts()
-            .rewrap_all()
-            .map_err(|e| e.to_string())?;
-        tracing::info!(
-            "master key rotated to version {}: {moved} artifact keys rewrapped",
-            keys.current_master()
-        );
-    }
-    let jail = jail_settings(&args)?;
-    let jail_pool = jail.clone();
+    let jail = jail_settings(args, vmm)?;
     let run_dir = args.data_dir.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
     if let Some(jail) = &jail {
@@ -285,22 +386,22 @@ async fn run(args: Args) -> Result<(), String> {
         tracing::info!("--snapshots off: every environment boots, SnapStart versions fail");
     }
     let image = MicroVmImage {
-        vmm: args.vmm.clone(),
-        guest_kernel: args.guest.clone(),
+        vmm: vmm.to_path_buf(),
+        guest_kernel: guest.to_path_buf(),
         linux,
         run_dir,
         init_timeout: Duration::from_secs(args.init_timeout),
-        jail,
+        jail: jail.clone(),
         snapshots: if args.snapshots == SnapshotMode::Off {
             None
         } else {
             Some(Arc::new(
-                SnapshotStore::open(&args.data_dir.join("snapshots"), keys.clone())
+                SnapshotStore::open(&args.data_dir.join("snapshots"), keys)
                     .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
             ))
         },
         snapshot_every_version: args.snapshots == SnapshotMode::EveryVersion,
-        keys,
+        keys: artifact_keys,
     };
     let logs = args.data_dir.join("logs");
     let lifecycle = std::fs::create_dir_all(&logs)
@@ -314,19 +415,170 @@ async fn run(args: Args) -> Result<(), String> {
             host: HostLimits {
                 max_environments: args.max_environments,
                 idle_timeout: Duration::from_secs(args.idle_timeout),
-                environment_lease,
+                environment_lease: Duration::from_secs(args.environment_lease),
             },
         },
         lifecycle,
     );
     router.spawn_maintenance(router.maintenance_period());
+    Ok(Environments { router, jail })
+}
+
+impl Environments {
+    async fn stop(self) {
+        self.router.shutdown().await;
+        if let Some(jail) = self.jail {
+            jail.empty_pool().await;
+        }
+    }
+}
+
+/// SIGINTs so far.
+fn interrupts() -> tokio::sync::watch::Receiver<u32> {
+    let (interrupted, interrupt) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            interrupted.send_modify(|n| *n += 1);
+        }
+    });
+    interrupt
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    if args.role != RoleArg::All && args.fleet.etcd.is_empty() {
+        return Err(format!(
+            "--role {:?} joins a fleet: it needs --etcd, --host-name, --fleet-tls and --fleet-listen",
+            args.role
+        ));
+    }
+    if args.role == RoleArg::All && !args.fleet.etcd.is_empty() {
+        return Err("--etcd is for a fleet's hosts: pass --role front-end or worker-host".into());
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    let keys = Arc::new(
+        KeyService::open(&args.data_dir.join("keys"))
+            .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
+    );
+    let fleet = match args.role {
+        RoleArg::All => None,
+        _ => Some(join_fleet(&args.fleet).await?),
+    };
+    if args.role == RoleArg::WorkerHost {
+        let fleet = fleet.expect("joined above");
+        let environments =
+            start_environments(&args, keys, Arc::new(FleetKeys::new(fleet.peers.clone())))?;
+        let service = Arc::new(
+            HostService::new(
+                environments.router.clone(),
+                fleet.peers.clone(),
+                &args.data_dir.join("fleet-artifacts"),
+            )
+            .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?,
+        );
+        let registration = fleet
+            .serve(
+                Role::WorkerHost,
+                args.workers * args.max_environments,
+                service.endpoints(),
+            )
+            .await?;
+        let mut interrupt = interrupts();
+        let _ = interrupt.wait_for(|&n| n >= 1).await;
+        tracing::info!("SIGINT: leaving the fleet; stopping the environments");
+        if let Err(e) = registration.leave().await {
+            tracing::warn!("leaving the fleet: {e}");
+        }
+        environments.stop().await;
+        return Ok(());
+    }
+    let environment_lease = Duration::from_secs(args.environment_lease);
+    // Role credentials last an hour beyond the longest environment, so
+    // that one set serves every environment started within that hour.
+    let roles = Arc::new(
+        RoleCredentialIssuer::open(
+            &args.data_dir.join("issuer.key"),
+            environment_lease + Duration::from_secs(3600),
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let credentials_file = args
+        .credentials
+        .as_deref()
+        .ok_or("--credentials is needed to serve the Lambda API")?;
+    let credentials = Credentials::load(credentials_file)
+        .map_err(|e| e.to_string())?
+        .with_issuer(roles.clone());
+    let store = Store::open(&args.data_dir).map_err(|e| e.to_string())?;
+    if args.backup_every > 0 {
+        spawn_backups(
+            store.clone(),
+            args.data_dir.join("keys"),
+            args.data_dir.join("backups"),
+            Duration::from_secs(args.backup_every),
+        );
+    }
+    // What CreateFunction accepts: the custom runtimes with a kernel, the
+    // managed ones with their images too. A front end takes the runtimes
+    // every worker host runs: the bare-metal one.
+    let mut linux_runtimes: Vec<String> = Vec::new();
+    if args.linux_kernel.is_some() && args.role == RoleArg::All {
+        linux_runtimes.extend(runtime::PROVIDED.map(String::from));
+        for (name, _) in &args.linux_runtimes {
+            if !linux_runtimes.contains(name) {
+                linux_runtimes.push(name.clone());
+            }
+        }
+    }
+    let control = ControlPlane::new(store, &args.data_dir, keys.clone(), linux_runtimes)
+        .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+    if args.rotate_master_key {
+        keys.rotate().map_err(|e| e.to_string())?;
+        let moved = control
+            .artifacts()
+            .rewrap_all()
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            "master key rotated to version {}: {moved} artifact keys rewrapped",
+            keys.current_master()
+        );
+    }
+    let artifacts_dir = control.artifacts().dir().to_path_buf();
+    let (placement, environments, registration, capacity) = match fleet {
+        None => {
+            let environments = start_environments(&args, keys.clone(), keys.clone())?;
+            let capacity = args.workers * args.max_environments;
+            (
+                Placement::Local(environments.router.clone()),
+                Some(environments),
+                None,
+                capacity,
+            )
+        }
+        Some(fleet) => {
+            let registration = fleet
+                .serve(
+                    Role::FrontEnd,
+                    0,
+                    front_end_endpoints(keys.clone(), artifacts_dir),
+                )
+                .await?;
+            let router = Arc::new(FleetRouter::new(fleet.peers.clone()));
+            (
+                Placement::Fleet(router),
+                None,
+                Some(registration),
+                args.workers * args.max_environments,
+            )
+        }
+    };
     let worker = Worker::new(
         control,
         credentials,
-        router.clone(),
+        placement,
         roles,
         &args.data_dir,
-        args.workers * args.max_environments,
+        capacity,
         environment_lease,
     )
     .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
@@ -337,12 +589,7 @@ async fn run(args: Args) -> Result<(), String> {
         "Lambda API on http://{}",
         listener.local_addr().map_err(|e| e.to_string())?
     );
-    let (interrupted, mut interrupt) = tokio::sync::watch::channel(0u32);
-    tokio::spawn(async move {
-        while tokio::signal::ctrl_c().await.is_ok() {
-            interrupted.send_modify(|n| *n += 1);
-        }
-    });
+    let mut interrupt = interrupts();
     let mut on_first = interrupt.clone();
     let server = axum::serve(listener, api::router(worker)).with_graceful_shutdown(async move {
         let _ = on_first.wait_for(|&n| n >= 1).await;
@@ -361,9 +608,13 @@ async fn run(args: Args) -> Result<(), String> {
             }
         } => tracing::warn!("stopping with requests still in flight"),
     }
-    router.shutdown().await;
-    if let Some(jail) = jail_pool {
-        jail.empty_pool().await;
+    if let Some(registration) = registration {
+        if let Err(e) = registration.leave().await {
+            tracing::warn!("leaving the fleet: {e}");
+        }
+    }
+    if let Some(environments) = environments {
+        environments.stop().await;
     }
     Ok(())
 }

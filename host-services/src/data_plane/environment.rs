@@ -25,7 +25,7 @@ use crate::data_plane::vmm_process::{
     CONTROL_SOCKET, SNAPSHOT_MEMORY, SNAPSHOT_STATE,
 };
 use crate::ids::VersionKey;
-use crate::security::key_service::KeyService;
+use crate::security::key_service::ArtifactKeys;
 
 /// What starting an environment for a version takes.
 #[derive(Clone)]
@@ -116,7 +116,7 @@ pub struct MicroVmImage {
     /// Jails every VMM; None starts them directly.
     pub jail: Option<JailSettings>,
     /// Unwraps code disks' keys for the grants environments present.
-    pub keys: Arc<KeyService>,
+    pub keys: Arc<dyn ArtifactKeys>,
     /// Snapshots of initialized versions, which on-demand cold starts
     /// restore; None boots every environment.
     pub snapshots: Option<Arc<SnapshotStore>>,
@@ -267,7 +267,7 @@ impl ExecutionEnvironment {
         let code_key;
         let code = match &launch.code {
             CodeDrive::Sealed(code) => {
-                code_key = code.drive_key(&image.keys)?;
+                code_key = code.drive_key(&*image.keys).await?;
                 CodeDisk::Sealed {
                     path: &code.artifact.path,
                     key: &code_key,
@@ -281,7 +281,7 @@ impl ExecutionEnvironment {
         let layers = match &launch.layers {
             Some(layers) => Some((
                 layers.artifact.path.as_path(),
-                layers.drive_key(&image.keys)?,
+                layers.drive_key(&*image.keys).await?,
             )),
             None => None,
         };

@@ -150,6 +150,11 @@ impl WorkerHost {
     }
 
     /// Each version's provisioned environments, idle or busy.
+    /// Idle environments of `key`.
+    pub fn idle(&self, key: &VersionKey) -> usize {
+        self.pools().by_version.get(key).map_or(0, |p| p.idle.len())
+    }
+
     pub fn provisioned(&self) -> HashMap<VersionKey, usize> {
         self.pools()
             .by_version
@@ -472,4 +477,6 @@ pub enum SnapStartError {
     Start(#[from] StartError),
     #[error("its snapshot: {0}")]
     Snapshot(String),
+    #[error("SnapStart is not served by a fleet yet (docs/fleet.md)")]
+    NotInFleet,
 }

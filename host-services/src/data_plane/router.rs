@@ -72,7 +72,7 @@ fn start_failure(key: &VersionKey, e: EnvironmentError) -> RouteError {
     }
 }
 
-fn too_many(reason: &'static str) -> ApiError {
+pub fn too_many(reason: &'static str) -> ApiError {
     ApiError::TooManyRequests {
         message: "Rate Exceeded.".into(),
         reason,
@@ -81,9 +81,40 @@ fn too_many(reason: &'static str) -> ApiError {
 
 type FunctionKey = (AccountId, String);
 
+/// Invocations in flight per function, against their reserved
+/// concurrency.
+#[derive(Default)]
+pub struct ConcurrencyLimiter {
+    busy: Mutex<HashMap<FunctionKey, u32>>,
+}
+
+impl ConcurrencyLimiter {
+    /// A slot for one invocation of `key`'s function, if fewer than
+    /// `reserved` hold one.
+    pub fn take(
+        &self,
+        key: &VersionKey,
+        reserved: Option<u32>,
+    ) -> Result<ConcurrencySlot<'_>, ApiError> {
+        let function = (key.account.clone(), key.function.clone());
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let n = busy.entry(function.clone()).or_default();
+        if reserved.is_some_and(|limit| *n >= limit) {
+            return Err(too_many(
+                "ReservedFunctionConcurrentInvocationLimitExceeded",
+            ));
+        }
+        *n += 1;
+        Ok(ConcurrencySlot {
+            busy: &self.busy,
+            function,
+        })
+    }
+}
+
 /// A function's share of its reserved concurrency, held for the length of
 /// one invocation.
-struct ConcurrencySlot<'a> {
+pub struct ConcurrencySlot<'a> {
     busy: &'a Mutex<HashMap<FunctionKey, u32>>,
     function: FunctionKey,
 }
@@ -106,7 +137,7 @@ pub struct InvokeRouter {
     lifecycle: Arc<Lifecycle>,
     hosts: RwLock<Vec<Arc<WorkerHost>>>,
     next_worker: AtomicU64,
-    busy: Mutex<HashMap<FunctionKey, u32>>,
+    concurrency: ConcurrencyLimiter,
 }
 
 impl InvokeRouter {
@@ -117,7 +148,7 @@ impl InvokeRouter {
             lifecycle: Arc::new(lifecycle),
             hosts: RwLock::new(Vec::new()),
             next_worker: AtomicU64::new(1),
-            busy: Mutex::new(HashMap::new()),
+            concurrency: ConcurrencyLimiter::default(),
         });
         for _ in 0..router.config.workers {
             router.add_worker();
@@ -154,26 +185,6 @@ impl InvokeRouter {
         let mut hosts = self.all_hosts();
         hosts.retain(|h| !h.is_draining());
         hosts
-    }
-
-    fn take_concurrency(
-        &self,
-        key: &VersionKey,
-        reserved: Option<u32>,
-    ) -> Result<ConcurrencySlot<'_>, ApiError> {
-        let function = (key.account.clone(), key.function.clone());
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
-        let n = busy.entry(function.clone()).or_default();
-        if reserved.is_some_and(|limit| *n >= limit) {
-            return Err(too_many(
-                "ReservedFunctionConcurrentInvocationLimitExceeded",
-            ));
-        }
-        *n += 1;
-        Ok(ConcurrencySlot {
-            busy: &self.busy,
-            function,
-        })
     }
 
     /// An idle environment of `key` on any worker, else a new one, of
@@ -213,7 +224,7 @@ impl InvokeRouter {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Routed, RouteError> {
-        let _slot = self.take_concurrency(key, reserved)?;
+        let _slot = self.concurrency.take(key, reserved)?;
         let (host, mut env) = self.acquire(key, launch).await?;
         let cold_start = env.fresh.then_some(env.cold_start);
         let trace = env.fresh.then(|| env.trace.clone());
@@ -262,6 +273,11 @@ impl InvokeRouter {
         for host in self.all_hosts() {
             host.retire(&retire, reason).await;
         }
+    }
+
+    /// Idle environments of `key` on the workers taking invocations.
+    pub fn idle(&self, key: &VersionKey) -> usize {
+        self.active_hosts().iter().map(|h| h.idle(key)).sum()
     }
 
     /// Provisioned environments of `key` on the workers taking

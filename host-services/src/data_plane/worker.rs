@@ -20,9 +20,10 @@ use crate::control_plane::functions::{
 use crate::control_plane::model::{function_arn, EventInvokeConfig, FunctionRef, LATEST, REGION};
 use crate::control_plane::store::EVENTS;
 use crate::data_plane::environment::{ColdStart, Launch};
+use crate::data_plane::fleet_wire::Retire;
 use crate::data_plane::host::{SnapStartError, StartError};
-use crate::data_plane::lifecycle::DestroyReason;
-use crate::data_plane::router::{InvokeRouter, RouteError};
+use crate::data_plane::placement::Placement;
+use crate::data_plane::router::RouteError;
 use crate::data_plane::runtime_api::Outcome;
 use crate::error::ApiError;
 use crate::ids::{AccountId, VersionKey};
@@ -38,7 +39,7 @@ const RUNTIME_API_ADDRESS: &str = "127.0.0.1:9001";
 pub struct Worker {
     pub control: ControlPlane,
     pub credentials: Credentials,
-    pub router: Arc<InvokeRouter>,
+    pub placement: Placement,
     roles: Arc<RoleCredentialIssuer>,
     /// How long an environment may live: its credentials must last as
     /// long.
@@ -103,7 +104,7 @@ impl Worker {
     pub fn new(
         control: ControlPlane,
         credentials: Credentials,
-        router: Arc<InvokeRouter>,
+        placement: Placement,
         roles: Arc<RoleCredentialIssuer>,
         data_dir: &std::path::Path,
         capacity: usize,
@@ -115,7 +116,7 @@ impl Worker {
         let worker = Arc::new(Worker {
             control,
             credentials,
-            router,
+            placement,
             roles,
             environment_lease,
             logs,
@@ -224,7 +225,7 @@ impl Worker {
         config.check_invocable()?;
         let timeout = Duration::from_secs(config.timeout.into());
         let routed = self
-            .router
+            .placement
             .invoke(
                 &resolved.key,
                 || self.launch(resolved),
@@ -381,14 +382,12 @@ impl Worker {
                 },
             )
             .is_err();
-        if let Some(snapshots) = self.router.snapshots() {
-            snapshots.remove(account, name, (!deleted).then_some(LATEST));
-        }
-        self.router
-            .retire(
-                |k| &k.account == account && k.function == name && (deleted || k.version == LATEST),
-                DestroyReason::FunctionUpdated,
-            )
+        self.placement
+            .retire(Retire {
+                account: account.clone(),
+                function: name.to_string(),
+                deleted,
+            })
             .await;
     }
 
@@ -434,12 +433,13 @@ impl Worker {
                 .resolve(&account, &reference)
                 .and_then(|resolved| self.launch(&resolved));
             let result = match launch {
-                Ok(launch) => match self.router.snap_start(&launch).await {
+                Ok(launch) => match self.placement.snap_start(&launch).await {
                     Ok(()) => Ok(()),
                     Err(SnapStartError::Start(StartError::Full)) => {
                         retry = true;
                         continue;
                     }
+                    Err(e @ SnapStartError::NotInFleet) => Err(e.to_string()),
                     Err(e) => Err(format!("the version's init failed: {e}")),
                 },
                 Err(e) => Err(e.to_string()),
@@ -513,7 +513,7 @@ impl Worker {
             }
         }
         let targets: Vec<(Launch, usize)> = targets.into_values().collect();
-        for (key, error) in self.router.reconcile_provisioned(&targets).await {
+        for (key, error) in self.placement.reconcile_provisioned(&targets).await {
             if matches!(error, RouteError::Api(ApiError::TooManyRequests { .. })) {
                 // The fleet is full for now; a later pass retries.
                 continue;
@@ -565,7 +565,7 @@ impl Worker {
         let allocated = self.provisioned_targets(config).map_or(0, |versions| {
             versions
                 .iter()
-                .map(|(resolved, n)| self.router.provisioned(&resolved.key).min(*n))
+                .map(|(resolved, n)| self.placement.provisioned(&resolved.key).min(*n))
                 .sum::<usize>()
         }) as u32;
         ProvisionedStatus {

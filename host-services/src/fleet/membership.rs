@@ -255,11 +255,15 @@ async fn follow_from(
                 match event.event_type() {
                     EventType::Put => {
                         if let Some(record) = decode(kv.key(), kv.value()) {
-                            hosts.insert(name, record);
+                            if hosts.insert(name.clone(), record).is_none() {
+                                tracing::info!("fleet: host {name} joined");
+                            }
                         }
                     }
                     EventType::Delete => {
-                        hosts.remove(&name);
+                        if hosts.remove(&name).is_some() {
+                            tracing::info!("fleet: host {name} left");
+                        }
                     }
                 }
             }
@@ -274,7 +278,10 @@ async fn follow_from(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::testing::EtcdServer;
+    use crate::fleet::etcd::connect;
+    use crate::fleet::test_etcd::EtcdServer;
+    use crate::fleet::testing::{fleet_certs, temp_dir};
+    use crate::fleet::tls::FleetTls;
     use std::time::Instant;
 
     fn record(name: &str, port: u16) -> HostRecord {
@@ -346,5 +353,40 @@ mod tests {
         }
         until(&mut members, |h| h.is_empty()).await;
         until(&mut members, |h| h.len() == 1).await;
+    }
+
+    #[tokio::test]
+    async fn etcd_over_the_fleets_tls_serves_members_only() {
+        let dir = temp_dir("etcd-tls");
+        fleet_certs(&dir.join("fleet"), &["etcd=127.0.0.1", "h1"]);
+        fleet_certs(&dir.join("other"), &["h1"]);
+        let etcd = EtcdServer::start(Some(&dir.join("fleet")));
+        let h1 = FleetTls::load(&dir.join("fleet"), "h1").unwrap();
+        let mut member = etcd.client(Some(&h1)).await;
+        member.put("k", "v", None).await.unwrap();
+        let read = member.get("k", None).await.unwrap();
+        assert_eq!(read.kvs()[0].value(), b"v");
+
+        let endpoints = std::slice::from_ref(&etcd.endpoint);
+        let stranger = FleetTls::load(&dir.join("other"), "h1").unwrap();
+        let mut outsider = connect(endpoints, Some(&stranger)).await.unwrap();
+        assert!(outsider.get("k", None).await.is_err());
+        let mut plain = connect(endpoints, None).await.unwrap();
+        assert!(plain.get("k", None).await.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dead_endpoint_is_passed_over() {
+        let etcd = EtcdServer::start(None);
+        let _ready = etcd.client(None).await;
+        // A port nothing listens on any more, as a stopped etcd leaves.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let mut client = connect(&[dead, etcd.endpoint.clone()], None).await.unwrap();
+        client.put("k", "v", None).await.unwrap();
     }
 }

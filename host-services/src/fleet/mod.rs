@@ -6,7 +6,10 @@
 
 pub mod etcd;
 pub mod membership;
-#[cfg(test)]
+pub mod peers;
+#[cfg(any(test, feature = "testing"))]
+pub mod test_etcd;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;
 pub mod transport;

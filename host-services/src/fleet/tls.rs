@@ -115,27 +115,12 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::fleet::testing::{fleet_certs, temp_dir};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
     use tokio_rustls::{TlsAcceptor, TlsConnector};
-
-    /// Certificates for `names` under a new authority, made by the
-    /// project's own script.
-    pub(crate) fn fleet_certs(dir: &Path, names: &[&str]) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/fleet-certs.sh");
-        let out = std::process::Command::new(script)
-            .arg(dir)
-            .args(names)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 
     /// One handshake of `client` with `server` (which presents as
     /// `server_as`) and one byte echoed; what each side saw.
@@ -181,7 +166,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn fleet_hosts_meet_on_tls13_aes256_and_strangers_do_not() {
-        let dir = tempfile_dir("tls");
+        let dir = temp_dir("tls");
         fleet_certs(&dir.join("fleet"), &["fe", "h1"]);
         fleet_certs(&dir.join("other"), &["h1", "stranger"]);
         let fe = FleetTls::load(&dir.join("fleet"), "fe").unwrap();
@@ -253,7 +238,7 @@ pub(crate) mod tests {
 
     #[test]
     fn missing_or_wrong_files_are_named() {
-        let dir = tempfile_dir("tls-files");
+        let dir = temp_dir("tls-files");
         let error = FleetTls::load(&dir, "h1").err().unwrap().to_string();
         assert!(error.contains("ca.pem"), "{error}");
         fleet_certs(&dir, &["h1"]);
@@ -273,15 +258,5 @@ pub(crate) mod tests {
             roots.add(ca).unwrap();
         }
         Arc::new(roots)
-    }
-
-    pub(crate) fn tempfile_dir(what: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "fleet-{what}-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 }

@@ -93,6 +93,8 @@ pub enum PeerError {
         address: SocketAddr,
         what: String,
     },
+    #[error("{peer} took the request but gave no answer: {what}")]
+    Lost { peer: String, what: String },
     #[error("{peer} answered {status}: {body}")]
     Status {
         peer: String,
@@ -102,8 +104,7 @@ pub enum PeerError {
 }
 
 impl PeerError {
-    /// Whether the request may not have reached the peer's handler at all
-    /// (so a caller knows nothing ran there).
+    /// Whether the request was never sent (so nothing ran there).
     pub fn unreachable(&self) -> bool {
         matches!(self, PeerError::Unreachable { .. })
     }
@@ -171,34 +172,26 @@ impl Peer {
     }
 
     /// POSTs `body` to `path` and returns the answer's body; an answer
-    /// other than 200 is [`PeerError::Status`].
+    /// other than 200 is [`PeerError::Status`]. [`PeerError::Unreachable`]
+    /// means the request was not sent; [`PeerError::Lost`] that it was and
+    /// no answer came, so the peer may have acted on it.
     pub async fn post(&self, path: &str, body: Bytes) -> Result<Bytes, PeerError> {
         let mut sender = self.sender().await?;
-        let request = || {
-            Request::post(path)
-                .header("host", &self.name)
-                .body(Full::new(body.clone()))
-                .expect("a path and a body make a request")
+        let request = Request::post(path)
+            .header("host", &self.name)
+            .body(Full::new(body))
+            .expect("a path and a body make a request");
+        let lost = |e: hyper::Error| PeerError::Lost {
+            peer: self.name.clone(),
+            what: e.to_string(),
         };
-        // A connection the peer closed while it sat idle fails before the
-        // request is written; the request then goes on a new one.
-        let response = match sender.send_request(request()).await {
-            Ok(response) => response,
-            Err(e) if e.is_closed() || e.is_canceled() => {
-                sender = self.connect().await?;
-                sender
-                    .send_request(request())
-                    .await
-                    .map_err(|e| self.unreachable(e))?
-            }
-            Err(e) => return Err(self.unreachable(e)),
-        };
+        let response = sender.send_request(request).await.map_err(lost)?;
         let status = response.status();
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| self.unreachable(e))?
+            .map_err(lost)?
             .to_bytes();
         self.idle
             .lock()
@@ -246,12 +239,12 @@ pub fn answer(result: Result<Bytes, (StatusCode, String)>) -> axum::response::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::tls::tests::{fleet_certs, tempfile_dir};
+    use crate::fleet::testing::{fleet_certs, temp_dir};
     use axum::routing::post;
 
     #[tokio::test]
     async fn peers_call_each_other_and_strangers_get_nothing() {
-        let dir = tempfile_dir("transport");
+        let dir = temp_dir("transport");
         fleet_certs(&dir.join("fleet"), &["fe", "h1"]);
         fleet_certs(&dir.join("other"), &["stranger"]);
         let fe = FleetTls::load(&dir.join("fleet"), "fe").unwrap();

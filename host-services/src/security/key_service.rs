@@ -9,7 +9,9 @@
 //! deployment would keep them in an HSM or a KMS behind the same calls.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -48,6 +50,9 @@ pub enum KeyError {
     ExpiredGrant { artifact: String, ago_ms: u64 },
     #[error("the grant is for artifact {granted}, not {wanted}")]
     WrongArtifact { granted: String, wanted: String },
+    /// A worker host could not reach the key service that holds the key.
+    #[error("the key service is unreachable: {0}")]
+    Unreachable(String),
     #[error("the sealed blob at {0} is damaged, altered or not from here")]
     Blob(String),
 }
@@ -60,12 +65,39 @@ pub struct WrappedKey {
     pub sealed: String,
 }
 
-/// Permission to read one artifact until `expires_ms` (Unix time).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Permission to read one artifact until `expires_ms` (Unix time). It
+/// travels with a launch to the worker host that starts the environment,
+/// which shows it to get the artifact's data key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     pub artifact: ArtifactId,
     pub expires_ms: u64,
     signature: [u8; 32],
+}
+
+/// Where a worker host gets artifacts' data keys: its own key service in
+/// one process, the front end's over the fleet's TLS in a fleet. Either
+/// way the grant is checked where the master keys are.
+pub trait ArtifactKeys: Send + Sync {
+    fn data_key<'a>(
+        &'a self,
+        grant: &'a Grant,
+        artifact: &'a ArtifactId,
+        wrapped: &'a WrappedKey,
+    ) -> Pin<Box<dyn Future<Output = Result<DataKey, KeyError>> + Send + 'a>>;
+}
+
+impl ArtifactKeys for KeyService {
+    fn data_key<'a>(
+        &'a self,
+        grant: &'a Grant,
+        artifact: &'a ArtifactId,
+        wrapped: &'a WrappedKey,
+    ) -> Pin<Box<dyn Future<Output = Result<DataKey, KeyError>> + Send + 'a>> {
+        Box::pin(std::future::ready(KeyService::data_key(
+            self, grant, artifact, wrapped,
+        )))
+    }
 }
 
 pub struct KeyService {

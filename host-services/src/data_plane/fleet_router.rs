@@ -1,0 +1,317 @@
+//! A front end's placement across the fleet's worker hosts: an invocation
+//! goes to a host known to hold an idle environment of its version, else
+//! to the host with the most room, which starts one. A host that cannot
+//! be reached is passed over before anything ran there; a host lost while
+//! it ran an invocation fails that invocation, which is never run twice by
+//! the front end. The front end also serves what worker hosts fetch from
+//! it: sealed artifacts and, for a valid grant, their data keys.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use bytes::Bytes;
+
+use crate::artifacts::sealed::GrantedArtifact;
+use crate::data_plane::environment::Launch;
+use crate::data_plane::fleet_wire::{
+    decode, encode, DataKeyRequest, InvokeAnswer, InvokeRequest, Retire, WireLaunch, ARTIFACT,
+    DATA_KEY, INVOKE, RETIRE,
+};
+use crate::data_plane::router::{too_many, ConcurrencyLimiter, RouteError, Routed};
+use crate::error::ApiError;
+use crate::fleet::membership::{HostRecord, Role};
+use crate::fleet::peers::PeerSet;
+use crate::fleet::transport::{answer, PeerError};
+use crate::ids::VersionKey;
+use crate::security::key_service::KeyService;
+
+pub struct FleetRouter {
+    peers: Arc<PeerSet>,
+    /// Idle environments each host reported per version, as this front
+    /// end last heard.
+    warm: Mutex<HashMap<VersionKey, HashMap<String, u32>>>,
+    /// Invocations this front end has in flight on each host.
+    in_flight: Mutex<HashMap<String, usize>>,
+    concurrency: ConcurrencyLimiter,
+}
+
+/// One invocation counted against a host while it runs there.
+struct InFlight<'a> {
+    counts: &'a Mutex<HashMap<String, usize>>,
+    host: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.host) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+impl FleetRouter {
+    pub fn new(peers: Arc<PeerSet>) -> Self {
+        FleetRouter {
+            peers,
+            warm: Mutex::default(),
+            in_flight: Mutex::default(),
+            concurrency: ConcurrencyLimiter::default(),
+        }
+    }
+
+    fn warm_on(&self, key: &VersionKey) -> HashMap<String, u32> {
+        self.warm
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn set_warm(&self, key: &VersionKey, host: &str, idle: u32) {
+        let mut warm = self.warm.lock().unwrap_or_else(|e| e.into_inner());
+        let hosts = warm.entry(key.clone()).or_default();
+        if idle == 0 {
+            hosts.remove(host);
+        } else {
+            hosts.insert(host.to_string(), idle);
+        }
+    }
+
+    fn count(&self, host: &str) -> InFlight<'_> {
+        *self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(host.to_string())
+            .or_default() += 1;
+        InFlight {
+            counts: &self.in_flight,
+            host: host.to_string(),
+        }
+    }
+
+    /// The worker hosts to try for `key`, best first: those with idle
+    /// environments of it (most first), then the others by free room.
+    fn candidates(&self, key: &VersionKey) -> Vec<(HostRecord, u32)> {
+        let warm = self.warm_on(key);
+        let in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut hosts: Vec<(HostRecord, u32)> = self
+            .peers
+            .hosts(Role::WorkerHost)
+            .into_iter()
+            .map(|h| {
+                let idle = warm.get(&h.name).copied().unwrap_or(0);
+                (h, idle)
+            })
+            .collect();
+        let room = |h: &HostRecord| {
+            h.capacity as i64 - in_flight.get(&h.name).copied().unwrap_or(0) as i64
+        };
+        hosts.sort_by_key(|(h, idle)| (std::cmp::Reverse(*idle), std::cmp::Reverse(room(h))));
+        hosts
+    }
+
+    pub async fn invoke(
+        &self,
+        key: &VersionKey,
+        launch: impl FnOnce() -> Result<Launch, ApiError>,
+        reserved: Option<u32>,
+        request_id: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Routed, RouteError> {
+        let _slot = self.concurrency.take(key, reserved)?;
+        let mut launch = Some(launch);
+        let mut wire: Option<WireLaunch> = None;
+        let mut make_wire = |wire: &mut Option<WireLaunch>| -> Result<(), RouteError> {
+            if wire.is_none() {
+                let build = launch.take().expect("a launch is built once");
+                let built = build().map_err(RouteError::Launch)?;
+                *wire = Some(WireLaunch::from_launch(built).map_err(RouteError::Launch)?);
+            }
+            Ok(())
+        };
+        let candidates = self.candidates(key);
+        if candidates.is_empty() {
+            return Err(ApiError::Service("the fleet has no worker host".into()).into());
+        }
+        let mut full = false;
+        let mut unreachable = Vec::new();
+        for (host, idle) in candidates {
+            // A host with no idle environment of the version will start
+            // one: the launch goes with the first request.
+            if idle == 0 {
+                make_wire(&mut wire)?;
+            }
+            let peer = self.peers.peer(&host);
+            let _counted = self.count(&host.name);
+            loop {
+                let request = InvokeRequest {
+                    key: key.clone(),
+                    launch: wire.clone(),
+                    front_end: self.peers.tls.name.clone(),
+                    request_id: request_id.to_string(),
+                    payload: payload.to_vec(),
+                    timeout_ms: timeout.as_millis() as u64,
+                };
+                let answered = match peer.post(INVOKE, encode(&request)).await {
+                    Ok(bytes) => decode::<InvokeAnswer>(&bytes).map_err(|e| {
+                        ApiError::Service(format!("worker host {}: {e}", host.name))
+                    })?,
+                    Err(e) if e.unreachable() => {
+                        tracing::warn!("invocation {request_id}: {e}; trying another host");
+                        self.set_warm(key, &host.name, 0);
+                        unreachable.push(host.name.clone());
+                        break;
+                    }
+                    Err(PeerError::Lost { .. }) => {
+                        // The host may have run it: it is not run again.
+                        tracing::warn!(
+                            "invocation {request_id}: worker host {} was lost during it",
+                            host.name
+                        );
+                        self.set_warm(key, &host.name, 0);
+                        return Err(RouteError::EnvironmentFailed);
+                    }
+                    Err(e) => return Err(ApiError::Service(e.to_string()).into()),
+                };
+                match answered {
+                    InvokeAnswer::Done(routed) => {
+                        self.set_warm(key, &host.name, routed.idle_after);
+                        return Ok(routed.into_routed(&host.name));
+                    }
+                    InvokeAnswer::NeedsLaunch if wire.is_none() => {
+                        make_wire(&mut wire)?;
+                        continue;
+                    }
+                    InvokeAnswer::NeedsLaunch => {
+                        return Err(ApiError::Service(format!(
+                            "worker host {} asked again for a launch it was given",
+                            host.name
+                        ))
+                        .into())
+                    }
+                    InvokeAnswer::Full => {
+                        full = true;
+                        self.set_warm(key, &host.name, 0);
+                        break;
+                    }
+                    InvokeAnswer::Failed(failure) => {
+                        return Err(failure.into_route_error(&host.name))
+                    }
+                }
+            }
+        }
+        if full {
+            return Err(too_many("ConcurrentInvocationLimitExceeded").into());
+        }
+        Err(ApiError::Service(format!(
+            "no worker host could be reached ({})",
+            unreachable.join(", ")
+        ))
+        .into())
+    }
+
+    /// Retires on every worker host; one that cannot be reached retires
+    /// nothing now, and its environments of the old code are never used
+    /// (a version's key names its revision).
+    pub async fn retire(&self, retire: Retire) {
+        let message = encode(&retire);
+        for host in self.peers.hosts(Role::WorkerHost) {
+            if let Err(e) = self.peers.peer(&host).post(RETIRE, message.clone()).await {
+                tracing::warn!("retiring {}/{}: {e}", retire.account, retire.function);
+            }
+        }
+    }
+}
+
+/// What a front end serves its fleet: sealed artifacts, and data keys to
+/// the holders of valid grants.
+pub fn front_end_endpoints(keys: Arc<KeyService>, artifacts: PathBuf) -> axum::Router {
+    axum::Router::new()
+        .route(ARTIFACT, post(artifact))
+        .route(DATA_KEY, post(data_key))
+        .with_state(Arc::new(FrontEndState { keys, artifacts }))
+}
+
+struct FrontEndState {
+    keys: Arc<KeyService>,
+    /// The artifact store's directory: no file outside it is served.
+    artifacts: PathBuf,
+}
+
+fn bad_request(what: String) -> (StatusCode, String) {
+    (StatusCode::BAD_REQUEST, what)
+}
+
+async fn artifact(
+    State(state): State<Arc<FrontEndState>>,
+    body: Bytes,
+) -> axum::response::Response {
+    let result = async {
+        let granted: GrantedArtifact = decode(&body).map_err(bad_request)?;
+        let id = granted
+            .artifact
+            .id_bytes()
+            .map_err(|e| bad_request(e.to_string()))?;
+        state
+            .keys
+            .data_key(&granted.grant, &id, &granted.artifact.key)
+            .map_err(|e| (StatusCode::FORBIDDEN, e.to_string()))?;
+        let path = &granted.artifact.path;
+        let named_for_it = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(&format!(".{}.sealed", granted.artifact.id)));
+        if path.parent() != Some(state.artifacts.as_path()) || !named_for_it {
+            return Err((
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} is not the sealed file of artifact {}",
+                    path.display(),
+                    granted.artifact.id
+                ),
+            ));
+        }
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || std::fs::read(&path))
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map(Bytes::from)
+            .map_err(|e| {
+                (
+                    StatusCode::NOT_FOUND,
+                    format!("artifact {}: {e}", granted.artifact.id),
+                )
+            })
+    }
+    .await;
+    answer(result)
+}
+
+async fn data_key(
+    State(state): State<Arc<FrontEndState>>,
+    body: Bytes,
+) -> axum::response::Response {
+    let result = decode::<DataKeyRequest>(&body)
+        .map_err(bad_request)
+        .and_then(|request| {
+            state
+                .keys
+                .data_key(&request.grant, &request.artifact, &request.wrapped)
+                .map(|key| Bytes::copy_from_slice(&key))
+                .map_err(|e| (StatusCode::FORBIDDEN, e.to_string()))
+        });
+    answer(result)
+}

@@ -1,0 +1,110 @@
+//! Where the worker's invocations run: on this process's own leased
+//! workers ([`InvokeRouter`]), or on a fleet's worker hosts
+//! ([`FleetRouter`]) when this process is a front end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::data_plane::environment::Launch;
+use crate::data_plane::fleet_router::FleetRouter;
+use crate::data_plane::fleet_wire::Retire;
+use crate::data_plane::host::SnapStartError;
+use crate::data_plane::lifecycle::DestroyReason;
+use crate::data_plane::router::{InvokeRouter, RouteError, Routed};
+use crate::error::ApiError;
+use crate::ids::VersionKey;
+
+#[derive(Clone)]
+pub enum Placement {
+    Local(Arc<InvokeRouter>),
+    Fleet(Arc<FleetRouter>),
+}
+
+impl Placement {
+    /// Runs one invocation of `key` in an environment of its own; one
+    /// started for it is made of what `launch` puts together.
+    pub async fn invoke(
+        &self,
+        key: &VersionKey,
+        launch: impl FnOnce() -> Result<Launch, ApiError>,
+        reserved: Option<u32>,
+        request_id: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Routed, RouteError> {
+        match self {
+            Placement::Local(router) => {
+                router
+                    .invoke(key, launch, reserved, request_id, payload, timeout)
+                    .await
+            }
+            Placement::Fleet(fleet) => {
+                fleet
+                    .invoke(key, launch, reserved, request_id, payload, timeout)
+                    .await
+            }
+        }
+    }
+
+    /// Stops the idle environments `retire` covers, and forgets their
+    /// snapshots, wherever they are.
+    pub async fn retire(&self, retire: Retire) {
+        match self {
+            Placement::Local(router) => retire_local(router, &retire).await,
+            Placement::Fleet(fleet) => fleet.retire(retire).await,
+        }
+    }
+
+    /// Provisioned environments of `key` now.
+    pub fn provisioned(&self, key: &VersionKey) -> usize {
+        match self {
+            Placement::Local(router) => router.provisioned(key),
+            Placement::Fleet(_) => 0,
+        }
+    }
+
+    /// Brings each version's provisioned environments to its target;
+    /// returns the versions that could not be brought there.
+    pub async fn reconcile_provisioned(
+        &self,
+        targets: &[(Launch, usize)],
+    ) -> Vec<(VersionKey, RouteError)> {
+        match self {
+            Placement::Local(router) => router.reconcile_provisioned(targets).await,
+            Placement::Fleet(_) => targets
+                .iter()
+                .map(|(launch, _)| {
+                    let refused = ApiError::Service(
+                        "provisioned concurrency is not served by a fleet yet (docs/fleet.md)"
+                            .into(),
+                    );
+                    (launch.key.clone(), refused.into())
+                })
+                .collect(),
+        }
+    }
+
+    /// Initializes and snapshots a SnapStart version.
+    pub async fn snap_start(&self, launch: &Launch) -> Result<(), SnapStartError> {
+        match self {
+            Placement::Local(router) => router.snap_start(launch).await,
+            Placement::Fleet(_) => Err(SnapStartError::NotInFleet),
+        }
+    }
+}
+
+/// Retires on this process's own workers.
+pub async fn retire_local(router: &InvokeRouter, retire: &Retire) {
+    if let Some(snapshots) = router.snapshots() {
+        snapshots.remove(
+            &retire.account,
+            &retire.function,
+            (!retire.deleted).then_some(crate::control_plane::model::LATEST),
+        );
+    }
+    router
+        .retire(|k| retire.covers(k), DestroyReason::FunctionUpdated)
+        .await;
+}
