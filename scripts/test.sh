@@ -11,9 +11,10 @@ started=$(date +%s)
 step() { echo "== test.sh: $* ($(( $(date +%s) - started ))s in)" >&2; }
 
 # QEMU runs the guest kernel under TCG (tests/tests/linux.rs); mkfs.erofs
-# builds the Linux guest's code disks; the fleet's tests start etcd.
+# builds the Linux guest's code disks; the fleet's tests start etcd and put
+# each host in a network namespace of its own.
 step "Debian packages"
-scripts/setup.sh qemu-system-x86 erofs-utils etcd-server
+scripts/setup.sh qemu-system-x86 erofs-utils etcd-server iproute2
 step "guest kernel (about 4 minutes to build once, then cached)"
 MICROVM_GUEST_KERNEL="$(kernel-config/build.sh)"
 export MICROVM_GUEST_KERNEL

@@ -17,6 +17,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+/// How [`LambdaClient::request`]'s error starts when no connection was
+/// made.
+pub const NOT_CONNECTED: &str = "cannot connect";
+
 pub struct LambdaClient {
     http: Client<HttpConnector, Full<Bytes>>,
     address: String,
@@ -116,11 +120,15 @@ impl LambdaClient {
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
         *request.headers_mut() = headers;
-        let response = self
-            .http
-            .request(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        // A request that never reached the worker says so: a caller may
+        // send it again without running anything twice.
+        let response = self.http.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                format!("{NOT_CONNECTED}: {e}")
+            } else {
+                e.to_string()
+            }
+        })?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let body = response

@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: where the fixture guests and the
 //! `vmm` binary are, and running the VMM with a deadline.
 
+pub mod fleet;
 pub mod guest_ports;
 pub mod l1_machine;
 pub mod lambda_client;

@@ -57,10 +57,35 @@ impl RunningWorker {
     /// [`RunningWorker::start`], or the worker's stderr if it exits (or
     /// does not listen within 10 s) instead.
     pub fn try_start(data: &Path, extra: &[&str], log_filter: &str) -> Result<Self, String> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        Self::try_start_wrapped(data, extra, log_filter, &[])
+    }
+
+    /// [`RunningWorker::try_start`] through `wrapper` (`nsenter
+    /// --net=...` runs it in a network namespace). `extra` may give the API's
+    /// `--listen` address.
+    pub fn try_start_wrapped(
+        data: &Path,
+        extra: &[&str],
+        log_filter: &str,
+        wrapper: &[&str],
+    ) -> Result<Self, String> {
+        let flag = |name: &str| {
+            extra
+                .iter()
+                .position(|a| *a == name)
+                .and_then(|i| extra.get(i + 1))
+                .map(|a| a.parse::<std::net::SocketAddr>().expect("an address"))
+        };
+        let listen = flag("--listen").unwrap_or_else(|| {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+        });
+        let own_listen: Vec<String> = if flag("--listen").is_some() {
+            vec![]
+        } else {
+            vec!["--listen".into(), listen.to_string()]
+        };
         // The worker jails its VMMs by default, which takes root; without
         // it the tests still run, unjailed, and say so.
         let jail: Vec<std::ffi::OsString> = if extra.contains(&"--no-jail") {
@@ -71,11 +96,16 @@ impl RunningWorker {
             println!("NOTE: not root: this test's microVMs run unjailed (--no-jail)");
             vec!["--no-jail".into()]
         };
-        let mut child = Command::new(lambda_worker_binary())
+        let program: Vec<std::ffi::OsString> = wrapper
+            .iter()
+            .map(Into::into)
+            .chain([lambda_worker_binary().into()])
+            .collect();
+        let mut child = Command::new(&program[0])
+            .args(&program[1..])
             .arg("--data-dir")
             .arg(data)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .args(own_listen)
             .arg("--credentials")
             .arg(data.join("credentials.json"))
             .arg("--vmm")
@@ -101,17 +131,12 @@ impl RunningWorker {
         });
         // A fleet's worker host serves no API: it is ready when it serves
         // the fleet.
-        let ready_port = match extra.iter().position(|a| *a == "worker-host") {
-            Some(_) => extra
-                .iter()
-                .position(|a| *a == "--fleet-listen")
-                .and_then(|i| extra.get(i + 1))
-                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-                .map_or(port, |a| a.port()),
-            None => port,
+        let ready = match extra.contains(&"worker-host") {
+            true => flag("--fleet-listen").expect("a worker host's --fleet-listen"),
+            false => listen,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", ready_port)).is_err() {
+        while std::net::TcpStream::connect(ready).is_err() {
             let exited = child.try_wait().ok().flatten().is_some();
             if Instant::now() > deadline || exited {
                 let _ = child.kill();
@@ -124,7 +149,7 @@ impl RunningWorker {
         }
         Ok(RunningWorker {
             child,
-            address: format!("127.0.0.1:{port}"),
+            address: listen.to_string(),
             stderr,
         })
     }

@@ -1,85 +1,60 @@
-//! A fleet on etcd, end to end: etcd over the fleet's mutual TLS, a front
-//! end serving the Lambda API, and worker hosts running the microVMs, each
-//! its own `lambda-worker` process. Invocations are placed on the hosts
-//! (warm where an environment of the version waits), a host killed
-//! outright is passed over and leaves the fleet when its lease lapses, and
-//! a host without the fleet's certificate gets nothing.
+//! A fleet on etcd, end to end, on one machine: etcd, a front end and
+//! three worker hosts, each a process in a network namespace of its own
+//! with its own address (`microvm_tests::fleet`), every connection between
+//! them mutual TLS. Placement, a host killed or cut off, etcd and the front
+//! end restarted under load, and strangers refused.
 
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use host_services::fleet::test_etcd::EtcdServer;
 use host_services::fleet::testing::fleet_certs;
-use microvm_tests::worker::{client_runtime, data_dir, lifecycle, RunningWorker};
-use microvm_tests::ECHO_WAT;
-
-fn free_address() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
-
-/// A fleet host's flags.
-fn fleet_flags(role: &str, name: &str, etcd: &str, certs: &Path, listen: &str) -> Vec<String> {
-    [
-        "--role",
-        role,
-        "--etcd",
-        etcd,
-        "--host-name",
-        name,
-        "--fleet-tls",
-        certs.to_str().unwrap(),
-        "--fleet-listen",
-        listen,
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-fn start(data: &Path, flags: &[String]) -> RunningWorker {
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    RunningWorker::start(data, &flags, "info")
-}
+use hyper::Method;
+use microvm_tests::fleet::TestFleet;
+use microvm_tests::lambda_client::NOT_CONNECTED;
+use microvm_tests::worker::{client_runtime, lifecycle, RunningWorker};
+use microvm_tests::{is_root, skip, ECHO_WAT};
 
 /// What the echo function answers to `payload`.
 fn echoed(payload: &str) -> String {
     format!("{{\"echo\":{payload}}}")
 }
 
-/// Environments a worker host created, from its lifecycle log.
-fn created_on(data: &Path) -> usize {
-    lifecycle(data)
+/// Environments a host created, from its lifecycle log.
+fn created_on(host: &microvm_tests::fleet::FleetHost) -> usize {
+    lifecycle(&host.data)
         .iter()
         .filter(|e| e.created.is_some())
         .count()
 }
 
+/// Network namespaces take root.
+fn needs_root(test: &str) -> bool {
+    if !is_root() {
+        skip(test, "network namespaces need root");
+        return false;
+    }
+    true
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    started.elapsed()
+}
+
 #[test]
-fn a_front_end_places_invocations_on_worker_hosts_and_passes_over_a_lost_one() {
-    let root = data_dir("fleet");
-    let certs = root.join("certs");
-    fleet_certs(&certs, &["etcd=127.0.0.1", "fe", "h1", "h2"]);
-    let etcd = EtcdServer::start(Some(&certs));
-    let hosts: Vec<(std::path::PathBuf, RunningWorker)> = ["h1", "h2"]
-        .iter()
-        .map(|name| {
-            let data = data_dir(&format!("fleet-{name}"));
-            let mut flags =
-                fleet_flags("worker-host", name, &etcd.endpoint, &certs, &free_address());
-            flags.extend(["--max-environments", "2"].map(String::from));
-            let host = start(&data, &flags);
-            (data, host)
-        })
-        .collect();
-    let front_end = start(
-        &root,
-        &fleet_flags("front-end", "fe", &etcd.endpoint, &certs, &free_address()),
-    );
-    let client = front_end.client();
+fn a_front_end_places_invocations_on_worker_hosts_and_strangers_get_nothing() {
+    if !needs_root("fleet::a_front_end_places_invocations_on_worker_hosts") {
+        return;
+    }
+    let fleet = TestFleet::start(3, &["--max-environments", "2"], "info");
+    let client = fleet.client();
     let runtime = client_runtime();
     let wasm = wat::parse_str(ECHO_WAT).unwrap();
     runtime
@@ -90,7 +65,12 @@ fn a_front_end_places_invocations_on_worker_hosts_and_passes_over_a_lost_one() {
     let first = runtime
         .block_on(client.invoke("echo", Bytes::from_static(b"{\"n\":1}")))
         .unwrap();
-    assert_eq!(first.status, 200, "{first:?}\n{}", front_end.log());
+    assert_eq!(
+        first.status,
+        200,
+        "{first:?}\n{}",
+        fleet.front_end.process.log()
+    );
     assert_eq!(first.body, echoed("{\"n\":1}"));
     assert!(first.init_duration_ms().is_some(), "{}", first.log_tail);
     let second = runtime
@@ -98,13 +78,13 @@ fn a_front_end_places_invocations_on_worker_hosts_and_passes_over_a_lost_one() {
         .unwrap();
     assert_eq!(second.body, echoed("{\"n\":2}"));
     assert_eq!(second.init_duration_ms(), None, "{}", second.log_tail);
-    let created: Vec<usize> = hosts.iter().map(|(data, _)| created_on(data)).collect();
+    let created: Vec<usize> = fleet.worker_hosts.iter().map(created_on).collect();
     assert_eq!(created.iter().sum::<usize>(), 1, "{created:?}");
 
-    // Four at once, each busy for about 100 ms, need both hosts (two
-    // environments each).
+    // Six at once, each busy for about 100 ms, need all three hosts (two
+    // environments each): cold starts go where there is room.
     let together = runtime.block_on(async {
-        let calls: Vec<_> = (0..4)
+        let calls: Vec<_> = (0..6)
             .map(|_| {
                 let client = client.clone();
                 tokio::spawn(
@@ -122,62 +102,264 @@ fn a_front_end_places_invocations_on_worker_hosts_and_passes_over_a_lost_one() {
         assert_eq!(answer.status, 200, "{answer:?}");
         assert_eq!(answer.body, echoed("\"spin\""));
     }
-    let created: Vec<usize> = hosts.iter().map(|(data, _)| created_on(data)).collect();
-    assert!(
-        created.iter().all(|&n| n > 0),
-        "{created:?}\nfront end:\n{}\nh1:\n{}\nh2:\n{}",
-        front_end.log(),
-        hosts[0].1.log(),
-        hosts[1].1.log()
-    );
+    // (One whose spin ended before the last arrived may have served two.)
+    let created: Vec<usize> = fleet.worker_hosts.iter().map(created_on).collect();
+    assert!(created.iter().all(|&n| (1..=2).contains(&n)), "{created:?}");
 
-    // h1 is killed outright: every invocation still gets its answer, from
-    // h2, and h1 leaves the fleet when its lease lapses.
-    let mut hosts = hosts;
-    let (h2_data, _h2) = hosts.pop().unwrap();
-    let (_, mut h1) = hosts.pop().unwrap();
-    h1.kill();
-    let killed = Instant::now();
-    for i in 0..20 {
-        let payload = format!("{{\"after\":{i}}}");
-        let answer = runtime
-            .block_on(client.invoke("echo", Bytes::from(payload.clone())))
-            .unwrap();
-        assert_eq!(answer.status, 200, "{answer:?}\n{}", front_end.log());
-        assert_eq!(answer.body, echoed(&payload));
-    }
-    assert!(created_on(&h2_data) >= 1);
-    let left = loop {
-        let log = front_end.log();
-        if log.contains("fleet: host h1 left") {
-            break killed.elapsed();
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(15),
-            "h1 never left:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    println!(
-        "h1 left the fleet {:.1} s after it was killed",
-        left.as_secs_f64()
-    );
-
-    // A host whose certificate is not the fleet's cannot reach etcd.
-    let strangers = root.join("strangers");
-    fleet_certs(&strangers, &["h3"]);
-    let data = data_dir("fleet-h3");
-    let flags = fleet_flags(
+    // A host whose certificate is not the fleet's: etcd refuses it, and so
+    // does every host it calls.
+    let strangers = fleet.certs.with_file_name("strangers");
+    fleet_certs(&strangers, &["h1", "fe"]);
+    let data = microvm_tests::worker::data_dir("fleet-stranger");
+    let flags = [
+        "--role",
         "worker-host",
-        "h3",
-        &etcd.endpoint,
-        &strangers,
-        &free_address(),
-    );
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        "--etcd",
+        &fleet.etcd.endpoint,
+        "--host-name",
+        "h1",
+        "--fleet-tls",
+        strangers.to_str().unwrap(),
+        "--fleet-listen",
+        "127.0.0.1:7444",
+    ];
     let refused = RunningWorker::try_start(&data, &flags, "info")
         .err()
         .unwrap();
     assert!(refused.contains("--etcd"), "{refused}");
-    front_end.stop();
+    let stranger = host_services::fleet::tls::FleetTls::load(&strangers, "fe")
+        .expect("the stranger's certificates");
+    let h1 = &fleet.worker_hosts[0];
+    let address = format!("{}:7443", h1.namespace.address).parse().unwrap();
+    let peer = host_services::fleet::transport::Peer::new("h1", address, &stranger);
+    let called = runtime.block_on(peer.post("/fleet/v1/invoke", Bytes::from_static(b"x")));
+    assert!(called.unwrap_err().unreachable());
+    // The real h1 was not displaced by the stranger of its name.
+    let after = runtime
+        .block_on(client.invoke("echo", Bytes::from_static(b"{\"n\":3}")))
+        .unwrap();
+    assert_eq!(after.body, echoed("{\"n\":3}"));
+    assert!(!fleet.front_end.process.log().contains("host h1 left"));
+}
+
+/// Outcomes of the load's invocations, by kind.
+#[derive(Default, Debug)]
+struct Outcomes {
+    /// RequestResponse: answered with the right body.
+    answered: usize,
+    /// RequestResponse: answered with Lambda's error, by status and error
+    /// type (a host lost under the invocation, the fleet full).
+    errors: BTreeMap<String, usize>,
+    /// RequestResponse: sent, and no HTTP answer (in flight on the front
+    /// end when it was killed, or sent on a connection the kill closed).
+    unanswered: usize,
+    /// Event: accepted (202), by request id.
+    accepted: BTreeSet<String>,
+    /// Event: refused, or in flight on the front end when it was killed.
+    not_accepted: usize,
+    /// Answers that were wrong: must stay empty.
+    wrong: Vec<String>,
+}
+
+#[test]
+fn under_load_a_killed_host_a_cut_off_host_and_restarts_of_etcd_and_the_front_end_lose_nothing() {
+    if !needs_root("fleet::under_load_faults_lose_nothing") {
+        return;
+    }
+    const TOTAL: usize = 5000;
+    const CONCURRENCY: usize = 32;
+    let mut fleet = TestFleet::start(3, &[], "info");
+    let client = fleet.client();
+    let runtime = client_runtime();
+    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    runtime
+        .block_on(client.create_wasm_function("echo", &wasm, 10))
+        .unwrap();
+    let outcomes = Arc::new(Mutex::new(Outcomes::default()));
+    let next = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (outcomes, next) = (outcomes.clone(), next.clone());
+        runtime.spawn(async move {
+            let tasks: Vec<_> = (0..CONCURRENCY)
+                .map(|_| {
+                    let (client, outcomes, next) = (client.clone(), outcomes.clone(), next.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= TOTAL {
+                                return;
+                            }
+                            let payload = format!("{{\"i\":{i}}}");
+                            let event = i % 2 == 1;
+                            let kind = if event { "Event" } else { "RequestResponse" };
+                            // As an SDK does, a request that found no
+                            // front end to connect to is sent again.
+                            let answer = loop {
+                                let answer = client
+                                    .request(
+                                        Method::POST,
+                                        "/2015-03-31/functions/echo/invocations",
+                                        None,
+                                        &[("x-amz-invocation-type", kind)],
+                                        Bytes::from(payload.clone()),
+                                    )
+                                    .await;
+                                match answer {
+                                    Err(e) if e.starts_with(NOT_CONNECTED) => {
+                                        tokio::time::sleep(Duration::from_millis(100)).await
+                                    }
+                                    answer => break answer,
+                                }
+                            };
+                            let mut o = outcomes.lock().unwrap();
+                            match (event, answer) {
+                                (true, Ok(r)) if r.status == 202 => {
+                                    let id = r.headers["x-amzn-requestid"].to_str().unwrap();
+                                    o.accepted.insert(id.to_string());
+                                }
+                                (true, _) => o.not_accepted += 1,
+                                (false, Ok(r))
+                                    if r.status == 200
+                                        && !r.headers.contains_key("x-amz-function-error") =>
+                                {
+                                    if r.body == echoed(&payload).as_bytes() {
+                                        o.answered += 1;
+                                    } else {
+                                        o.wrong.push(format!("{i}: {:?}", r.body));
+                                    }
+                                }
+                                (false, Ok(r)) => {
+                                    let kind = r
+                                        .headers
+                                        .get("x-amz-function-error")
+                                        .or(r.headers.get("x-amzn-errortype"))
+                                        .and_then(|v| v.to_str().ok())
+                                        .unwrap_or("")
+                                        .to_string();
+                                    let body = String::from_utf8_lossy(&r.body);
+                                    let what = if body.contains("Runtime.ExitError") {
+                                        "Runtime.ExitError"
+                                    } else {
+                                        ""
+                                    };
+                                    *o.errors
+                                        .entry(format!("{} {kind} {what}", r.status))
+                                        .or_default() += 1;
+                                }
+                                (false, Err(_)) => o.unanswered += 1,
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        })
+    };
+    let progress = |at: usize| {
+        wait_for("the load to progress", Duration::from_secs(120), || {
+            next.load(Ordering::Relaxed) >= at
+        });
+    };
+    // The faults, one after another, while the load runs.
+    progress(TOTAL / 10);
+    println!(
+        "h1 killed with SIGKILL at request {}",
+        next.load(Ordering::Relaxed)
+    );
+    fleet.worker_hosts[0].process.kill();
+    progress(TOTAL / 5);
+    println!("h2 cut off at request {}", next.load(Ordering::Relaxed));
+    fleet.worker_hosts[1].namespace.connect(false);
+    let left = wait_for("h2 to leave the fleet", Duration::from_secs(20), || {
+        fleet
+            .front_end
+            .process
+            .log()
+            .contains("fleet: host h2 left")
+    });
+    println!(
+        "h2 left the fleet {:.1} s after it was cut off",
+        left.as_secs_f64()
+    );
+    fleet.worker_hosts[1].namespace.connect(true);
+    println!("etcd restarted at request {}", next.load(Ordering::Relaxed));
+    fleet.etcd.restart();
+    progress(TOTAL * 3 / 5);
+    println!(
+        "front end killed and restarted at request {}",
+        next.load(Ordering::Relaxed)
+    );
+    fleet.front_end.restart("info");
+    runtime.block_on(load).unwrap();
+
+    // Every accepted event runs, the restarted front end finishing what
+    // the killed one had accepted.
+    let outcomes = Arc::try_unwrap(outcomes).unwrap().into_inner().unwrap();
+    let log = fleet
+        .front_end
+        .data
+        .join("logs/111111111111/echo/LATEST.log");
+    let ran = wait_for(
+        "every accepted event to run",
+        Duration::from_secs(120),
+        || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let started: BTreeSet<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("START RequestId: "))
+                .filter_map(|l| l.split(' ').next())
+                .collect();
+            outcomes
+                .accepted
+                .iter()
+                .all(|id| started.contains(id.as_str()))
+        },
+    );
+    println!(
+        "RequestResponse: {} answered, errors {:?}, {} unanswered; Event: {} accepted, {} not",
+        outcomes.answered,
+        outcomes.errors,
+        outcomes.unanswered,
+        outcomes.accepted.len(),
+        outcomes.not_accepted
+    );
+    println!(
+        "the last accepted event ran {:.1} s after the load",
+        ran.as_secs_f64()
+    );
+    assert!(outcomes.wrong.is_empty(), "{:?}", outcomes.wrong);
+    let requests = TOTAL / 2;
+    let sync_total =
+        outcomes.answered + outcomes.errors.values().sum::<usize>() + outcomes.unanswered;
+    assert_eq!(sync_total, requests);
+    assert_eq!(outcomes.accepted.len() + outcomes.not_accepted, requests);
+    // Only what was in flight on the killed front end went unanswered: for
+    // each client task, the request it had there, and one sent on a
+    // pooled connection the kill had closed.
+    assert!(
+        outcomes.unanswered + outcomes.not_accepted <= 2 * CONCURRENCY,
+        "{outcomes:?}"
+    );
+    for error in outcomes.errors.keys() {
+        assert!(
+            error.contains("Runtime.ExitError")
+                || error.starts_with("429")
+                || error.starts_with("500"),
+            "{error}"
+        );
+    }
+
+    // h2 joined again once it could reach etcd.
+    let h2 = &fleet.worker_hosts[1].process;
+    let started = Instant::now();
+    while !h2.log().contains("lapsed; joining again") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "h2 did not join again:\n{}",
+            h2.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -30,6 +30,10 @@ use crate::fleet::transport::{answer, PeerError};
 use crate::ids::VersionKey;
 use crate::security::key_service::KeyService;
 
+/// How long past an invocation's timeout a worker host may take to
+/// answer before the front end counts it lost.
+const LOST_AFTER: Duration = Duration::from_secs(5);
+
 pub struct FleetRouter {
     peers: Arc<PeerSet>,
     /// Idle environments each host reported per version, as this front
@@ -165,7 +169,19 @@ impl FleetRouter {
                     payload: payload.to_vec(),
                     timeout_ms: timeout.as_millis() as u64,
                 };
-                let answered = match peer.post(INVOKE, encode(&request)).await {
+                // A host cut off mid-invocation answers nothing: past the
+                // function's own timeout, it is counted lost.
+                let sent =
+                    tokio::time::timeout(timeout + LOST_AFTER, peer.post(INVOKE, encode(&request)));
+                let answered = match sent.await.unwrap_or_else(|_| {
+                    Err(PeerError::Lost {
+                        peer: host.name.clone(),
+                        what: format!(
+                            "no answer within {:?} of the function's timeout",
+                            LOST_AFTER
+                        ),
+                    })
+                }) {
                     Ok(bytes) => decode::<InvokeAnswer>(&bytes).map_err(|e| {
                         ApiError::Service(format!("worker host {}: {e}", host.name))
                     })?,

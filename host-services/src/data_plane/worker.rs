@@ -672,7 +672,10 @@ impl Worker {
             Ok(r) if r.status_error.is_none() => true,
             // The function is gone: nothing left to retry against.
             Err(ApiError::ResourceNotFound(_)) => true,
-            Err(ApiError::TooManyRequests { .. }) => false,
+            // Throttles and the worker's own failures (a fleet's host lost
+            // or unreachable) are not the function's attempts: retried
+            // until the event is too old, as Lambda retries them.
+            Err(ApiError::TooManyRequests { .. } | ApiError::Service(_)) => false,
             _ => attempts >= EventInvokeConfig::attempts(config.as_ref()),
         };
         if done {
@@ -695,7 +698,10 @@ impl Worker {
             return;
         }
         let retry = QueuedEvent {
-            attempts: if matches!(result, Err(ApiError::TooManyRequests { .. })) {
+            attempts: if matches!(
+                result,
+                Err(ApiError::TooManyRequests { .. } | ApiError::Service(_))
+            ) {
                 event.attempts
             } else {
                 attempts

@@ -93,7 +93,17 @@ impl Registration {
                 let id = held.load(Ordering::Acquire);
                 let alive = async {
                     if open.as_ref().is_none_or(|(keeper, _)| keeper.id() != id) {
-                        open = Some(renewing.lease_keep_alive(id).await?);
+                        match renewing.lease_keep_alive(id).await {
+                            Ok(stream) => open = Some(stream),
+                            // The client's words for a lease etcd no
+                            // longer has, when a stream for it opens.
+                            Err(etcd_client::Error::LeaseKeepAliveError(m))
+                                if m.contains("not found") =>
+                            {
+                                return Ok(false)
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                     let (keeper, answers) = open.as_mut().expect("opened above");
                     keeper.keep_alive().await?;

@@ -14,6 +14,7 @@ use crate::fleet::tls::FleetTls;
 pub struct EtcdServer {
     child: Child,
     dir: PathBuf,
+    command: Vec<String>,
     pub endpoint: String,
 }
 
@@ -26,43 +27,59 @@ fn free_port() -> u16 {
 }
 
 impl EtcdServer {
-    /// Starts etcd; with `tls` (a directory of `scripts/fleet-certs.sh`
-    /// holding `etcd.pem`), clients must present the fleet's certificates.
+    /// Starts etcd on free local ports; with `tls` (a directory of
+    /// `scripts/fleet-certs.sh` holding `etcd.pem`), clients must present
+    /// the fleet's certificates.
     pub fn start(tls: Option<&Path>) -> Self {
+        Self::start_at("127.0.0.1", free_port(), free_port(), &[], tls)
+    }
+
+    /// Starts etcd on `ip`, its command run through `wrapper` (`ip netns
+    /// exec NAME` for a network namespace of its own).
+    pub fn start_at(
+        ip: &str,
+        client_port: u16,
+        peer_port: u16,
+        wrapper: &[&str],
+        tls: Option<&Path>,
+    ) -> Self {
         let dir = temp_dir("etcd");
-        let (client_port, peer_port) = (free_port(), free_port());
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let client_url = format!("{scheme}://127.0.0.1:{client_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let mut command = Command::new("etcd");
-        command
-            .arg("--name=test")
-            .arg(format!("--data-dir={}", dir.join("data").display()))
-            .arg(format!("--listen-client-urls={client_url}"))
-            .arg(format!("--advertise-client-urls={client_url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=test={peer_url}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap());
+        let client_url = format!("{scheme}://{ip}:{client_port}");
+        let peer_url = format!("http://{ip}:{peer_port}");
+        let mut command: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        command.extend([
+            "etcd".to_string(),
+            "--name=test".into(),
+            format!("--data-dir={}", dir.join("data").display()),
+            format!("--listen-client-urls={client_url}"),
+            format!("--advertise-client-urls={client_url}"),
+            format!("--listen-peer-urls={peer_url}"),
+            format!("--initial-advertise-peer-urls={peer_url}"),
+            format!("--initial-cluster=test={peer_url}"),
+        ]);
         if let Some(certs) = tls {
-            command
-                .arg(format!("--cert-file={}", certs.join("etcd.pem").display()))
-                .arg(format!("--key-file={}", certs.join("etcd.key").display()))
-                .arg(format!(
-                    "--trusted-ca-file={}",
-                    certs.join("ca.pem").display()
-                ))
-                .arg("--client-cert-auth");
+            command.extend([
+                format!("--cert-file={}", certs.join("etcd.pem").display()),
+                format!("--key-file={}", certs.join("etcd.key").display()),
+                format!("--trusted-ca-file={}", certs.join("ca.pem").display()),
+                "--client-cert-auth".into(),
+            ]);
         }
-        let child = command
-            .spawn()
-            .expect("etcd (Debian's etcd-server; scripts/test.sh installs it)");
+        let child = spawn(&command, &dir);
         EtcdServer {
             child,
             dir,
-            endpoint: format!("127.0.0.1:{client_port}"),
+            command,
+            endpoint: format!("{ip}:{client_port}"),
         }
+    }
+
+    /// Kills etcd outright and starts it again on the same data.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.command, &self.dir);
     }
 
     /// A client, once etcd answers.
@@ -82,6 +99,20 @@ impl EtcdServer {
             }
         }
     }
+}
+
+fn spawn(command: &[String], dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("etcd.log"))
+        .unwrap();
+    Command::new(&command[0])
+        .args(&command[1..])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("etcd (Debian's etcd-server; scripts/test.sh installs it)")
 }
 
 impl Drop for EtcdServer {
