@@ -10,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use host_services::data_plane::lifecycle::DestroyReason;
 use host_services::fleet::testing::fleet_certs;
 use hyper::Method;
 use microvm_tests::fleet::TestFleet;
 use microvm_tests::lambda_client::NOT_CONNECTED;
-use microvm_tests::worker::{client_runtime, lifecycle, RunningWorker};
+use microvm_tests::worker::{client_runtime, client_script, lifecycle, RunningWorker};
 use microvm_tests::{is_root, skip, ECHO_WAT};
 
 /// What the echo function answers to `payload`.
@@ -362,4 +363,43 @@ fn under_load_a_killed_host_a_cut_off_host_and_restarts_of_etcd_and_the_front_en
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn boto3_drives_a_fleet_through_its_front_end() {
+    if !needs_root("fleet::boto3_drives_a_fleet_through_its_front_end") {
+        return;
+    }
+    let fleet = TestFleet::start(3, &[], "info");
+    let wasm = fleet.front_end.data.join("function.wasm");
+    std::fs::write(&wasm, wat::parse_str(ECHO_WAT).unwrap()).unwrap();
+    let out = client_script(
+        "fleet_e2e.py",
+        &[&fleet.endpoint(), &wasm.display().to_string()],
+    );
+    let event_id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("event-id: "))
+        .expect("the script prints the event's id")
+        .to_string();
+    let log = fleet
+        .front_end
+        .data
+        .join("logs/111111111111/echo/LATEST.log");
+    wait_for(
+        "the Event invocation to run",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&format!("START RequestId: {event_id} "))
+        },
+    );
+    // The update retired $LATEST's idle environment on its host.
+    let retired = fleet.worker_hosts.iter().any(|host| {
+        lifecycle(&host.data)
+            .iter()
+            .any(|e| e.destroyed == Some(DestroyReason::FunctionUpdated))
+    });
+    assert!(retired, "no host retired an environment of the old code");
 }
