@@ -1,8 +1,9 @@
 //! A fleet on etcd, end to end, on one machine: etcd, a front end and
 //! three worker hosts, each a process in a network namespace of its own
 //! with its own address (`microvm_tests::fleet`), every connection between
-//! them mutual TLS. Placement, a host killed or cut off, etcd and the front
-//! end restarted under load, and strangers refused.
+//! them mutual TLS. Placement, provisioned concurrency, a host killed or
+//! cut off, etcd and the front end restarted under load, strangers
+//! refused, and boto3 against the front end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use host_services::data_plane::lifecycle::DestroyReason;
+use host_services::data_plane::lifecycle::{CreateReason, DestroyReason};
 use host_services::fleet::testing::fleet_certs;
 use hyper::Method;
 use microvm_tests::fleet::TestFleet;
-use microvm_tests::lambda_client::NOT_CONNECTED;
+use microvm_tests::lambda_client::{LambdaClient, NOT_CONNECTED};
 use microvm_tests::worker::{client_runtime, client_script, lifecycle, RunningWorker};
 use microvm_tests::{is_root, skip, ECHO_WAT};
 
@@ -402,4 +403,81 @@ fn boto3_drives_a_fleet_through_its_front_end() {
             .any(|e| e.destroyed == Some(DestroyReason::FunctionUpdated))
     });
     assert!(retired, "no host retired an environment of the old code");
+}
+
+/// Provisioned environments each host keeps, from its lifecycle log:
+/// created for provisioned concurrency, less those destroyed.
+fn provisioned_on(host: &microvm_tests::fleet::FleetHost) -> usize {
+    let events = lifecycle(&host.data);
+    let provisioned: BTreeSet<&str> = events
+        .iter()
+        .filter(|e| {
+            e.created == Some(CreateReason::ProvisionedConcurrency)
+                || e.created == Some(CreateReason::EnvironmentFailed)
+        })
+        .map(|e| e.environment.as_str())
+        .collect();
+    let gone = events
+        .iter()
+        .filter(|e| e.destroyed.is_some() && provisioned.contains(e.environment.as_str()))
+        .count();
+    provisioned.len() - gone
+}
+
+#[test]
+fn provisioned_concurrency_is_spread_over_the_hosts_and_refilled_when_one_dies() {
+    if !needs_root("fleet::provisioned_concurrency_is_spread_and_refilled") {
+        return;
+    }
+    let mut fleet = TestFleet::start(3, &[], "info");
+    let client = fleet.client();
+    let runtime = client_runtime();
+    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    let version = runtime.block_on(async {
+        client
+            .create_wasm_function("echo", &wasm, 10)
+            .await
+            .unwrap();
+        let version = client.publish_version("echo").await.unwrap();
+        client
+            .provisioned_concurrency("echo", &version, Some(4))
+            .await
+            .unwrap();
+        version
+    });
+    let status = |client: &LambdaClient| {
+        runtime
+            .block_on(client.provisioned_concurrency("echo", &version, None))
+            .unwrap()
+    };
+    wait_for("the config to be READY", Duration::from_secs(60), || {
+        status(&client)["Status"] == "READY"
+    });
+    assert_eq!(
+        status(&client)["AllocatedProvisionedConcurrentExecutions"],
+        4
+    );
+    let spread: Vec<usize> = fleet.worker_hosts.iter().map(provisioned_on).collect();
+    assert_eq!(spread, [2, 1, 1]);
+    // The version's invocations meet them warm.
+    let warm = runtime
+        .block_on(client.invoke(&format!("echo:{version}"), Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(warm.init_duration_ms(), None, "{}", warm.log_tail);
+
+    // h1 dies: once it has left the fleet, h2 and h3 hold all four.
+    fleet.worker_hosts[0].process.kill();
+    let refilled = wait_for(
+        "h2 and h3 to hold all four",
+        Duration::from_secs(30),
+        || provisioned_on(&fleet.worker_hosts[1]) + provisioned_on(&fleet.worker_hosts[2]) == 4,
+    );
+    println!(
+        "refilled {:.1} s after h1 was killed",
+        refilled.as_secs_f64()
+    );
+    assert_eq!(
+        status(&client)["AllocatedProvisionedConcurrentExecutions"],
+        4
+    );
 }

@@ -19,8 +19,8 @@ use bytes::Bytes;
 use crate::artifacts::sealed::GrantedArtifact;
 use crate::data_plane::environment::Launch;
 use crate::data_plane::fleet_wire::{
-    decode, encode, DataKeyRequest, InvokeAnswer, InvokeRequest, Retire, WireLaunch, ARTIFACT,
-    DATA_KEY, INVOKE, RETIRE,
+    decode, encode, DataKeyRequest, InvokeAnswer, InvokeRequest, ProvisionAnswer, ProvisionRequest,
+    Retire, WireLaunch, ARTIFACT, DATA_KEY, INVOKE, PROVISION, RETIRE,
 };
 use crate::data_plane::router::{too_many, ConcurrencyLimiter, RouteError, Routed};
 use crate::error::ApiError;
@@ -42,6 +42,9 @@ pub struct FleetRouter {
     /// Invocations this front end has in flight on each host.
     in_flight: Mutex<HashMap<String, usize>>,
     concurrency: ConcurrencyLimiter,
+    /// Provisioned environments per version across the hosts, as the
+    /// last reconciliation found them.
+    provisioned: Mutex<HashMap<VersionKey, usize>>,
 }
 
 /// One invocation counted against a host while it runs there.
@@ -66,7 +69,99 @@ impl FleetRouter {
             warm: Mutex::default(),
             in_flight: Mutex::default(),
             concurrency: ConcurrencyLimiter::default(),
+            provisioned: Mutex::default(),
         }
+    }
+
+    /// Environments the fleet's worker hosts can hold.
+    pub fn capacity(&self) -> usize {
+        self.peers
+            .hosts(Role::WorkerHost)
+            .iter()
+            .map(|h| h.capacity)
+            .sum()
+    }
+
+    /// Provisioned environments of `key` across the hosts.
+    pub fn provisioned(&self, key: &VersionKey) -> usize {
+        self.provisioned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Spreads each version's provisioned environments over the worker
+    /// hosts there are now, evenly, and has each host keep its share: a
+    /// host that left (crashed, cut off) has its share spread over the
+    /// others at the next pass. Returns the versions that fell short.
+    pub async fn reconcile_provisioned(
+        &self,
+        targets: &[(Launch, usize)],
+    ) -> Vec<(VersionKey, RouteError)> {
+        let hosts = self.peers.hosts(Role::WorkerHost);
+        let mut failures: HashMap<VersionKey, RouteError> = HashMap::new();
+        let mut wires = Vec::new();
+        for (launch, n) in targets {
+            match WireLaunch::from_launch(launch.clone()) {
+                Ok(wire) => wires.push((launch.key.clone(), wire, *n)),
+                Err(e) => {
+                    failures.insert(launch.key.clone(), RouteError::Launch(e));
+                }
+            }
+        }
+        let mut provisioned: HashMap<VersionKey, usize> = HashMap::new();
+        for (i, host) in hosts.iter().enumerate() {
+            // Host i takes n / hosts, and one more while i < n % hosts.
+            let share = |n: usize| n / hosts.len() + usize::from(i < n % hosts.len());
+            let request = ProvisionRequest {
+                front_end: self.peers.tls.name.clone(),
+                targets: wires
+                    .iter()
+                    .map(|(key, wire, n)| (key.clone(), wire.clone(), share(*n)))
+                    .collect(),
+            };
+            let answered = self
+                .peers
+                .peer(host)
+                .post(PROVISION, encode(&request))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| decode::<ProvisionAnswer>(&bytes));
+            let answer = match answered {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::warn!("provisioned concurrency on {}: {e}", host.name);
+                    continue;
+                }
+            };
+            for (key, n) in answer.provisioned {
+                *provisioned.entry(key).or_default() += n;
+            }
+            for (key, idle) in answer.idle {
+                self.set_warm(&key, &host.name, idle);
+            }
+            for (key, failure) in answer.failures {
+                let error = match failure {
+                    Some(failure) => failure.into_route_error(&host.name),
+                    None => too_many("ConcurrentInvocationLimitExceeded").into(),
+                };
+                failures.entry(key).or_insert(error);
+            }
+        }
+        // A version short of its target with no failure named: the hosts
+        // that should hold the rest were not reached, or there are none.
+        for (key, _, n) in &wires {
+            if provisioned.get(key).copied().unwrap_or(0) < *n && !failures.contains_key(key) {
+                failures.insert(
+                    key.clone(),
+                    too_many("ConcurrentInvocationLimitExceeded").into(),
+                );
+            }
+        }
+        *self.provisioned.lock().unwrap_or_else(|e| e.into_inner()) = provisioned;
+        failures.into_iter().collect()
     }
 
     fn warm_on(&self, key: &VersionKey) -> HashMap<String, u32> {

@@ -20,6 +20,7 @@ use crate::security::key_service::{Grant, WrappedKey};
 
 pub const INVOKE: &str = "/fleet/v1/invoke";
 pub const RETIRE: &str = "/fleet/v1/retire";
+pub const PROVISION: &str = "/fleet/v1/provision";
 pub const ARTIFACT: &str = "/fleet/v1/artifact";
 pub const DATA_KEY: &str = "/fleet/v1/data-key";
 
@@ -196,6 +197,26 @@ impl WireFailure {
             WireFailure::EnvironmentFailed => RouteError::EnvironmentFailed,
         }
     }
+}
+
+/// A worker host's share of provisioned concurrency: every version it is
+/// to keep environments of, and how many; versions not listed keep none
+/// there.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProvisionRequest {
+    pub front_end: String,
+    pub targets: Vec<(VersionKey, WireLaunch, usize)>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ProvisionAnswer {
+    /// Provisioned environments per version, after the pass.
+    pub provisioned: Vec<(VersionKey, usize)>,
+    /// Idle environments per version, after the pass.
+    pub idle: Vec<(VersionKey, u32)>,
+    /// Versions whose environments failed to start; `None` when the host
+    /// was full.
+    pub failures: Vec<(VersionKey, Option<WireFailure>)>,
 }
 
 /// Stop the idle environments of a function: every version of a deleted

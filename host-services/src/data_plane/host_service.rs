@@ -18,15 +18,17 @@ use bytes::Bytes;
 use vmm::devices::virtio::block::sealed::{ArtifactId, DataKey};
 
 use crate::artifacts::sealed::GrantedArtifact;
+use crate::data_plane::environment::Launch;
 use crate::data_plane::fleet_wire::{
-    decode, encode, DataKeyRequest, InvokeAnswer, InvokeRequest, Retire, WireFailure, WireRouted,
-    ARTIFACT, DATA_KEY, INVOKE, RETIRE,
+    decode, encode, DataKeyRequest, InvokeAnswer, InvokeRequest, ProvisionAnswer, ProvisionRequest,
+    Retire, WireFailure, WireLaunch, WireRouted, ARTIFACT, DATA_KEY, INVOKE, PROVISION, RETIRE,
 };
 use crate::data_plane::placement::retire_local;
 use crate::data_plane::router::{InvokeRouter, RouteError};
 use crate::error::ApiError;
 use crate::fleet::membership::Role;
 use crate::fleet::peers::PeerSet;
+use crate::ids::VersionKey;
 use crate::security::key_service::{ArtifactKeys, Grant, KeyError, WrappedKey};
 
 pub struct HostService {
@@ -55,9 +57,30 @@ impl HostService {
         axum::Router::new()
             .route(INVOKE, post(invoke))
             .route(RETIRE, post(retire))
+            .route(PROVISION, post(provision))
             // A payload of Lambda's largest (6 MB) with room for the launch.
             .layer(axum::extract::DefaultBodyLimit::max(8 << 20))
             .with_state(self)
+    }
+
+    /// The launch `wire` describes, its artifacts in the local cache.
+    async fn launch(
+        &self,
+        wire: WireLaunch,
+        key: &VersionKey,
+        front_end: &str,
+    ) -> Result<Launch, String> {
+        let code = self.localize(wire.code.clone(), front_end).await?;
+        let layers = match wire.layers.clone() {
+            Some(layers) => Some(self.localize(layers, front_end).await?),
+            None => None,
+        };
+        Ok(WireLaunch {
+            code,
+            layers,
+            ..wire
+        }
+        .into_launch(key.clone()))
     }
 
     /// `granted` with its sealed file in the local cache, fetched from
@@ -110,30 +133,14 @@ async fn invoke(State(host): State<Arc<HostService>>, body: Bytes) -> axum::resp
 
 async fn run(host: &HostService, request: InvokeRequest) -> InvokeAnswer {
     let launch = match request.launch {
-        Some(wire) => {
-            let localized = async {
-                let code = host.localize(wire.code.clone(), &request.front_end).await?;
-                let layers = match wire.layers.clone() {
-                    Some(layers) => Some(host.localize(layers, &request.front_end).await?),
-                    None => None,
-                };
-                Ok::<_, String>((code, layers))
+        Some(wire) => match host.launch(wire, &request.key, &request.front_end).await {
+            Ok(launch) => Some(launch),
+            Err(e) => {
+                return InvokeAnswer::Failed(WireFailure::Service(format!(
+                    "fetching the code: {e}"
+                )))
             }
-            .await;
-            match localized {
-                Ok((code, layers)) => {
-                    let mut wire = wire;
-                    wire.code = code;
-                    wire.layers = layers;
-                    Some(wire.into_launch(request.key.clone()))
-                }
-                Err(e) => {
-                    return InvokeAnswer::Failed(WireFailure::Service(format!(
-                        "fetching the code: {e}"
-                    )))
-                }
-            }
-        }
+        },
         None => None,
     };
     let needs_launch = AtomicBool::new(false);
@@ -160,6 +167,42 @@ async fn run(host: &HostService, request: InvokeRequest) -> InvokeAnswer {
         Err(RouteError::Api(ApiError::TooManyRequests { .. })) => InvokeAnswer::Full,
         Err(e) => InvokeAnswer::Failed(WireFailure::new(e)),
     }
+}
+
+async fn provision(State(host): State<Arc<HostService>>, body: Bytes) -> axum::response::Response {
+    let request: ProvisionRequest = match decode(&body) {
+        Ok(request) => request,
+        Err(e) => return crate::fleet::transport::answer(Err((StatusCode::BAD_REQUEST, e))),
+    };
+    let mut answer = ProvisionAnswer::default();
+    let mut targets = Vec::new();
+    for (key, wire, n) in request.targets {
+        match host.launch(wire, &key, &request.front_end).await {
+            Ok(launch) => targets.push((launch, n)),
+            Err(e) => answer.failures.push((
+                key,
+                Some(WireFailure::Service(format!("fetching the code: {e}"))),
+            )),
+        }
+    }
+    for (key, error) in host.router.reconcile_provisioned(&targets).await {
+        let failure = match error {
+            RouteError::Api(ApiError::TooManyRequests { .. }) => None,
+            other => Some(WireFailure::new(other)),
+        };
+        answer.failures.push((key, failure));
+    }
+    for (launch, _) in &targets {
+        let key = &launch.key;
+        answer
+            .provisioned
+            .push((key.clone(), host.router.provisioned(key)));
+        answer.idle.push((
+            key.clone(),
+            host.router.idle(key).min(u32::MAX as usize) as u32,
+        ));
+    }
+    crate::fleet::transport::answer(Ok(encode(&answer)))
 }
 
 async fn retire(State(host): State<Arc<HostService>>, body: Bytes) -> axum::response::Response {

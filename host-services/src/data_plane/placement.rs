@@ -61,7 +61,16 @@ impl Placement {
     pub fn provisioned(&self, key: &VersionKey) -> usize {
         match self {
             Placement::Local(router) => router.provisioned(key),
-            Placement::Fleet(_) => 0,
+            Placement::Fleet(fleet) => fleet.provisioned(key),
+        }
+    }
+
+    /// Environments the fleet's worker hosts can hold, when they are
+    /// elsewhere (this process's own are counted by its flags).
+    pub fn fleet_capacity(&self) -> Option<usize> {
+        match self {
+            Placement::Local(_) => None,
+            Placement::Fleet(fleet) => Some(fleet.capacity()),
         }
     }
 
@@ -73,16 +82,7 @@ impl Placement {
     ) -> Vec<(VersionKey, RouteError)> {
         match self {
             Placement::Local(router) => router.reconcile_provisioned(targets).await,
-            Placement::Fleet(_) => targets
-                .iter()
-                .map(|(launch, _)| {
-                    let refused = ApiError::Service(
-                        "provisioned concurrency is not served by a fleet yet (docs/fleet.md)"
-                            .into(),
-                    );
-                    (launch.key.clone(), refused.into())
-                })
-                .collect(),
+            Placement::Fleet(fleet) => fleet.reconcile_provisioned(targets).await,
         }
     }
 

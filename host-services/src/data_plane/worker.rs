@@ -134,7 +134,7 @@ impl Worker {
 
     /// Environments the whole fleet can hold.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.placement.fleet_capacity().unwrap_or(self.capacity)
     }
 
     /// What starting an environment for `resolved` takes.
