@@ -26,7 +26,11 @@ fn echoed(payload: &str) -> String {
 
 /// Environments a host created, from its lifecycle log.
 fn created_on(host: &microvm_tests::fleet::FleetHost) -> usize {
-    lifecycle(&host.data)
+    created_in(&host.data)
+}
+
+fn created_in(data: &std::path::Path) -> usize {
+    lifecycle(data)
         .iter()
         .filter(|e| e.created.is_some())
         .count()
@@ -480,4 +484,40 @@ fn provisioned_concurrency_is_spread_over_the_hosts_and_refilled_when_one_dies()
         status(&client)["AllocatedProvisionedConcurrentExecutions"],
         4
     );
+}
+
+#[test]
+fn a_worker_host_stopped_with_sigint_drains_and_no_invocation_fails() {
+    if !needs_root("fleet::a_worker_host_stopped_with_sigint_drains") {
+        return;
+    }
+    let mut fleet = TestFleet::start(2, &[], "info");
+    let client = fleet.client();
+    let runtime = client_runtime();
+    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    runtime
+        .block_on(client.create_wasm_function("echo", &wasm, 10))
+        .unwrap();
+    let load = runtime.spawn(microvm_tests::load::run(client.clone(), "echo", 3000, 16));
+    std::thread::sleep(Duration::from_millis(500));
+    // The operator stops h1: it leaves the fleet, finishes what it runs,
+    // stops its microVMs and exits cleanly.
+    let h1 = fleet.worker_hosts.remove(0);
+    let h1_data = h1.data.clone();
+    let stopping = Instant::now();
+    let log = h1.process.stop();
+    println!(
+        "h1 stopped {:.1} s after SIGINT",
+        stopping.elapsed().as_secs_f64()
+    );
+    assert!(log.contains("leaving the fleet"), "{log}");
+    let report = runtime.block_on(load).unwrap();
+    report.print();
+    assert!(
+        report.failures.is_empty(),
+        "{:?}",
+        &report.failures[..report.failures.len().min(5)]
+    );
+    assert!(report.not_exactly_once.is_empty());
+    assert!(created_in(&h1_data) > 0 && created_on(&fleet.worker_hosts[0]) > 0);
 }
