@@ -1,7 +1,10 @@
 """What every client script prints: one line per check, each with the
-seconds since the script started; the first failed one ends the script."""
+seconds since the script started; the first failed one ends the script.
+And the one-file ZIP the scripts upload."""
+import io
 import sys
 import time
+import zipfile
 
 import botocore
 
@@ -24,3 +27,11 @@ def expect_error(name, code, fn):
         check(name, got == code, f"got {got}: {e}")
         return e
     check(name, False, "no error")
+
+
+def zipped(name, data):
+    """A ZIP holding one file, `name`."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(name, data)
+    return buf.getvalue()

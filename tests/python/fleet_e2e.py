@@ -7,15 +7,13 @@ KEY_B/SECRET_B. Prints one line per check and the id of an Event
 invocation (`event-id: ...`); exits non-zero on the first failed one.
 """
 import base64
-import io
 import json
 import sys
-import zipfile
 
 import boto3
 from botocore.config import Config
 
-from checks import check, expect_error
+from checks import check, expect_error, zipped
 
 endpoint, wasm_path = sys.argv[1], sys.argv[2]
 env = __import__("os").environ
@@ -34,13 +32,6 @@ def client(key, secret):
 
 a = client(env["KEY_A"], env["SECRET_A"])
 b = client(env["KEY_B"], env["SECRET_B"])
-
-
-def zipped(name, data):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(name, data)
-    return buf.getvalue()
 
 
 def invoke(fn, payload, **kw):

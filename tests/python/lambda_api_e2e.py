@@ -6,18 +6,16 @@ KEY_B/SECRET_B. Prints one line per check; exits non-zero on the first
 failed one.
 """
 import base64
-import io
 import json
 import sys
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import boto3
 import botocore
 from botocore.config import Config
 
-from checks import check, expect_error
+from checks import check, expect_error, zipped
 
 endpoint, wasm_path = sys.argv[1], sys.argv[2]
 env = __import__("os").environ
@@ -40,13 +38,6 @@ a = client(env["KEY_A"], env["SECRET_A"])
 # botocore checks ranges itself; this one lets bad values reach the server.
 a_unchecked = client(env["KEY_A"], env["SECRET_A"], validate=False)
 b = client(env["KEY_B"], env["SECRET_B"])
-
-
-def zipped(name, data):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr(name, data)
-    return buf.getvalue()
 
 
 

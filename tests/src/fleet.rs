@@ -240,6 +240,12 @@ impl TestFleet {
                 .collect::<Vec<_>>(),
             Some(&certs),
         );
+        // Hosts refuse to start without etcd.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&etcd.endpoint).is_err() {
+            assert!(std::time::Instant::now() < deadline, "etcd never listened");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let mut worker_hosts = Vec::new();
         for i in 1..=hosts {
             let name = format!("h{i}");

@@ -130,6 +130,31 @@ pub fn runs_arg(bench: &str) -> usize {
     bench_args(bench, &[]).0
 }
 
+/// A benchmark's counts, each `--NAME N` with N > 0, in the order of
+/// `counts` (name, default); anything else ends the program with its usage.
+pub fn count_args(bench: &str, counts: &[(&str, usize)]) -> Vec<usize> {
+    let mut values: Vec<usize> = counts.iter().map(|(_, n)| *n).collect();
+    let usage = || -> ! {
+        let flags: String = counts.iter().map(|(o, _)| format!(" [--{o} N]")).collect();
+        eprintln!("usage: {bench}{flags} (N > 0)");
+        std::process::exit(2);
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_else(|| usage());
+        let at = flag
+            .strip_prefix("--")
+            .and_then(|name| counts.iter().position(|(o, _)| *o == name))
+            .unwrap_or_else(|| usage());
+        values[at] = value
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| usage());
+    }
+    values
+}
+
 /// `--runs N` (30 when not given) and the values of the benchmark's own
 /// `options`, each `--option VALUE`, in the order of `options`.
 pub fn bench_args(bench: &str, options: &[&str]) -> (usize, Vec<Option<String>>) {

@@ -45,6 +45,27 @@ fn needs_root(test: &str) -> bool {
     true
 }
 
+/// A fleet of `hosts` worker hosts with the echo function created, a
+/// client of its front end and a runtime to drive it; None where the test
+/// cannot run (it says so).
+fn fleet_with_echo(
+    test: &str,
+    hosts: usize,
+    host_flags: &[&str],
+) -> Option<(TestFleet, Arc<LambdaClient>, tokio::runtime::Runtime)> {
+    if !needs_root(test) {
+        return None;
+    }
+    let fleet = TestFleet::start(hosts, host_flags, "info");
+    let client = fleet.client();
+    let runtime = client_runtime();
+    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    runtime
+        .block_on(client.create_wasm_function("echo", &wasm, 10))
+        .unwrap();
+    Some((fleet, client, runtime))
+}
+
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     while !done() {
@@ -56,16 +77,13 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Dura
 
 #[test]
 fn a_front_end_places_invocations_on_worker_hosts_and_strangers_get_nothing() {
-    if !needs_root("fleet::a_front_end_places_invocations_on_worker_hosts") {
+    let Some((fleet, client, runtime)) = fleet_with_echo(
+        "fleet::a_front_end_places_invocations_on_worker_hosts",
+        3,
+        &["--max-environments", "2"],
+    ) else {
         return;
-    }
-    let fleet = TestFleet::start(3, &["--max-environments", "2"], "info");
-    let client = fleet.client();
-    let runtime = client_runtime();
-    let wasm = wat::parse_str(ECHO_WAT).unwrap();
-    runtime
-        .block_on(client.create_wasm_function("echo", &wasm, 10))
-        .unwrap();
+    };
 
     // A cold start, then the same environment warm.
     let first = runtime
@@ -169,18 +187,13 @@ struct Outcomes {
 
 #[test]
 fn under_load_a_killed_host_a_cut_off_host_and_restarts_of_etcd_and_the_front_end_lose_nothing() {
-    if !needs_root("fleet::under_load_faults_lose_nothing") {
-        return;
-    }
     const TOTAL: usize = 5000;
     const CONCURRENCY: usize = 32;
-    let mut fleet = TestFleet::start(3, &[], "info");
-    let client = fleet.client();
-    let runtime = client_runtime();
-    let wasm = wat::parse_str(ECHO_WAT).unwrap();
-    runtime
-        .block_on(client.create_wasm_function("echo", &wasm, 10))
-        .unwrap();
+    let Some((mut fleet, client, runtime)) =
+        fleet_with_echo("fleet::under_load_faults_lose_nothing", 3, &[])
+    else {
+        return;
+    };
     let outcomes = Arc::new(Mutex::new(Outcomes::default()));
     let next = Arc::new(AtomicUsize::new(0));
     let load = {
@@ -430,18 +443,14 @@ fn provisioned_on(host: &microvm_tests::fleet::FleetHost) -> usize {
 
 #[test]
 fn provisioned_concurrency_is_spread_over_the_hosts_and_refilled_when_one_dies() {
-    if !needs_root("fleet::provisioned_concurrency_is_spread_and_refilled") {
+    let Some((mut fleet, client, runtime)) = fleet_with_echo(
+        "fleet::provisioned_concurrency_is_spread_and_refilled",
+        3,
+        &[],
+    ) else {
         return;
-    }
-    let mut fleet = TestFleet::start(3, &[], "info");
-    let client = fleet.client();
-    let runtime = client_runtime();
-    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    };
     let version = runtime.block_on(async {
-        client
-            .create_wasm_function("echo", &wasm, 10)
-            .await
-            .unwrap();
         let version = client.publish_version("echo").await.unwrap();
         client
             .provisioned_concurrency("echo", &version, Some(4))
@@ -488,16 +497,11 @@ fn provisioned_concurrency_is_spread_over_the_hosts_and_refilled_when_one_dies()
 
 #[test]
 fn a_worker_host_stopped_with_sigint_drains_and_no_invocation_fails() {
-    if !needs_root("fleet::a_worker_host_stopped_with_sigint_drains") {
+    let Some((mut fleet, client, runtime)) =
+        fleet_with_echo("fleet::a_worker_host_stopped_with_sigint_drains", 2, &[])
+    else {
         return;
-    }
-    let mut fleet = TestFleet::start(2, &[], "info");
-    let client = fleet.client();
-    let runtime = client_runtime();
-    let wasm = wat::parse_str(ECHO_WAT).unwrap();
-    runtime
-        .block_on(client.create_wasm_function("echo", &wasm, 10))
-        .unwrap();
+    };
     let load = runtime.spawn(microvm_tests::load::run(client.clone(), "echo", 3000, 16));
     std::thread::sleep(Duration::from_millis(500));
     // The operator stops h1: it leaves the fleet, finishes what it runs,

@@ -14,41 +14,27 @@ use microvm_tests::fleet::TestFleet;
 use microvm_tests::lambda_client::LambdaClient;
 use microvm_tests::load::{self, percentile, LoadReport};
 use microvm_tests::worker::{data_dir, RunningWorker};
-use microvm_tests::{is_root, ECHO_WAT};
+use microvm_tests::{count_args, is_root, ECHO_WAT};
 
 /// Warnings only: the load must not wait on log lines.
 const LOG_FILTER: &str = "warn";
 
-fn parse_args() -> Result<(usize, usize), String> {
-    let (mut total, mut concurrency) = (5000, 32);
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        let n: usize = value
-            .parse()
-            .map_err(|_| format!("{flag} {value:?}: not a number"))?;
-        match flag.as_str() {
-            "--total" if n > 0 => total = n,
-            "--concurrency" if n > 0 => concurrency = n,
-            _ => return Err(format!("unknown flag or bad value: {flag} {value}")),
-        }
-    }
-    Ok((total, concurrency))
-}
+/// How many warm invokes, one after another, give the latency of one.
+const SEQUENTIAL: usize = 300;
 
 /// Creates the echo function, starts `concurrency` environments of it,
-/// then runs the load.
+/// runs the load, then invokes one at a time.
 async fn measure(
     client: Arc<LambdaClient>,
     total: usize,
     concurrency: usize,
-) -> Result<LoadReport, String> {
+) -> Result<(LoadReport, Vec<Duration>), String> {
     let wasm = wat::parse_str(ECHO_WAT).map_err(|e| e.to_string())?;
     client.create_wasm_function("echo", &wasm, 10).await?;
     // Warm-up: as many environments as the load keeps busy.
     load::run(client.clone(), "echo", concurrency * 4, concurrency).await;
     client.invoke("echo", Bytes::from_static(b"{}")).await?;
-    let report = load::run(client, "echo", total, concurrency).await;
+    let report = load::run(client.clone(), "echo", total, concurrency).await;
     if !report.failures.is_empty() || !report.not_exactly_once.is_empty() {
         return Err(format!(
             "{} failures ({:?}), {} not answered exactly once",
@@ -57,7 +43,16 @@ async fn measure(
             report.not_exactly_once.len()
         ));
     }
-    Ok(report)
+    let mut one_at_a_time = Vec::with_capacity(SEQUENTIAL);
+    for _ in 0..SEQUENTIAL {
+        one_at_a_time.push(
+            client
+                .invoke("echo", Bytes::from_static(b"{}"))
+                .await?
+                .latency,
+        );
+    }
+    Ok((report, one_at_a_time))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -65,13 +60,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() {
-    let (total, concurrency) = match parse_args() {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("fleet_bench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let counts = count_args("fleet_bench", &[("total", 5000), ("concurrency", 32)]);
+    let (total, concurrency) = (counts[0], counts[1]);
     if !is_root() {
         eprintln!("fleet_bench: network namespaces need root");
         std::process::exit(2);
@@ -81,13 +71,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    let mut rows: Vec<(String, LoadReport)> = Vec::new();
+    let mut rows: Vec<(String, (LoadReport, Vec<Duration>))> = Vec::new();
     let data = data_dir("fleet-bench");
     {
         println!("single-process worker ...");
         let worker = RunningWorker::start(&data, &[], LOG_FILTER);
         match runtime.block_on(measure(worker.client(), total, concurrency)) {
-            Ok(report) => rows.push(("single-process worker".into(), report)),
+            Ok(measured) => rows.push(("single-process worker".into(), measured)),
             Err(e) => {
                 eprintln!("fleet_bench: single-process worker: {e}");
                 std::process::exit(1);
@@ -99,7 +89,7 @@ fn main() {
         println!("fleet with {hosts} worker host(s) ...");
         let fleet = TestFleet::start(hosts, &[], LOG_FILTER);
         match runtime.block_on(measure(fleet.client(), total, concurrency)) {
-            Ok(report) => rows.push((format!("fleet, {hosts} worker host(s)"), report)),
+            Ok(measured) => rows.push((format!("fleet, {hosts} worker host(s)"), measured)),
             Err(e) => {
                 eprintln!("fleet_bench: {hosts} hosts: {e}");
                 std::process::exit(1);
@@ -107,24 +97,31 @@ fn main() {
         }
     }
     let _ = std::fs::remove_dir_all(&data);
-    let base = rows[0].1.total as f64 / rows[0].1.wall.as_secs_f64();
-    println!("\n{total} warm invokes at concurrency {concurrency}, echo Wasm function:");
+    let rate = |r: &LoadReport| r.total as f64 / r.wall.as_secs_f64();
+    let base_rate = rate(&rows[0].1 .0);
+    let base_one = percentile(&rows[0].1 .1, 50.0);
     println!(
-        "| {:<28} | {:>9} | {:>8} | {:>8} | {:>16} |",
-        "", "invokes/s", "p50 ms", "p99 ms", "vs single-process"
+        "\necho Wasm function, warm: {total} invokes at concurrency {concurrency}, then {SEQUENTIAL} one at a time"
     );
     println!(
-        "|{:-<30}|{:->11}|{:->10}|{:->10}|{:->18}|",
-        "", "", "", "", ""
+        "| {:<25} | {:>9} | {:>7} | {:>7} | {:>9} | {:>11} | {:>9} |",
+        "", "invokes/s", "p50 ms", "p99 ms", "vs single", "one: p50 ms", "vs single"
     );
-    for (name, report) in &rows {
-        let rate = report.total as f64 / report.wall.as_secs_f64();
+    println!(
+        "|{:-<27}|{:->11}|{:->9}|{:->9}|{:->11}|{:->13}|{:->11}|",
+        "", "", "", "", "", "", ""
+    );
+    for (name, (report, one_at_a_time)) in &rows {
         let latencies: Vec<Duration> = report.warm.iter().chain(&report.cold).copied().collect();
+        let one = percentile(one_at_a_time, 50.0);
         println!(
-            "| {name:<28} | {rate:>9.0} | {:>8.2} | {:>8.2} | {:>16.2}x |",
+            "| {name:<25} | {:>9.0} | {:>7.2} | {:>7.2} | {:>8.2}x | {:>11.2} | {:>8.2}x |",
+            rate(report),
             ms(percentile(&latencies, 50.0)),
             ms(percentile(&latencies, 99.0)),
-            rate / base
+            rate(report) / base_rate,
+            ms(one),
+            one.as_secs_f64() / base_one.as_secs_f64()
         );
     }
 }

@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use microvm_tests::is_root;
 use microvm_tests::lambda_client::LambdaClient;
 use microvm_tests::load::{self, percentile};
 use microvm_tests::worker::{data_dir, RunningWorker, ACCOUNT_A};
 use microvm_tests::ECHO_WAT;
+use microvm_tests::{count_args, is_root};
 
 struct Args {
     cold: usize,
@@ -21,28 +21,22 @@ struct Args {
     concurrency: usize,
 }
 
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        cold: 20,
-        warm: 200,
-        total: 10_000,
-        concurrency: 32,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        let n: usize = value
-            .parse()
-            .map_err(|_| format!("{flag} {value:?}: not a number"))?;
-        match flag.as_str() {
-            "--cold" => args.cold = n,
-            "--warm" => args.warm = n,
-            "--total" => args.total = n,
-            "--concurrency" if n > 0 => args.concurrency = n,
-            _ => return Err(format!("unknown flag or bad value: {flag} {value}")),
-        }
+fn parse_args() -> Args {
+    let counts = count_args(
+        "invoke_bench",
+        &[
+            ("cold", 20),
+            ("warm", 200),
+            ("total", 10_000),
+            ("concurrency", 32),
+        ],
+    );
+    Args {
+        cold: counts[0],
+        warm: counts[1],
+        total: counts[2],
+        concurrency: counts[3],
     }
-    Ok(args)
 }
 
 /// The workers' log filter: warnings, and each cold start's trace.
@@ -368,13 +362,7 @@ async fn jail_comparison(n: usize) -> Result<(), String> {
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("invoke_bench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let args = parse_args();
     let data = data_dir("invoke-bench");
     let worker = RunningWorker::start(&data, &[], LOG_FILTER);
     let result = tokio::runtime::Builder::new_multi_thread()
