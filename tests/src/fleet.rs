@@ -143,8 +143,21 @@ pub struct TestFleet {
     pub etcd: EtcdServer,
     pub etcd_namespace: Namespace,
     pub certs: PathBuf,
-    // Dropped last: the processes above run in its namespaces.
+    // Dropped after the processes above, which run in its namespaces and
+    // write to the directories.
     pub network: TestNetwork,
+    _directories: Directories,
+}
+
+/// The fleet's data directories, removed when it is dropped.
+struct Directories(Vec<PathBuf>);
+
+impl Drop for Directories {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 pub struct FleetHost {
@@ -158,11 +171,11 @@ pub struct FleetHost {
 impl FleetHost {
     fn start(
         name: &str,
+        data: PathBuf,
         namespace: Namespace,
         flags: Vec<String>,
         log_filter: &str,
     ) -> Result<Self, String> {
-        let data = data_dir(&format!("fleet-{name}"));
         let process = Self::spawn(&data, &namespace, &flags, log_filter)?;
         Ok(FleetHost {
             name: name.to_string(),
@@ -221,9 +234,12 @@ impl TestFleet {
     /// etcd, `hosts` worker hosts (named h1, h2, ...) with `host_flags`,
     /// and a front end (fe).
     pub fn start(hosts: usize, host_flags: &[&str], log_filter: &str) -> Self {
-        let root = data_dir("fleet-certs");
-        let certs = root.join("certs");
         let mut network = TestNetwork::new();
+        // Tests run side by side in one process: each fleet's files are
+        // its own.
+        let tag = network.tag.clone();
+        let dir = |what: &str| data_dir(&format!("fleet-{tag}-{what}"));
+        let certs = dir("certs");
         let etcd_namespace = network.namespace();
         let mut names = vec![format!("etcd={}", etcd_namespace.address), "fe".into()];
         names.extend((1..=hosts).map(|i| format!("h{i}")));
@@ -263,7 +279,7 @@ impl TestFleet {
                 (100_000 + 65_536 * i as u32).to_string(),
             ]);
             flags.extend(host_flags.iter().map(|f| f.to_string()));
-            let host = FleetHost::start(&name, namespace, flags, log_filter)
+            let host = FleetHost::start(&name, dir(&name), namespace, flags, log_filter)
                 .unwrap_or_else(|log| panic!("{name} did not start:\n{log}"));
             worker_hosts.push(host);
         }
@@ -279,9 +295,15 @@ impl TestFleet {
             "--listen".to_string(),
             format!("{}:{API_PORT}", namespace.address),
         ]);
-        let front_end = FleetHost::start("fe", namespace, flags, log_filter)
+        let front_end = FleetHost::start("fe", dir("fe"), namespace, flags, log_filter)
             .unwrap_or_else(|log| panic!("the front end did not start:\n{log}"));
         TestFleet {
+            _directories: Directories(
+                std::iter::once(certs.clone())
+                    .chain(worker_hosts.iter().map(|h| h.data.clone()))
+                    .chain([front_end.data.clone()])
+                    .collect(),
+            ),
             worker_hosts,
             front_end,
             etcd,

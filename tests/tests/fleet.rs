@@ -132,9 +132,9 @@ fn a_front_end_places_invocations_on_worker_hosts_and_strangers_get_nothing() {
 
     // A host whose certificate is not the fleet's: etcd refuses it, and so
     // does every host it calls.
-    let strangers = fleet.certs.with_file_name("strangers");
+    let strangers = fleet.certs.join("strangers");
     fleet_certs(&strangers, &["h1", "fe"]);
-    let data = microvm_tests::worker::data_dir("fleet-stranger");
+    let data = fleet.certs.join("stranger-data");
     let flags = [
         "--role",
         "worker-host",
