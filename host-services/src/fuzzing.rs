@@ -425,6 +425,17 @@ mod tests {
     }
 
     #[test]
+    fn an_http2_preface_gets_no_http2_answer() {
+        // hyper's HTTP/1 server closes such a connection without a word.
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\
+                        GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n\r\n";
+        let exchange = serve_runtime_bytes(preface);
+        assert_eq!(String::from_utf8_lossy(&exchange.answers), "");
+        assert!(exchange.outcome.is_none());
+        runtime_api_requests(preface);
+    }
+
+    #[test]
     fn log_lines_are_cut_at_the_limit_however_the_reads_fall() {
         assert_eq!(
             expected_lines(

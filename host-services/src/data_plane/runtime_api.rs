@@ -215,6 +215,26 @@ async fn init_error(
     (StatusCode::ACCEPTED, "{\"status\":\"OK\"}").into_response()
 }
 
+/// Serves `router` over HTTP/1.1 only, as Lambda's Runtime API is:
+/// `axum::serve` also answers HTTP/2 once any crate in the build enables
+/// hyper's (etcd's gRPC client does), and a guest has no use for a
+/// second protocol parser on the host.
+async fn serve_http1<L: Listener>(mut listener: L, router: Router) {
+    loop {
+        let (connection, _) = listener.accept().await;
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(connection), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("runtime API connection: {e}");
+            }
+        });
+    }
+}
+
 impl RuntimeApi {
     /// Serves the API on a new Unix socket at `path`.
     pub async fn bind(path: &Path, function_arn: &str) -> std::io::Result<Self> {
@@ -256,11 +276,7 @@ impl RuntimeApi {
             .route("/2018-06-01/runtime/restore/error", post(init_error))
             .layer(DefaultBodyLimit::max(MAX_PAYLOAD))
             .with_state(shared);
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::error!("runtime API server: {e}");
-            }
-        });
+        let server = tokio::spawn(serve_http1(listener, router));
         RuntimeApi {
             sender,
             init_error: init_rx,
