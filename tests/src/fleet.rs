@@ -136,10 +136,11 @@ impl Namespace {
     }
 }
 
-/// etcd, a front end and worker hosts, each in its namespace.
+/// etcd, front ends and worker hosts, each in its namespace.
 pub struct TestFleet {
     pub worker_hosts: Vec<FleetHost>,
-    pub front_end: FleetHost,
+    /// fe, then fe2, fe3...
+    pub front_ends: Vec<FleetHost>,
     pub etcd: EtcdServer,
     pub etcd_namespace: Namespace,
     pub certs: PathBuf,
@@ -234,6 +235,16 @@ impl TestFleet {
     /// etcd, `hosts` worker hosts (named h1, h2, ...) with `host_flags`,
     /// and a front end (fe).
     pub fn start(hosts: usize, host_flags: &[&str], log_filter: &str) -> Self {
+        Self::start_with_front_ends(hosts, 1, host_flags, log_filter)
+    }
+
+    /// [`TestFleet::start`] with `front_ends` front ends: fe, fe2, fe3...
+    pub fn start_with_front_ends(
+        hosts: usize,
+        front_ends: usize,
+        host_flags: &[&str],
+        log_filter: &str,
+    ) -> Self {
         let mut network = TestNetwork::new();
         // Tests run side by side in one process: each fleet's files are
         // its own.
@@ -241,7 +252,14 @@ impl TestFleet {
         let dir = |what: &str| data_dir(&format!("fleet-{tag}-{what}"));
         let certs = dir("certs");
         let etcd_namespace = network.namespace();
-        let mut names = vec![format!("etcd={}", etcd_namespace.address), "fe".into()];
+        let front_end_names: Vec<String> = (1..=front_ends)
+            .map(|i| match i {
+                1 => "fe".to_string(),
+                _ => format!("fe{i}"),
+            })
+            .collect();
+        let mut names = vec![format!("etcd={}", etcd_namespace.address)];
+        names.extend(front_end_names.iter().cloned());
         names.extend((1..=hosts).map(|i| format!("h{i}")));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         fleet_certs(&certs, &names);
@@ -283,29 +301,33 @@ impl TestFleet {
                 .unwrap_or_else(|log| panic!("{name} did not start:\n{log}"));
             worker_hosts.push(host);
         }
-        let namespace = network.namespace();
-        let mut flags = fleet_flags(
-            "front-end",
-            "fe",
-            &etcd.endpoint,
-            &certs,
-            &namespace.address,
-        );
-        flags.extend([
-            "--listen".to_string(),
-            format!("{}:{API_PORT}", namespace.address),
-        ]);
-        let front_end = FleetHost::start("fe", dir("fe"), namespace, flags, log_filter)
-            .unwrap_or_else(|log| panic!("the front end did not start:\n{log}"));
+        let mut started = Vec::new();
+        for name in &front_end_names {
+            let namespace = network.namespace();
+            let mut flags = fleet_flags(
+                "front-end",
+                name,
+                &etcd.endpoint,
+                &certs,
+                &namespace.address,
+            );
+            flags.extend([
+                "--listen".to_string(),
+                format!("{}:{API_PORT}", namespace.address),
+            ]);
+            let front_end = FleetHost::start(name, dir(name), namespace, flags, log_filter)
+                .unwrap_or_else(|log| panic!("front end {name} did not start:\n{log}"));
+            started.push(front_end);
+        }
         TestFleet {
             _directories: Directories(
                 std::iter::once(certs.clone())
                     .chain(worker_hosts.iter().map(|h| h.data.clone()))
-                    .chain([front_end.data.clone()])
+                    .chain(started.iter().map(|h| h.data.clone()))
                     .collect(),
             ),
             worker_hosts,
-            front_end,
+            front_ends: started,
             etcd,
             etcd_namespace,
             certs,
@@ -313,17 +335,27 @@ impl TestFleet {
         }
     }
 
-    /// A client of the front end's Lambda API, as account A.
+    /// The first front end (fe).
+    pub fn front_end(&self) -> &FleetHost {
+        &self.front_ends[0]
+    }
+
+    /// A client of the first front end's Lambda API, as account A.
     pub fn client(&self) -> Arc<LambdaClient> {
+        self.client_of(0)
+    }
+
+    /// A client of front end `i`'s Lambda API, as account A.
+    pub fn client_of(&self, i: usize) -> Arc<LambdaClient> {
         Arc::new(LambdaClient::new(
-            &format!("{}:{API_PORT}", self.front_end.namespace.address),
+            &format!("{}:{API_PORT}", self.front_ends[i].namespace.address),
             ACCOUNT_A.0,
             ACCOUNT_A.1,
         ))
     }
 
-    /// The front end's API endpoint, for boto3.
+    /// The first front end's API endpoint, for boto3.
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{API_PORT}", self.front_end.namespace.address)
+        format!("http://{}:{API_PORT}", self.front_end().namespace.address)
     }
 }

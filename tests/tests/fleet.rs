@@ -1,9 +1,10 @@
 //! A fleet on etcd, end to end, on one machine: etcd, a front end and
 //! three worker hosts, each a process in a network namespace of its own
 //! with its own address (`microvm_tests::fleet`), every connection between
-//! them mutual TLS. Placement, provisioned concurrency, a host killed or
-//! cut off, etcd and the front end restarted under load, strangers
-//! refused, and boto3 against the front end.
+//! them mutual TLS. Placement, provisioned concurrency, reserved
+//! concurrency across two front ends, a host killed or cut off, etcd and
+//! the front end restarted under load, strangers refused, and boto3
+//! against the front end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -93,7 +94,7 @@ fn a_front_end_places_invocations_on_worker_hosts_and_strangers_get_nothing() {
         first.status,
         200,
         "{first:?}\n{}",
-        fleet.front_end.process.log()
+        fleet.front_end().process.log()
     );
     assert_eq!(first.body, echoed("{\"n\":1}"));
     assert!(first.init_duration_ms().is_some(), "{}", first.log_tail);
@@ -163,7 +164,7 @@ fn a_front_end_places_invocations_on_worker_hosts_and_strangers_get_nothing() {
         .block_on(client.invoke("echo", Bytes::from_static(b"{\"n\":3}")))
         .unwrap();
     assert_eq!(after.body, echoed("{\"n\":3}"));
-    assert!(!fleet.front_end.process.log().contains("host h1 left"));
+    assert!(!fleet.front_end().process.log().contains("host h1 left"));
 }
 
 /// Outcomes of the load's invocations, by kind.
@@ -293,7 +294,7 @@ fn under_load_a_killed_host_a_cut_off_host_and_restarts_of_etcd_and_the_front_en
     fleet.worker_hosts[1].namespace.connect(false);
     let left = wait_for("h2 to leave the fleet", Duration::from_secs(20), || {
         fleet
-            .front_end
+            .front_end()
             .process
             .log()
             .contains("fleet: host h2 left")
@@ -310,14 +311,14 @@ fn under_load_a_killed_host_a_cut_off_host_and_restarts_of_etcd_and_the_front_en
         "front end killed and restarted at request {}",
         next.load(Ordering::Relaxed)
     );
-    fleet.front_end.restart("info");
+    fleet.front_ends[0].restart("info");
     runtime.block_on(load).unwrap();
 
     // Every accepted event runs, the restarted front end finishing what
     // the killed one had accepted.
     let outcomes = Arc::try_unwrap(outcomes).unwrap().into_inner().unwrap();
     let log = fleet
-        .front_end
+        .front_end()
         .data
         .join("logs/111111111111/echo/LATEST.log");
     let ran = wait_for(
@@ -389,7 +390,7 @@ fn boto3_drives_a_fleet_through_its_front_end() {
         return;
     }
     let fleet = TestFleet::start(3, &[], "info");
-    let wasm = fleet.front_end.data.join("function.wasm");
+    let wasm = fleet.front_end().data.join("function.wasm");
     std::fs::write(&wasm, wat::parse_str(ECHO_WAT).unwrap()).unwrap();
     let out = client_script(
         "fleet_e2e.py",
@@ -401,7 +402,7 @@ fn boto3_drives_a_fleet_through_its_front_end() {
         .expect("the script prints the event's id")
         .to_string();
     let log = fleet
-        .front_end
+        .front_end()
         .data
         .join("logs/111111111111/echo/LATEST.log");
     wait_for(
@@ -524,4 +525,152 @@ fn a_worker_host_stopped_with_sigint_drains_and_no_invocation_fails() {
     );
     assert!(report.not_exactly_once.is_empty());
     assert!(created_in(&h1_data) > 0 && created_on(&fleet.worker_hosts[0]) > 0);
+}
+
+/// The most invocations that ran at once across `logs` (worker hosts'
+/// debug logs, whose timestamps come from one clock), from each
+/// invocation's `begins` and `ends` lines.
+fn most_at_once(logs: &[String]) -> usize {
+    let mut events: Vec<(&str, i32)> = logs
+        .iter()
+        .flat_map(|log| log.lines())
+        .filter_map(|line| {
+            let at = line.split_whitespace().next()?;
+            let rest = line.split("invocation ").nth(1)?;
+            match rest.split_whitespace().nth(1)? {
+                "begins" => Some((at, 1)),
+                "ends" => Some((at, -1)),
+                _ => None,
+            }
+        })
+        .collect();
+    // An end before a begin at the same instant.
+    events.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in events {
+        now += step;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+#[test]
+fn reserved_concurrency_is_counted_across_front_ends() {
+    const RESERVED: usize = 3;
+    const CALLERS: usize = 4;
+    const LOADED_FOR: Duration = Duration::from_secs(4);
+    if !needs_root("fleet::reserved_concurrency_is_counted_across_front_ends") {
+        return;
+    }
+    let fleet =
+        TestFleet::start_with_front_ends(2, 2, &[], "info,host_services::data_plane::router=debug");
+    let clients = [fleet.client_of(0), fleet.client_of(1)];
+    let runtime = client_runtime();
+    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    // The front ends do not share metadata yet: each has the function,
+    // under the same account and name, with the same reservation.
+    runtime.block_on(async {
+        for client in &clients {
+            client
+                .create_wasm_function("echo", &wasm, 10)
+                .await
+                .unwrap();
+            client
+                .call(
+                    Method::PUT,
+                    "/2017-10-31/functions/echo/concurrency",
+                    None,
+                    serde_json::json!({ "ReservedConcurrentExecutions": RESERVED }),
+                    200,
+                )
+                .await
+                .unwrap();
+        }
+    });
+    // Both front ends at once, each with more callers than the
+    // reservation, each invoking one after another for a while: busy ("spin",
+    // about 100 ms each) invocations overlap, and a front end counting
+    // alone would let twice the reservation run.
+    let outcomes: Vec<(usize, u16, String)> = runtime.block_on(async {
+        let callers: Vec<_> = (0..2 * CALLERS)
+            .map(|i| {
+                let client = clients[i % 2].clone();
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    let started = Instant::now();
+                    while started.elapsed() < LOADED_FOR {
+                        let r = client
+                            .invoke("echo", Bytes::from_static(br#""spin""#))
+                            .await
+                            .unwrap();
+                        if r.status == 429 {
+                            // A throttled caller backs off, as SDKs do.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        outcomes.push((
+                            i % 2,
+                            r.status,
+                            String::from_utf8_lossy(&r.body).into_owned(),
+                        ));
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for caller in callers {
+            outcomes.extend(caller.await.unwrap());
+        }
+        outcomes
+    });
+    let ran = |fe: usize| {
+        outcomes
+            .iter()
+            .filter(|(at, status, _)| *at == fe && *status == 200)
+            .count()
+    };
+    let throttled = outcomes
+        .iter()
+        .filter(|(_, status, body)| {
+            *status == 429 && body.contains("ReservedFunctionConcurrentInvocationLimitExceeded")
+        })
+        .count();
+    println!(
+        "fe ran {}, fe2 ran {}, {throttled} throttled",
+        ran(0),
+        ran(1)
+    );
+    assert_eq!(
+        ran(0) + ran(1) + throttled,
+        outcomes.len(),
+        "every invocation ran or was throttled: {outcomes:?}"
+    );
+    assert!(ran(0) > 0 && ran(1) > 0 && throttled > 0, "{outcomes:?}");
+    let logs: Vec<String> = fleet.worker_hosts.iter().map(|h| h.process.log()).collect();
+    let most = most_at_once(&logs);
+    assert!(
+        (1..=RESERVED).contains(&most),
+        "{most} invocations ran at once with {RESERVED} reserved across the front ends"
+    );
+    // Every slot was given back: the reservation is whole again.
+    let again: Vec<u16> = runtime.block_on(async {
+        let calls: Vec<_> = (0..RESERVED)
+            .map(|_| {
+                let client = clients[1].clone();
+                tokio::spawn(async move {
+                    client
+                        .invoke("echo", Bytes::from_static(br#""spin""#))
+                        .await
+                        .unwrap()
+                        .status
+                })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for call in calls {
+            statuses.push(call.await.unwrap());
+        }
+        statuses
+    });
+    assert_eq!(again, [200; RESERVED]);
 }

@@ -26,6 +26,7 @@ use host_services::data_plane::router::{FleetConfig, InvokeRouter};
 use host_services::data_plane::snapshots::SnapshotStore;
 use host_services::data_plane::vmm_process::{JailIds, JailPool, JailSettings};
 use host_services::data_plane::worker::Worker;
+use host_services::fleet::concurrency::FleetConcurrency;
 use host_services::fleet::etcd as fleet_etcd;
 use host_services::fleet::membership::{HostRecord, Members, Registration, Role};
 use host_services::fleet::peers::PeerSet;
@@ -563,7 +564,9 @@ async fn run(args: Args) -> Result<(), String> {
                     front_end_endpoints(keys.clone(), artifacts_dir),
                 )
                 .await?;
-            let router = Arc::new(FleetRouter::new(fleet.peers.clone()));
+            let concurrency =
+                FleetConcurrency::new(fleet.etcd.clone(), registration.lease(), &fleet.tls.name);
+            let router = Arc::new(FleetRouter::new(fleet.peers.clone(), concurrency));
             (
                 Placement::Fleet(router),
                 None,

@@ -22,8 +22,9 @@ use crate::data_plane::fleet_wire::{
     decode, encode, DataKeyRequest, InvokeAnswer, InvokeRequest, ProvisionAnswer, ProvisionRequest,
     Retire, WireLaunch, ARTIFACT, DATA_KEY, INVOKE, PROVISION, RETIRE,
 };
-use crate::data_plane::router::{too_many, ConcurrencyLimiter, RouteError, Routed};
+use crate::data_plane::router::{too_many, RouteError, Routed};
 use crate::error::ApiError;
+use crate::fleet::concurrency::FleetConcurrency;
 use crate::fleet::membership::{HostRecord, Role};
 use crate::fleet::peers::PeerSet;
 use crate::fleet::transport::{answer, PeerError};
@@ -41,7 +42,8 @@ pub struct FleetRouter {
     warm: Mutex<HashMap<VersionKey, HashMap<String, u32>>>,
     /// Invocations this front end has in flight on each host.
     in_flight: Mutex<HashMap<String, usize>>,
-    concurrency: ConcurrencyLimiter,
+    /// Reserved concurrency, counted with the other front ends.
+    concurrency: FleetConcurrency,
     /// Provisioned environments per version across the hosts, as the
     /// last reconciliation found them.
     provisioned: Mutex<HashMap<VersionKey, usize>>,
@@ -63,12 +65,12 @@ impl Drop for InFlight<'_> {
 }
 
 impl FleetRouter {
-    pub fn new(peers: Arc<PeerSet>) -> Self {
+    pub fn new(peers: Arc<PeerSet>, concurrency: FleetConcurrency) -> Self {
         FleetRouter {
             peers,
             warm: Mutex::default(),
             in_flight: Mutex::default(),
-            concurrency: ConcurrencyLimiter::default(),
+            concurrency,
             provisioned: Mutex::default(),
         }
     }
@@ -230,7 +232,32 @@ impl FleetRouter {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Routed, RouteError> {
-        let _slot = self.concurrency.take(key, reserved)?;
+        let slot = match reserved {
+            None => None,
+            Some(limit) => Some(
+                self.concurrency
+                    .take(&key.account.0, &key.function, limit)
+                    .await
+                    .map_err(|e| ApiError::Service(format!("counting reserved concurrency: {e}")))?
+                    .ok_or_else(|| too_many("ReservedFunctionConcurrentInvocationLimitExceeded"))?,
+            ),
+        };
+        let routed = self.place(key, launch, request_id, payload, timeout).await;
+        if let Some(slot) = slot {
+            slot.free().await;
+        }
+        routed
+    }
+
+    /// Runs one invocation on the best worker host that takes it.
+    async fn place(
+        &self,
+        key: &VersionKey,
+        launch: impl FnOnce() -> Result<Launch, ApiError>,
+        request_id: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Routed, RouteError> {
         let mut launch = Some(launch);
         let mut wire: Option<WireLaunch> = None;
         let mut make_wire = |wire: &mut Option<WireLaunch>| -> Result<(), RouteError> {

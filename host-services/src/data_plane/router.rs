@@ -84,7 +84,7 @@ type FunctionKey = (AccountId, String);
 /// Invocations in flight per function, against their reserved
 /// concurrency.
 #[derive(Default)]
-pub struct ConcurrencyLimiter {
+struct ConcurrencyLimiter {
     busy: Mutex<HashMap<FunctionKey, u32>>,
 }
 
@@ -114,7 +114,7 @@ impl ConcurrencyLimiter {
 
 /// A function's share of its reserved concurrency, held for the length of
 /// one invocation.
-pub struct ConcurrencySlot<'a> {
+struct ConcurrencySlot<'a> {
     busy: &'a Mutex<HashMap<FunctionKey, u32>>,
     function: FunctionKey,
 }

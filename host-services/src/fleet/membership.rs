@@ -48,6 +48,17 @@ pub struct HostRecord {
     pub capacity: usize,
 }
 
+/// The lease a host's records live under, as it is now: a host that
+/// joins again after its lease lapsed holds a new one.
+#[derive(Clone)]
+pub struct HeldLease(Arc<AtomicI64>);
+
+impl HeldLease {
+    pub fn id(&self) -> i64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// This host's place in the fleet, kept while the value lives: dropping
 /// it stops the renewals (the record then lapses); [`Registration::leave`]
 /// removes the record at once.
@@ -137,6 +148,11 @@ impl Registration {
             lease,
             renewer,
         })
+    }
+
+    /// The lease this host's records live under.
+    pub fn lease(&self) -> HeldLease {
+        HeldLease(self.lease.clone())
     }
 
     /// Leaves the fleet now, rather than when the lease lapses.

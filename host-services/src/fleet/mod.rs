@@ -1,9 +1,11 @@
 //! A fleet of hosts: front ends that take the Lambda API and route each
 //! invocation to a worker host on another machine, worker hosts that run
-//! the execution environments, and etcd between them for membership and
-//! leases. Every connection between hosts is mutual TLS 1.3 with
-//! AES-256-GCM, etcd's included.
+//! the execution environments, and etcd between them for membership,
+//! leases and reserved concurrency counted across front ends. Every
+//! connection between hosts is mutual TLS 1.3 with AES-256-GCM, etcd's
+//! included.
 
+pub mod concurrency;
 pub mod etcd;
 pub mod membership;
 pub mod peers;
