@@ -489,13 +489,16 @@ async fn take_snapshot(
         .map_err(|e| e.to_string())?;
     let (store, key) = (store.clone(), key.clone());
     Ok(Some(tokio::task::spawn_blocking(move || {
+        let sealing = std::time::Instant::now();
         let kept = store.put(&key, fingerprint, &state, &memory);
         drop(claim);
         match kept {
             Ok(()) => {
                 tracing::info!(
-                    "{key}: snapshot taken at the first /next ({} us paused)",
-                    reply["paused_us"]
+                    "{key}: snapshot taken at the first /next ({} us paused, {} bytes of memory, sealed and kept in {} ms)",
+                    reply["paused_us"],
+                    reply["memory_bytes"],
+                    sealing.elapsed().as_millis()
                 );
                 Ok(())
             }

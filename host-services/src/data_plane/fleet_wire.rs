@@ -78,6 +78,7 @@ pub struct InvokeRequest {
     /// The front end the artifacts and keys come from.
     pub front_end: String,
     pub request_id: String,
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     pub timeout_ms: u64,
 }
@@ -94,6 +95,7 @@ pub enum InvokeAnswer {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WireRouted {
+    #[serde(with = "serde_bytes")]
     pub response: Vec<u8>,
     /// The function's error type, when it failed.
     pub error_type: Option<String>,

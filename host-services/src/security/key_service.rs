@@ -15,9 +15,9 @@ use std::pin::Pin;
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use hmac::KeyInit;
 use hmac::{Hmac, Mac};
+use sealing::Cipher;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use vmm::devices::virtio::block::sealed::{ArtifactId, DataKey, NONCE_LEN, TAG_LEN};
@@ -324,8 +324,8 @@ fn seal(key: &[u8; 32], aad: &[u8], plain: &[u8]) -> Vec<u8> {
     let nonce = random::<NONCE_LEN>();
     let mut out = nonce.to_vec();
     out.extend_from_slice(plain);
-    let tag = Aes256Gcm::new(key.into())
-        .encrypt_inout_detached(&Nonce::from(nonce), aad, out[NONCE_LEN..].as_mut().into())
+    let tag = Cipher::new(key)
+        .seal_in_place(&nonce, aad, &mut out[NONCE_LEN..])
         .expect("AES-GCM seals anything under 64 GiB");
     out.extend_from_slice(&tag);
     out
@@ -340,12 +340,12 @@ fn open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     let (nonce, rest) = sealed.split_at(NONCE_LEN);
     let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
     let mut plain = body.to_vec();
-    Aes256Gcm::new(key.into())
-        .decrypt_inout_detached(
-            &Nonce::try_from(nonce).ok()?,
+    Cipher::new(key)
+        .open_in_place(
+            nonce.try_into().ok()?,
             aad,
-            plain.as_mut_slice().into(),
-            &Tag::try_from(tag).ok()?,
+            &mut plain,
+            tag.try_into().ok()?,
         )
         .ok()?;
     Some(plain)

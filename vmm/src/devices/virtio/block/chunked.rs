@@ -23,8 +23,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use sealing::Cipher;
 use sha2::{Digest, Sha256};
 
 use super::chunk_cache::{ChunkCache, ChunkSource};
@@ -139,8 +138,8 @@ impl ChunkManifest {
 /// Seals one chunk under `key`: its address and the bytes to store.
 pub fn seal_chunk(plain: &[u8], key: &ChunkKey) -> (ChunkAddress, Vec<u8>) {
     let mut sealed = plain.to_vec();
-    let tag = Aes256Gcm::new(key.into())
-        .encrypt_inout_detached(&Nonce::default(), AAD, sealed.as_mut_slice().into())
+    let tag = Cipher::new(key)
+        .seal_in_place(&[0; sealing::NONCE_LEN], AAD, &mut sealed)
         .expect("AES-GCM seals any chunk up to 64 GiB");
     sealed.extend_from_slice(&tag);
     (Sha256::digest(&sealed).into(), sealed)
@@ -211,10 +210,10 @@ impl ChunkSource for ChunkedImage {
         if sealed.len() != expected + TAG_LEN {
             return Err(self.fail(index, "has the wrong length"));
         }
-        let tag = Tag::try_from(&sealed[expected..]).expect("a 16-byte tag");
+        let tag: [u8; sealing::TAG_LEN] = sealed[expected..].try_into().expect("a 16-byte tag");
         sealed.truncate(expected);
-        Aes256Gcm::new((&chunk.key).into())
-            .decrypt_inout_detached(&Nonce::default(), AAD, sealed.as_mut_slice().into(), &tag)
+        Cipher::new(&chunk.key)
+            .open_in_place(&[0; sealing::NONCE_LEN], AAD, &mut sealed, &tag)
             .map_err(|_| self.fail(index, "failed authentication"))?;
         Ok(sealed)
     }

@@ -19,8 +19,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use sealing::Cipher;
 
 use super::chunk_cache::{ChunkCache, ChunkSource};
 
@@ -175,7 +174,7 @@ pub fn seal(
     }
     let encoded = header.encode();
     out.write_all(&encoded)?;
-    let cipher = Aes256Gcm::new(key.into());
+    let cipher = Cipher::new(key);
     let mut buf = vec![0u8; chunk_size as usize];
     for index in 0..header.chunks() {
         let (_, n) = header.chunk_span(index);
@@ -183,11 +182,7 @@ pub fn seal(
         plain.read_exact(chunk)?;
         let nonce_bytes = nonce();
         let tag = cipher
-            .encrypt_inout_detached(
-                &Nonce::from(nonce_bytes),
-                &associated_data(&encoded, index),
-                chunk.into(),
-            )
+            .seal_in_place(&nonce_bytes, &associated_data(&encoded, index), chunk)
             .map_err(|_| io::Error::other("AES-GCM refused a chunk"))?;
         out.write_all(&nonce_bytes)?;
         out.write_all(chunk)?;
@@ -201,7 +196,7 @@ pub struct SealedImage {
     file: File,
     header: Header,
     encoded: [u8; HEADER_LEN],
-    cipher: Aes256Gcm,
+    cipher: Cipher,
     sealed: Vec<u8>,
 }
 
@@ -233,7 +228,7 @@ impl SealedImage {
             file,
             header,
             encoded,
-            cipher: Aes256Gcm::new(key.into()),
+            cipher: Cipher::new(key),
             sealed: vec![0u8; header.chunk_size as usize + CHUNK_OVERHEAD],
         };
         Ok(ChunkCache::new(image, CACHED_CHUNKS))
@@ -255,15 +250,15 @@ impl ChunkSource for SealedImage {
         self.file.read_exact_at(sealed, offset)?;
         let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
         let (data, tag) = rest.split_at_mut(n);
-        let nonce = Nonce::try_from(&*nonce).expect("a 12-byte nonce");
-        let tag = Tag::try_from(&*tag).expect("a 16-byte tag");
+        let nonce: &[u8; NONCE_LEN] = (&*nonce).try_into().expect("a 12-byte nonce");
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().expect("a 16-byte tag");
         let mut plain = data.to_vec();
         self.cipher
-            .decrypt_inout_detached(
-                &nonce,
+            .open_in_place(
+                nonce,
                 &associated_data(&self.encoded, index),
-                plain.as_mut_slice().into(),
-                &tag,
+                &mut plain,
+                tag,
             )
             .map_err(|_| {
                 let message = format!(
