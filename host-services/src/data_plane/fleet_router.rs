@@ -422,20 +422,21 @@ async fn artifact(
                 ),
             ));
         }
-        let path = path.clone();
-        tokio::task::spawn_blocking(move || std::fs::read(&path))
-            .await
-            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .map(Bytes::from)
-            .map_err(|e| {
-                (
-                    StatusCode::NOT_FOUND,
-                    format!("artifact {}: {e}", granted.artifact.id),
-                )
-            })
+        // Streamed: a container image's disk can be hundreds of MB.
+        tokio::fs::File::open(path).await.map_err(|e| {
+            (
+                StatusCode::NOT_FOUND,
+                format!("artifact {}: {e}", granted.artifact.id),
+            )
+        })
     }
     .await;
-    answer(result)
+    match result {
+        Ok(file) => axum::response::Response::new(axum::body::Body::from_stream(
+            tokio_util::io::ReaderStream::new(file),
+        )),
+        Err(refused) => answer(Err(refused)),
+    }
 }
 
 async fn data_key(

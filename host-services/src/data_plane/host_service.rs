@@ -97,23 +97,26 @@ impl HostService {
                 .peers
                 .named(front_end)
                 .ok_or_else(|| format!("front end {front_end} is not in the fleet"))?;
-            let sealed = peer
-                .post(ARTIFACT, encode(&granted))
-                .await
-                .map_err(|e| e.to_string())?;
+            // Written as it arrives, and in place only once whole.
             let partial = local.with_extension(format!("part-{}", uuid::Uuid::new_v4()));
-            let written = tokio::task::spawn_blocking({
-                let (partial, local) = (partial.clone(), local.clone());
-                move || {
-                    std::fs::write(&partial, &sealed)?;
-                    std::fs::rename(&partial, &local)
-                }
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            if let Err(e) = written {
-                let _ = std::fs::remove_file(&partial);
-                return Err(format!("{}: {e}", local.display()));
+            let fetched = async {
+                let mut out = tokio::fs::File::create(&partial)
+                    .await
+                    .map_err(|e| format!("{}: {e}", partial.display()))?;
+                peer.post_into(ARTIFACT, encode(&granted), &mut out)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                out.sync_all()
+                    .await
+                    .map_err(|e| format!("{}: {e}", partial.display()))?;
+                tokio::fs::rename(&partial, &local)
+                    .await
+                    .map_err(|e| format!("{}: {e}", local.display()))
+            }
+            .await;
+            if let Err(e) = fetched {
+                let _ = tokio::fs::remove_file(&partial).await;
+                return Err(e);
             }
         }
         let mut granted = granted;

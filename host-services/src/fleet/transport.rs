@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{Request, Response, StatusCode};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
@@ -95,6 +96,8 @@ pub enum PeerError {
     },
     #[error("{peer} took the request but gave no answer: {what}")]
     Lost { peer: String, what: String },
+    #[error("saving what {peer} answered: {what}")]
+    Saving { peer: String, what: String },
     #[error("{peer} answered {status}: {body}")]
     Status {
         peer: String,
@@ -176,27 +179,74 @@ impl Peer {
     /// means the request was not sent; [`PeerError::Lost`] that it was and
     /// no answer came, so the peer may have acted on it.
     pub async fn post(&self, path: &str, body: Bytes) -> Result<Bytes, PeerError> {
+        let (sender, response) = self.exchange(path, body).await?;
+        let body = self.whole_body(response).await?;
+        self.keep(sender);
+        Ok(body)
+    }
+
+    /// [`Peer::post`] for an answer too large to hold: its body goes
+    /// into `out` as it arrives. Returns the bytes written.
+    pub async fn post_into(
+        &self,
+        path: &str,
+        body: Bytes,
+        out: &mut tokio::fs::File,
+    ) -> Result<u64, PeerError> {
+        use tokio::io::AsyncWriteExt;
+        let (sender, response) = self.exchange(path, body).await?;
+        if response.status() != StatusCode::OK {
+            return self.whole_body(response).await.map(|_| 0);
+        }
+        let mut body = response.into_body();
+        let mut written = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| self.lost(e))?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data).await.map_err(|e| PeerError::Saving {
+                    peer: self.name.clone(),
+                    what: e.to_string(),
+                })?;
+                written += data.len() as u64;
+            }
+        }
+        self.keep(sender);
+        Ok(written)
+    }
+
+    fn lost(&self, e: hyper::Error) -> PeerError {
+        PeerError::Lost {
+            peer: self.name.clone(),
+            what: e.to_string(),
+        }
+    }
+
+    async fn exchange(
+        &self,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(SendRequest<Full<Bytes>>, Response<Incoming>), PeerError> {
         let mut sender = self.sender().await?;
         let request = Request::post(path)
             .header("host", &self.name)
             .body(Full::new(body))
             .expect("a path and a body make a request");
-        let lost = |e: hyper::Error| PeerError::Lost {
-            peer: self.name.clone(),
-            what: e.to_string(),
-        };
-        let response = sender.send_request(request).await.map_err(lost)?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| self.lost(e))?;
+        Ok((sender, response))
+    }
+
+    /// The body of a 200 answer; any other answer as [`PeerError::Status`].
+    async fn whole_body(&self, response: Response<Incoming>) -> Result<Bytes, PeerError> {
         let status = response.status();
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(lost)?
+            .map_err(|e| self.lost(e))?
             .to_bytes();
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(sender);
         if status != StatusCode::OK {
             return Err(PeerError::Status {
                 peer: self.name.clone(),
@@ -205,6 +255,14 @@ impl Peer {
             });
         }
         Ok(body)
+    }
+
+    /// A connection whose answer was read whole goes back to the idle ones.
+    fn keep(&self, sender: SendRequest<Full<Bytes>>) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sender);
     }
 }
 
@@ -253,19 +311,28 @@ mod tests {
 
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = calls.clone();
-        let router = axum::Router::new().route(
-            "/echo",
-            post(move |body: Bytes| async move {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let mut reversed = body.to_vec();
-                reversed.reverse();
-                answer(if body.is_empty() {
-                    Err((StatusCode::BAD_REQUEST, "an empty body".into()))
-                } else {
-                    Ok(reversed.into())
-                })
-            }),
-        );
+        let big: Bytes = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+        let router = axum::Router::new()
+            .route(
+                "/echo",
+                post(move |body: Bytes| async move {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut reversed = body.to_vec();
+                    reversed.reverse();
+                    answer(if body.is_empty() {
+                        Err((StatusCode::BAD_REQUEST, "an empty body".into()))
+                    } else {
+                        Ok(reversed.into())
+                    })
+                }),
+            )
+            .route(
+                "/big",
+                post({
+                    let big = big.clone();
+                    move || async move { answer(Ok(big)) }
+                }),
+            );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let server = serve(listener, &h1, router).unwrap();
@@ -283,10 +350,27 @@ mod tests {
             "{error}"
         );
 
+        // A large answer streams into a file; a refusal writes nothing.
+        let saved = dir.join("big");
+        let mut out = tokio::fs::File::create(&saved).await.unwrap();
+        let written = peer
+            .post_into("/big", Bytes::new(), &mut out)
+            .await
+            .unwrap();
+        assert_eq!(written, big.len() as u64);
+        assert!(std::fs::read(&saved).unwrap() == big);
+        let mut out = tokio::fs::File::create(&saved).await.unwrap();
+        let error = peer
+            .post_into("/echo", Bytes::new(), &mut out)
+            .await
+            .unwrap_err();
+        assert!(matches!(error, PeerError::Status { .. }), "{error}");
+        assert_eq!(std::fs::metadata(&saved).unwrap().len(), 0);
+
         let outsider = Peer::new("h1", address, &stranger);
         let error = outsider.post("/echo", "abc".into()).await.unwrap_err();
         assert!(error.unreachable(), "{error}");
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 5);
 
         // A peer that went away is unreachable, not a hang.
         server.abort();
