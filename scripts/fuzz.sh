@@ -25,6 +25,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz" >&2
     cargo install --quiet --locked cargo-fuzz@0.13.2 >&2
 fi
+# The targets' build (release, instrumented: every dependency again) is
+# kept between runs and clones; only the workspace's crates rebuild.
+build_dir=(--target-dir "${MICROVM_FUZZ_TARGET_DIR:-$HOME/.cache/lambda-microvm/fuzz-target}")
 log=$(mktemp)
 seeds=$(mktemp -d)
 trap 'rm -rf "$log" "$seeds"' EXIT
@@ -40,7 +43,7 @@ trap 'rm -rf "$log" "$seeds"' EXIT
 # All targets are built in one go; then they run two at a time, one per
 # core here, each with its own output, reported in order.
 echo "fuzz: building ${#targets[@]} targets" >&2
-cargo fuzz build -s none > "$log" 2>&1 || {
+cargo fuzz build -s none "${build_dir[@]}" > "$log" 2>&1 || {
     tail -40 "$log"
     echo "fuzz: building the targets failed" >&2
     exit 1
@@ -57,7 +60,7 @@ fuzz_one() {
     # The corpus stays in fuzz/corpus between runs; a crash fails the run
     # and leaves its input in fuzz/artifacts. libFuzzer reports its
     # progress on stderr every few seconds; the last report is shown.
-    if ! cargo fuzz run "$target" -s none "${corpora[@]}" -- "$limit" -print_final_stats=1 > "$out.log" 2>&1; then
+    if ! cargo fuzz run "$target" -s none "${build_dir[@]}" "${corpora[@]}" -- "$limit" -print_final_stats=1 > "$out.log" 2>&1; then
         { tail -40 "$out.log"; echo "fuzz: $target failed"; } > "$out.result"
         return 1
     fi
