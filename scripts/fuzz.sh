@@ -27,7 +27,13 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 # The targets' build (release, instrumented: every dependency again) is
 # kept between runs and clones; only the workspace's crates rebuild.
-build_dir=(--target-dir "${MICROVM_FUZZ_TARGET_DIR:-$HOME/.cache/lambda-microvm/fuzz-target}")
+# Each clone's own crates add to it: past 8 GB it starts again.
+cache=${MICROVM_FUZZ_TARGET_DIR:-$HOME/.cache/lambda-microvm/fuzz-target}
+if [[ -d "$cache" ]] && (( $(du -sm "$cache" | cut -f1) > 8000 )); then
+    echo "fuzz: the cached build is over 8 GB; starting it again" >&2
+    rm -rf "$cache"
+fi
+build_dir=(--target-dir "$cache")
 log=$(mktemp)
 seeds=$(mktemp -d)
 trap 'rm -rf "$log" "$seeds"' EXIT
