@@ -83,8 +83,9 @@ impl FleetConcurrency {
         }
         let prefix = function_prefix(account, function);
         let past_limit = slot_key(&prefix, limit);
+        let end = prefix_end(&prefix);
         let mut client = self.client.clone();
-        for attempt in 0..ATTEMPTS {
+        for _ in 0..ATTEMPTS {
             let held = client
                 .get(
                     prefix.as_str(),
@@ -102,13 +103,13 @@ impl FleetConcurrency {
             }
             // Concurrent takers that start at different free slots
             // rarely collide.
-            let pick = free[(attempt + random_index()) % free.len()];
+            let pick = free[random_index() % free.len()];
             let key = slot_key(&prefix, pick);
             let put = Txn::new()
                 .when([
                     Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
                     Compare::version(past_limit.as_str(), CompareOp::Equal, 0)
-                        .with_range(prefix_end(&prefix)),
+                        .with_range(end.clone()),
                 ])
                 .and_then([TxnOp::put(
                     key.as_str(),

@@ -180,8 +180,11 @@ impl Peer {
     /// no answer came, so the peer may have acted on it.
     pub async fn post(&self, path: &str, body: Bytes) -> Result<Bytes, PeerError> {
         let (sender, response) = self.exchange(path, body).await?;
-        let body = self.whole_body(response).await?;
+        let (status, body) = self.whole_body(response).await?;
         self.keep(sender);
+        if status != StatusCode::OK {
+            return Err(self.refused(status, body));
+        }
         Ok(body)
     }
 
@@ -196,7 +199,9 @@ impl Peer {
         use tokio::io::AsyncWriteExt;
         let (sender, response) = self.exchange(path, body).await?;
         if response.status() != StatusCode::OK {
-            return self.whole_body(response).await.map(|_| 0);
+            let (status, body) = self.whole_body(response).await?;
+            self.keep(sender);
+            return Err(self.refused(status, body));
         }
         let mut body = response.into_body();
         let mut written = 0u64;
@@ -238,8 +243,11 @@ impl Peer {
         Ok((sender, response))
     }
 
-    /// The body of a 200 answer; any other answer as [`PeerError::Status`].
-    async fn whole_body(&self, response: Response<Incoming>) -> Result<Bytes, PeerError> {
+    /// An answer's status and whole body.
+    async fn whole_body(
+        &self,
+        response: Response<Incoming>,
+    ) -> Result<(StatusCode, Bytes), PeerError> {
         let status = response.status();
         let body = response
             .into_body()
@@ -247,14 +255,16 @@ impl Peer {
             .await
             .map_err(|e| self.lost(e))?
             .to_bytes();
-        if status != StatusCode::OK {
-            return Err(PeerError::Status {
-                peer: self.name.clone(),
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
+        Ok((status, body))
+    }
+
+    /// A non-200 answer as [`PeerError::Status`].
+    fn refused(&self, status: StatusCode, body: Bytes) -> PeerError {
+        PeerError::Status {
+            peer: self.name.clone(),
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
         }
-        Ok(body)
     }
 
     /// A connection whose answer was read whole goes back to the idle ones.
@@ -349,6 +359,8 @@ mod tests {
                 if *status == StatusCode::BAD_REQUEST && body == "an empty body"),
             "{error}"
         );
+        // A refusal is an answer: its connection serves the next call.
+        assert_eq!(peer.idle.lock().unwrap().len(), 1);
 
         // A large answer streams into a file; a refusal writes nothing.
         let saved = dir.join("big");

@@ -15,8 +15,7 @@ use std::pin::Pin;
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hmac::KeyInit;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sealing::Cipher;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;

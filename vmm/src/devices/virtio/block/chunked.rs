@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use sealing::Cipher;
+use sealing::{Cipher, NONCE_LEN, TAG_LEN};
 use sha2::{Digest, Sha256};
 
 use super::chunk_cache::{ChunkCache, ChunkSource};
@@ -31,7 +31,6 @@ use super::chunk_cache::{ChunkCache, ChunkSource};
 const MAGIC: &[u8; 8] = b"LMCHUNK1";
 /// Lambda's on-demand container loading cuts images into 512 KiB chunks.
 pub const CHUNK_SIZE: u32 = 512 << 10;
-const TAG_LEN: usize = 16;
 const AAD: &[u8] = b"lambda-microvm chunk v1";
 /// Decrypted chunks kept: 16 MiB.
 const CACHED_CHUNKS: usize = 32;
@@ -139,7 +138,7 @@ impl ChunkManifest {
 pub fn seal_chunk(plain: &[u8], key: &ChunkKey) -> (ChunkAddress, Vec<u8>) {
     let mut sealed = plain.to_vec();
     let tag = Cipher::new(key)
-        .seal_in_place(&[0; sealing::NONCE_LEN], AAD, &mut sealed)
+        .seal_in_place(&[0; NONCE_LEN], AAD, &mut sealed)
         .expect("AES-GCM seals any chunk up to 64 GiB");
     sealed.extend_from_slice(&tag);
     (Sha256::digest(&sealed).into(), sealed)
@@ -210,10 +209,10 @@ impl ChunkSource for ChunkedImage {
         if sealed.len() != expected + TAG_LEN {
             return Err(self.fail(index, "has the wrong length"));
         }
-        let tag: [u8; sealing::TAG_LEN] = sealed[expected..].try_into().expect("a 16-byte tag");
+        let tag: [u8; TAG_LEN] = sealed[expected..].try_into().expect("a 16-byte tag");
         sealed.truncate(expected);
         Cipher::new(&chunk.key)
-            .open_in_place(&[0; sealing::NONCE_LEN], AAD, &mut sealed, &tag)
+            .open_in_place(&[0; NONCE_LEN], AAD, &mut sealed, &tag)
             .map_err(|_| self.fail(index, "failed authentication"))?;
         Ok(sealed)
     }

@@ -26,8 +26,7 @@ use super::chunk_cache::{ChunkCache, ChunkSource};
 const MAGIC: &[u8; 8] = b"LMSEALD1";
 const VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 64;
-pub const NONCE_LEN: usize = 12;
-pub const TAG_LEN: usize = 16;
+pub use sealing::{NONCE_LEN, TAG_LEN};
 /// What each chunk adds to its plaintext on disk.
 pub const CHUNK_OVERHEAD: usize = NONCE_LEN + TAG_LEN;
 const MIN_CHUNK: u32 = 4096;
