@@ -208,6 +208,18 @@ impl FleetHost {
     }
 }
 
+/// Copies a front end's key service (its `keys` directory and its role
+/// credential issuer's key) into the data directory `to`.
+fn share_keys(from: &std::path::Path, to: &std::path::Path) {
+    let keys = to.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    for entry in std::fs::read_dir(from.join("keys")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), keys.join(entry.file_name())).unwrap();
+    }
+    std::fs::copy(from.join("issuer.key"), to.join("issuer.key")).unwrap();
+}
+
 fn fleet_flags(
     role: &str,
     name: &str,
@@ -301,8 +313,15 @@ impl TestFleet {
                 .unwrap_or_else(|log| panic!("{name} did not start:\n{log}"));
             worker_hosts.push(host);
         }
-        let mut started = Vec::new();
+        let mut started: Vec<FleetHost> = Vec::new();
         for name in &front_end_names {
+            // A fleet's front ends share one key service (docs/fleet.md):
+            // the second and later ones start with copies of the first's
+            // keys.
+            let data = dir(name);
+            if let Some(first) = started.first() {
+                share_keys(&first.data, &data);
+            }
             let namespace = network.namespace();
             let mut flags = fleet_flags(
                 "front-end",
@@ -315,7 +334,7 @@ impl TestFleet {
                 "--listen".to_string(),
                 format!("{}:{API_PORT}", namespace.address),
             ]);
-            let front_end = FleetHost::start(name, dir(name), namespace, flags, log_filter)
+            let front_end = FleetHost::start(name, data, namespace, flags, log_filter)
                 .unwrap_or_else(|log| panic!("front end {name} did not start:\n{log}"));
             started.push(front_end);
         }

@@ -1,10 +1,10 @@
 //! A fleet on etcd, end to end, on one machine: etcd, a front end and
 //! three worker hosts, each a process in a network namespace of its own
 //! with its own address (`microvm_tests::fleet`), every connection between
-//! them mutual TLS. Placement, provisioned concurrency, reserved
-//! concurrency across two front ends, a host killed or cut off, etcd and
-//! the front end restarted under load, strangers refused, and boto3
-//! against the front end.
+//! them mutual TLS. Placement, provisioned concurrency, functions and
+//! reserved concurrency shared by two front ends, a host killed or cut
+//! off, etcd and the front end restarted under load, strangers refused,
+//! and boto3 against the front end.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -567,25 +567,27 @@ fn reserved_concurrency_is_counted_across_front_ends() {
     let clients = [fleet.client_of(0), fleet.client_of(1)];
     let runtime = client_runtime();
     let wasm = wat::parse_str(ECHO_WAT).unwrap();
-    // The front ends do not share metadata yet: each has the function,
-    // under the same account and name, with the same reservation.
+    // Made through one front end, the function and its reservation are
+    // the other's too.
     runtime.block_on(async {
-        for client in &clients {
-            client
-                .create_wasm_function("echo", &wasm, 10)
-                .await
-                .unwrap();
-            client
-                .call(
-                    Method::PUT,
-                    "/2017-10-31/functions/echo/concurrency",
-                    None,
-                    serde_json::json!({ "ReservedConcurrentExecutions": RESERVED }),
-                    200,
-                )
-                .await
-                .unwrap();
-        }
+        clients[0]
+            .create_wasm_function("echo", &wasm, 10)
+            .await
+            .unwrap();
+        clients[0]
+            .call(
+                Method::PUT,
+                "/2017-10-31/functions/echo/concurrency",
+                None,
+                serde_json::json!({ "ReservedConcurrentExecutions": RESERVED }),
+                200,
+            )
+            .await
+            .unwrap();
+        until_on(&clients[1], "/2019-09-30/functions/echo/concurrency", |v| {
+            v["ReservedConcurrentExecutions"] == RESERVED
+        })
+        .await;
     });
     // Both front ends at once, each with more callers than the
     // reservation, each invoking one after another for a while: busy ("spin",
@@ -673,4 +675,166 @@ fn reserved_concurrency_is_counted_across_front_ends() {
         statuses
     });
     assert_eq!(again, [200; RESERVED]);
+}
+
+/// Polls GET `path` on `client` until its answer passes `done`; returns
+/// how long that took.
+async fn until_on(
+    client: &LambdaClient,
+    path: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    let (path, query) = match path.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path, None),
+    };
+    loop {
+        let answer = client
+            .call(Method::GET, path, query, serde_json::json!({}), 200)
+            .await;
+        match answer {
+            Ok(v) if done(&v) => return started.elapsed(),
+            other => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "GET {path}: still {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[test]
+fn front_ends_share_functions_versions_aliases_and_code() {
+    if !needs_root("fleet::front_ends_share_functions_versions_aliases_and_code") {
+        return;
+    }
+    let mut fleet = TestFleet::start_with_front_ends(1, 2, &[], "info");
+    let (fe, fe2) = (fleet.client_of(0), fleet.client_of(1));
+    let runtime = client_runtime();
+    let echo = wat::parse_str(ECHO_WAT).unwrap();
+    // The same function answering {"ohce":...} instead.
+    let ohce = wat::parse_str(ECHO_WAT.replace(r#""{\"echo\":""#, r#""{\"ohce\":""#)).unwrap();
+    assert_ne!(echo, ohce);
+    runtime.block_on(async {
+        // Made on fe, served by fe2, which fetches the code from fe (it
+        // has none of its own) and starts the environment on a host.
+        fe.create_wasm_function("echo", &echo, 10).await.unwrap();
+        let seen = until_on(&fe2, "/2015-03-31/functions/echo", |_| true).await;
+        println!("a new function reached the other front end in {seen:?}");
+        let first = fe2
+            .invoke("echo", Bytes::from_static(b"{\"n\":1}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            first.status,
+            200,
+            "{first:?}\n{}",
+            fleet.front_ends[1].process.log()
+        );
+        assert_eq!(first.body, echoed("{\"n\":1}"));
+
+        // Both front ends create the same function at once: one does.
+        let racing: Vec<_> = [fe.clone(), fe2.clone()]
+            .into_iter()
+            .map(|client| {
+                let wasm = echo.clone();
+                tokio::spawn(async move { client.create_wasm_function("race", &wasm, 10).await })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for call in racing {
+            outcomes.push(call.await.unwrap());
+        }
+        let created = outcomes.iter().filter(|o| o.is_ok()).count();
+        assert_eq!(created, 1, "{outcomes:?}");
+        assert!(
+            outcomes
+                .iter()
+                .any(|o| o.as_ref().is_err_and(|e| e.contains("409"))),
+            "{outcomes:?}"
+        );
+
+        // New code through fe2 is what fe runs next.
+        let zip = microvm_tests::lambda_client::zip_one("function.wasm", &ohce);
+        let updated = fe2
+            .call(
+                Method::PUT,
+                "/2015-03-31/functions/echo/code",
+                None,
+                serde_json::json!({
+                    "ZipFile": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &zip)
+                }),
+                200,
+            )
+            .await
+            .unwrap();
+        let sha = updated["CodeSha256"].clone();
+        until_on(&fe, "/2015-03-31/functions/echo", |v| {
+            v["Configuration"]["CodeSha256"] == sha
+        })
+        .await;
+        let after = fe.invoke("echo", Bytes::from_static(b"2")).await.unwrap();
+        assert_eq!(after.body, "{\"ohce\":2}", "{after:?}");
+
+        // A version published on fe, an alias to it made on fe2, invoked
+        // through fe.
+        let version = fe.publish_version("echo").await.unwrap();
+        until_on(
+            &fe2,
+            &format!("/2015-03-31/functions/echo/configuration?Qualifier={version}"),
+            |_| true,
+        )
+        .await;
+        fe2.call(
+            Method::POST,
+            "/2015-03-31/functions/echo/aliases",
+            None,
+            serde_json::json!({ "Name": "live", "FunctionVersion": version }),
+            201,
+        )
+        .await
+        .unwrap();
+        until_on(&fe, "/2015-03-31/functions/echo/aliases/live", |_| true).await;
+        let live = fe
+            .invoke("echo:live", Bytes::from_static(b"3"))
+            .await
+            .unwrap();
+        assert_eq!(live.body, "{\"ohce\":3}", "{live:?}");
+
+        // Deleted on fe2, gone on fe.
+        fe2.call(
+            Method::DELETE,
+            "/2015-03-31/functions/echo",
+            None,
+            serde_json::json!({}),
+            204,
+        )
+        .await
+        .unwrap();
+        let started = Instant::now();
+        loop {
+            let gone = fe.invoke("echo", Bytes::from_static(b"4")).await.unwrap();
+            if gone.status == 404 {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{gone:?}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    // A front end started again reads the fleet's functions from etcd,
+    // including those made while it was down.
+    fleet.front_ends[1].process.kill();
+    runtime
+        .block_on(fe.create_wasm_function("later", &echo, 10))
+        .unwrap();
+    fleet.front_ends[1].restart("info");
+    let fe2 = fleet.client_of(1);
+    runtime.block_on(async {
+        for name in ["race", "later"] {
+            until_on(&fe2, &format!("/2015-03-31/functions/{name}"), |_| true).await;
+        }
+        let later = fe2.invoke("later", Bytes::from_static(b"5")).await.unwrap();
+        assert_eq!(later.body, echoed("5"), "{later:?}");
+    });
 }

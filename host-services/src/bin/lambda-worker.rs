@@ -15,6 +15,7 @@ use host_services::api;
 use host_services::control_plane::backup::spawn_backups;
 use host_services::control_plane::functions::ControlPlane;
 use host_services::control_plane::model::runtime;
+use host_services::control_plane::shared_state::StateReplica;
 use host_services::control_plane::store::Store;
 use host_services::data_plane::environment::{LinuxGuest, MicroVmImage};
 use host_services::data_plane::fleet_router::{front_end_endpoints, FleetRouter};
@@ -511,6 +512,22 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .with_issuer(roles.clone());
     let store = Store::open(&args.data_dir).map_err(|e| e.to_string())?;
+    // A front end's functions are the fleet's: its store replicates them.
+    let store = match &fleet {
+        Some(fleet) => {
+            let replica = StateReplica::start(
+                fleet.etcd.clone(),
+                store.clone(),
+                &fleet.tls.name,
+                fleet.peers.clone(),
+                &keys.fingerprint(),
+            )
+            .await
+            .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
+            store.replicated(replica)
+        }
+        None => store,
+    };
     if args.backup_every > 0 {
         spawn_backups(
             store.clone(),
@@ -531,7 +548,7 @@ async fn run(args: Args) -> Result<(), String> {
             }
         }
     }
-    let control = ControlPlane::new(store, &args.data_dir, keys.clone(), linux_runtimes)
+    let control = ControlPlane::new(store.clone(), &args.data_dir, keys.clone(), linux_runtimes)
         .map_err(|e| format!("--data-dir {}: {e}", args.data_dir.display()))?;
     if args.rotate_master_key {
         keys.rotate().map_err(|e| e.to_string())?;
@@ -561,7 +578,7 @@ async fn run(args: Args) -> Result<(), String> {
                 .serve(
                     Role::FrontEnd,
                     0,
-                    front_end_endpoints(keys.clone(), artifacts_dir),
+                    front_end_endpoints(keys.clone(), artifacts_dir, store),
                 )
                 .await?;
             let concurrency =

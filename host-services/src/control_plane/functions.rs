@@ -652,8 +652,10 @@ impl ControlPlane {
                     req.runtime.is_some() || req.handler.is_some() || req.layers.is_some(),
                     image_config.is_some(),
                 )?;
-                if let Some(image_config) = image_config {
-                    latest.image_config_response = Some(ImageConfigResponse { image_config });
+                if let Some(image_config) = &image_config {
+                    latest.image_config_response = Some(ImageConfigResponse {
+                        image_config: image_config.clone(),
+                    });
                 }
                 if latest.package_type != IMAGE {
                     if let Some(arns) = &req.layers {
@@ -682,8 +684,8 @@ impl ControlPlane {
                 if let Some(env) = &req.environment {
                     latest.environment = Some(env.clone());
                 }
-                if let Some(s) = snap_start {
-                    latest.snap_start.apply_on = s.apply_on;
+                if let Some(s) = &snap_start {
+                    latest.snap_start.apply_on = s.apply_on.clone();
                 }
                 Ok(())
             },
@@ -696,7 +698,7 @@ impl ControlPlane {
         reference: &FunctionRef,
         expected_revision: Option<&str>,
         publish_after: bool,
-        change: impl FnOnce(&Txn, &mut FunctionConfiguration) -> Result<(), ApiError>,
+        mut change: impl FnMut(&Txn, &mut FunctionConfiguration) -> Result<(), ApiError>,
     ) -> Result<FunctionConfiguration, ApiError> {
         if reference.qualifier.as_deref().is_some_and(|q| q != LATEST) {
             return Err(ApiError::invalid("only $LATEST can be updated"));
@@ -734,7 +736,7 @@ impl ControlPlane {
                     )));
                 }
             }
-            let out = publish(t, &mut record, account, req.description)?;
+            let out = publish(t, &mut record, account, req.description.clone())?;
             t.put(FUNCTIONS, &function_key(account, &reference.name), &record)?;
             Ok(out)
         })
@@ -774,7 +776,7 @@ impl ControlPlane {
             let Some(mut config) = t.get::<FunctionConfiguration>(VERSIONS, &key)? else {
                 return Ok(());
             };
-            match result {
+            match &result {
                 Ok(()) => {
                     config.state = "Active".into();
                     config.state_reason = None;
@@ -782,7 +784,7 @@ impl ControlPlane {
                 }
                 Err(reason) => {
                     config.state = "Failed".into();
-                    config.state_reason = Some(reason);
+                    config.state_reason = Some(reason.clone());
                     config.state_reason_code = Some("FunctionError".into());
                 }
             }
@@ -1047,7 +1049,7 @@ impl ControlPlane {
         &self,
         account: &AccountId,
         name: &str,
-        change: impl FnOnce(&mut FunctionRecord) -> Result<T, ApiError>,
+        mut change: impl FnMut(&mut FunctionRecord) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         self.store.write(|t| {
             let mut record = get_record(t, account, name)?;
@@ -1266,8 +1268,7 @@ impl ControlPlane {
         let key = code_key(account, sha);
         let sealed = self
             .store
-            .read()?
-            .get_bytes(CODE, &key)?
+            .code(&key)?
             .ok_or_else(|| ApiError::Service(format!("code {sha} is missing")))?;
         self.open_code(&key, &sealed)
     }

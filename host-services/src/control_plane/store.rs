@@ -2,15 +2,22 @@
 //! directory: functions, versions, aliases, layers, function code and the
 //! queue of asynchronous events. Each API call is one transaction, so a
 //! crash leaves either all of a call's changes or none.
+//!
+//! A fleet's front ends share the [`SHARED`] tables: each front end's redb
+//! holds a replica, kept by a [`Replication`] (etcd's, in
+//! `fleet/shared_state.rs`), and a transaction that changes them is
+//! committed there, only if no other front end changed them since the
+//! replica it read; otherwise it runs again on the newer replica.
 
+use std::cell::RefCell;
 use std::ops::Bound;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
-    WriteTransaction,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, TableHandle, WriteTransaction,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -35,7 +42,15 @@ pub const EVENTS: Docs = TableDefinition::new("events");
 /// `ACCOUNT/NAME/QUALIFIER` → a provisioned concurrency config.
 pub const PROVISIONED: Docs = TableDefinition::new("provisioned");
 
-const ALL: [Docs; 8] = [
+/// `ACCOUNT/SHA256/HOST` → null: in a fleet, a front end that holds that
+/// code. Code stays on the front end that took it (ZIPs are too large for
+/// etcd's values); another one fetches it, sealed, when it first needs it.
+pub const CODE_HOLDERS: Docs = TableDefinition::new("code_holders");
+/// `generation` → the fleet's revision of the shared tables this replica
+/// has applied (0 outside a fleet).
+pub const REPLICA: Docs = TableDefinition::new("replica");
+
+const ALL: [Docs; 10] = [
     FUNCTIONS,
     VERSIONS,
     ALIASES,
@@ -44,7 +59,62 @@ const ALL: [Docs; 8] = [
     CODE,
     EVENTS,
     PROVISIONED,
+    CODE_HOLDERS,
+    REPLICA,
 ];
+
+/// The tables a fleet's front ends share. The others are each front end's
+/// own: the code it took, the Event invocations it accepted.
+pub const SHARED: [Docs; 7] = [
+    FUNCTIONS,
+    VERSIONS,
+    ALIASES,
+    LAYERS,
+    DELETED_LAYERS,
+    PROVISIONED,
+    CODE_HOLDERS,
+];
+
+const GENERATION: &str = "generation";
+
+/// Times a transaction on shared tables runs before it gives up, when
+/// other front ends' changes keep coming first.
+const WRITE_ATTEMPTS: usize = 16;
+
+/// The shared table named `name`.
+pub fn shared_table(name: &str) -> Option<Docs> {
+    SHARED.into_iter().find(|t| t.name() == name)
+}
+
+/// One change a transaction made.
+#[derive(Clone)]
+pub struct Write {
+    pub table: Docs,
+    pub key: String,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put(Vec<u8>),
+    Remove,
+    /// Every key under `key/`.
+    RemovePrefix,
+}
+
+/// Where a fleet front end's shared tables are agreed on.
+pub trait Replication: Send + Sync {
+    /// Makes `writes` (all on shared tables) the fleet's, if the shared
+    /// tables are still at `generation`, and returns once this replica has
+    /// applied them. `Ok(false)`: another change came first; this replica
+    /// has applied it when this returns, and the caller runs its
+    /// transaction again.
+    fn commit(&self, generation: i64, writes: &[Write]) -> Result<bool, StoreError>;
+    /// This front end's name in [`CODE_HOLDERS`].
+    fn holder(&self) -> &str;
+    /// The sealed code stored under `key` by one of `holders`.
+    fn fetch_code(&self, key: &str, holders: &[String]) -> Result<Vec<u8>, StoreError>;
+}
 
 /// The state file's name in the data directory.
 pub const STATE_FILE: &str = "state.redb";
@@ -62,6 +132,9 @@ pub enum StoreError {
     /// damage it finds); the call fails, the worker goes on.
     #[error("the state file could not be read ({0}); the call was not carried out")]
     Unreadable(String),
+    /// The fleet's shared state could not be reached or agreed on.
+    #[error("the fleet's shared state: {0}; the call was not carried out")]
+    Shared(String),
     #[error("stored record {key:?} in {table} is corrupt: {source}")]
     Corrupt {
         table: String,
@@ -91,6 +164,7 @@ from_redb!(
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    replication: Option<Arc<dyn Replication>>,
 }
 
 /// A key for records that sort by number: versions sort numerically.
@@ -190,6 +264,8 @@ record_reads!(Snapshot);
 /// A write transaction: reads see its own writes.
 pub struct Txn {
     tx: WriteTransaction,
+    /// Its changes, kept when they may have to be committed elsewhere.
+    writes: Option<RefCell<Vec<Write>>>,
 }
 
 impl Txn {
@@ -199,28 +275,56 @@ impl Txn {
     }
 
     pub fn put_bytes(&self, table: Docs, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        guarded(|| {
-            self.tx.open_table(table)?.insert(key, bytes)?;
-            Ok(())
+        self.apply(&Write {
+            table,
+            key: key.to_string(),
+            change: Change::Put(bytes.to_vec()),
         })
     }
 
     pub fn remove(&self, table: Docs, key: &str) -> Result<(), StoreError> {
-        guarded(|| {
-            self.tx.open_table(table)?.remove(key)?;
-            Ok(())
+        self.apply(&Write {
+            table,
+            key: key.to_string(),
+            change: Change::Remove,
         })
     }
 
     /// Removes every record under `prefix/`.
     pub fn remove_prefix(&self, table: Docs, prefix: &str) -> Result<(), StoreError> {
-        guarded(|| {
-            let start = format!("{prefix}/");
-            self.tx
-                .open_table(table)?
-                .retain(|k, _| !k.starts_with(&start))?;
-            Ok(())
+        self.apply(&Write {
+            table,
+            key: prefix.to_string(),
+            change: Change::RemovePrefix,
         })
+    }
+
+    fn apply(&self, write: &Write) -> Result<(), StoreError> {
+        guarded(|| {
+            let mut table = self.tx.open_table(write.table)?;
+            match &write.change {
+                Change::Put(bytes) => {
+                    table.insert(write.key.as_str(), bytes.as_slice())?;
+                }
+                Change::Remove => {
+                    table.remove(write.key.as_str())?;
+                }
+                Change::RemovePrefix => {
+                    let start = format!("{}/", write.key);
+                    table.retain(|k, _| !k.starts_with(&start))?;
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(writes) = &self.writes {
+            writes.borrow_mut().push(write.clone());
+        }
+        Ok(())
+    }
+
+    /// The fleet's revision of the shared tables this transaction reads.
+    fn generation(&self) -> Result<i64, StoreError> {
+        Ok(self.get(REPLICA, GENERATION)?.unwrap_or(0))
     }
 }
 
@@ -278,7 +382,10 @@ impl Store {
         if existed {
             guarded(|| Ok(db.check_integrity()?)).map_err(|e| damaged(cause(&e)))?;
         }
-        let store = Store { db: Arc::new(db) };
+        let store = Store {
+            db: Arc::new(db),
+            replication: None,
+        };
         store
             .write(|t| {
                 for table in ALL {
@@ -335,17 +442,144 @@ impl Store {
         })
     }
 
+    /// This store with its shared tables replicated by `replication`.
+    pub fn replicated(self, replication: Arc<dyn Replication>) -> Store {
+        Store {
+            replication: Some(replication),
+            ..self
+        }
+    }
+
+    fn begin(&self, recording: bool) -> Result<Txn, StoreError> {
+        Ok(Txn {
+            tx: guarded(|| Ok(self.db.begin_write()?))?,
+            writes: recording.then(RefCell::default),
+        })
+    }
+
     /// Runs `f` in one write transaction, committed only if `f` succeeds.
+    /// In a fleet, a transaction that changes shared tables may run more
+    /// than once (see the module's comment).
     pub fn write<T, E: From<StoreError>>(
         &self,
-        f: impl FnOnce(&Txn) -> Result<T, E>,
+        mut f: impl FnMut(&Txn) -> Result<T, E>,
     ) -> Result<T, E> {
-        let txn = Txn {
-            tx: guarded(|| Ok(self.db.begin_write()?))?,
+        let Some(replication) = &self.replication else {
+            let txn = self.begin(false)?;
+            let out = f(&txn)?;
+            guarded(|| Ok(txn.tx.commit()?))?;
+            return Ok(out);
         };
-        let out = f(&txn)?;
-        guarded(|| Ok(txn.tx.commit()?))?;
-        Ok(out)
+        for _ in 0..WRITE_ATTEMPTS {
+            let mut txn = self.begin(true)?;
+            let generation = txn.generation()?;
+            let out = f(&txn)?;
+            let writes = txn
+                .writes
+                .take()
+                .map(RefCell::into_inner)
+                .unwrap_or_default();
+            if !writes.iter().any(|w| is_shared(w.table)) {
+                guarded(|| Ok(txn.tx.commit()?))?;
+                return Ok(out);
+            }
+            // The shared changes are applied here by the replica once the
+            // fleet has them, not by this transaction.
+            drop(txn);
+            let (shared, local): (Vec<Write>, Vec<Write>) =
+                writes.into_iter().partition(|w| is_shared(w.table));
+            let mut shared = shared;
+            for write in &local {
+                if write.table.name() == CODE.name() && matches!(write.change, Change::Put(_)) {
+                    shared.push(Write {
+                        table: CODE_HOLDERS,
+                        key: format!("{}/{}", write.key, replication.holder()),
+                        change: Change::Put(b"null".to_vec()),
+                    });
+                }
+            }
+            // Local changes go first: code is named by its hash, so code
+            // kept by a transaction the fleet then refuses is harmless.
+            if !local.is_empty() {
+                self.apply(&local, None, false)?;
+            }
+            if replication.commit(generation, &shared)? {
+                return Ok(out);
+            }
+        }
+        Err(StoreError::Shared(format!(
+            "other front ends' changes came first {WRITE_ATTEMPTS} times"
+        ))
+        .into())
+    }
+
+    /// Applies `writes` in one transaction: the fleet's changes (then
+    /// `generation` is the revision they bring the shared tables to) or
+    /// this front end's own. `reset` empties the shared tables first, for
+    /// a whole fresh copy.
+    pub fn apply(
+        &self,
+        writes: &[Write],
+        generation: Option<i64>,
+        reset: bool,
+    ) -> Result<(), StoreError> {
+        let txn = self.begin(false)?;
+        if reset {
+            for table in SHARED {
+                guarded(|| Ok(txn.tx.open_table(table)?.retain(|_, _| false)?))?;
+            }
+        }
+        for write in writes {
+            txn.apply(write)?;
+        }
+        if let Some(generation) = generation {
+            txn.put(REPLICA, GENERATION, &generation)?;
+        }
+        guarded(|| Ok(txn.tx.commit()?))
+    }
+
+    /// The fleet's revision of the shared tables this replica holds.
+    pub fn generation(&self) -> Result<i64, StoreError> {
+        Ok(self.read()?.get(REPLICA, GENERATION)?.unwrap_or(0))
+    }
+
+    /// Whether any shared table holds a record.
+    pub fn has_shared_records(&self) -> Result<bool, StoreError> {
+        let read = self.read()?;
+        guarded(|| {
+            for table in SHARED {
+                if !read.tx.open_table(table)?.is_empty()? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+
+    /// The sealed code stored under `key`: this store's, or in a fleet
+    /// fetched from a front end that holds it (then kept here too, and
+    /// this front end recorded as one more holder).
+    pub fn code(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let read = self.read()?;
+        if let Some(code) = read.get_bytes(CODE, key)? {
+            return Ok(Some(code));
+        }
+        let Some(replication) = &self.replication else {
+            return Ok(None);
+        };
+        let holders: Vec<String> = read
+            .scan::<()>(CODE_HOLDERS, key)?
+            .into_iter()
+            .filter_map(|(k, ())| Some(k.rsplit_once('/')?.1.to_string()))
+            .filter(|holder| holder != replication.holder())
+            .collect();
+        drop(read);
+        if holders.is_empty() {
+            return Ok(None);
+        }
+        let code = replication.fetch_code(key, &holders)?;
+        self.write(|t| t.put_bytes(CODE, key, &code))?;
+        Ok(Some(code))
     }
 
     pub fn read(&self) -> Result<Snapshot, StoreError> {
@@ -355,6 +589,10 @@ impl Store {
             })
         })
     }
+}
+
+fn is_shared(table: Docs) -> bool {
+    shared_table(table.name()).is_some()
 }
 
 /// What went wrong, without the wrapping [`StoreError`]'s own words.

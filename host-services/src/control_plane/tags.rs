@@ -30,7 +30,7 @@ impl ControlPlane {
         let name = tagged_function(resource, account)?;
         validate_tags(&tags)?;
         self.update_record(account, &name, |record| {
-            record.tags.extend(tags);
+            record.tags.extend(tags.clone());
             validate_tags(&record.tags)
         })
     }

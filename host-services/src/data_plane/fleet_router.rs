@@ -4,7 +4,8 @@
 //! be reached is passed over before anything ran there; a host lost while
 //! it ran an invocation fails that invocation, which is never run twice by
 //! the front end. The front end also serves what worker hosts fetch from
-//! it: sealed artifacts and, for a valid grant, their data keys.
+//! it: sealed artifacts and, for a valid grant, their data keys; and to
+//! other front ends the code it took.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,6 +18,8 @@ use axum::routing::post;
 use bytes::Bytes;
 
 use crate::artifacts::sealed::GrantedArtifact;
+use crate::control_plane::shared_state::STORED_CODE;
+use crate::control_plane::store::{Store, CODE};
 use crate::data_plane::environment::Launch;
 use crate::data_plane::fleet_wire::{
     decode, encode, DataKeyRequest, InvokeAnswer, InvokeRequest, ProvisionAnswer, ProvisionRequest,
@@ -374,19 +377,31 @@ impl FleetRouter {
     }
 }
 
-/// What a front end serves its fleet: sealed artifacts, and data keys to
-/// the holders of valid grants.
-pub fn front_end_endpoints(keys: Arc<KeyService>, artifacts: PathBuf) -> axum::Router {
+/// What a front end serves its fleet: sealed artifacts and, to the
+/// holders of valid grants, their data keys; to other front ends, the
+/// code it took (sealed under the front ends' master keys, which no
+/// worker host has).
+pub fn front_end_endpoints(
+    keys: Arc<KeyService>,
+    artifacts: PathBuf,
+    store: Store,
+) -> axum::Router {
     axum::Router::new()
         .route(ARTIFACT, post(artifact))
         .route(DATA_KEY, post(data_key))
-        .with_state(Arc::new(FrontEndState { keys, artifacts }))
+        .route(STORED_CODE, post(stored_code))
+        .with_state(Arc::new(FrontEndState {
+            keys,
+            artifacts,
+            store,
+        }))
 }
 
 struct FrontEndState {
     keys: Arc<KeyService>,
     /// The artifact store's directory: no file outside it is served.
     artifacts: PathBuf,
+    store: Store,
 }
 
 fn bad_request(what: String) -> (StatusCode, String) {
@@ -437,6 +452,26 @@ async fn artifact(
         )),
         Err(refused) => answer(Err(refused)),
     }
+}
+
+async fn stored_code(
+    State(state): State<Arc<FrontEndState>>,
+    body: Bytes,
+) -> axum::response::Response {
+    let result = std::str::from_utf8(&body)
+        .map_err(|_| bad_request("a code key is text".into()))
+        .and_then(|key| {
+            match state
+                .store
+                .read()
+                .and_then(|read| read.get_bytes(CODE, key))
+            {
+                Ok(Some(code)) => Ok(Bytes::from(code)),
+                Ok(None) => Err((StatusCode::NOT_FOUND, format!("no code {key:?} here"))),
+                Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+            }
+        });
+    answer(result)
 }
 
 async fn data_key(

@@ -227,6 +227,19 @@ impl KeyService {
         Ok(self.wrap(artifact, &key))
     }
 
+    /// Names this service's grant key and first master key without
+    /// revealing them: a fleet's front ends must all hold the same ones.
+    pub fn fingerprint(&self) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.grant_key).expect("any key length");
+        mac.update(b"lambda-microvm key fingerprint v1\0");
+        let masters = self.masters.read().unwrap_or_else(|e| e.into_inner());
+        if let Some((version, key)) = masters.first_key_value() {
+            mac.update(&version.to_le_bytes());
+            mac.update(key);
+        }
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+
     fn grant_mac(&self, artifact: &ArtifactId, expires_ms: u64) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.grant_key).expect("any key length");
         mac.update(b"lambda-microvm grant v1\0");
