@@ -802,6 +802,21 @@ fn front_ends_share_functions_versions_aliases_and_code() {
             .unwrap();
         assert_eq!(live.body, "{\"ohce\":3}", "{live:?}");
 
+        // Provisioned concurrency set through fe2 is kept by the one front
+        // end leading provisioning; both report it READY.
+        fe2.provisioned_concurrency("echo", "live", Some(2))
+            .await
+            .unwrap();
+        for client in [&fe, &fe2] {
+            until_on(
+                client,
+                "/2019-09-30/functions/echo/provisioned-concurrency?Qualifier=live",
+                |v| v["Status"] == "READY" && v["AllocatedProvisionedConcurrentExecutions"] == 2,
+            )
+            .await;
+        }
+        assert_eq!(provisioned_on(&fleet.worker_hosts[0]), 2);
+
         // Deleted on fe2, gone on fe.
         fe2.call(
             Method::DELETE,
@@ -822,6 +837,12 @@ fn front_ends_share_functions_versions_aliases_and_code() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     });
+    // The deleted function's provisioned environments are let go.
+    wait_for(
+        "the provisioned environments to go",
+        Duration::from_secs(15),
+        || provisioned_on(&fleet.worker_hosts[0]) == 0,
+    );
     // A front end started again reads the fleet's functions from etcd,
     // including those made while it was down.
     fleet.front_ends[1].process.kill();

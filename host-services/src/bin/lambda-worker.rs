@@ -29,6 +29,7 @@ use host_services::data_plane::vmm_process::{JailIds, JailPool, JailSettings};
 use host_services::data_plane::worker::Worker;
 use host_services::fleet::concurrency::FleetConcurrency;
 use host_services::fleet::etcd as fleet_etcd;
+use host_services::fleet::leadership::Leadership;
 use host_services::fleet::membership::{HostRecord, Members, Registration, Role};
 use host_services::fleet::peers::PeerSet;
 use host_services::fleet::tls::FleetTls;
@@ -583,7 +584,17 @@ async fn run(args: Args) -> Result<(), String> {
                 .await?;
             let concurrency =
                 FleetConcurrency::new(fleet.etcd.clone(), registration.lease(), &fleet.tls.name);
-            let router = Arc::new(FleetRouter::new(fleet.peers.clone(), concurrency));
+            let provisioner = Leadership::new(
+                fleet.etcd.clone(),
+                registration.lease(),
+                &fleet.tls.name,
+                "provisioner",
+            );
+            let router = Arc::new(FleetRouter::new(
+                fleet.peers.clone(),
+                concurrency,
+                provisioner,
+            ));
             (
                 Placement::Fleet(router),
                 None,

@@ -28,6 +28,7 @@ use crate::data_plane::fleet_wire::{
 use crate::data_plane::router::{too_many, RouteError, Routed};
 use crate::error::ApiError;
 use crate::fleet::concurrency::FleetConcurrency;
+use crate::fleet::leadership::Leadership;
 use crate::fleet::membership::{HostRecord, Role};
 use crate::fleet::peers::PeerSet;
 use crate::fleet::transport::{answer, PeerError};
@@ -47,6 +48,9 @@ pub struct FleetRouter {
     in_flight: Mutex<HashMap<String, usize>>,
     /// Reserved concurrency, counted with the other front ends.
     concurrency: FleetConcurrency,
+    /// Whether this front end provisions for the fleet; the others only
+    /// read what the hosts hold.
+    provisioner: Leadership,
     /// Provisioned environments per version across the hosts, as the
     /// last reconciliation found them.
     provisioned: Mutex<HashMap<VersionKey, usize>>,
@@ -68,12 +72,17 @@ impl Drop for InFlight<'_> {
 }
 
 impl FleetRouter {
-    pub fn new(peers: Arc<PeerSet>, concurrency: FleetConcurrency) -> Self {
+    pub fn new(
+        peers: Arc<PeerSet>,
+        concurrency: FleetConcurrency,
+        provisioner: Leadership,
+    ) -> Self {
         FleetRouter {
             peers,
             warm: Mutex::default(),
             in_flight: Mutex::default(),
             concurrency,
+            provisioner,
             provisioned: Mutex::default(),
         }
     }
@@ -101,10 +110,19 @@ impl FleetRouter {
     /// hosts there are now, evenly, and has each host keep its share: a
     /// host that left (crashed, cut off) has its share spread over the
     /// others at the next pass. Returns the versions that fell short.
+    /// Only the front end leading provisioning changes anything; the
+    /// others learn what the hosts hold, for the configs' status.
     pub async fn reconcile_provisioned(
         &self,
         targets: &[(Launch, usize)],
     ) -> Vec<(VersionKey, RouteError)> {
+        let observe = match self.provisioner.held().await {
+            Ok(leading) => !leading,
+            Err(e) => {
+                tracing::warn!("provisioned concurrency: who leads it: {e}");
+                true
+            }
+        };
         let hosts = self.peers.hosts(Role::WorkerHost);
         let mut failures: HashMap<VersionKey, RouteError> = HashMap::new();
         let mut wires = Vec::new();
@@ -121,6 +139,7 @@ impl FleetRouter {
             // Host i takes n / hosts, and one more while i < n % hosts.
             let share = |n: usize| n / hosts.len() + usize::from(i < n % hosts.len());
             let request = ProvisionRequest {
+                observe,
                 front_end: self.peers.tls.name.clone(),
                 targets: wires
                     .iter()

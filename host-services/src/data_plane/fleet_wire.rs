@@ -208,6 +208,9 @@ impl WireFailure {
 pub struct ProvisionRequest {
     pub front_end: String,
     pub targets: Vec<(VersionKey, WireLaunch, usize)>,
+    /// Only report what the host holds of the targets' versions, changing
+    /// nothing: from a front end that does not lead provisioning.
+    pub observe: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -178,6 +178,12 @@ async fn provision(State(host): State<Arc<HostService>>, body: Bytes) -> axum::r
         Err(e) => return crate::fleet::transport::answer(Err((StatusCode::BAD_REQUEST, e))),
     };
     let mut answer = ProvisionAnswer::default();
+    if request.observe {
+        for (key, _, _) in request.targets {
+            report(&mut answer, &host.router, key);
+        }
+        return crate::fleet::transport::answer(Ok(encode(&answer)));
+    }
     let mut targets = Vec::new();
     for (key, wire, n) in request.targets {
         match host.launch(wire, &key, &request.front_end).await {
@@ -195,17 +201,19 @@ async fn provision(State(host): State<Arc<HostService>>, body: Bytes) -> axum::r
         };
         answer.failures.push((key, failure));
     }
-    for (launch, _) in &targets {
-        let key = &launch.key;
-        answer
-            .provisioned
-            .push((key.clone(), host.router.provisioned(key)));
-        answer.idle.push((
-            key.clone(),
-            host.router.idle(key).min(u32::MAX as usize) as u32,
-        ));
+    for (launch, _) in targets {
+        report(&mut answer, &host.router, launch.key);
     }
     crate::fleet::transport::answer(Ok(encode(&answer)))
+}
+
+/// Adds what this host holds of `key` (provisioned, idle) to `answer`.
+fn report(answer: &mut ProvisionAnswer, router: &InvokeRouter, key: VersionKey) {
+    answer
+        .provisioned
+        .push((key.clone(), router.provisioned(&key)));
+    let idle = router.idle(&key).min(u32::MAX as usize) as u32;
+    answer.idle.push((key, idle));
 }
 
 async fn retire(State(host): State<Arc<HostService>>, body: Bytes) -> axum::response::Response {
