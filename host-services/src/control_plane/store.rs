@@ -479,16 +479,9 @@ impl Store {
                 .take()
                 .map(RefCell::into_inner)
                 .unwrap_or_default();
-            if !writes.iter().any(|w| is_shared(w.table)) {
-                guarded(|| Ok(txn.tx.commit()?))?;
-                return Ok(out);
-            }
-            // The shared changes are applied here by the replica once the
-            // fleet has them, not by this transaction.
-            drop(txn);
-            let (shared, local): (Vec<Write>, Vec<Write>) =
+            let (mut shared, local): (Vec<Write>, Vec<Write>) =
                 writes.into_iter().partition(|w| is_shared(w.table));
-            let mut shared = shared;
+            // Code stays here; the fleet learns that this front end holds it.
             for write in &local {
                 if write.table.name() == CODE.name() && matches!(write.change, Change::Put(_)) {
                     shared.push(Write {
@@ -498,6 +491,13 @@ impl Store {
                     });
                 }
             }
+            if shared.is_empty() {
+                guarded(|| Ok(txn.tx.commit()?))?;
+                return Ok(out);
+            }
+            // The shared changes are applied here by the replica once the
+            // fleet has them, not by this transaction.
+            drop(txn);
             // Local changes go first: code is named by its hash, so code
             // kept by a transaction the fleet then refuses is harmless.
             if !local.is_empty() {
@@ -650,6 +650,106 @@ mod tests {
         let versions: Vec<(String, String)> = store.read().unwrap().scan(VERSIONS, "a/f").unwrap();
         let values: Vec<&str> = versions.iter().map(|(_, v)| v.as_str()).collect();
         assert_eq!(values, ["two", "ten"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A fleet of one front end, in memory: commits apply at once,
+    /// unless told to refuse the next ones; code comes from `elsewhere`.
+    struct OneFrontEnd {
+        store: Store,
+        commits: std::sync::Mutex<Vec<Vec<(String, String)>>>,
+        refuse: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Replication for OneFrontEnd {
+        fn commit(&self, generation: i64, writes: &[Write]) -> Result<bool, StoreError> {
+            if self.refuse.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                self.refuse
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                // Another front end's change came first.
+                self.store.apply(&[], Some(generation + 1), false)?;
+                return Ok(false);
+            }
+            self.commits.lock().unwrap().push(
+                writes
+                    .iter()
+                    .map(|w| (w.table.name().to_string(), w.key.clone()))
+                    .collect(),
+            );
+            self.store.apply(writes, Some(generation + 1), false)?;
+            Ok(true)
+        }
+
+        fn holder(&self) -> &str {
+            "fe2"
+        }
+
+        fn fetch_code(&self, key: &str, holders: &[String]) -> Result<Vec<u8>, StoreError> {
+            assert_eq!(holders, ["fe"]);
+            Ok(format!("sealed {key}").into_bytes())
+        }
+    }
+
+    #[test]
+    fn in_a_fleet_shared_writes_commit_there_code_stays_here_and_refused_ones_run_again() {
+        let dir = temp_dir("replicated");
+        let plain = Store::open(&dir).unwrap();
+        let fleet = Arc::new(OneFrontEnd {
+            store: plain.clone(),
+            commits: Default::default(),
+            refuse: 2.into(),
+        });
+        let store = plain.clone().replicated(fleet.clone());
+        let mut runs = 0;
+        store
+            .write(|t| {
+                runs += 1;
+                t.put(FUNCTIONS, "a/f", &"f")?;
+                t.put_bytes(CODE, "a/sha", b"zip")?;
+                t.put(EVENTS, "e1", &"event")
+            })
+            .unwrap();
+        assert_eq!(runs, 3, "refused twice, then committed");
+        let commits = fleet.commits.lock().unwrap().clone();
+        let committed: Vec<(&str, &str)> = commits[0]
+            .iter()
+            .map(|(t, k)| (t.as_str(), k.as_str()))
+            .collect();
+        assert_eq!(
+            committed,
+            [("functions", "a/f"), ("code_holders", "a/sha/fe2")]
+        );
+        let read = store.read().unwrap();
+        assert_eq!(read.get_bytes(CODE, "a/sha").unwrap().unwrap(), b"zip");
+        assert_eq!(read.get::<String>(EVENTS, "e1").unwrap().unwrap(), "event");
+        assert_eq!(store.generation().unwrap(), 3);
+
+        // Code another front end holds is fetched once, kept, and this
+        // front end becomes a holder too.
+        plain
+            .apply(
+                &[Write {
+                    table: CODE_HOLDERS,
+                    key: "a/other/fe".into(),
+                    change: Change::Put(b"null".to_vec()),
+                }],
+                None,
+                false,
+            )
+            .unwrap();
+        assert_eq!(store.code("a/other").unwrap().unwrap(), b"sealed a/other");
+        assert!(store
+            .read()
+            .unwrap()
+            .get_bytes(CODE, "a/other")
+            .unwrap()
+            .is_some());
+        let last = fleet.commits.lock().unwrap().last().unwrap().clone();
+        assert_eq!(
+            last,
+            [("code_holders".to_string(), "a/other/fe2".to_string())]
+        );
+        assert_eq!(store.code("a/missing").unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
