@@ -6,7 +6,11 @@
 //! boot by boot, the time from the boot-timer write to that `/next`: the
 //! guest's own part, which the host's process and VM set-up do not move.
 //!
-//! usage: runtime_boot_bench [--runs N] [--against DIR]
+//! usage: runtime_boot_bench [--runs N] [--against DIR] [--idle K]
+//!
+//! `--idle K` boots with K other microVMs alive, booted and waiting for
+//! their first event, as a worker's warm environments wait between
+//! invocations.
 //!
 //! `--against DIR` measures another build beside this one, boot by boot in
 //! turn, so that both see the same host: DIR holds its `vmm` and
@@ -115,7 +119,57 @@ impl Build {
     }
 }
 
+/// A booted microVM waiting for its first event, which never comes: what
+/// a warm environment is between invocations.
+struct IdleVm {
+    vmm: std::process::Child,
+    _api: std::os::unix::net::UnixStream,
+}
+
+impl Drop for IdleVm {
+    fn drop(&mut self) {
+        let _ = self.vmm.kill();
+        let _ = self.vmm.wait();
+    }
+}
+
+/// A microVM of `build` spawned in `dir`, once its guest asked for its
+/// first event: the VMM, its Runtime API connection (open), and when it
+/// was spawned (the clock then, and on CLOCK_MONOTONIC) and asked.
+struct Booted {
+    vmm: std::process::Child,
+    api: std::os::unix::net::UnixStream,
+    spawned_at: u64,
+    first_next: Duration,
+}
+
 fn boot_once(dir: &Path, image: &Path, build: &Build) -> Result<Sample, String> {
+    let Booted {
+        mut vmm,
+        api,
+        spawned_at,
+        first_next,
+    } = boot(dir, image, build)?;
+    drop(api);
+    let _ = vmm.kill();
+    let mut stderr = String::new();
+    if let Some(mut e) = vmm.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let _ = vmm.wait();
+    let (since_start, at) = boot_time_logged(&stderr)
+        .ok_or_else(|| format!("the VMM logged no boot time:\n{stderr}"))?;
+    let precedes = || format!("the boot timer's clock reading {at} precedes the spawn");
+    let to_timer = at.checked_sub(spawned_at).ok_or_else(precedes)?;
+    let to_start = to_timer.checked_sub(since_start).ok_or_else(precedes)?;
+    Ok(Sample {
+        vmm_start: Duration::from_micros(to_start),
+        boot_timer: Duration::from_micros(to_timer),
+        first_next,
+    })
+}
+
+fn boot(dir: &Path, image: &Path, build: &Build) -> Result<Booted, String> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let uds = dir.join("vsock");
@@ -133,7 +187,7 @@ fn boot_once(dir: &Path, image: &Path, build: &Build) -> Result<Sample, String> 
 
     let started = Instant::now();
     let spawned_at = monotonic_us();
-    let mut vmm = Command::new(&build.vmm)
+    let vmm = Command::new(&build.vmm)
         .arg("--kernel")
         .arg(&build.guest)
         .arg("--drive")
@@ -166,21 +220,10 @@ fn boot_once(dir: &Path, image: &Path, build: &Build) -> Result<Sample, String> 
             break started.elapsed();
         }
     };
-    drop(stream);
-    let _ = vmm.kill();
-    let mut stderr = String::new();
-    if let Some(mut e) = vmm.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
-    let _ = vmm.wait();
-    let (since_start, at) = boot_time_logged(&stderr)
-        .ok_or_else(|| format!("the VMM logged no boot time:\n{stderr}"))?;
-    let precedes = || format!("the boot timer's clock reading {at} precedes the spawn");
-    let to_timer = at.checked_sub(spawned_at).ok_or_else(precedes)?;
-    let to_start = to_timer.checked_sub(since_start).ok_or_else(precedes)?;
-    Ok(Sample {
-        vmm_start: Duration::from_micros(to_start),
-        boot_timer: Duration::from_micros(to_timer),
+    Ok(Booted {
+        vmm,
+        api: stream,
+        spawned_at,
         first_next,
     })
 }
@@ -222,7 +265,15 @@ fn median_difference_interval(a: &[Duration], b: &[Duration]) -> (f64, f64) {
 }
 
 fn main() {
-    let (runs, options) = microvm_tests::bench_args("runtime_boot_bench", &["against"]);
+    let (runs, options) = microvm_tests::bench_args("runtime_boot_bench", &["against", "idle"]);
+    let idle: usize = match options[1].as_deref().map(str::parse) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            eprintln!("runtime_boot_bench: --idle: not a number of microVMs");
+            std::process::exit(2);
+        }
+    };
     let mut builds = vec![Build::new(
         "this build".into(),
         vmm_binary(),
@@ -253,6 +304,24 @@ fn main() {
         if builds.len() > 1 { " of each build, in turn" } else { "" },
         hypervisor()
     );
+    // Warm environments stay alive between invocations: boots with K of
+    // them on the host show what they cost the next cold start.
+    let idle_vms: Vec<IdleVm> = (0..idle)
+        .map(|k| {
+            let booted = boot(&dir.with_extension(format!("idle-{k}")), &image, &builds[0])
+                .unwrap_or_else(|e| {
+                    eprintln!("idle microVM {k}: {e}");
+                    std::process::exit(1);
+                });
+            IdleVm {
+                vmm: booted.vmm,
+                _api: booted.api,
+            }
+        })
+        .collect();
+    if idle > 0 {
+        println!("{idle} idle microVMs alive (booted, waiting for their first event)");
+    }
     for i in 0..WARMUP + runs {
         // Neither build always boots first.
         let order: Vec<usize> = match i % 2 {
@@ -271,7 +340,11 @@ fn main() {
             }
         }
     }
+    drop(idle_vms);
     let _ = std::fs::remove_dir_all(&dir);
+    for k in 0..idle {
+        let _ = std::fs::remove_dir_all(dir.with_extension(format!("idle-{k}")));
+    }
     let _ = std::fs::remove_file(&image);
     let medians: Vec<(f64, f64)> = builds.iter().map(Build::report).collect();
     let (next, guest) = medians[0];
