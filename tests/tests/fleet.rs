@@ -859,3 +859,100 @@ fn front_ends_share_functions_versions_aliases_and_code() {
         assert_eq!(later.body, echoed("5"), "{later:?}");
     });
 }
+
+/// The requests whose `START` lines a front end's log of `function` holds.
+fn started_on(front_end: &microvm_tests::fleet::FleetHost, function: &str) -> BTreeSet<String> {
+    let log = front_end
+        .data
+        .join(format!("logs/111111111111/{function}/LATEST.log"));
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("START RequestId: "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_lost_front_ends_event_invocations_run_on_another() {
+    const EVENTS: usize = 20;
+    if !needs_root("fleet::a_lost_front_ends_event_invocations_run_on_another") {
+        return;
+    }
+    // One environment at a time, each event busy for about 100 ms: most
+    // of them are still queued when the front end that took them dies.
+    let mut fleet = TestFleet::start_with_front_ends(1, 2, &["--max-environments", "1"], "info");
+    let (fe, fe2) = (fleet.client_of(0), fleet.client_of(1));
+    let runtime = client_runtime();
+    let wasm = wat::parse_str(ECHO_WAT).unwrap();
+    let accepted: BTreeSet<String> = runtime.block_on(async {
+        fe.create_wasm_function("echo", &wasm, 10).await.unwrap();
+        until_on(&fe2, "/2015-03-31/functions/echo", |_| true).await;
+        let mut accepted = BTreeSet::new();
+        for _ in 0..EVENTS {
+            let r = fe
+                .request(
+                    Method::POST,
+                    "/2015-03-31/functions/echo/invocations",
+                    None,
+                    &[("x-amz-invocation-type", "Event")],
+                    Bytes::from_static(br#""spin""#),
+                )
+                .await
+                .unwrap();
+            assert_eq!(r.status, 202);
+            accepted.insert(r.headers["x-amzn-requestid"].to_str().unwrap().to_string());
+        }
+        // Their mirrors in etcd go out within milliseconds.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        accepted
+    });
+    fleet.front_ends[0].process.kill();
+    let killed = Instant::now();
+    let ran_on_fe = started_on(&fleet.front_ends[0], "echo");
+    loop {
+        let mut ran = started_on(&fleet.front_ends[1], "echo");
+        ran.extend(ran_on_fe.iter().cloned());
+        if accepted.is_subset(&ran) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "{} of {EVENTS} accepted events ran on fe, {} on fe2 within 30 s:\n{}\nh1:\n{}",
+            ran_on_fe.intersection(&accepted).count(),
+            started_on(&fleet.front_ends[1], "echo")
+                .intersection(&accepted)
+                .count(),
+            fleet.front_ends[1].process.log(),
+            fleet.worker_hosts[0].process.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let taken_over = started_on(&fleet.front_ends[1], "echo");
+    println!(
+        "{} of {EVENTS} events ran on fe before it was killed, {} on fe2, all {:.1} s after the kill",
+        ran_on_fe.intersection(&accepted).count(),
+        taken_over.intersection(&accepted).count(),
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(
+        !taken_over.is_empty(),
+        "fe2 took none over:\n{}",
+        fleet.front_ends[1].process.log()
+    );
+    assert!(fleet.front_ends[1]
+        .process
+        .log()
+        .contains("taken over from a front end that left"));
+    // fe, back, runs none of those fe2 took over.
+    fleet.front_ends[0].restart("info");
+    let log = fleet.front_ends[0].process.log();
+    std::thread::sleep(Duration::from_secs(2));
+    let again: Vec<String> = started_on(&fleet.front_ends[0], "echo")
+        .difference(&ran_on_fe)
+        .filter(|id| taken_over.contains(*id))
+        .cloned()
+        .collect();
+    assert!(again.is_empty(), "run again on fe: {again:?}\n{log}");
+}

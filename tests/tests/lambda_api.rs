@@ -364,3 +364,57 @@ fn data_files(root: &Path, dir: &Path) -> Vec<String> {
     files.sort();
     files
 }
+
+/// A caller that stops waiting mid-invocation (a client timing out, a
+/// fleet's front end lost) does not take the environment with it: the
+/// invocation runs to its end and the environment goes back to its
+/// worker, so a worker of one environment still serves the next call.
+#[test]
+fn a_caller_that_stops_waiting_costs_the_worker_no_environment() {
+    use bytes::Bytes;
+    use microvm_tests::lambda_client::LambdaClient;
+    let data = data_dir("caller-gone");
+    let worker = RunningWorker::start(
+        &data,
+        &["--no-jail", "--workers", "1", "--max-environments", "1"],
+        "info",
+    );
+    let (key, secret, _) = microvm_tests::worker::ACCOUNT_A;
+    let client = LambdaClient::new(&worker.address, key, secret);
+    let runtime = client_runtime();
+    runtime.block_on(async {
+        let wasm = wat::parse_str(ECHO_WAT).unwrap();
+        client
+            .create_wasm_function("echo", &wasm, 10)
+            .await
+            .unwrap();
+        for round in 0..3 {
+            // A busy invocation (about 100 ms), abandoned after 30 ms.
+            let abandoned = tokio::time::timeout(
+                Duration::from_millis(30),
+                client.invoke("echo", Bytes::from_static(br#""spin""#)),
+            )
+            .await;
+            assert!(abandoned.is_err(), "round {round}: it answered in 30 ms");
+            // Throttled while the abandoned one still runs; served after.
+            let started = Instant::now();
+            let next = loop {
+                let next = client
+                    .invoke("echo", Bytes::from(format!("{round}")))
+                    .await
+                    .unwrap();
+                if next.status != 429 || started.elapsed() > Duration::from_secs(5) {
+                    break next;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert_eq!(
+                next.body,
+                format!("{{\"echo\":{round}}}"),
+                "round {round}: {next:?}\n{}",
+                worker.log()
+            );
+        }
+    });
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -29,6 +29,7 @@ use host_services::data_plane::vmm_process::{JailIds, JailPool, JailSettings};
 use host_services::data_plane::worker::Worker;
 use host_services::fleet::concurrency::FleetConcurrency;
 use host_services::fleet::etcd as fleet_etcd;
+use host_services::fleet::event_ledger::EventLedger;
 use host_services::fleet::leadership::Leadership;
 use host_services::fleet::membership::{HostRecord, Members, Registration, Role};
 use host_services::fleet::peers::PeerSet;
@@ -590,10 +591,13 @@ async fn run(args: Args) -> Result<(), String> {
                 &fleet.tls.name,
                 "provisioner",
             );
+            let events =
+                EventLedger::start(fleet.etcd.clone(), registration.lease(), &fleet.tls.name);
             let router = Arc::new(FleetRouter::new(
                 fleet.peers.clone(),
                 concurrency,
                 provisioner,
+                events,
             ));
             (
                 Placement::Fleet(router),

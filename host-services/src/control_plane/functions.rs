@@ -2,9 +2,9 @@
 //! of each account, kept in the [`Store`]. HTTP lives in [`crate::api`];
 //! this module holds the rules.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -95,6 +95,11 @@ pub struct ControlPlane {
     /// The Linux runtimes this worker can start: `provided.*` with a
     /// Linux guest, managed ones with their runtime images too.
     linux_runtimes: Vec<String>,
+    /// One lock per code disk being built: concurrent first cold starts
+    /// wait for one build instead of each sealing its own, where a later
+    /// one would replace (and delete) the artifact an earlier one's launch
+    /// names.
+    building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +228,7 @@ impl ControlPlane {
             chunks: ChunkStore::open(&images.join("chunks"), &images.join("convergence.key"))?,
             keys,
             linux_runtimes,
+            building: Mutex::default(),
         })
     }
 
@@ -1246,10 +1252,16 @@ impl ControlPlane {
         let id = hex::encode(Sha256::digest(identity.as_bytes()));
         let name = &id[..32];
         let artifact_error = |e: ArtifactError| ApiError::Service(e.to_string());
+        let lock = self
+            .building
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        let _building = lock.lock().unwrap_or_else(|e| e.into_inner());
         let artifact = match self.artifacts.get(name).map_err(artifact_error)? {
             Some(artifact) => artifact,
-            // Concurrent first builds each seal an artifact of their own;
-            // the last record written wins.
             None => self
                 .artifacts
                 .put(name, &build()?)

@@ -12,8 +12,10 @@
 //! ordering all of them costs nothing that matters.
 //!
 //! Code itself is not in etcd (a ZIP may be 50 MB, etcd's values are kept
-//! under 1.5 MB): it stays on the front end that took it, and the others
-//! fetch it from a holder, still sealed, the first time they need it.
+//! under 1.5 MB): etcd records which front ends hold it, and each front
+//! end fetches what it lacks from a holder, still sealed, as soon as it
+//! sees it recorded (or, first, when it needs it), so that the code
+//! outlives the front end that took it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +27,9 @@ use etcd_client::{
 use redb::TableHandle;
 use tokio::sync::watch;
 
-use crate::control_plane::store::{shared_table, Change, Replication, Store, StoreError, Write};
+use crate::control_plane::store::{
+    shared_table, Change, Replication, Store, StoreError, Write, CODE, CODE_HOLDERS,
+};
 use crate::fleet::etcd::{EtcdError, ROOT};
 use crate::fleet::peers::PeerSet;
 
@@ -35,6 +39,10 @@ pub const STORED_CODE: &str = "/fleet/v1/code";
 /// How long a write waits for its own change to come back through the
 /// watch before it reports the state as unreachable.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Times a front end tries to record itself as a holder of code it copied
+/// (each try fails only when another change came first).
+const COPY_RECORD_ATTEMPTS: usize = 16;
 
 /// Pause before a broken watch is started again from a fresh read.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -136,7 +144,7 @@ impl StateReplica {
 
     /// Replaces the replica with etcd's state as it is now; returns the
     /// revision read at.
-    async fn reload(&self, starting: bool) -> Result<i64, ReplicaError> {
+    async fn reload(self: &Arc<Self>, starting: bool) -> Result<i64, ReplicaError> {
         let read = self
             .client
             .clone()
@@ -171,11 +179,70 @@ impl StateReplica {
             "fleet: shared state read at generation {generation} ({} records)",
             writes.len()
         );
+        self.copy_missing_code(&writes);
         Ok(revision)
     }
 
+    /// Fetches, in the background, the code that `writes` record other
+    /// front ends holding and that this one lacks.
+    fn copy_missing_code(self: &Arc<Self>, writes: &[Write]) {
+        let missing: Vec<(String, String)> = writes
+            .iter()
+            .filter(|w| w.table.name() == CODE_HOLDERS.name() && w.change != Change::Remove)
+            .filter_map(|w| {
+                let (code, holder) = w.key.rsplit_once('/')?;
+                (holder != self.host).then(|| (code.to_string(), holder.to_string()))
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let replica = self.clone();
+        tokio::spawn(async move {
+            for (key, holder) in missing {
+                if let Err(e) = replica.copy_code(&key, &holder).await {
+                    tracing::warn!("fleet: copying code {key} from {holder}: {e}");
+                }
+            }
+        });
+    }
+
+    /// Makes this front end one more holder of the code under `key`.
+    async fn copy_code(&self, key: &str, holder: &str) -> Result<(), StoreError> {
+        if self.store.read()?.get_bytes(CODE, key)?.is_some() {
+            return Ok(());
+        }
+        let code = self.fetch_code_async(key, &[holder.to_string()]).await?;
+        let held = Write {
+            table: CODE_HOLDERS,
+            key: format!("{key}/{}", self.host),
+            change: Change::Put(b"null".to_vec()),
+        };
+        self.store.apply(
+            &[Write {
+                table: CODE,
+                key: key.to_string(),
+                change: Change::Put(code),
+            }],
+            None,
+            false,
+        )?;
+        for _ in 0..COPY_RECORD_ATTEMPTS {
+            let generation = self.store.generation()?;
+            if self
+                .commit_async(generation, std::slice::from_ref(&held))
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Shared(
+            "other front ends' changes kept coming first".into(),
+        ))
+    }
+
     /// Applies etcd's changes after `revision` until the watch ends.
-    async fn follow_from(&self, revision: i64) -> Result<(), ReplicaError> {
+    async fn follow_from(self: &Arc<Self>, revision: i64) -> Result<(), ReplicaError> {
         let mut stream = self
             .client
             .clone()
@@ -211,6 +278,7 @@ impl StateReplica {
             if let Some(generation) = generation {
                 self.applied.send_replace(generation);
             }
+            self.copy_missing_code(&writes);
         }
         Ok(())
     }

@@ -28,6 +28,7 @@ use crate::data_plane::fleet_wire::{
 use crate::data_plane::router::{too_many, RouteError, Routed};
 use crate::error::ApiError;
 use crate::fleet::concurrency::FleetConcurrency;
+use crate::fleet::event_ledger::EventLedger;
 use crate::fleet::leadership::Leadership;
 use crate::fleet::membership::{HostRecord, Role};
 use crate::fleet::peers::PeerSet;
@@ -51,6 +52,8 @@ pub struct FleetRouter {
     /// Whether this front end provisions for the fleet; the others only
     /// read what the hosts hold.
     provisioner: Leadership,
+    /// The Event invocations this front end holds, mirrored in etcd.
+    events: EventLedger,
     /// Provisioned environments per version across the hosts, as the
     /// last reconciliation found them.
     provisioned: Mutex<HashMap<VersionKey, usize>>,
@@ -76,6 +79,7 @@ impl FleetRouter {
         peers: Arc<PeerSet>,
         concurrency: FleetConcurrency,
         provisioner: Leadership,
+        events: EventLedger,
     ) -> Self {
         FleetRouter {
             peers,
@@ -83,8 +87,14 @@ impl FleetRouter {
             in_flight: Mutex::default(),
             concurrency,
             provisioner,
+            events,
             provisioned: Mutex::default(),
         }
+    }
+
+    /// The Event invocations this front end holds, mirrored in etcd.
+    pub fn events(&self) -> &EventLedger {
+        &self.events
     }
 
     /// Environments the fleet's worker hosts can hold.

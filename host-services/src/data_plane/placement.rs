@@ -14,6 +14,7 @@ use crate::data_plane::host::SnapStartError;
 use crate::data_plane::lifecycle::DestroyReason;
 use crate::data_plane::router::{InvokeRouter, RouteError, Routed};
 use crate::error::ApiError;
+use crate::fleet::event_ledger::EventLedger;
 use crate::ids::VersionKey;
 
 #[derive(Clone)]
@@ -62,6 +63,15 @@ impl Placement {
         match self {
             Placement::Local(router) => router.provisioned(key),
             Placement::Fleet(fleet) => fleet.provisioned(key),
+        }
+    }
+
+    /// Where accepted Event invocations are mirrored for another front end
+    /// to take over: in a fleet only.
+    pub fn event_ledger(&self) -> Option<&EventLedger> {
+        match self {
+            Placement::Local(_) => None,
+            Placement::Fleet(fleet) => Some(fleet.events()),
         }
     }
 

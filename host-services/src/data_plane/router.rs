@@ -229,37 +229,48 @@ impl InvokeRouter {
         let cold_start = env.fresh.then_some(env.cold_start);
         let trace = env.fresh.then(|| env.trace.clone());
         env.fresh = false;
-        tracing::debug!("invocation {request_id} begins in {}", env.id);
-        let result = env.invoke(request_id, payload, timeout).await;
-        if cold_start.is_some() {
-            host.refill_jails();
-        }
-        tracing::debug!("invocation {request_id} ends in {}", env.id);
         let environment = env.id.clone();
-        match result {
-            Ok(invocation) => {
-                host.release(env, true).await;
-                Ok(Routed {
-                    invocation,
-                    environment,
-                    cold_start,
-                    trace,
-                })
+        // Once begun, an invocation runs to its end and its environment
+        // goes back to its worker even if the caller stops waiting (a
+        // client or a fleet's front end that went away): dropped halfway,
+        // the environment would be lost to its worker's count for good.
+        let request_id = request_id.to_string();
+        let running = tokio::spawn(async move {
+            tracing::debug!("invocation {request_id} begins in {}", env.id);
+            let result = env.invoke(&request_id, payload, timeout).await;
+            if cold_start.is_some() {
+                host.refill_jails();
             }
-            Err(e) => {
+            tracing::debug!("invocation {request_id} ends in {}", env.id);
+            if let Err(e) = &result {
                 tracing::warn!(
-                    "invocation {request_id} in {environment} failed: {e}; VMM: {}",
+                    "invocation {request_id} in {} failed: {e}; VMM: {}",
+                    env.id,
                     env.vmm_log_tail()
                 );
-                host.release(env, false).await;
-                Err(match e {
-                    InvokeError::Timeout(t) => RouteError::TimedOut(t),
-                    InvokeError::InitFailed { error_type, body } => {
-                        RouteError::InitFailed { error_type, body }
-                    }
-                    InvokeError::EnvironmentGone => RouteError::EnvironmentFailed,
-                })
             }
+            host.release(env, result.is_ok()).await;
+            result
+        });
+        let result = running.await.map_err(|e| {
+            RouteError::Api(ApiError::Service(format!(
+                "invocation in {environment}: {e}"
+            )))
+        })?;
+        match result {
+            Ok(invocation) => Ok(Routed {
+                invocation,
+                environment,
+                cold_start,
+                trace,
+            }),
+            Err(e) => Err(match e {
+                InvokeError::Timeout(t) => RouteError::TimedOut(t),
+                InvokeError::InitFailed { error_type, body } => {
+                    RouteError::InitFailed { error_type, body }
+                }
+                InvokeError::EnvironmentGone => RouteError::EnvironmentFailed,
+            }),
         }
     }
 

@@ -33,6 +33,10 @@ use crate::security::role_credentials::RoleCredentialIssuer;
 /// Lambda retries a failed asynchronous event twice.
 const EVENT_RETRY_DELAY: Duration = Duration::from_millis(500);
 
+/// How often a fleet's front end looks for the Event invocations of front
+/// ends that left, to run them.
+const ADOPT_EVERY: Duration = Duration::from_secs(2);
+
 /// Where the runtime finds the Runtime API, inside the guest.
 const RUNTIME_API_ADDRESS: &str = "127.0.0.1:9001";
 
@@ -86,6 +90,9 @@ struct QueuedEvent {
     /// before the field existed: their age is not known).
     #[serde(default)]
     accepted_ms: Option<u64>,
+    /// Taken over from a fleet's front end that left.
+    #[serde(default)]
+    adopted: bool,
 }
 
 fn epoch_ms() -> u64 {
@@ -595,8 +602,10 @@ impl Worker {
             payload: base64::engine::general_purpose::STANDARD.encode(payload),
             attempts: 0,
             accepted_ms: Some(epoch_ms()),
+            adopted: false,
         };
         self.control.store.write(|t| t.put(EVENTS, id, &event))?;
+        self.mirror_event(id, &event);
         let _ = self.events.send(id.to_string());
         Ok(())
     }
@@ -605,21 +614,9 @@ impl Worker {
         self: Arc<Self>,
         mut queue: tokio::sync::mpsc::UnboundedReceiver<String>,
     ) {
-        // Events accepted before a restart.
-        match self
-            .control
-            .store
-            .read()
-            .and_then(|s| s.all::<QueuedEvent>(EVENTS))
-        {
-            Ok(pending) => {
-                for (id, _) in pending {
-                    let _ = self.events.send(id);
-                }
-            }
-            Err(e) => tracing::error!("cannot read the event queue: {e}"),
-        }
         tokio::spawn(async move {
+            self.resume_events().await;
+            tokio::spawn(self.clone().adopt_events());
             while let Some(id) = queue.recv().await {
                 let worker = self.clone();
                 tokio::spawn(async move { worker.run_event(id).await });
@@ -711,6 +708,7 @@ impl Worker {
         if let Err(e) = self.control.store.write(|t| t.put(EVENTS, &id, &retry)) {
             return tracing::error!("event {id}: {e}");
         }
+        self.mirror_event(&id, &retry);
         tokio::time::sleep(EVENT_RETRY_DELAY).await;
         let _ = self.events.send(id);
     }
@@ -759,29 +757,131 @@ impl Worker {
             };
             let target = destination_function(&account, arn)?;
             let record_id = uuid::Uuid::new_v4().to_string();
-            t.put(
-                EVENTS,
-                &record_id,
-                &QueuedEvent {
-                    account: account.0.clone(),
-                    function: target.name,
-                    qualifier: target.qualifier,
-                    payload: base64::engine::general_purpose::STANDARD.encode(record.to_string()),
-                    attempts: 0,
-                    accepted_ms: Some(epoch_ms()),
-                },
-            )?;
-            Ok::<_, ApiError>(Some((arn, record_id)))
+            let record_event = QueuedEvent {
+                account: account.0.clone(),
+                function: target.name,
+                qualifier: target.qualifier,
+                payload: base64::engine::general_purpose::STANDARD.encode(record.to_string()),
+                attempts: 0,
+                accepted_ms: Some(epoch_ms()),
+                adopted: false,
+            };
+            t.put(EVENTS, &record_id, &record_event)?;
+            Ok::<_, ApiError>(Some((arn, record_id, record_event)))
         });
         match delivered {
-            Ok(Some((arn, record_id))) => {
+            Ok(Some((arn, record_id, record_event))) => {
                 tracing::info!(
                     "event {id}: {condition}; its record went to {arn} as event {record_id}"
                 );
+                self.mirror_event(&record_id, &record_event);
                 let _ = self.events.send(record_id);
             }
             Ok(None) => {}
-            Err(e) => tracing::error!("event {id}: {e}"),
+            Err(e) => return tracing::error!("event {id}: {e}"),
+        }
+        if let Some(ledger) = self.placement.event_ledger() {
+            ledger.done(id, event.adopted);
+        }
+    }
+
+    /// Mirrors event `id` for the fleet's other front ends to take over
+    /// (in a fleet), once this front end's store has it.
+    fn mirror_event(&self, id: &str, event: &QueuedEvent) {
+        if let Some(ledger) = self.placement.event_ledger() {
+            ledger.keep(id, serde_json::to_vec(event).expect("events serialize"));
+        }
+    }
+
+    /// Queues the events accepted before a restart, but those another
+    /// front end adopted meanwhile (it runs them).
+    async fn resume_events(&self) {
+        let pending = match self
+            .control
+            .store
+            .read()
+            .and_then(|s| s.all::<QueuedEvent>(EVENTS))
+        {
+            Ok(pending) => pending,
+            Err(e) => return tracing::error!("cannot read the event queue: {e}"),
+        };
+        let mut elsewhere = Vec::new();
+        if let Some(ledger) = self.placement.event_ledger() {
+            let ids: Vec<String> = pending.iter().map(|(id, _)| id.clone()).collect();
+            match ledger.taken_over(&ids).await {
+                Ok(ids) => elsewhere = ids,
+                // Run all of them: at least once.
+                Err(e) => tracing::warn!("events queued here: who took them over: {e}"),
+            }
+        }
+        let mut dropped = Vec::new();
+        for (id, event) in pending {
+            if elsewhere.contains(&id) {
+                tracing::info!("event {id}: another front end took it over; not run here");
+                match self.control.store.write(|t| t.remove(EVENTS, &id)) {
+                    Ok(()) => dropped.push(id),
+                    Err(e) => tracing::error!("event {id}: {e}"),
+                }
+                continue;
+            }
+            self.mirror_event(&id, &event);
+            let _ = self.events.send(id);
+        }
+        if let Some(ledger) = self.placement.event_ledger() {
+            ledger.forget(&dropped);
+        }
+    }
+
+    /// Takes over, every [`ADOPT_EVERY`], the events of front ends that
+    /// left the fleet (in a fleet).
+    async fn adopt_events(self: Arc<Self>) {
+        let Some(ledger) = self.placement.event_ledger() else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(ADOPT_EVERY).await;
+            let adopted = match ledger.adopt_orphans().await {
+                Ok(adopted) => adopted,
+                Err(e) => {
+                    tracing::warn!("events of front ends that left: {e}");
+                    continue;
+                }
+            };
+            for (id, record) in adopted {
+                // This front end's own, its holder key lapsed while it was
+                // cut off: queued here already.
+                match self
+                    .control
+                    .store
+                    .read()
+                    .and_then(|s| s.get_bytes(EVENTS, &id))
+                {
+                    Ok(None) => {}
+                    Ok(Some(_)) => continue,
+                    Err(e) => {
+                        tracing::error!("event {id}: {e}");
+                        continue;
+                    }
+                }
+                let event = match serde_json::from_slice::<QueuedEvent>(&record) {
+                    Ok(event) => QueuedEvent {
+                        adopted: true,
+                        ..event
+                    },
+                    Err(e) => {
+                        tracing::error!("event {id} in etcd is not one ({e}); dropped");
+                        ledger.done(&id, true);
+                        continue;
+                    }
+                };
+                match self.control.store.write(|t| t.put(EVENTS, &id, &event)) {
+                    Ok(()) => {
+                        tracing::info!("event {id}: taken over from a front end that left");
+                        let _ = self.events.send(id);
+                    }
+                    Err(e) => tracing::error!("event {id}: {e}"),
+                }
+            }
         }
     }
 }
