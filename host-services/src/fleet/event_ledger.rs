@@ -254,18 +254,10 @@ async fn mirror(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::membership::{HostRecord, Registration, Role, LEASE_TTL};
+    use crate::fleet::membership::{Registration, LEASE_TTL};
     use crate::fleet::test_etcd::EtcdServer;
+    use crate::fleet::testing::front_end_record as record;
     use std::time::Instant;
-
-    fn record(name: &str) -> HostRecord {
-        HostRecord {
-            name: name.to_string(),
-            role: Role::FrontEnd,
-            address: "127.0.0.1:1".parse().unwrap(),
-            capacity: 0,
-        }
-    }
 
     async fn mirrored(client: &Client) -> BTreeSet<String> {
         let read = client

@@ -61,18 +61,10 @@ impl Leadership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::membership::{HostRecord, Registration, Role, LEASE_TTL};
+    use crate::fleet::membership::{Registration, LEASE_TTL};
     use crate::fleet::test_etcd::EtcdServer;
+    use crate::fleet::testing::front_end_record as record;
     use std::time::{Duration, Instant};
-
-    fn record(name: &str) -> HostRecord {
-        HostRecord {
-            name: name.to_string(),
-            role: Role::FrontEnd,
-            address: "127.0.0.1:1".parse().unwrap(),
-            capacity: 0,
-        }
-    }
 
     #[tokio::test]
     async fn one_front_end_leads_and_another_takes_over_when_it_dies() {
