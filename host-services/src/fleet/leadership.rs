@@ -61,17 +61,20 @@ impl Leadership {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::membership::{Registration, LEASE_TTL};
+    use crate::fleet::membership::{HostRecord, Registration, LEASE_TTL};
     use crate::fleet::test_etcd::EtcdServer;
-    use crate::fleet::testing::front_end_record as record;
     use std::time::{Duration, Instant};
 
     #[tokio::test]
     async fn one_front_end_leads_and_another_takes_over_when_it_dies() {
         let etcd = EtcdServer::start(None);
         let client = etcd.client(None).await;
-        let fe = Registration::join(&client, record("fe")).await.unwrap();
-        let fe2 = Registration::join(&client, record("fe2")).await.unwrap();
+        let fe = Registration::join(&client, HostRecord::test_front_end("fe"))
+            .await
+            .unwrap();
+        let fe2 = Registration::join(&client, HostRecord::test_front_end("fe2"))
+            .await
+            .unwrap();
         let leads =
             |r: &Registration, name| Leadership::new(client.clone(), r.lease(), name, "job");
         let (first, second) = (leads(&fe, "fe"), leads(&fe2, "fe2"));

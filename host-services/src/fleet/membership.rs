@@ -48,6 +48,20 @@ pub struct HostRecord {
     pub capacity: usize,
 }
 
+impl HostRecord {
+    /// The record of a front end named `name` that serves nothing, for
+    /// tests that join etcd as one.
+    #[cfg(test)]
+    pub(crate) fn test_front_end(name: &str) -> Self {
+        HostRecord {
+            name: name.to_string(),
+            role: Role::FrontEnd,
+            address: "127.0.0.1:1".parse().expect("an address"),
+            capacity: 0,
+        }
+    }
+}
+
 /// The lease a host's records live under, as it is now: a host that
 /// joins again after its lease lapsed holds a new one.
 #[derive(Clone)]

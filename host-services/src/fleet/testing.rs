@@ -4,8 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::fleet::membership::{HostRecord, Role};
-
 /// Certificates for `names` (`NAME` or `NAME=IP,...`) under the authority
 /// in `dir`, made by `scripts/fleet-certs.sh`.
 pub fn fleet_certs(dir: &Path, names: &[&str]) {
@@ -23,15 +21,4 @@ pub fn temp_dir(what: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fleet-{what}-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// The record of a front end named `name`, for tests that join etcd as
-/// one (it serves nothing).
-pub fn front_end_record(name: &str) -> HostRecord {
-    HostRecord {
-        name: name.to_string(),
-        role: Role::FrontEnd,
-        address: "127.0.0.1:1".parse().expect("an address"),
-        capacity: 0,
-    }
 }
