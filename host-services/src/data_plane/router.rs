@@ -140,6 +140,26 @@ pub struct InvokeRouter {
     concurrency: ConcurrencyLimiter,
 }
 
+/// An environment and the worker it is on.
+type Placed = (Arc<WorkerHost>, ExecutionEnvironment);
+
+/// A new environment of `launch`, started on the worker of `hosts` with
+/// the most room.
+async fn start_on_the_emptiest(
+    mut hosts: Vec<Arc<WorkerHost>>,
+    launch: &Launch,
+) -> Result<Placed, RouteError> {
+    hosts.sort_by_key(|h| Reverse(h.free_capacity()));
+    for host in hosts {
+        match host.start_for_invocation(launch).await {
+            Ok(env) => return Ok((host, env)),
+            Err(StartError::Full) => continue,
+            Err(StartError::Environment(e)) => return Err(start_failure(&launch.key, e)),
+        }
+    }
+    Err(too_many("ConcurrentInvocationLimitExceeded").into())
+}
+
 impl InvokeRouter {
     pub fn new(image: MicroVmImage, config: FleetConfig, lifecycle: Lifecycle) -> Arc<Self> {
         let router = Arc::new(InvokeRouter {
@@ -187,30 +207,14 @@ impl InvokeRouter {
         hosts
     }
 
-    /// An idle environment of `key` on any worker, else a new one, of
-    /// what `launch` puts together (only then), on the worker with the
-    /// most room.
-    async fn acquire(
-        &self,
-        key: &VersionKey,
-        launch: impl FnOnce() -> Result<Launch, ApiError>,
-    ) -> Result<(Arc<WorkerHost>, ExecutionEnvironment), RouteError> {
-        let mut hosts = self.active_hosts();
-        for host in &hosts {
-            if let Some(env) = host.take_idle(key) {
-                return Ok((host.clone(), env));
-            }
-        }
-        let launch = launch().map_err(RouteError::Launch)?;
-        hosts.sort_by_key(|h| Reverse(h.free_capacity()));
-        for host in hosts {
-            match host.start_for_invocation(&launch).await {
-                Ok(env) => return Ok((host, env)),
-                Err(StartError::Full) => continue,
-                Err(StartError::Environment(e)) => return Err(start_failure(&launch.key, e)),
-            }
-        }
-        Err(too_many("ConcurrentInvocationLimitExceeded").into())
+    /// An idle environment of `key` on any worker, taken, and the
+    /// workers taking invocations now.
+    fn take_idle(&self, key: &VersionKey) -> (Option<Placed>, Vec<Arc<WorkerHost>>) {
+        let hosts = self.active_hosts();
+        let idle = hosts
+            .iter()
+            .find_map(|host| Some((host.clone(), host.take_idle(key)?)));
+        (idle, hosts)
     }
 
     /// Runs one invocation of `key` in an environment of its own; one
@@ -225,38 +229,46 @@ impl InvokeRouter {
         timeout: Duration,
     ) -> Result<Routed, RouteError> {
         let _slot = self.concurrency.take(key, reserved)?;
-        let (host, mut env) = self.acquire(key, launch).await?;
-        let cold_start = env.fresh.then_some(env.cold_start);
-        let trace = env.fresh.then(|| env.trace.clone());
-        env.fresh = false;
-        let environment = env.id.clone();
-        // Once begun, an invocation runs to its end and its environment
-        // goes back to its worker even if the caller stops waiting (a
-        // client or a fleet's front end that went away): dropped halfway,
-        // the environment would be lost to its worker's count for good.
+        let (idle, hosts) = self.take_idle(key);
+        // What a new environment is made of, only when none is idle.
+        let launch = match idle {
+            Some(_) => None,
+            None => Some(launch().map_err(RouteError::Launch)?),
+        };
+        // Once begun, an invocation (and the start of its environment)
+        // runs to its end and its environment goes back to its worker even
+        // if the caller stops waiting (a client or a fleet's front end that
+        // went away): dropped halfway, the environment would be lost to its
+        // worker's count for good.
         let request_id = request_id.to_string();
         let running = tokio::spawn(async move {
+            let (host, mut env) = match (idle, launch) {
+                (Some(found), _) => found,
+                (None, Some(launch)) => start_on_the_emptiest(hosts, &launch).await?,
+                (None, None) => unreachable!("a launch is made when nothing is idle"),
+            };
+            let cold_start = env.fresh.then_some(env.cold_start);
+            let trace = env.fresh.then(|| env.trace.clone());
+            env.fresh = false;
             tracing::debug!("invocation {request_id} begins in {}", env.id);
             let result = env.invoke(&request_id, payload, timeout).await;
             if cold_start.is_some() {
                 host.refill_jails();
             }
             tracing::debug!("invocation {request_id} ends in {}", env.id);
+            let environment = env.id.clone();
             if let Err(e) = &result {
                 tracing::warn!(
-                    "invocation {request_id} in {} failed: {e}; VMM: {}",
-                    env.id,
+                    "invocation {request_id} in {environment} failed: {e}; VMM: {}",
                     env.vmm_log_tail()
                 );
             }
             host.release(env, result.is_ok()).await;
-            result
+            Ok::<_, RouteError>((result, environment, cold_start, trace))
         });
-        let result = running.await.map_err(|e| {
-            RouteError::Api(ApiError::Service(format!(
-                "invocation in {environment}: {e}"
-            )))
-        })?;
+        let (result, environment, cold_start, trace) = running
+            .await
+            .map_err(|e| RouteError::Api(ApiError::Service(format!("an invocation: {e}"))))??;
         match result {
             Ok(invocation) => Ok(Routed {
                 invocation,
