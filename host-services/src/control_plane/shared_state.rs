@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use crate::control_plane::store::{
     shared_table, Change, Replication, Store, StoreError, Write, CODE, CODE_HOLDERS,
 };
-use crate::fleet::etcd::{EtcdError, ROOT};
+use crate::fleet::etcd::{put_if_absent, Contention, EtcdError, ROOT};
 use crate::fleet::peers::PeerSet;
 
 /// The fleet endpoint a front end serves its code at, to other front ends.
@@ -39,10 +39,6 @@ pub const STORED_CODE: &str = "/fleet/v1/code";
 /// How long a write waits for its own change to come back through the
 /// watch before it reports the state as unreachable.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Times a front end tries to record itself as a holder of code it copied
-/// (each try fails only when another change came first).
-const COPY_RECORD_ATTEMPTS: usize = 16;
 
 /// Pause before a broken watch is started again from a fresh read.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -227,7 +223,8 @@ impl StateReplica {
             None,
             false,
         )?;
-        for _ in 0..COPY_RECORD_ATTEMPTS {
+        let mut contention = Contention::default();
+        loop {
             let generation = self.store.generation()?;
             if self
                 .commit_async(generation, std::slice::from_ref(&held))
@@ -235,10 +232,11 @@ impl StateReplica {
             {
                 return Ok(());
             }
+            match contention.refused() {
+                Some(pause) => tokio::time::sleep(pause).await,
+                None => return Err(StoreError::Shared(contention.exhausted())),
+            }
         }
-        Err(StoreError::Shared(
-            "other front ends' changes kept coming first".into(),
-        ))
     }
 
     /// Applies etcd's changes after `revision` until the watch ends.
@@ -364,17 +362,8 @@ impl StateReplica {
 /// Records `keys` as the fleet's key fingerprint if it has none yet, or
 /// checks it against the one it has.
 async fn check_keys(client: &Client, keys: &str) -> Result<(), ReplicaError> {
-    let first = Txn::new()
-        .when([Compare::create_revision(keys_key(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(keys_key(), keys, None)])
-        .or_else([TxnOp::get(keys_key(), None)]);
-    let done = client.clone().txn(first).await.map_err(EtcdError::from)?;
-    let fleets = done.op_responses().into_iter().find_map(|op| match op {
-        etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-        _ => None,
-    });
-    match fleets {
-        Some(fleets) if fleets != keys.as_bytes() => Err(ReplicaError::ForeignKeys),
+    match put_if_absent(client, &keys_key(), keys.as_bytes(), None).await? {
+        Some(fleets) if fleets.value != keys.as_bytes() => Err(ReplicaError::ForeignKeys),
         _ => Ok(()),
     }
 }

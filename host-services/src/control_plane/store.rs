@@ -22,6 +22,8 @@ use redb::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::fleet::etcd::Contention;
+
 type Docs = TableDefinition<'static, &'static str, &'static [u8]>;
 
 /// `ACCOUNT/NAME` → [`crate::control_plane::functions::FunctionRecord`].
@@ -76,10 +78,6 @@ pub const SHARED: [Docs; 7] = [
 ];
 
 const GENERATION: &str = "generation";
-
-/// Times a transaction on shared tables runs before it gives up, when
-/// other front ends' changes keep coming first.
-const WRITE_ATTEMPTS: usize = 16;
 
 /// The shared table named `name`.
 pub fn shared_table(name: &str) -> Option<Docs> {
@@ -470,7 +468,8 @@ impl Store {
             guarded(|| Ok(txn.tx.commit()?))?;
             return Ok(out);
         };
-        for _ in 0..WRITE_ATTEMPTS {
+        let mut contention = Contention::default();
+        loop {
             let mut txn = self.begin(true)?;
             let generation = txn.generation()?;
             let out = f(&txn)?;
@@ -506,11 +505,13 @@ impl Store {
             if replication.commit(generation, &shared)? {
                 return Ok(out);
             }
+            match contention.refused() {
+                // A store call runs on the runtime's threads: the pause
+                // lets their other tasks run.
+                Some(pause) => tokio::task::block_in_place(|| std::thread::sleep(pause)),
+                None => return Err(StoreError::Shared(contention.exhausted()).into()),
+            }
         }
-        Err(StoreError::Shared(format!(
-            "other front ends' changes came first {WRITE_ATTEMPTS} times"
-        ))
-        .into())
     }
 
     /// Applies `writes` in one transaction: the fleet's changes (then

@@ -5,9 +5,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use etcd_client::{Channel, Client, ConnectOptions};
+use etcd_client::{
+    Channel, Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -102,6 +104,89 @@ pub async fn connect(endpoints: &[String], tls: Option<&FleetTls>) -> Result<Cli
     });
     let channel = endpoint.connect_with_connector_lazy(dial);
     Ok(Client::from_channel(Channel::Tonic(channel), Some(ConnectOptions::new())).await?)
+}
+
+/// Who holds a key another writer put first.
+pub struct Held {
+    pub value: Vec<u8>,
+    pub lease: i64,
+}
+
+/// Puts `value` at `key` (under `lease`, if given) unless the key exists,
+/// in one transaction. `None`: this call put it; otherwise who has it.
+pub async fn put_if_absent(
+    client: &Client,
+    key: &str,
+    value: &[u8],
+    lease: Option<i64>,
+) -> Result<Option<Held>, EtcdError> {
+    let claim = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key,
+            value,
+            lease.map(|id| PutOptions::new().with_lease(id)),
+        )])
+        .or_else([TxnOp::get(key, None)]);
+    let done = client.clone().txn(claim).await?;
+    if done.succeeded() {
+        return Ok(None);
+    }
+    Ok(done.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| Held {
+            value: kv.value().to_vec(),
+            lease: kv.lease(),
+        }),
+        _ => None,
+    }))
+}
+
+/// How long an optimistic transaction that other writers keep beating
+/// is tried again before its caller is told.
+const CONTENTION_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The longest pause between two tries of a beaten transaction.
+const MAX_PAUSE: Duration = Duration::from_millis(50);
+
+/// Paces the tries of an optimistic transaction (compare a revision,
+/// then write). Writers that retry at once collide again in step, and a
+/// slower one can lose every round; a random pause under a bound that
+/// doubles with each refusal spreads them out.
+pub struct Contention {
+    since: Instant,
+    refusals: u32,
+}
+
+impl Default for Contention {
+    fn default() -> Self {
+        Contention {
+            since: Instant::now(),
+            refusals: 0,
+        }
+    }
+}
+
+impl Contention {
+    /// The pause before the next try after a refusal, or `None` when
+    /// the patience is spent.
+    pub fn refused(&mut self) -> Option<Duration> {
+        self.refusals += 1;
+        if self.since.elapsed() >= CONTENTION_PATIENCE {
+            return None;
+        }
+        let bound = Duration::from_micros(250 << self.refusals.min(8)).min(MAX_PAUSE);
+        let draw = getrandom::u64().unwrap_or(u64::MAX / 2);
+        Some(bound.mul_f64((draw >> 11) as f64 / (1u64 << 53) as f64))
+    }
+
+    /// Why the transaction was given up.
+    pub fn exhausted(&self) -> String {
+        format!(
+            "other writers' changes came first {} times in {:.1} s",
+            self.refusals,
+            self.since.elapsed().as_secs_f64()
+        )
+    }
 }
 
 /// A TCP (or TLS over TCP) connection to one etcd endpoint.

@@ -254,7 +254,7 @@ async fn mirror(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::membership::{HostRecord, Registration, LEASE_TTL};
+    use crate::fleet::membership::{Registration, LEASE_TTL};
     use crate::fleet::test_etcd::EtcdServer;
     use std::time::Instant;
 
@@ -282,12 +282,7 @@ mod tests {
     async fn a_lost_front_ends_events_are_adopted_once_and_ended_ones_are_gone() {
         let etcd = EtcdServer::start(None);
         let client = etcd.client(None).await;
-        let fe = Registration::join(&client, HostRecord::test_front_end("fe"))
-            .await
-            .unwrap();
-        let fe2 = Registration::join(&client, HostRecord::test_front_end("fe2"))
-            .await
-            .unwrap();
+        let (fe, fe2) = Registration::test_front_ends(&client).await;
         let first = EventLedger::start(client.clone(), fe.lease(), "fe");
         let second = EventLedger::start(client.clone(), fe2.lease(), "fe2");
         for i in 0..100 {

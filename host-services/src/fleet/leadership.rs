@@ -3,9 +3,9 @@
 //! front end's membership lease, so when it dies or is cut off the key
 //! goes with the lease, and the next front end to ask takes the job.
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::Client;
 
-use crate::fleet::etcd::{EtcdError, ROOT};
+use crate::fleet::etcd::{put_if_absent, EtcdError, ROOT};
 use crate::fleet::membership::HeldLease;
 
 #[derive(Clone)]
@@ -32,36 +32,19 @@ impl Leadership {
     /// new lease: it leads again only once the old key is gone.
     pub async fn held(&self) -> Result<bool, EtcdError> {
         let lease = self.lease.id();
-        let take = Txn::new()
-            .when([Compare::create_revision(
-                self.key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then([TxnOp::put(
-                self.key.as_str(),
-                self.name.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([TxnOp::get(self.key.as_str(), None)]);
-        let done = self.client.clone().txn(take).await?;
-        if done.succeeded() {
-            return Ok(true);
-        }
-        Ok(done.op_responses().into_iter().any(|op| match op {
-            TxnOpResponse::Get(get) => get
-                .kvs()
-                .first()
-                .is_some_and(|kv| kv.value() == self.name.as_bytes() && kv.lease() == lease),
-            _ => false,
-        }))
+        Ok(
+            match put_if_absent(&self.client, &self.key, self.name.as_bytes(), Some(lease)).await? {
+                None => true,
+                Some(held) => held.value == self.name.as_bytes() && held.lease == lease,
+            },
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::membership::{HostRecord, Registration, LEASE_TTL};
+    use crate::fleet::membership::{Registration, LEASE_TTL};
     use crate::fleet::test_etcd::EtcdServer;
     use std::time::{Duration, Instant};
 
@@ -69,12 +52,7 @@ mod tests {
     async fn one_front_end_leads_and_another_takes_over_when_it_dies() {
         let etcd = EtcdServer::start(None);
         let client = etcd.client(None).await;
-        let fe = Registration::join(&client, HostRecord::test_front_end("fe"))
-            .await
-            .unwrap();
-        let fe2 = Registration::join(&client, HostRecord::test_front_end("fe2"))
-            .await
-            .unwrap();
+        let (fe, fe2) = Registration::test_front_ends(&client).await;
         let leads =
             |r: &Registration, name| Leadership::new(client.clone(), r.lease(), name, "job");
         let (first, second) = (leads(&fe, "fe"), leads(&fe2, "fe2"));

@@ -176,6 +176,17 @@ impl Registration {
         self.client.lease_revoke(id).await?;
         Ok(())
     }
+
+    /// Front ends "fe" and "fe2" joined to the etcd `client` speaks to.
+    #[cfg(test)]
+    pub(crate) async fn test_front_ends(client: &Client) -> (Registration, Registration) {
+        let join = async |name| {
+            Registration::join(client, HostRecord::test_front_end(name))
+                .await
+                .expect("joining etcd")
+        };
+        (join("fe").await, join("fe2").await)
+    }
 }
 
 impl Drop for Registration {
