@@ -116,24 +116,24 @@ impl FleetRouter {
             .unwrap_or(0)
     }
 
+    /// Whether this front end provisions for the fleet now; the others
+    /// only learn what the hosts hold, for the configs' status.
+    pub async fn leads_provisioning(&self) -> bool {
+        self.provisioner.held().await.unwrap_or_else(|e| {
+            tracing::warn!("provisioned concurrency: who leads it: {e}");
+            false
+        })
+    }
+
     /// Spreads each version's provisioned environments over the worker
     /// hosts there are now, evenly, and has each host keep its share: a
     /// host that left (crashed, cut off) has its share spread over the
     /// others at the next pass. Returns the versions that fell short.
-    /// Only the front end leading provisioning changes anything; the
-    /// others learn what the hosts hold, for the configs' status.
+    /// For the front end that leads provisioning.
     pub async fn reconcile_provisioned(
         &self,
         targets: &[(Launch, usize)],
     ) -> Vec<(VersionKey, RouteError)> {
-        let observe = match self.provisioner.held().await {
-            Ok(leading) => !leading,
-            Err(e) => {
-                tracing::warn!("provisioned concurrency: who leads it: {e}");
-                true
-            }
-        };
-        let hosts = self.peers.hosts(Role::WorkerHost);
         let mut failures: HashMap<VersionKey, RouteError> = HashMap::new();
         let mut wires = Vec::new();
         for (launch, n) in targets {
@@ -144,22 +144,64 @@ impl FleetRouter {
                 }
             }
         }
+        let front_end = &self.peers.tls.name;
+        let answers = self
+            .ask_provisioning_hosts(|host, hosts| {
+                // Host i takes n / hosts, and one more while i < n % hosts.
+                let share = |n: usize| n / hosts + usize::from(host < n % hosts);
+                ProvisionRequest::Keep {
+                    front_end: front_end.clone(),
+                    targets: wires
+                        .iter()
+                        .map(|(key, wire, n)| (key.clone(), wire.clone(), share(*n)))
+                        .collect(),
+                }
+            })
+            .await;
+        for (host, answer) in answers {
+            for (key, failure) in answer.failures {
+                let error = match failure {
+                    Some(failure) => failure.into_route_error(&host),
+                    None => too_many("ConcurrentInvocationLimitExceeded").into(),
+                };
+                failures.entry(key).or_insert(error);
+            }
+        }
+        // A version short of its target with no failure named: the hosts
+        // that should hold the rest were not reached, or there are none.
+        for (key, _, n) in &wires {
+            if self.provisioned(key) < *n && !failures.contains_key(key) {
+                failures.insert(
+                    key.clone(),
+                    too_many("ConcurrentInvocationLimitExceeded").into(),
+                );
+            }
+        }
+        failures.into_iter().collect()
+    }
+
+    /// Learns what the hosts hold of `keys`, changing nothing: for a
+    /// front end that does not lead provisioning.
+    pub async fn observe_provisioned(&self, keys: &[VersionKey]) {
+        self.ask_provisioning_hosts(|_, _| ProvisionRequest::Observe(keys.to_vec()))
+            .await;
+    }
+
+    /// Sends each worker host the request `request(i, hosts)` makes for
+    /// it, and keeps what the answers report (provisioned and idle
+    /// environments); returns the answers by host.
+    async fn ask_provisioning_hosts(
+        &self,
+        request: impl Fn(usize, usize) -> ProvisionRequest,
+    ) -> Vec<(String, ProvisionAnswer)> {
+        let hosts = self.peers.hosts(Role::WorkerHost);
         let mut provisioned: HashMap<VersionKey, usize> = HashMap::new();
+        let mut answers = Vec::new();
         for (i, host) in hosts.iter().enumerate() {
-            // Host i takes n / hosts, and one more while i < n % hosts.
-            let share = |n: usize| n / hosts.len() + usize::from(i < n % hosts.len());
-            let request = ProvisionRequest {
-                observe,
-                front_end: self.peers.tls.name.clone(),
-                targets: wires
-                    .iter()
-                    .map(|(key, wire, n)| (key.clone(), wire.clone(), share(*n)))
-                    .collect(),
-            };
             let answered = self
                 .peers
                 .peer(host)
-                .post(PROVISION, encode(&request))
+                .post(PROVISION, encode(&request(i, hosts.len())))
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|bytes| decode::<ProvisionAnswer>(&bytes));
@@ -170,32 +212,16 @@ impl FleetRouter {
                     continue;
                 }
             };
-            for (key, n) in answer.provisioned {
-                *provisioned.entry(key).or_default() += n;
+            for (key, n) in &answer.provisioned {
+                *provisioned.entry(key.clone()).or_default() += n;
             }
-            for (key, idle) in answer.idle {
-                self.set_warm(&key, &host.name, idle);
+            for (key, idle) in &answer.idle {
+                self.set_warm(key, &host.name, *idle);
             }
-            for (key, failure) in answer.failures {
-                let error = match failure {
-                    Some(failure) => failure.into_route_error(&host.name),
-                    None => too_many("ConcurrentInvocationLimitExceeded").into(),
-                };
-                failures.entry(key).or_insert(error);
-            }
-        }
-        // A version short of its target with no failure named: the hosts
-        // that should hold the rest were not reached, or there are none.
-        for (key, _, n) in &wires {
-            if provisioned.get(key).copied().unwrap_or(0) < *n && !failures.contains_key(key) {
-                failures.insert(
-                    key.clone(),
-                    too_many("ConcurrentInvocationLimitExceeded").into(),
-                );
-            }
+            answers.push((host.name.clone(), answer));
         }
         *self.provisioned.lock().unwrap_or_else(|e| e.into_inner()) = provisioned;
-        failures.into_iter().collect()
+        answers
     }
 
     fn warm_on(&self, key: &VersionKey) -> HashMap<String, u32> {

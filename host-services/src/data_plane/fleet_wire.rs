@@ -201,16 +201,19 @@ impl WireFailure {
     }
 }
 
-/// A worker host's share of provisioned concurrency: every version it is
-/// to keep environments of, and how many; versions not listed keep none
-/// there.
+/// What a front end asks a worker host about provisioned concurrency.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ProvisionRequest {
-    pub front_end: String,
-    pub targets: Vec<(VersionKey, WireLaunch, usize)>,
-    /// Only report what the host holds of the targets' versions, changing
-    /// nothing: from a front end that does not lead provisioning.
-    pub observe: bool,
+pub enum ProvisionRequest {
+    /// The host's share, from the front end that leads provisioning:
+    /// every version it is to keep environments of, and how many;
+    /// versions not listed keep none there.
+    Keep {
+        front_end: String,
+        targets: Vec<(VersionKey, WireLaunch, usize)>,
+    },
+    /// Only what the host holds of these versions, changing nothing: from
+    /// a front end that does not lead provisioning.
+    Observe(Vec<VersionKey>),
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

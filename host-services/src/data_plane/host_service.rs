@@ -178,15 +178,18 @@ async fn provision(State(host): State<Arc<HostService>>, body: Bytes) -> axum::r
         Err(e) => return crate::fleet::transport::answer(Err((StatusCode::BAD_REQUEST, e))),
     };
     let mut answer = ProvisionAnswer::default();
-    if request.observe {
-        for (key, _, _) in request.targets {
-            report(&mut answer, &host.router, key);
+    let (front_end, wanted) = match request {
+        ProvisionRequest::Keep { front_end, targets } => (front_end, targets),
+        ProvisionRequest::Observe(keys) => {
+            for key in keys {
+                report(&mut answer, &host.router, key);
+            }
+            return crate::fleet::transport::answer(Ok(encode(&answer)));
         }
-        return crate::fleet::transport::answer(Ok(encode(&answer)));
-    }
+    };
     let mut targets = Vec::new();
-    for (key, wire, n) in request.targets {
-        match host.launch(wire, &key, &request.front_end).await {
+    for (key, wire, n) in wanted {
+        match host.launch(wire, &key, &front_end).await {
             Ok(launch) => targets.push((launch, n)),
             Err(e) => answer.failures.push((
                 key,

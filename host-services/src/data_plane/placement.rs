@@ -84,6 +84,24 @@ impl Placement {
         }
     }
 
+    /// Whether this process keeps provisioned environments itself, or
+    /// only learns what the fleet's leading front end keeps.
+    pub async fn leads_provisioning(&self) -> bool {
+        match self {
+            Placement::Local(_) => true,
+            Placement::Fleet(fleet) => fleet.leads_provisioning().await,
+        }
+    }
+
+    /// Learns what is provisioned of `keys`, changing nothing.
+    pub async fn observe_provisioned(&self, keys: &[VersionKey]) {
+        match self {
+            // Its own router's count is always current.
+            Placement::Local(_) => {}
+            Placement::Fleet(fleet) => fleet.observe_provisioned(keys).await,
+        }
+    }
+
     /// Brings each version's provisioned environments to its target;
     /// returns the versions that could not be brought there.
     pub async fn reconcile_provisioned(

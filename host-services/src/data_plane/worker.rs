@@ -490,6 +490,10 @@ impl Worker {
             Ok(c) => c,
             Err(e) => return tracing::error!("cannot read provisioned concurrency configs: {e}"),
         };
+        // A front end that does not lead provisioning only learns what
+        // the hosts hold: it needs the versions, not their launches.
+        let leading = self.placement.leads_provisioning().await;
+        let mut observed: Vec<VersionKey> = Vec::new();
         let mut targets: HashMap<VersionKey, (Launch, usize)> = HashMap::new();
         let mut configs_of: HashMap<VersionKey, Vec<String>> = HashMap::new();
         for config in configs {
@@ -498,6 +502,10 @@ impl Worker {
                 continue;
             }
             let launches = self.provisioned_targets(&config).and_then(|versions| {
+                if !leading {
+                    observed.extend(versions.into_iter().map(|(resolved, _)| resolved.key));
+                    return Ok(Vec::new());
+                }
                 versions
                     .iter()
                     .map(|(resolved, n)| Ok((self.launch(resolved)?, *n)))
@@ -518,6 +526,9 @@ impl Worker {
                     self.failures().insert(id, e.to_string());
                 }
             }
+        }
+        if !leading {
+            return self.placement.observe_provisioned(&observed).await;
         }
         let targets: Vec<(Launch, usize)> = targets.into_values().collect();
         for (key, error) in self.placement.reconcile_provisioned(&targets).await {
