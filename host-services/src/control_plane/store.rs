@@ -273,51 +273,54 @@ impl Txn {
     }
 
     pub fn put_bytes(&self, table: Docs, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        self.apply(&Write {
-            table,
-            key: key.to_string(),
-            change: Change::Put(bytes.to_vec()),
-        })
+        guarded(|| {
+            self.tx.open_table(table)?.insert(key, bytes)?;
+            Ok(())
+        })?;
+        // Copied only to be sent to the fleet: code can be 50 MB.
+        self.record(table, key, || Change::Put(bytes.to_vec()));
+        Ok(())
     }
 
     pub fn remove(&self, table: Docs, key: &str) -> Result<(), StoreError> {
-        self.apply(&Write {
-            table,
-            key: key.to_string(),
-            change: Change::Remove,
-        })
+        guarded(|| {
+            self.tx.open_table(table)?.remove(key)?;
+            Ok(())
+        })?;
+        self.record(table, key, || Change::Remove);
+        Ok(())
     }
 
     /// Removes every record under `prefix/`.
     pub fn remove_prefix(&self, table: Docs, prefix: &str) -> Result<(), StoreError> {
-        self.apply(&Write {
-            table,
-            key: prefix.to_string(),
-            change: Change::RemovePrefix,
-        })
+        let start = format!("{prefix}/");
+        guarded(|| {
+            self.tx
+                .open_table(table)?
+                .retain(|k, _| !k.starts_with(&start))?;
+            Ok(())
+        })?;
+        self.record(table, prefix, || Change::RemovePrefix);
+        Ok(())
+    }
+
+    /// Keeps the change for the fleet, in a transaction that records.
+    fn record(&self, table: Docs, key: &str, change: impl FnOnce() -> Change) {
+        if let Some(writes) = &self.writes {
+            writes.borrow_mut().push(Write {
+                table,
+                key: key.to_string(),
+                change: change(),
+            });
+        }
     }
 
     fn apply(&self, write: &Write) -> Result<(), StoreError> {
-        guarded(|| {
-            let mut table = self.tx.open_table(write.table)?;
-            match &write.change {
-                Change::Put(bytes) => {
-                    table.insert(write.key.as_str(), bytes.as_slice())?;
-                }
-                Change::Remove => {
-                    table.remove(write.key.as_str())?;
-                }
-                Change::RemovePrefix => {
-                    let start = format!("{}/", write.key);
-                    table.retain(|k, _| !k.starts_with(&start))?;
-                }
-            }
-            Ok(())
-        })?;
-        if let Some(writes) = &self.writes {
-            writes.borrow_mut().push(write.clone());
+        match &write.change {
+            Change::Put(bytes) => self.put_bytes(write.table, &write.key, bytes),
+            Change::Remove => self.remove(write.table, &write.key),
+            Change::RemovePrefix => self.remove_prefix(write.table, &write.key),
         }
-        Ok(())
     }
 
     /// The fleet's revision of the shared tables this transaction reads.
