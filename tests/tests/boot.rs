@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use microvm_tests::{boot_time_logged, fixture, hypervisor, run_vmm, HypervisorKind, VmmRun};
+use vmm::jail::{inheritable, seqpacket_pair, Launch};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 /// What the VMM appends to every command line: the entropy device, the
@@ -329,4 +332,81 @@ fn a_guest_without_the_note_keeps_its_privileged_entry() {
     // linux64.elf has no MicroVM note: it enters at CPL 0 everywhere.
     let run = boot("linux64.elf", &[]);
     assert!(!run.stderr.contains("PVM user mode"), "{}", run.stderr);
+}
+
+/// Starts the VMM on standby with `initial` arguments, sends it `launch`
+/// (or dismisses it, with `None`) and waits for its end.
+fn on_standby(initial: &[&str], launch: Option<Launch>) -> VmmRun {
+    let (ours, theirs) = seqpacket_pair().unwrap();
+    inheritable(&theirs).unwrap();
+    let socket = theirs.as_raw_fd().to_string();
+    let mut args = vec!["--standby-fd", socket.as_str()];
+    args.extend_from_slice(initial);
+    let run = std::thread::scope(|s| {
+        let vmm = s.spawn(|| run_vmm(&args, DEADLINE));
+        // The VMM makes its VM first; the launch waits in the socket.
+        if let Some(launch) = launch {
+            launch.send(&ours, &[]).unwrap();
+        }
+        drop(ours);
+        vmm.join().unwrap()
+    });
+    drop(theirs);
+    run
+}
+
+#[test]
+fn a_vmm_on_standby_boots_what_its_launch_names_and_refuses_a_bad_launch_by_name() {
+    let kernel = fixture("linux64.elf");
+    let launch = |args: &[&str]| Launch {
+        vmm_args: args.iter().map(|a| a.to_string()).collect(),
+        ..Launch::default()
+    };
+    let run = on_standby(&[], Some(launch(&["--kernel", kernel.to_str().unwrap()])));
+    assert_clean_reset(&run);
+    assert!(
+        run.stdout.starts_with("fixture: linux64 entry\n"),
+        "{}",
+        run.stdout
+    );
+    assert!(boot_time_logged(&run.stderr).is_some(), "{}", run.stderr);
+
+    for (initial, args, expected) in [
+        (
+            &[][..],
+            &["--kernel", kernel.to_str().unwrap(), "--mem-mib", "8"][..],
+            "invalid mem_mib \"8\"",
+        ),
+        (
+            &["--no-seccomp"][..],
+            &["--kernel", kernel.to_str().unwrap(), "--no-seccomp"][..],
+            "--no-seccomp' cannot be used multiple times",
+        ),
+        (
+            &[][..],
+            &["--kernel", kernel.to_str().unwrap(), "--hypervisor", "pvm"][..],
+            "--kvm-fd and --hypervisor belong to the VMM's start",
+        ),
+    ] {
+        let run = on_standby(initial, Some(launch(args)));
+        assert_eq!(run.code, Some(1), "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(expected), "{args:?}: {}", run.stderr);
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    }
+    let mounts = Launch {
+        mounts: vec!["/a:/b".parse().unwrap()],
+        ..launch(&["--kernel", kernel.to_str().unwrap()])
+    };
+    let run = on_standby(&[], Some(mounts));
+    assert_eq!(run.code, Some(1));
+    assert!(
+        run.stderr.contains("only a jailer can apply it"),
+        "{}",
+        run.stderr
+    );
+
+    // Dismissed without a launch: a pool letting a VMM go.
+    let run = on_standby(&[], None);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
 }

@@ -1,7 +1,7 @@
 //! The jailer, as root on this machine: what a jailed VMM can see and do.
 //! It is observed from outside, through /proc, while it runs.
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::chown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -412,19 +412,9 @@ fn a_full_worker_evicts_its_least_recently_used_environment() {
 
 /// A `SOCK_SEQPACKET` pair: the test's end, and the jailer's (inherited).
 fn launch_socket_pair() -> (UnixStream, UnixStream) {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair fills the array; checked.
-    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
-    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: two new descriptors, owned here; only the jailer's end is
-    // left to be inherited.
-    unsafe {
-        libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC);
-        (
-            UnixStream::from_raw_fd(fds[0]),
-            UnixStream::from_raw_fd(fds[1]),
-        )
-    }
+    let (ours, theirs) = vmm::jail::seqpacket_pair().unwrap();
+    vmm::jail::inheritable(&theirs).unwrap();
+    (ours, theirs)
 }
 
 /// Starts a jailer that builds jail `id` and waits for its launch; with

@@ -576,17 +576,63 @@ fn assemble(parts: MicroVmParts) -> Result<MicroVm, BuildError> {
     MicroVm::new(parts).map_err(|e| BuildError::EventManager(e.to_string()))
 }
 
+/// KVM as a build finds it.
+pub enum KvmStart {
+    /// To be opened; the VM is made beside the loading of the guest.
+    Open(KvmAccess),
+    /// Opened, with an empty VM made ahead by a VMM on standby.
+    Prepared(PreparedVm),
+}
+
+/// KVM opened and a VM made, before the microVM is known.
+pub struct PreparedVm {
+    system: Arc<KvmSystem>,
+    vm: Vm,
+}
+
+impl PreparedVm {
+    pub fn make(kvm: KvmAccess) -> Result<Self, BuildError> {
+        let system = Arc::new(KvmSystem::open(kvm)?);
+        let vm = Vm::new(system.clone())?;
+        Ok(PreparedVm { system, vm })
+    }
+}
+
+impl KvmStart {
+    /// KVM, and the VM if one was made ahead.
+    fn open(self) -> Result<(Arc<KvmSystem>, Option<Vm>), BuildError> {
+        match self {
+            KvmStart::Open(access) => Ok((Arc::new(KvmSystem::open(access)?), None)),
+            KvmStart::Prepared(prepared) => Ok((prepared.system, Some(prepared.vm))),
+        }
+    }
+}
+
+/// The VM `made` ahead, or one made now, with `mem` as its memory.
+fn vm_with_memory(
+    system: Arc<KvmSystem>,
+    made: Option<Vm>,
+    mem: &GuestMemoryMmap,
+) -> Result<Vm, VmError> {
+    let vm = match made {
+        Some(vm) => vm,
+        None => Vm::new(system)?,
+    };
+    vm.map_memory(mem)?;
+    Ok(vm)
+}
+
 /// Builds the microVM of `config`, with `vcpu0` as vCPU 0's thread; with
 /// `seccomp`, its threads will run under their filters.
 pub fn build_microvm(
     config: &VmConfig,
-    kvm: KvmAccess,
+    kvm: KvmStart,
     vmm_start: Instant,
     seccomp: bool,
     vcpu0: EarlyVcpuThread,
 ) -> Result<MicroVm, BuildError> {
     let mem = create_guest_memory(config.mem_mib << 20)?;
-    let system = Arc::new(KvmSystem::open(kvm)?);
+    let (system, made) = kvm.open()?;
     // Two lines of work that meet at the boot vCPU's entry point, within
     // about 0.1 ms of each other (traced): vCPU 0's thread loads the kernel
     // image, then creates and configures its vCPU in the VM the main
@@ -608,7 +654,7 @@ pub fn build_microvm(
             (images, vcpu)
         }
     });
-    let vm = Vm::new(system, &mem);
+    let vm = vm_with_memory(system, made, &mem);
     let _ = vm_sender.send(
         vm.as_ref()
             .ok()
@@ -698,7 +744,7 @@ fn restore_devices_and_vcpus(
 /// filters.
 pub fn restore_microvm(
     config: &RestoreConfig,
-    kvm: KvmAccess,
+    kvm: KvmStart,
     vmm_start: Instant,
     seccomp: bool,
     vcpu0: EarlyVcpuThread,
@@ -744,8 +790,8 @@ pub fn restore_microvm(
         .open()
         .map_err(|e| restore_error(format!("memory file {}: {e}", config.memory)))?;
     let mem = map_memory_file(&memory, machine.mem_mib << 20)?;
-    let system = Arc::new(KvmSystem::open(kvm)?);
-    let vm = Vm::new(system.clone(), &mem)?;
+    let (system, made) = kvm.open()?;
+    let vm = vm_with_memory(system.clone(), made, &mem)?;
     if vm.hypervisor() != machine.hypervisor {
         return Err(restore_error(format!(
             "taken on {}, this host has {}",

@@ -9,6 +9,7 @@ pub mod log;
 pub mod microvm;
 pub mod seccomp;
 pub mod snapshot;
+pub mod standby;
 pub mod vstate;
 
 pub use builder::{build_microvm, BuildError};

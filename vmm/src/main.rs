@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use vmm::builder::restore_microvm;
+use vmm::builder::{restore_microvm, KvmStart, PreparedVm};
+use vmm::standby::{wait_for_launch, LowFds};
 use vmm::vstate::vcpu_thread::{EarlyVcpuThread, VcpuThread};
 use vmm::{build_microvm, BuildError, VmConfigInput};
 
@@ -73,6 +74,12 @@ struct Cli {
     /// pvm or hardware; detected from /sys/module when not given.
     #[arg(long, value_name = "KIND")]
     hypervisor: Option<vmm::vstate::vm::HypervisorKind>,
+    /// Start on standby: open KVM and make the VM, then wait on this
+    /// inherited SOCK_SEQPACKET socket for the launch (a jailer's launch
+    /// message: the remaining arguments, and descriptors at the numbers
+    /// they name) and build the microVM it describes.
+    #[arg(long, value_name = "FD")]
+    standby_fd: Option<i32>,
     /// Run without the seccomp filters (for debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -81,7 +88,12 @@ struct Cli {
     log_level: tracing::Level,
 }
 
-fn run(cli: Cli, start: Instant, vcpu0: std::io::Result<EarlyVcpuThread>) -> Result<i32, String> {
+fn run(
+    cli: Cli,
+    start: Instant,
+    vcpu0: std::io::Result<EarlyVcpuThread>,
+    kvm: KvmStart,
+) -> Result<i32, String> {
     let vcpu0 = vcpu0
         .map_err(BuildError::VcpuThread)
         .map_err(|e| e.to_string())?;
@@ -100,10 +112,6 @@ fn run(cli: Cli, start: Instant, vcpu0: std::io::Result<EarlyVcpuThread>) -> Res
         vsock: cli.vsock,
         control_sock: cli.control_sock,
     });
-    let kvm = vmm::vstate::vm::KvmAccess {
-        fd: cli.kvm_fd,
-        kind: cli.hypervisor,
-    };
     let microvm = match (cli.restore, cli.restore_memory) {
         (Some(state), Some(memory)) => {
             let config = config
@@ -144,12 +152,48 @@ extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> lib
     code
 }
 
+fn kvm_access(cli: &Cli) -> vmm::vstate::vm::KvmAccess {
+    vmm::vstate::vm::KvmAccess {
+        fd: cli.kvm_fd,
+        kind: cli.hypervisor,
+    }
+}
+
+/// Makes the VM, waits for the launch on `socket` and returns the whole
+/// command line it completes, with the time the launch came; `None` when
+/// the VMM was dismissed without one.
+fn on_standby(cli: &Cli, socket: i32) -> Result<Option<(KvmStart, Cli, Instant)>, String> {
+    // Before KVM's descriptors are opened: they go above the numbers a
+    // launch may name.
+    let low = LowFds::hold().map_err(|e| e.to_string())?;
+    let prepared = PreparedVm::make(kvm_access(cli)).map_err(|e| e.to_string())?;
+    let Some(launched) = wait_for_launch(socket, low).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let start = Instant::now();
+    let whole =
+        Cli::try_parse_from(std::env::args_os().chain(launched.into_iter().map(Into::into)))
+            .map_err(|e| format!("the launch's arguments: {e}"))?;
+    if (whole.kvm_fd, whole.hypervisor) != (cli.kvm_fd, cli.hypervisor) {
+        return Err("the launch's arguments: --kvm-fd and --hypervisor belong to the VMM's start, before its VM was made".into());
+    }
+    Ok(Some((KvmStart::Prepared(prepared), whole, start)))
+}
+
 fn vmm_main(start: Instant) -> libc::c_int {
     // Before the command line is parsed: see EarlyVcpuThread.
     let vcpu0 = VcpuThread::spawn_early(0);
     let cli = Cli::parse();
     vmm::log::log_to_stderr(cli.log_level);
-    match run(cli, start, vcpu0) {
+    let launched = match cli.standby_fd {
+        None => Ok(Some((KvmStart::Open(kvm_access(&cli)), cli, start))),
+        Some(socket) => on_standby(&cli, socket),
+    };
+    let ran = launched.and_then(|launched| match launched {
+        Some((kvm, cli, start)) => run(cli, start, vcpu0, kvm),
+        None => Ok(0),
+    });
+    match ran {
         Ok(code) => libc::c_int::from(code as u8),
         Err(e) => {
             eprintln!("vmm: error: {e}");

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
-use vmm::jail::{place_fds, set_policy, JailMount, Launch};
+use vmm::jail::{place_fds, seqpacket_pair, set_policy, JailMount, Launch};
 
 /// How the worker jails its VMMs.
 #[derive(Debug, Clone)]
@@ -207,32 +207,6 @@ impl JailSettings {
             },
         })
     }
-}
-
-/// A connected `SOCK_SEQPACKET` pair: messages keep their bounds, and
-/// the jailer sees its end close. Held as `UnixStream`s, whose reads,
-/// writes and descriptor passing work on it alike.
-fn seqpacket_pair() -> std::io::Result<(UnixStream, UnixStream)> {
-    let mut fds = [0; 2];
-    // SAFETY: socketpair fills the two-element array; checked.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    } < 0
-    {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: two new descriptors, owned here.
-    Ok(unsafe {
-        (
-            UnixStream::from_raw_fd(fds[0]),
-            UnixStream::from_raw_fd(fds[1]),
-        )
-    })
 }
 
 /// In a VMM's or jailer's child, between fork and exec: below the host's

@@ -8,6 +8,11 @@
 //!
 //! usage: runtime_boot_bench [--runs N] [--against DIR] [--idle K]
 //!
+//! Each boot is measured twice, in turn: the VMM spawned then, and a VMM
+//! started ahead on standby (`--standby-fd`: exec'd, KVM opened and the
+//! VM made, waiting), timed from the launch it is sent. The difference is
+//! what a pool of VMMs on standby would take off a cold start.
+//!
 //! `--idle K` boots with K other microVMs alive, booted and waiting for
 //! their first event, as a worker's warm environments wait between
 //! invocations.
@@ -25,6 +30,7 @@
 //! linker started 0.1 ms slower than a copy of itself.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,12 +41,16 @@ use host_services::artifacts::wasm_image;
 use microvm_tests::load::percentile;
 use microvm_tests::{baremetal_guest, boot_time_logged, hypervisor, vmm_binary, ECHO_WAT};
 use vmm::devices::boot_timer::monotonic_us;
+use vmm::jail::{inheritable, seqpacket_pair, Launch};
 
 const WARMUP: usize = 3;
 /// pvm.md: Firecracker 1.16, spawn -> first guest output, on these
 /// machines.
 const FIRECRACKER_FIRST_OUTPUT_MS: f64 = 8.2;
 const TARGET_MS: f64 = 3.0;
+/// How long a VMM on standby is given to make its VM before its launch:
+/// far more than it takes (about 1.2 ms).
+const STANDBY_SETTLE: Duration = Duration::from_millis(20);
 
 struct Sample {
     vmm_start: Duration,
@@ -64,6 +74,8 @@ fn serve_once(
 /// The binaries one build boots with.
 struct Build {
     name: String,
+    /// Started ahead, and timed from its launch rather than its spawn.
+    standby: bool,
     vmm: PathBuf,
     guest: PathBuf,
     vmm_start: Vec<Duration>,
@@ -78,6 +90,7 @@ impl Build {
     fn new(name: String, vmm: PathBuf, guest: PathBuf) -> Build {
         Build {
             name,
+            standby: false,
             vmm,
             guest,
             vmm_start: Vec::new(),
@@ -95,27 +108,23 @@ impl Build {
             .push(s.first_next.saturating_sub(s.boot_timer));
     }
 
-    /// Prints the figures; returns the medians to the first `/next`, from
-    /// spawn and from the boot-timer write.
-    fn report(&self) -> (f64, f64) {
+    /// Prints the figures.
+    fn report(&self) {
         println!("{}:", self.name);
+        let from = if self.standby { "launch" } else { "spawn " };
         for (what, samples) in [
-            ("spawn -> VMM start:        ", &self.vmm_start),
-            ("spawn -> boot-timer write: ", &self.boot_timer),
-            ("spawn -> first /next:      ", &self.first_next),
-            ("boot-timer write -> /next: ", &self.in_guest),
+            (format!("{from} -> VMM start:       "), &self.vmm_start),
+            (format!("{from} -> boot-timer write:"), &self.boot_timer),
+            (format!("{from} -> first /next:     "), &self.first_next),
+            ("boot-timer write -> /next:  ".to_string(), &self.in_guest),
         ] {
             println!(
-                "  {what}median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
+                "  {what} median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
                 percentile_ms(samples, 50.0),
                 percentile_ms(samples, 90.0),
                 percentile_ms(samples, 0.0)
             );
         }
-        (
-            percentile_ms(&self.first_next, 50.0),
-            percentile_ms(&self.in_guest, 50.0),
-        )
     }
 }
 
@@ -185,28 +194,49 @@ fn boot(dir: &Path, image: &Path, build: &Build) -> Result<Booted, String> {
         let _ = s.write_all(&environ);
     });
 
-    let started = Instant::now();
-    let spawned_at = monotonic_us();
-    let vmm = Command::new(&build.vmm)
-        .arg("--kernel")
-        .arg(&build.guest)
-        .arg("--drive")
-        .arg(format!("{},ro", image.display()))
-        .arg("--vsock")
-        .arg(format!("cid=3,uds={}", uds.display()))
-        .args([
-            "--cmdline",
-            "quiet",
-            "--log-level",
-            "info",
-            "--serial",
-            "off",
-        ])
+    let guest_args: Vec<String> = vec![
+        "--kernel".into(),
+        build.guest.display().to_string(),
+        "--drive".into(),
+        format!("{},ro", image.display()),
+        "--vsock".into(),
+        format!("cid=3,uds={}", uds.display()),
+        "--cmdline".into(),
+        "quiet".into(),
+        "--log-level".into(),
+        "info".into(),
+        "--serial".into(),
+        "off".into(),
+    ];
+    let mut command = Command::new(&build.vmm);
+    command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawn the VMM: {e}"))?;
+        .stderr(Stdio::piped());
+    let spawn_error = |e| format!("spawn the VMM: {e}");
+    let (vmm, started, spawned_at) = if build.standby {
+        let (launch, theirs) = seqpacket_pair().map_err(spawn_error)?;
+        inheritable(&theirs).map_err(spawn_error)?;
+        let vmm = command
+            .arg("--standby-fd")
+            .arg(theirs.as_raw_fd().to_string())
+            .spawn()
+            .map_err(spawn_error)?;
+        drop(theirs);
+        std::thread::sleep(STANDBY_SETTLE);
+        let (started, spawned_at) = (Instant::now(), monotonic_us());
+        Launch {
+            vmm_args: guest_args,
+            ..Launch::default()
+        }
+        .send(&launch, &[])
+        .map_err(|e| format!("launch the VMM on standby: {e}"))?;
+        (vmm, started, spawned_at)
+    } else {
+        let (started, spawned_at) = (Instant::now(), monotonic_us());
+        let vmm = command.args(guest_args).spawn().map_err(spawn_error)?;
+        (vmm, started, spawned_at)
+    };
     let (mut stream, _) = api.accept().map_err(|e| e.to_string())?;
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
@@ -226,6 +256,20 @@ fn boot(dir: &Path, image: &Path, build: &Build) -> Result<Booted, String> {
         spawned_at,
         first_next,
     })
+}
+
+/// Prints how `a`'s medians differ from `b`'s, to the first `/next` and
+/// in the guest, each with its 95 % interval.
+fn compare(what: &str, a: &Build, b: &Build) {
+    let median = |samples: &[Duration]| percentile_ms(samples, 50.0);
+    let (next_low, next_high) = median_difference_interval(&a.first_next, &b.first_next);
+    let (guest_low, guest_high) = median_difference_interval(&a.in_guest, &b.in_guest);
+    println!(
+        "{what}, first /next: {:+.2} ms ({:.2}x; 95 % interval {next_low:+.2} to {next_high:+.2}); boot-timer write -> /next: {:+.2} ms ({guest_low:+.2} to {guest_high:+.2})",
+        median(&a.first_next) - median(&b.first_next),
+        median(&a.first_next) / median(&b.first_next),
+        median(&a.in_guest) - median(&b.in_guest),
+    );
 }
 
 /// The `p`th percentile of `samples`, in ms.
@@ -274,11 +318,17 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut builds = vec![Build::new(
-        "this build".into(),
-        vmm_binary(),
-        baremetal_guest(),
-    )];
+    let mut builds = vec![
+        Build::new("this build".into(), vmm_binary(), baremetal_guest()),
+        Build {
+            standby: true,
+            ..Build::new(
+                "this build, started ahead on standby".into(),
+                vmm_binary(),
+                baremetal_guest(),
+            )
+        },
+    ];
     if let Some(other) = &options[0] {
         let other = PathBuf::from(other);
         let (vmm, guest) = (other.join("vmm"), other.join("baremetal"));
@@ -346,17 +396,11 @@ fn main() {
         let _ = std::fs::remove_dir_all(dir.with_extension(format!("idle-{k}")));
     }
     let _ = std::fs::remove_file(&image);
-    let medians: Vec<(f64, f64)> = builds.iter().map(Build::report).collect();
-    let (next, guest) = medians[0];
-    if let (Some((other_next, other_guest)), [this, other]) = (medians.get(1), &builds[..]) {
-        let (next_low, next_high) = median_difference_interval(&this.first_next, &other.first_next);
-        let (guest_low, guest_high) = median_difference_interval(&this.in_guest, &other.in_guest);
-        println!(
-            "this build against the other, first /next: {:+.2} ms ({:.2}x; 95 % interval {next_low:+.2} to {next_high:+.2}); boot-timer write -> /next: {:+.2} ms ({guest_low:+.2} to {guest_high:+.2})",
-            next - other_next,
-            next / other_next,
-            guest - other_guest
-        );
+    builds.iter().for_each(Build::report);
+    let next = percentile_ms(&builds[0].first_next, 50.0);
+    compare("on standby against spawned", &builds[1], &builds[0]);
+    if let Some(other) = builds.get(2) {
+        compare("this build against the other", &builds[0], other);
     }
     println!(
         "for reference, Firecracker's tiny guest, spawn -> first output (pvm.md): {FIRECRACKER_FIRST_OUTPUT_MS} ms median; ratio {:.1}x",

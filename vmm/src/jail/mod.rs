@@ -91,7 +91,7 @@ pub const MAX_LAUNCH_FDS: usize = 8;
 const MAX_LAUNCH_BYTES: usize = 64 << 10;
 /// Received descriptors go above this before they are placed, clear of
 /// every number a launch may name.
-const FD_FLOOR: RawFd = 64;
+pub const FD_FLOOR: RawFd = 64;
 
 impl Launch {
     /// Sends the launch and its descriptors (`fds[i]` goes to
@@ -120,7 +120,7 @@ impl Launch {
 
     /// Waits for a launch on `socket`; `None` when its sender closed it
     /// without sending one (a pool of jails shrinking).
-    fn receive(socket: &UnixStream) -> Result<Option<(Launch, Vec<OwnedFd>)>, JailError> {
+    pub fn receive(socket: &UnixStream) -> Result<Option<(Launch, Vec<OwnedFd>)>, JailError> {
         let mut buf = vec![0u8; MAX_LAUNCH_BYTES];
         let mut iov = [libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
@@ -280,6 +280,43 @@ pub fn place_fds(fds: &[(RawFd, RawFd)]) -> std::io::Result<()> {
         if unsafe { libc::dup2(copy, number) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
+    }
+    Ok(())
+}
+
+/// A connected `SOCK_SEQPACKET` pair: messages keep their bounds, and
+/// the jailer (or a VMM on standby) sees its end close. Both ends are
+/// close-on-exec: see [`inheritable`]. Held as `UnixStream`s, whose reads,
+/// writes and descriptor passing work on it alike.
+pub fn seqpacket_pair() -> std::io::Result<(UnixStream, UnixStream)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills the two-element array; checked.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: two new descriptors, owned here.
+    Ok(unsafe {
+        (
+            UnixStream::from_raw_fd(fds[0]),
+            UnixStream::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// Lets `socket` pass to a program this process execs.
+pub fn inheritable(socket: &UnixStream) -> std::io::Result<()> {
+    // SAFETY: clears the close-on-exec flag of a descriptor this process
+    // holds.
+    if unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_SETFD, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -169,7 +169,8 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(system: Arc<KvmSystem>, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+    /// A VM with its interrupt controller and no memory yet.
+    pub fn new(system: Arc<KvmSystem>) -> Result<Self, VmError> {
         let kvm = &system.kvm;
         for (cap, name) in [
             (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
@@ -208,6 +209,18 @@ impl Vm {
             }
         }
 
+        let max_vcpus = kvm.get_max_vcpus();
+        let coalesced_mmio = kvm.check_extension(Cap::CoalescedMmio);
+        Ok(Self {
+            system,
+            fd: Arc::new(fd),
+            max_vcpus,
+            coalesced_mmio,
+        })
+    }
+
+    /// Gives the guest `mem`, whose mappings must outlive the VM.
+    pub fn map_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         for (slot, (host, guest, size)) in region_mappings(mem).into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -218,17 +231,9 @@ impl Vm {
             };
             // SAFETY: the region is a live mapping of guest memory, owned by
             // `mem`, which outlives the VM in every caller.
-            unsafe { fd.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::MemoryRegion)?;
         }
-
-        let max_vcpus = kvm.get_max_vcpus();
-        let coalesced_mmio = kvm.check_extension(Cap::CoalescedMmio);
-        Ok(Self {
-            system,
-            fd: Arc::new(fd),
-            max_vcpus,
-            coalesced_mmio,
-        })
+        Ok(())
     }
 
     pub fn fd(&self) -> &Arc<VmFd> {

@@ -1,0 +1,190 @@
+//! A VMM on standby: started ahead of its microVM, it has exec'd, opened
+//! KVM and made an empty VM, and waits for its launch on an inherited
+//! `SOCK_SEQPACKET` socket. What is left when the launch comes is the
+//! microVM's own set-up: its memory, the guest's images, devices and
+//! vCPUs. The process's start and the VM's creation (about 1.2 ms of a
+//! boot here, and `KVM_CREATE_VM` alone sometimes 2.5 ms) are then off a
+//! cold start's path.
+//!
+//! The launch is the jailer's [`Launch`]: the VMM's remaining arguments,
+//! and descriptors to be found at the numbers those arguments name. So
+//! that those numbers are free, the VMM holds every low number before it
+//! opens anything, and what it opens while it waits goes above them.
+
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use crate::jail::{JailError, Launch, FD_FLOOR};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyError {
+    #[error("holding the low descriptor numbers: {0}")]
+    Hold(std::io::Error),
+    #[error("--standby-fd {0} is not an open descriptor")]
+    NoSocket(RawFd),
+    #[error(transparent)]
+    Launch(#[from] JailError),
+    #[error("a launch for a VMM on standby has {0}: only a jailer can apply it")]
+    JailOnly(&'static str),
+    #[error("the launch names descriptor {0}, which the VMM already uses")]
+    InUse(RawFd),
+    #[error("placing descriptor {0}: {1}")]
+    Place(RawFd, std::io::Error),
+}
+
+/// The free descriptor numbers below [`FD_FLOOR`], held open on
+/// `/dev/null` until a launch's descriptors take their places.
+pub struct LowFds {
+    held: Vec<OwnedFd>,
+}
+
+impl LowFds {
+    /// Holds every free number below [`FD_FLOOR`]; the inherited ones
+    /// (the standard streams, the launch socket, a jailer's KVM
+    /// descriptor) stay as they are.
+    pub fn hold() -> Result<Self, StandbyError> {
+        let null = OwnedFd::from(std::fs::File::open("/dev/null").map_err(StandbyError::Hold)?);
+        let mut held = Vec::new();
+        let mut next = 0;
+        while next < FD_FLOOR {
+            // The lowest free number from `next` on, taken in one step:
+            // no other thread's descriptor can be taken over.
+            // SAFETY: duplicates a descriptor this process owns.
+            let fd = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, next) };
+            if fd < 0 {
+                return Err(StandbyError::Hold(std::io::Error::last_os_error()));
+            }
+            // SAFETY: the copy just made is this process's own.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            next = fd.as_raw_fd() + 1;
+            if fd.as_raw_fd() < FD_FLOOR {
+                held.push(fd);
+            }
+        }
+        // `null` itself may sit on a low number: it is held too.
+        held.push(null);
+        Ok(LowFds { held })
+    }
+
+    /// Puts each of `fds` at its number in `numbers`, which must be one
+    /// this holds, and frees the rest.
+    fn place(mut self, fds: Vec<OwnedFd>, numbers: &[RawFd]) -> Result<(), StandbyError> {
+        for (fd, &number) in fds.into_iter().zip(numbers) {
+            let Some(at) = self.held.iter().position(|h| h.as_raw_fd() == number) else {
+                return Err(StandbyError::InUse(number));
+            };
+            // dup2 replaces the placeholder at `number` in one step; the
+            // placeholder's owner must not close the number afterwards.
+            let _ = self.held.swap_remove(at).into_raw_fd();
+            // SAFETY: both descriptors are this process's own; `number`
+            // is taken over by the launch's descriptor.
+            if unsafe { libc::dup2(fd.as_raw_fd(), number) } < 0 {
+                return Err(StandbyError::Place(number, std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits for the launch on `socket`, places its descriptors and returns
+/// the VMM's arguments it carries; `None` when the socket closed without
+/// one (a pool of VMMs shrinking).
+pub fn wait_for_launch(socket: RawFd, low: LowFds) -> Result<Option<Vec<String>>, StandbyError> {
+    // SAFETY: only asks whether `socket` is open.
+    if unsafe { libc::fcntl(socket, libc::F_GETFD) } < 0 {
+        return Err(StandbyError::NoSocket(socket));
+    }
+    // SAFETY: the socket was handed to this process to own (checked open
+    // above); it is closed once the launch is read.
+    let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(socket) });
+    let Some((launch, fds)) = Launch::receive(&socket)? else {
+        return Ok(None);
+    };
+    if !launch.mounts.is_empty() {
+        return Err(StandbyError::JailOnly("mounts"));
+    }
+    if launch.memory_max.is_some() {
+        return Err(StandbyError::JailOnly("a memory limit"));
+    }
+    low.place(fds, &launch.fds)?;
+    Ok(Some(launch.vmm_args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jail::seqpacket_pair;
+    use std::io::{Read, Seek, Write};
+
+    /// One test: the descriptor table is the process's, shared by the
+    /// test threads, so the numbers it holds must not move under another.
+    #[test]
+    fn a_launch_gets_its_arguments_and_its_descriptors_at_their_numbers_or_a_clear_refusal() {
+        let (ours, theirs) = seqpacket_pair().unwrap();
+        let low = LowFds::hold().unwrap();
+        let free = low.held[0].as_raw_fd();
+        let mut secret = tempfile();
+        secret.write_all(b"key").unwrap();
+        let launch = Launch {
+            vmm_args: vec!["--kernel".into(), "/k".into()],
+            fds: vec![free],
+            ..Launch::default()
+        };
+        launch.send(&ours, &[secret.as_raw_fd()]).unwrap();
+        let args = wait_for_launch(theirs.into_raw_fd(), low).unwrap().unwrap();
+        assert_eq!(args, ["--kernel", "/k"]);
+        // SAFETY: the launch placed its descriptor at `free`.
+        let mut placed = unsafe { std::fs::File::from_raw_fd(free) };
+        placed.rewind().unwrap();
+        let mut read = String::new();
+        placed.read_to_string(&mut read).unwrap();
+        assert_eq!(read, "key");
+
+        // A number the VMM uses, or mounts: refused by name. A socket closed
+        // without a launch dismisses the VMM.
+        let in_use = ours.as_raw_fd();
+        for (launch, expected) in [
+            (
+                Launch {
+                    fds: vec![in_use],
+                    ..Launch::default()
+                },
+                format!("descriptor {in_use}, which the VMM already uses"),
+            ),
+            (
+                Launch {
+                    mounts: vec!["/a:/b".parse().unwrap()],
+                    ..Launch::default()
+                },
+                "has mounts".to_string(),
+            ),
+        ] {
+            let (ours, theirs) = seqpacket_pair().unwrap();
+            let fds: Vec<RawFd> = launch.fds.iter().map(|_| secret.as_raw_fd()).collect();
+            launch.send(&ours, &fds).unwrap();
+            let error = wait_for_launch(theirs.into_raw_fd(), LowFds::hold().unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(&expected), "{error}");
+        }
+        let (ours, theirs) = seqpacket_pair().unwrap();
+        drop(ours);
+        let dismissed = wait_for_launch(theirs.into_raw_fd(), LowFds::hold().unwrap()).unwrap();
+        assert_eq!(dismissed, None, "a socket closed without a launch");
+        let error = wait_for_launch(4000, LowFds::hold().unwrap()).unwrap_err();
+        assert!(matches!(error, StandbyError::NoSocket(_)), "{error}");
+    }
+
+    fn tempfile() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("standby-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+}
