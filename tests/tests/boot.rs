@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use microvm_tests::{boot_time_logged, fixture, hypervisor, run_vmm, HypervisorKind, VmmRun};
 use vmm::jail::{inheritable, seqpacket_pair, Launch};
@@ -335,8 +335,9 @@ fn a_guest_without_the_note_keeps_its_privileged_entry() {
 }
 
 /// Starts the VMM on standby with `initial` arguments, sends it `launch`
-/// (or dismisses it, with `None`) and waits for its end.
-fn on_standby(initial: &[&str], launch: Option<Launch>) -> VmmRun {
+/// with its descriptors (or dismisses it, with `None`) and waits for its
+/// end.
+fn on_standby(initial: &[&str], launch: Option<(Launch, &[RawFd])>) -> VmmRun {
     let (ours, theirs) = seqpacket_pair().unwrap();
     inheritable(&theirs).unwrap();
     let socket = theirs.as_raw_fd().to_string();
@@ -345,8 +346,8 @@ fn on_standby(initial: &[&str], launch: Option<Launch>) -> VmmRun {
     let run = std::thread::scope(|s| {
         let vmm = s.spawn(|| run_vmm(&args, DEADLINE));
         // The VMM makes its VM first; the launch waits in the socket.
-        if let Some(launch) = launch {
-            launch.send(&ours, &[]).unwrap();
+        if let Some((launch, fds)) = launch {
+            launch.send(&ours, fds).unwrap();
         }
         drop(ours);
         vmm.join().unwrap()
@@ -362,7 +363,13 @@ fn a_vmm_on_standby_boots_what_its_launch_names_and_refuses_a_bad_launch_by_name
         vmm_args: args.iter().map(|a| a.to_string()).collect(),
         ..Launch::default()
     };
-    let run = on_standby(&[], Some(launch(&["--kernel", kernel.to_str().unwrap()])));
+    // The kernel comes as a descriptor, as a jailed VMM's files do.
+    let kernel_file = std::fs::File::open(&kernel).unwrap();
+    let with_kernel = Launch {
+        fds: vec![60],
+        ..launch(&["--kernel", "fd:60"])
+    };
+    let run = on_standby(&[], Some((with_kernel, &[kernel_file.as_raw_fd()])));
     assert_clean_reset(&run);
     assert!(
         run.stdout.starts_with("fixture: linux64 entry\n"),
@@ -388,7 +395,7 @@ fn a_vmm_on_standby_boots_what_its_launch_names_and_refuses_a_bad_launch_by_name
             "--kvm-fd and --hypervisor belong to the VMM's start",
         ),
     ] {
-        let run = on_standby(initial, Some(launch(args)));
+        let run = on_standby(initial, Some((launch(args), &[])));
         assert_eq!(run.code, Some(1), "{args:?}: {}", run.stderr);
         assert!(run.stderr.contains(expected), "{args:?}: {}", run.stderr);
         assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
@@ -397,7 +404,7 @@ fn a_vmm_on_standby_boots_what_its_launch_names_and_refuses_a_bad_launch_by_name
         mounts: vec!["/a:/b".parse().unwrap()],
         ..launch(&["--kernel", kernel.to_str().unwrap()])
     };
-    let run = on_standby(&[], Some(mounts));
+    let run = on_standby(&[], Some((mounts, &[])));
     assert_eq!(run.code, Some(1));
     assert!(
         run.stderr.contains("only a jailer can apply it"),

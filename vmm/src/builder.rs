@@ -193,39 +193,47 @@ fn attach_virtio_devices(
 
 /// A drive's storage: a chunked image, a sealed one, or a raw file.
 fn drive_backend(drive: &DriveConfig) -> Result<Box<dyn BlockBackend>, BuildError> {
+    let shown = PathBuf::from(drive.path.to_string());
     let drive_error = |source| BuildError::Drive {
-        path: drive.path.clone(),
+        path: shown.clone(),
         source,
     };
     if let Some(manifest) = &drive.manifest {
-        let chunked = manifest
-            .open()
-            .map_err(ChunkedError::Io)
-            .and_then(ChunkManifest::read_from)
-            .and_then(|m| ChunkedImage::open(&drive.path, m))
-            .map_err(|source| BuildError::ChunkedDrive {
-                path: drive.path.clone(),
-                manifest: manifest.to_string(),
-                source,
-            })?;
+        let chunked = match &drive.path {
+            FileSource::Path(store) => manifest
+                .open()
+                .map_err(ChunkedError::Io)
+                .and_then(ChunkManifest::read_from)
+                .and_then(|m| ChunkedImage::open(store, m)),
+            // Refused by the configuration's validation.
+            FileSource::Fd(_) => Err(ChunkedError::Io(std::io::ErrorKind::IsADirectory.into())),
+        }
+        .map_err(|source| BuildError::ChunkedDrive {
+            path: shown.clone(),
+            manifest: manifest.to_string(),
+            source,
+        })?;
         return Ok(Box::new(chunked));
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!drive.read_only)
-        .open(&drive.path)
-        .map_err(drive_error)?;
+    let file = match &drive.path {
+        FileSource::Path(path) => OpenOptions::new()
+            .read(true)
+            .write(!drive.read_only)
+            .open(path),
+        FileSource::Fd(_) => drive.path.open(),
+    }
+    .map_err(drive_error)?;
     let Some(fd) = drive.key_fd else {
         return Ok(Box::new(RawFile::new(file).map_err(drive_error)?));
     };
     let (artifact, key) = read_drive_key(fd).map_err(|reason| BuildError::DriveKey {
-        path: drive.path.clone(),
+        path: shown.clone(),
         fd,
         reason,
     })?;
     let sealed =
         SealedImage::open(file, &artifact, &key).map_err(|source| BuildError::SealedDrive {
-            path: drive.path.clone(),
+            path: shown.clone(),
             source,
         })?;
     Ok(Box::new(sealed))
@@ -284,7 +292,7 @@ fn load_images(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<GuestImages, 
     let kernel = loader::load_kernel(mem, &config.kernel)?;
     let initrd = config
         .initrd
-        .as_deref()
+        .as_ref()
         .map(|path| loader::load_initrd(mem, config.mem_mib << 20, path, &kernel))
         .transpose()?;
     Ok(GuestImages { kernel, initrd })

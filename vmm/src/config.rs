@@ -41,11 +41,12 @@ impl FromStr for SerialConfig {
 /// A virtio-blk drive: a raw image file; a sealed (encrypted) one whose
 /// artifact id and key the VMM reads from an inherited descriptor; or a
 /// chunked one, whose path is the chunk store and whose manifest the VMM
-/// reads from a file or descriptor.
+/// reads from a file or descriptor. An image file may be an inherited
+/// descriptor (`fd:N`, read-only).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
-    pub path: PathBuf,
+    pub path: FileSource,
     #[serde(default)]
     pub read_only: bool,
     /// A descriptor holding `ARTIFACT_ID_HEX KEY_HEX`: the drive is sealed.
@@ -91,7 +92,7 @@ impl FromStr for DriveConfig {
             return Err("empty path".into());
         }
         Ok(DriveConfig {
-            path: PathBuf::from(path),
+            path: path.parse()?,
             read_only,
             key_fd: key_fd.map(i32::from),
             manifest,
@@ -144,8 +145,8 @@ pub const MIN_GUEST_CID: u64 = 3;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfigInput {
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
+    pub kernel: Option<FileSource>,
+    pub initrd: Option<FileSource>,
     pub cmdline: Option<String>,
     pub mem_mib: Option<u64>,
     pub vcpus: Option<u64>,
@@ -186,8 +187,8 @@ impl VmConfigInput {
 /// A validated machine configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
+    pub kernel: FileSource,
+    pub initrd: Option<FileSource>,
     pub cmdline: String,
     pub mem_mib: u64,
     pub vcpus: u8,
@@ -355,9 +356,9 @@ impl VmConfigInput {
             .kernel
             .clone()
             .ok_or(ConfigError::Missing("kernel", "kernel"))?;
-        check_readable_file("kernel", &kernel)?;
+        kernel.check("kernel")?;
         if let Some(initrd) = &self.initrd {
-            check_readable_file("initrd", initrd)?;
+            initrd.check("initrd")?;
         }
 
         let mem_mib = self.mem_mib.unwrap_or(DEFAULT_MEM_MIB);
@@ -456,29 +457,43 @@ impl VmConfigInput {
         let drives = self.drives.clone().unwrap_or_default();
         for drive in &drives {
             if let Some(manifest) = &drive.manifest {
-                if !drive.path.is_dir() || !drive.read_only || drive.key_fd.is_some() {
+                let store = match &drive.path {
+                    FileSource::Path(store) => store.is_dir(),
+                    FileSource::Fd(_) => false,
+                };
+                if !store || !drive.read_only || drive.key_fd.is_some() {
                     return Err(invalid(
                         "drive",
-                        drive.path.display(),
+                        &drive.path,
                         "a chunked drive (manifest=) is read-only (,ro), without key-fd, and its path is the chunk store directory",
                     ));
                 }
                 manifest.check("drive.manifest")?;
                 continue;
             }
-            check_readable_file("drive", &drive.path)?;
+            drive.path.check("drive")?;
             if drive.key_fd.is_some() && !drive.read_only {
                 return Err(invalid(
                     "drive",
-                    drive.path.display(),
+                    &drive.path,
                     "a sealed drive (key-fd) is read-only: add ,ro",
                 ));
             }
-            if !drive.read_only {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&drive.path)
-                    .map_err(|e| invalid("drive", drive.path.display(), e))?;
+            match &drive.path {
+                _ if drive.read_only => {}
+                FileSource::Path(path) => {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .map_err(|e| invalid("drive", path.display(), e))?;
+                }
+                FileSource::Fd(_) => {
+                    return Err(invalid(
+                        "drive",
+                        &drive.path,
+                        "a drive given as a descriptor is read-only: add ,ro",
+                    ))
+                }
             }
         }
         if let Some(vsock) = &self.vsock {
@@ -548,7 +563,7 @@ mod tests {
 
     fn input(kernel: &Path) -> VmConfigInput {
         VmConfigInput {
-            kernel: Some(kernel.to_path_buf()),
+            kernel: Some(FileSource::Path(kernel.to_path_buf())),
             ..Default::default()
         }
     }
@@ -619,7 +634,7 @@ mod tests {
         assert_eq!(
             "/a/b.img,ro".parse(),
             Ok(DriveConfig {
-                path: "/a/b.img".into(),
+                path: FileSource::Path("/a/b.img".into()),
                 read_only: true,
                 key_fd: None,
                 manifest: None,
@@ -628,7 +643,7 @@ mod tests {
         assert_eq!(
             "/a/s.img,ro,key-fd=0".parse(),
             Ok(DriveConfig {
-                path: "/a/s.img".into(),
+                path: FileSource::Path("/a/s.img".into()),
                 read_only: true,
                 key_fd: Some(0),
                 manifest: None,
@@ -645,7 +660,7 @@ mod tests {
             .unwrap_err()
             .contains("expected fd:N"));
         let rw_chunked = VmConfigInput {
-            kernel: Some("/proc/self/exe".into()),
+            kernel: Some(FileSource::Path("/proc/self/exe".into())),
             drives: Some(vec!["/tmp,manifest=/etc/hostname".parse().unwrap()]),
             ..Default::default()
         }
@@ -653,6 +668,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(rw_chunked.contains("a chunked drive"), "{rw_chunked}");
+        // An image given as a descriptor: open, and read-only.
+        let stdin_drive = |drive: &str| {
+            VmConfigInput {
+                kernel: Some(FileSource::Path("/proc/self/exe".into())),
+                drives: Some(vec![drive.parse().unwrap()]),
+                ..Default::default()
+            }
+            .validate()
+            .map(|c| c.devices.drives[0].path.clone())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(stdin_drive("fd:0,ro"), Ok(FileSource::Fd(0)));
+        assert!(stdin_drive("fd:0").unwrap_err().contains("read-only"));
+        assert!(stdin_drive("fd:999,ro")
+            .unwrap_err()
+            .contains("not an open descriptor"));
         assert!("s.img,ro,key-fd=x"
             .parse::<DriveConfig>()
             .unwrap_err()

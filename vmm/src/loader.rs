@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::arch::x86_64::boot_params::{initrd_address, InitrdRegion};
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use crate::arch::x86_64::regs::EntryMode;
+use crate::config::FileSource;
 use crate::vstate::memory::{advise_huge_pages, fault_in_for_writing};
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
@@ -227,8 +228,12 @@ fn pvm_user_entry(notes: &[ElfNote], path: &Path) -> Result<Option<u64>, LoaderE
     }
 }
 
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LoaderError> {
-    let mut file = File::open(path).map_err(read_err("kernel", path))?;
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    source: &FileSource,
+) -> Result<LoadedKernel, LoaderError> {
+    let path = &PathBuf::from(source.to_string());
+    let mut file = source.open().map_err(read_err("kernel", path))?;
     let format = detect_format(&mut file, path)?;
     let bad = |e: linux_loader::loader::Error| LoaderError::BadKernel {
         path: path.to_path_buf(),
@@ -292,10 +297,11 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     mem_size: u64,
-    path: &Path,
+    source: &FileSource,
     kernel: &LoadedKernel,
 ) -> Result<InitrdRegion, LoaderError> {
-    let mut file = File::open(path).map_err(read_err("initrd", path))?;
+    let path = &PathBuf::from(source.to_string());
+    let mut file = source.open().map_err(read_err("initrd", path))?;
     let size = file.metadata().map_err(read_err("initrd", path))?.len();
     let addr = initrd_address(
         mem_size,
@@ -396,7 +402,7 @@ mod tests {
                 bytes.len()
             ));
             std::fs::write(&path, bytes).unwrap();
-            let loaded = load_kernel(&mem, &path).unwrap();
+            let loaded = load_kernel(&mem, &FileSource::Path(path.clone())).unwrap();
             std::fs::remove_file(&path).unwrap();
             loaded
         };

@@ -22,12 +22,13 @@ use vmm::{build_microvm, BuildError, VmConfigInput};
 #[derive(Debug, Parser)]
 #[command(name = "vmm", version)]
 struct Cli {
-    /// Kernel: ELF vmlinux (PVH entry when it has one) or bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: Option<PathBuf>,
-    /// Initial ramdisk.
-    #[arg(long, value_name = "PATH")]
-    initrd: Option<PathBuf>,
+    /// Kernel: ELF vmlinux (PVH entry when it has one) or bzImage; a path,
+    /// or fd:N for an inherited descriptor.
+    #[arg(long, value_name = "PATH|fd:N")]
+    kernel: Option<vmm::config::FileSource>,
+    /// Initial ramdisk (a path or fd:N).
+    #[arg(long, value_name = "PATH|fd:N")]
+    initrd: Option<vmm::config::FileSource>,
     /// Kernel command line.
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
