@@ -564,3 +564,85 @@ fn tempfile_with(text: &str) -> std::fs::File {
     std::fs::remove_file(&path).unwrap();
     file
 }
+
+#[test]
+fn a_vmm_on_standby_in_a_jail_makes_its_vm_first_and_boots_from_the_descriptors_of_its_launch() {
+    if skip_unless_root("a VMM on standby in a jail") {
+        return;
+    }
+    let base = scratch("jail-standby");
+    let id = format!("standby-{}", std::process::id());
+    let (mut jailer, jail_socket, _) = jail_made_ahead(&id, &base);
+    let run = base.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
+    let pid = wait_for_pid(&base.join("jails").join(&id).join("vmm.pid"), &mut jailer.0);
+
+    // The jail's own launch: only what is the same for every microVM; the
+    // VMM execs and waits on its socket, at 3.
+    let (vmm_socket, vmm_end) = vmm::jail::seqpacket_pair().unwrap();
+    let standby = vmm::jail::Launch {
+        mounts: vec![format!("{}:/run", run.display()).parse().unwrap()],
+        memory_max: Some(96 << 20),
+        vmm_args: ["--standby-fd", "3"].map(str::to_string).to_vec(),
+        fds: vec![3],
+    };
+    standby.send(&jail_socket, &[vmm_end.as_raw_fd()]).unwrap();
+    drop(vmm_end);
+    let fds_of = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .map(|l| l.display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fds_of(pid).iter().any(|f| f == "anon_inode:kvm-vm") {
+        if Instant::now() > deadline || jailer.0.try_wait().unwrap().is_some() {
+            // SAFETY: signals the child process this test spawned.
+            unsafe { libc::kill(jailer.0.id() as i32, libc::SIGTERM) };
+            let said = std::io::read_to_string(jailer.0.stderr.take().unwrap()).unwrap();
+            panic!("the VMM on standby made no VM: {:?}\n{said}", fds_of(pid));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(uids_of(pid), ["65534"; 4]);
+    assert!(!run.join("vsock").exists(), "no microVM before the launch");
+
+    // The microVM's launch, to the VMM itself: its files as descriptors,
+    // since nothing more can be mounted in its root.
+    let kernel = std::fs::File::open(baremetal_guest()).unwrap();
+    let launch = vmm::jail::Launch {
+        vmm_args: [
+            "--kernel",
+            "fd:60",
+            "--mem-mib",
+            "32",
+            "--vsock",
+            "cid=3,uds=/run/vsock",
+            "--serial",
+            "off",
+            "--cmdline",
+            "baremetal.run=vsock-serve:5000",
+        ]
+        .map(str::to_string)
+        .to_vec(),
+        fds: vec![60],
+        ..vmm::jail::Launch::default()
+    };
+    launch.send(&vmm_socket, &[kernel.as_raw_fd()]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !run.join("vsock").exists() {
+        assert!(Instant::now() < deadline, "the VMM never made its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(memory_limit_of(pid), 96 << 20);
+
+    // SAFETY: signals the child process this test spawned.
+    unsafe { libc::kill(jailer.0.id() as i32, libc::SIGTERM) };
+    jailer.0.wait().unwrap();
+    assert!(!base.join("jails").join(&id).exists());
+    std::fs::remove_dir_all(&base).unwrap();
+}

@@ -32,8 +32,8 @@ pub enum StandbyError {
     Place(RawFd, std::io::Error),
 }
 
-/// The free descriptor numbers below [`FD_FLOOR`], held open on
-/// `/dev/null` until a launch's descriptors take their places.
+/// The free descriptor numbers below [`FD_FLOOR`], held open until a
+/// launch's descriptors take their places.
 pub struct LowFds {
     held: Vec<OwnedFd>,
 }
@@ -43,14 +43,21 @@ impl LowFds {
     /// (the standard streams, the launch socket, a jailer's KVM
     /// descriptor) stay as they are.
     pub fn hold() -> Result<Self, StandbyError> {
-        let null = OwnedFd::from(std::fs::File::open("/dev/null").map_err(StandbyError::Hold)?);
+        // An eventfd, not /dev/null: a jail's root has no /dev.
+        // SAFETY: makes a new descriptor, owned below.
+        let placeholder = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if placeholder < 0 {
+            return Err(StandbyError::Hold(std::io::Error::last_os_error()));
+        }
+        // SAFETY: as above.
+        let placeholder = unsafe { OwnedFd::from_raw_fd(placeholder) };
         let mut held = Vec::new();
         let mut next = 0;
         while next < FD_FLOOR {
             // The lowest free number from `next` on, taken in one step:
             // no other thread's descriptor can be taken over.
             // SAFETY: duplicates a descriptor this process owns.
-            let fd = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD_CLOEXEC, next) };
+            let fd = unsafe { libc::fcntl(placeholder.as_raw_fd(), libc::F_DUPFD_CLOEXEC, next) };
             if fd < 0 {
                 return Err(StandbyError::Hold(std::io::Error::last_os_error()));
             }
@@ -61,8 +68,8 @@ impl LowFds {
                 held.push(fd);
             }
         }
-        // `null` itself may sit on a low number: it is held too.
-        held.push(null);
+        // The eventfd itself may sit on a low number: it is held too.
+        held.push(placeholder);
         Ok(LowFds { held })
     }
 
