@@ -11,6 +11,7 @@
 //! that those numbers are free, the VMM holds every low number before it
 //! opens anything, and what it opens while it waits goes above them.
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -93,9 +94,16 @@ impl LowFds {
     }
 }
 
-/// Waits for the launch on `socket`, places its descriptors and returns
-/// the VMM's arguments it carries; `None` when the socket closed without
-/// one (a pool of VMMs shrinking).
+/// What a VMM on standby sends its owner once its VM is made: the owner
+/// may then set what the jail's own launch set before (a jailer raises
+/// the memory limit for a VMM of any size; its owner lowers it to the
+/// microVM's).
+pub const READY: &[u8] = b"ready";
+
+/// Tells the owner on `socket` that the VM is made ([`READY`]), waits for
+/// the launch, places its descriptors and returns the VMM's arguments it
+/// carries; `None` when the socket closed without one (a pool of VMMs
+/// shrinking).
 pub fn wait_for_launch(socket: RawFd, low: LowFds) -> Result<Option<Vec<String>>, StandbyError> {
     // SAFETY: only asks whether `socket` is open.
     if unsafe { libc::fcntl(socket, libc::F_GETFD) } < 0 {
@@ -104,6 +112,10 @@ pub fn wait_for_launch(socket: RawFd, low: LowFds) -> Result<Option<Vec<String>>
     // SAFETY: the socket was handed to this process to own (checked open
     // above); it is closed once the launch is read.
     let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(socket) });
+    // An owner already gone dismissed the VMM.
+    if (&socket).write_all(READY).is_err() {
+        return Ok(None);
+    }
     let Some((launch, fds)) = Launch::receive(&socket)? else {
         return Ok(None);
     };
@@ -121,7 +133,7 @@ pub fn wait_for_launch(socket: RawFd, low: LowFds) -> Result<Option<Vec<String>>
 mod tests {
     use super::*;
     use crate::jail::seqpacket_pair;
-    use std::io::{Read, Seek, Write};
+    use std::io::{Read, Seek};
 
     /// One test: the descriptor table is the process's, shared by the
     /// test threads, so the numbers it holds must not move under another.

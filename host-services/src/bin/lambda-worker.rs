@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use host_services::api;
 use host_services::control_plane::backup::spawn_backups;
-use host_services::control_plane::functions::ControlPlane;
+use host_services::control_plane::functions::{chunk_store_dir, ControlPlane};
 use host_services::control_plane::model::runtime;
 use host_services::control_plane::shared_state::StateReplica;
 use host_services::control_plane::store::Store;
@@ -241,6 +241,8 @@ fn jail_settings(args: &Args, vmm: &Path) -> Result<Option<JailSettings>, String
         cgroup_parent: args.cgroup_parent.clone(),
         id_prefix: format!("{}-", std::process::id()),
         pool: JailPool::new(args.jail_pool, vmm),
+        run_dir: args.data_dir.join("run").join("jails"),
+        chunk_store: Some(chunk_store_dir(&args.data_dir)),
     };
     tracing::info!(
         "environments start through the jailer {}: each as a uid of its own in {:?}, roots under {}, cgroup {}",

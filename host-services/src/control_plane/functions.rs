@@ -3,7 +3,7 @@
 //! this module holds the rules.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
@@ -214,6 +214,11 @@ fn get_record(t: &Txn, account: &AccountId, name: &str) -> Result<FunctionRecord
 /// needs; this one keeps the key space and listings bounded.
 const MAX_VERSIONS: u64 = 100_000;
 
+/// Where the container images' chunks are kept, under `data_dir`.
+pub fn chunk_store_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("images").join("chunks")
+}
+
 impl ControlPlane {
     pub fn new(
         store: Store,
@@ -221,11 +226,13 @@ impl ControlPlane {
         keys: Arc<KeyService>,
         linux_runtimes: Vec<String>,
     ) -> Result<Self, OpenError> {
-        let images = data_dir.join("images");
         Ok(ControlPlane {
             store,
             artifacts: ArtifactStore::open(&data_dir.join("artifacts"), keys.clone())?,
-            chunks: ChunkStore::open(&images.join("chunks"), &images.join("convergence.key"))?,
+            chunks: ChunkStore::open(
+                &chunk_store_dir(data_dir),
+                &data_dir.join("images").join("convergence.key"),
+            )?,
             keys,
             linux_runtimes,
             building: Mutex::default(),

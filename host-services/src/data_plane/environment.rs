@@ -22,7 +22,7 @@ use crate::data_plane::snapshots::{self, SnapshotStore};
 use crate::data_plane::start_trace::StartTrace;
 use crate::data_plane::vmm_process::{
     request_snapshot, CodeDisk, GuestStart, JailSettings, VmmFiles, VmmProcess, VmmProcessError,
-    CONTROL_SOCKET, SNAPSHOT_MEMORY, SNAPSHOT_STATE,
+    VmmSlot, CONTROL_SOCKET, SNAPSHOT_MEMORY, SNAPSHOT_STATE,
 };
 use crate::ids::VersionKey;
 use crate::security::key_service::ArtifactKeys;
@@ -286,7 +286,8 @@ impl ExecutionEnvironment {
             None => None,
         };
         trace.mark("keys unwrapped");
-        let dir = image.run_dir.join(&id);
+        let slot = VmmSlot::take(image.jail.as_ref(), &image.vmm, image.run_dir.join(&id))?;
+        let dir = slot.dir().to_path_buf();
         let dir_error = |source| EnvironmentError::Directory {
             path: dir.clone(),
             source,
@@ -328,14 +329,13 @@ impl ExecutionEnvironment {
         };
         trace.mark("sockets bound");
         let mut vmm = VmmProcess::spawn(
-            image.jail.as_ref(),
+            slot,
             &VmmFiles {
                 vmm: &image.vmm,
                 kernel,
                 code,
                 root_disk: root.map(PathBuf::as_path),
                 layers_disk: layers.as_ref().map(|(path, key)| (*path, key.as_str())),
-                dir: &dir,
             },
             launch.memory_mib,
             start,

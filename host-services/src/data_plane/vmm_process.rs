@@ -5,7 +5,6 @@
 //! cgroup sized from the function's memory.
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -18,7 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
+use vmm::jail::cgroup::{Cgroup, CgroupError};
 use vmm::jail::{place_fds, seqpacket_pair, set_policy, JailMount, Launch};
+use vmm::standby::READY;
+
+use crate::control_plane::model::MAX_MEMORY_MIB;
 
 /// How the worker jails its VMMs.
 #[derive(Debug, Clone)]
@@ -33,18 +36,26 @@ pub struct JailSettings {
     /// cgroup tree) never pick the same one.
     pub id_prefix: String,
     pub pool: Arc<JailPool>,
+    /// Where each jail's run directory is made, shown to its VMM as
+    /// `/run`: the environment's sockets go there.
+    pub run_dir: PathBuf,
+    /// The container images' chunk store, shown read-only to every VMM
+    /// (it holds only sealed chunks; their keys come with a launch).
+    pub chunk_store: Option<PathBuf>,
 }
 
-/// Jails made ahead of time, each a jailer that has built its namespaces,
-/// cgroup and root and waits for its VMM's [`Launch`]: a cold start then
-/// skips the jailer's start and the namespaces' creation (3-7 ms here).
+/// VMMs started ahead of time in their jails, each waiting for its
+/// microVM's launch: a jailer has built the namespaces, cgroup and root
+/// and exec'd the VMM on standby (`--standby-fd`), which made its VM. A
+/// cold start then skips the jailer's start, the namespaces' creation,
+/// the VMM's exec and the VM's creation.
 #[derive(Debug)]
 pub struct JailPool {
     /// How many wait.
     size: usize,
     /// The VMM binary they exec.
     vmm: PathBuf,
-    idle: Mutex<Vec<IdleJail>>,
+    idle: Mutex<Vec<StandbyVmm>>,
     /// Numbers the jails.
     made: AtomicU64,
     /// A refill is under way: cold starts that end together ask for one
@@ -52,13 +63,52 @@ pub struct JailPool {
     refilling: AtomicBool,
 }
 
-/// A jailer waiting for its launch. Dropped, its socket closes, and the
-/// jailer removes its jail and cgroup and ends.
+/// A VMM on standby in its jail. Dropped, its socket closes: the VMM
+/// ends, and the jailer removes its jail and cgroup and ends.
 #[derive(Debug)]
-struct IdleJail {
+pub struct StandbyVmm {
+    /// The jailer.
     child: Child,
+    /// Where the microVM's launch goes, to the VMM itself.
     launch: UnixStream,
     jailed: Jailed,
+    /// The jail's `/run`, as the host sees it.
+    dir: PathBuf,
+}
+
+/// Where an environment's VMM runs: on standby in a jail, or unjailed
+/// (then the environment's directory is its own).
+pub enum VmmSlot {
+    Jailed(Box<StandbyVmm>),
+    Unjailed { dir: PathBuf },
+}
+
+impl VmmSlot {
+    /// A VMM on standby from the pool, or one started now; unjailed
+    /// without `jail`, with `dir` as the environment's directory.
+    pub fn take(
+        jail: Option<&JailSettings>,
+        vmm: &Path,
+        dir: PathBuf,
+    ) -> Result<Self, VmmProcessError> {
+        let Some(jail) = jail else {
+            return Ok(VmmSlot::Unjailed { dir });
+        };
+        let standby = match jail.pool.take(vmm) {
+            Some(standby) => standby,
+            None => jail.start_standby(vmm, false)?,
+        };
+        Ok(VmmSlot::Jailed(Box::new(standby)))
+    }
+
+    /// The environment's directory: the VMM makes its vsock socket there
+    /// and connects to the worker's listeners next to it.
+    pub fn dir(&self) -> &Path {
+        match self {
+            VmmSlot::Jailed(standby) => &standby.dir,
+            VmmSlot::Unjailed { dir } => dir,
+        }
+    }
 }
 
 impl JailPool {
@@ -74,16 +124,16 @@ impl JailPool {
         })
     }
 
-    fn take(&self, vmm: &Path) -> Option<IdleJail> {
+    fn take(&self, vmm: &Path) -> Option<StandbyVmm> {
         if vmm != self.vmm {
             return None;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         // One whose jailer died meanwhile (killed by hand, say) is passed
         // over.
-        while let Some(mut jail) = idle.pop() {
-            if matches!(jail.child.try_wait(), Ok(None)) {
-                return Some(jail);
+        while let Some(mut standby) = idle.pop() {
+            if matches!(standby.child.try_wait(), Ok(None)) {
+                return Some(standby);
             }
         }
         None
@@ -111,11 +161,12 @@ impl JailSettings {
         // No refill starts from now on.
         self.pool.refilling.store(true, Ordering::Release);
         let idle = std::mem::take(&mut *self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
-        for IdleJail {
+        for StandbyVmm {
             mut child, launch, ..
         } in idle
         {
-            // Its socket closed without a launch, the jailer cleans up.
+            // Its socket closed without a launch, the VMM ends and the
+            // jailer cleans up.
             drop(launch);
             if tokio::time::timeout(JAILER_STOP_TIMEOUT, child.wait())
                 .await
@@ -128,26 +179,28 @@ impl JailSettings {
 
     fn fill(&self) {
         while self.pool.idle() < self.pool.size {
-            match self.make_jail(&self.pool.vmm, true) {
-                Ok(jail) => self
+            match self.start_standby(&self.pool.vmm, true) {
+                Ok(standby) => self
                     .pool
                     .idle
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push(jail),
+                    .push(standby),
                 Err(e) => {
-                    tracing::warn!("no jail made ahead: {e}");
+                    tracing::warn!("no VMM started ahead: {e}");
                     return;
                 }
             }
         }
     }
 
-    /// Starts a jailer that builds a jail for `vmm` and waits for its
-    /// launch; `ahead` of need at `SCHED_IDLE`, so that making it never
-    /// slows the microVMs that run (the jail's VMM runs at the normal
-    /// policy).
-    fn make_jail(&self, vmm: &Path, ahead: bool) -> Result<IdleJail, VmmProcessError> {
+    /// Starts a jailer that builds a jail for `vmm` and execs it there on
+    /// standby, with the jail's own launch: its run directory and the
+    /// chunk store mounted, a memory limit no microVM exceeds (its own is
+    /// set at its launch). `ahead` of need, the jailer builds the jail at
+    /// `SCHED_IDLE`, so that it never slows the microVMs that run (the
+    /// VMM runs at the normal policy).
+    fn start_standby(&self, vmm: &Path, ahead: bool) -> Result<StandbyVmm, VmmProcessError> {
         let uid = self
             .ids
             .take()
@@ -197,16 +250,101 @@ impl JailSettings {
             });
         }
         let child = command.spawn().map_err(spawn_error)?;
-        Ok(IdleJail {
+        drop(theirs);
+        let dir = self.run_dir.join(&id);
+        std::fs::create_dir_all(&dir).map_err(|source| VmmProcessError::HandOver {
+            path: dir.clone(),
+            source,
+        })?;
+        hand_over(&dir, uid.id)?;
+        let mut mounts = vec![JailMount {
+            source: dir.clone(),
+            target: JAIL_DIR.into(),
+            read_only: false,
+        }];
+        // A worker host of a fleet keeps no images.
+        if let Some(store) = self.chunk_store.as_ref().filter(|s| s.is_dir()) {
+            mounts.push(JailMount {
+                source: store.clone(),
+                target: JAIL_CHUNKS.into(),
+                read_only: true,
+            });
+        }
+        let (vmm_launch, vmm_end) = seqpacket_pair().map_err(spawn_error)?;
+        let standby = Launch {
+            mounts,
+            memory_max: Some(memory_limit(MAX_MEMORY_MIB)),
+            vmm_args: [
+                "--standby-fd",
+                &STANDBY_FD.to_string(),
+                "--log-level",
+                "warn",
+            ]
+            .map(str::to_string)
+            .to_vec(),
+            fds: vec![STANDBY_FD],
+        };
+        // Queued whole before the socket closes here: the jailer reads the
+        // launch, then the end.
+        standby
+            .send(&launch, &[vmm_end.as_raw_fd()])
+            .map_err(spawn_error)?;
+        Ok(StandbyVmm {
             child,
-            launch,
+            launch: vmm_launch,
             jailed: Jailed {
                 pid_file: self.chroot_base.join(&id).join("vmm.pid"),
                 id,
+                cgroup_parent: self.cgroup_parent.clone(),
                 uid,
             },
+            dir,
         })
     }
+}
+
+/// Waits for the VMM on standby in jail `id` to say its VM is made: at
+/// once for one from the pool, a jailer's start for one started now.
+fn await_ready(socket: &UnixStream, id: &str) -> Result<(), VmmProcessError> {
+    let not_ready = |reason: String| VmmProcessError::NotReady {
+        jail: id.to_string(),
+        reason,
+    };
+    socket
+        .set_read_timeout(Some(STANDBY_TIMEOUT))
+        .map_err(|e| not_ready(e.to_string()))?;
+    let mut message = [0u8; 16];
+    let read = std::io::Read::read(&mut &*socket, &mut message).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            not_ready(format!("no word within {STANDBY_TIMEOUT:?}"))
+        }
+        _ => not_ready(e.to_string()),
+    })?;
+    match &message[..read] {
+        READY => Ok(()),
+        [] => Err(not_ready("the VMM ended before it was ready".into())),
+        other => Err(not_ready(format!(
+            "it said {:?}",
+            String::from_utf8_lossy(other)
+        ))),
+    }
+}
+
+/// Caps the memory of `jailed`'s cgroup for a guest of `memory_mib`.
+fn set_jail_memory_limit(jailed: &Jailed, memory_mib: u32) -> Result<(), VmmProcessError> {
+    let limit_error = |e: CgroupError| VmmProcessError::MemoryLimit {
+        jail: jailed.id.clone(),
+        reason: e.to_string(),
+    };
+    match Cgroup::memory_limit_of(&jailed.cgroup_parent, &jailed.id).map_err(limit_error)? {
+        Some(files) => files.set(memory_limit(memory_mib)).map_err(limit_error),
+        None => Ok(()),
+    }
+}
+
+/// The memory cgroup limit of a VMM whose guest has `memory_mib`.
+fn memory_limit(memory_mib: u32) -> u64 {
+    (u64::from(memory_mib) + VMM_OVERHEAD_MIB) << 20
 }
 
 /// In a VMM's or jailer's child, between fork and exec: below the host's
@@ -302,9 +440,6 @@ pub struct VmmFiles<'a> {
     /// A sealed disk of the function's layers and its key line, which the
     /// VMM reads from [`LAYERS_KEY_FD`].
     pub layers_disk: Option<(&'a Path, &'a str)>,
-    /// The environment's directory: the VMM makes its vsock socket here
-    /// and connects to the worker's listeners next to it.
-    pub dir: &'a Path,
 }
 
 /// How the VMM starts its guest.
@@ -316,35 +451,37 @@ pub enum GuestStart<'a> {
         cmdline: &'a str,
         initrd: Option<&'a Path>,
     },
-    /// Restores a snapshot from these read-only descriptors, which the
-    /// VMM inherits as `fd:3` and `fd:4`.
+    /// Restores a snapshot from these read-only descriptors.
     Restore { state: File, memory: File },
 }
 
-/// Where the jailed VMM sees its files.
-const JAIL_KERNEL: &str = "/kernel";
-const JAIL_INITRD: &str = "/initrd";
-const JAIL_CODE_DISK: &str = "/code.img";
+/// Where the jailed VMM sees its directories.
 const JAIL_CHUNKS: &str = "/chunks";
-const JAIL_ROOT_DISK: &str = "/root.img";
-const JAIL_LAYERS_DISK: &str = "/layers.img";
 const JAIL_DIR: &str = "/run";
 /// The VMM's control socket, in the environment's directory.
 pub const CONTROL_SOCKET: &str = "control";
 /// Where a VMM writes a snapshot, in the environment's directory.
 pub const SNAPSHOT_STATE: &str = "snapshot.state";
 pub const SNAPSHOT_MEMORY: &str = "snapshot.mem";
-/// The descriptors a restoring VMM finds its snapshot on.
-const RESTORE_STATE_FD: RawFd = 3;
-const RESTORE_MEMORY_FD: RawFd = 4;
-/// The descriptor a VMM reads its layers disk's key from.
-pub const LAYERS_KEY_FD: RawFd = 5;
-/// The descriptor a VMM reads a chunked code disk's manifest from.
-pub const MANIFEST_FD: RawFd = 6;
-/// The descriptor a VMM reads its sealed code disk's key from.
-pub const CODE_KEY_FD: RawFd = 7;
 /// Where a jailer made ahead of time finds the socket its launch comes on.
 const LAUNCH_FD: RawFd = 3;
+/// Where a VMM on standby finds the socket its microVM's launch comes on.
+const STANDBY_FD: RawFd = 3;
+/// The descriptors a VMM finds its files on: above the standard streams
+/// and the standby socket.
+const KERNEL_FD: RawFd = 10;
+const INITRD_FD: RawFd = 11;
+const CODE_DISK_FD: RawFd = 12;
+/// The descriptor a VMM reads its sealed code disk's key from.
+pub const CODE_KEY_FD: RawFd = 13;
+/// The descriptor a VMM reads a chunked code disk's manifest from.
+pub const MANIFEST_FD: RawFd = 14;
+const ROOT_DISK_FD: RawFd = 15;
+const LAYERS_DISK_FD: RawFd = 16;
+/// The descriptor a VMM reads its layers disk's key from.
+pub const LAYERS_KEY_FD: RawFd = 17;
+const RESTORE_STATE_FD: RawFd = 18;
+const RESTORE_MEMORY_FD: RawFd = 19;
 
 /// What a VMM needs beyond its guest's memory: its own text, heap and
 /// KVM's page tables, plus the page cache of the kernel and code disk
@@ -353,6 +490,9 @@ pub const VMM_OVERHEAD_MIB: u64 = 32;
 
 /// The VMMs' scheduling priority (nice value), below the worker's.
 const VMM_NICE: libc::c_int = 10;
+
+/// How long a VMM started on standby may take to make its VM.
+const STANDBY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a jailer has to stop its VMM and clean up before it is killed.
 const JAILER_STOP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -366,8 +506,20 @@ pub enum VmmProcessError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the VMM argument {0:?} is not UTF-8, which a jail's launch needs")]
-    NotUtf8(OsString),
+    #[error("cannot open {path} for the VMM: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("jail {jail}: the VMM on standby is not ready: {reason}")]
+    NotReady { jail: String, reason: String },
+    #[error("jail {jail}: the memory limit: {reason}")]
+    MemoryLimit { jail: String, reason: String },
+    #[error("jail {jail}: sending the launch to its VMM: {source}")]
+    Launch {
+        jail: String,
+        source: std::io::Error,
+    },
     #[error("cannot start {program}: {source}")]
     Spawn {
         program: PathBuf,
@@ -378,8 +530,9 @@ pub enum VmmProcessError {
 /// What a jailed VMM holds while it runs.
 #[derive(Debug)]
 struct Jailed {
-    /// The jail's name.
+    /// The jail's name, and its cgroup's under `cgroup_parent`.
     id: String,
+    cgroup_parent: String,
     /// Where the jailer writes the VMM's pid.
     pid_file: PathBuf,
     /// The uid and gid the VMM runs as; given back once it ended.
@@ -394,115 +547,118 @@ pub struct VmmProcess {
 }
 
 impl VmmProcess {
-    /// Starts the VMM, with its stdout and stderr piped: jailed, in a jail
-    /// from the pool or, when none waits, one made now.
+    /// Starts the environment's microVM in `slot`, with the VMM's stdout
+    /// and stderr piped. Its files go to it as descriptors, which a
+    /// jailed VMM (whose root was made before its microVM was known) can
+    /// open where no path of the host's is.
     pub fn spawn(
-        jail: Option<&JailSettings>,
+        slot: VmmSlot,
         files: &VmmFiles<'_>,
         memory_mib: u32,
         start: GuestStart<'_>,
     ) -> Result<Self, VmmProcessError> {
-        let seen = |jailed: &str, host: &Path| match jail {
-            Some(_) => PathBuf::from(jailed),
-            None => host.to_path_buf(),
+        let jailed = matches!(slot, VmmSlot::Jailed(_));
+        let dir = match jailed {
+            true => PathBuf::from(JAIL_DIR),
+            false => slot.dir().to_path_buf(),
         };
         let spawn_error = |source| VmmProcessError::Spawn {
             program: files.vmm.to_path_buf(),
             source,
         };
-        let mut vmm_args: Vec<OsString> = vec!["--log-level".into(), "warn".into()];
-        // What the jail shows the VMM.
-        let mut mounts = Vec::new();
-        let mut mount = |source: &Path, target: &str, read_only: bool| {
-            mounts.push(JailMount {
-                source: source.to_path_buf(),
-                target: target.into(),
-                read_only,
-            })
-        };
+        let mut vmm_args: Vec<String> = Vec::new();
         // Descriptors the VMM finds at the numbers it is told.
         let mut passed: Vec<(File, RawFd)> = Vec::new();
+        let mut pass = |file: File, number: RawFd| {
+            passed.push((file, number));
+            format!("fd:{number}")
+        };
+        let open = |path: &Path| {
+            File::open(path).map_err(|source| VmmProcessError::Open {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
         match start {
             GuestStart::Boot { cmdline, initrd } => {
-                vmm_args.extend(["--kernel".into(), seen(JAIL_KERNEL, files.kernel).into()]);
-                mount(files.kernel, JAIL_KERNEL, true);
+                vmm_args.extend(["--kernel".into(), pass(open(files.kernel)?, KERNEL_FD)]);
                 if let Some(initrd) = initrd {
-                    vmm_args.extend(["--initrd".into(), seen(JAIL_INITRD, initrd).into()]);
-                    mount(initrd, JAIL_INITRD, true);
+                    vmm_args.extend(["--initrd".into(), pass(open(initrd)?, INITRD_FD)]);
                 }
                 vmm_args.extend([
                     "--mem-mib".into(),
-                    memory_mib.to_string().into(),
+                    memory_mib.to_string(),
                     "--cmdline".into(),
                     cmdline.into(),
                     "--control-sock".into(),
-                    seen(JAIL_DIR, files.dir).join(CONTROL_SOCKET).into(),
+                    dir.join(CONTROL_SOCKET).display().to_string(),
                 ]);
             }
             GuestStart::Restore { state, memory } => {
                 vmm_args.extend([
                     "--restore".into(),
-                    format!("fd:{RESTORE_STATE_FD}").into(),
+                    pass(state, RESTORE_STATE_FD),
                     "--restore-memory".into(),
-                    format!("fd:{RESTORE_MEMORY_FD}").into(),
+                    pass(memory, RESTORE_MEMORY_FD),
                 ]);
-                passed.extend([(state, RESTORE_STATE_FD), (memory, RESTORE_MEMORY_FD)]);
             }
         }
         // The drives, in the order the guest's init is told
-        // (guest_init::disks): the host's file, where the jail shows it,
-        // and the options after `ro`.
-        let mut drives: Vec<(&Path, &str, String)> = Vec::new();
+        // (guest_init::disks), read-only, with their options.
+        let mut drives: Vec<String> = Vec::new();
         match files.code {
             CodeDisk::Sealed { path, key } => {
-                drives.push((path, JAIL_CODE_DISK, format!(",key-fd={CODE_KEY_FD}")));
-                passed.push((
-                    secret_file(key.as_bytes()).map_err(spawn_error)?,
-                    CODE_KEY_FD,
-                ));
+                let disk = pass(open(path)?, CODE_DISK_FD);
+                let key = secret_file(key.as_bytes()).map_err(spawn_error)?;
+                drives.push(format!("{disk},ro,key-fd={CODE_KEY_FD}"));
+                pass(key, CODE_KEY_FD);
             }
             CodeDisk::Chunked { store, manifest } => {
-                drives.push((store, JAIL_CHUNKS, format!(",manifest=fd:{MANIFEST_FD}")));
-                passed.push((secret_file(manifest).map_err(spawn_error)?, MANIFEST_FD));
+                // A directory: shown to a jailed VMM by its jail.
+                let store = match jailed {
+                    true => PathBuf::from(JAIL_CHUNKS),
+                    false => store.to_path_buf(),
+                };
+                let manifest = secret_file(manifest).map_err(spawn_error)?;
+                drives.push(format!(
+                    "{},ro,manifest={}",
+                    store.display(),
+                    pass(manifest, MANIFEST_FD)
+                ));
             }
         }
         if let Some(disk) = files.root_disk {
-            drives.push((disk, JAIL_ROOT_DISK, String::new()));
+            drives.push(format!("{},ro", pass(open(disk)?, ROOT_DISK_FD)));
         }
         if let Some((disk, key)) = files.layers_disk {
-            drives.push((disk, JAIL_LAYERS_DISK, format!(",key-fd={LAYERS_KEY_FD}")));
-            passed.push((
-                secret_file(key.as_bytes()).map_err(spawn_error)?,
-                LAYERS_KEY_FD,
-            ));
+            let disk = pass(open(disk)?, LAYERS_DISK_FD);
+            let key = secret_file(key.as_bytes()).map_err(spawn_error)?;
+            drives.push(format!("{disk},ro,key-fd={LAYERS_KEY_FD}"));
+            pass(key, LAYERS_KEY_FD);
         }
-        for (host, jailed, options) in drives {
-            let drive = seen(jailed, host);
-            vmm_args.extend([
-                "--drive".into(),
-                format!("{},ro{options}", drive.display()).into(),
-            ]);
-            mount(host, jailed, true);
+        for drive in drives {
+            vmm_args.extend(["--drive".into(), drive]);
         }
-        let vsock = seen(JAIL_DIR, files.dir).join("vsock");
         vmm_args.extend([
             "--vsock".into(),
-            format!("cid=3,uds={}", vsock.display()).into(),
+            format!("cid=3,uds={}", dir.join("vsock").display()),
         ]);
-        mount(files.dir, JAIL_DIR, false);
-        match jail {
-            None => Self::spawn_unjailed(files.vmm, vmm_args, &passed),
-            Some(jail) => Self::launch_jailed(jail, files, memory_mib, vmm_args, mounts, &passed),
+        match slot {
+            VmmSlot::Unjailed { .. } => Self::spawn_unjailed(files.vmm, vmm_args, &passed),
+            VmmSlot::Jailed(standby) => {
+                Self::launch_jailed(*standby, memory_mib, vmm_args, &passed)
+            }
         }
     }
 
     fn spawn_unjailed(
         vmm: &Path,
-        vmm_args: Vec<OsString>,
+        vmm_args: Vec<String>,
         passed: &[(File, RawFd)],
     ) -> Result<Self, VmmProcessError> {
         let mut command = Command::new(vmm);
         command
+            .args(["--log-level", "warn"])
             .args(vmm_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -526,47 +682,46 @@ impl VmmProcess {
         })
     }
 
+    /// Sends the microVM's launch to the VMM on standby, once its jail's
+    /// memory limit is the microVM's and its directory its uid's.
     fn launch_jailed(
-        jail: &JailSettings,
-        files: &VmmFiles<'_>,
+        standby: StandbyVmm,
         memory_mib: u32,
-        vmm_args: Vec<OsString>,
-        mounts: Vec<JailMount>,
+        vmm_args: Vec<String>,
         passed: &[(File, RawFd)],
     ) -> Result<Self, VmmProcessError> {
-        let (ready, from_pool) = match jail.pool.take(files.vmm) {
-            Some(ready) => (ready, true),
-            None => (jail.make_jail(files.vmm, false)?, false),
-        };
-        hand_over(files.dir, ready.jailed.uid.id)?;
+        let StandbyVmm {
+            child,
+            launch: socket,
+            jailed,
+            dir,
+        } = standby;
+        // Its jailer set the jail's own limit before the VMM made its VM:
+        // the microVM's is set after.
+        await_ready(&socket, &jailed.id)?;
+        hand_over(&dir, jailed.uid.id)?;
+        set_jail_memory_limit(&jailed, memory_mib)?;
         let launch = Launch {
-            mounts,
-            memory_max: Some((u64::from(memory_mib) + VMM_OVERHEAD_MIB) << 20),
-            vmm_args: vmm_args
-                .into_iter()
-                .map(|a| a.into_string().map_err(VmmProcessError::NotUtf8))
-                .collect::<Result<_, _>>()?,
+            vmm_args,
             fds: passed.iter().map(|(_, number)| *number).collect(),
+            ..Launch::default()
         };
         let fds: Vec<RawFd> = passed.iter().map(|(f, _)| f.as_raw_fd()).collect();
-        // Queued whole before the socket closes here: the jailer reads the
-        // launch, then the end.
         launch
-            .send(&ready.launch, &fds)
-            .map_err(|source| VmmProcessError::Spawn {
-                program: jail.jailer.clone(),
+            .send(&socket, &fds)
+            .map_err(|source| VmmProcessError::Launch {
+                jail: jailed.id.clone(),
                 source,
             })?;
-        if let (true, Some(pid)) = (from_pool, ready.child.id()) {
-            // The jailer reports its VMM's end; its child, the VMM, leaves
-            // SCHED_IDLE itself once launched.
+        if let Some(pid) = child.id() {
+            // The jailer, made ahead at SCHED_IDLE, reports its VMM's end.
             if let Err(e) = set_policy(pid as libc::pid_t, libc::SCHED_OTHER) {
                 tracing::warn!("the jailer {pid} stays at SCHED_IDLE: {e}");
             }
         }
         Ok(VmmProcess {
-            child: ready.child,
-            jailed: Some(ready.jailed),
+            child,
+            jailed: Some(jailed),
             vmm_pid: None,
         })
     }

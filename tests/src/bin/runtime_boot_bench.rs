@@ -42,15 +42,13 @@ use microvm_tests::load::percentile;
 use microvm_tests::{baremetal_guest, boot_time_logged, hypervisor, vmm_binary, ECHO_WAT};
 use vmm::devices::boot_timer::monotonic_us;
 use vmm::jail::{inheritable, seqpacket_pair, Launch};
+use vmm::standby::READY;
 
 const WARMUP: usize = 3;
 /// pvm.md: Firecracker 1.16, spawn -> first guest output, on these
 /// machines.
 const FIRECRACKER_FIRST_OUTPUT_MS: f64 = 8.2;
 const TARGET_MS: f64 = 3.0;
-/// How long a VMM on standby is given to make its VM before its launch:
-/// far more than it takes (about 1.2 ms).
-const STANDBY_SETTLE: Duration = Duration::from_millis(20);
 
 struct Sample {
     vmm_start: Duration,
@@ -223,7 +221,12 @@ fn boot(dir: &Path, image: &Path, build: &Build) -> Result<Booted, String> {
             .spawn()
             .map_err(spawn_error)?;
         drop(theirs);
-        std::thread::sleep(STANDBY_SETTLE);
+        // Its VM made, it says so.
+        let mut ready = [0u8; 16];
+        let n = (&launch).read(&mut ready).map_err(spawn_error)?;
+        if &ready[..n] != READY {
+            return Err("the VMM on standby ended before it was ready".into());
+        }
         let (started, spawned_at) = (Instant::now(), monotonic_us());
         Launch {
             vmm_args: guest_args,

@@ -205,6 +205,29 @@ impl Cgroup {
         })
     }
 
+    /// The memory limit's files of the group `parent/name` that a jailer
+    /// made, for its owner (root, outside the jail) to set once it knows
+    /// the size of the microVM a VMM on standby there will hold. `None`
+    /// without a memory controller group.
+    pub fn memory_limit_of(parent: &str, name: &str) -> Result<Option<MemoryLimit>, CgroupError> {
+        let (dir, unified) = match unified(&["memory"]) {
+            Some(root) => (root.join(parent).join(name), true),
+            None => (
+                Path::new(ROOT).join("memory").join(parent).join(name),
+                false,
+            ),
+        };
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        Cgroup {
+            dirs: Vec::new(),
+            memory: Some(dir),
+            unified,
+        }
+        .memory_limit()
+    }
+
     /// The memory limit's files, if the group has the memory controller.
     pub fn memory_limit(&self) -> Result<Option<MemoryLimit>, CgroupError> {
         let Some(dir) = &self.memory else {

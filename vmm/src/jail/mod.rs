@@ -321,6 +321,39 @@ pub fn inheritable(socket: &UnixStream) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Marks every descriptor above the standard streams close-on-exec but
+/// `kept`: the VMM inherits what its launch gives it and nothing the
+/// jailer's own parent left open (a stray one also took a number a
+/// launch then named). System calls only, for a child before exec.
+fn close_on_exec_all_but(kept: &mut [RawFd]) -> std::io::Result<()> {
+    kept.sort_unstable();
+    let mut from: libc::c_uint = 3;
+    for &fd in kept.iter() {
+        let fd = fd as libc::c_uint;
+        if fd > from {
+            // SAFETY: only changes descriptor flags of this process.
+            if unsafe { libc::close_range(from, fd - 1, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) }
+                < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        from = from.max(fd + 1);
+    }
+    // SAFETY: as above.
+    if unsafe {
+        libc::close_range(
+            from,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets process `pid`'s (0: this one's) scheduling policy, keeping its
 /// nice value. A system call only, for a child between fork and exec too.
 pub fn set_policy(pid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
@@ -642,6 +675,11 @@ impl Jail {
             .collect();
         if let Err(e) = place_fds(&placed) {
             return JailError::Sys("placing the launch's descriptors", e);
+        }
+        let mut kept: Vec<RawFd> = launch.fds.clone();
+        kept.push(kvm);
+        if let Err(e) = close_on_exec_all_but(&mut kept) {
+            return JailError::Sys("closing the jailer's other descriptors", e);
         }
         let argv = self.vmm_argv(kvm, hypervisor, &launch.vmm_args);
         let mut pointers: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
