@@ -112,10 +112,9 @@ pub fn wait_for_launch(socket: RawFd, low: LowFds) -> Result<Option<Vec<String>>
     // SAFETY: the socket was handed to this process to own (checked open
     // above); it is closed once the launch is read.
     let socket = UnixStream::from(unsafe { OwnedFd::from_raw_fd(socket) });
-    // An owner already gone dismissed the VMM.
-    if (&socket).write_all(READY).is_err() {
-        return Ok(None);
-    }
+    // An owner that sent its launch and left hears nothing: the launch
+    // still waits in the socket.
+    let _ = (&socket).write_all(READY);
     let Some((launch, fds)) = Launch::receive(&socket)? else {
         return Ok(None);
     };
