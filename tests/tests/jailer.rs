@@ -149,11 +149,7 @@ fn a_jailed_vmm_sees_only_its_files_runs_unprivileged_and_has_no_network() {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     // The pid is known before the jail is built; the VMM's socket shows
     // that it runs.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !run.join("vsock").exists() {
-        assert!(Instant::now() < deadline, "the VMM never made its socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_vsock(&run);
 
     let uids = uids_of(pid);
     assert_eq!(
@@ -434,6 +430,17 @@ fn jail_made_ahead(id: &str, base: &Path) -> (JailerProcess, UnixStream, PathBuf
     (JailerProcess(jailer), ours, theirs_name)
 }
 
+/// [`jail_made_ahead`], once it waits: with the directory to mount as its
+/// VMM's `/run` (its uid's) and the pid it waits as.
+fn waiting_jail(id: &str, base: &Path) -> (JailerProcess, UnixStream, PathBuf, PathBuf, u32) {
+    let (mut jailer, socket, jailer_end) = jail_made_ahead(id, base);
+    let run = base.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
+    let pid = wait_for_pid(&base.join("jails").join(id).join("vmm.pid"), &mut jailer.0);
+    (jailer, socket, jailer_end, run, pid)
+}
+
 /// The memory limit of process `pid`'s memory cgroup, in bytes.
 fn memory_limit_of(pid: u32) -> u64 {
     let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -487,11 +494,7 @@ fn a_jail_made_ahead_waits_for_its_launch_and_places_its_descriptors() {
     // Launched: its mounts, memory limit and descriptors, and nothing of
     // the socket it came on.
     let id = format!("ahead-run-{}", std::process::id());
-    let (mut jailer, socket, jailer_end) = jail_made_ahead(&id, &base);
-    let run = base.join("run");
-    std::fs::create_dir_all(&run).unwrap();
-    chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
-    let pid = wait_for_pid(&base.join("jails").join(&id).join("vmm.pid"), &mut jailer.0);
+    let (mut jailer, socket, jailer_end, run, pid) = waiting_jail(&id, &base);
     let marker = tempfile_with("the launch's descriptor");
     let launch = vmm::jail::Launch {
         mounts: vec![
@@ -501,28 +504,11 @@ fn a_jail_made_ahead_waits_for_its_launch_and_places_its_descriptors() {
             format!("{}:/run", run.display()).parse().unwrap(),
         ],
         memory_max: Some(96 << 20),
-        vmm_args: [
-            "--kernel",
-            "/kernel",
-            "--mem-mib",
-            "32",
-            "--vsock",
-            "cid=3,uds=/run/vsock",
-            "--serial",
-            "off",
-            "--cmdline",
-            "baremetal.run=vsock-serve:5000",
-        ]
-        .map(str::to_string)
-        .to_vec(),
+        vmm_args: vsock_serving_args("/kernel"),
         fds: vec![9],
     };
     launch.send(&socket, &[marker.as_raw_fd()]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !run.join("vsock").exists() {
-        assert!(Instant::now() < deadline, "the VMM never made its socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_vsock(&run);
     // The same open file: /proc names it alike for both.
     let link = |path: String| std::fs::read_link(path).unwrap();
     assert_eq!(
@@ -558,6 +544,34 @@ fn a_jail_made_ahead_waits_for_its_launch_and_places_its_descriptors() {
     std::fs::remove_dir_all(&base).unwrap();
 }
 
+/// The VMM arguments of a 32 MiB bare-metal guest booted from `kernel`
+/// that serves on vsock, with its socket in the jail's `/run`.
+fn vsock_serving_args(kernel: &str) -> Vec<String> {
+    [
+        "--kernel",
+        kernel,
+        "--mem-mib",
+        "32",
+        "--vsock",
+        "cid=3,uds=/run/vsock",
+        "--serial",
+        "off",
+        "--cmdline",
+        "baremetal.run=vsock-serve:5000",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// Waits until the VMM has made its vsock socket in `run`: it booted.
+fn wait_for_vsock(run: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !run.join("vsock").exists() {
+        assert!(Instant::now() < deadline, "the VMM never made its socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A file in the scratch directory holding `text`, open for reading.
 fn tempfile_with(text: &str) -> std::fs::File {
     let path = std::env::temp_dir().join(format!("jail-marker-{}", std::process::id()));
@@ -574,11 +588,7 @@ fn a_vmm_on_standby_in_a_jail_makes_its_vm_first_and_boots_from_the_descriptors_
     }
     let base = scratch("jail-standby");
     let id = format!("standby-{}", std::process::id());
-    let (mut jailer, jail_socket, _) = jail_made_ahead(&id, &base);
-    let run = base.join("run");
-    std::fs::create_dir_all(&run).unwrap();
-    chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
-    let pid = wait_for_pid(&base.join("jails").join(&id).join("vmm.pid"), &mut jailer.0);
+    let (mut jailer, jail_socket, _, run, pid) = waiting_jail(&id, &base);
 
     // The jail's own launch: only what is the same for every microVM; the
     // VMM execs and waits on its socket, at 3.
@@ -617,29 +627,12 @@ fn a_vmm_on_standby_in_a_jail_makes_its_vm_first_and_boots_from_the_descriptors_
     // since nothing more can be mounted in its root.
     let kernel = std::fs::File::open(baremetal_guest()).unwrap();
     let launch = vmm::jail::Launch {
-        vmm_args: [
-            "--kernel",
-            "fd:60",
-            "--mem-mib",
-            "32",
-            "--vsock",
-            "cid=3,uds=/run/vsock",
-            "--serial",
-            "off",
-            "--cmdline",
-            "baremetal.run=vsock-serve:5000",
-        ]
-        .map(str::to_string)
-        .to_vec(),
+        vmm_args: vsock_serving_args("fd:60"),
         fds: vec![60],
         ..vmm::jail::Launch::default()
     };
     launch.send(&vmm_socket, &[kernel.as_raw_fd()]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !run.join("vsock").exists() {
-        assert!(Instant::now() < deadline, "the VMM never made its socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_vsock(&run);
     assert_eq!(memory_limit_of(pid), 96 << 20);
 
     // SAFETY: signals the child process this test spawned.

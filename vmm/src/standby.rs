@@ -141,7 +141,7 @@ mod tests {
         let (ours, theirs) = seqpacket_pair().unwrap();
         let low = LowFds::hold().unwrap();
         let free = low.held[0].as_raw_fd();
-        let mut secret = tempfile();
+        let mut secret = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
         secret.write_all(b"key").unwrap();
         let launch = Launch {
             vmm_args: vec!["--kernel".into(), "/k".into()],
@@ -191,18 +191,5 @@ mod tests {
         assert_eq!(dismissed, None, "a socket closed without a launch");
         let error = wait_for_launch(4000, LowFds::hold().unwrap()).unwrap_err();
         assert!(matches!(error, StandbyError::NoSocket(_)), "{error}");
-    }
-
-    fn tempfile() -> std::fs::File {
-        let path = std::env::temp_dir().join(format!("standby-{}", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
-        file
     }
 }

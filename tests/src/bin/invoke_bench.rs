@@ -296,9 +296,12 @@ async fn full_worker_cold_starts(n: usize) -> Result<(), String> {
 /// breakdown of its traces.
 async fn jail_comparison(n: usize) -> Result<(), String> {
     let kinds: [(&str, &[&str]); 3] = [
-        ("jailed, from the pool of jails made ahead", &[]),
         (
-            "jailed, each jail made at its start (--jail-pool 0)",
+            "jailed, from the pool of VMMs on standby in their jails",
+            &[],
+        ),
+        (
+            "jailed, each jail and VMM started at its cold start (--jail-pool 0)",
             &["--jail-pool", "0"],
         ),
         ("unjailed (--no-jail)", &["--no-jail"]),
