@@ -93,9 +93,9 @@ struct Args {
     /// The cgroup jailed VMMs are grouped under.
     #[arg(long, default_value = "lambda-microvm")]
     cgroup_parent: String,
-    /// How many jails wait, made ahead of time, for a cold start's VMM
-    /// (each a jailer with its namespaces, cgroup and root built); 0
-    /// makes each jail when its VMM starts.
+    /// How many VMMs wait on standby in their jails for a cold start
+    /// (each jail built, its VMM exec'd and its VM made); 0 makes each
+    /// jail and VMM at its cold start.
     #[arg(long, default_value_t = 2, value_name = "N")]
     jail_pool: usize,
     /// The guest the wasi-preview1 runtime boots (guest-init's baremetal;
