@@ -349,8 +349,10 @@ fn the_worker_starts_every_environment_through_the_jailer() {
     assert_ne!(uids[0], uids[1], "two microVMs share a uid");
     // A clean stop takes the jails and their cgroups with it.
     let log = worker.stop();
-    let left: Vec<_> = std::fs::read_dir(&jails).map_or(vec![], |d| d.flatten().collect());
-    assert!(left.is_empty(), "jails left behind: {left:?}\n{log}");
+    for dir in [jails, data.join("run").join("jails")] {
+        let left: Vec<_> = std::fs::read_dir(&dir).map_or(vec![], |d| d.flatten().collect());
+        assert!(left.is_empty(), "left behind in {dir:?}: {left:?}\n{log}");
+    }
     for event in &events {
         let jail = event.jail.as_deref().unwrap();
         for hierarchy in ["", "memory/", "cpu/", "pids/"] {

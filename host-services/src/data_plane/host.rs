@@ -218,11 +218,25 @@ impl WorkerHost {
         // Init Duration.
         env.provisioned = true;
         env.fresh = false;
-        let mut pools = self.pools();
-        let pool = pools.by_version.entry(launch.key.clone()).or_default();
-        pool.busy -= 1;
-        pool.provisioned += 1;
-        pool.idle.push(env);
+        // A drain that began while it booted waits for it: it is
+        // destroyed, not kept (a drain kept waiting for it forever).
+        let shut_out = {
+            let mut pools = self.pools();
+            let pool = pools.by_version.entry(launch.key.clone()).or_default();
+            pool.provisioned += 1;
+            match self.is_draining() {
+                true => Some(env),
+                false => {
+                    pool.busy -= 1;
+                    pool.idle.push(env);
+                    None
+                }
+            }
+        };
+        match shut_out {
+            Some(env) => self.destroy_busy(env, DestroyReason::WorkerShutdown).await,
+            None => self.released.notify_waiters(),
+        }
         Ok(())
     }
 

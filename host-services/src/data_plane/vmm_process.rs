@@ -135,6 +135,7 @@ impl JailPool {
             if matches!(standby.child.try_wait(), Ok(None)) {
                 return Some(standby);
             }
+            let _ = std::fs::remove_dir_all(&standby.dir);
         }
         None
     }
@@ -162,11 +163,15 @@ impl JailSettings {
         self.pool.refilling.store(true, Ordering::Release);
         let idle = std::mem::take(&mut *self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
         for StandbyVmm {
-            mut child, launch, ..
+            mut child,
+            launch,
+            dir,
+            ..
         } in idle
         {
             // Its socket closed without a launch, the VMM ends and the
-            // jailer cleans up.
+            // jailer cleans up its jail; its run directory is the
+            // worker's.
             drop(launch);
             if tokio::time::timeout(JAILER_STOP_TIMEOUT, child.wait())
                 .await
@@ -174,6 +179,7 @@ impl JailSettings {
             {
                 let _ = child.kill().await;
             }
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
 
