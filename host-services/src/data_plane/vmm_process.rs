@@ -1,8 +1,9 @@
 //! The VMM process behind an execution environment, started through the
 //! jailer (the default) or directly. Jailed, a guest that escapes into its
-//! VMM finds an empty root holding only its kernel, its code disk and its
-//! own sockets, no network, an unprivileged uid, seccomp filters and a
-//! cgroup sized from the function's memory.
+//! VMM finds a root holding only its own sockets and the sealed chunk
+//! store (its kernel and disks are open descriptors), no network, an
+//! unprivileged uid, seccomp filters and a cgroup sized from the
+//! function's memory.
 
 use std::collections::BTreeSet;
 use std::fs::File;
