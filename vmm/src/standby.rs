@@ -100,6 +100,27 @@ impl LowFds {
 /// microVM's).
 pub const READY: &[u8] = b"ready";
 
+/// The owner's side of [`READY`]: waits up to `timeout` for the VMM on
+/// standby at the other end of `socket` to say its VM is made; the error
+/// says what came instead.
+pub fn await_ready(socket: &UnixStream, timeout: std::time::Duration) -> Result<(), String> {
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let mut message = [0u8; 16];
+    let read = std::io::Read::read(&mut &*socket, &mut message).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("no word within {timeout:?}")
+        }
+        _ => e.to_string(),
+    })?;
+    match &message[..read] {
+        READY => Ok(()),
+        [] => Err("the VMM ended before it was ready".into()),
+        other => Err(format!("it said {:?}", String::from_utf8_lossy(other))),
+    }
+}
+
 /// Tells the owner on `socket` that the VM is made ([`READY`]), waits for
 /// the launch, places its descriptors and returns the VMM's arguments it
 /// carries; `None` when the socket closed without one (a pool of VMMs

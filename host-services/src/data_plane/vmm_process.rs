@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use vmm::jail::cgroup::{Cgroup, CgroupError};
 use vmm::jail::{place_fds, seqpacket_pair, set_policy, JailMount, Launch};
-use vmm::standby::READY;
+use vmm::standby::await_ready;
 
 use crate::control_plane::model::MAX_MEMORY_MIB;
 
@@ -259,7 +259,7 @@ impl JailSettings {
         let child = command.spawn().map_err(spawn_error)?;
         drop(theirs);
         let dir = self.run_dir.join(&id);
-        std::fs::create_dir_all(&dir).map_err(|source| VmmProcessError::HandOver {
+        std::fs::create_dir_all(&dir).map_err(|source| VmmProcessError::RunDir {
             path: dir.clone(),
             source,
         })?;
@@ -307,33 +307,6 @@ impl JailSettings {
             },
             dir,
         })
-    }
-}
-
-/// Waits for the VMM on standby in jail `id` to say its VM is made: at
-/// once for one from the pool, a jailer's start for one started now.
-fn await_ready(socket: &UnixStream, id: &str) -> Result<(), VmmProcessError> {
-    let not_ready = |reason: String| VmmProcessError::NotReady {
-        jail: id.to_string(),
-        reason,
-    };
-    socket
-        .set_read_timeout(Some(STANDBY_TIMEOUT))
-        .map_err(|e| not_ready(e.to_string()))?;
-    let mut message = [0u8; 16];
-    let read = std::io::Read::read(&mut &*socket, &mut message).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            not_ready(format!("no word within {STANDBY_TIMEOUT:?}"))
-        }
-        _ => not_ready(e.to_string()),
-    })?;
-    match &message[..read] {
-        READY => Ok(()),
-        [] => Err(not_ready("the VMM ended before it was ready".into())),
-        other => Err(not_ready(format!(
-            "it said {:?}",
-            String::from_utf8_lossy(other)
-        ))),
     }
 }
 
@@ -508,6 +481,11 @@ const JAILER_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum VmmProcessError {
     #[error("every jail uid in {0:?} is taken")]
     NoFreeJailId(std::ops::Range<u32>),
+    #[error("cannot make the jail's run directory {path}: {source}")]
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot hand {path} to the jail's uid: {source}")]
     HandOver {
         path: PathBuf,
@@ -705,7 +683,12 @@ impl VmmProcess {
         } = standby;
         // Its jailer set the jail's own limit before the VMM made its VM:
         // the microVM's is set after.
-        await_ready(&socket, &jailed.id)?;
+        // At once for one from the pool, a jailer's start for one started
+        // now.
+        await_ready(&socket, STANDBY_TIMEOUT).map_err(|reason| VmmProcessError::NotReady {
+            jail: jailed.id.clone(),
+            reason,
+        })?;
         hand_over(&dir, jailed.uid.id)?;
         set_jail_memory_limit(&jailed, memory_mib)?;
         let launch = Launch {

@@ -42,7 +42,7 @@ use microvm_tests::load::percentile;
 use microvm_tests::{baremetal_guest, boot_time_logged, hypervisor, vmm_binary, ECHO_WAT};
 use vmm::devices::boot_timer::monotonic_us;
 use vmm::jail::{inheritable, seqpacket_pair, Launch};
-use vmm::standby::READY;
+use vmm::standby::await_ready;
 
 const WARMUP: usize = 3;
 /// pvm.md: Firecracker 1.16, spawn -> first guest output, on these
@@ -222,11 +222,8 @@ fn boot(dir: &Path, image: &Path, build: &Build) -> Result<Booted, String> {
             .map_err(spawn_error)?;
         drop(theirs);
         // Its VM made, it says so.
-        let mut ready = [0u8; 16];
-        let n = (&launch).read(&mut ready).map_err(spawn_error)?;
-        if &ready[..n] != READY {
-            return Err("the VMM on standby ended before it was ready".into());
-        }
+        await_ready(&launch, Duration::from_secs(5))
+            .map_err(|e| format!("the VMM on standby: {e}"))?;
         let (started, spawned_at) = (Instant::now(), monotonic_us());
         Launch {
             vmm_args: guest_args,
