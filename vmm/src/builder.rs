@@ -53,7 +53,9 @@ use crate::microvm::{MicroVm, MicroVmParts, StatefulDevices, Subscriber, VcpuSet
 use crate::snapshot::{read_snapshot, MachineState, MicroVmState, SnapshotError};
 use crate::vstate::coalesced_mmio::QueuedWritesFirst;
 use crate::vstate::guest_wake::GuestWake;
-use crate::vstate::memory::{create_guest_memory, map_memory_file, MemoryBacking, MemoryError};
+use crate::vstate::memory::{
+    create_guest_memory, map_memory_file, FaultedHugePages, MemoryBacking, MemoryError,
+};
 use crate::vstate::vcpu::{BareVcpu, Vcpu, VcpuError};
 use crate::vstate::vcpu_thread::{recv_soon, EarlyVcpuThread};
 use crate::vstate::vm::{HypervisorKind, KvmAccess, KvmMsiRouter, KvmSystem, Vm, VmError};
@@ -288,8 +290,12 @@ struct GuestImages {
 /// Reads the kernel and initrd into guest memory: a slow step of a boot
 /// (fresh guest memory), which needs nothing from KVM and so runs beside
 /// the VM's set-up.
-fn load_images(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<GuestImages, BuildError> {
-    let kernel = loader::load_kernel(mem, &config.kernel)?;
+fn load_images(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    mut faulted: FaultedHugePages,
+) -> Result<GuestImages, BuildError> {
+    let kernel = loader::load_kernel(mem, &config.kernel, &mut faulted)?;
     let initrd = config
         .initrd
         .as_ref()
@@ -592,26 +598,52 @@ pub enum KvmStart {
     Prepared(PreparedVm),
 }
 
-/// KVM opened and a VM made, before the microVM is known.
+/// KVM opened, a VM made and huge pages for a kernel image faulted in,
+/// before the microVM is known.
 pub struct PreparedVm {
     system: Arc<KvmSystem>,
     vm: Vm,
+    kernel_pages: FaultedHugePages,
 }
+
+/// Huge pages a VMM on standby faults in for its kernel image: the
+/// bare-metal runtime's fits in one; a Linux kernel's first 4 MiB, of its
+/// 10 or more, take the other.
+const STANDBY_KERNEL_HUGE_PAGES: usize = 2;
 
 impl PreparedVm {
     pub fn make(kvm: KvmAccess) -> Result<Self, BuildError> {
         let system = Arc::new(KvmSystem::open(kvm)?);
         let vm = Vm::new(system.clone())?;
-        Ok(PreparedVm { system, vm })
+        let kernel_pages = FaultedHugePages::fault_in(STANDBY_KERNEL_HUGE_PAGES)?;
+        Ok(PreparedVm {
+            system,
+            vm,
+            kernel_pages,
+        })
     }
 }
 
+/// What a microVM's set-up starts from: KVM, and what was made ahead.
+struct Opened {
+    system: Arc<KvmSystem>,
+    vm: Option<Vm>,
+    kernel_pages: FaultedHugePages,
+}
+
 impl KvmStart {
-    /// KVM, and the VM if one was made ahead.
-    fn open(self) -> Result<(Arc<KvmSystem>, Option<Vm>), BuildError> {
+    fn open(self) -> Result<Opened, BuildError> {
         match self {
-            KvmStart::Open(access) => Ok((Arc::new(KvmSystem::open(access)?), None)),
-            KvmStart::Prepared(prepared) => Ok((prepared.system, Some(prepared.vm))),
+            KvmStart::Open(access) => Ok(Opened {
+                system: Arc::new(KvmSystem::open(access)?),
+                vm: None,
+                kernel_pages: FaultedHugePages::none(),
+            }),
+            KvmStart::Prepared(prepared) => Ok(Opened {
+                system: prepared.system,
+                vm: Some(prepared.vm),
+                kernel_pages: prepared.kernel_pages,
+            }),
         }
     }
 }
@@ -640,7 +672,11 @@ pub fn build_microvm(
     vcpu0: EarlyVcpuThread,
 ) -> Result<MicroVm, BuildError> {
     let mem = create_guest_memory(config.mem_mib << 20)?;
-    let (system, made) = kvm.open()?;
+    let Opened {
+        system,
+        vm: made,
+        kernel_pages,
+    } = kvm.open()?;
     // Two lines of work that meet at the boot vCPU's entry point, within
     // about 0.1 ms of each other (traced): vCPU 0's thread loads the kernel
     // image, then creates and configures its vCPU in the VM the main
@@ -650,7 +686,7 @@ pub fn build_microvm(
     let (vcpu0_thread, prelude) = vcpu0.begin(seccomp, {
         let (mem, config, system) = (mem.clone(), config.clone(), system.clone());
         move || {
-            let images = load_images(&config, &mem);
+            let images = load_images(&config, &mem, kernel_pages);
             // Without a kernel or a VM the main thread has an error to
             // report, and vCPU 0's thread makes no vCPU.
             let vcpu = match (&images, vm_made.recv()) {
@@ -798,7 +834,10 @@ pub fn restore_microvm(
         .open()
         .map_err(|e| restore_error(format!("memory file {}: {e}", config.memory)))?;
     let mem = map_memory_file(&memory, machine.mem_mib << 20)?;
-    let (system, made) = kvm.open()?;
+    // A restored guest's memory is the snapshot's: nothing to move in.
+    let Opened {
+        system, vm: made, ..
+    } = kvm.open()?;
     let vm = vm_with_memory(system.clone(), made, &mem)?;
     if vm.hypervisor() != machine.hypervisor {
         return Err(restore_error(format!(

@@ -18,7 +18,7 @@ use crate::arch::x86_64::boot_params::{initrd_address, InitrdRegion};
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use crate::arch::x86_64::regs::EntryMode;
 use crate::config::FileSource;
-use crate::vstate::memory::{advise_huge_pages, fault_in_for_writing};
+use crate::vstate::memory::{advise_huge_pages, fault_in_for_writing, FaultedHugePages};
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const ELFCLASS64: u8 = 2;
@@ -231,6 +231,7 @@ fn pvm_user_entry(notes: &[ElfNote], path: &Path) -> Result<Option<u64>, LoaderE
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     source: &FileSource,
+    faulted: &mut FaultedHugePages,
 ) -> Result<LoadedKernel, LoaderError> {
     let path = &PathBuf::from(source.to_string());
     let mut file = source.open().map_err(read_err("kernel", path))?;
@@ -250,7 +251,7 @@ pub fn load_kernel(
                 .iter()
                 .map(|r| r.start..r.end.min(r.start.saturating_add(size)))
                 .collect();
-            advise_huge_pages(mem, &loads);
+            advise_huge_pages(mem, &loads, faulted);
             fault_in_for_writing(mem, &loads);
             let r =
                 Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(bad)?;
@@ -402,7 +403,12 @@ mod tests {
                 bytes.len()
             ));
             std::fs::write(&path, bytes).unwrap();
-            let loaded = load_kernel(&mem, &FileSource::Path(path.clone())).unwrap();
+            let loaded = load_kernel(
+                &mem,
+                &FileSource::Path(path.clone()),
+                &mut FaultedHugePages::none(),
+            )
+            .unwrap();
             std::fs::remove_file(&path).unwrap();
             loaded
         };

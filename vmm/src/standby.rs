@@ -121,6 +121,23 @@ pub fn await_ready(socket: &UnixStream, timeout: std::time::Duration) -> Result<
     }
 }
 
+/// Whether the VMM on standby at the other end of `socket` has said
+/// [`READY`] (or anything), without waiting or taking the word: an owner
+/// choosing among several takes one whose VM is made.
+pub fn has_spoken(socket: &UnixStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: peeks at most one byte into `byte`; nothing is consumed.
+    let peeked = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    peeked > 0
+}
+
 /// Tells the owner on `socket` that the VM is made ([`READY`]), waits for
 /// the launch, places its descriptors and returns the VMM's arguments it
 /// carries; `None` when the socket closed without one (a pool of VMMs
@@ -170,8 +187,13 @@ mod tests {
             ..Launch::default()
         };
         launch.send(&ours, &[secret.as_raw_fd()]).unwrap();
+        assert!(!has_spoken(&ours), "nothing said before the VMM waits");
         let args = wait_for_launch(theirs.into_raw_fd(), low).unwrap().unwrap();
         assert_eq!(args, ["--kernel", "/k"]);
+        assert!(has_spoken(&ours), "its ready waits to be read");
+        assert!(has_spoken(&ours), "a look takes nothing");
+        await_ready(&ours, std::time::Duration::from_secs(1)).unwrap();
+        assert!(!has_spoken(&ours));
         // SAFETY: the launch placed its descriptor at `free`.
         let mut placed = unsafe { std::fs::File::from_raw_fd(free) };
         placed.rewind().unwrap();

@@ -17,8 +17,8 @@
 //! their first event, as a worker's warm environments wait between
 //! invocations.
 //!
-//! `--against DIR` measures another build beside this one, boot by boot in
-//! turn, so that both see the same host: DIR holds its `vmm` and
+//! `--against DIR` measures another build beside this one, spawned and on
+//! standby, boot by boot in turn, so that both see the same host: DIR holds its `vmm` and
 //! `baremetal` (a target/x86_64-unknown-linux-gnu/release directory).
 //! This host's medians drift by a millisecond from hour to hour; boots in
 //! turn are the only fair comparison of two builds. Two medians of 40 runs
@@ -318,17 +318,17 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut builds = vec![
-        Build::new("this build".into(), vmm_binary(), baremetal_guest()),
-        Build {
-            standby: true,
-            ..Build::new(
-                "this build, started ahead on standby".into(),
-                vmm_binary(),
-                baremetal_guest(),
-            )
-        },
-    ];
+    // Each build is measured spawned and on standby.
+    let both_ways = |name: &str, vmm: PathBuf, guest: PathBuf| {
+        [
+            Build::new(name.into(), vmm.clone(), guest.clone()),
+            Build {
+                standby: true,
+                ..Build::new(format!("{name}, started ahead on standby"), vmm, guest)
+            },
+        ]
+    };
+    let mut builds = Vec::from(both_ways("this build", vmm_binary(), baremetal_guest()));
     if let Some(other) = &options[0] {
         let other = PathBuf::from(other);
         let (vmm, guest) = (other.join("vmm"), other.join("baremetal"));
@@ -338,8 +338,8 @@ fn main() {
                 std::process::exit(2);
             }
         }
-        builds.push(Build::new(
-            format!("against {}", other.display()),
+        builds.extend(both_ways(
+            &format!("against {}", other.display()),
             vmm,
             guest,
         ));
@@ -399,8 +399,13 @@ fn main() {
     builds.iter().for_each(Build::report);
     let next = percentile_ms(&builds[0].first_next, 50.0);
     compare("on standby against spawned", &builds[1], &builds[0]);
-    if let Some(other) = builds.get(2) {
-        compare("this build against the other", &builds[0], other);
+    if let [this, this_standby, other, other_standby] = &builds[..] {
+        compare("this build against the other", this, other);
+        compare(
+            "this build against the other, on standby",
+            this_standby,
+            other_standby,
+        );
     }
     println!(
         "for reference, Firecracker's tiny guest, spawn -> first output (pvm.md): {FIRECRACKER_FIRST_OUTPUT_MS} ms median; ratio {:.1}x",
