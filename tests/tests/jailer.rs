@@ -331,6 +331,12 @@ fn the_worker_starts_every_environment_through_the_jailer() {
             .unwrap();
         let all = uids_of(pid);
         assert!(all.iter().all(|u| *u == all[0]), "{all:?}");
+        // Started ahead at SCHED_IDLE, raised at its launch.
+        let policies = policies_of(pid);
+        assert!(
+            policies.iter().all(|&p| p == libc::SCHED_OTHER),
+            "{policies:?}"
+        );
         uids.push(all[0].clone());
         assert_ne!(
             std::fs::read_link("/proc/self/ns/net").unwrap(),
@@ -346,6 +352,9 @@ fn the_worker_starts_every_environment_through_the_jailer() {
         assert_eq!(root, ["chunks", "run"]);
     }
     assert!(uids.iter().all(|u| u != "0"), "{uids:?}");
+    for said in ["no VMM started ahead", "stays at SCHED_IDLE"] {
+        assert!(!worker.log().contains(said), "{}", worker.log());
+    }
     assert_ne!(uids[0], uids[1], "two microVMs share a uid");
     // A clean stop takes the jails and their cgroups with it.
     let log = worker.stop();
@@ -443,6 +452,16 @@ fn waiting_jail(id: &str, base: &Path) -> (JailerProcess, UnixStream, PathBuf, P
     (jailer, socket, jailer_end, run, pid)
 }
 
+/// The scheduling policy of each thread of process `pid`.
+fn policies_of(pid: u32) -> Vec<libc::c_int> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| task.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        // SAFETY: a plain system call about a thread of the VMM.
+        .map(|tid| unsafe { libc::sched_getscheduler(tid) })
+        .collect()
+}
+
 /// The memory limit of process `pid`'s memory cgroup, in bytes.
 fn memory_limit_of(pid: u32) -> u64 {
     let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -508,9 +527,13 @@ fn a_jail_made_ahead_waits_for_its_launch_and_places_its_descriptors() {
         memory_max: Some(96 << 20),
         vmm_args: vsock_serving_args("/kernel"),
         fds: vec![9],
+        ..vmm::jail::Launch::default()
     };
+    // A jail made at SCHED_IDLE runs its VMM at the normal policy.
+    vmm::jail::set_policy(pid as i32, libc::SCHED_IDLE).unwrap();
     launch.send(&socket, &[marker.as_raw_fd()]).unwrap();
     wait_for_vsock(&run);
+    assert!(policies_of(pid).iter().all(|&p| p == libc::SCHED_OTHER));
     // The same open file: /proc names it alike for both.
     let link = |path: String| std::fs::read_link(path).unwrap();
     assert_eq!(
@@ -592,14 +615,17 @@ fn a_vmm_on_standby_in_a_jail_makes_its_vm_first_and_boots_from_the_descriptors_
     let id = format!("standby-{}", std::process::id());
     let (mut jailer, jail_socket, _, run, pid) = waiting_jail(&id, &base);
 
+    // Made ahead at SCHED_IDLE, as a worker's pool makes its jails.
+    vmm::jail::set_policy(pid as i32, libc::SCHED_IDLE).unwrap();
     // The jail's own launch: only what is the same for every microVM; the
-    // VMM execs and waits on its socket, at 3.
+    // VMM execs and waits on its socket, at 3, at SCHED_IDLE still.
     let (vmm_socket, vmm_end) = vmm::jail::seqpacket_pair().unwrap();
     let standby = vmm::jail::Launch {
         mounts: vec![format!("{}:/run", run.display()).parse().unwrap()],
         memory_max: Some(96 << 20),
         vmm_args: ["--standby-fd", "3"].map(str::to_string).to_vec(),
         fds: vec![3],
+        keep_sched_idle: true,
     };
     standby.send(&jail_socket, &[vmm_end.as_raw_fd()]).unwrap();
     drop(vmm_end);
@@ -624,10 +650,17 @@ fn a_vmm_on_standby_in_a_jail_makes_its_vm_first_and_boots_from_the_descriptors_
     }
     assert_eq!(uids_of(pid), ["65534"; 4]);
     assert!(!run.join("vsock").exists(), "no microVM before the launch");
+    assert_eq!(
+        policies_of(pid),
+        [libc::SCHED_IDLE; 2],
+        "the main thread and vCPU 0's wait at SCHED_IDLE"
+    );
 
     // The microVM's launch, to the VMM itself: its files as descriptors,
     // since nothing more can be mounted in its root.
     let kernel = std::fs::File::open(baremetal_guest()).unwrap();
+    // Raised as a worker raises it, before its launch.
+    vmm::jail::set_process_policy(pid as i32, libc::SCHED_OTHER).unwrap();
     let launch = vmm::jail::Launch {
         vmm_args: vsock_serving_args("fd:60"),
         fds: vec![60],
@@ -636,6 +669,11 @@ fn a_vmm_on_standby_in_a_jail_makes_its_vm_first_and_boots_from_the_descriptors_
     launch.send(&vmm_socket, &[kernel.as_raw_fd()]).unwrap();
     wait_for_vsock(&run);
     assert_eq!(memory_limit_of(pid), 96 << 20);
+    let running = policies_of(pid);
+    assert!(
+        running.len() >= 3 && running.iter().all(|&p| p == libc::SCHED_OTHER),
+        "every thread of the microVM, the new ones too, runs at the normal policy: {running:?}"
+    );
 
     // SAFETY: signals the child process this test spawned.
     unsafe { libc::kill(jailer.0.id() as i32, libc::SIGTERM) };

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 use vmm::jail::cgroup::{Cgroup, CgroupError};
-use vmm::jail::{place_fds, seqpacket_pair, set_policy, JailMount, Launch};
+use vmm::jail::{place_fds, seqpacket_pair, set_policy, set_process_policy, JailMount, Launch};
 use vmm::standby::{await_ready, has_spoken};
 
 use crate::control_plane::model::MAX_MEMORY_MIB;
@@ -213,9 +213,13 @@ impl JailSettings {
     /// Starts a jailer that builds a jail for `vmm` and execs it there on
     /// standby, with the jail's own launch: its run directory and the
     /// chunk store mounted, a memory limit no microVM exceeds (its own is
-    /// set at its launch). `ahead` of need, the jailer builds the jail at
-    /// `SCHED_IDLE`, so that it never slows the microVMs that run (the
-    /// VMM runs at the normal policy).
+    /// set at its launch). `ahead` of need, the jailer builds the jail and
+    /// the VMM makes its VM at `SCHED_IDLE`, so that neither slows the
+    /// microVMs that run (back-to-back cold starts each overlapped the
+    /// start of the VMM that refilled the pool); the worker raises the
+    /// VMM to the normal policy before its launch (an unprivileged VMM
+    /// cannot leave SCHED_IDLE by itself without RLIMIT_NICE, which a host
+    /// may not let root raise).
     fn start_standby(&self, vmm: &Path, ahead: bool) -> Result<StandbyVmm, VmmProcessError> {
         let uid = self
             .ids
@@ -299,6 +303,7 @@ impl JailSettings {
             .map(str::to_string)
             .to_vec(),
             fds: vec![STANDBY_FD],
+            keep_sched_idle: ahead,
         };
         // Queued whole before the socket closes here: the jailer reads the
         // launch, then the end.
@@ -533,6 +538,15 @@ struct Jailed {
     uid: JailId,
 }
 
+impl Jailed {
+    /// The VMM's pid, as this host sees it, once its jailer wrote it.
+    fn vmm_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+}
+
 pub struct VmmProcess {
     /// The jailer, or when not jailed the VMM itself.
     child: Child,
@@ -700,6 +714,17 @@ impl VmmProcess {
         })?;
         hand_over(&dir, jailed.uid.id)?;
         set_jail_memory_limit(&jailed, memory_mib)?;
+        // Made ahead, the VMM waited at SCHED_IDLE; its microVM runs at the
+        // normal policy, and so do the threads it starts.
+        let vmm_pid = jailed.vmm_pid();
+        let raised = vmm_pid
+            .ok_or_else(|| "no pid file".to_string())
+            .and_then(|pid| {
+                set_process_policy(pid as libc::pid_t, libc::SCHED_OTHER).map_err(|e| e.to_string())
+            });
+        if let Err(e) = raised {
+            tracing::warn!("the VMM in jail {} stays at SCHED_IDLE: {e}", jailed.id);
+        }
         let launch = Launch {
             vmm_args,
             fds: passed.iter().map(|(_, number)| *number).collect(),
@@ -721,7 +746,7 @@ impl VmmProcess {
         Ok(VmmProcess {
             child,
             jailed: Some(jailed),
-            vmm_pid: None,
+            vmm_pid,
         })
     }
 
@@ -747,11 +772,7 @@ impl VmmProcess {
     fn vmm_pid(&mut self) -> Option<u32> {
         self.child.id()?;
         if self.vmm_pid.is_none() {
-            self.vmm_pid = self
-                .jailed
-                .as_ref()
-                .and_then(|j| std::fs::read_to_string(&j.pid_file).ok())
-                .and_then(|s| s.trim().parse().ok());
+            self.vmm_pid = self.jailed.as_ref().and_then(Jailed::vmm_pid);
         }
         self.vmm_pid
     }

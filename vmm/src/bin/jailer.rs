@@ -81,7 +81,7 @@ fn run(cli: Cli) -> Result<i32, String> {
                         .map_err(|a| format!("the VMM argument {a:?} is not UTF-8"))
                 })
                 .collect::<Result<_, _>>()?,
-            fds: Vec::new(),
+            ..Launch::default()
         }),
     };
     let jail = Jail::new(JailConfig {

@@ -83,6 +83,11 @@ pub struct Launch {
     /// The numbers at which the VMM finds the descriptors sent with the
     /// launch, in their order.
     pub fds: Vec<RawFd>,
+    /// A jail made ahead at `SCHED_IDLE` keeps its VMM there: a VMM on
+    /// standby, whose start-up then never slows the microVMs that run,
+    /// leaves it when its microVM's launch comes.
+    #[serde(default)]
+    pub keep_sched_idle: bool,
 }
 
 /// The most descriptors one launch passes.
@@ -361,6 +366,17 @@ pub fn set_policy(pid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> 
     // SAFETY: a plain system call with a local parameter block.
     if unsafe { libc::sched_setscheduler(pid, policy, &param) } < 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the scheduling policy of every thread of process `pid`: threads it
+/// starts afterwards take its main thread's.
+pub fn set_process_policy(pid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) {
+            set_policy(tid, policy)?;
+        }
     }
     Ok(())
 }
@@ -651,9 +667,11 @@ impl Jail {
                 Ok(Some(received)) => {
                     // A jail made ahead of time may have waited at
                     // SCHED_IDLE; its VMM runs at the normal policy (and
-                    // the nice value it was given).
-                    if let Err(e) = set_policy(0, libc::SCHED_OTHER) {
-                        return JailError::Sys("leaving SCHED_IDLE", e);
+                    // the nice value it was given), unless it waits too.
+                    if !received.0.keep_sched_idle {
+                        if let Err(e) = set_policy(0, libc::SCHED_OTHER) {
+                            return JailError::Sys("leaving SCHED_IDLE", e);
+                        }
                     }
                     received
                 }
