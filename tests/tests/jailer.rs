@@ -24,6 +24,17 @@ fn skip_unless_root(test: &str) -> bool {
     true
 }
 
+/// The scratch directory `name` of a test that builds jails; `None`,
+/// the test skipped, when not root.
+fn jail_scratch(test: &str, name: &str) -> Option<PathBuf> {
+    (!skip_unless_root(test)).then(|| scratch(name))
+}
+
+/// A jail id of this test process's own, so that runs never share one.
+fn jail_id(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -113,16 +124,15 @@ fn wait_for_pid(file: &Path, jailer: &mut Child) -> u32 {
 
 #[test]
 fn a_jailed_vmm_sees_only_its_files_runs_unprivileged_and_has_no_network() {
-    if skip_unless_root("jailer namespaces") {
+    let Some(base) = jail_scratch("jailer namespaces", "jail-view") else {
         return;
-    }
-    let base = scratch("jail-view");
+    };
     let run = base.join("run");
     std::fs::create_dir_all(&run).unwrap();
     chown(&run, Some(NOBODY), Some(NOBODY)).unwrap();
     // Another microVM's socket, next to this one's directory on the host.
     let _other = std::os::unix::net::UnixListener::bind(base.join("other-vmm.sock")).unwrap();
-    let id = format!("view-{}", std::process::id());
+    let id = jail_id("view");
     let mut args = jail_args(&id, &base, 512, &[format!("{}:/run", run.display())]);
     args.extend(
         [
@@ -210,10 +220,9 @@ fn a_jailed_vmm_sees_only_its_files_runs_unprivileged_and_has_no_network() {
 
 #[test]
 fn the_cgroup_caps_the_memory_a_guest_can_make_its_vmm_use() {
-    if skip_unless_root("jailer cgroup") {
+    let Some(base) = jail_scratch("jailer cgroup", "jail-memory") else {
         return;
-    }
-    let base = scratch("jail-memory");
+    };
     let guest = [
         "--kernel",
         "/kernel",
@@ -488,12 +497,11 @@ fn memory_limit_of(pid: u32) -> u64 {
 
 #[test]
 fn a_jail_made_ahead_waits_for_its_launch_and_places_its_descriptors() {
-    if skip_unless_root("jails made ahead") {
+    let Some(base) = jail_scratch("jails made ahead", "jail-ahead") else {
         return;
-    }
-    let base = scratch("jail-ahead");
+    };
     // Never launched: its owner closes the socket, and it removes the jail.
-    let idle_id = format!("ahead-idle-{}", std::process::id());
+    let idle_id = jail_id("ahead-idle");
     let (mut idle, socket, _) = jail_made_ahead(&idle_id, &base);
     let waiting = wait_for_pid(
         &base.join("jails").join(&idle_id).join("vmm.pid"),
@@ -514,7 +522,7 @@ fn a_jail_made_ahead_waits_for_its_launch_and_places_its_descriptors() {
 
     // Launched: its mounts, memory limit and descriptors, and nothing of
     // the socket it came on.
-    let id = format!("ahead-run-{}", std::process::id());
+    let id = jail_id("ahead-run");
     let (mut jailer, socket, jailer_end, run, pid) = waiting_jail(&id, &base);
     let marker = tempfile_with("the launch's descriptor");
     let launch = vmm::jail::Launch {
@@ -557,7 +565,7 @@ fn a_jail_made_ahead_waits_for_its_launch_and_places_its_descriptors() {
     assert!(!base.join("jails").join(&id).exists());
 
     // A launch that is not one is named, and the jail still removed.
-    let bad_id = format!("ahead-bad-{}", std::process::id());
+    let bad_id = jail_id("ahead-bad");
     let (mut bad, socket, _) = jail_made_ahead(&bad_id, &base);
     std::io::Write::write_all(&mut &socket, b"{\"mounts\": 7}").unwrap();
     let stderr = bad.0.stderr.take().unwrap();
@@ -608,11 +616,10 @@ fn tempfile_with(text: &str) -> std::fs::File {
 
 #[test]
 fn a_vmm_on_standby_in_a_jail_makes_its_vm_first_and_boots_from_the_descriptors_of_its_launch() {
-    if skip_unless_root("a VMM on standby in a jail") {
+    let Some(base) = jail_scratch("a VMM on standby in a jail", "jail-standby") else {
         return;
-    }
-    let base = scratch("jail-standby");
-    let id = format!("standby-{}", std::process::id());
+    };
+    let id = jail_id("standby");
     let (mut jailer, jail_socket, _, run, pid) = waiting_jail(&id, &base);
 
     // Made ahead at SCHED_IDLE, as a worker's pool makes its jails.
