@@ -154,7 +154,7 @@ proptest! {
             let dir = std::env::temp_dir().join(format!("hostile-runtime-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let socket = dir.join(format!("{}.sock", uuid::Uuid::new_v4().simple()));
-            let api = RuntimeApi::bind(&socket, "arn:aws:lambda:local:111111111111:function:f")
+            let api = RuntimeApi::bind(&socket, None, "arn:aws:lambda:local:111111111111:function:f")
                 .await
                 .unwrap();
             for request in &requests {
@@ -202,9 +202,13 @@ async fn restore_next_ends_the_init_phase_and_is_answered_once_the_environment_r
     let dir = std::env::temp_dir().join(format!("restore-next-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("api.sock");
-    let api = RuntimeApi::bind(&socket, "arn:aws:lambda:local:111111111111:function:f")
-        .await
-        .unwrap();
+    let api = RuntimeApi::bind(
+        &socket,
+        None,
+        "arn:aws:lambda:local:111111111111:function:f",
+    )
+    .await
+    .unwrap();
     let waiting = {
         let socket = socket.clone();
         tokio::spawn(async move {

@@ -28,6 +28,7 @@ impl GuestPorts {
         let port = |p: u32| PathBuf::from(format!("{}_{p}", uds.display()));
         let api = RuntimeApi::bind(
             &port(9001),
+            None,
             "arn:aws:lambda:local:000000000000:function:echo",
         )
         .await

@@ -334,11 +334,11 @@ fn the_worker_restores_a_versions_snapshot_for_its_later_cold_starts() {
         .collect();
     let boot = traces
         .iter()
-        .find(|l| l.contains("start-up message sent"))
+        .find(|l| l.contains("start-up message written"))
         .unwrap_or_else(|| panic!("no boot's trace in {log}"));
     let restore = traces
         .iter()
-        .find(|l| !l.contains("start-up message sent"))
+        .find(|l| !l.contains("start-up message written"))
         .unwrap_or_else(|| panic!("no restore's trace in {log}"));
     for trace in [boot, restore] {
         for step in ["vmm spawned", "first /next", "event delivered", "answered"] {

@@ -94,6 +94,8 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error("cannot set up the event loop: {0}")]
     EventManager(String),
+    #[error("vsock: a connected stream: {0}")]
+    ConnectedPort(std::io::Error),
     #[error("invalid drive {path:?}: {source}")]
     Drive {
         path: std::path::PathBuf,
@@ -188,7 +190,13 @@ fn attach_virtio_devices(
         attacher.attach(block)?;
     }
     if let Some(vsock) = &config.vsock {
-        attacher.attach(Vsock::new(vsock.guest_cid, &vsock.uds_path)?)?;
+        let connected = vsock
+            .connected
+            .iter()
+            .map(|c| c.take().map(|stream| (c.port, stream)))
+            .collect::<Result<_, _>>()
+            .map_err(BuildError::ConnectedPort)?;
+        attacher.attach(Vsock::new(vsock.guest_cid, &vsock.uds_path, connected)?)?;
     }
     attacher.attach(Rng::new().map_err(BuildError::VirtioDevice)?)
 }

@@ -1,6 +1,7 @@
 //! Machine configuration, from the command line and/or a JSON file, and
 //! its validation. Every error names the field and the value at fault.
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -106,14 +107,81 @@ impl FromStr for DriveConfig {
 pub struct VsockConfig {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
+    /// Host ends made before the guest asks: its first connection to
+    /// each port takes the stream, with no connect and no wake-up of
+    /// the program behind `<uds_path>_<port>`.
+    #[serde(default)]
+    pub connected: Vec<ConnectedPort>,
+}
+
+/// `PORT:fd:N`: a connected Unix stream socket the VMM's owner left open
+/// at descriptor N, the host end of the guest's first connection to PORT.
+/// What the owner wrote into it before is there for the guest to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectedPort {
+    pub port: u32,
+    pub fd: i32,
+}
+
+impl FromStr for ConnectedPort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let expected = || format!("{s:?}: expected PORT:fd:N");
+        let (port, fd) = s.split_once(':').ok_or_else(expected)?;
+        let port = port.parse().map_err(|_| expected())?;
+        match fd.parse().map_err(|_| expected())? {
+            FileSource::Fd(fd) => Ok(ConnectedPort { port, fd }),
+            FileSource::Path(_) => Err(expected()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ConnectedPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for ConnectedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:fd:{}", self.port, self.fd)
+    }
+}
+
+impl ConnectedPort {
+    /// Takes ownership of the descriptor, which validation found to be an
+    /// open socket.
+    pub fn take(&self) -> std::io::Result<UnixStream> {
+        // SAFETY: an open socket the owner passed for this port alone; it
+        // is taken once, when the device is made.
+        let stream = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(self.fd) };
+        stream.set_nonblocking(true)?;
+        Ok(stream)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        // SAFETY: fstat fills a zeroed stat struct; the descriptor is only
+        // looked at.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(self.fd, &mut stat) } < 0 {
+            return Err(invalid("vsock.connected", self, "not an open descriptor"));
+        }
+        if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(invalid("vsock.connected", self, "not a socket"));
+        }
+        Ok(())
+    }
 }
 
 impl FromStr for VsockConfig {
     type Err = String;
 
-    /// `cid=N,uds=PATH`, as on the command line.
+    /// `cid=N,uds=PATH[,connected=PORT:fd:N]...`, as on the command line.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut cid, mut uds) = (None, None);
+        let (mut cid, mut uds, mut connected) = (None, None, Vec::new());
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("cid", v)) => {
@@ -123,13 +191,19 @@ impl FromStr for VsockConfig {
                     )
                 }
                 Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
-                _ => return Err(format!("unexpected {part:?}; expected cid=N,uds=PATH")),
+                Some(("connected", v)) => connected.push(v.parse()?),
+                _ => {
+                    return Err(format!(
+                        "unexpected {part:?}; expected cid=N,uds=PATH[,connected=PORT:fd:N]"
+                    ))
+                }
             }
         }
         match (cid, uds) {
             (Some(guest_cid), Some(uds_path)) => Ok(VsockConfig {
                 guest_cid,
                 uds_path,
+                connected,
             }),
             _ => Err("expected cid=N,uds=PATH".into()),
         }
@@ -505,6 +579,19 @@ impl VmConfigInput {
                 ));
             }
             check_socket_dir("vsock.uds_path", &vsock.uds_path)?;
+            for (i, connected) in vsock.connected.iter().enumerate() {
+                connected.check()?;
+                if vsock.connected[..i]
+                    .iter()
+                    .any(|c| c.port == connected.port)
+                {
+                    return Err(invalid(
+                        "vsock.connected",
+                        connected,
+                        "a second stream for the port",
+                    ));
+                }
+            }
         }
         // One IRQ each, after COM1; the entropy device takes one too.
         let max_devices = (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize - 1;
@@ -697,9 +784,25 @@ mod tests {
             "cid=7,uds=/tmp/v.sock".parse(),
             Ok(VsockConfig {
                 guest_cid: 7,
-                uds_path: "/tmp/v.sock".into()
+                uds_path: "/tmp/v.sock".into(),
+                connected: Vec::new(),
             })
         );
+        assert_eq!(
+            "cid=3,uds=/tmp/v,connected=9003:fd:20,connected=9001:fd:21"
+                .parse::<VsockConfig>()
+                .map(|v| v.connected),
+            Ok(vec![
+                ConnectedPort { port: 9003, fd: 20 },
+                ConnectedPort { port: 9001, fd: 21 }
+            ])
+        );
+        for bad in ["9003", "9003:20", "x:fd:20", "9003:fd:x", "9003:/tmp/s"] {
+            let e = format!("cid=3,uds=/tmp/v,connected={bad}")
+                .parse::<VsockConfig>()
+                .unwrap_err();
+            assert!(e.contains("expected PORT:fd:N"), "{bad}: {e}");
+        }
         assert!("cid=x,uds=/tmp/v".parse::<VsockConfig>().is_err());
         assert!("uds=/tmp/v".parse::<VsockConfig>().is_err());
 
@@ -719,6 +822,31 @@ mod tests {
             ..input(&k.0)
         });
         assert!(e.contains("vsock.uds_path"), "{e}");
+        // A stream made ahead must be an open socket, one per port.
+        let (_ours, theirs) = UnixStream::pair().unwrap();
+        let socket = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+        let connected = |list: &str| {
+            error_text(VmConfigInput {
+                vsock: Some(format!("cid=3,uds=/tmp/v.sock,{list}").parse().unwrap()),
+                ..input(&k.0)
+            })
+        };
+        let e = connected("connected=9003:fd:999");
+        assert!(
+            e.contains("9003:fd:999") && e.contains("not an open descriptor"),
+            "{e}"
+        );
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        let file = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let e = connected(&format!("connected=9003:fd:{file}"));
+        assert!(
+            e.contains("vsock.connected") && e.contains("not a socket"),
+            "{e}"
+        );
+        let e = connected(&format!(
+            "connected=9003:fd:{socket},connected=9003:fd:{socket}"
+        ));
+        assert!(e.contains("a second stream for the port"), "{e}");
     }
 
     #[test]

@@ -46,8 +46,10 @@ struct Cli {
     #[arg(long = "drive", value_name = "PATH[,ro]")]
     drives: Vec<vmm::config::DriveConfig>,
     /// A virtio-vsock device: the guest's CID and the host Unix socket
-    /// (guest connections to port P go to PATH_P).
-    #[arg(long, value_name = "cid=N,uds=PATH")]
+    /// (guest connections to port P go to PATH_P). Each
+    /// connected=PORT:fd:N gives a connected stream socket, inherited at
+    /// descriptor N, to the guest's first connection to PORT instead.
+    #[arg(long, value_name = "cid=N,uds=PATH[,connected=PORT:fd:N]")]
     vsock: Option<vmm::config::VsockConfig>,
     /// A Unix socket for control requests, one JSON line each:
     /// {"action":"snapshot","state":PATH,"memory":PATH} pauses the VM,

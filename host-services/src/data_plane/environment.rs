@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::AsyncWriteExt;
-use tokio::net::UnixListener;
 
 use crate::artifacts::cpio;
 use guest_init::disks::{self, Disk};
@@ -17,7 +15,7 @@ use crate::artifacts::sealed::{ArtifactError, GrantedArtifact};
 use crate::control_plane::functions::CodeDrive;
 use crate::control_plane::model::runtime;
 use crate::data_plane::log_stream::{read_lines, Lines};
-use crate::data_plane::runtime_api::{InvokeError, Outcome, RuntimeApi};
+use crate::data_plane::runtime_api::{tokio_stream, InvokeError, Outcome, RuntimeApi};
 use crate::data_plane::snapshots::{self, SnapshotStore};
 use crate::data_plane::start_trace::StartTrace;
 use crate::data_plane::vmm_process::{
@@ -192,9 +190,6 @@ pub struct ExecutionEnvironment {
     vmm: VmmProcess,
     api: RuntimeApi,
     log: Arc<Lines>,
-    _log_listener: AbortOnDrop,
-    /// None for a restored guest, which has its environment already.
-    _environ_listener: Option<AbortOnDrop>,
     /// The serial console and the VMM's own messages.
     diagnostics: Arc<Lines>,
     dir: PathBuf,
@@ -294,37 +289,45 @@ impl ExecutionEnvironment {
         };
         std::fs::create_dir_all(&dir).map_err(dir_error)?;
         let uds = dir.join("vsock");
+        // The guest's first connections are made here, ahead: the VMM hands
+        // them over when the guest asks, with the start-up message already
+        // in its stream, and nothing of the worker's wakes on the boot's
+        // path until the runtime's first `/next`.
+        let mut connected = Vec::new();
+        let mut made_ahead = |port: u32| {
+            let (ours, guests) = std::os::unix::net::UnixStream::pair().map_err(dir_error)?;
+            connected.push((port, guests));
+            Ok::<_, EnvironmentError>(ours)
+        };
         let api = RuntimeApi::bind(
-            &PathBuf::from(format!("{}_9001", uds.display())),
+            &PathBuf::from(format!("{}_{RUNTIME_API_PORT}", uds.display())),
+            Some(made_ahead(RUNTIME_API_PORT)?),
             &launch.function_arn,
         )
         .await
         .map_err(dir_error)?;
+        // No socket for the log stream: a second connection to its port is
+        // refused, so that nothing else can write into the function's log.
         let log = Arc::new(Lines::log_stream());
-        let log_listener = accept_log_stream(
-            UnixListener::bind(format!("{}_{LOG_PORT}", uds.display())).map_err(dir_error)?,
+        read_lines(
+            tokio_stream(made_ahead(LOG_PORT)?).map_err(dir_error)?,
             log.clone(),
+            None,
         );
-        let environ_sent = Arc::new(std::sync::OnceLock::new());
-        let (start, environ_listener) = match &snapshot {
+        let start = match &snapshot {
             Some(snapshot) => {
                 let (state, memory) = snapshot.read_only().map_err(dir_error)?;
-                (GuestStart::Restore { state, memory }, None)
+                GuestStart::Restore { state, memory }
             }
             None => {
-                let listener = UnixListener::bind(format!(
-                    "{}_{}",
-                    uds.display(),
-                    guest_init::environ::ENVIRON_PORT
-                ))
-                .map_err(dir_error)?;
-                (
-                    GuestStart::Boot {
-                        cmdline: &cmdline,
-                        initrd,
-                    },
-                    Some(serve_environ(listener, environ, environ_sent.clone())),
-                )
+                // It holds credentials: no socket for it either, so it
+                // goes to one connection only.
+                write_ahead(made_ahead(guest_init::environ::ENVIRON_PORT)?, &environ)?;
+                trace.mark("start-up message written");
+                GuestStart::Boot {
+                    cmdline: &cmdline,
+                    initrd,
+                }
             }
         };
         trace.mark("sockets bound");
@@ -339,6 +342,7 @@ impl ExecutionEnvironment {
             },
             launch.memory_mib,
             start,
+            connected,
         )?;
         trace.mark("vmm spawned");
         let child = vmm.child();
@@ -372,9 +376,6 @@ impl ExecutionEnvironment {
             return Err(e);
         }
         let now = Instant::now();
-        if let Some(sent) = environ_sent.get() {
-            trace.mark_at("start-up message sent", *sent);
-        }
         trace.mark_at("first /next", now);
         let cold_start = match snapshot {
             Some(_) => ColdStart::Restore(now - started),
@@ -404,8 +405,6 @@ impl ExecutionEnvironment {
             vmm,
             api,
             log,
-            _log_listener: log_listener,
-            _environ_listener: environ_listener,
             diagnostics,
             dir,
         })
@@ -516,49 +515,29 @@ const GUEST_CMDLINE: &str = "console=ttyS0 quiet";
 /// A panicking Linux guest resets at once, which ends its VMM.
 const LINUX_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=-1";
 
-/// The vsock port of the function's log stream, as the guest knows it.
+/// The vsock ports of the Runtime API and the function's log stream, as
+/// the guest knows them.
+const RUNTIME_API_PORT: u32 = 9001;
 const LOG_PORT: u32 = 9002;
 
-/// The guest's log stream connects once; a second connection is refused
-/// so that nothing else can write into the function's log.
-fn accept_log_stream(listener: UnixListener, log: Arc<Lines>) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
-        if let Ok((stream, _)) = listener.accept().await {
-            drop(listener);
-            read_lines(stream, log, None);
-        }
-    }))
-}
-
-/// Sends the start-up message to the guest's first connection. It holds
-/// credentials, so it goes to one connection only.
-fn serve_environ(
-    listener: UnixListener,
-    message: Vec<u8>,
-    sent: Arc<std::sync::OnceLock<Instant>>,
-) -> AbortOnDrop {
-    AbortOnDrop(tokio::spawn(async move {
-        if let Ok((mut stream, _)) = listener.accept().await {
-            drop(listener);
-            match stream.write_all(&message).await {
-                Ok(()) => {
-                    let _ = sent.set(Instant::now());
-                }
-                Err(e) => tracing::warn!("sending the environment to the guest: {e}"),
-            }
-            let _ = stream.shutdown().await;
-        }
-    }))
-}
-
-/// A task that ends with its environment, even if the guest never
-/// connected.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// Writes the start-up message into the worker's end of the guest's
+/// connection made ahead, and closes it: the guest reads the message,
+/// then the end of the stream.
+fn write_ahead(
+    stream: std::os::unix::net::UnixStream,
+    message: &[u8],
+) -> Result<(), EnvironmentError> {
+    // Nobody reads before the launch: a message larger than the socket
+    // holds is refused rather than waited on.
+    let written = stream
+        .set_nonblocking(true)
+        .and_then(|()| std::io::Write::write_all(&mut &stream, message));
+    written.map_err(|e| {
+        EnvironmentError::Environ(format!(
+            "the start-up message ({} bytes) does not fit in its socket: {e}",
+            message.len()
+        ))
+    })
 }
 
 fn remove_dir(dir: &Path) {

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::Listener;
 use axum::Router;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Lambda's synchronous payload limit, for events and responses alike.
@@ -235,11 +235,50 @@ async fn serve_http1<L: Listener>(mut listener: L, router: Router) {
     }
 }
 
+/// The Runtime API's connections: the guest's first, when it was made
+/// ahead (the VMM hands it to the guest, and no accept wakes the host on
+/// a cold start's path), then those a Unix socket accepts.
+struct FirstThenAccepted {
+    first: Option<UnixStream>,
+    listener: UnixListener,
+}
+
+impl Listener for FirstThenAccepted {
+    type Io = UnixStream;
+    type Addr = ();
+
+    async fn accept(&mut self) -> (UnixStream, ()) {
+        match self.first.take() {
+            Some(first) => (first, ()),
+            None => (Listener::accept(&mut self.listener).await.0, ()),
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connected socket made with std, driven by tokio from now on.
+pub fn tokio_stream(stream: std::os::unix::net::UnixStream) -> std::io::Result<UnixStream> {
+    stream.set_nonblocking(true)?;
+    UnixStream::from_std(stream)
+}
+
 impl RuntimeApi {
-    /// Serves the API on a new Unix socket at `path`.
-    pub async fn bind(path: &Path, function_arn: &str) -> std::io::Result<Self> {
+    /// Serves the API on `first`, a connection made ahead, if any, and on
+    /// a new Unix socket at `path`.
+    pub async fn bind(
+        path: &Path,
+        first: Option<std::os::unix::net::UnixStream>,
+        function_arn: &str,
+    ) -> std::io::Result<Self> {
         let _ = std::fs::remove_file(path);
-        Ok(Self::serve(UnixListener::bind(path)?, function_arn))
+        let listener = FirstThenAccepted {
+            first: first.map(tokio_stream).transpose()?,
+            listener: UnixListener::bind(path)?,
+        };
+        Ok(Self::serve(listener, function_arn))
     }
 
     /// Serves the API on the connections `listener` accepts.

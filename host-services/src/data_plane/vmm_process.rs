@@ -476,6 +476,9 @@ const LAYERS_DISK_FD: RawFd = 16;
 pub const LAYERS_KEY_FD: RawFd = 17;
 const RESTORE_STATE_FD: RawFd = 18;
 const RESTORE_MEMORY_FD: RawFd = 19;
+/// The host ends of the guest's first vsock connections, made ahead,
+/// from this number up.
+const CONNECTED_FDS: RawFd = 20;
 
 /// What a VMM needs beyond its guest's memory: its own text, heap and
 /// KVM's page tables, plus the page cache of the kernel and code disk
@@ -559,11 +562,15 @@ impl VmmProcess {
     /// and stderr piped. Its files go to it as descriptors, which a
     /// jailed VMM (whose root was made before its microVM was known) can
     /// open where no path of the host's is.
+    ///
+    /// `connected` are the host ends of the guest's first connections to
+    /// their vsock ports, made ahead (`vmm::config::ConnectedPort`).
     pub fn spawn(
         slot: VmmSlot,
         files: &VmmFiles<'_>,
         memory_mib: u32,
         start: GuestStart<'_>,
+        connected: Vec<(u32, UnixStream)>,
     ) -> Result<Self, VmmProcessError> {
         let jailed = matches!(slot, VmmSlot::Jailed(_));
         let dir = match jailed {
@@ -647,10 +654,12 @@ impl VmmProcess {
         for drive in drives {
             vmm_args.extend(["--drive".into(), drive]);
         }
-        vmm_args.extend([
-            "--vsock".into(),
-            format!("cid=3,uds={}", dir.join("vsock").display()),
-        ]);
+        let mut vsock = format!("cid=3,uds={}", dir.join("vsock").display());
+        for ((port, stream), number) in connected.into_iter().zip(CONNECTED_FDS..) {
+            let fd = pass(File::from(OwnedFd::from(stream)), number);
+            vsock.push_str(&format!(",connected={port}:{fd}"));
+        }
+        vmm_args.extend(["--vsock".into(), vsock]);
         match slot {
             VmmSlot::Unjailed { .. } => Self::spawn_unjailed(files.vmm, vmm_args, &passed),
             VmmSlot::Jailed(standby) => {

@@ -63,7 +63,11 @@ fn breakdown(what: &str, log: &str) {
     for (kind, restored) in [("boot", false), ("restore", true)] {
         let of_kind: Vec<&Vec<(&str, f64)>> = traces
             .iter()
-            .filter(|t| t.iter().all(|(name, _)| *name != "start-up message sent") == restored)
+            .filter(|t| {
+                t.iter()
+                    .all(|(name, _)| *name != "start-up message written")
+                    == restored
+            })
             .collect();
         if of_kind.is_empty() {
             continue;

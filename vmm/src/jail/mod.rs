@@ -91,7 +91,7 @@ pub struct Launch {
 }
 
 /// The most descriptors one launch passes.
-pub const MAX_LAUNCH_FDS: usize = 8;
+pub const MAX_LAUNCH_FDS: usize = 12;
 /// The largest launch message.
 const MAX_LAUNCH_BYTES: usize = 64 << 10;
 /// Received descriptors go above this before they are placed, clear of

@@ -61,6 +61,9 @@ pub struct Vsock {
     /// `uds_path`: host programs connect here, and guest connections to
     /// port P go to `<uds_path>_P`.
     listener: HostSocket,
+    /// Host ends made ahead, by port, each for the guest's first
+    /// connection to its port.
+    connected: HashMap<u32, UnixStream>,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
     acked_features: u64,
@@ -89,7 +92,11 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+    pub fn new(
+        guest_cid: u64,
+        uds_path: &Path,
+        connected: HashMap<u32, UnixStream>,
+    ) -> Result<Self, VsockError> {
         let queues = (0..3)
             .map(|_| Queue::new(QUEUE_SIZE).map_err(|e| VsockError::Queue(e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
@@ -99,6 +106,7 @@ impl Vsock {
         Ok(Self {
             guest_cid,
             listener: HostSocket::new(uds_path, "the vsock uds_path"),
+            connected,
             queues,
             queue_events,
             acked_features: 0,
@@ -267,14 +275,19 @@ impl Vsock {
         }
     }
 
-    /// A guest connection request: forwarded to `<uds_path>_<port>`.
+    /// A guest connection request: given the port's stream made ahead,
+    /// else forwarded to `<uds_path>_<port>`.
     fn connect_to_host(&mut self, key: Key, header: &Header, ops: &mut EventOps) {
         if self.connections.contains_key(&key) {
             self.reset_connection(key, ops);
             return;
         }
         let path = format!("{}_{}", self.listener.path().display(), key.0);
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)) {
+        let stream = match self.connected.remove(&key.0) {
+            Some(stream) => Ok(stream),
+            None => UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s)),
+        };
+        match stream {
             Ok(stream) => {
                 let mut conn = Connection::new(stream, State::Established);
                 conn.update_peer_credit(header);
@@ -740,10 +753,18 @@ mod tests {
 
     impl<'a> Guest<'a> {
         fn new(mem: &'a GuestMemoryMmap, tag: &str) -> Self {
+            Self::with_connected(mem, tag, HashMap::new())
+        }
+
+        fn with_connected(
+            mem: &'a GuestMemoryMmap,
+            tag: &str,
+            connected: HashMap<u32, UnixStream>,
+        ) -> Self {
             let rx = MockSplitQueue::create(mem, GuestAddress(0), 64);
             let tx = MockSplitQueue::create(mem, GuestAddress(0x10000), 64);
             let uds = uds_path(tag);
-            let mut vsock = Vsock::new(GUEST_CID, &uds).unwrap();
+            let mut vsock = Vsock::new(GUEST_CID, &uds, connected).unwrap();
             vsock.queues[RX] = rx.create_queue().unwrap();
             vsock.queues[TX] = tx.create_queue().unwrap();
             let irq = Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
@@ -963,6 +984,33 @@ mod tests {
         // Data for a connection that does not exist is reset too.
         g.give_rx_buffer(4096);
         g.send(OP_RW, 1025, 6001, 0, b"x");
+        assert_eq!(ops(&g.received()), vec![OP_RST]);
+    }
+
+    #[test]
+    fn a_stream_made_ahead_serves_the_first_connection_to_its_port_only() {
+        let mem = memory();
+        let (host, ahead) = UnixStream::pair().unwrap();
+        (&host).write_all(b"written ahead").unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut g = Guest::with_connected(&mem, "ahead", HashMap::from([(9003, ahead)]));
+        for _ in 0..4 {
+            g.give_rx_buffer(4096);
+        }
+        // No socket at <uds>_9003: the stream made ahead is the host's end.
+        g.send(OP_REQUEST, 1025, 9003, 0, &[]);
+        let got = g.received();
+        assert_eq!(ops(&got), vec![OP_RESPONSE, OP_RW, OP_SHUTDOWN]);
+        assert_eq!(got[1].1, b"written ahead");
+        g.send(OP_RW, 1025, 9003, 0, b"reply");
+        g.pump();
+        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut reply = [0u8; 5];
+        (&host).read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"reply");
+        // A second connection to the port finds nobody there.
+        g.give_rx_buffer(4096);
+        g.send(OP_REQUEST, 1026, 9003, 0, &[]);
         assert_eq!(ops(&g.received()), vec![OP_RST]);
     }
 
