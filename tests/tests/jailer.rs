@@ -30,13 +30,14 @@ fn jail_scratch(test: &str, name: &str) -> Option<PathBuf> {
     (!skip_unless_root(test)).then(|| scratch(name))
 }
 
-/// A jail id of this test process's own, so that runs never share one.
+/// `name` made this test process's own (a jail id, a scratch file's
+/// name), so that runs never share one.
 fn jail_id(name: &str) -> String {
     format!("{name}-{}", std::process::id())
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(jail_id(name));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -232,7 +233,7 @@ fn the_cgroup_caps_the_memory_a_guest_can_make_its_vmm_use() {
         "baremetal.run=touch:96",
     ];
     let run = |memory_mib: u64| {
-        let id = format!("memory-{memory_mib}-{}", std::process::id());
+        let id = jail_id(&format!("memory-{memory_mib}"));
         let mut args = jail_args(&id, &base, memory_mib, &[]);
         args.extend(guest.map(str::to_string));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -607,7 +608,7 @@ fn wait_for_vsock(run: &Path) {
 
 /// A file in the scratch directory holding `text`, open for reading.
 fn tempfile_with(text: &str) -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("jail-marker-{}", std::process::id()));
+    let path = std::env::temp_dir().join(jail_id("jail-marker"));
     std::fs::write(&path, text).unwrap();
     let file = std::fs::File::open(&path).unwrap();
     std::fs::remove_file(&path).unwrap();

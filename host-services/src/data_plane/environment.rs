@@ -209,6 +209,7 @@ impl ExecutionEnvironment {
         initialization: InitializationType,
     ) -> Result<Self, EnvironmentError> {
         let started = Instant::now();
+        let _under_way = image.jail.as_ref().map(JailSettings::cold_start);
         let mut trace = StartTrace::default();
         trace.mark_at("environment begun", started);
         let variables: Vec<(String, String)> = launch
@@ -282,12 +283,14 @@ impl ExecutionEnvironment {
         };
         trace.mark("keys unwrapped");
         let slot = VmmSlot::take(image.jail.as_ref(), &image.vmm, image.run_dir.join(&id))?;
+        trace.mark("vmm taken");
         let dir = slot.dir().to_path_buf();
         let dir_error = |source| EnvironmentError::Directory {
             path: dir.clone(),
             source,
         };
         std::fs::create_dir_all(&dir).map_err(dir_error)?;
+        trace.mark("directory made");
         let uds = dir.join("vsock");
         // The guest's first connections are made here, ahead: the VMM hands
         // them over when the guest asks, with the start-up message already
@@ -306,6 +309,7 @@ impl ExecutionEnvironment {
         )
         .await
         .map_err(dir_error)?;
+        trace.mark("runtime API bound");
         // No socket for the log stream: a second connection to its port is
         // refused, so that nothing else can write into the function's log.
         let log = Arc::new(Lines::log_stream());

@@ -62,6 +62,26 @@ pub struct JailPool {
     /// A refill is under way: cold starts that end together ask for one
     /// each, and would otherwise each fill the pool.
     refilling: AtomicBool,
+    /// Cold starts under way. While there is one, the VMMs of the pool
+    /// that are still starting are stopped, and no refill starts more:
+    /// the kernel's work of making a jail and a VM, even at SCHED_IDLE,
+    /// slowed the boot it overlapped by 1-4 ms.
+    cold_starts: Mutex<usize>,
+}
+
+/// A cold start under way ([`JailSettings::cold_start`]); the last to end
+/// lets the pool's stopped VMMs go on.
+pub struct ColdStartUnderWay(Arc<JailPool>);
+
+impl Drop for ColdStartUnderWay {
+    fn drop(&mut self) {
+        let mut cold_starts = self.0.cold_starts.lock().unwrap_or_else(|e| e.into_inner());
+        *cold_starts -= 1;
+        if *cold_starts == 0 {
+            let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.iter_mut().for_each(|standby| standby.pause(false));
+        }
+    }
 }
 
 /// A VMM on standby in its jail. Dropped, its socket closes: the VMM
@@ -75,6 +95,30 @@ pub struct StandbyVmm {
     jailed: Jailed,
     /// The jail's `/run`, as the host sees it.
     dir: PathBuf,
+    /// Stopped while it was starting, for a cold start.
+    paused: bool,
+}
+
+impl StandbyVmm {
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the jailer and, once it has
+    /// one, its VMM, if they are still starting: one that is ready waits
+    /// in a system call and costs nothing.
+    fn pause(&mut self, paused: bool) {
+        if paused == self.paused || (paused && has_spoken(&self.launch)) {
+            return;
+        }
+        let Some(jailer) = self.child.id() else {
+            return;
+        };
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // The jailer, which this process has not reaped, holds the VMM's
+        // pid: neither can be another process's.
+        for pid in [Some(jailer), self.jailed.vmm_pid()].into_iter().flatten() {
+            // SAFETY: signals a process named above.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+        self.paused = paused;
+    }
 }
 
 /// Where an environment's VMM runs: on standby in a jail, or unjailed
@@ -122,6 +166,7 @@ impl JailPool {
             idle: Mutex::new(Vec::new()),
             made: AtomicU64::new(0),
             refilling: AtomicBool::new(false),
+            cold_starts: Mutex::new(0),
         })
     }
 
@@ -147,15 +192,37 @@ impl JailPool {
             .iter()
             .position(|standby| has_spoken(&standby.launch))
             .or((!idle.is_empty()).then_some(0))?;
-        Some(idle.remove(at))
+        let mut standby = idle.remove(at);
+        standby.pause(false);
+        Some(standby)
     }
 
     fn idle(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    fn cold_starts(&self) -> usize {
+        *self.cold_starts.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl JailSettings {
+    /// A cold start begins: until what this returns is dropped, the
+    /// pool's VMMs that are still starting stop, and no refill starts.
+    pub fn cold_start(&self) -> ColdStartUnderWay {
+        let mut cold_starts = self
+            .pool
+            .cold_starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *cold_starts == 0 {
+            let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.iter_mut().for_each(|standby| standby.pause(true));
+        }
+        *cold_starts += 1;
+        ColdStartUnderWay(self.pool.clone())
+    }
+
     /// Makes jails until the pool is full. Each costs a jailer's start,
     /// so this runs off a cold start's path.
     pub fn refill(&self) {
@@ -172,13 +239,15 @@ impl JailSettings {
         // No refill starts from now on.
         self.pool.refilling.store(true, Ordering::Release);
         let idle = std::mem::take(&mut *self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
-        for StandbyVmm {
-            mut child,
-            launch,
-            dir,
-            ..
-        } in idle
-        {
+        for mut standby in idle {
+            // A stopped one would not see its socket close.
+            standby.pause(false);
+            let StandbyVmm {
+                mut child,
+                launch,
+                dir,
+                ..
+            } = standby;
             // Its socket closed without a launch, the VMM ends and the
             // jailer cleans up its jail; its run directory is the
             // worker's.
@@ -194,14 +263,20 @@ impl JailSettings {
     }
 
     fn fill(&self) {
-        while self.pool.idle() < self.pool.size {
+        while self.pool.idle() < self.pool.size && self.pool.cold_starts() == 0 {
             match self.start_standby(&self.pool.vmm, true) {
-                Ok(standby) => self
-                    .pool
-                    .idle
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(standby),
+                Ok(mut standby) => {
+                    // A cold start that began meanwhile stops it too.
+                    let cold_starts = self.pool.cold_starts.lock();
+                    if cold_starts.map_or(true, |n| *n > 0) {
+                        standby.pause(true);
+                    }
+                    self.pool
+                        .idle
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(standby);
+                }
                 Err(e) => {
                     tracing::warn!("no VMM started ahead: {e}");
                     return;
@@ -320,6 +395,7 @@ impl JailSettings {
                 uid,
             },
             dir,
+            paused: false,
         })
     }
 }
@@ -712,6 +788,7 @@ impl VmmProcess {
             launch: socket,
             jailed,
             dir,
+            ..
         } = standby;
         // Its jailer set the jail's own limit before the VMM made its VM:
         // the microVM's is set after.

@@ -18,8 +18,9 @@
 //! invocations.
 //!
 //! `--against DIR` measures another build beside this one, spawned and on
-//! standby, boot by boot in turn, so that both see the same host: DIR holds its `vmm` and
-//! `baremetal` (a target/x86_64-unknown-linux-gnu/release directory).
+//! standby, boot by boot in turn, so that both see the same host: DIR
+//! holds its `vmm` and `baremetal` (a
+//! target/x86_64-unknown-linux-gnu/release directory).
 //! This host's medians drift by a millisecond from hour to hour; boots in
 //! turn are the only fair comparison of two builds. Two medians of 40 runs
 //! of the same binary differ by up to 0.3 ms here; a 300-run comparison of

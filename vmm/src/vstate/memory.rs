@@ -147,16 +147,17 @@ impl FaultedHugePages {
         }
         let base = base as usize;
         let next = base.next_multiple_of(HUGE_PAGE_SIZE as usize);
-        // SAFETY: unmaps the padding on either side of the aligned pages,
-        // parts of the mapping made above.
-        unsafe {
-            libc::munmap(base as *mut libc::c_void, next - base);
-            libc::munmap(
-                (next + size) as *mut libc::c_void,
-                base + padded - next - size,
-            );
-            libc::madvise(next as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+        let padding = [
+            (base, next - base),
+            (next + size, base + padded - next - size),
+        ];
+        for (at, len) in padding.into_iter().filter(|&(_, len)| len > 0) {
+            // SAFETY: unmaps padding on one side of the aligned pages, part
+            // of the mapping made above.
+            unsafe { libc::munmap(at as *mut libc::c_void, len) };
         }
+        // SAFETY: advice on the aligned pages, mapped above.
+        unsafe { libc::madvise(next as *mut libc::c_void, size, libc::MADV_HUGEPAGE) };
         for page in (next..next + size).step_by(PAGE_SIZE) {
             // SAFETY: within the aligned pages, mapped writable above.
             unsafe { std::ptr::write_volatile(page as *mut u8, 0) };
