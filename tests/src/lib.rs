@@ -259,6 +259,12 @@ pub fn linux_init_binary() -> PathBuf {
     workspace_binary("guest-init", "init", &["linux-init"])
 }
 
+/// The VMM's own boot benchmark, which a worker's benchmark runs beside
+/// itself as the floor of a cold start.
+pub fn runtime_boot_bench_binary() -> PathBuf {
+    workspace_binary("microvm-tests", "runtime_boot_bench", &[])
+}
+
 /// The Lambda worker from host-services.
 pub fn lambda_worker_binary() -> PathBuf {
     workspace_binary("host-services", "lambda-worker", &[])

@@ -39,6 +39,18 @@ fn ms(d: Duration) -> f64 {
 }
 
 impl LoadReport {
+    /// An error naming what went wrong if any request failed or was not
+    /// answered exactly once.
+    pub fn all_answered_once(&self) -> Result<(), String> {
+        match (self.failures.first(), self.not_exactly_once.len()) {
+            (None, 0) => Ok(()),
+            (first, not_once) => Err(format!(
+                "{} failures (first {first:?}), {not_once} not answered exactly once",
+                self.failures.len()
+            )),
+        }
+    }
+
     pub fn print(&self) {
         println!(
             "{} invokes at concurrency {} in {:.2} s ({:.0}/s); {} failed, {} not answered exactly once",

@@ -114,6 +114,20 @@ pub struct VsockConfig {
     pub connected: Vec<ConnectedPort>,
 }
 
+/// Values the JSON config gives as the strings the command line takes.
+macro_rules! deserialize_from_str {
+    ($($ty:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+deserialize_from_str!(ConnectedPort, FileSource);
+
 /// `PORT:fd:N`: a connected Unix stream socket the VMM's owner left open
 /// at descriptor N, the host end of the guest's first connection to PORT.
 /// What the owner wrote into it before is there for the guest to read.
@@ -134,14 +148,6 @@ impl FromStr for ConnectedPort {
             FileSource::Fd(fd) => Ok(ConnectedPort { port, fd }),
             FileSource::Path(_) => Err(expected()),
         }
-    }
-}
-
-impl<'de> Deserialize<'de> for ConnectedPort {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -308,14 +314,6 @@ impl FromStr for FileSource {
             None if s.is_empty() => Err("empty path".into()),
             None => Ok(FileSource::Path(PathBuf::from(s))),
         }
-    }
-}
-
-impl<'de> Deserialize<'de> for FileSource {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
     }
 }
 

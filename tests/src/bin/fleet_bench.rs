@@ -35,14 +35,7 @@ async fn measure(
     load::run(client.clone(), "echo", concurrency * 4, concurrency).await;
     client.invoke("echo", Bytes::from_static(b"{}")).await?;
     let report = load::run(client.clone(), "echo", total, concurrency).await;
-    if !report.failures.is_empty() || !report.not_exactly_once.is_empty() {
-        return Err(format!(
-            "{} failures ({:?}), {} not answered exactly once",
-            report.failures.len(),
-            report.failures.first(),
-            report.not_exactly_once.len()
-        ));
-    }
+    report.all_answered_once()?;
     let mut one_at_a_time = Vec::with_capacity(SEQUENTIAL);
     for _ in 0..SEQUENTIAL {
         one_at_a_time.push(
