@@ -321,6 +321,7 @@ impl ExecutionEnvironment {
         let start = match &snapshot {
             Some(snapshot) => {
                 let (state, memory) = snapshot.read_only().map_err(dir_error)?;
+                trace.mark("snapshot opened");
                 GuestStart::Restore { state, memory }
             }
             None => {
@@ -334,7 +335,6 @@ impl ExecutionEnvironment {
                 }
             }
         };
-        trace.mark("sockets bound");
         let mut vmm = VmmProcess::spawn(
             slot,
             &VmmFiles {

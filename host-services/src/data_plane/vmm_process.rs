@@ -75,11 +75,10 @@ pub struct ColdStartUnderWay(Arc<JailPool>);
 
 impl Drop for ColdStartUnderWay {
     fn drop(&mut self) {
-        let mut cold_starts = self.0.cold_starts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cold_starts = self.0.cold_starts();
         *cold_starts -= 1;
         if *cold_starts == 0 {
-            let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.iter_mut().for_each(|standby| standby.pause(false));
+            self.0.pause_idle(false);
         }
     }
 }
@@ -201,8 +200,15 @@ impl JailPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    fn cold_starts(&self) -> usize {
-        *self.cold_starts.lock().unwrap_or_else(|e| e.into_inner())
+    fn cold_starts(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.cold_starts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops or resumes every VMM waiting in the pool that is still
+    /// starting ([`StandbyVmm::pause`]).
+    fn pause_idle(&self, paused: bool) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.iter_mut().for_each(|standby| standby.pause(paused));
     }
 }
 
@@ -210,14 +216,9 @@ impl JailSettings {
     /// A cold start begins: until what this returns is dropped, the
     /// pool's VMMs that are still starting stop, and no refill starts.
     pub fn cold_start(&self) -> ColdStartUnderWay {
-        let mut cold_starts = self
-            .pool
-            .cold_starts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut cold_starts = self.pool.cold_starts();
         if *cold_starts == 0 {
-            let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.iter_mut().for_each(|standby| standby.pause(true));
+            self.pool.pause_idle(true);
         }
         *cold_starts += 1;
         ColdStartUnderWay(self.pool.clone())
@@ -263,12 +264,14 @@ impl JailSettings {
     }
 
     fn fill(&self) {
-        while self.pool.idle() < self.pool.size && self.pool.cold_starts() == 0 {
+        while self.pool.idle() < self.pool.size && *self.pool.cold_starts() == 0 {
             match self.start_standby(&self.pool.vmm, true) {
                 Ok(mut standby) => {
-                    // A cold start that began meanwhile stops it too.
-                    let cold_starts = self.pool.cold_starts.lock();
-                    if cold_starts.map_or(true, |n| *n > 0) {
+                    // A cold start that began meanwhile stops it too; held
+                    // until it is in the pool, where the last cold start's
+                    // end finds it.
+                    let cold_starts = self.pool.cold_starts();
+                    if *cold_starts > 0 {
                         standby.pause(true);
                     }
                     self.pool
