@@ -8,6 +8,7 @@
 #![no_main]
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -135,10 +136,15 @@ fn run(
     if cli.no_seccomp {
         tracing::warn!("seccomp filters are off (--no-seccomp)");
     }
+    // Open past the microVM's end, for the helper that frees it.
+    let vm = microvm.vm_fd();
     let outcome = microvm.run().map_err(|e| e.to_string())?;
     match outcome.exit_code() {
         0 => tracing::info!("{outcome}"),
         _ => tracing::error!("{outcome}"),
+    }
+    if let Err(e) = vmm::vstate::release::after_process_exit(vm.as_raw_fd()) {
+        tracing::warn!("the VM is freed before the exit, without a helper: {e}");
     }
     Ok(outcome.exit_code())
 }

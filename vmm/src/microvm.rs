@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -327,6 +328,11 @@ impl MicroVm {
 
     pub fn hypervisor(&self) -> HypervisorKind {
         self.vm.hypervisor()
+    }
+
+    /// The VM's descriptor, open for as long as this is held.
+    pub fn vm_fd(&self) -> Arc<VmFd> {
+        self.vm.fd().clone()
     }
 
     pub fn boot_time(&self) -> BootTime {

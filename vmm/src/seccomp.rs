@@ -245,6 +245,31 @@ mod tests {
     }
 
     #[test]
+    fn the_event_loop_may_start_the_vm_release_helper_but_not_fork() {
+        let status = in_filtered_child(ThreadKind::Vmm, || {
+            // A pipe stands for the VM; the helper holds its read end.
+            let mut fds = [0; 2];
+            // SAFETY: a two-element array for the pipe's ends.
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+            if crate::vstate::release::after_process_exit(fds[0]).is_err() {
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(3) };
+            }
+        });
+        assert_eq!(
+            (libc::WIFEXITED(status), libc::WEXITSTATUS(status)),
+            (true, 0)
+        );
+        let status = in_filtered_child(ThreadKind::Vmm, || {
+            // SAFETY: a fork whose child, if there were one, exits at once.
+            if unsafe { libc::fork() } == 0 {
+                unsafe { libc::_exit(0) };
+            }
+        });
+        assert!(killed_by_sigsys(status), "fork: {status:#x}");
+    }
+
+    #[test]
     fn what_the_threads_need_is_allowed() {
         let status = in_filtered_child(ThreadKind::Vmm, || {
             // SAFETY: plain system calls; the socket is closed again.

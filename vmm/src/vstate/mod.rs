@@ -4,6 +4,7 @@ pub mod coalesced_mmio;
 pub mod guest_wake;
 pub mod memory;
 pub mod placement;
+pub mod release;
 pub mod vcpu;
 pub mod vcpu_thread;
 pub mod vm;
