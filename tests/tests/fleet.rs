@@ -675,6 +675,37 @@ fn reserved_concurrency_is_counted_across_front_ends() {
         statuses
     });
     assert_eq!(again, [200; RESERVED]);
+    // Callers that stop waiting keep their slots until their invocations
+    // end on the hosts: one more call meanwhile is throttled.
+    runtime.block_on(async {
+        let abandoned: Vec<_> = (0..RESERVED)
+            .map(|i| {
+                let client = clients[i % 2].clone();
+                tokio::spawn(async move {
+                    tokio::time::timeout(
+                        Duration::from_millis(30),
+                        client.invoke("echo", Bytes::from_static(br#""spin""#)),
+                    )
+                    .await
+                    .is_err()
+                })
+            })
+            .collect();
+        for call in abandoned {
+            assert!(call.await.unwrap(), "a spin answered within 30 ms");
+        }
+        let beside = clients[0]
+            .invoke("echo", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&beside.body).into_owned();
+        assert!(
+            beside.status == 429
+                && body.contains("ReservedFunctionConcurrentInvocationLimitExceeded"),
+            "a call beside {RESERVED} abandoned ones: {} {body}",
+            beside.status
+        );
+    });
 }
 
 /// Polls GET `path` on `client` until its answer passes `done`; returns

@@ -419,3 +419,67 @@ fn a_caller_that_stops_waiting_costs_the_worker_no_environment() {
     });
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// An abandoned invocation keeps its share of the function's reserved
+/// concurrency until it ends: with one reserved, a call made while the
+/// abandoned one still runs is throttled, not run beside it.
+#[test]
+fn an_abandoned_invocation_holds_its_reserved_concurrency_until_it_ends() {
+    use bytes::Bytes;
+    use hyper::Method;
+    use microvm_tests::lambda_client::LambdaClient;
+    let data = data_dir("abandoned-reserved");
+    let worker = RunningWorker::start(&data, &["--no-jail"], "info");
+    let (key, secret, _) = microvm_tests::worker::ACCOUNT_A;
+    let client = LambdaClient::new(&worker.address, key, secret);
+    client_runtime().block_on(async {
+        let wasm = wat::parse_str(ECHO_WAT).unwrap();
+        client
+            .create_wasm_function("echo", &wasm, 10)
+            .await
+            .unwrap();
+        client
+            .call(
+                Method::PUT,
+                "/2017-10-31/functions/echo/concurrency",
+                None,
+                serde_json::json!({ "ReservedConcurrentExecutions": 1 }),
+                200,
+            )
+            .await
+            .unwrap();
+        // About 100 ms busy after its cold start; abandoned after 5 ms.
+        let abandoned = tokio::time::timeout(
+            Duration::from_millis(5),
+            client.invoke("echo", Bytes::from_static(br#""spin""#)),
+        )
+        .await;
+        assert!(abandoned.is_err(), "it answered in 5 ms");
+        let beside = client
+            .invoke("echo", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            beside.status, 429,
+            "a second invocation ran beside the abandoned one: {beside:?}"
+        );
+        let body = String::from_utf8_lossy(&beside.body).into_owned();
+        assert!(
+            body.contains("ReservedFunctionConcurrentInvocationLimitExceeded"),
+            "{body}"
+        );
+        let started = Instant::now();
+        let after = loop {
+            let after = client
+                .invoke("echo", Bytes::from_static(b"2"))
+                .await
+                .unwrap();
+            if after.status != 429 || started.elapsed() > Duration::from_secs(5) {
+                break after;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(after.body, "{\"echo\":2}", "{after:?}\n{}", worker.log());
+    });
+    let _ = std::fs::remove_dir_all(&data);
+}

@@ -27,7 +27,7 @@ use crate::data_plane::fleet_wire::{
 };
 use crate::data_plane::router::{too_many, RouteError, Routed};
 use crate::error::ApiError;
-use crate::fleet::concurrency::FleetConcurrency;
+use crate::fleet::concurrency::{ConcurrencySlot, FleetConcurrency};
 use crate::fleet::event_ledger::EventLedger;
 use crate::fleet::leadership::Leadership;
 use crate::fleet::membership::{HostRecord, Role};
@@ -300,14 +300,22 @@ impl FleetRouter {
                     .ok_or_else(|| too_many("ReservedFunctionConcurrentInvocationLimitExceeded"))?,
             ),
         };
-        let routed = self.place(key, launch, request_id, payload, timeout).await;
-        if let Some(slot) = slot {
+        let slot = slot.map(Arc::new);
+        let routed = self
+            .place(key, launch, request_id, payload, timeout, &slot)
+            .await;
+        // Each exchange with a host held a share while it ran, and has
+        // ended: the slot is this call's alone again.
+        if let Some(slot) = slot.and_then(Arc::into_inner) {
             slot.free().await;
         }
         routed
     }
 
-    /// Runs one invocation on the best worker host that takes it.
+    /// Runs one invocation on the best worker host that takes it. Each
+    /// exchange with a host holds a share of `slot` until it ends, even if
+    /// the caller stops waiting: the host runs the invocation to its end
+    /// regardless, and until then it counts against the reservation.
     async fn place(
         &self,
         key: &VersionKey,
@@ -315,6 +323,7 @@ impl FleetRouter {
         request_id: &str,
         payload: Bytes,
         timeout: Duration,
+        slot: &Option<Arc<ConcurrencySlot>>,
     ) -> Result<Routed, RouteError> {
         let mut launch = Some(launch);
         let mut wire: Option<WireLaunch> = None;
@@ -351,17 +360,23 @@ impl FleetRouter {
                 };
                 // A host cut off mid-invocation answers nothing: past the
                 // function's own timeout, it is counted lost.
-                let sent =
-                    tokio::time::timeout(timeout + LOST_AFTER, peer.post(INVOKE, encode(&request)));
-                let answered = match sent.await.unwrap_or_else(|_| {
-                    Err(PeerError::Lost {
-                        peer: host.name.clone(),
-                        what: format!(
-                            "no answer within {:?} of the function's timeout",
-                            LOST_AFTER
-                        ),
-                    })
-                }) {
+                let (peer, body, share) = (peer.clone(), encode(&request), slot.clone());
+                let sent = tokio::spawn(async move {
+                    let _share = share;
+                    tokio::time::timeout(timeout + LOST_AFTER, peer.post(INVOKE, body)).await
+                });
+                let lost = || PeerError::Lost {
+                    peer: host.name.clone(),
+                    what: format!(
+                        "no answer within {:?} of the function's timeout",
+                        LOST_AFTER
+                    ),
+                };
+                let answered = match sent
+                    .await
+                    .map_err(|e| ApiError::Service(format!("an exchange with {}: {e}", host.name)))?
+                    .unwrap_or_else(|_| Err(lost()))
+                {
                     Ok(bytes) => decode::<InvokeAnswer>(&bytes).map_err(|e| {
                         ApiError::Service(format!("worker host {}: {e}", host.name))
                     })?,

@@ -85,7 +85,7 @@ type FunctionKey = (AccountId, String);
 /// concurrency.
 #[derive(Default)]
 struct ConcurrencyLimiter {
-    busy: Mutex<HashMap<FunctionKey, u32>>,
+    busy: Arc<Mutex<HashMap<FunctionKey, u32>>>,
 }
 
 impl ConcurrencyLimiter {
@@ -95,7 +95,7 @@ impl ConcurrencyLimiter {
         &self,
         key: &VersionKey,
         reserved: Option<u32>,
-    ) -> Result<ConcurrencySlot<'_>, ApiError> {
+    ) -> Result<ConcurrencySlot, ApiError> {
         let function = (key.account.clone(), key.function.clone());
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let n = busy.entry(function.clone()).or_default();
@@ -106,20 +106,20 @@ impl ConcurrencyLimiter {
         }
         *n += 1;
         Ok(ConcurrencySlot {
-            busy: &self.busy,
+            busy: self.busy.clone(),
             function,
         })
     }
 }
 
 /// A function's share of its reserved concurrency, held for the length of
-/// one invocation.
-struct ConcurrencySlot<'a> {
-    busy: &'a Mutex<HashMap<FunctionKey, u32>>,
+/// one invocation, which may outlast its caller's wait.
+struct ConcurrencySlot {
+    busy: Arc<Mutex<HashMap<FunctionKey, u32>>>,
     function: FunctionKey,
 }
 
-impl Drop for ConcurrencySlot<'_> {
+impl Drop for ConcurrencySlot {
     fn drop(&mut self) {
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = busy.get_mut(&self.function) {
@@ -228,7 +228,7 @@ impl InvokeRouter {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Routed, RouteError> {
-        let _slot = self.concurrency.take(key, reserved)?;
+        let slot = self.concurrency.take(key, reserved)?;
         let (idle, hosts) = self.take_idle(key);
         // What a new environment is made of, only when none is idle.
         let launch = match idle {
@@ -239,9 +239,11 @@ impl InvokeRouter {
         // runs to its end and its environment goes back to its worker even
         // if the caller stops waiting (a client or a fleet's front end that
         // went away): dropped halfway, the environment would be lost to its
-        // worker's count for good.
+        // worker's count for good. Its reserved-concurrency slot is held
+        // until then too.
         let request_id = request_id.to_string();
         let running = tokio::spawn(async move {
+            let _slot = slot;
             let (host, mut env) = match (idle, launch) {
                 (Some(found), _) => found,
                 (None, Some(launch)) => start_on_the_emptiest(hosts, &launch).await?,
