@@ -252,6 +252,11 @@ macro_rules! record_reads {
                         .map(|v| v.value().to_vec()))
                 })
             }
+
+            /// Whether `table` holds `key`, without copying its value.
+            pub fn contains(&self, table: Docs, key: &str) -> Result<bool, StoreError> {
+                guarded(|| Ok(self.tx.open_table(table)?.get(key)?.is_some()))
+            }
         }
     };
 }
@@ -259,7 +264,8 @@ macro_rules! record_reads {
 record_reads!(Txn);
 record_reads!(Snapshot);
 
-/// A write transaction: reads see its own writes.
+/// A write transaction: reads see its own writes, but for code in a
+/// fleet's transaction (see [`Txn::put_bytes`]).
 pub struct Txn {
     tx: WriteTransaction,
     /// Its changes, kept when they may have to be committed elsewhere.
@@ -272,11 +278,18 @@ impl Txn {
         self.put_bytes(table, key, &bytes)
     }
 
+    /// In a fleet's transaction, code is only recorded: [`Store::write`]
+    /// drops the transaction and writes this front end's own changes in
+    /// one of their own, so code (up to 50 MB) put here too would be
+    /// written twice. Nothing reads code back in the transaction that
+    /// puts it.
     pub fn put_bytes(&self, table: Docs, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        guarded(|| {
-            self.tx.open_table(table)?.insert(key, bytes)?;
-            Ok(())
-        })?;
+        if self.writes.is_none() || table.name() != CODE.name() {
+            guarded(|| {
+                self.tx.open_table(table)?.insert(key, bytes)?;
+                Ok(())
+            })?;
+        }
         // Copied only to be sent to the fleet: code can be 50 MB.
         self.record(table, key, || Change::Put(bytes.to_vec()));
         Ok(())
@@ -485,7 +498,7 @@ impl Store {
                 writes.into_iter().partition(|w| is_shared(w.table));
             // Code stays here; the fleet learns that this front end holds it.
             for write in &local {
-                if write.table.name() == CODE.name() && matches!(write.change, Change::Put(_)) {
+                if is_code_put(write) {
                     shared.push(Write {
                         table: CODE_HOLDERS,
                         key: format!("{}/{}", write.key, replication.holder()),
@@ -501,7 +514,17 @@ impl Store {
             // fleet has them, not by this transaction.
             drop(txn);
             // Local changes go first: code is named by its hash, so code
-            // kept by a transaction the fleet then refuses is harmless.
+            // kept by a transaction the fleet then refuses is harmless, and
+            // a run after a refusal finds it written.
+            let stored = self.read()?;
+            let mut unwritten = Vec::with_capacity(local.len());
+            for write in local {
+                if !(is_code_put(&write) && stored.contains(CODE, &write.key)?) {
+                    unwritten.push(write);
+                }
+            }
+            drop(stored);
+            let local = unwritten;
             if !local.is_empty() {
                 self.apply(&local, None, false)?;
             }
@@ -593,6 +616,10 @@ impl Store {
             })
         })
     }
+}
+
+fn is_code_put(write: &Write) -> bool {
+    write.table.name() == CODE.name() && matches!(write.change, Change::Put(_))
 }
 
 fn is_shared(table: Docs) -> bool {
@@ -710,6 +737,8 @@ mod tests {
                 runs += 1;
                 t.put(FUNCTIONS, "a/f", &"f")?;
                 t.put_bytes(CODE, "a/sha", b"zip")?;
+                // Written once, after the transaction, not into it.
+                assert_eq!(t.contains(CODE, "a/sha")?, runs > 1);
                 t.put(EVENTS, "e1", &"event")
             })
             .unwrap();
