@@ -385,6 +385,92 @@ fn the_worker_starts_every_environment_through_the_jailer() {
     std::fs::remove_dir_all(&data).unwrap();
 }
 
+/// The jailers `parent` started, with their jails' ids.
+fn jailers_of(parent: u32) -> Vec<(i32, String)> {
+    let jailer = std::fs::canonicalize(microvm_tests::jailer_binary()).unwrap();
+    let mut found = Vec::new();
+    for process in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = process.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(process.path().join("stat")).unwrap_or_default();
+        // The fields after the command's closing parenthesis: state, ppid.
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok());
+        if ppid != Some(parent)
+            || std::fs::read_link(process.path().join("exe")).ok() != Some(jailer.clone())
+        {
+            continue;
+        }
+        let cmdline = std::fs::read(process.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if let Some(at) = args.iter().position(|a| a == "--id") {
+            found.push((pid, args[at + 1].clone()));
+        }
+    }
+    found
+}
+
+/// A worker killed outright while it held its pool's starting VMMs for a
+/// cold start (stopped, with their death signal pending) leaves them
+/// stopped; the next worker on the same data ends them, and with them
+/// their jails and cgroups.
+#[test]
+fn a_worker_killed_while_it_held_its_pool_leaves_nothing_after_its_restart() {
+    if skip_unless_root("the worker's jail pool") {
+        return;
+    }
+    let data = data_dir("lambda-killed-pool");
+    let mut worker = RunningWorker::start(&data, &[], "info");
+    let started = Instant::now();
+    let held = loop {
+        let jailers = jailers_of(worker.pid());
+        if jailers.len() == 2 || started.elapsed() > Duration::from_secs(10) {
+            break jailers;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        held.len(),
+        2,
+        "the pool of 2 never filled\n{}",
+        worker.log()
+    );
+    for (pid, _) in &held {
+        // SAFETY: stops a jailer the worker started, as a cold start does.
+        unsafe { libc::kill(*pid, libc::SIGSTOP) };
+    }
+    worker.kill();
+    std::thread::sleep(Duration::from_millis(200));
+    for (pid, _) in &held {
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "jailer {pid} did not outlive its worker"
+        );
+    }
+    let restarted = RunningWorker::start(&data, &[], "info");
+    for (pid, id) in &held {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "jailer {pid} outlived the restart\n{}",
+            restarted.log()
+        );
+        for hierarchy in ["", "memory/", "cpu/", "pids/"] {
+            let group = format!("/sys/fs/cgroup/{hierarchy}lambda-microvm/{id}");
+            assert!(
+                !std::path::Path::new(&group).exists(),
+                "{group} left behind"
+            );
+        }
+    }
+    restarted.stop();
+    std::fs::remove_dir_all(&data).unwrap();
+}
+
 #[test]
 fn a_full_worker_evicts_its_least_recently_used_environment() {
     if skip_unless_root("the worker's jailer") {

@@ -376,6 +376,7 @@ fn start_environments(
     let run_dir = args.data_dir.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
     if let Some(jail) = &jail {
+        jail.end_orphaned_jailers();
         // Jails left behind by a worker whose jailers were killed outright
         // and could not clean up.
         let _ = std::fs::remove_dir_all(&jail.chroot_base);

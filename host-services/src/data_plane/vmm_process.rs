@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -232,6 +233,56 @@ impl JailSettings {
         }
         self.fill();
         self.pool.refilling.store(false, Ordering::Release);
+    }
+
+    /// Ends the jailers of a worker before this one with the same jail
+    /// roots, killed outright (SIGKILL) while it held its pool's starting
+    /// VMMs for a cold start: a stopped jailer keeps its death signal
+    /// (SIGTERM) pending, and with it its jail, cgroup and VMM. Each is
+    /// asked again and continued, so that it ends its VMM and removes its
+    /// jail and cgroup, and waited for; one still there after
+    /// `JAILER_STOP_TIMEOUT` is killed.
+    pub fn end_orphaned_jailers(&self) {
+        let Ok(jailer) = std::fs::canonicalize(&self.jailer) else {
+            return;
+        };
+        let Ok(processes) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let base = self.chroot_base.as_os_str().as_bytes();
+        let mut orphans = Vec::new();
+        for process in processes.flatten() {
+            let Some(pid) = process.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if std::fs::read_link(process.path().join("exe")).ok() != Some(jailer.clone()) {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(process.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args
+                .windows(2)
+                .any(|a| a[0] == b"--chroot-base" && a[1] == base)
+            {
+                for signal in [libc::SIGTERM, libc::SIGCONT] {
+                    // SAFETY: signals a jailer of these jail roots.
+                    unsafe { libc::kill(pid, signal) };
+                }
+                orphans.push(pid);
+            }
+        }
+        let deadline = std::time::Instant::now() + JAILER_STOP_TIMEOUT;
+        while !orphans.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            orphans.retain(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        }
+        for pid in orphans {
+            tracing::warn!("jailer {pid} of a worker before this one ignored SIGTERM; killing it");
+            // SAFETY: signals the jailer found above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 
     /// Lets the jails waiting in the pool go, each removing its jail and
