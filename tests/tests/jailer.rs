@@ -385,6 +385,12 @@ fn the_worker_starts_every_environment_through_the_jailer() {
     std::fs::remove_dir_all(&data).unwrap();
 }
 
+/// Process `pid`'s state letter, if it exists.
+fn state_of(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
 /// The jailers `parent` started, with their jails' ids.
 fn jailers_of(parent: u32) -> Vec<(i32, String)> {
     let jailer = std::fs::canonicalize(microvm_tests::jailer_binary()).unwrap();
@@ -444,18 +450,23 @@ fn a_worker_killed_while_it_held_its_pool_leaves_nothing_after_its_restart() {
         // SAFETY: stops a jailer the worker started, as a cold start does.
         unsafe { libc::kill(*pid, libc::SIGSTOP) };
     }
+    // A stop takes effect when the jailer next runs (at SCHED_IDLE).
+    let stopping = Instant::now();
+    while held.iter().any(|(pid, _)| state_of(*pid) != Some('T'))
+        && stopping.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     worker.kill();
     std::thread::sleep(Duration::from_millis(200));
     for (pid, _) in &held {
-        assert!(
-            std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "jailer {pid} did not outlive its worker"
-        );
+        assert_eq!(state_of(*pid), Some('T'), "jailer {pid} is not stopped");
     }
     let restarted = RunningWorker::start(&data, &[], "info");
     for (pid, id) in &held {
+        // Ended: gone, or a zombie until init reaps it.
         assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            matches!(state_of(*pid), None | Some('Z')),
             "jailer {pid} outlived the restart\n{}",
             restarted.log()
         );

@@ -276,7 +276,7 @@ impl JailSettings {
         let deadline = std::time::Instant::now() + JAILER_STOP_TIMEOUT;
         while !orphans.is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
-            orphans.retain(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            orphans.retain(|pid| is_running(*pid));
         }
         for pid in orphans {
             tracing::warn!("jailer {pid} of a worker before this one ignored SIGTERM; killing it");
@@ -452,6 +452,17 @@ impl JailSettings {
             paused: false,
         })
     }
+}
+
+/// Whether process `pid` exists and has not ended: an orphan that ended
+/// stays a zombie until init reaps it.
+fn is_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        !matches!(state, Some('Z' | 'X') | None)
+    })
 }
 
 /// Caps the memory of `jailed`'s cgroup for a guest of `memory_mib`.
