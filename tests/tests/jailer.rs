@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use host_services::data_plane::vmm_process::{jailers_of, process_state};
 use microvm_tests::worker::{client_runtime, data_dir, lifecycle, RunningWorker};
 use microvm_tests::{
     baremetal_guest, is_root, jailer_binary, run_binary, skip, vmm_binary, ECHO_WAT,
@@ -385,40 +386,15 @@ fn the_worker_starts_every_environment_through_the_jailer() {
     std::fs::remove_dir_all(&data).unwrap();
 }
 
-/// Process `pid`'s state letter, if it exists.
-fn state_of(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(") ")?.1.chars().next()
-}
-
-/// The jailers `parent` started, with their jails' ids.
-fn jailers_of(parent: u32) -> Vec<(i32, String)> {
-    let jailer = std::fs::canonicalize(microvm_tests::jailer_binary()).unwrap();
-    let mut found = Vec::new();
-    for process in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = process.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(process.path().join("stat")).unwrap_or_default();
-        // The fields after the command's closing parenthesis: state, ppid.
-        let ppid = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<u32>().ok());
-        if ppid != Some(parent)
-            || std::fs::read_link(process.path().join("exe")).ok() != Some(jailer.clone())
-        {
-            continue;
-        }
-        let cmdline = std::fs::read(process.path().join("cmdline")).unwrap_or_default();
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if let Some(at) = args.iter().position(|a| a == "--id") {
-            found.push((pid, args[at + 1].clone()));
-        }
-    }
-    found
+/// The jailers of the worker with `data`, with their jails' ids.
+fn jailers_with_ids(data: &Path) -> Vec<(i32, String)> {
+    jailers_of(&jailer_binary(), &data.join("jails"))
+        .into_iter()
+        .filter_map(|(pid, args)| {
+            let at = args.iter().position(|a| a == "--id")?;
+            Some((pid, args.get(at + 1)?.to_string_lossy().into_owned()))
+        })
+        .collect()
 }
 
 /// A worker killed outright while it held its pool's starting VMMs for a
@@ -434,7 +410,7 @@ fn a_worker_killed_while_it_held_its_pool_leaves_nothing_after_its_restart() {
     let mut worker = RunningWorker::start(&data, &[], "info");
     let started = Instant::now();
     let held = loop {
-        let jailers = jailers_of(worker.pid());
+        let jailers = jailers_with_ids(&data);
         if jailers.len() == 2 || started.elapsed() > Duration::from_secs(10) {
             break jailers;
         }
@@ -452,7 +428,7 @@ fn a_worker_killed_while_it_held_its_pool_leaves_nothing_after_its_restart() {
     }
     // A stop takes effect when the jailer next runs (at SCHED_IDLE).
     let stopping = Instant::now();
-    while held.iter().any(|(pid, _)| state_of(*pid) != Some('T'))
+    while held.iter().any(|(pid, _)| process_state(*pid) != Some('T'))
         && stopping.elapsed() < Duration::from_secs(10)
     {
         std::thread::sleep(Duration::from_millis(10));
@@ -460,13 +436,17 @@ fn a_worker_killed_while_it_held_its_pool_leaves_nothing_after_its_restart() {
     worker.kill();
     std::thread::sleep(Duration::from_millis(200));
     for (pid, _) in &held {
-        assert_eq!(state_of(*pid), Some('T'), "jailer {pid} is not stopped");
+        assert_eq!(
+            process_state(*pid),
+            Some('T'),
+            "jailer {pid} is not stopped"
+        );
     }
     let restarted = RunningWorker::start(&data, &[], "info");
     for (pid, id) in &held {
         // Ended: gone, or a zombie until init reaps it.
         assert!(
-            matches!(state_of(*pid), None | Some('Z')),
+            matches!(process_state(*pid), None | Some('Z')),
             "jailer {pid} outlived the restart\n{}",
             restarted.log()
         );

@@ -6,6 +6,7 @@
 //! function's memory.
 
 use std::collections::BTreeSet;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -243,40 +244,21 @@ impl JailSettings {
     /// jail and cgroup, and waited for; one still there after
     /// `JAILER_STOP_TIMEOUT` is killed.
     pub fn end_orphaned_jailers(&self) {
-        let Ok(jailer) = std::fs::canonicalize(&self.jailer) else {
-            return;
-        };
-        let Ok(processes) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        let base = self.chroot_base.as_os_str().as_bytes();
-        let mut orphans = Vec::new();
-        for process in processes.flatten() {
-            let Some(pid) = process.file_name().to_str().and_then(|n| n.parse().ok()) else {
-                continue;
-            };
-            if std::fs::read_link(process.path().join("exe")).ok() != Some(jailer.clone()) {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(process.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if args
-                .windows(2)
-                .any(|a| a[0] == b"--chroot-base" && a[1] == base)
-            {
-                for signal in [libc::SIGTERM, libc::SIGCONT] {
-                    // SAFETY: signals a jailer of these jail roots.
-                    unsafe { libc::kill(pid, signal) };
-                }
-                orphans.push(pid);
+        let mut orphans: Vec<i32> = jailers_of(&self.jailer, &self.chroot_base)
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect();
+        for &pid in &orphans {
+            for signal in [libc::SIGTERM, libc::SIGCONT] {
+                // SAFETY: signals a jailer of these jail roots.
+                unsafe { libc::kill(pid, signal) };
             }
         }
         let deadline = std::time::Instant::now() + JAILER_STOP_TIMEOUT;
         while !orphans.is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
-            orphans.retain(|pid| is_running(*pid));
+            // An orphan that ended stays a zombie until init reaps it.
+            orphans.retain(|&pid| !matches!(process_state(pid), None | Some('Z' | 'X')));
         }
         for pid in orphans {
             tracing::warn!("jailer {pid} of a worker before this one ignored SIGTERM; killing it");
@@ -454,15 +436,43 @@ impl JailSettings {
     }
 }
 
-/// Whether process `pid` exists and has not ended: an orphan that ended
-/// stays a zombie until init reaps it.
-fn is_running(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next());
-        !matches!(state, Some('Z' | 'X') | None)
-    })
+/// The processes running `jailer` for jails under `chroot_base`, each
+/// with its arguments, as /proc shows them.
+pub fn jailers_of(jailer: &Path, chroot_base: &Path) -> Vec<(i32, Vec<OsString>)> {
+    let (Ok(jailer), Ok(processes)) = (std::fs::canonicalize(jailer), std::fs::read_dir("/proc"))
+    else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for process in processes.flatten() {
+        let Some(pid) = process.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if !std::fs::read_link(process.path().join("exe")).is_ok_and(|exe| exe == jailer) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(process.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<OsString> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| OsStr::from_bytes(a).to_os_string())
+            .collect();
+        if args
+            .windows(2)
+            .any(|a| a[0] == "--chroot-base" && a[1] == chroot_base.as_os_str())
+        {
+            found.push((pid, args));
+        }
+    }
+    found
+}
+
+/// Process `pid`'s state letter in /proc (R, S, T, Z...), if it exists.
+pub fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's closing parenthesis (a command may hold one).
+    stat.rsplit_once(") ")?.1.chars().next()
 }
 
 /// Caps the memory of `jailed`'s cgroup for a guest of `memory_mib`.
